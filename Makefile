@@ -1,0 +1,27 @@
+# The two quickstart commands: `make train` (set up, then train the default recipe and write its report)
+# and `make test` (set up, then lint and run the whole test suite). Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+# torch 2.13.0 is pinned because this machine image ships its CPU wheel (a plain `torch` pulls a CUDA build).
+TORCH ?= torch==2.13.0
+# Where the data lives: $CIFARLAB_DATA, else the shared copy beside the checkout, else the default cache
+# (which downloads the official archive when online).
+DATA ?= $(or $(CIFARLAB_DATA),$(wildcard ../shared/data))
+ARGS ?=
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check "$(TORCH)" -e '.[test]'
+	touch $@
+
+.PHONY: setup train test lint
+setup: $(VENV)/.installed
+
+train: $(VENV)/.installed
+	$(VENV)/bin/cifarlab train $(if $(DATA),--data-dir $(DATA)) $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: lint
+	$(VENV)/bin/pytest -q

@@ -1,0 +1,156 @@
+"""Time to accuracy: run a recipe for N seeds, each in a fresh process, and report what it cost.
+
+    python benchmarks/time_to_accuracy.py --recipe fast --seeds 5 --data-dir ../shared/data
+    python benchmarks/time_to_accuracy.py --recipe reference --seeds 3 --data-dir ../shared/data
+
+Per seed: test accuracy and the wall time from process start to the final test accuracy (interpreter and
+torch import, data loading from the extracted cache, whitening, training and TTA evaluation all included;
+the report is skipped), epochs, peak memory. Then mean ± std, the training work in FLOPs (counted with
+torch's FlopCounterMode on the recipe's own model), the achieved TFLOP/s, and this machine's bf16/fp32
+matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
+    """Dense matmul throughput in TFLOP/s (the most this machine's cores can do for this dtype)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - t0) / 1e12
+
+
+def count_flops(recipe, n_train: int, n_test: int) -> dict[str, float]:
+    """FLOPs of one training step per image (forward + backward) and one inference pass, times the run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cifarlab.inference import tta_views
+    from cifarlab.models import build_model
+
+    model = build_model(recipe)
+    x = torch.randn(8, 3, 32, 32)
+    with FlopCounterMode(display=False) as fc:
+        model(x).sum().backward()
+    train_per_image = fc.get_total_flops() / 8
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        for _, view in tta_views(x, recipe.tta):
+            model(view)
+    eval_per_image = fc.get_total_flops() / 8
+    return {"train_per_image": train_per_image, "eval_per_image": eval_per_image}
+
+
+def run_seed(args: argparse.Namespace, seed: int, runs_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "cifarlab.cli", "train", "--recipe", args.recipe, "--set", f"seed={seed}",
+           "--runs-dir", str(runs_dir), "--no-report", "--quiet"]
+    for s in args.set:
+        cmd += ["--set", s]
+    if args.data_dir:
+        cmd += ["--data-dir", str(args.data_dir)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    out = proc.stdout.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"seed {seed} failed:\n{out}")
+    run_dir = Path(out.strip().splitlines()[-1].split(":")[0])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "test_accuracy": metrics["test_accuracy"],
+        "wall_seconds": wall,
+        "train_seconds": metrics["timings"]["train_seconds"],
+        "seconds_per_epoch": metrics["timings"]["seconds_per_epoch"],
+        "epochs_run": metrics["epochs_run"],
+        "best_epoch": metrics.get("best_epoch"),
+        "lr_drops_after_epochs": metrics.get("lr_drops_after_epochs"),
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="fast")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], help="recipe override, as for cifarlab train")
+    ap.add_argument("--data-dir", type=Path, default=os.environ.get("CIFARLAB_DATA"))
+    ap.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--json", type=Path, help="also write all figures to this JSON file")
+    args = ap.parse_args()
+
+    from cifarlab.config import resolve_recipe
+    from cifarlab.runs import machine_info
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    recipe = resolve_recipe(args.recipe, None, args.set)
+    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    rows = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        row = run_seed(args, seed, args.runs_dir)
+        rows.append(row)
+        print(f"seed {seed}: test {row['test_accuracy']:.2%}  wall {row['wall_seconds']:.1f} s  "
+              f"train {row['train_seconds']:.1f} s  epochs {row['epochs_run']}  "
+              f"{row['seconds_per_epoch']:.1f} s/epoch  LR drops after {row['lr_drops_after_epochs']}  "
+              f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+
+    cfg = json.loads((Path(rows[0]["run_dir"]) / "config.json").read_text())
+    n_train, n_test = cfg["dataset"]["n_train"], cfg["dataset"]["n_test"]
+    n_val = cfg["dataset"]["n_val"]
+    flops = count_flops(recipe, n_train, n_test)
+    accs = [r["test_accuracy"] for r in rows]
+    walls = [r["wall_seconds"] for r in rows]
+    epochs = statistics.mean(r["epochs_run"] for r in rows)
+    steps_images = n_train * epochs
+    total = flops["train_per_image"] * steps_images + flops["eval_per_image"] * (n_test + n_val * epochs)
+    achieved = total / statistics.median([r["train_seconds"] for r in rows]) / 1e12
+    summary = {
+        "recipe": recipe.to_dict(),
+        "machine": machine_info(),
+        "seeds": rows,
+        "test_accuracy_mean": statistics.mean(accs),
+        "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "test_accuracy_min": min(accs),
+        "wall_seconds_median": statistics.median(walls),
+        "wall_seconds_mean": statistics.mean(walls),
+        "flops_train_per_image": flops["train_per_image"],
+        "flops_eval_per_image": flops["eval_per_image"],
+        "total_pflop": total / 1e15,
+        "achieved_tflops_during_training": achieved,
+        "matmul_peak_tflops": peaks,
+        "achieved_over_bf16_peak": achieved / peaks["bf16"],
+    }
+    print(f"\n{recipe.name}: test accuracy {summary['test_accuracy_mean']:.2%} ± {summary['test_accuracy_std']:.2%} "
+          f"(min {summary['test_accuracy_min']:.2%}) over {len(rows)} seeds; wall time median "
+          f"{summary['wall_seconds_median']:.1f} s (mean {summary['wall_seconds_mean']:.1f} s)")
+    print(f"work: {total / 1e15:.4f} PFLOP ({flops['train_per_image'] / 1e6:.1f} MFLOP/image/step train, "
+          f"{flops['eval_per_image'] / 1e6:.1f} MFLOP/image eval); achieved {achieved:.3f} TFLOP/s during "
+          f"training = {summary['achieved_over_bf16_peak']:.0%} of the measured bf16 matmul peak "
+          f"({peaks['bf16']:.3f} TFLOP/s; fp32 {peaks['fp32']:.3f} TFLOP/s)")
+    print(f"machine: {summary['machine']['cpu']}, {summary['machine']['torch_threads']} threads, "
+          f"torch {summary['machine']['torch']}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

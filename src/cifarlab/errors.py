@@ -1,0 +1,13 @@
+"""Errors meant for the person at the terminal: the message says what went wrong and what to do."""
+
+
+class UserError(Exception):
+    """Bad input (file, config value, argument). The CLI prints it without a traceback."""
+
+
+class DataError(UserError):
+    """A dataset file is missing, corrupt, truncated or in the wrong format."""
+
+
+class ConfigError(UserError):
+    """A recipe or config value is unknown or out of range."""

@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _synth import make_dataset
+
+from cifarlab.experiment import run_experiment
+from cifarlab.inference import predict_logits, tta_views
+from cifarlab.models import build_model
+from cifarlab.recipes import get_recipe
+from cifarlab.train import lr_multiplier
+
+TINY_REF = dict(widths=(8, 16, 16), dense_width=32, epochs=6, batch_size=32, precision="fp32")
+TINY_FAST = dict(widths=(8, 16, 16), epochs=4, batch_size=32, precision="fp32", ema_start_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return make_dataset(n_train_per_class=80, n_test_per_class=20)
+
+
+def test_reference_recipe_learns_end_to_end(tmp_path, synth):
+    recipe = get_recipe("reference").replace(**TINY_REF)
+    res = run_experiment(recipe, dataset=synth, runs_root=tmp_path, quiet=True, report=False)
+    hist = json.loads((res.run_dir / "history.json").read_text())
+    assert res.status == "finished"
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert res.metrics["test_accuracy"] > 0.6  # 4 classes: chance is 0.25
+    for name in ("config.json", "history.csv", "history.json", "metrics.json", "model.safetensors"):
+        assert (res.run_dir / name).exists(), name
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    assert cfg["dataset"]["n_train"] == 256 and cfg["dataset"]["n_val"] == 64
+    assert cfg["recipe"]["epochs"] == 6
+
+
+def test_fast_recipe_learns_end_to_end(tmp_path, synth):
+    recipe = get_recipe("fast").replace(**TINY_FAST)
+    res = run_experiment(recipe, dataset=synth, runs_root=tmp_path, quiet=True, report=False)
+    hist = json.loads((res.run_dir / "history.json").read_text())
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert hist[0]["val_loss"] is None  # trains on all training images, no validation split
+    assert res.metrics["test_accuracy"] > 0.6
+
+
+def test_tta_equals_average_of_explicit_views():
+    torch.manual_seed(0)
+    recipe = get_recipe("fast").replace(widths=(8, 16, 16))
+    model = build_model(recipe).eval()
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    got = predict_logits(model, x, tta="flip_translate", precision="fp32", channels_last=False)
+    xf = x.float() / 255
+    padded = F.pad(xf, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[..., :32, :32], padded[..., 2:, 2:]
+    with torch.no_grad():
+        views = [xf, xf.flip(-1), up_left, up_left.flip(-1), down_right, down_right.flip(-1)]
+        logits = [model(v) for v in views]
+    expected = 0.25 * (logits[0] + logits[1]) + 0.125 * sum(logits[2:])
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert sum(w for w, _ in tta_views(xf, "flip_translate")) == pytest.approx(1.0)
+    flip_only = predict_logits(model, x, tta="flip", precision="fp32", channels_last=False)
+    assert torch.allclose(flip_only, 0.5 * (logits[0] + logits[1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["reference", "fast"])
+def test_bf16_path_close_to_fp32(name):
+    torch.manual_seed(0)
+    recipe = get_recipe(name).replace(widths=(8, 16, 16), dense_width=32)
+    model = build_model(recipe).eval()
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    fp32 = predict_logits(model, x, precision="fp32", channels_last=False)
+    bf16 = predict_logits(model, x, precision="bf16", channels_last=True)
+    assert bf16.dtype == torch.float32
+    scale = fp32.abs().max()
+    assert (bf16 - fp32).abs().max() <= 0.05 * scale
+    assert (bf16.argmax(1) == fp32.argmax(1)).float().mean() >= 0.8
+
+
+def test_onecycle_schedule_shape():
+    r = get_recipe("fast")
+    total = 100
+    m = [lr_multiplier(r, s, total) for s in range(total + 1)]
+    peak = int(r.warmup_fraction * total)
+    assert m[0] == pytest.approx(r.start_lr_fraction)
+    assert m[peak] == pytest.approx(1.0)
+    assert m[-1] == pytest.approx(r.final_lr_fraction)
+    assert all(a <= b for a, b in zip(m[:peak], m[1 : peak + 1]))
+    assert all(a >= b for a, b in zip(m[peak:], m[peak + 1 :]))
