@@ -58,8 +58,20 @@ def count_flops(recipe, n_train: int, n_test: int) -> dict[str, float]:
 
 
 def run_seed(args: argparse.Namespace, seed: int, runs_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "cifarlab.cli", "train", "--recipe", args.recipe, "--set", f"seed={seed}",
-           "--runs-dir", str(runs_dir), "--no-report", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifarlab.cli",
+        "train",
+        "--recipe",
+        args.recipe,
+        "--set",
+        f"seed={seed}",
+        "--runs-dir",
+        str(runs_dir),
+        "--no-report",
+        "--quiet",
+    ]
     for s in args.set:
         cmd += ["--set", s]
     if args.data_dir:
@@ -108,10 +120,13 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         row = run_seed(args, seed, args.runs_dir)
         rows.append(row)
-        print(f"seed {seed}: test {row['test_accuracy']:.2%}  wall {row['wall_seconds']:.1f} s  "
-              f"train {row['train_seconds']:.1f} s  epochs {row['epochs_run']}  "
-              f"{row['seconds_per_epoch']:.1f} s/epoch  LR drops after {row['lr_drops_after_epochs']}  "
-              f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+        print(
+            f"seed {seed}: test {row['test_accuracy']:.2%}  wall {row['wall_seconds']:.1f} s  "
+            f"train {row['train_seconds']:.1f} s  epochs {row['epochs_run']}  "
+            f"{row['seconds_per_epoch']:.1f} s/epoch  LR drops after {row['lr_drops_after_epochs']}  "
+            f"peak RSS {row['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
 
     cfg = json.loads((Path(rows[0]["run_dir"]) / "config.json").read_text())
     n_train, n_test = cfg["dataset"]["n_train"], cfg["dataset"]["n_test"]
@@ -139,15 +154,21 @@ def main() -> None:
         "matmul_peak_tflops": peaks,
         "achieved_over_bf16_peak": achieved / peaks["bf16"],
     }
-    print(f"\n{recipe.name}: test accuracy {summary['test_accuracy_mean']:.2%} ± {summary['test_accuracy_std']:.2%} "
-          f"(min {summary['test_accuracy_min']:.2%}) over {len(rows)} seeds; wall time median "
-          f"{summary['wall_seconds_median']:.1f} s (mean {summary['wall_seconds_mean']:.1f} s)")
-    print(f"work: {total / 1e15:.4f} PFLOP ({flops['train_per_image'] / 1e6:.1f} MFLOP/image/step train, "
-          f"{flops['eval_per_image'] / 1e6:.1f} MFLOP/image eval); achieved {achieved:.3f} TFLOP/s during "
-          f"training = {summary['achieved_over_bf16_peak']:.0%} of the measured bf16 matmul peak "
-          f"({peaks['bf16']:.3f} TFLOP/s; fp32 {peaks['fp32']:.3f} TFLOP/s)")
-    print(f"machine: {summary['machine']['cpu']}, {summary['machine']['torch_threads']} threads, "
-          f"torch {summary['machine']['torch']}")
+    print(
+        f"\n{recipe.name}: test accuracy {summary['test_accuracy_mean']:.2%} ± {summary['test_accuracy_std']:.2%} "
+        f"(min {summary['test_accuracy_min']:.2%}) over {len(rows)} seeds; wall time median "
+        f"{summary['wall_seconds_median']:.1f} s (mean {summary['wall_seconds_mean']:.1f} s)"
+    )
+    print(
+        f"work: {total / 1e15:.4f} PFLOP ({flops['train_per_image'] / 1e6:.1f} MFLOP/image/step train, "
+        f"{flops['eval_per_image'] / 1e6:.1f} MFLOP/image eval); achieved {achieved:.3f} TFLOP/s during "
+        f"training = {summary['achieved_over_bf16_peak']:.0%} of the measured bf16 matmul peak "
+        f"({peaks['bf16']:.3f} TFLOP/s; fp32 {peaks['fp32']:.3f} TFLOP/s)"
+    )
+    print(
+        f"machine: {summary['machine']['cpu']}, {summary['machine']['torch_threads']} threads, "
+        f"torch {summary['machine']['torch']}"
+    )
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
 

@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_data = sub.add_parser(
         "data",
         help="inspect datasets",
-        **_fmt("Inspect datasets: counts, checksums, sample grids.", "cifarlab data info --data-dir ../shared/data"),
+        **_fmt(
+            "Inspect datasets: counts, checksums, sample grids.",
+            "cifarlab data info --data-dir ../shared/data",
+        ),
     )
     data_sub = p_data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     data_sub.required = True

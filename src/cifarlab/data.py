@@ -1,8 +1,8 @@
 """Datasets: official CIFAR-10/100 archives, ImageFolder trees, the uint8 `Dataset`, splits and `BatchLoader`.
 
 Images stay uint8 ``(N, 3, 32, 32)`` (channel-planar, like the official rows) until a batch is drawn; labels
-are int64 ``(N,)``. Decoding happens once per source file: the arrays are cached in a safetensors file keyed by
-the source's MD5 (or, for a plain folder, by a fingerprint of its file list), written atomically.
+are int64 ``(N,)``. Decoding happens once per source file: the arrays are cached in a safetensors file
+keyed by the source's MD5 (or, for a plain folder, by a fingerprint of its file list), written atomically.
 
 Where ``load_dataset("cifar10", data_dir)`` looks, in order: ``cifar-10-batches-py/`` (extracted official
 batches), ``cifar-10-python.tar.gz`` (official archive), ``cifar10-jpeg.tar.gz`` / ``cifar10-jpeg/`` (JPEG
@@ -80,7 +80,7 @@ CIFAR10_CLASSES: tuple[str, ...] = (
 IMAGE_SIZE = 32
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 CACHE_SUBDIR = "cifarlab-cache"
-_CACHE_VERSION = 1  # bump when the decoded layout or the resize rule changes: old cache files are then ignored
+_CACHE_VERSION = 1  # bump when the decoded layout or resize rule changes: old cache files are then ignored
 _ROW_BYTES = 3 * IMAGE_SIZE * IMAGE_SIZE
 
 
@@ -226,7 +226,8 @@ def resolve_cache_dir(data_dir: Path | str | None, cache_dir: Path | str | None 
 # Checksums and download
 # ------------------------------------------------------------------------------------------------------------
 
-_MD5_MEMO: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> md5: re-loads in one process skip it
+# (path, size, mtime_ns) -> md5: a second load in the same process skips re-hashing
+_MD5_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def file_md5(path: Path | str, chunk_size: int = 1 << 20) -> str:
@@ -242,7 +243,9 @@ def file_md5(path: Path | str, chunk_size: int = 1 << 20) -> str:
             while chunk := f.read(chunk_size):
                 h.update(chunk)
     except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}. Check that it exists and is readable.") from exc
+        raise DataError(
+            f"cannot read {path}: {exc.strerror or exc}. Check that it exists and is readable."
+        ) from exc
     _MD5_MEMO[key] = h.hexdigest()
     return _MD5_MEMO[key]
 
@@ -262,10 +265,10 @@ def _content_length(resp: Any) -> int | None:
         return None
 
 
-def _remove_stale_parts(dest: Path, older_than_s: float = 600.0) -> None:
-    # A killed process cannot clean up its .part file; an old one (not written to for 10 min) is garbage.
+def _remove_stale_parts(dest: Path, suffix: str = ".part", older_than_s: float = 600.0) -> None:
+    # A killed process cannot clean up its temp file; one not written to for 10 minutes is garbage.
     now = time.time()
-    for part in dest.parent.glob(f"{dest.name}.*.part"):
+    for part in dest.parent.glob(f"{dest.name}.*{suffix}"):
         with contextlib.suppress(OSError):
             if now - part.stat().st_mtime > older_than_s:
                 part.unlink()
@@ -281,7 +284,7 @@ def download_url(
 ) -> Path:
     """Download `url` to `dest` with a progress bar, checking the MD5 when given.
 
-    The bytes stream into ``<dest>.<random>.part`` beside `dest`, which is renamed to `dest` only once complete
+    The bytes stream into ``<dest>.<random>.part`` beside `dest`, renamed to `dest` only once complete
     and verified: an interrupted or corrupted download never leaves a file that looks finished. `opener(url)`
     returns a binary file-like (``read(n)``; optional ``headers``/``close``); the default is urllib.
     """
@@ -339,10 +342,10 @@ def download_url(
         if isinstance(exc, DataError) or not isinstance(exc, Exception):
             raise  # our own message, or KeyboardInterrupt/SystemExit
         raise DataError(
-            f"downloading {url} to {dest} failed after {done} bytes ({type(exc).__name__}: {exc}); nothing was "
-            f"kept. Check the network and re-run, or download the file by hand and put it at {dest}."
+            f"downloading {url} to {dest} failed after {done} bytes ({type(exc).__name__}: {exc}); "
+            "nothing was kept. Check the network and re-run, or download the file by hand and put it at "
+            f"{dest}."
         ) from exc
-    _MD5_MEMO.pop((str(dest.resolve()), 0, 0), None)
     log.info("downloaded %s (%d bytes, md5 %s)", dest, done, got)
     return dest
 
@@ -400,31 +403,42 @@ def _unpickle(raw: bytes, where: str) -> dict[str, Any]:
         obj = _SafeUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except _RefusedGlobal as exc:
         raise DataError(
-            f"refusing to load {where}: it asks to import {exc}, which a CIFAR batch file never needs (it may "
-            "be malicious, or not a CIFAR file). Replace it with a copy of the official archive."
+            f"refusing to load {where}: it asks to import {exc}, which a CIFAR batch file never needs "
+            "(it may be malicious, or not a CIFAR file). Replace it with a copy of the official archive."
         ) from None
     except Exception as exc:  # noqa: BLE001 (any failure of a data file is the same user-facing problem)
         raise DataError(
-            f"{where} is not a readable CIFAR batch file ({type(exc).__name__}: {exc}). The archive is corrupt "
-            "or not the CIFAR python version: delete it and re-run to download it again, or put a good copy there."
+            f"{where} is not a readable CIFAR batch file ({type(exc).__name__}: {exc}). The archive is "
+            "corrupt or not the CIFAR python version: delete it and re-run to download it again, or put a "
+            "good copy there."
         ) from exc
     if not isinstance(obj, dict):
-        raise DataError(f"{where} holds a {type(obj).__name__}, not a CIFAR batch dict: put a good copy there.")
+        raise DataError(
+            f"{where} holds a {type(obj).__name__}, not a CIFAR batch dict: put a good copy there."
+        )
     return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}
 
 
 def _field(d: dict[str, Any], key: str, where: str) -> Any:
     if key not in d:
         raise DataError(
-            f"{where} has no {key!r} entry (keys: {sorted(d)}): not the expected CIFAR file. Put a good copy there."
+            f"{where} has no {key!r} entry (keys: {sorted(d)}): not the expected CIFAR file. "
+            "Put a good copy there."
         )
     return d[key]
 
 
-def _batch_arrays(d: dict[str, Any], label_key: str, num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _batch_arrays(
+    d: dict[str, Any], label_key: str, num_classes: int, where: str
+) -> tuple[np.ndarray, np.ndarray]:
     data = _field(d, "data", where)
     labels = _field(d, label_key, where)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _ROW_BYTES:
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != _ROW_BYTES
+    ):
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{where}: 'data' must be uint8 N x {_ROW_BYTES}, got {desc}. Put a good copy there.")
     try:
@@ -455,9 +469,21 @@ def _arrays_from_batches(spec: OfficialArchive, read: Callable[[str], bytes], wh
 
 
 def _corrupt_archive(path: Path, exc: BaseException) -> DataError:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = b""
+    if not head:
+        why = "it is empty"
+    elif head.lstrip()[:1] == b"<":
+        why = "it looks like an HTML page, not an archive (a failed download?)"
+    else:  # tarfile's "r:*" lists every method it tried on separate lines: keep one line
+        detail = " ".join(str(exc).split())
+        why = f"{type(exc).__name__}: {detail[:200]}"
     return DataError(
-        f"{path} is corrupt, truncated or not a .tar.gz archive ({type(exc).__name__}: {exc}). Delete it and "
-        "re-run to download it again, or put a good copy there."
+        f"{path} is corrupt, truncated or not a .tar.gz archive ({why}). Delete it and re-run to download it "
+        "again, or put a good copy there."
     )
 
 
@@ -477,8 +503,9 @@ def _decode_official_tar(spec: OfficialArchive, archive: Path) -> dict[str, Any]
     missing = [n for n in wanted.values() if n not in blobs]
     if missing:
         raise DataError(
-            f"{archive} lacks {', '.join(f'{spec.folder}/{n}' for n in missing)}: it is not the {spec.name} python "
-            f"archive ({spec.url}). Delete it and re-run to download it again, or put a good copy there."
+            f"{archive} lacks {', '.join(f'{spec.folder}/{n}' for n in missing)}: it is not the "
+            f"{spec.name} python archive ({spec.url}). Delete it and re-run to download it again, or put "
+            "a good copy there."
         )
     return _arrays_from_batches(spec, blobs.__getitem__, str(archive))
 
@@ -490,9 +517,9 @@ def _read_official_folder(spec: OfficialArchive, folder: Path) -> dict[str, Any]
             return path.read_bytes()
         except OSError as exc:
             raise DataError(
-                f"cannot read {path} ({exc.strerror or exc}): the extracted {spec.folder}/ folder is incomplete. "
-                f"Delete {folder} (a {spec.filename} beside it is then used, or downloaded), or put a good copy "
-                "there."
+                f"cannot read {path} ({exc.strerror or exc}): the extracted {spec.folder}/ folder is "
+                f"incomplete. Delete {folder} (a {spec.filename} beside it is then used, or downloaded), "
+                "or put a good copy there."
             ) from exc
 
     return _arrays_from_batches(spec, read, str(folder))
@@ -525,7 +552,7 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
         with contextlib.suppress(OSError):
             path.unlink()
         return None
-    log.info("loaded decoded arrays from %s", path)
+    log.debug("loaded decoded arrays from %s", path)
     return arrays
 
 
@@ -536,6 +563,7 @@ def _write_cache(path: Path, arrays: dict[str, Any]) -> bool:
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_parts(path, ".tmp")
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         os.close(fd)
         tmp = Path(tmp_name)
@@ -611,7 +639,8 @@ def _decode_image(src: bytes | Path, where: str) -> np.ndarray:
             return np.asarray(rgb, dtype=np.uint8)
     except Exception as exc:  # noqa: BLE001 (PIL raises many types for bad files)
         raise DataError(
-            f"cannot decode image {where} ({type(exc).__name__}: {exc}). Delete or replace that file, then re-run."
+            f"cannot decode image {where} ({type(exc).__name__}: {exc}). Delete or replace that file, "
+            "then re-run."
         ) from exc
 
 
@@ -629,9 +658,11 @@ def _chunks(items: Iterable[_Entry], n: int) -> Iterator[list[_Entry]]:
         yield chunk
 
 
-def _decode_entries(entries: Iterable[_Entry], total: int | None, desc: str) -> list[tuple[str, str, str, np.ndarray]]:
-    """Decode in a small thread pool (Pillow releases the GIL while decoding), keeping few chunks in flight so a
-    big tarball is never held in memory whole."""
+def _decode_entries(
+    entries: Iterable[_Entry], total: int | None, desc: str
+) -> list[tuple[str, str, str, np.ndarray]]:
+    """Decode in a small thread pool (Pillow releases the GIL while decoding), keeping few chunks in
+    flight so a big tarball is never held in memory whole."""
     from tqdm.auto import tqdm
 
     def work(chunk: list[_Entry]) -> list[tuple[str, str, str, np.ndarray]]:
@@ -661,8 +692,8 @@ def _decode_entries(entries: Iterable[_Entry], total: int | None, desc: str) -> 
 
 def _layout_help(root: str) -> str:
     return (
-        f"expected {root}/train/<class>/*.png|jpg|jpeg|bmp|webp and {root}/test/<class>/... (or val/ instead of "
-        "test/)"
+        f"expected {root}/train/<class>/*.png|jpg|jpeg|bmp|webp and {root}/test/<class>/... "
+        "(or val/ instead of test/)"
     )
 
 
@@ -679,7 +710,8 @@ def _assemble_imagefolder(decoded: list[tuple[str, str, str, np.ndarray]], where
     index = {c: i for i, c in enumerate(classes)}
     out: dict[str, Any] = {"classes": classes}
     for split, key in (("train", "train"), (test_split, "test")):
-        items = sorted((index[c], k, a) for s, c, k, a in decoded if s == split)  # deterministic order
+        # Deterministic order: by class, then file name (never by the arrays themselves).
+        items = sorted(((index[c], k, a) for s, c, k, a in decoded if s == split), key=lambda t: t[:2])
         out[f"x_{key}"] = np.ascontiguousarray(np.stack([a for *_, a in items]).transpose(0, 3, 1, 2))
         out[f"y_{key}"] = np.array([i for i, *_ in items], dtype=np.int64)
     return out
@@ -712,9 +744,9 @@ def _scan_folder(root: Path) -> tuple[Path, list[tuple[str, str, Path]]]:
     return root, files
 
 
-def _folder_fingerprint(files: list[tuple[str, str, Path]]) -> str:
-    # A plain folder has no archive MD5; key its cache on every file's name, size and mtime instead.
-    h = hashlib.md5()
+def _folder_fingerprint(root: Path, files: list[tuple[str, str, Path]]) -> str:
+    # A plain folder has no archive MD5; key its cache on its path and every file's name, size and mtime.
+    h = hashlib.md5(str(root.resolve()).encode())
     for split, cls, f in files:
         st = f.stat()
         h.update(f"{split}/{cls}/{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -737,8 +769,8 @@ def _tar_entries(archive: Path) -> Iterator[_Entry]:
                 prefixes.add("/".join(parts[:-3]))
                 if len(prefixes) > 1:
                     raise DataError(
-                        f"{archive} holds more than one image tree ({', '.join(sorted(p + '/' for p in prefixes))}):"
-                        f" {_layout_help('<top>')}, once."
+                        f"{archive} holds more than one image tree "
+                        f"({', '.join(sorted(p + '/' for p in prefixes))}): {_layout_help('<top>')}, once."
                     )
                 f = tar.extractfile(m)
                 assert f is not None
@@ -763,7 +795,7 @@ def _load_imagefolder(path: Path, cache_dir: Path | str | None, name: str | None
         root, files = _scan_folder(path)
         ds_name = name or root.name
         checksum, kind = "", ""
-        key = _folder_fingerprint(files)
+        key = _folder_fingerprint(root, files)
         entries: Iterable[_Entry] = ((s, c, f"{s}/{c}/{f.name}", f, str(f)) for s, c, f in files)
         total: int | None = len(files)
     else:
@@ -772,8 +804,8 @@ def _load_imagefolder(path: Path, cache_dir: Path | str | None, name: str | None
         key = checksum
         entries, total = _tar_entries(path), None
     cdir = resolve_cache_dir(path.parent, cache_dir)
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in ds_name)[:40]
-    cache_file = cdir / f"imagefolder-{safe}-{key}-{size_tag}.safetensors"
+    # Keyed by content only, so loading the same tarball by name or by path shares one cache file.
+    cache_file = cdir / f"imagefolder-{key}-{size_tag}.safetensors"
 
     def build() -> dict[str, Any]:
         log.info("decoding images in %s (first time only; cached in %s)", path, cdir)
@@ -797,11 +829,11 @@ def _check_md5(spec: OfficialArchive, archive: Path) -> str:
     md5 = file_md5(archive)
     if md5 != spec.md5:
         msg = (
-            f"{archive}: MD5 {md5} is not the official {spec.md5}; loading it anyway (a re-packed copy is fine; "
-            "if loading fails, delete the file and re-run to download it again)"
+            f"{archive}: MD5 {md5} is not the official {spec.md5}; loading it anyway (a re-packed copy "
+            "is fine; if loading fails, delete the file and re-run to download it again)"
         )
         log.warning(msg)
-        warnings.warn(msg, ChecksumWarning, stacklevel=3)
+        warnings.warn(msg, ChecksumWarning, stacklevel=2)
     return md5
 
 
@@ -851,7 +883,8 @@ def _load_official(
             if spec.name == "cifar10" and ds.classes != CIFAR10_CLASSES:
                 raise DataError(
                     f"{path} does not look like CIFAR-10: its class folders are {list(ds.classes)}, expected "
-                    f"{list(CIFAR10_CLASSES)}. Put a good copy there, or load it as a path instead of 'cifar10'."
+                    f"{list(CIFAR10_CLASSES)}. Put a good copy there, or load it as a path instead of "
+                    "'cifar10'."
                 )
             return ds
     where = f"put {spec.filename} ({spec.url}) or its extracted {spec.folder}/ folder"
@@ -861,12 +894,12 @@ def _load_official(
         state = "is empty of it" if data_dir.is_dir() else "does not exist"
         raise DataError(
             f"{spec.name} not found: {data_dir} {state}. {where[0].upper()}{where[1:]} in {data_dir}, pass "
-            "--data-dir (or set $CIFARLAB_DATA) to where it is, or allow downloading."
+            "--data-dir (or set $CIFARLAB_DATA) to where it is, or allow downloading (no --no-download)."
         )
     if not _writable_dir(data_dir):
         raise DataError(
-            f"{spec.name} not found in {data_dir}, and that folder is not writable, so it cannot be downloaded "
-            f"there: {where} in it, or pass a writable --data-dir (or set $CIFARLAB_DATA)."
+            f"{spec.name} not found in {data_dir}, and that folder is not writable, so it cannot be "
+            f"downloaded there: {where} in it, or pass a writable --data-dir (or set $CIFARLAB_DATA)."
         )
     try:
         download_url(spec.url, archive, spec.md5, opener=opener)
@@ -886,6 +919,9 @@ def _load_path(path: Path, cache_dir: Path | str | None) -> Dataset:
         if path.name == spec.filename and path.is_file():
             return _load_official_archive(spec, path, cache_dir)
     if path.is_dir():
+        for spec in OFFICIAL.values():  # a data dir passed as the dataset: use what it holds
+            if (path / spec.folder).is_dir() or (path / spec.filename).is_file():
+                return _load_official(spec, path, False, cache_dir, None)
         return _load_imagefolder(path, cache_dir)
     if path.is_file():
         if not path.name.endswith(_TAR_SUFFIXES):
@@ -925,8 +961,8 @@ def load_dataset(
     if path.exists():
         return _load_path(path, cache_dir)
     raise DataError(
-        f"unknown dataset {os.fspath(name)!r}: use cifar10, cifar100, or the path of an ImageFolder tree (folder or "
-        f".tar.gz); no such file or folder here or in {data_path}."
+        f"unknown dataset {os.fspath(name)!r}: use cifar10, cifar100, or the path of an ImageFolder tree "
+        f"(folder or .tar.gz); no such file or folder here or in {data_path}."
     )
 
 
@@ -964,7 +1000,7 @@ def split_indices(
         for i in order[: n_val - int(quota.sum())]:
             quota[i] += 1
         parts = []
-        for c, q in zip(classes.tolist(), quota.tolist()):
+        for c, q in zip(classes.tolist(), quota.tolist(), strict=True):
             members = (labels == c).nonzero().flatten()
             parts.append(members[torch.randperm(len(members), generator=g)[:q]])
         val = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
@@ -1040,7 +1076,7 @@ class BatchLoader:
         if (mean is None) != (std is None):
             raise ConfigError("give both mean and std, or neither")
         self.device = torch.device(device)
-        # uint8 is 4x smaller than float: keep the whole set on the device once instead of copying every batch.
+        # uint8 is 4x smaller than float: keep the whole set on the device once, not a copy per batch.
         self.x = x.to(self.device).contiguous()
         self.y = y.to(self.device, torch.int64)
         self.batch_size = int(batch_size)
@@ -1124,13 +1160,14 @@ def sample_grid_figure(
 ) -> Figure:
     """A grid of random sample images: one row per class (class name as the row label), `per_class` columns.
 
-    Images are uint8 ``(N, 3, H, W)``; the choice is seeded. Draws one mosaic image (fast even for 100 classes).
+    Images are uint8 ``(N, 3, H, W)``; the choice is seeded. Draws one mosaic (fast even for 100 classes).
     Uses matplotlib's object API (no pyplot state); save with ``fig.savefig(path)``.
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    x = torch.as_tensor(x_uint8)
-    labels = torch.as_tensor(y).long()
+    x = torch.as_tensor(x_uint8).cpu()
+    labels = torch.as_tensor(y).long().cpu()
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"x_uint8 must be uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
     if per_class < 1:
@@ -1148,7 +1185,10 @@ def sample_grid_figure(
             mosaic[top : top + h, left : left + w] = x[i].expand(3, h, w).permute(1, 2, 0).numpy()
     cell = 0.7 if n_cls <= 20 else max(0.25, 14.0 / n_cls)  # inches per image; tall sets get smaller cells
     label_w = 0.09 * max((len(c) for c in classes), default=4) + 0.3
-    fig = Figure(figsize=(per_class * cell + label_w + 0.2, n_cls * cell + 0.5), dpi=100, layout="constrained")
+    fig = Figure(
+        figsize=(per_class * cell + label_w + 0.2, n_cls * cell + 0.5), dpi=100, layout="constrained"
+    )
+    FigureCanvasAgg(fig)  # Agg: renders PNGs without a display, independent of pyplot's backend
     ax = fig.add_subplot()
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_yticks([c * (h + pad) + h / 2 - 0.5 for c in range(n_cls)], labels=list(classes))

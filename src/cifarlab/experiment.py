@@ -30,11 +30,16 @@ def make_augment(recipe: Recipe) -> Callable | None:
     from cifarlab.augment import FlipTranslate, KerasAugment
 
     if recipe.augment == "keras":
-        return KerasAugment(recipe.rotation_range, recipe.width_shift_range, recipe.height_shift_range,
-                            recipe.horizontal_flip)
+        return KerasAugment(
+            recipe.rotation_range, recipe.width_shift_range, recipe.height_shift_range, recipe.horizontal_flip
+        )
     if recipe.augment == "flip_translate":
-        return FlipTranslate(pad=recipe.translate_pad, flip=recipe.horizontal_flip,
-                             alternate_flip=recipe.alternate_flip, seed=recipe.seed)
+        return FlipTranslate(
+            pad=recipe.translate_pad,
+            flip=recipe.horizontal_flip,
+            alternate_flip=recipe.alternate_flip,
+            seed=recipe.seed,
+        )
     return None
 
 
@@ -47,28 +52,46 @@ def make_callbacks(recipe: Recipe, has_val: bool) -> list:
         return []
     cbs: list = []
     if recipe.early_stopping_patience > 0:
-        cbs.append(EarlyStopping(monitor=recipe.monitor, min_delta=recipe.early_stopping_min_delta,
-                                 patience=recipe.early_stopping_patience,
-                                 restore_best_weights=recipe.restore_best_weights))
+        cbs.append(
+            EarlyStopping(
+                monitor=recipe.monitor,
+                min_delta=recipe.early_stopping_min_delta,
+                patience=recipe.early_stopping_patience,
+                restore_best_weights=recipe.restore_best_weights,
+            )
+        )
     if recipe.schedule == "plateau":
-        cbs.append(ReduceLROnPlateau(monitor=recipe.monitor, factor=recipe.plateau_factor,
-                                     patience=recipe.plateau_patience, min_delta=recipe.plateau_min_delta,
-                                     cooldown=recipe.plateau_cooldown, min_lr=recipe.plateau_min_lr))
+        cbs.append(
+            ReduceLROnPlateau(
+                monitor=recipe.monitor,
+                factor=recipe.plateau_factor,
+                patience=recipe.plateau_patience,
+                min_delta=recipe.plateau_min_delta,
+                cooldown=recipe.plateau_cooldown,
+                min_lr=recipe.plateau_min_lr,
+            )
+        )
     return cbs
 
 
 def versions() -> dict[str, str]:
     import numpy
 
-    return {"cifarlab": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version()}
+    return {
+        "cifarlab": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _status(run_dir: Path, status: str, **extra: Any) -> None:
     from cifarlab.runs import STATUS, write_json
 
-    write_json(run_dir / STATUS, {"status": status, "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                  **extra})
+    write_json(
+        run_dir / STATUS,
+        {"status": status, "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra},
+    )
 
 
 def run_experiment(
@@ -151,9 +174,17 @@ def run_experiment(
         pick = torch.randperm(len(x_tr), generator=g)[:5000]
         init_whitening(model.whiten, to_float(x_tr[pick], mean, std, dev))
     common = dict(mean=mean, std=std, channels_last=recipe.channels_last, device=dev)
-    train_loader = BatchLoader(x_tr, y_tr, recipe.batch_size, shuffle=True, drop_last=recipe.drop_last,
-                               seed=recipe.seed, transform=make_augment(recipe), **common)
-    val_loader = (BatchLoader(x_va, y_va, recipe.eval_batch_size, **common) if len(va_idx) else None)
+    train_loader = BatchLoader(
+        x_tr,
+        y_tr,
+        recipe.batch_size,
+        shuffle=True,
+        drop_last=recipe.drop_last,
+        seed=recipe.seed,
+        transform=make_augment(recipe),
+        **common,
+    )
+    val_loader = BatchLoader(x_va, y_va, recipe.eval_batch_size, **common) if len(va_idx) else None
     setup_seconds = time.perf_counter() - t0
 
     if checkpoint is None:
@@ -168,8 +199,11 @@ def run_experiment(
                 "n_train": len(tr_idx),
                 "n_val": len(va_idx),
                 "n_test": len(ds.y_test),
-                "split": {"val_fraction": recipe.val_fraction, "seed": recipe.seed,
-                          "stratified": recipe.stratified_split},
+                "split": {
+                    "val_fraction": recipe.val_fraction,
+                    "seed": recipe.seed,
+                    "stratified": recipe.stratified_split,
+                },
             },
             "normalization": {"mean": list(mean) if mean else None, "std": list(std) if std else None},
             "machine": machine_info(dev),
@@ -179,9 +213,11 @@ def run_experiment(
         }
         write_json(run_dir / CONFIG, config)
     say(f"run folder: {run_dir}")
-    say(f"recipe {recipe.name}: {len(tr_idx):,} train / {len(va_idx):,} val / {len(ds.y_test):,} test images, "
+    say(
+        f"recipe {recipe.name}: {len(tr_idx):,} train / {len(va_idx):,} val / {len(ds.y_test):,} test images, "
         f"{recipe.epochs} epochs max, batch {recipe.batch_size}, device {dev}, {threads} threads, "
-        f"precision {recipe.precision}")
+        f"precision {recipe.precision}"
+    )
 
     writer = None
     if tensorboard:
@@ -198,7 +234,10 @@ def run_experiment(
             writer.flush()
 
     trainer = Trainer(
-        model, recipe, train_loader, val_loader,
+        model,
+        recipe,
+        train_loader,
+        val_loader,
         callbacks=make_callbacks(recipe, val_loader is not None),
         device=dev,
         checkpoint_path=run_dir / CHECKPOINT,
@@ -220,9 +259,17 @@ def run_experiment(
 
     # -- test evaluation -----------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    logits = predict_logits(model, ds.x_test, mean=mean, std=std, tta=recipe.tta,
-                            batch_size=recipe.eval_batch_size, device=dev, precision=recipe.precision,
-                            channels_last=recipe.channels_last)
+    logits = predict_logits(
+        model,
+        ds.x_test,
+        mean=mean,
+        std=std,
+        tta=recipe.tta,
+        batch_size=recipe.eval_batch_size,
+        device=dev,
+        precision=recipe.precision,
+        channels_last=recipe.channels_last,
+    )
     test_acc = (logits.argmax(1) == ds.y_test).float().mean().item()
     test_loss = F.cross_entropy(logits, ds.y_test).item()
     eval_seconds = time.perf_counter() - t0
@@ -259,7 +306,9 @@ def run_experiment(
     say(format_history_table(result.history, result.train_seconds))
     if result.restored_epoch:
         say(f"best weights restored from epoch {result.restored_epoch}")
-    say(f"test accuracy {test_acc:.2%}  (loss {test_loss:.4f}, TTA {recipe.tta}, evaluated in {eval_seconds:.1f} s)")
+    say(
+        f"test accuracy {test_acc:.2%}  (loss {test_loss:.4f}, TTA {recipe.tta}, evaluated in {eval_seconds:.1f} s)"
+    )
 
     if report:
         t0 = time.perf_counter()

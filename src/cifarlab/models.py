@@ -166,7 +166,9 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
 # -- registry --------------------------------------------------------------------------------------------
 
 MODELS: dict[str, Callable[[Recipe, int], nn.Module]] = {
-    "reference_cnn": lambda r, n: ReferenceCNN(n, r.widths, r.dense_width, r.dropout, r.bn_momentum, r.bn_eps),
+    "reference_cnn": lambda r, n: ReferenceCNN(
+        n, r.widths, r.dense_width, r.dropout, r.bn_momentum, r.bn_eps
+    ),
     "airnet": lambda r, n: AirNet(n, r.widths, r.whiten_kernel, r.bn_momentum, r.bn_eps, r.head_scale),
 }
 
@@ -214,7 +216,9 @@ def summary(model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32)) -
         if len(shape) == 3:  # NCHW -> NHWC, Keras' layout
             shape = shape[1:] + shape[:1]
         n = sum(p.numel() for p in mod.parameters(recurse=False))
-        n += sum(b.numel() for k, b in mod.named_buffers(recurse=False) if k in ("running_mean", "running_var"))
+        n += sum(
+            b.numel() for k, b in mod.named_buffers(recurse=False) if k in ("running_mean", "running_var")
+        )
         rows.append((f"{name} ({kind})", "(None, " + ", ".join(map(str, shape)) + ")", n))
 
     for m in model.modules():
@@ -232,7 +236,12 @@ def summary(model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32)) -
     counts = count_parameters(model)
     w0 = max(32, max(len(r[0]) for r in rows) + 2)
     line = "━" * (w0 + 40)
-    out = [f'Model: "{type(model).__name__}"', line, f"{'Layer (type)':<{w0}}{'Output Shape':<26}{'Param #':>14}", line]
+    out = [
+        f'Model: "{type(model).__name__}"',
+        line,
+        f"{'Layer (type)':<{w0}}{'Output Shape':<26}{'Param #':>14}",
+        line,
+    ]
     for name, shape, n in rows:
         out.append(f"{name:<{w0}}{shape:<26}{n:>14,}")
     out += [

@@ -138,7 +138,9 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise UserError(f"{path} is not a valid safetensors file ({e}); the run folder is damaged") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise UserError(f"{path} does not match the recipe's model (missing {missing}, unexpected {unexpected})")
+        raise UserError(
+            f"{path} does not match the recipe's model (missing {missing}, unexpected {unexpected})"
+        )
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

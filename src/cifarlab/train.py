@@ -47,10 +47,16 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     norm_ids = {id(p) for p in norm}
     other = [p for p in params if id(p) not in norm_ids]
     groups = [
-        {"params": norm, "lr": lr * recipe.bias_lr_scale, "weight_decay": decay / (lr * recipe.bias_lr_scale)},
+        {
+            "params": norm,
+            "lr": lr * recipe.bias_lr_scale,
+            "weight_decay": decay / (lr * recipe.bias_lr_scale),
+        },
         {"params": other, "lr": lr, "weight_decay": decay / lr},
     ]
-    return torch.optim.SGD([g for g in groups if g["params"]], momentum=recipe.momentum, nesterov=recipe.nesterov)
+    return torch.optim.SGD(
+        [g for g in groups if g["params"]], momentum=recipe.momentum, nesterov=recipe.nesterov
+    )
 
 
 def lr_multiplier(recipe: Recipe, step: int, total_steps: int) -> float:
@@ -164,7 +170,7 @@ class Trainer:
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "callbacks": [cb.state_dict() for cb in self.callbacks.callbacks],
+            "callbacks": self.callbacks.state_dict(),
             "lookahead": self.lookahead.state if self.lookahead is not None else None,
             "history": self.history,
             "train_seconds": self.train_seconds,
@@ -176,8 +182,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for cb, s in zip(self.callbacks.callbacks, state["callbacks"]):
-            cb.load_state_dict(s)
+        self.callbacks.load_state_dict(state["callbacks"])
         if state.get("lookahead") is not None:
             self.lookahead = Lookahead(self.model)
             self.lookahead.state = state["lookahead"]
@@ -214,15 +219,23 @@ class Trainer:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch + 1}/{r.epochs}", unit="batch",
-                       leave=False, dynamic_ncols=True, file=sys.stderr)
+            bar = tqdm(
+                total=len(self.train_loader),
+                desc=f"epoch {epoch + 1}/{r.epochs}",
+                unit="batch",
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
         t0 = time.perf_counter()
         ema_start = r.ema_start_epochs * len(self.train_loader)
+        lrs = []
         for i, (xb, yb) in enumerate(self.train_loader.epoch(epoch)):
             if r.schedule == "onecycle":
                 m = lr_multiplier(r, self.step, self.total_steps)
                 for g, base in zip(self.optimizer.param_groups, self.base_lrs):
                     g["lr"] = base * m
+            lrs.append(self.get_lr())
             with autocast(self.device, self.dtype):
                 logits = self.model(xb)
             ce = F.cross_entropy(logits.float(), yb, label_smoothing=r.label_smoothing)
@@ -255,8 +268,11 @@ class Trainer:
                 bar.update(1)
                 if i % 10 == 0:
                     rate = seen / max(1e-9, time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}",
-                                    img_s=f"{rate:.0f}")
+                    bar.set_postfix(
+                        loss=f"{loss_sum.item() / seen:.4f}",
+                        acc=f"{correct.item() / seen:.4f}",
+                        img_s=f"{rate:.0f}",
+                    )
         if self.lookahead is not None:
             self.lookahead.update(self.model, 1.0)  # the weights end each epoch at the average
         if bar is not None:
@@ -264,7 +280,12 @@ class Trainer:
         mean_loss = loss_sum.item() / max(1, seen)
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"loss became {mean_loss} in epoch {epoch + 1}; training stopped")
-        return {"loss": mean_loss, "accuracy": correct.item() / max(1, seen)}
+        # The LR column: the epoch's mean LR (constant within an epoch for the plateau schedule).
+        return {
+            "loss": mean_loss,
+            "accuracy": correct.item() / max(1, seen),
+            "lr": sum(lrs) / max(1, len(lrs)),
+        }
 
     @torch.no_grad()
     def validate(self) -> dict[str, float | None]:
@@ -275,12 +296,16 @@ class Trainer:
         for xb, yb in self.val_loader.epoch(0):
             with autocast(self.device, self.dtype):
                 logits = self.model(xb)
-            loss_sum += F.cross_entropy(logits.float(), yb, label_smoothing=self.recipe.label_smoothing,
-                                        reduction="sum").item()
+            loss_sum += F.cross_entropy(
+                logits.float(), yb, label_smoothing=self.recipe.label_smoothing, reduction="sum"
+            ).item()
             correct += (logits.argmax(1) == yb).sum().item()
             seen += len(yb)
         # Keras' val_loss includes the regularisation penalty, like the training loss.
-        return {"val_loss": loss_sum / max(1, seen) + float(self.l2_term()), "val_accuracy": correct / max(1, seen)}
+        return {
+            "val_loss": loss_sum / max(1, seen) + float(self.l2_term()),
+            "val_accuracy": correct / max(1, seen),
+        }
 
     def fit(self) -> FitResult:
         r = self.recipe
@@ -293,8 +318,8 @@ class Trainer:
                     break
                 self.callbacks.on_epoch_begin(epoch, {})
                 t0 = time.perf_counter()
-                lr = self.get_lr()
                 logs: dict[str, Any] = dict(self.train_epoch(epoch))
+                lr = logs.pop("lr")
                 logs.update(self.validate())
                 seconds = time.perf_counter() - t0
                 logs["events"] = []
@@ -327,7 +352,9 @@ class Trainer:
             status, message = "diverged", str(e)
         if status == "finished":
             self.callbacks.on_train_end({})
-        result = FitResult(history=self.history, status=status, train_seconds=self.train_seconds, message=message)
+        result = FitResult(
+            history=self.history, status=status, train_seconds=self.train_seconds, message=message
+        )
         for cb in self.callbacks.callbacks:
             if hasattr(cb, "best_epoch") and getattr(cb, "best_epoch", None) is not None and self.history:
                 result.best_epoch = int(cb.best_epoch) + 1
@@ -372,7 +399,9 @@ def describe_events(row: dict[str, Any]) -> str:
 
 def format_history_table(history: list[dict[str, Any]], train_seconds: float | None = None) -> str:
     """The reference talk's Table 1: one row per epoch, LR drops and the stop marked."""
-    head = f"{'epoch':>5}  {'loss':>7}  {'accuracy':>8}  {'val_loss':>8}  {'val_acc':>7}  {'lr':>9}  {'time':>6}  events"
+    head = (
+        f"{'epoch':>5}  {'loss':>7}  {'accuracy':>8}  {'val_loss':>8}  {'val_acc':>7}  {'lr':>9}  {'time':>6}  events"
+    )
     lines = [head, "-" * len(head)]
     for row in history:
         lines.append(

@@ -26,14 +26,22 @@ def add_commands(sub: argparse._SubParsersAction, fmt, data_dir_arg) -> None:
     config.add_recipe_args(p)
     data_dir_arg(p)
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    p.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint"
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels: a resumed run ends with the same weights as an uninterrupted one")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels: a resumed run ends with the same weights as an uninterrupted one",
+    )
     p.add_argument("--quiet", action="store_true", help="print only errors and the final result")
     p.add_argument("--no-report", action="store_true", help="skip writing the HTML/Markdown report")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also log per-epoch metrics to <run>/tensorboard (needs the 'tensorboard' extra)")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log per-epoch metrics to <run>/tensorboard (needs the 'tensorboard' extra)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -50,7 +58,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise UserError("--tensorboard needs the optional dependency: pip install 'cifarlab[tensorboard]'") from None
+            raise UserError(
+                "--tensorboard needs the optional dependency: pip install 'cifarlab[tensorboard]'"
+            ) from None
     result = run_experiment(
         recipe,
         data_dir=args.data_dir,

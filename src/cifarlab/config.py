@@ -1,0 +1,405 @@
+"""Recipe overrides: `--config FILE` (YAML, TOML or a run's config.json) and `--set key=value`, typed and
+validated before any data is loaded.
+
+Order: the named recipe (`--recipe`, else the file's `recipe:`, else the default), then the file's keys, then
+each `--set` in the order given, then `recipes.validate` plus the cross-field checks below. Every error names
+the key, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cifarlab.errors import ConfigError
+from cifarlab.recipes import CHOICES, DEFAULT_RECIPE, RECIPES, Recipe, get_recipe, validate
+
+__all__ = [
+    "accepted_keys",
+    "add_recipe_args",
+    "apply_overrides",
+    "load_config_file",
+    "parse_set",
+    "parse_value",
+    "recipe_from_args",
+    "resolve_recipe",
+]
+
+_TRUE = frozenset({"true", "1", "yes", "on", "y"})
+_FALSE = frozenset({"false", "0", "no", "off", "n"})
+_OFFICIAL_DATASETS = ("cifar10", "cifar100")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Keys a config file may hold besides recipe fields.
+_FILE_ONLY_KEYS = ("recipe",)
+
+
+@functools.lru_cache(maxsize=1)
+def _field_types() -> dict[str, Any]:
+    # recipes.py uses `from __future__ import annotations`: field.type is a string, so resolve the hints.
+    hints = typing.get_type_hints(Recipe)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Recipe)}
+
+
+def accepted_keys() -> list[str]:
+    return sorted(_field_types())
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}s (e.g. 64,128,128)"
+        return f"a list of {len(args)} {_type_name(args[0])}s"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+# Names other tools use for our keys: suggested (never silently accepted) when one is given.
+_ALIASES = {
+    "learning_rate": "lr",
+    "learningrate": "lr",
+    "bs": "batch_size",
+    "batch": "batch_size",
+    "wd": "weight_decay",
+    "num_epochs": "epochs",
+    "max_epochs": "epochs",
+    "n_epochs": "epochs",
+    "patience": "early_stopping_patience",
+    "smoothing": "label_smoothing",
+    "arch": "model",
+    "architecture": "model",
+    "amp": "precision",
+    "mixed_precision": "precision",
+}
+
+
+def _unknown_key(key: str) -> ConfigError:
+    keys = accepted_keys()
+    norm = key.strip().lower().replace("-", "_")
+    close = [_ALIASES[norm]] if norm in _ALIASES else difflib.get_close_matches(norm, keys, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown recipe key {key!r}{hint}; accepted keys: {', '.join(keys)}")
+
+
+def _bad(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r} is not valid: expected {expected}")
+
+
+def _scalar(key: str, raw: Any, tp: Any, where: str) -> Any:
+    """One value of type `tp` from a string (--set, or a YAML string such as PyYAML's '1e-3') or a parsed
+    YAML/TOML/JSON scalar. bool is checked before int because bool is a subclass of int."""
+    label = f"{key}{where}"
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        if isinstance(raw, int) and raw in (0, 1):
+            return bool(raw)
+        raise _bad(label, raw, "true/false (also yes/no, 1/0)")
+    if tp is int:
+        if isinstance(raw, bool):
+            raise _bad(label, raw, "an integer")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, str) and re.fullmatch(r"\s*[+-]?\d[\d_]*\s*", raw):
+            return int(raw)
+        raise _bad(label, raw, "an integer (no decimal point)")
+    if tp is float:
+        if isinstance(raw, bool):
+            raise _bad(label, raw, "a number")
+        if isinstance(raw, (int, float)):
+            value = float(raw)
+        elif isinstance(raw, str):
+            try:
+                value = float(raw.strip())
+            except ValueError:
+                raise _bad(label, raw, "a number such as 0.001 or 1e-3") from None
+        else:
+            raise _bad(label, raw, "a number")
+        if not math.isfinite(value):  # nan slips through every `< 0` range check in validate
+            raise _bad(label, raw, "a finite number")
+        return value
+    if tp is str:
+        if not isinstance(raw, str):
+            raise _bad(label, raw, "a string")
+        return raw.strip()
+    raise ConfigError(f"{label}: values of type {tp} cannot be set from a config")  # pragma: no cover
+
+
+def _split_list(raw: str) -> list[str]:
+    s = raw.strip()
+    if (s.startswith("[") and s.endswith("]")) or (s.startswith("(") and s.endswith(")")):
+        s = s[1:-1]
+    parts = [p.strip() for p in s.split(",")]
+    if parts == [""]:
+        return []  # "", "[]" and "()" mean an empty tuple (e.g. dropout=() for the airnet)
+    if parts and parts[-1] == "":
+        parts = parts[:-1]  # allow a trailing comma: "0.4,"
+    return parts
+
+
+def parse_value(key: str, raw: Any) -> Any:
+    """`raw` (a --set string or a value from a config file) converted to the type of recipe field `key`.
+
+    float accepts 1e-3; int rejects 1.5; bool accepts true/false/1/0/yes/no; tuples accept 64,128,128 or
+    [64,128,128]; str fields with a fixed set of values (recipes.CHOICES) must be one of them.
+    """
+    types = _field_types()
+    if key not in types:
+        raise _unknown_key(key)
+    tp = types[key]
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        items = _split_list(raw) if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)):
+            raise _bad(key, raw, _type_name(tp))
+        if len(args) == 2 and args[1] is Ellipsis:
+            elem_types = [args[0]] * len(items)
+        else:
+            if len(items) != len(args):
+                raise _bad(key, raw, _type_name(tp))
+            elem_types = list(args)
+        pairs = enumerate(zip(items, elem_types, strict=True))
+        return tuple(_scalar(key, v, t, f"[{i}]") for i, (v, t) in pairs)
+    if origin is dict or tp is dict:
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError:
+                raise _bad(key, raw, 'a JSON object such as {"note": "x"}') from None
+        if not isinstance(raw, Mapping):
+            raise _bad(key, raw, "a mapping")
+        return dict(raw)
+    value = _scalar(key, raw, tp, "")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}={value!r} is not valid; accepted values: {', '.join(CHOICES[key])}")
+    return value
+
+
+def parse_set(item: str) -> tuple[str, str]:
+    """'key=value' -> (key, value); the value may itself contain '='."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=0.002")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: the key before '=' is empty")
+    if key in _FILE_ONLY_KEYS:
+        raise ConfigError(
+            "choose the base recipe with --recipe NAME (or `recipe:` in a --config file), not --set"
+        )
+    return key, value
+
+
+# -- config files --------------------------------------------------------------------------------------------
+
+
+def load_config_file(path: Path | str) -> dict[str, Any]:
+    """A flat mapping of recipe keys (plus an optional `recipe: NAME`) from YAML (.yaml/.yml), TOML (.toml) or
+    JSON (.json). A run's config.json (whose `recipe` is the full recipe mapping) is accepted too, so
+    `--config runs/<run>/config.json` re-creates that run's recipe."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(
+            f"--config {path}: unknown file type {suffix or '(none)'!r}; use .yaml, .yml, .toml or .json"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e})") from None
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ModuleNotFoundError:
+                raise ConfigError(
+                    f"--config {path}: TOML needs Python >= 3.11 or `pip install tomli`; or use a .yaml file"
+                ) from None
+        try:
+            data: Any = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)  # safe_load: plain data only, no Python object tags
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"--config {path}: expected a mapping of recipe keys (e.g. `lr: 0.002`), "
+            f"got {type(data).__name__}"
+        )
+    data = dict(data)
+    # A run folder's config.json: take its full recipe mapping, ignore the rest (dataset info, machine, ...).
+    if isinstance(data.get("recipe"), Mapping):
+        full = dict(data["recipe"])
+        name = full.get("name")
+        return {"recipe": name if name in RECIPES else None, **full}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and key != "extra":
+            raise ConfigError(
+                f"--config {path}: key {key!r} holds a nested table; write recipe keys flat "
+                "(e.g. `lr: 0.002`)"
+            )
+    return data
+
+
+# -- resolution ----------------------------------------------------------------------------------------------
+
+
+def apply_overrides(recipe: Recipe, overrides: Sequence[tuple[str, Any]], source: str = "--set") -> Recipe:
+    """Apply (key, raw value) pairs in order; raises ConfigError naming the first bad key or value."""
+    changes: dict[str, Any] = {}
+    for key, raw in overrides:
+        try:
+            changes[key] = parse_value(key, raw)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return recipe.replace(**changes) if changes else recipe
+
+
+def _canonical_dataset(value: str, data_dir: Path | None) -> str:
+    """cifar10 / cifar100 under any spelling (CIFAR-10), else a path; a relative path that only exists inside
+    `data_dir` (as `cifarlab.data.load_dataset` would find it) is recorded as that absolute path."""
+    key = value.strip().lower().replace("-", "").replace("_", "")
+    if key in _OFFICIAL_DATASETS:
+        return key
+    path = Path(value).expanduser()
+    if path.exists() or path.is_absolute() or data_dir is None:
+        return str(path) if path.exists() else value
+    for suffix in ("", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz"):
+        candidate = Path(data_dir).expanduser() / f"{value}{suffix}"
+        if candidate.exists():
+            return str(candidate.resolve())
+    return value
+
+
+def _check_more(r: Recipe) -> None:
+    """Checks recipes.validate does not (yet) make: each would otherwise fail late or train something else."""
+    if not _NAME_RE.match(r.name):
+        # The name becomes part of the run folder's path: no separators, no '..', no hidden folders.
+        raise ConfigError(f"name={r.name!r} is not valid: use letters, digits, '-', '_' and '.' (no '/')")
+    for key in ("dense_width", "whiten_kernel"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(f"{key}={getattr(r, key)!r} must be > 0")
+    if r.whiten_kernel > 5:  # a k x k valid conv on 32 px, then three 2x2 pools: more leaves no pixels
+        raise ConfigError(f"whiten_kernel={r.whiten_kernel!r} must be in [1, 5]")
+    for key in ("head_scale", "bias_lr_scale"):
+        if not getattr(r, key) > 0:
+            raise ConfigError(f"{key}={getattr(r, key)!r} must be > 0")
+    for key in ("whiten_bias_epochs", "ema_start_epochs", "ema_pow", "rotation_range", "seed"):
+        if getattr(r, key) < 0:
+            raise ConfigError(f"{key}={getattr(r, key)!r} must be >= 0")
+    for key in ("width_shift_range", "height_shift_range"):
+        if not 0.0 <= getattr(r, key) < 1.0:
+            raise ConfigError(f"{key}={getattr(r, key)!r} must be in [0, 1) (a fraction of the image size)")
+    if any(not 0.0 <= b < 1.0 for b in r.betas):
+        raise ConfigError(f"betas={r.betas!r}: each must be in [0, 1)")
+    if r.model == "reference_cnn" and len(r.dropout) not in (0, 2):
+        # models.ReferenceCNN silently drops dropout unless it gets exactly two rates.
+        raise ConfigError(
+            f"dropout={r.dropout!r}: the reference_cnn takes two rates (before the dense layer, after it), "
+            "e.g. 0.4,0.3, or () for none"
+        )
+    if r.val_fraction == 0 and r.monitor.startswith("val_") and r.early_stopping_patience > 0:
+        raise ConfigError(
+            f"val_fraction=0 leaves no validation set, but early stopping monitors {r.monitor!r}; "
+            "set early_stopping_patience=0, monitor=loss, or a val_fraction > 0"
+        )
+
+
+def resolve_recipe(
+    name: str | None = None,
+    config_file: Path | str | None = None,
+    sets: Sequence[str] = (),
+    *,
+    data_dir: Path | str | None = None,
+) -> Recipe:
+    """The named recipe with a config file's keys and then each `KEY=VALUE` in `sets` applied, validated.
+
+    `name` None: the config file's `recipe:` key, else the default recipe. An explicit `name` wins over the
+    file's `recipe:` (the command line overrides the file, like --set does). Raises ConfigError before any
+    data is touched.
+    """
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        file_values = load_config_file(config_file)
+    file_recipe = file_values.pop("recipe", None)
+    if file_recipe is not None and not isinstance(file_recipe, str):
+        raise ConfigError(
+            f"--config {config_file}: recipe={file_recipe!r} must be a recipe name ({', '.join(RECIPES)})"
+        )
+    base = get_recipe(name or file_recipe or DEFAULT_RECIPE)
+    recipe = apply_overrides(base, list(file_values.items()), source=f"--config {config_file}")
+    recipe = apply_overrides(recipe, [parse_set(s) for s in sets], source="--set")
+    recipe = recipe.replace(dataset=_canonical_dataset(recipe.dataset, Path(data_dir) if data_dir else None))
+    validate(recipe)
+    _check_more(recipe)
+    return recipe
+
+
+# -- argparse wiring -----------------------------------------------------------------------------------------
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """--recipe NAME, --config FILE, --set KEY=VALUE (repeatable) on a subcommand's parser."""
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        metavar="NAME",
+        help=f"base recipe: {', '.join(RECIPES)} (default: the config file's `recipe:`, "
+        f"else {DEFAULT_RECIPE})",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="YAML (.yaml/.yml), TOML (.toml) or JSON file of recipe keys, e.g. `lr: 0.002`; may name "
+        "`recipe:`; a run's config.json re-creates that run's recipe",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one recipe key, applied after --config in the order given; repeatable "
+        "(e.g. --set lr=2e-3 --set widths=32,64,64)",
+    )
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The validated recipe from add_recipe_args' options (and --data-dir, used to find a dataset path)."""
+    return resolve_recipe(
+        getattr(args, "recipe", None),
+        getattr(args, "config", None),
+        getattr(args, "set", None) or (),
+        data_dir=getattr(args, "data_dir", None),
+    )

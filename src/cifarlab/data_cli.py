@@ -1,0 +1,200 @@
+"""`cifarlab data info` and `cifarlab data preview`: look at a dataset before training on it."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+DATASET_HELP = "cifar10 (default), cifar100, or the path of an ImageFolder tree (folder or .tar.gz)"
+
+
+def add_commands(
+    sub: Any,
+    fmt: Callable[[str, str], dict],
+    data_dir_arg: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """Register the `data` subcommands on `sub` (the `data` parser's subparsers)."""
+    p = sub.add_parser(
+        "info",
+        help="source, checksum, cache, shapes, class counts and pixel statistics of a dataset",
+        **fmt(
+            "Show where a dataset comes from (file, MD5 and whether it is the official one, cache folder), "
+            "its shapes, images per class in train and test, and the per-channel pixel mean/std of the "
+            "training images. Decodes and caches the dataset on first use.",
+            "cifarlab data info --data-dir ../shared/data",
+        ),
+    )
+    _common_args(p, data_dir_arg)
+    p.add_argument(
+        "--json", action="store_true", help="print the facts as one JSON object instead of a table"
+    )
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "preview",
+        help="PNG grid of sample images, one row per class",
+        **fmt(
+            "Write a PNG grid of randomly chosen images: one row per class, labelled with the class name.",
+            "cifarlab data preview --data-dir ../shared/data --out preview.png --per-class 8",
+        ),
+    )
+    _common_args(p, data_dir_arg)
+    p.add_argument("--out", type=Path, default=Path("preview.png"), help="PNG to write (default preview.png)")
+    p.add_argument("--per-class", type=_positive_int, default=8, help="images per class (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing the images (default 0)")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
+    p.set_defaults(func=cmd_preview)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _common_args(p: argparse.ArgumentParser, data_dir_arg: Callable[[argparse.ArgumentParser], None]) -> None:
+    p.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
+    data_dir_arg(p)
+    p.add_argument(
+        "--no-download",
+        action="store_true",
+        help="fail with advice instead of downloading when the dataset is not in the data dir",
+    )
+
+
+class _CliFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+@contextlib.contextmanager
+def _cli_logging() -> Iterator[None]:
+    """Show cifarlab's progress and warnings on stderr while a command runs.
+
+    Checksum warnings reach the user through the log line; the `warnings` copy is silenced so it is not
+    printed twice.
+    """
+    from cifarlab.data import ChecksumWarning
+
+    logger = logging.getLogger("cifarlab")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CliFormatter())
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ChecksumWarning)
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from cifarlab.data import load_dataset
+
+    return load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+
+
+def _checksum_line(ds: Any) -> str:
+    if not ds.checksum:
+        return "none (a plain folder has no archive checksum)"
+    status = ds.checksum_status
+    if status == "official":
+        return f"md5 {ds.checksum} (the official one)"
+    if status == "not official":
+        return f"md5 {ds.checksum} (NOT the official {ds.expected_checksum}: a re-packed or modified copy)"
+    return f"md5 {ds.checksum} (no official checksum for this kind of source)"
+
+
+def info_facts(ds: Any) -> dict[str, Any]:
+    """Everything `data info` shows, as plain data."""
+    import torch
+
+    from cifarlab.data import channel_stats
+
+    n_cls = len(ds.classes)
+    train_counts = torch.bincount(ds.y_train, minlength=n_cls).tolist()
+    test_counts = torch.bincount(ds.y_test, minlength=n_cls).tolist()
+    mean, std = channel_stats(ds.x_train)
+    return {
+        "name": ds.name,
+        "source": ds.source,
+        "checksum": ds.checksum,
+        "checksum_kind": ds.checksum_kind,
+        "expected_checksum": ds.expected_checksum,
+        "checksum_status": ds.checksum_status,
+        "cache_dir": ds.cache_dir,
+        "classes": list(ds.classes),
+        "x_train_shape": list(ds.x_train.shape),
+        "x_test_shape": list(ds.x_test.shape),
+        "train_counts": dict(zip(ds.classes, train_counts, strict=True)),
+        "test_counts": dict(zip(ds.classes, test_counts, strict=True)),
+        "pixel_mean": list(mean),
+        "pixel_std": list(std),
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _cli_logging():
+        ds = _load(args)
+        facts = info_facts(ds)
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    width = max([len("class"), len("total"), *(len(c) for c in ds.classes)])
+    lines = [
+        f"dataset   {ds.name} ({len(ds.classes)} classes)",
+        f"source    {ds.source}",
+        f"checksum  {_checksum_line(ds)}",
+        f"cache     {ds.cache_dir}",
+        f"train     {len(ds.x_train):>6} images  uint8 {tuple(ds.x_train.shape)}",
+        f"test      {len(ds.x_test):>6} images  uint8 {tuple(ds.x_test.shape)}",
+        "",
+        f"{'class':<{width}}  {'train':>6}  {'test':>6}",
+        f"{'-' * width}  {'-' * 6}  {'-' * 6}",
+    ]
+    for c in ds.classes:
+        lines.append(f"{c:<{width}}  {facts['train_counts'][c]:>6}  {facts['test_counts'][c]:>6}")
+    lines += [
+        f"{'-' * width}  {'-' * 6}  {'-' * 6}",
+        f"{'total':<{width}}  {len(ds.x_train):>6}  {len(ds.x_test):>6}",
+        "",
+        "pixel statistics of the training images, per channel (R, G, B), in [0, 1] units:",
+        "  mean  " + "  ".join(f"{v:.4f}" for v in facts["pixel_mean"]),
+        "  std   " + "  ".join(f"{v:.4f}" for v in facts["pixel_std"]),
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from cifarlab.data import sample_grid_figure
+    from cifarlab.errors import UserError
+
+    with _cli_logging():
+        ds = _load(args)
+    x, y = (ds.x_train, ds.y_train) if args.split == "train" else (ds.x_test, ds.y_test)
+    fig = sample_grid_figure(x, y, ds.classes, per_class=args.per_class, seed=args.seed)
+    fig.suptitle(f"{ds.name} ({args.split}): {args.per_class} random images per class (seed {args.seed})")
+    out: Path = args.out
+    try:
+        if out.parent != Path(""):
+            out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="png")
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}. Choose another --out.") from exc
+    print(f"wrote {out} ({len(ds.classes)} classes x {args.per_class} images, {args.split} split)")
+    return 0

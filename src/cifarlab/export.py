@@ -1,0 +1,181 @@
+"""`cifarlab export`: a run's model as ONNX or TorchScript, with its preprocessing inside the graph.
+
+The exported model takes images as they come out of an image decoder, NCHW with values 0..255 (ONNX: uint8;
+TorchScript: uint8 or float), scales them to [0, 1], applies the run's per-channel normalization and returns
+softmax probabilities. Preprocessing travels with the model, so a consumer cannot get it subtly wrong; a uint8
+ONNX input also makes the classic mistake (feeding 0..1 floats) a type error instead of silent garbage.
+Images must already be 32x32 RGB: resizing is left to the caller (see `cifarlab.predict` for the rule).
+
+Exports run in fp32 eval mode with no TTA, and record class names, the input spec, mean/std, the recipe and
+the cifarlab version in the file's metadata (ONNX `metadata_props`, TorchScript `_extra_files`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifarlab import __version__
+from cifarlab.errors import UserError
+
+FORMATS = ("onnx", "torchscript")
+DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+INPUT_NAME = "images"
+OUTPUT_NAME = "probabilities"
+METADATA_FILE = "cifarlab.json"  # TorchScript _extra_files entry
+
+
+class Preprocessed(nn.Module):
+    """images (N, 3, 32, 32), 0..255 -> softmax probabilities, with the exact ops of inference.to_float."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        super().__init__()
+        self.model = model
+        self.normalize = mean is not None and std is not None
+        self.register_buffer("mean", torch.tensor(list(mean) if mean else [0.0, 0.0, 0.0]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std) if std else [1.0, 1.0, 1.0]).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Same op order as inference.to_float (/255, -mean, /std) so outputs match to float rounding.
+        x = images.to(torch.float32) / 255.0
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        return torch.softmax(self.model(x), dim=1)
+
+
+def metadata(run: Any, fmt: str) -> dict[str, str]:
+    """String key/value metadata for the exported file (JSON for structured values)."""
+    mean, std = run.normalization
+    input_dtype = "uint8" if fmt == "onnx" else "uint8 or float32"
+    return {
+        "cifarlab_version": __version__,
+        "recipe": run.recipe.name,
+        "model": run.recipe.model,
+        "run": run.path.name,
+        "class_names": json.dumps(run.classes),
+        "input": json.dumps(
+            {
+                "name": INPUT_NAME,
+                "shape": ["batch", 3, 32, 32],
+                "layout": "NCHW",
+                "color": "RGB",
+                "dtype": input_dtype,
+                "range": [0, 255],
+                "resize": "32x32, no aspect ratio kept: Pillow BOX when shrinking, bilinear when enlarging; "
+                "alpha dropped",
+            }
+        ),
+        "preprocessing": json.dumps(
+            {"scale": "x / 255", "mean": mean, "std": std, "normalize": mean is not None and std is not None}
+        ),
+        "output": json.dumps({"name": OUTPUT_NAME, "shape": ["batch", len(run.classes)], "kind": "softmax"}),
+        "tta": "none",
+    }
+
+
+def _wrapped(run_dir: Path | str) -> tuple[Any, nn.Module]:
+    from cifarlab.runs import load_run
+
+    run = load_run(run_dir)
+    model = run.build_model().float().eval()  # fp32, eval mode (BN running stats, no dropout), no autocast
+    model = model.to(memory_format=torch.contiguous_format)
+    mean, std = run.normalization
+    wrapped = Preprocessed(model, mean, std).eval()
+    for p in wrapped.parameters():
+        p.requires_grad_(False)
+    return run, wrapped
+
+
+def _out_path(run_dir: Path | str, out_path: Path | str | None, fmt: str) -> Path:
+    out = Path(out_path) if out_path is not None else Path(run_dir) / DEFAULT_NAMES[fmt]
+    if out.is_dir():
+        out = out / DEFAULT_NAMES[fmt]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def export_onnx(run_dir: Path | str, out_path: Path | str | None = None, opset: int = 17) -> Path:
+    """Write `run_dir`'s model as ONNX (uint8 NCHW input, dynamic batch, softmax output); returns the path."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("ONNX export needs onnx: pip install 'cifarlab[export]'") from None
+    from cifarlab.runs import atomic_write_bytes
+
+    run, wrapped = _wrapped(run_dir)
+    out = _out_path(run_dir, out_path, "onnx")
+    buf = io.BytesIO()
+    dummy = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript-based exporter is deprecated but needs no extra package (the dynamo exporter needs
+        # onnxscript) and handles these small conv nets exactly.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            wrapped,
+            (dummy,),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    for key, value in metadata(run, "onnx").items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = f"cifarlab {__version__} export of run {run.path.name} (recipe {run.recipe.name})"
+    onnx.checker.check_model(proto)
+    atomic_write_bytes(out, proto.SerializeToString())
+    return out
+
+
+def export_torchscript(run_dir: Path | str, out_path: Path | str | None = None) -> Path:
+    """Write `run_dir`'s model as TorchScript (uint8 or float 0..255 NCHW input, any batch); returns the path.
+
+    Load it with `torch.jit.load(path, _extra_files={"cifarlab.json": ""})` to read the metadata.
+    """
+    from cifarlab.runs import atomic_write_bytes
+
+    run, wrapped = _wrapped(run_dir)
+    out = _out_path(run_dir, out_path, "torchscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated for torch.export
+        scripted = torch.jit.script(wrapped)
+        buf = io.BytesIO()
+        extra = {METADATA_FILE: json.dumps(metadata(run, "torchscript"), indent=2)}
+        torch.jit.save(scripted, buf, _extra_files=extra)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def export(run_dir: Path | str, fmt: str, out_path: Path | str | None = None) -> Path:
+    if fmt == "onnx":
+        return export_onnx(run_dir, out_path)
+    if fmt == "torchscript":
+        return export_torchscript(run_dir, out_path)
+    raise UserError(f"--format {fmt!r}: accepted values: {', '.join(FORMATS)}")
+
+
+def read_onnx_metadata(path: Path | str) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def read_torchscript_metadata(path: Path | str) -> dict[str, str]:
+    extra = {METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra[METADATA_FILE])

@@ -1,0 +1,269 @@
+"""--config / --set: typed parsing; bad values rejected, naming key and accepted values, before any work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from cifarlab import config
+from cifarlab.errors import ConfigError
+from cifarlab.recipes import RECIPES, Recipe, get_recipe
+
+
+def resolve(*sets: str, name: str | None = "reference", **kw) -> Recipe:
+    return config.resolve_recipe(name, sets=sets, **kw)
+
+
+# -- parsing -------------------------------------------------------------------------------------------------
+
+
+def test_values_are_parsed_to_the_field_types():
+    r = resolve(
+        "lr=1e-3",
+        "epochs=7",
+        "horizontal_flip=no",
+        "nesterov=YES",
+        "widths=16,32,32",
+        "betas=[0.8, 0.99]",
+        "dropout=(0.5, 0.25)",
+        "label_smoothing=0",
+        "optimizer=sgd",
+        "description=a b=c",
+    )
+    assert r.lr == 1e-3 and isinstance(r.lr, float)
+    assert r.epochs == 7 and isinstance(r.epochs, int)
+    assert r.horizontal_flip is False and r.nesterov is True
+    assert r.widths == (16, 32, 32) and r.betas == (0.8, 0.99) and r.dropout == (0.5, 0.25)
+    assert r.label_smoothing == 0.0 and isinstance(r.label_smoothing, float)
+    assert r.optimizer == "sgd" and r.description == "a b=c"
+
+
+def test_empty_tuple_and_order_of_sets():
+    r = config.resolve_recipe("fast", sets=["dropout=()", "epochs=3", "epochs=4"])
+    assert r.dropout == () and r.epochs == 4  # applied in order: the last one wins
+
+
+def test_default_recipe_and_unchanged_recipe():
+    assert config.resolve_recipe(None) == get_recipe("fast")
+    for name in RECIPES:
+        assert config.resolve_recipe(name) == get_recipe(name)
+
+
+# -- every bad value names the key, the value and what is accepted -------------------------------------------
+
+BAD = [
+    (["lr=-0.001"], ["lr", "-0.001", "> 0"]),
+    (["lr=0"], ["lr", "> 0"]),
+    (["batch_size=0"], ["batch_size", "> 0"]),
+    (["batch_size=-5"], ["batch_size", "> 0"]),
+    (["epochs=1.5"], ["epochs", "1.5", "integer"]),
+    (["epochs=ten"], ["epochs", "ten", "integer"]),
+    (["lr=fast"], ["lr", "fast", "number"]),
+    (["lr=nan"], ["lr", "nan", "finite"]),
+    (["l2=inf"], ["l2", "finite"]),
+    (["horizontal_flip=maybe"], ["horizontal_flip", "maybe", "true/false"]),
+    (["widths=64,x,128"], ["widths[1]", "'x'", "integer"]),
+    (["widths=64,128"], ["widths", "three positive"]),
+    (["betas=0.9"], ["betas", "list of 2"]),
+    (["betas=0.9,1.5"], ["betas", "[0, 1)"]),
+    (["dropout=0.5"], ["dropout", "two rates"]),
+    (["dropout=0.5,1.0"], ["dropout", "[0, 1)"]),
+    (["optimizer=rmsprop"], ["optimizer", "rmsprop", "adam, sgd"]),
+    (["model=resnet"], ["model", "reference_cnn, airnet"]),
+    (["tta=rotate"], ["tta", "none, flip, flip_translate"]),
+    (["precision=fp8"], ["precision", "auto, bf16, fp16, fp32"]),
+    (["dataset=imagenet"], ["dataset", "imagenet", "cifar10, cifar100"]),
+    (["val_fraction=1.5"], ["val_fraction", "[0.0, 0.9]"]),
+    (["momentum=-0.1"], ["momentum"]),
+    (["dense_width=0"], ["dense_width", "> 0"]),
+    (["whiten_kernel=9"], ["whiten_kernel", "[1, 5]"]),
+    (["seed=-1"], ["seed", ">= 0"]),
+    (["width_shift_range=2"], ["width_shift_range", "[0, 1)"]),
+    (["name=../../etc"], ["name", "'../../etc'"]),
+    (["extra=notjson"], ["extra", "JSON"]),
+    (["val_fraction=0"], ["val_fraction=0", "plateau"]),
+    (["val_fraction=0", "schedule=onecycle"], ["val_fraction=0", "early_stopping_patience=0"]),
+]
+
+
+@pytest.mark.parametrize("sets,needles", BAD, ids=[" ".join(s) for s, _ in BAD])
+def test_bad_values_are_rejected_with_a_useful_message(sets, needles):
+    with pytest.raises(ConfigError) as e:
+        resolve(*sets)
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+def test_unknown_key_names_closest_match_and_accepted_keys():
+    with pytest.raises(ConfigError) as e:
+        resolve("learning_rat=0.1", "batchsize=3")
+    msg = str(e.value)
+    assert "'learning_rat'" in msg and "accepted keys:" in msg and "batch_size" in msg
+    with pytest.raises(ConfigError, match=r"'batchsize' \(did you mean 'batch_size'\?\)"):
+        resolve("batchsize=3")
+    with pytest.raises(ConfigError, match=r"'learning-rate' \(did you mean 'lr'\?\)"):
+        resolve("learning-rate=3")
+
+
+def test_unknown_recipe():
+    with pytest.raises(ConfigError, match=r"unknown recipe 'resnet50'; available: reference, fast, air94"):
+        config.resolve_recipe("resnet50")
+
+
+@pytest.mark.parametrize(
+    "item,needle", [("lr", "KEY=VALUE"), ("=3", "key before '=' is empty"), ("recipe=fast", "--recipe")]
+)
+def test_malformed_set(item, needle):
+    with pytest.raises(ConfigError, match=needle):
+        resolve(item)
+
+
+def test_parse_value_rejects_bool_for_int_and_float():
+    with pytest.raises(ConfigError, match="epochs"):
+        config.parse_value("epochs", True)
+    with pytest.raises(ConfigError, match="lr"):
+        config.parse_value("lr", False)
+    assert config.parse_value("lr", 2) == 2.0 and isinstance(config.parse_value("lr", 2), float)
+
+
+# -- config files --------------------------------------------------------------------------------------------
+
+
+def test_yaml_file_with_recipe_and_overrides(tmp_path: Path):
+    f = tmp_path / "exp.yaml"
+    # PyYAML reads `1e-3` (no dot) as a string: it must still become the float 0.001.
+    f.write_text("recipe: reference\nlr: 1e-3\nepochs: 12\nwidths: [32, 64, 64]\nhorizontal_flip: false\n")
+    r = config.resolve_recipe(None, f)
+    assert r.name == "reference" and r.lr == 0.001 and r.epochs == 12
+    assert r.widths == (32, 64, 64) and r.horizontal_flip is False
+
+
+def test_toml_file_and_set_after_file(tmp_path: Path):
+    f = tmp_path / "exp.toml"
+    f.write_text('recipe = "fast"\nepochs = 3\nlabel_smoothing = 0.1\nwidths = [16, 32, 64]\n')
+    r = config.resolve_recipe(None, f, ["epochs=4"])
+    assert r.name == "fast" and r.epochs == 4 and r.label_smoothing == 0.1 and r.widths == (16, 32, 64)
+
+
+def test_explicit_recipe_wins_over_the_files(tmp_path: Path):
+    f = tmp_path / "exp.yml"
+    f.write_text("recipe: fast\nseed: 3\n")
+    r = config.resolve_recipe("air94", f)
+    assert r.name == "air94" and r.seed == 3
+
+
+def test_a_runs_config_json_recreates_its_recipe(tmp_path: Path):
+    original = get_recipe("reference").replace(lr=3e-3, widths=(16, 32, 32), seed=5)
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps({"recipe": original.to_dict(), "seed": 5, "dataset": {"classes": []}}))
+    assert config.resolve_recipe(None, f) == original
+
+
+def test_empty_file_is_no_overrides(tmp_path: Path):
+    f = tmp_path / "empty.yaml"
+    f.write_text("# nothing\n")
+    assert config.resolve_recipe("reference", f) == get_recipe("reference")
+
+
+@pytest.mark.parametrize(
+    "name,text,needles",
+    [
+        ("a.yaml", "lrr: 0.1\n", ["a.yaml", "'lrr'", "did you mean 'lr'"]),
+        ("b.yaml", "epochs: ten\n", ["b.yaml", "epochs", "integer"]),
+        ("c.yaml", "epochs: true\n", ["epochs", "integer"]),
+        ("d.yaml", "batch_size: 0\n", ["batch_size", "> 0"]),
+        ("e.yaml", "optim:\n  lr: 0.1\n", ["nested", "optim"]),
+        ("f.yaml", "- lr\n- 0.1\n", ["mapping"]),
+        ("g.yaml", "lr: [0.1\n", ["not valid YAML"]),
+        ("h.toml", "lr = \n", ["not valid TOML"]),
+        ("i.ini", "lr=0.1\n", [".ini", ".yaml, .yml, .toml"]),
+        ("j.yaml", "recipe: nope\n", ["unknown recipe 'nope'"]),
+        ("k.yaml", "recipe: 3\n", ["recipe=3", "recipe name"]),
+        ("l.yaml", "!!python/object/apply:os.system ['echo hi']\n", ["not valid YAML"]),
+    ],
+)
+def test_bad_config_files(tmp_path: Path, name, text, needles):
+    f = tmp_path / name
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.resolve_recipe(None, f)
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+def test_missing_config_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="no such file"):
+        config.resolve_recipe(None, tmp_path / "nope.yaml")
+
+
+# -- datasets ------------------------------------------------------------------------------------------------
+
+
+def test_dataset_names_and_paths(tmp_path: Path):
+    assert resolve("dataset=CIFAR-100").dataset == "cifar100"
+    tree = tmp_path / "data" / "mytree"
+    tree.mkdir(parents=True)
+    # Found inside --data-dir, like data.load_dataset looks it up: recorded as the resolved path.
+    assert resolve("dataset=mytree", data_dir=tmp_path / "data").dataset == str(tree.resolve())
+    assert resolve(f"dataset={tree}").dataset == str(tree)
+    with pytest.raises(ConfigError, match="dataset"):
+        resolve("dataset=mytree")  # not here, no data dir given
+
+
+# -- argparse wiring, and failing before any work ------------------------------------------------------------
+
+
+def test_add_recipe_args_and_recipe_from_args(tmp_path: Path):
+    p = argparse.ArgumentParser()
+    config.add_recipe_args(p)
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 2\n")
+    args = p.parse_args(["--recipe", "reference", "--config", str(f), "--set", "lr=0.01", "--set", "seed=9"])
+    r = config.recipe_from_args(args)
+    assert (r.name, r.epochs, r.lr, r.seed) == ("reference", 2, 0.01, 9)
+    assert config.recipe_from_args(p.parse_args([])) == get_recipe("fast")
+
+
+def test_train_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    from cifarlab import cli
+
+    def no_work(*a, **k):
+        raise AssertionError("training started despite a bad config")
+
+    monkeypatch.setattr("cifarlab.experiment.run_experiment", no_work)
+    monkeypatch.setattr("cifarlab.data.load_dataset", no_work)
+    runs = tmp_path / "runs"
+    for argv in (
+        ["--set", "lr=-1"],
+        ["--set", "batch_size=0"],
+        ["--recipe", "nope"],
+        ["--set", "btach_size=3"],
+    ):
+        assert cli.main(["train", "--runs-dir", str(runs), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+    assert not runs.exists()
+
+
+def test_config_command_output_round_trips_as_a_config_file(tmp_path: Path, capsys):
+    from cifarlab import cli, tools_cli
+
+    parser = argparse.ArgumentParser(prog="cifarlab")
+    tools_cli.add_commands(parser.add_subparsers(dest="command", required=True), cli._fmt, cli._data_dir_arg)
+    argv = ["config", "--recipe", "reference", "--set", "lr=2e-3", "--set", "widths=32,64,64"]
+    argv += ["--set", "name=x1"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.002  # reference: 0.001" in out
+    assert "widths: [32, 64, 64]  # reference: [64, 128, 128]" in out
+    f = tmp_path / "resolved.yaml"
+    f.write_text(out)
+    expected = get_recipe("reference").replace(lr=2e-3, widths=(32, 64, 64), name="x1")
+    assert config.resolve_recipe(None, f) == expected
+    args = parser.parse_args([*argv, "--json"])
+    assert args.func(args) == 0
+    assert Recipe.from_dict(json.loads(capsys.readouterr().out)) == expected

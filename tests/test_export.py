@@ -1,0 +1,132 @@
+"""`cifarlab export`: ONNX and TorchScript reproduce the PyTorch probabilities, dynamic batch, metadata."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from _runfolder import CLASSES, make_run, tiny_recipe
+from _synth import make_images
+from cifarlab import __version__, cli, export, tools_cli
+from cifarlab.inference import predict_proba
+from cifarlab.runs import load_run
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["reference_cnn", "airnet"])
+def run_dir(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Both model families: the airnet has a whitening conv, GELU, global max pool and a scaled head, and a
+    # standardizing normalization; the reference CNN has BatchNorm1d, Flatten and dropout.
+    name = "fast" if request.param == "airnet" else "reference"
+    return make_run(tmp_path_factory.mktemp("runs") / f"20260101-120000-{name}", tiny_recipe(request.param))
+
+
+def images(n: int, seed: int = 3) -> torch.Tensor:
+    """Structured images (bright squares, colour tints) mixed with plain noise, uint8 NCHW."""
+    x, _ = make_images(n_per_class=(n + 3) // 4, n_classes=4, seed=seed)
+    x = x[:n].clone()
+    x[::3] = torch.randint(
+        0, 256, x[::3].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
+    return x
+
+
+def reference_probs(run_dir: Path, x: torch.Tensor) -> torch.Tensor:
+    run = load_run(run_dir)
+    mean, std = run.normalization
+    return predict_proba(run.build_model(), x, mean=mean, std=std, tta="none", precision="fp32")
+
+
+def test_onnx_reproduces_pytorch_probabilities(run_dir: Path, tmp_path: Path):
+    path = export.export_onnx(run_dir, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    [inp] = session.get_inputs()
+    assert inp.name == "images" and inp.type == "tensor(uint8)"
+    assert isinstance(inp.shape[0], str) and inp.shape[1:] == [3, 32, 32]  # dynamic batch
+    for n in (1, 7, 64):  # the export's dummy batch is 2
+        x = images(n, seed=n)
+        expected = reference_probs(run_dir, x)
+        [got] = session.run(None, {"images": x.numpy()})
+        assert got.shape == (n, len(CLASSES))
+        diff = (torch.from_numpy(got) - expected).abs().max().item()
+        assert diff <= TOL, diff
+        assert torch.equal(torch.from_numpy(got).argmax(1), expected.argmax(1))
+    assert expected.max() > 0.3  # not a near-uniform output that would hide a mismatch
+
+
+def test_torchscript_reproduces_pytorch_probabilities_for_uint8_and_float(run_dir: Path, tmp_path: Path):
+    path = export.export_torchscript(run_dir, tmp_path / "m.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path))
+    for n in (1, 9):
+        x = images(n, seed=10 + n)
+        expected = reference_probs(run_dir, x)
+        with torch.no_grad():
+            for inp in (x, x.float()):
+                diff = (module(inp) - expected).abs().max().item()
+                assert diff <= TOL, diff
+
+
+def test_metadata_records_classes_preprocessing_recipe_and_version(run_dir: Path, tmp_path: Path):
+    run = load_run(run_dir)
+    mean, std = run.normalization
+    for meta in (
+        export.read_onnx_metadata(export.export_onnx(run_dir, tmp_path)),
+        export.read_torchscript_metadata(export.export_torchscript(run_dir, tmp_path)),
+    ):
+        assert json.loads(meta["class_names"]) == list(CLASSES)
+        pre = json.loads(meta["preprocessing"])
+        assert pre["mean"] == mean and pre["std"] == std and pre["scale"] == "x / 255"
+        assert json.loads(meta["input"])["shape"] == ["batch", 3, 32, 32]
+        assert json.loads(meta["input"])["range"] == [0, 255]
+        assert meta["recipe"] == run.recipe.name and meta["cifarlab_version"] == __version__
+    assert (tmp_path / "model.onnx").exists() and (tmp_path / "model.torchscript.pt").exists()
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cifarlab")
+    tools_cli.add_commands(parser.add_subparsers(dest="command", required=True), cli._fmt, cli._data_dir_arg)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_default_and_explicit_paths(tmp_path: Path, capsys):
+    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe())
+    assert _main(["export", str(run_dir)]) == 0
+    assert (run_dir / "model.onnx").exists() and "model.onnx" in capsys.readouterr().out
+    out = tmp_path / "exports" / "ts.pt"
+    assert _main(["export", str(run_dir), "--format", "torchscript", "--out", str(out)]) == 0
+    assert out.exists()
+
+
+def test_cli_missing_weights_is_a_user_error(tmp_path: Path, capsys):
+    run_dir = make_run(tmp_path / "run", tiny_recipe())
+    (run_dir / "model.safetensors").unlink()
+    assert cli.main(["export", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors is missing" in err and "Traceback" not in err
+
+
+def test_parity_benchmark_script(tmp_path: Path, tiny_cifar10, capsys):
+    """benchmarks/check_export_parity.py on a tiny official-layout archive (the lead runs it on real data)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "check_export_parity.py"
+    spec = importlib.util.spec_from_file_location("check_export_parity", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run_dir = make_run(tmp_path / "run", tiny_recipe("airnet"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny archive's MD5 is not the official one
+        rc = mod.main([str(run_dir), "--data-dir", str(tiny_cifar10.data_dir), "--n", "10"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "onnx" in out and "torchscript" in out and "max abs diff" in out

@@ -1,0 +1,240 @@
+"""`cifarlab predict`: every common format and mode, folders, per-file errors, decompression bombs, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _runfolder import CLASSES, make_run, tiny_recipe
+from cifarlab import cli, predict, tools_cli
+from cifarlab.inference import predict_proba
+from cifarlab.runs import load_run
+
+RGB = (200, 40, 90)
+
+
+def _save(img: Image.Image, path: Path, fmt: str, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, fmt, **kw)
+    return path
+
+
+def _noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    a = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(a, "RGB")
+
+
+def write_formats(folder: Path) -> dict[str, Path]:
+    """One file per format/mode the issue names, at assorted sizes (all but one != 32x32)."""
+    solid = Image.new("RGB", (50, 40), RGB)
+    palette = solid.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    palette_t = palette.copy()
+    palette_t.info["transparency"] = 0
+    files = {
+        "png": _save(_noise((64, 48)), folder / "noise.png", "PNG"),
+        "jpeg": _save(_noise((300, 200), 1), folder / "photo.jpg", "JPEG", quality=90),
+        "jpeg_cmyk": _save(solid.convert("CMYK"), folder / "cmyk.jpeg", "JPEG"),
+        "webp": _save(_noise((40, 40), 2), folder / "lossy.webp", "WEBP", quality=80),
+        "bmp": _save(_noise((33, 31), 3), folder / "box.bmp", "BMP"),
+        "gray": _save(solid.convert("L"), folder / "gray.png", "PNG"),
+        "rgba": _save(Image.new("RGBA", (20, 20), RGB + (0,)), folder / "alpha.png", "PNG"),
+        "palette": _save(palette, folder / "palette.png", "PNG"),
+        "palette_transparent": _save(palette_t, folder / "palette_t.png", "PNG"),
+        "gif": _save(palette, folder / "anim.gif", "GIF"),
+        "tiny": _save(_noise((7, 5), 4), folder / "tiny.png", "PNG"),
+        "exact": _save(_noise((32, 32), 5), folder / "exact.png", "PNG"),
+    }
+    return files
+
+
+def bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
+    """A valid PNG header claiming width x height (10 gigapixels), tiny payload: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = zlib.compress(b"\0" * 1024)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs") / "20260101-120000-reference", tiny_recipe())
+
+
+@pytest.fixture(scope="module")
+def air_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs") / "20260101-120000-fast", tiny_recipe("airnet"))
+
+
+# -- decoding ------------------------------------------------------------------------------------------------
+
+
+def test_every_format_and_mode_is_decoded(tmp_path: Path):
+    files = write_formats(tmp_path / "imgs")
+    x, ok, errors = predict.load_images(files.values())
+    assert errors == []
+    assert ok == [str(p) for p in files.values()]
+    assert x.dtype == torch.uint8 and x.shape == (len(files), 3, 32, 32)
+    by_name = dict(zip(files, x, strict=True))
+    # Solid colours survive every mode conversion (alpha is dropped, as the training loader does).
+    for name in ("rgba", "palette", "palette_transparent", "gif"):
+        assert (by_name[name].float().mean((1, 2)) - torch.tensor(RGB)).abs().max() <= 2, name
+    gray = by_name["gray"]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    cmyk = by_name["jpeg_cmyk"].float().mean((1, 2))
+    assert (cmyk - torch.tensor(RGB)).abs().max() < 12  # JPEG + CMYK round trip is lossy
+    exact = torch.from_numpy(np.array(Image.open(files["exact"]))).permute(2, 0, 1)
+    assert torch.equal(by_name["exact"], exact)  # 32x32 RGB: untouched
+
+
+def test_preprocessing_is_the_training_loaders(tmp_path: Path, tiny_imagefolder):
+    from cifarlab.data import load_dataset
+
+    ds = load_dataset(tiny_imagefolder.root, cache_dir=tmp_path / "cache")
+    x, ok, errors = predict.load_images([tiny_imagefolder.root / "train"])
+    assert errors == [] and len(ok) == len(ds.y_train)
+    # Same files (class folder, then name, as the dataset orders them), same pixels, bit for bit.
+    assert torch.equal(x, ds.x_train)
+
+
+def test_folders_are_searched_recursively_skipping_hidden_and_non_images(tmp_path: Path):
+    root = tmp_path / "photos"
+    _save(_noise((40, 40)), root / "a.png", "PNG")
+    _save(_noise((40, 40)), root / "sub" / "deeper" / "b.JPG", "JPEG")
+    _save(_noise((40, 40)), root / ".hidden" / "c.png", "PNG")
+    _save(_noise((40, 40)), root / ".d.png", "PNG")
+    (root / "notes.txt").write_text("not an image")
+    x, ok, errors = predict.load_images([root])
+    assert [Path(p).relative_to(root).as_posix() for p in ok] == ["a.png", "sub/deeper/b.JPG"]
+    assert errors == [] and len(x) == 2
+
+
+def test_broken_files_get_per_file_errors_and_the_rest_still_load(tmp_path: Path):
+    good = _save(_noise((40, 40)), tmp_path / "good.png", "PNG")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    text = tmp_path / "text.jpg"
+    text.write_text("hello, I am not a JPEG")
+    empty = tmp_path / "empty.webp"
+    empty.write_bytes(b"")
+    empty_dir = tmp_path / "nothing_here"
+    empty_dir.mkdir()
+    good2 = _save(_noise((20, 20)), tmp_path / "good2.bmp", "BMP")
+    paths = [truncated, good, text, tmp_path / "missing.png", empty, empty_dir, good2]
+    x, ok, errors = predict.load_images(paths)
+    assert ok == [str(good), str(good2)] and x.shape == (2, 3, 32, 32)
+    errs = dict(errors)
+    assert set(errs) == {str(truncated), str(text), str(tmp_path / "missing.png"), str(empty), str(empty_dir)}
+    assert "not an image" in errs[str(text)] and "no such file" in errs[str(tmp_path / "missing.png")]
+    assert "no image files" in errs[str(empty_dir)]
+
+
+def test_decompression_bomb_is_refused(tmp_path: Path):
+    bomb = bomb_png(tmp_path / "bomb.png")
+    good = _save(_noise((40, 40)), tmp_path / "good.png", "PNG")
+    before = Image.MAX_IMAGE_PIXELS
+    x, ok, errors = predict.load_images([bomb, good])
+    assert ok == [str(good)] and len(x) == 1
+    assert errors[0][0] == str(bomb) and errors[0][1].startswith("refused") and "bomb" in errors[0][1]
+    assert Image.MAX_IMAGE_PIXELS == before  # the cap is scoped to predict, not left in Pillow
+
+
+def test_pillows_warning_band_is_refused_too(tmp_path: Path):
+    # Between the cap and twice the cap Pillow only warns; predict turns that into a refusal.
+    img = _save(_noise((100, 100)), tmp_path / "big.png", "PNG")
+    _, ok, errors = predict.load_images([img], max_pixels=6_000)
+    assert ok == [] and errors[0][1].startswith("refused")
+    _, ok, errors = predict.load_images([img], max_pixels=4_000)
+    assert ok == [] and errors[0][1].startswith("refused")
+    _, ok, _ = predict.load_images([img], max_pixels=10_000)
+    assert ok == [str(img)]
+
+
+# -- predicting ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["run_dir", "air_run_dir"])
+def test_predict_paths_matches_the_models_probabilities(tmp_path: Path, request, which):
+    run_dir = request.getfixturevalue(which)
+    files = write_formats(tmp_path / "imgs")
+    broken = tmp_path / "imgs" / "zz_broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    results = predict.predict_paths(run_dir, [tmp_path / "imgs"], top_k=3, precision="fp32")
+    assert [Path(r["path"]).name for r in results] == sorted(p.name for p in [*files.values(), broken])
+    assert "error" in results[-1] and "top_k" not in results[-1]
+    ok = [r for r in results if "top_k" in r]
+    assert len(ok) == len(files)
+    x, paths, _ = predict.load_images([tmp_path / "imgs"])
+    run = load_run(run_dir)
+    mean, std = run.normalization
+    probs = predict_proba(run.build_model(), x, mean=mean, std=std, tta=run.recipe.tta, precision="fp32")
+    for r, p in zip(ok, probs, strict=True):
+        top = r["top_k"]
+        assert len(top) == 3 and all(t["class"] in CLASSES for t in top)
+        assert [t["probability"] for t in top] == sorted((t["probability"] for t in top), reverse=True)
+        assert top[0]["class"] == CLASSES[int(p.argmax())]
+        assert top[0]["probability"] == pytest.approx(float(p.max()), abs=1e-6)
+
+
+def test_top_k_is_capped_at_the_number_of_classes(run_dir: Path, tmp_path: Path):
+    img = _save(_noise((32, 32)), tmp_path / "a.png", "PNG")
+    [r] = predict.predict_paths(run_dir, [img], top_k=50)
+    assert len(r["top_k"]) == len(CLASSES)
+    assert sum(t["probability"] for t in r["top_k"]) == pytest.approx(1.0, abs=1e-4)
+
+
+# -- CLI -----------------------------------------------------------------------------------------------------
+
+
+def _main(argv: list[str]) -> int:
+    """The predict/export/runs commands on a parser of their own (independent of the other subcommands)."""
+    parser = argparse.ArgumentParser(prog="cifarlab")
+    tools_cli.add_commands(parser.add_subparsers(dest="command", required=True), cli._fmt, cli._data_dir_arg)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_table_and_json(run_dir: Path, tmp_path: Path, capsys):
+    good = _save(_noise((64, 64)), tmp_path / "cat.png", "PNG")
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("nope")
+    assert _main(["predict", str(run_dir), str(good), str(bad), "--top-k", "2"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].split() == ["path", "top-1", "top-2"]
+    assert str(good) in lines[2] and lines[2].count("%") == 2
+    assert str(bad) in lines[3] and "error:" in lines[3]
+    assert "1 classified, 1 failed" in err
+    assert _main(["predict", str(run_dir), str(good), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["path"] == str(good) and len(data[0]["top_k"]) == 3
+
+
+def test_cli_exit_1_when_nothing_was_classified(run_dir: Path, tmp_path: Path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    assert _main(["predict", str(run_dir), str(bad)]) == 1
+    assert "error:" in capsys.readouterr().out
+
+
+def test_cli_bad_run_dir_is_a_user_error(tmp_path: Path, capsys):
+    img = _save(_noise((32, 32)), tmp_path / "a.png", "PNG")
+    assert cli.main(["predict", str(tmp_path / "no_run"), str(img)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err

@@ -1,0 +1,223 @@
+"""`cifarlab runs` (status, crash detection, damaged files); loading a run never executes its pickles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _runfolder import make_run, tiny_recipe
+from cifarlab import cli, tools_cli
+from cifarlab.errors import UserError
+from cifarlab.runs import load_checkpoint, load_run, write_json
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cifarlab")
+    tools_cli.add_commands(parser.add_subparsers(dest="command", required=True), cli._fmt, cli._data_dir_arg)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _run(
+    root: Path,
+    name: str,
+    recipe: str = "fast",
+    status: dict | None = None,
+    metrics: dict | None = None,
+    history: list | None = None,
+) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    write_json(d / "config.json", {"recipe": {"name": recipe}, "dataset": {"classes": ["a", "b"]}})
+    if status is not None:
+        write_json(d / "status.json", status)
+    if metrics is not None:
+        write_json(d / "metrics.json", metrics)
+    if history is not None:
+        write_json(d / "history.json", history)
+    return d
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    _run(
+        root,
+        "20260101-100000-reference",
+        "reference",
+        {"status": "finished", "pid": 1, "time": _now()},
+        {
+            "status": "finished",
+            "test_accuracy": 0.7991,
+            "epochs_run": 18,
+            "timings": {"total_seconds": 1362.4},
+        },
+    )
+    _run(
+        root,
+        "20260102-100000-fast",
+        "fast",
+        {"status": "stopped", "pid": 1, "time": _now()},
+        history=[{"epoch": 1, "epoch_seconds": 14.5}, {"epoch": 2, "epoch_seconds": 15.0}],
+    )
+    _run(root, "20260103-100000-fast", "fast", {"status": "crashed", "pid": 1, "time": _now()})
+    _run(root, "20260104-100000-fast", "fast", {"status": "running", "pid": _dead_pid(), "time": _now()})
+    _run(root, "20260105-100000-fast", "fast", {"status": "running", "pid": os.getpid(), "time": _now()})
+    # Alive PID, but the process started long after the run did: the PID was recycled, the run crashed.
+    _run(
+        root,
+        "20260106-100000-fast",
+        "fast",
+        {"status": "running", "pid": os.getpid(), "time": "2001-01-01T00:00:00"},
+    )
+    d = _run(root, "20260107-100000-air94", "air94", {"status": "finished", "pid": 1, "time": _now()})
+    (d / "metrics.json").write_text('{"test_accuracy": 0.9')  # truncated
+    d = _run(root, "20260108-100000-fast", "fast")
+    (d / "config.json").write_text("not json")
+    (d / "status.json").write_text("[1, 2")
+    (root / "notes").mkdir()  # not a run folder
+    (root / "notes" / "todo.txt").write_text("x")
+    (root / "README.txt").write_text("x")
+    return root
+
+
+def test_list_runs_statuses_newest_first(runs_root: Path):
+    rows = {r["name"]: r for r in tools_cli.list_runs(runs_root)}
+    names = [r["name"] for r in tools_cli.list_runs(runs_root)]
+    assert names == sorted(names, reverse=True) and "notes" not in rows and len(rows) == 8
+    status = {n[:8]: r["status"] for n, r in rows.items()}
+    assert status == {
+        "20260101": "finished",
+        "20260102": "stopped",
+        "20260103": "crashed",
+        "20260104": "crashed",  # said running, process gone
+        "20260105": "running",
+        "20260106": "crashed",  # said running, PID now someone else's
+        "20260107": "finished",
+        "20260108": "damaged",
+    }
+    ref = rows["20260101-100000-reference"]
+    assert (ref["recipe"], ref["test_accuracy"], ref["epochs"], ref["wall_seconds"]) == (
+        "reference",
+        0.7991,
+        18,
+        1362.4,
+    )
+    stopped = rows["20260102-100000-fast"]
+    assert stopped["epochs"] == 2 and stopped["wall_seconds"] == pytest.approx(29.5)
+    assert rows["20260107-100000-air94"]["test_accuracy"] == "damaged"
+    assert rows["20260108-100000-fast"]["recipe"] == "damaged"
+
+
+def test_cli_table_and_json(runs_root: Path, capsys):
+    assert _main(["runs", "--root", str(runs_root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "recipe", "status", "test", "acc", "epochs", "wall", "time"]
+    assert len(lines) == 2 + 8 and lines[2].startswith("20260108-100000-fast")
+    ref = next(line for line in lines if line.startswith("20260101"))
+    assert "79.91%" in ref and "22m42s" in ref and "finished" in ref
+    assert _main(["runs", "--root", str(runs_root), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in data][-1] == "20260101-100000-reference"
+
+
+def test_cli_empty_and_missing_root(tmp_path: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert _main(["runs", "--root", str(tmp_path / "empty")]) == 0
+    assert "no runs" in capsys.readouterr().out
+    assert cli.main(["runs", "--root", str(tmp_path / "nope")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+# -- a run folder's pickles are never executed ---------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this object runs `exec(code)`: here, writing a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.code = f"open({str(marker)!r}, 'w').write('pwned')"
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def _plant(path: Path, marker: Path, zip_format: bool) -> None:
+    state = {"epoch": 3, "model": {"w": torch.zeros(2)}, "evil": _Payload(marker)}
+    if zip_format:
+        torch.save(state, path)  # torch's own zip container with a malicious data.pkl inside
+    else:
+        path.write_bytes(
+            pickle.dumps(state, protocol=2)
+        )  # a bare pickle: the first thing torch.load unpickles
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["torch-zip", "raw-pickle"])
+def test_tampered_checkpoint_is_refused_not_executed(tmp_path: Path, zip_format: bool):
+    marker = tmp_path / "marker"
+    ckpt = tmp_path / "checkpoint.pt"
+    _plant(ckpt, marker, zip_format)
+    with pytest.raises(UserError, match="cannot be loaded safely"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+    # The payload is live: an unsafe load would have run it (proves the test tests something).
+    live = tmp_path / "live"
+    _plant(ckpt, live, zip_format)
+    try:
+        torch.load(ckpt, weights_only=False)
+    except RuntimeError:
+        pass  # the bare pickle lacks torch's magic number, but only after unpickling it
+    assert live.read_text() == "pwned"
+
+
+def test_loading_a_run_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe())
+    marker = tmp_path / "marker"
+    _plant(run_dir / "checkpoint.pt", marker, zip_format=True)
+
+    def forbidden(*a, **k):
+        raise AssertionError("something was unpickled while loading a run")
+
+    for target in ("pickle.load", "pickle.loads", "torch.load"):
+        monkeypatch.setattr(target, forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    run = load_run(run_dir)
+    model = run.build_model()
+    assert isinstance(model, torch.nn.Module) and not model.training
+    from PIL import Image
+
+    from cifarlab.predict import predict_paths
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(img)
+    [r] = predict_paths(run_dir, [img])
+    assert "top_k" in r
+    assert not marker.exists()
+
+
+def test_weights_replaced_by_a_pickle_are_refused(tmp_path: Path):
+    run_dir = make_run(tmp_path / "run", tiny_recipe())
+    marker = tmp_path / "marker"
+    _plant(run_dir / "model.safetensors", marker, zip_format=True)
+    with pytest.raises(UserError, match="not a valid safetensors file"):
+        load_run(run_dir).build_model()
+    assert not marker.exists()
