@@ -136,8 +136,10 @@ def main() -> None:
     walls = [r["wall_seconds"] for r in rows]
     epochs = statistics.mean(r["epochs_run"] for r in rows)
     steps_images = n_train * epochs
-    total = flops["train_per_image"] * steps_images + flops["eval_per_image"] * (n_test + n_val * epochs)
-    achieved = total / statistics.median([r["train_seconds"] for r in rows]) / 1e12
+    train_flops = flops["train_per_image"] * steps_images + flops["eval_per_image"] * n_val * epochs
+    total = train_flops + flops["eval_per_image"] * n_test
+    # Training work (steps + per-epoch validation) over training time: the rate the loop sustains.
+    achieved = train_flops / statistics.median([r["train_seconds"] for r in rows]) / 1e12
     summary = {
         "recipe": recipe.to_dict(),
         "machine": machine_info(),
@@ -150,6 +152,7 @@ def main() -> None:
         "flops_train_per_image": flops["train_per_image"],
         "flops_eval_per_image": flops["eval_per_image"],
         "total_pflop": total / 1e15,
+        "train_pflop": train_flops / 1e15,
         "achieved_tflops_during_training": achieved,
         "matmul_peak_tflops": peaks,
         "achieved_over_bf16_peak": achieved / peaks["bf16"],

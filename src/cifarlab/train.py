@@ -207,6 +207,15 @@ class Trainer:
         if whiten is not None and whiten.bias is not None:
             whiten.bias.requires_grad_(epoch < self.recipe.whiten_bias_epochs)
 
+    def _check_finite(self, epoch: int) -> None:
+        with torch.no_grad():
+            total = sum(p.detach().float().sum() for p in self.model.parameters())
+        if not math.isfinite(float(total)):
+            raise TrainingDiverged(
+                f"the weights became NaN/inf in epoch {epoch + 1}; training stopped. The last good checkpoint "
+                "is kept; lower the learning rate (--set lr=...) and retry."
+            )
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         r = self.recipe
         self.model.train()
@@ -324,6 +333,7 @@ class Trainer:
                 seconds = time.perf_counter() - t0
                 logs["events"] = []
                 self.callbacks.on_epoch_end(epoch, logs)
+                self._check_finite(epoch)  # never checkpoint weights an exploding last step broke
                 row = {
                     "epoch": epoch + 1,
                     "loss": logs["loss"],

@@ -1,0 +1,174 @@
+"""Checkpoints, resume after SIGKILL / Ctrl-C, and the NaN stop, on tiny data in real subprocesses."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _synth import make_dataset, make_images
+from PIL import Image
+from safetensors.torch import load_file
+
+from cifarlab.callbacks import Callback
+from cifarlab.experiment import run_experiment
+from cifarlab.recipes import get_recipe
+from cifarlab.runs import load_checkpoint
+
+TINY = [
+    "--recipe",
+    "reference",
+    "--set",
+    "widths=8,16,16",
+    "--set",
+    "dense_width=32",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "precision=fp32",
+    "--set",
+    "bn_momentum=0.1",
+    "--set",
+    "early_stopping_patience=2",
+]
+
+
+def _write_imagefolder(root: Path) -> Path:
+    for split, n, seed in (("train", 60, 0), ("test", 10, 1)):
+        x, y = make_images(n, 4, seed=seed)
+        for i, (img, label) in enumerate(zip(x, y)):
+            d = root / split / f"class{int(label)}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _write_imagefolder(tmp_path_factory.mktemp("synth") / "synth")
+
+
+def _cmd(folder: Path, runs: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cifarlab.cli",
+        "train",
+        *TINY,
+        "--set",
+        f"dataset={folder}",
+        "--runs-dir",
+        str(runs),
+        "--no-report",
+        "--deterministic",
+        *extra,
+    ]
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "CIFARLAB_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def _only_run(runs: Path) -> Path:
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    return run
+
+
+def test_sigkilled_run_resumes_to_identical_weights(tmp_path, folder):
+    env = _env(tmp_path)
+    epochs = ["--set", "epochs=6"]
+    full = subprocess.run(_cmd(folder, tmp_path / "a", *epochs), env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+
+    proc = subprocess.Popen(
+        _cmd(folder, tmp_path / "b", *epochs), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 120
+    ckpt = None
+    while time.time() < deadline and proc.poll() is None:
+        runs = list((tmp_path / "b").glob("*/checkpoint.pt")) if (tmp_path / "b").exists() else []
+        if runs:
+            ckpt = runs[0]
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: mid-epoch (or mid-write) at worst
+    proc.wait()
+    assert ckpt is not None, "the run never wrote a checkpoint"
+    run_b = _only_run(tmp_path / "b")
+    state = json.loads((run_b / "status.json").read_text())
+    assert state["status"] == "running"  # killed: nothing got to mark it otherwise
+    assert load_checkpoint(run_b / "checkpoint.pt")["epoch"] < 6  # it really was interrupted
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cifarlab.cli", "train", "--resume", str(run_b), "--no-report", "--deterministic"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    run_a = _only_run(tmp_path / "a")
+    wa, wb = load_file(run_a / "model.safetensors"), load_file(run_b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (run_a, run_b))
+    assert ma["test_accuracy"] == mb["test_accuracy"] and ma["epochs_run"] == mb["epochs_run"]
+    ha, hb = (json.loads((r / "history.json").read_text()) for r in (run_a, run_b))
+    assert [h["val_loss"] for h in ha] == [h["val_loss"] for h in hb]
+    assert json.loads((run_b / "status.json").read_text())["status"] == "finished"
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, folder):
+    env = _env(tmp_path)
+    proc = subprocess.Popen(
+        _cmd(folder, tmp_path / "c", "--set", "epochs=200", "--set", "early_stopping_patience=0"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "c").glob("*/checkpoint.pt")):
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    run = _only_run(tmp_path / "c")
+    assert json.loads((run / "status.json").read_text())["status"] == "stopped"
+    assert "cifarlab train --resume" in out
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] >= 1
+
+
+class _PoisonAfter(Callback):
+    """Sets a weight to NaN at the end of epoch `epoch` (0-based), as an exploding update would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            with torch.no_grad():
+                next(self.trainer.model.parameters()).fill_(float("nan"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from cifarlab import experiment
+
+    real = experiment.make_callbacks
+    monkeypatch.setattr(experiment, "make_callbacks", lambda r, v: real(r, v) + [_PoisonAfter(1)])
+    recipe = get_recipe("reference").replace(
+        widths=(8, 16, 16), dense_width=32, epochs=5, batch_size=32, precision="fp32"
+    )
+    res = run_experiment(recipe, dataset=make_dataset(20, 5), runs_root=tmp_path, quiet=True, report=False)
+    assert res.status == "diverged"
+    assert "NaN" in res.metrics["message"]
+    assert json.loads((res.run_dir / "status.json").read_text())["status"] == "crashed"
+    ckpt = load_checkpoint(res.run_dir / "checkpoint.pt")
+    assert ckpt["epoch"] == 1  # the poisoned epoch 2 was never checkpointed
+    assert all(math.isfinite(float(v.float().sum())) for v in ckpt["model"].values())
