@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _synth import make_dataset, make_images
 from PIL import Image
 from safetensors.torch import load_file
 
+from _synth import make_dataset, make_images
 from cifarlab.callbacks import Callback
 from cifarlab.experiment import run_experiment
 from cifarlab.recipes import get_recipe

@@ -293,7 +293,7 @@ class Trainer:
         return {
             "loss": mean_loss,
             "accuracy": correct.item() / max(1, seen),
-            "lr": sum(lrs) / max(1, len(lrs)),
+            "lr": _mean_lr(lrs),
         }
 
     @torch.no_grad()
@@ -374,6 +374,12 @@ class Trainer:
                     result.restored_epoch = int(cb.restored_epoch) + 1
                     self.history[-1]["events"].append("restored_best")
         return result
+
+
+def _mean_lr(lrs: list[float]) -> float:
+    if not lrs:
+        return 0.0
+    return lrs[0] if min(lrs) == max(lrs) else math.fsum(lrs) / len(lrs)
 
 
 # -- printing --------------------------------------------------------------------------------------------

@@ -1,0 +1,248 @@
+"""Evaluation: metrics against scikit-learn, hand-made confusion matrix, confusion ranking, ECE, `evaluate_run`,
+and the `cifarlab evaluate` command."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import (
+    classification_report,
+    confusion_matrix,
+    log_loss,
+    top_k_accuracy_score,
+)
+
+from cifarlab import cli
+from cifarlab.errors import UserError
+from cifarlab.evaluate import (
+    calibration,
+    confused_pairs,
+    evaluate_predictions,
+    evaluate_run,
+    format_summary,
+    softmax,
+    top_confusions,
+)
+from test_report import make_report_run, synthetic_dataset
+
+NAMES = ["a", "b", "c"]
+
+
+def logits_for(pred: list[int], k: int, margin: float = 4.0) -> np.ndarray:
+    """Logits whose argmax is `pred`."""
+    z = np.zeros((len(pred), k))
+    z[np.arange(len(pred)), pred] = margin
+    return z
+
+
+def test_metrics_match_scikit_learn_on_random_predictions():
+    rng = np.random.default_rng(0)
+    k, n = 10, 2000
+    classes = [f"class{i}" for i in range(k)]
+    y = rng.integers(0, k, n)
+    z = rng.normal(0, 2, (n, k))
+    z[np.arange(n), y] += rng.normal(1.5, 1.5, n)  # better than chance, far from perfect
+    ev = evaluate_predictions(y, z, classes)
+    probs = softmax(z)
+    pred = probs.argmax(1)
+    rep = classification_report(y, pred, labels=range(k), output_dict=True, zero_division=0)
+    assert ev["accuracy"] == pytest.approx(rep["accuracy"])
+    assert ev["error_rate"] == pytest.approx(1 - rep["accuracy"])
+    for i, c in enumerate(classes):
+        for key, sk in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"), ("support", "support")):
+            assert ev["per_class"][c][key] == pytest.approx(rep[str(i)][sk])
+    for avg in ("macro", "weighted"):
+        for key, sk in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
+            assert ev[f"{avg}_avg"][key] == pytest.approx(rep[f"{avg} avg"][sk])
+    assert ev["top_k"] == 5
+    assert ev["top5_accuracy"] == pytest.approx(top_k_accuracy_score(y, probs, k=5, labels=range(k)))
+    assert ev["loss"] == pytest.approx(log_loss(y, probs, labels=range(k)), rel=1e-9)
+    assert ev["loss"] == pytest.approx(
+        torch.nn.functional.cross_entropy(torch.tensor(z), torch.tensor(y)).item(), rel=1e-9
+    )
+    assert ev["confusion_matrix"] == confusion_matrix(y, pred, labels=range(k)).tolist()
+    assert np.allclose(np.array(ev["confusion_matrix_normalized"]).sum(1), 1.0)
+    assert ev["probability_check"]["is_distribution"]
+    assert ev["probability_check"]["max_abs_sum_error"] < 1e-12
+    json.dumps(ev)  # everything JSON-serialisable
+
+
+def test_loss_is_exact_where_log_loss_clips():
+    # A confidently wrong prediction with a logit gap of 1000: log-softmax gives exactly 1000.
+    z = np.array([[0.0, 1000.0]])
+    ev = evaluate_predictions(np.array([0]), z, ["x", "y"])
+    assert ev["loss"] == pytest.approx(1000.0)
+
+
+def test_confusion_matrix_hand_made():
+    y = [0, 0, 0, 1, 1, 2]
+    pred = [0, 1, 1, 1, 2, 2]
+    ev = evaluate_predictions(np.array(y), logits_for(pred, 3), NAMES)
+    assert ev["confusion_matrix"] == [[1, 2, 0], [0, 1, 1], [0, 0, 1]]
+    assert np.allclose(ev["confusion_matrix_normalized"], [[1 / 3, 2 / 3, 0], [0, 0.5, 0.5], [0, 0, 1]])
+    assert ev["accuracy"] == pytest.approx(3 / 6)
+    # precision of b: predicted b = 3 images (two a's and one b), one right
+    assert ev["per_class"]["b"]["precision"] == pytest.approx(1 / 3)
+    assert ev["per_class"]["a"]["recall"] == pytest.approx(1 / 3)
+    assert ev["per_class"]["c"]["support"] == 1
+    assert ev["top_k"] == 3 and ev["top5_accuracy"] == 1.0  # every class is in the top 3 of 3
+
+
+def test_absent_class_gets_zeros_not_nan():
+    ev = evaluate_predictions(np.array([0, 0, 1]), logits_for([0, 1, 1], 3), NAMES)
+    assert ev["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert ev["confusion_matrix_normalized"][2] == [0.0, 0.0, 0.0]
+    assert ev["top_confusions"]["c"] == []
+
+
+def test_confusion_ranking():
+    classes = ["cat", "dog", "frog", "bird", "car"]
+    cm = np.array(
+        [
+            [50, 14, 6, 5, 0],  # cat: dog 14, frog 6, bird 5
+            [20, 70, 0, 5, 5],  # dog: cat 20, then bird/car tie at 5 -> lower index (bird) first
+            [0, 0, 100, 0, 0],  # frog: no mistakes
+            [1, 1, 1, 97, 0],  # bird: three-way tie -> class order
+            [0, 0, 0, 0, 10],
+        ]
+    )
+    tc = top_confusions(cm, classes)
+    assert tc["cat"] == [("dog", 14 / 75), ("frog", 6 / 75), ("bird", 5 / 75)]
+    assert [o for o, _ in tc["dog"]] == ["cat", "bird", "car"]
+    assert tc["frog"] == []
+    assert [o for o, _ in tc["bird"]] == ["cat", "dog", "frog"]
+    assert [o for o, _ in top_confusions(cm, classes, k=1)["cat"]] == ["dog"]
+    pairs = confused_pairs(cm, classes)
+    assert pairs[0] == {"a": "cat", "b": "dog", "count": 34, "a_to_b": 14, "b_to_a": 20}
+    assert all(p["count"] > 0 for p in pairs)
+    assert [p["count"] for p in pairs] == sorted((p["count"] for p in pairs), reverse=True)
+
+
+def test_ranking_through_evaluate_predictions():
+    # class 0: 10 images, 6 right, 3 -> class 2, 1 -> class 1
+    y = [0] * 10 + [1] * 2 + [2] * 2
+    pred = [0] * 6 + [2] * 3 + [1] + [1, 1, 2, 2]
+    ev = evaluate_predictions(np.array(y), logits_for(pred, 3), NAMES)
+    assert ev["top_confusions"]["a"] == [("c", 0.3), ("b", 0.1)]
+    assert "a" in format_summary(ev) and "c 30%" in format_summary(ev)
+
+
+def test_ece_hand_made():
+    conf = np.array([0.9, 0.9, 0.9, 0.9, 0.5, 0.5])
+    ok = np.array([1, 1, 1, 0, 1, 0], dtype=bool)
+    cal = calibration(conf, ok, n_bins=5)
+    # bin (0.8, 1.0]: 4 images, accuracy 0.75, confidence 0.9 -> |gap| 0.15, weight 4/6
+    # bin (0.4, 0.6]: 2 images, accuracy 0.5, confidence 0.5 -> 0
+    assert cal["ece"] == pytest.approx(4 / 6 * 0.15)
+    assert cal["mce"] == pytest.approx(0.15)
+    assert [b["count"] for b in cal["bins"]] == [0, 0, 2, 0, 4]
+    assert cal["bins"][4]["accuracy"] == pytest.approx(0.75)
+    assert cal["bins"][0]["accuracy"] is None
+    assert cal["overconfidence"] == pytest.approx(np.mean(conf) - 4 / 6)
+    assert cal["high_confidence"] == {"threshold": 0.9, "share": pytest.approx(4 / 6), "accuracy": 0.75}
+    # Bin edges are right-closed: 0.8 belongs to (0.6, 0.8], 0.0 to the first bin.
+    edges = calibration(np.array([0.8, 0.0, 1.0]), np.array([1, 1, 1], dtype=bool), n_bins=5)
+    assert [b["count"] for b in edges["bins"]] == [1, 0, 0, 1, 1]
+
+
+def test_ece_through_softmax_of_two_classes():
+    p = np.array([0.9, 0.9, 0.6, 0.6])
+    z = np.stack([np.log(p), np.log(1 - p)], axis=1)  # softmax gives back (p, 1 - p)
+    y = np.array([0, 1, 0, 0])  # 0.9 bin: 1 of 2 right; 0.6 bin: 2 of 2 right
+    ev = evaluate_predictions(y, z, ["x", "y"], n_bins=10)
+    assert ev["calibration"]["ece"] == pytest.approx(0.5 * abs(0.9 - 0.5) + 0.5 * abs(0.6 - 1.0))
+    perfect = calibration(np.full(10, 0.7), np.arange(10) < 7, n_bins=10)
+    assert perfect["ece"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="logits must be"):
+        evaluate_predictions(np.array([0, 1]), np.zeros((2, 4)), NAMES)
+    with pytest.raises(ValueError, match="labels must be"):
+        evaluate_predictions(np.array([0, 3]), np.zeros((2, 3)), NAMES)
+    with pytest.raises(UserError, match="no images"):
+        evaluate_predictions(np.array([], dtype=int), np.zeros((0, 3)), NAMES)
+
+
+def test_ten_thousand_predictions_are_fast():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 10, 10_000)
+    z = rng.normal(size=(10_000, 10))
+    t0 = time.perf_counter()
+    evaluate_predictions(y, z, [str(i) for i in range(10)])
+    assert time.perf_counter() - t0 < 2.0  # ~0.04 s here; generous for a loaded 2-core machine
+
+
+# -- evaluate_run and the command ------------------------------------------------------------------------------
+
+
+def test_evaluate_run_matches_direct_prediction(tmp_path: Path):
+    run_dir, ds = make_report_run(tmp_path)
+    ev, extras = evaluate_run(run_dir, dataset=ds)
+    from cifarlab.inference import predict_logits
+    from cifarlab.runs import load_run
+
+    run = load_run(run_dir)
+    direct = predict_logits(run.build_model(), ds.x_test, precision="fp32", tta=run.recipe.tta)
+    assert ev["split"] == "test" and ev["n"] == len(ds.y_test)
+    assert extras["logits"].shape == (len(ds.y_test), 10)
+    if run.recipe.precision == "fp32":
+        assert np.allclose(extras["logits"], direct.numpy(), atol=1e-4)
+    assert ev["accuracy"] == pytest.approx(float((extras["y_pred"] == ds.y_test.numpy()).mean()))
+    assert ev["dataset"]["checksum_matches_run"] is True
+    assert ev["inference"]["images_per_second"] > 0
+
+
+def test_evaluate_run_val_split_is_the_runs_split(tmp_path: Path):
+    from cifarlab.data import split_indices
+
+    run_dir, ds = make_report_run(tmp_path)
+    ev, extras = evaluate_run(run_dir, split="val", dataset=ds)
+    _, va = split_indices(len(ds.y_train), 0.2, 0)
+    assert ev["split"] == "val" and ev["n"] == len(va)
+    assert np.array_equal(extras["indices"], va.numpy())
+    assert np.array_equal(extras["y_true"], ds.y_train[va].numpy())
+
+
+def test_evaluate_run_errors(tmp_path: Path):
+    run_dir, ds = make_report_run(tmp_path / "noval", val_fraction=0.0)
+    with pytest.raises(UserError, match="no validation split"):
+        evaluate_run(run_dir, split="val", dataset=ds)
+    with pytest.raises(UserError, match="unknown split"):
+        evaluate_run(run_dir, split="train", dataset=ds)
+    other = synthetic_dataset(classes=tuple(f"c{i}" for i in range(10)))
+    with pytest.raises(UserError, match="classes"):
+        evaluate_run(run_dir, dataset=other)
+    with pytest.raises(UserError, match="not a folder"):
+        evaluate_run(tmp_path / "missing", dataset=ds)
+
+
+def test_evaluate_command_on_an_official_archive(tmp_path: Path, tiny_cifar10, capsys):
+    run_dir, _ = make_report_run(tmp_path / "run", dataset_name="cifar10")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny archive's MD5 is not the official one
+        assert cli.main(["evaluate", str(run_dir), "--data-dir", str(tiny_cifar10.data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "ECE" in out and "macro avg" in out
+    for c in tiny_cifar10.classes:
+        assert c in out
+    saved = json.loads((run_dir / "eval_test.json").read_text())
+    assert saved["n"] == len(tiny_cifar10.y_test)
+    cm = np.array(saved["confusion_matrix"])
+    assert cm.shape == (10, 10) and cm.sum() == len(tiny_cifar10.y_test)
+    assert cm.sum(1).tolist() == np.bincount(tiny_cifar10.y_test, minlength=10).tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["evaluate", str(run_dir), "--json", "--data-dir", str(tiny_cifar10.data_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["split"] == "test"
+
+
+def test_evaluate_command_user_errors(tmp_path: Path, capsys):
+    assert cli.main(["evaluate", str(tmp_path / "nope")]) == 2
+    assert "not a folder" in capsys.readouterr().err
