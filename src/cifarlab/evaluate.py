@@ -241,13 +241,19 @@ def check_dataset(run: Any, dataset: Any) -> dict[str, Any]:
 
 
 def evaluate_run(
-    run_dir: Path, split: str = "test", data_dir: Path | None = None, dataset: Any = None
+    run_dir: Path,
+    split: str = "test",
+    data_dir: Path | None = None,
+    dataset: Any = None,
+    logits: torch.Tensor | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate a saved run on its test split (or its reproduced validation split).
 
     Returns (evaluation, extras): the evaluation dict of `evaluate_predictions` plus split, dataset,
     inference settings and timing; extras holds numpy arrays for the report (logits, probs, y_true, y_pred,
     images (uint8 tensor), indices into the split's source array).
+    `logits`: the split's logits when the caller already has them (training just computed the test
+    logits with the same settings), so inference is not run twice.
     """
     from cifarlab.inference import autocast_dtype, predict_logits, resolve_device
     from cifarlab.runs import load_run
@@ -260,22 +266,24 @@ def evaluate_run(
     recipe = run.recipe
     mean, std = run.normalization
     device = resolve_device("auto")
-    model = run.build_model().to(device)
-    if recipe.channels_last:  # as training evaluates it
-        model = model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
-    logits = predict_logits(
-        model,
-        x,
-        mean=mean,
-        std=std,
-        tta=recipe.tta,
-        batch_size=recipe.eval_batch_size,
-        device=device,
-        precision=recipe.precision,
-        channels_last=recipe.channels_last,
-    )
-    predict_seconds = time.perf_counter() - t0
+    reused = logits is not None and len(logits) == len(y)
+    if not reused:
+        model = run.build_model().to(device)
+        if recipe.channels_last:  # as training evaluates it
+            model = model.to(memory_format=torch.channels_last)
+        logits = predict_logits(
+            model,
+            x,
+            mean=mean,
+            std=std,
+            tta=recipe.tta,
+            batch_size=recipe.eval_batch_size,
+            device=device,
+            precision=recipe.precision,
+            channels_last=recipe.channels_last,
+        )
+    predict_seconds = None if reused else time.perf_counter() - t0
     y_np = y.numpy() if hasattr(y, "numpy") else np.asarray(y)
     z = logits.numpy()
     t0 = time.perf_counter()
@@ -293,7 +301,8 @@ def evaluate_run(
                 "channels_last": recipe.channels_last,
                 "batch_size": recipe.eval_batch_size,
                 "predict_seconds": predict_seconds,
-                "images_per_second": len(y_np) / predict_seconds if predict_seconds > 0 else None,
+                "images_per_second": len(y_np) / predict_seconds if predict_seconds else None,
+                "logits_from": "training" if reused else "this evaluation",
                 "metrics_seconds": time.perf_counter() - t0,
             },
         }
@@ -317,7 +326,11 @@ def format_summary(ev: dict[str, Any]) -> str:
     cal = ev["calibration"]
     lines = [
         f"{ev.get('split', 'test')} split: {ev['n']:,} images"
-        + (f" (TTA {ev['inference']['tta']}, {ev['inference']['predict_seconds']:.1f} s)" if "inference" in ev else ""),
+        + (
+            f" (TTA {ev['inference']['tta']}, {ev['inference']['predict_seconds'] or 0:.1f} s)"
+            if "inference" in ev
+            else ""
+        ),
         f"accuracy {ev['accuracy']:.2%}   top-{ev['top_k']} {ev['top5_accuracy']:.2%}   loss {ev['loss']:.4f}   "
         f"ECE {cal['ece']:.2%} (mean confidence {cal['mean_confidence']:.2%})",
         "",

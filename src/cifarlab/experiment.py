@@ -315,7 +315,7 @@ def run_experiment(
         try:
             from cifarlab.report import build_report
 
-            metrics = build_report(run_dir, dataset=ds)
+            metrics = build_report(run_dir, dataset=ds, logits=logits)
             metrics.setdefault("timings", {})["report_seconds"] = time.perf_counter() - t0
             write_json(run_dir / METRICS, metrics)
             say(f"report: {run_dir / 'report.html'}")

@@ -1092,7 +1092,11 @@ def make_figures(run: Any, ev: dict[str, Any], extras: dict[str, Any], plots_dir
 
 
 def build_report(
-    run_dir: Path, data_dir: Path | None = None, dataset: Any = None, split: str = "test"
+    run_dir: Path,
+    data_dir: Path | None = None,
+    dataset: Any = None,
+    split: str = "test",
+    logits: Any = None,
 ) -> dict[str, Any]:
     """Evaluate a run, write plots/*.png, report.html and report.md, merge into metrics.json; return metrics."""
     from cifarlab.evaluate import evaluate_run, load_run_dataset
@@ -1103,7 +1107,7 @@ def build_report(
     t0 = time.perf_counter()
     if dataset is None:
         dataset = load_run_dataset(run, data_dir)
-    ev, extras = evaluate_run(run_dir, split=split, dataset=dataset)
+    ev, extras = evaluate_run(run_dir, split=split, dataset=dataset, logits=logits)
     t1 = time.perf_counter()
     paths, mistakes = make_figures(run, ev, extras, run_dir / PLOTS)
     t2 = time.perf_counter()
