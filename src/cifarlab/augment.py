@@ -24,7 +24,9 @@ folded into the matrix as a mirror of the output x axis, so it costs nothing ext
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -214,9 +216,7 @@ class FlipTranslate:
         d = torch.randint(-self.pad, self.pad + 1, (2, n), generator=generator, device=generator.device)
         return d[0], d[1]
 
-    def flip_mask(
-        self, n: int, generator: torch.Generator, *, indices: Tensor | None = None, epoch: int = 0
-    ) -> Tensor:
+    def flip_mask(self, n: int, generator: torch.Generator, *, indices: Tensor | None = None, epoch: int = 0) -> Tensor:
         """Which images to flip: random (p=0.5) per call, or airbench's alternating bits."""
         if not self.flip:
             return torch.zeros(n, dtype=torch.bool, device=generator.device)
@@ -257,3 +257,19 @@ class FlipTranslate:
             return v.permute(0, 3, 1, 2)
         out = src.gather(2, rows[:, None, :, None].expand(b, c, h, ws))
         return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+
+
+def make_augment(recipe: Any) -> Callable | None:
+    """The training-time augmentation a recipe names ("keras", "flip_translate" or "none")."""
+    if recipe.augment == "keras":
+        return KerasAugment(
+            recipe.rotation_range, recipe.width_shift_range, recipe.height_shift_range, recipe.horizontal_flip
+        )
+    if recipe.augment == "flip_translate":
+        return FlipTranslate(
+            pad=recipe.translate_pad,
+            flip=recipe.horizontal_flip,
+            alternate_flip=recipe.alternate_flip,
+            seed=recipe.seed,
+        )
+    return None

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab import __version__
+from cifarlab.augment import make_augment
 from cifarlab.recipes import Recipe
 
 
@@ -23,24 +24,6 @@ class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
     status: str
-
-
-def make_augment(recipe: Recipe) -> Callable | None:
-    """The training-time augmentation a recipe names (also used by the report's augmentation figure)."""
-    from cifarlab.augment import FlipTranslate, KerasAugment
-
-    if recipe.augment == "keras":
-        return KerasAugment(
-            recipe.rotation_range, recipe.width_shift_range, recipe.height_shift_range, recipe.horizontal_flip
-        )
-    if recipe.augment == "flip_translate":
-        return FlipTranslate(
-            pad=recipe.translate_pad,
-            flip=recipe.horizontal_flip,
-            alternate_flip=recipe.alternate_flip,
-            seed=recipe.seed,
-        )
-    return None
 
 
 def make_callbacks(recipe: Recipe, has_val: bool) -> list:
@@ -306,9 +289,7 @@ def run_experiment(
     say(format_history_table(result.history, result.train_seconds))
     if result.restored_epoch:
         say(f"best weights restored from epoch {result.restored_epoch}")
-    say(
-        f"test accuracy {test_acc:.2%}  (loss {test_loss:.4f}, TTA {recipe.tta}, evaluated in {eval_seconds:.1f} s)"
-    )
+    say(f"test accuracy {test_acc:.2%}  (loss {test_loss:.4f}, TTA {recipe.tta}, evaluated in {eval_seconds:.1f} s)")
 
     if report:
         t0 = time.perf_counter()

@@ -311,35 +311,13 @@ def plot_mistakes(extras: dict[str, Any], classes: Sequence[str], n: int = 24, c
     return fig, listing
 
 
-def _make_augment(recipe: Any) -> Callable | None:
-    """The recipe's training augmentation. Training builds it in `cifarlab.experiment.make_augment`; this
-    mirrors it so the report works on its own (the two are meant to be deduplicated)."""
-    try:
-        from cifarlab.experiment import make_augment
-
-        return make_augment(recipe)
-    except ImportError:  # pragma: no cover - experiment.py is part of the package
-        from cifarlab.augment import FlipTranslate, KerasAugment
-
-        if recipe.augment == "keras":
-            return KerasAugment(
-                recipe.rotation_range, recipe.width_shift_range, recipe.height_shift_range, recipe.horizontal_flip
-            )
-        if recipe.augment == "flip_translate":
-            return FlipTranslate(
-                pad=recipe.translate_pad,
-                flip=recipe.horizontal_flip,
-                alternate_flip=recipe.alternate_flip,
-                seed=recipe.seed,
-            )
-        return None
-
-
 def plot_augment(
     x_train: torch.Tensor, y_train: torch.Tensor, classes: Sequence[str], recipe: Any, seed: int = 0, n_aug: int = 4
 ) -> Any:
     """One training image and `n_aug` random augmentations of it with the recipe's augmentation (image 3)."""
-    aug = _make_augment(recipe)
+    from cifarlab.augment import make_augment
+
+    aug = make_augment(recipe)
     g = torch.Generator().manual_seed(seed)
     i = int(torch.randint(len(x_train), (1,), generator=g))
     x = x_train[i : i + 1].float() / 255.0
