@@ -64,7 +64,7 @@ def test_l2_term_on_known_weights():
     trainer = Trainer.__new__(Trainer)
     trainer.model, trainer.recipe, trainer.device = model, recipe, torch.device("cpu")
     assert len(sizes) == 5  # three conv kernels and two dense kernels
-    assert abs(float(trainer.l2_term()) - expected) < 1e-6 * expected
+    assert abs(float(trainer.l2_term().detach()) - expected) < 1e-6 * expected
 
 
 def test_airnet_shapes_and_frozen_parts():

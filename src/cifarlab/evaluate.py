@@ -255,7 +255,7 @@ def evaluate_run(
     `logits`: the split's logits when the caller already has them (training just computed the test
     logits with the same settings), so inference is not run twice.
     """
-    from cifarlab.inference import autocast_dtype, predict_logits, resolve_device
+    from cifarlab.inference import autocast_dtype, predict_logits, recipe_options, resolve_device
     from cifarlab.runs import load_run
 
     run = load_run(run_dir)
@@ -272,17 +272,7 @@ def evaluate_run(
         model = run.build_model().to(device)
         if recipe.channels_last:  # as training evaluates it
             model = model.to(memory_format=torch.channels_last)
-        logits = predict_logits(
-            model,
-            x,
-            mean=mean,
-            std=std,
-            tta=recipe.tta,
-            batch_size=recipe.eval_batch_size,
-            device=device,
-            precision=recipe.precision,
-            channels_last=recipe.channels_last,
-        )
+        logits = predict_logits(model, x, mean=mean, std=std, device=device, **recipe_options(recipe))
     predict_seconds = None if reused else time.perf_counter() - t0
     y_np = y.numpy() if hasattr(y, "numpy") else np.asarray(y)
     z = logits.numpy()

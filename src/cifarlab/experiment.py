@@ -95,7 +95,7 @@ def run_experiment(
 ) -> RunResult:
     """Train `recipe` (or resume the run in `resume`) and write everything into its run folder."""
     from cifarlab.data import BatchLoader, channel_stats, load_dataset, split_indices
-    from cifarlab.inference import predict_logits, resolve_device, set_threads, to_float
+    from cifarlab.inference import predict_logits, recipe_options, resolve_device, set_threads, to_float
     from cifarlab.models import build_model, init_whitening
     from cifarlab.runs import (
         CHECKPOINT,
@@ -242,17 +242,7 @@ def run_experiment(
 
     # -- test evaluation -----------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    logits = predict_logits(
-        model,
-        ds.x_test,
-        mean=mean,
-        std=std,
-        tta=recipe.tta,
-        batch_size=recipe.eval_batch_size,
-        device=dev,
-        precision=recipe.precision,
-        channels_last=recipe.channels_last,
-    )
+    logits = predict_logits(model, ds.x_test, mean=mean, std=std, device=dev, **recipe_options(recipe))
     test_acc = (logits.argmax(1) == ds.y_test).float().mean().item()
     test_loss = F.cross_entropy(logits, ds.y_test).item()
     eval_seconds = time.perf_counter() - t0

@@ -104,6 +104,16 @@ def tta_views(x: torch.Tensor, tta: str) -> Iterator[tuple[float, torch.Tensor]]
         raise ValueError(f"unknown tta {tta!r}; use none, flip or flip_translate")
 
 
+def recipe_options(recipe) -> dict:
+    """The inference settings a recipe evaluates with: the same for training's test pass, `evaluate`, `predict`."""
+    return {
+        "tta": recipe.tta,
+        "batch_size": recipe.eval_batch_size,
+        "precision": recipe.precision,
+        "channels_last": recipe.channels_last,
+    }
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,

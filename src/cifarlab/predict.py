@@ -139,7 +139,7 @@ def predict_paths(
 ) -> list[dict[str, Any]]:
     """One dict per file, in input order: {"path", "top_k": [{"class", "probability"}, ...]} or
     {"path", "error"}. Uses the run's normalization, TTA, precision and memory format."""
-    from cifarlab.inference import predict_proba, resolve_device
+    from cifarlab.inference import predict_proba, recipe_options, resolve_device
     from cifarlab.runs import load_run
 
     if top_k < 1:
@@ -162,15 +162,7 @@ def predict_paths(
         results[i]["error"] = msg
     if len(x):
         probs = predict_proba(
-            model,
-            x,
-            mean=mean,
-            std=std,
-            tta=run.recipe.tta,
-            batch_size=run.recipe.eval_batch_size,
-            device=dev,
-            precision=prec,
-            channels_last=run.recipe.channels_last,
+            model, x, mean=mean, std=std, device=dev, **{**recipe_options(run.recipe), "precision": prec}
         )
         top_p, top_i = probs.topk(min(top_k, len(classes)), dim=1)
         for row, (i, _) in enumerate(decoded):
