@@ -60,6 +60,8 @@ __all__ = [
     "load_dataset",
     "resolve_cache_dir",
     "sample_grid_figure",
+    "scale_images",
+    "scaling_constants",
     "split_indices",
 ]
 
@@ -1041,6 +1043,37 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def scaling_constants(
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    channels: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(scale, shift) with x_uint8 * scale + shift == (x/255 - mean) / std; (None, None) without mean/std.
+
+    Training (`BatchLoader`) and inference (`inference.to_float`) both scale through this and
+    `scale_images`, so the two see bit-identical inputs.
+    """
+    if mean is None or std is None:
+        return None, None
+    m = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
+    s = torch.as_tensor(std, dtype=torch.float64).reshape(-1)
+    if m.numel() != channels or s.numel() != channels or bool((s <= 0).any()):
+        raise ConfigError(f"mean and std need {channels} values each (std > 0), got {mean} and {std}")
+    # (x/255 - m)/s == x * (1/(255 s)) + (-m/s): one multiply and one add per element.
+    scale = (1.0 / (255.0 * s)).to(device, dtype).reshape(1, -1, 1, 1)
+    shift = (-m / s).to(device, dtype).reshape(1, -1, 1, 1)
+    return scale, shift
+
+
+def scale_images(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+    """In place on a float copy of uint8 pixels: /255, then the per-channel normalization if given."""
+    if scale is None:
+        return x.div_(255.0)
+    return x.mul_(scale).add_(shift)
+
+
 class BatchLoader:
     """Batches from uint8 images held in memory (on `device`), converted to float one batch at a time.
 
@@ -1086,17 +1119,7 @@ class BatchLoader:
         self.transform = transform
         self.channels_last = channels_last
         self.dtype = dtype
-        channels = x.shape[1]
-        if mean is not None and std is not None:
-            m = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
-            s = torch.as_tensor(std, dtype=torch.float64).reshape(-1)
-            if m.numel() != channels or s.numel() != channels or bool((s <= 0).any()):
-                raise ConfigError(f"mean and std need {channels} values each (std > 0), got {mean} and {std}")
-            # (x/255 - m)/s == x * (1/(255 s)) + (-m/s): one multiply and one add per element.
-            self._scale = (1.0 / (255.0 * s)).to(self.device, dtype).reshape(1, -1, 1, 1)
-            self._shift = (-m / s).to(self.device, dtype).reshape(1, -1, 1, 1)
-        else:
-            self._scale = self._shift = None
+        self._scale, self._shift = scaling_constants(mean, std, x.shape[1], self.device, dtype)
         self.mean = tuple(float(v) for v in mean) if mean is not None else None
         self.std = tuple(float(v) for v in std) if std is not None else None
 
@@ -1128,11 +1151,7 @@ class BatchLoader:
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             dev_idx = idx if on_cpu else idx.to(self.device, non_blocking=True)
-            xb = self.x.index_select(0, dev_idx).to(self.dtype)
-            if self._scale is not None:
-                xb = xb.mul_(self._scale).add_(self._shift)
-            else:
-                xb = xb.div_(255.0)
+            xb = scale_images(self.x.index_select(0, dev_idx).to(self.dtype), self._scale, self._shift)
             if self.transform is not None:
                 xb = self.transform(xb, generator=g, indices=idx, epoch=epoch)
             if self.channels_last:

@@ -72,11 +72,10 @@ def to_float(
     channels_last: bool = False,
 ) -> torch.Tensor:
     """uint8 (N,3,H,W) -> float in [0,1], then (x - mean) / std per channel when given."""
-    x = x.to(device, non_blocking=True).float().div_(255.0)
-    if mean is not None and std is not None:
-        m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-        s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-        x = x.sub_(m).div_(s)
+    from cifarlab.data import scale_images, scaling_constants
+
+    x = x.to(device, non_blocking=True).float()
+    x = scale_images(x, *scaling_constants(mean, std, x.shape[1], x.device, x.dtype))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
