@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,9 @@ class Recipe:
         return validate(cls(**kw), check_paths=False)
 
 
+# The name becomes part of the run folder's path: no separators, no '..', no hidden folders.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "scaling": ("unit", "standardize"),
     "model": ("reference_cnn", "airnet"),
@@ -134,9 +138,7 @@ def validate(r: Recipe, check_paths: bool = True) -> Recipe:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; accepted values: {', '.join(allowed)}")
     if check_paths and r.dataset not in ("cifar10", "cifar100") and not Path(r.dataset).exists():
-        raise ConfigError(
-            f"dataset={r.dataset!r} is neither cifar10, cifar100 nor an existing ImageFolder path"
-        )
+        raise ConfigError(f"dataset={r.dataset!r} is neither cifar10, cifar100 nor an existing ImageFolder path")
     positive = ["lr", "epochs", "batch_size", "eval_batch_size", "bn_eps", "eps", "ema_every"]
     for key in positive:
         if not getattr(r, key) > 0:
@@ -170,6 +172,36 @@ def validate(r: Recipe, check_paths: bool = True) -> Recipe:
         raise ConfigError(
             "val_fraction=0 leaves no validation set, but schedule='plateau' monitors "
             f"{r.monitor!r}; use schedule='onecycle' or a val_fraction > 0"
+        )
+    if not _NAME_RE.match(r.name):
+        # The name becomes part of the run folder's path: no separators, no '..', no hidden folders.
+        raise ConfigError(f"name={r.name!r} is not valid: use letters, digits, '-', '_' and '.' (no '/')")
+    for key in ("dense_width", "whiten_kernel"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(f"{key}={getattr(r, key)!r} must be > 0")
+    if r.whiten_kernel > 5:  # a k x k valid conv on 32 px, then three 2x2 pools: more leaves no pixels
+        raise ConfigError(f"whiten_kernel={r.whiten_kernel!r} must be in [1, 5]")
+    for key in ("head_scale", "bias_lr_scale"):
+        if not getattr(r, key) > 0:
+            raise ConfigError(f"{key}={getattr(r, key)!r} must be > 0")
+    for key in ("whiten_bias_epochs", "ema_start_epochs", "ema_pow", "rotation_range", "seed"):
+        if getattr(r, key) < 0:
+            raise ConfigError(f"{key}={getattr(r, key)!r} must be >= 0")
+    for key in ("width_shift_range", "height_shift_range"):
+        if not 0.0 <= getattr(r, key) < 1.0:
+            raise ConfigError(f"{key}={getattr(r, key)!r} must be in [0, 1) (a fraction of the image size)")
+    if any(not 0.0 <= b < 1.0 for b in r.betas):
+        raise ConfigError(f"betas={r.betas!r}: each must be in [0, 1)")
+    if r.model == "reference_cnn" and len(r.dropout) not in (0, 2):
+        # models.ReferenceCNN silently drops dropout unless it gets exactly two rates.
+        raise ConfigError(
+            f"dropout={r.dropout!r}: the reference_cnn takes two rates (before the dense layer, after it), "
+            "e.g. 0.4,0.3, or () for none"
+        )
+    if r.val_fraction == 0 and r.monitor.startswith("val_") and r.early_stopping_patience > 0:
+        raise ConfigError(
+            f"val_fraction=0 leaves no validation set, but early stopping monitors {r.monitor!r}; "
+            "set early_stopping_patience=0, monitor=loss, or a val_fraction > 0"
         )
     return r
 
