@@ -267,3 +267,10 @@ def test_config_command_output_round_trips_as_a_config_file(tmp_path: Path, caps
     args = parser.parse_args([*argv, "--json"])
     assert args.func(args) == 0
     assert Recipe.from_dict(json.loads(capsys.readouterr().out)) == expected
+
+
+def test_compile_is_refused_until_supported():
+    from cifarlab.config import resolve_recipe
+
+    with pytest.raises(ConfigError, match="compile"):
+        resolve_recipe("fast", sets=["compile=true"])
