@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FlipTranslate", "KerasAugment", "flip_bits"]
+from cifarlab.registry import AUGMENTS
+
+__all__ = ["FlipTranslate", "KerasAugment", "describe_augment", "flip_bits", "make_augment"]
 
 _FLOAT_NATIVE = (torch.float32, torch.float64)
 
@@ -63,6 +65,13 @@ class KerasAugment:
         for name in ("rotation_range", "width_shift_range", "height_shift_range"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def describe(self) -> str:
+        return (
+            f"Keras ImageDataGenerator: rotation ±{self.rotation_range:g}°, shift ±{self.width_shift_range:g} "
+            f"(width) / ±{self.height_shift_range:g} (height), horizontal flip "
+            f"{'on' if self.horizontal_flip else 'off'}, fill nearest"
+        )
 
     def __call__(
         self, x: Tensor, *, generator: torch.Generator, indices: Tensor | None = None, epoch: int = 0
@@ -201,6 +210,13 @@ class FlipTranslate:
         if self.padding_mode not in ("reflect", "zeros"):
             raise ValueError(f"padding_mode must be 'reflect' or 'zeros', got {self.padding_mode!r}")
 
+    def describe(self) -> str:
+        flip = "alternating per epoch" if self.alternate_flip else "random" if self.flip else "off"
+        return (
+            f"flip + translate: random shift up to {self.pad} px ({self.padding_mode} padding), "
+            f"horizontal flip {flip}"
+        )
+
     def __call__(
         self, x: Tensor, *, generator: torch.Generator, indices: Tensor | None = None, epoch: int = 0
     ) -> Tensor:
@@ -259,17 +275,41 @@ class FlipTranslate:
         return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
 
-def make_augment(recipe: Any) -> Callable | None:
-    """The training-time augmentation a recipe names ("keras", "flip_translate" or "none")."""
-    if recipe.augment == "keras":
-        return KerasAugment(
-            recipe.rotation_range, recipe.width_shift_range, recipe.height_shift_range, recipe.horizontal_flip
-        )
-    if recipe.augment == "flip_translate":
-        return FlipTranslate(
-            pad=recipe.translate_pad,
-            flip=recipe.horizontal_flip,
-            alternate_flip=recipe.alternate_flip,
-            seed=recipe.seed,
-        )
+# -- registered augmentations: `--set augment=NAME` picks one; each returns the batch transform or None --------
+
+
+@AUGMENTS.register("keras")
+def keras(recipe: Any) -> KerasAugment:
+    """Keras ImageDataGenerator: rotation, width/height shift, horizontal flip, fill nearest (the reference)."""
+    return KerasAugment(
+        recipe.rotation_range, recipe.width_shift_range, recipe.height_shift_range, recipe.horizontal_flip
+    )
+
+
+@AUGMENTS.register("flip_translate")
+def flip_translate(recipe: Any) -> FlipTranslate:
+    """airbench-style random translate (reflect padding) plus horizontal flip, optionally alternating."""
+    return FlipTranslate(
+        pad=recipe.translate_pad,
+        flip=recipe.horizontal_flip,
+        alternate_flip=recipe.alternate_flip,
+        seed=recipe.seed,
+    )
+
+
+@AUGMENTS.register("none")
+def none(recipe: Any) -> None:
+    """No augmentation."""
     return None
+
+
+def make_augment(recipe: Any) -> Callable | None:
+    """The training-time augmentation the recipe names (an entry of `cifarlab.registry.AUGMENTS`)."""
+    return AUGMENTS.build(recipe.augment, recipe)
+
+
+def describe_augment(recipe: Any) -> str:
+    """One line for the report: the augmentation's own `describe()`, else its registered description."""
+    aug = make_augment(recipe)
+    describe = getattr(aug, "describe", None)
+    return describe() if callable(describe) else AUGMENTS.describe(recipe.augment)

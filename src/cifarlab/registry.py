@@ -1,0 +1,91 @@
+"""Registries: the accepted values of every recipe choice come from what is registered.
+
+As in timm's `@register_model`, a new model, augmentation, optimizer or LR schedule is one decorated function
+in one file. The recipe checks, `--set`, `cifarlab config` and the report read the registries, so nothing
+else needs editing:
+
+    from cifarlab.registry import AUGMENTS
+
+    @AUGMENTS.register("cutout", description="random 8x8 square set to zero")
+    def cutout(recipe):
+        return MyCutout(size=8)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from cifarlab.errors import ConfigError
+
+__all__ = ["AUGMENTS", "MODELS", "OPTIMIZERS", "SCHEDULES", "Entry", "Registry"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Entry(Generic[F]):
+    name: str
+    fn: F
+    description: str
+
+
+class Registry(Generic[F]):
+    """Named factories of one kind ("model", "augmentation", ...), in registration order."""
+
+    def __init__(self, kind: str, recipe_key: str) -> None:
+        self.kind = kind
+        self.recipe_key = recipe_key  # the Recipe field whose value names an entry
+        self._entries: dict[str, Entry[F]] = {}
+
+    def register(self, name: str | None = None, *, description: str = "", replace: bool = False) -> Callable[[F], F]:
+        """Decorator: register `fn` under `name` (default: its __name__). The description (default: the first
+        line of its docstring) is what the report and `cifarlab config` show."""
+
+        def deco(fn: F) -> F:
+            key = name or fn.__name__
+            if key in self._entries and not replace:
+                raise ValueError(f"{self.kind} {key!r} is already registered (pass replace=True to override it)")
+            doc = (fn.__doc__ or "").strip().splitlines()
+            self._entries[key] = Entry(key, fn, description or (doc[0] if doc else key))
+            return fn
+
+        return deco
+
+    def unregister(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: str) -> Entry[F]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ConfigError(
+                f"{self.recipe_key}={name!r} is not valid; accepted values: {', '.join(self._entries)}"
+            ) from None
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.get(name).fn(*args, **kwargs)
+
+    def describe(self, name: str) -> str:
+        return self.get(name).description
+
+
+# The four registries. Their entries live beside what they build (models/, augment.py, train/optim.py) and
+# are imported by `cifarlab.components`, so a registry is full once any of them is used.
+MODELS: Registry[Callable[..., Any]] = Registry("model", "model")
+AUGMENTS: Registry[Callable[..., Any]] = Registry("augmentation", "augment")
+OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer", "optimizer")
+SCHEDULES: Registry[Callable[..., Any]] = Registry("LR schedule", "schedule")
