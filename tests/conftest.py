@@ -43,7 +43,7 @@ def _cifarlab_isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
     def no_network(url: str) -> None:
         raise OSError(f"network access is disabled in tests (tried {url})")
 
-    monkeypatch.setattr("cifarlab.data._open_url", no_network)
+    monkeypatch.setattr("cifarlab.data.official._open_url", no_network)
 
 
 # -- official "python version" archives ------------------------------------------------------------

@@ -21,6 +21,9 @@ from sklearn.metrics import (
 from cifarlab import cli
 from cifarlab.errors import UserError
 from cifarlab.evaluate import (
+    ClassMetrics,
+    ConfusedPair,
+    EvalResult,
     calibration,
     confused_pairs,
     evaluate_predictions,
@@ -52,53 +55,53 @@ def test_metrics_match_scikit_learn_on_random_predictions():
     probs = softmax(z)
     pred = probs.argmax(1)
     rep = classification_report(y, pred, labels=range(k), output_dict=True, zero_division=0)
-    assert ev["accuracy"] == pytest.approx(rep["accuracy"])
-    assert ev["error_rate"] == pytest.approx(1 - rep["accuracy"])
+    assert ev.accuracy == pytest.approx(rep["accuracy"])
+    assert ev.error_rate == pytest.approx(1 - rep["accuracy"])
     for i, c in enumerate(classes):
         for key, sk in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"), ("support", "support")):
-            assert ev["per_class"][c][key] == pytest.approx(rep[str(i)][sk])
+            assert getattr(ev.per_class[c], key) == pytest.approx(rep[str(i)][sk])
     for avg in ("macro", "weighted"):
         for key, sk in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
-            assert ev[f"{avg}_avg"][key] == pytest.approx(rep[f"{avg} avg"][sk])
-    assert ev["top_k"] == 5
-    assert ev["top5_accuracy"] == pytest.approx(top_k_accuracy_score(y, probs, k=5, labels=range(k)))
-    assert ev["loss"] == pytest.approx(log_loss(y, probs, labels=range(k)), rel=1e-9)
-    assert ev["loss"] == pytest.approx(
+            assert getattr(getattr(ev, f"{avg}_avg"), key) == pytest.approx(rep[f"{avg} avg"][sk])
+    assert ev.top_k == 5
+    assert ev.top5 == pytest.approx(top_k_accuracy_score(y, probs, k=5, labels=range(k)))
+    assert ev.loss == pytest.approx(log_loss(y, probs, labels=range(k)), rel=1e-9)
+    assert ev.loss == pytest.approx(
         torch.nn.functional.cross_entropy(torch.tensor(z), torch.tensor(y)).item(), rel=1e-9
     )
-    assert ev["confusion_matrix"] == confusion_matrix(y, pred, labels=range(k)).tolist()
-    assert np.allclose(np.array(ev["confusion_matrix_normalized"]).sum(1), 1.0)
-    assert ev["probability_check"]["is_distribution"]
-    assert ev["probability_check"]["max_abs_sum_error"] < 1e-12
-    json.dumps(ev)  # everything JSON-serialisable
+    assert np.array_equal(ev.confusion, confusion_matrix(y, pred, labels=range(k)))
+    assert np.allclose(ev.confusion_normalized.sum(1), 1.0)
+    assert ev.probability_check.is_distribution
+    assert ev.probability_check.max_abs_sum_error < 1e-12
+    json.dumps(ev.to_dict())  # everything JSON-serialisable
 
 
 def test_loss_is_exact_where_log_loss_clips():
     # A confidently wrong prediction with a logit gap of 1000: log-softmax gives exactly 1000.
     z = np.array([[0.0, 1000.0]])
     ev = evaluate_predictions(np.array([0]), z, ["x", "y"])
-    assert ev["loss"] == pytest.approx(1000.0)
+    assert ev.loss == pytest.approx(1000.0)
 
 
 def test_confusion_matrix_hand_made():
     y = [0, 0, 0, 1, 1, 2]
     pred = [0, 1, 1, 1, 2, 2]
     ev = evaluate_predictions(np.array(y), logits_for(pred, 3), NAMES)
-    assert ev["confusion_matrix"] == [[1, 2, 0], [0, 1, 1], [0, 0, 1]]
-    assert np.allclose(ev["confusion_matrix_normalized"], [[1 / 3, 2 / 3, 0], [0, 0.5, 0.5], [0, 0, 1]])
-    assert ev["accuracy"] == pytest.approx(3 / 6)
+    assert ev.confusion.tolist() == [[1, 2, 0], [0, 1, 1], [0, 0, 1]]
+    assert np.allclose(ev.confusion_normalized, [[1 / 3, 2 / 3, 0], [0, 0.5, 0.5], [0, 0, 1]])
+    assert ev.accuracy == pytest.approx(3 / 6)
     # precision of b: predicted b = 3 images (two a's and one b), one right
-    assert ev["per_class"]["b"]["precision"] == pytest.approx(1 / 3)
-    assert ev["per_class"]["a"]["recall"] == pytest.approx(1 / 3)
-    assert ev["per_class"]["c"]["support"] == 1
-    assert ev["top_k"] == 3 and ev["top5_accuracy"] == 1.0  # every class is in the top 3 of 3
+    assert ev.per_class["b"].precision == pytest.approx(1 / 3)
+    assert ev.per_class["a"].recall == pytest.approx(1 / 3)
+    assert ev.per_class["c"].support == 1
+    assert ev.top_k == 3 and ev.top5 == 1.0  # every class is in the top 3 of 3
 
 
 def test_absent_class_gets_zeros_not_nan():
     ev = evaluate_predictions(np.array([0, 0, 1]), logits_for([0, 1, 1], 3), NAMES)
-    assert ev["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-    assert ev["confusion_matrix_normalized"][2] == [0.0, 0.0, 0.0]
-    assert ev["top_confusions"]["c"] == []
+    assert ev.per_class["c"] == ClassMetrics(precision=0.0, recall=0.0, f1=0.0, support=0)
+    assert ev.confusion_normalized[2].tolist() == [0.0, 0.0, 0.0]
+    assert ev.top_confusions["c"] == ()
 
 
 def test_confusion_ranking():
@@ -119,9 +122,9 @@ def test_confusion_ranking():
     assert [o for o, _ in tc["bird"]] == ["cat", "dog", "frog"]
     assert [o for o, _ in top_confusions(cm, classes, k=1)["cat"]] == ["dog"]
     pairs = confused_pairs(cm, classes)
-    assert pairs[0] == {"a": "cat", "b": "dog", "count": 34, "a_to_b": 14, "b_to_a": 20}
-    assert all(p["count"] > 0 for p in pairs)
-    assert [p["count"] for p in pairs] == sorted((p["count"] for p in pairs), reverse=True)
+    assert pairs[0] == ConfusedPair(a="cat", b="dog", count=34, a_to_b=14, b_to_a=20)
+    assert all(p.count > 0 for p in pairs)
+    assert [p.count for p in pairs] == sorted((p.count for p in pairs), reverse=True)
 
 
 def test_ranking_through_evaluate_predictions():
@@ -129,7 +132,7 @@ def test_ranking_through_evaluate_predictions():
     y = [0] * 10 + [1] * 2 + [2] * 2
     pred = [0] * 6 + [2] * 3 + [1] + [1, 1, 2, 2]
     ev = evaluate_predictions(np.array(y), logits_for(pred, 3), NAMES)
-    assert ev["top_confusions"]["a"] == [("c", 0.3), ("b", 0.1)]
+    assert ev.top_confusions["a"] == (("c", 0.3), ("b", 0.1))
     assert "a" in format_summary(ev) and "c 30%" in format_summary(ev)
 
 
@@ -139,16 +142,16 @@ def test_ece_hand_made():
     cal = calibration(conf, ok, n_bins=5)
     # bin (0.8, 1.0]: 4 images, accuracy 0.75, confidence 0.9 -> |gap| 0.15, weight 4/6
     # bin (0.4, 0.6]: 2 images, accuracy 0.5, confidence 0.5 -> 0
-    assert cal["ece"] == pytest.approx(4 / 6 * 0.15)
-    assert cal["mce"] == pytest.approx(0.15)
-    assert [b["count"] for b in cal["bins"]] == [0, 0, 2, 0, 4]
-    assert cal["bins"][4]["accuracy"] == pytest.approx(0.75)
-    assert cal["bins"][0]["accuracy"] is None
-    assert cal["overconfidence"] == pytest.approx(np.mean(conf) - 4 / 6)
-    assert cal["high_confidence"] == {"threshold": 0.9, "share": pytest.approx(4 / 6), "accuracy": 0.75}
+    assert cal.ece == pytest.approx(4 / 6 * 0.15)
+    assert cal.mce == pytest.approx(0.15)
+    assert [b.count for b in cal.bins] == [0, 0, 2, 0, 4]
+    assert cal.bins[4].accuracy == pytest.approx(0.75)
+    assert cal.bins[0].accuracy is None
+    assert cal.overconfidence == pytest.approx(np.mean(conf) - 4 / 6)
+    assert cal.high_confidence.to_dict() == {"threshold": 0.9, "share": pytest.approx(4 / 6), "accuracy": 0.75}
     # Bin edges are right-closed: 0.8 belongs to (0.6, 0.8], 0.0 to the first bin.
     edges = calibration(np.array([0.8, 0.0, 1.0]), np.array([1, 1, 1], dtype=bool), n_bins=5)
-    assert [b["count"] for b in edges["bins"]] == [1, 0, 0, 1, 1]
+    assert [b.count for b in edges.bins] == [1, 0, 0, 1, 1]
 
 
 def test_ece_through_softmax_of_two_classes():
@@ -156,9 +159,9 @@ def test_ece_through_softmax_of_two_classes():
     z = np.stack([np.log(p), np.log(1 - p)], axis=1)  # softmax gives back (p, 1 - p)
     y = np.array([0, 1, 0, 0])  # 0.9 bin: 1 of 2 right; 0.6 bin: 2 of 2 right
     ev = evaluate_predictions(y, z, ["x", "y"], n_bins=10)
-    assert ev["calibration"]["ece"] == pytest.approx(0.5 * abs(0.9 - 0.5) + 0.5 * abs(0.6 - 1.0))
+    assert ev.calibration.ece == pytest.approx(0.5 * abs(0.9 - 0.5) + 0.5 * abs(0.6 - 1.0))
     perfect = calibration(np.full(10, 0.7), np.arange(10) < 7, n_bins=10)
-    assert perfect["ece"] == pytest.approx(0.0, abs=1e-12)
+    assert perfect.ece == pytest.approx(0.0, abs=1e-12)
 
 
 def test_bad_inputs():
@@ -184,30 +187,30 @@ def test_ten_thousand_predictions_are_fast():
 
 def test_evaluate_run_matches_direct_prediction(tmp_path: Path):
     run_dir, ds = make_report_run(tmp_path)
-    ev, extras = evaluate_run(run_dir, dataset=ds)
+    ev, preds = evaluate_run(run_dir, dataset=ds)
     from cifarlab.inference import predict_logits
     from cifarlab.runs import load_run
 
     run = load_run(run_dir)
     direct = predict_logits(run.build_model(), ds.x_test, precision="fp32", tta=run.recipe.tta)
-    assert ev["split"] == "test" and ev["n"] == len(ds.y_test)
-    assert extras["logits"].shape == (len(ds.y_test), 10)
+    assert ev.split == "test" and ev.n == len(ds.y_test)
+    assert preds.logits.shape == (len(ds.y_test), 10)
     if run.recipe.precision == "fp32":
-        assert np.allclose(extras["logits"], direct.numpy(), atol=1e-4)
-    assert ev["accuracy"] == pytest.approx(float((extras["y_pred"] == ds.y_test.numpy()).mean()))
-    assert ev["dataset"]["checksum_matches_run"] is True
-    assert ev["inference"]["images_per_second"] > 0
+        assert np.allclose(preds.logits, direct.numpy(), atol=1e-4)
+    assert ev.accuracy == pytest.approx(float((preds.y_pred == ds.y_test.numpy()).mean()))
+    assert ev.dataset is not None and ev.dataset.checksum_matches_run is True
+    assert ev.inference is not None and (ev.inference.images_per_second or 0) > 0
 
 
 def test_evaluate_run_val_split_is_the_runs_split(tmp_path: Path):
     from cifarlab.data import split_indices
 
     run_dir, ds = make_report_run(tmp_path)
-    ev, extras = evaluate_run(run_dir, split="val", dataset=ds)
+    ev, preds = evaluate_run(run_dir, split="val", dataset=ds)
     _, va = split_indices(len(ds.y_train), 0.2, 0)
-    assert ev["split"] == "val" and ev["n"] == len(va)
-    assert np.array_equal(extras["indices"], va.numpy())
-    assert np.array_equal(extras["y_true"], ds.y_train[va].numpy())
+    assert ev.split == "val" and ev.n == len(va)
+    assert np.array_equal(preds.indices, va.numpy())
+    assert np.array_equal(preds.y_true, ds.y_train[va].numpy())
 
 
 def test_evaluate_run_errors(tmp_path: Path):
@@ -246,3 +249,140 @@ def test_evaluate_command_on_an_official_archive(tmp_path: Path, tiny_cifar10, c
 def test_evaluate_command_user_errors(tmp_path: Path, capsys):
     assert cli.main(["evaluate", str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+# -- the typed result --------------------------------------------------------------------------------------------
+
+
+def test_eval_result_is_frozen_and_its_dict_is_the_json():
+    import dataclasses
+
+    ev = evaluate_predictions(np.array([0, 0, 1, 2]), logits_for([0, 1, 1, 2], 3), NAMES)
+    assert isinstance(ev, EvalResult)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ev.accuracy = 1.0  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        ev.confusion[0, 0] = 9  # read-only array
+    with pytest.raises(TypeError):
+        ev.per_class["a"] = ev.macro_avg  # type: ignore[index]
+    d = ev.to_dict()
+    assert list(d) == [
+        "n", "classes", "loss", "accuracy", "error_rate", "balanced_accuracy", "top5_accuracy", "top_k",
+        "confusion_matrix", "confusion_matrix_normalized", "per_class", "macro_avg", "weighted_avg",
+        "top_confusions", "confused_pairs", "calibration", "probability_check",
+    ]  # fmt: skip
+    assert d == json.loads(json.dumps(d))  # plain JSON types only (lists, not tuples or arrays)
+    assert d["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert d["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert d["top_confusions"]["a"] == [["b", 0.5]]
+    assert d["confused_pairs"] == [{"a": "a", "b": "b", "count": 1, "a_to_b": 1, "b_to_a": 0}]
+    assert set(d["calibration"]) == {
+        "n_bins", "ece", "mce", "mean_confidence", "accuracy", "overconfidence", "bins", "high_confidence",
+    }  # fmt: skip
+
+
+def test_evaluate_run_result_dict_has_the_run_keys(tmp_path: Path):
+    run_dir, ds = make_report_run(tmp_path)
+    ev, _ = evaluate_run(run_dir, dataset=ds)
+    d = ev.to_dict()
+    assert list(d)[-3:] == ["split", "dataset", "inference"]
+    assert d["dataset"] == {
+        "name": "synthetic",
+        "source": "synthetic",
+        "checksum": "synthetic-md5",
+        "checksum_matches_run": True,
+    }
+    assert set(d["inference"]) == {
+        "device", "tta", "precision", "dtype", "channels_last", "batch_size", "predict_seconds",
+        "images_per_second", "logits_from", "metrics_seconds",
+    }  # fmt: skip
+    assert ev.tta == d["inference"]["tta"] and ev.split_name == "test" and not ev.dataset_mismatch
+    assert ev.seconds == d["inference"]["predict_seconds"]
+
+
+# -- the terminal summary ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("names", [NAMES, ["airplane", "automobile", "bird"], ["a-very-long-class-name", "b", "c"]])
+def test_summary_average_rows_are_aligned(names):
+    y = [0] * 10 + [1] * 2 + [2] * 2
+    pred = [0] * 6 + [2] * 3 + [1] + [1, 1, 2, 2]
+    text = format_summary(evaluate_predictions(np.array(y), logits_for(pred, 3), names))
+    lines = text.splitlines()
+    header = next(ln for ln in lines if ln.startswith("class"))
+    rows = [ln for ln in lines if ln.split("  ")[0].strip() in (*names, "macro avg", "weighted avg")]
+    assert len(rows) == 5
+    col = header.index("precision") + len("precision")  # right edge of the precision column
+    for ln in rows:
+        assert ln[col - 5 : col].strip() and ln[col - 5 : col].replace(".", "").strip().isdigit(), repr(ln)
+        assert ln[col] == " ", repr(ln)
+    macro = next(ln for ln in rows if ln.startswith("macro avg"))
+    weighted = next(ln for ln in rows if ln.startswith("weighted avg"))
+    assert macro.index("0.") == weighted.index("0.")  # the same column, no extra space
+
+
+def test_summary_escapes_terminal_control_characters():
+    names = ["\x1b[2J\x1b[31mred", "tab\there", "new\nline"]
+    text = format_summary(evaluate_predictions(np.array([0, 1, 2, 0]), logits_for([0, 1, 2, 1], 3), names))
+    assert "\x1b" not in text and "\t" not in text
+    assert "\\x1b[2J\\x1b[31mred" in text and "tab\\there" in text and "new\\nline" in text
+    assert len(text.splitlines()) == len(format_summary(
+        evaluate_predictions(np.array([0, 1, 2, 0]), logits_for([0, 1, 2, 1], 3), ["x", "y", "z"])
+    ).splitlines())  # fmt: skip
+
+
+# -- the command when the folder cannot be written, or the data is not the run's --------------------------
+
+
+def _patch_data(monkeypatch, ds):
+    monkeypatch.setattr("cifarlab.evaluate.load_run_dataset", lambda run, data_dir=None: ds)
+
+
+def test_evaluate_prints_results_when_the_disk_is_full(tmp_path: Path, monkeypatch, capsys):
+    import errno
+
+    run_dir, ds = make_report_run(tmp_path)
+    _patch_data(monkeypatch, ds)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("cifarlab.files.write_json", full)
+    assert cli.main(["evaluate", str(run_dir)]) == 1
+    out, err = capsys.readouterr()
+    assert "accuracy" in out and "macro avg" in out and "weighted avg" in out  # the results are shown
+    assert err == f"error: results not saved: cannot write {run_dir / 'eval_test.json'}: No space left on device\n"
+    assert not (run_dir / "eval_test.json").exists()
+    assert cli.main(["evaluate", str(run_dir), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["n"] == len(ds.y_test) and err.startswith("error: results not saved")
+
+
+def test_evaluate_in_a_read_only_folder(tmp_path: Path, monkeypatch, capsys):
+    import os
+
+    run_dir, ds = make_report_run(tmp_path)
+    _patch_data(monkeypatch, ds)
+    run_dir.chmod(0o555)
+    try:
+        if os.access(run_dir, os.W_OK):
+            pytest.skip("running as root: chmod does not make the folder read-only")
+        assert cli.main(["evaluate", str(run_dir)]) == 1
+    finally:
+        run_dir.chmod(0o755)
+    out, err = capsys.readouterr()
+    assert "macro avg" in out and "Traceback" not in err
+    assert err.count("\n") == 1 and "cannot write" in err and "eval_test.json" in err and "ermission" in err
+
+
+def test_evaluate_warns_first_when_the_data_is_not_the_runs(tmp_path: Path, monkeypatch, capsys):
+    import dataclasses
+
+    run_dir, ds = make_report_run(tmp_path)
+    _patch_data(monkeypatch, dataclasses.replace(ds, checksum="other-md5"))
+    assert cli.main(["evaluate", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: the data evaluated") and "not the data this run was trained on" in err
+    assert "macro avg" in out
+    saved = json.loads((run_dir / "eval_test.json").read_text())
+    assert saved["dataset"]["checksum_matches_run"] is False

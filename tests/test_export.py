@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import warnings
@@ -13,7 +12,7 @@ import torch
 
 from _runfolder import CLASSES, make_run, tiny_recipe
 from _synth import make_images
-from cifarlab import __version__, cli, export, tools_cli
+from cifarlab import __version__, cli, export
 from cifarlab.inference import predict_proba
 from cifarlab.runs import load_run
 
@@ -94,9 +93,7 @@ def test_metadata_records_classes_preprocessing_recipe_and_version(run_dir: Path
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cifarlab")
-    tools_cli.add_commands(parser.add_subparsers(dest="command", required=True), cli._fmt, cli._data_dir_arg)
-    args = parser.parse_args(argv)
+    args = cli.build_parser(["runs", "predict", "export", "config"]).parse_args(argv)
     return args.func(args)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import struct
 import zlib
@@ -14,7 +13,9 @@ import torch
 from PIL import Image
 
 from _runfolder import CLASSES, make_run, tiny_recipe
-from cifarlab import cli, predict, tools_cli
+from cifarlab import predict
+from cifarlab.cli import build_parser
+from cifarlab.cli.common import run_command
 from cifarlab.inference import predict_proba
 from cifarlab.runs import load_run
 
@@ -59,12 +60,7 @@ def bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
     """A valid PNG header claiming width x height (10 gigapixels), tiny payload: a decompression bomb."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     body = zlib.compress(b"\0" * 1024)
@@ -203,11 +199,9 @@ def test_top_k_is_capped_at_the_number_of_classes(run_dir: Path, tmp_path: Path)
 
 
 def _main(argv: list[str]) -> int:
-    """The predict/export/runs commands on a parser of their own (independent of the other subcommands)."""
-    parser = argparse.ArgumentParser(prog="cifarlab")
-    tools_cli.add_commands(parser.add_subparsers(dest="command", required=True), cli._fmt, cli._data_dir_arg)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """The predict command on a parser of its own (independent of the other subcommands)."""
+    args = build_parser(["predict"]).parse_args(argv)
+    return run_command(args.func, args)
 
 
 def test_cli_table_and_json(run_dir: Path, tmp_path: Path, capsys):
@@ -235,6 +229,61 @@ def test_cli_exit_1_when_nothing_was_classified(run_dir: Path, tmp_path: Path, c
 
 def test_cli_bad_run_dir_is_a_user_error(tmp_path: Path, capsys):
     img = _save(_noise((32, 32)), tmp_path / "a.png", "PNG")
-    assert cli.main(["predict", str(tmp_path / "no_run"), str(img)]) == 2
+    assert _main(["predict", str(tmp_path / "no_run"), str(img)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
+
+
+# -- reliability ---------------------------------------------------------------------------------------------
+
+
+def _within(seconds: float, fn, unblock: Path):
+    """fn() in a thread; fails instead of hanging when it is blocked (on a FIFO) for `seconds`."""
+    import os
+    import threading
+
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(value=fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        with open(os.open(unblock, os.O_WRONLY | os.O_NONBLOCK), "wb"):  # release the blocked reader
+            pass
+        pytest.fail(f"still running after {seconds} s (blocked on a FIFO)")
+    return box["value"]
+
+
+def test_fifo_in_a_folder_is_skipped_and_named_fifo_refused(tmp_path: Path):
+    import os
+
+    good = _save(_noise((40, 40)), tmp_path / "imgs" / "a.png", "PNG")
+    fifo = tmp_path / "imgs" / "b_fifo.png"
+    os.mkfifo(fifo)
+    x, ok, errors = _within(5, lambda: predict.load_images([tmp_path / "imgs"]), unblock=fifo)
+    assert ok == [str(good)] and len(x) == 1
+    assert errors == [(str(fifo), "skipped: not a regular file")]
+    _, ok, errors = _within(5, lambda: predict.load_images([fifo]), unblock=fifo)
+    assert ok == [] and "not a regular file" in errors[0][1]
+
+
+def test_16bit_png_is_scaled_like_the_training_loader(tmp_path: Path):
+    a = np.full((40, 40), 0x8000, dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(a).save(path)
+    x, ok, errors = predict.load_images([path])
+    assert errors == [] and x.shape == (1, 3, 32, 32)
+    assert int(x.min()) == int(x.max()) == 128  # was clipped to 255
+
+
+def test_table_escapes_control_characters_json_keeps_them():
+    name = "photos/\x1b[31mred\x1b[0m\n\u202egnp.png"
+    results = [
+        {"path": name, "top_k": [{"class": "c\x07at", "probability": 0.9}]},
+        {"path": name + "2", "error": "skipped: not a regular file"},
+    ]
+    table = predict.format_table(results)
+    assert "\x1b" not in table and "\x07" not in table and "\u202e" not in table
+    assert "\\x1b[31mred\\x1b[0m\\n\\u202egnp.png" in table and "c\\x07at 90.0%" in table
+    assert len(table.splitlines()) == 4  # the newline in the name did not start a row
+    assert table.splitlines()[3].endswith("  skipped: not a regular file")
+    assert json.loads(json.dumps(results))[0]["path"] == name  # --json prints the real name

@@ -4,6 +4,7 @@ computed reading, the `cifarlab report` command. Fake run folders: a tiny random
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import re
 import warnings
@@ -18,7 +19,18 @@ from cifarlab import cli
 from cifarlab.data import Dataset
 from cifarlab.evaluate import evaluate_predictions
 from cifarlab.recipes import Recipe
-from cifarlab.report import FIGURES, build_report, plain_reading, render_html, render_markdown
+from cifarlab.report import (
+    FIGURES,
+    Bullets,
+    Document,
+    Paragraph,
+    Section,
+    Table,
+    build_report,
+    plain_reading,
+    render_html,
+    render_markdown,
+)
 from cifarlab.runs import CONFIG, METRICS, machine_info, read_json, write_history, write_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -293,7 +305,7 @@ def test_reading_is_computed_from_the_numbers():
     z = rng.normal(0, 0.1, (len(y), 8))
     z[np.arange(len(y)), pred] += 5.0
     ev = evaluate_predictions(y, z, classes)
-    ev["split"] = "test"
+    assert ev.split is None and ev.split_name == "test"
     history = fake_history(5)
     reading = plain_reading(ev, history, {"restored_epoch": 3})
     text = " ".join(reading)
@@ -308,21 +320,16 @@ def test_reading_is_computed_from_the_numbers():
         assert f"Weak: {c}" not in text
     # Renaming the classes renames the reading: the text follows the data, not a list of names.
     renamed = evaluate_predictions(y, z, [c.upper() for c in classes])
-    renamed["split"] = "test"
     assert "Weak: EEL" in " ".join(plain_reading(renamed, [], {}))
 
 
 def test_html_escapes_names():
-    sections = [
-        (
-            "s",
-            "Section <1>",
-            [("p", 'a <script>alert("x")</script> b'), ("ul", ["<img src=x>"]), ("table", ["<th>"], [["<td>&"]], None)],
-        )
-    ]
-    text = render_html("t<i>", sections, {}, "meta")
+    blocks = (Paragraph('a <script>alert("x")</script> b'), Bullets(("<img src=x>",)), Table(("<th>",), (("<td>&",),)))
+    doc = Document("t<i>", "meta", (Section("s", "Section <1>", blocks),), warnings=("<b>w</b>",))
+    text = render_html(doc, {})
     assert "<script>" not in text and "<img src=x>" not in text and "&lt;td&gt;&amp;" in text
-    md = render_markdown("t", [("s", "S", [("table", ["a|b"], [["c|d"]], None)])], {}, "m")
+    assert "<b>w</b>" not in text and "&lt;b&gt;w&lt;/b&gt;" in text
+    md = render_markdown(Document("t", "m", (Section("s", "S", (Table(("a|b",), (("c|d",),)),)),)), {})
     assert "a\\|b" in md and "c\\|d" in md
 
 
@@ -352,3 +359,104 @@ def test_training_writes_the_report(tmp_path: Path):
     assert saved["evaluation"]["accuracy"] == pytest.approx(saved["test_accuracy"], abs=1e-6)
     assert saved["evaluation"]["loss"] == pytest.approx(saved["test_loss"], rel=1e-4)
     assert saved["timings"]["report_seconds"] > 0 and saved["epochs_run"] == 2
+
+
+# -- reliability: full disk, Markdown injection, data that is not the run's ------------------------------------
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_keeps_the_old_report_and_is_one_line(tmp_path: Path, monkeypatch, capsys):
+    run_dir, ds = make_report_run(tmp_path)
+    build_report(run_dir, dataset=ds)
+    old_html = (run_dir / "report.html").read_bytes()
+    old_md = (run_dir / "report.md").read_bytes()
+    (run_dir / "report.html").write_bytes(old_html + b"<!-- old -->")  # mark the old file
+    old_html += b"<!-- old -->"
+    monkeypatch.setattr("cifarlab.evaluate.load_run_dataset", lambda run, data_dir=None: ds)
+    monkeypatch.setattr("os.replace", _enospc)  # every atomic write fails at its rename
+    assert cli.main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot write ") and "Traceback" not in err
+    assert "No space left on device" in err and str(run_dir / "plots") in err  # names the file
+    assert (run_dir / "report.html").read_bytes() == old_html and (run_dir / "report.md").read_bytes() == old_md
+    assert not [p for p in run_dir.rglob(".*.tmp")]  # no temp files left behind
+
+
+def test_full_disk_on_report_html_names_it(tmp_path: Path, monkeypatch, capsys):
+    import cifarlab.files
+
+    run_dir, ds = make_report_run(tmp_path)
+    build_report(run_dir, dataset=ds)
+    old_html = (run_dir / "report.html").read_bytes()
+    real = cifarlab.files.atomic_write_bytes
+
+    def failing(path, data):
+        if Path(path).name == "report.html":
+            _enospc()
+        real(path, data)
+
+    monkeypatch.setattr(cifarlab.files, "atomic_write_bytes", failing)
+    monkeypatch.setattr("cifarlab.evaluate.load_run_dataset", lambda run, data_dir=None: ds)
+    assert cli.main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot write {run_dir / 'report.html'}: No space left on device\n"
+    assert (run_dir / "report.html").read_bytes() == old_html
+
+
+def test_markdown_escapes_names_from_the_data(tmp_path: Path):
+    evil = "a|b*<script>"
+    classes = (evil, "c_d`e", "[x](y)", "new\nline", *CLASSES[4:])
+    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe(), classes=classes)
+    ds = synthetic_dataset(classes=classes)
+    build_report(run_dir, dataset=ds)
+    md = (run_dir / "report.md").read_text()
+    assert "a\\|b\\*\\<script\\>" in md and "<script>" not in md and "a|b" not in md
+    assert "c\\_d\\`e" in md and "\\[x\\](y)" in md and "new\\\\x0aline" in md
+    # the per-class table row of the evil class still has its 5 cells: no cell broke out of the table
+    row = next(ln for ln in md.splitlines() if ln.startswith("| a\\|b"))
+    assert len(re.findall(r"(?<!\\)\|", row)) == 6, row
+    html_text = (run_dir / "report.html").read_text()
+    assert "<script>" not in html_text and "a|b*&lt;script&gt;" in html_text
+
+
+def _mismatched_run(tmp_path: Path) -> tuple[Path, Dataset]:
+    """A run trained on data with checksum synthetic-md5, and other data with the same classes."""
+    import dataclasses
+
+    run_dir, ds = make_report_run(tmp_path)
+    # the run did not generalise: training accuracy 55%, far above what the other data gives
+    return run_dir, dataclasses.replace(ds, checksum="other-md5", source="elsewhere")
+
+
+def test_other_data_is_said_first_and_draws_no_overfitting_conclusion(tmp_path: Path):
+    run_dir, other = _mismatched_run(tmp_path)
+    warned = []
+    metrics = build_report(run_dir, dataset=other, on_warning=warned.append)
+    assert len(warned) == 1 and "not the data this run was trained on" in warned[0]
+    assert metrics["evaluation"]["dataset"]["checksum_matches_run"] is False
+    reading = " ".join(metrics["report"]["reading"])
+    assert "overfitting" not in reading.replace("No conclusion about overfitting", "")
+    assert "No conclusion about overfitting or generalisation" in reading
+    html_text = (run_dir / "report.html").read_text()
+    box = html_text.index('class="warning"')
+    assert box < html_text.index("<nav>") and box < html_text.index('id="summary"')
+    assert "not the data this run was trained on" in html_text[box : box + 600]
+    md = (run_dir / "report.md").read_text()
+    first = [ln for ln in md.splitlines() if ln.strip()][1]  # right after the title
+    assert first.startswith("> **Warning:**") and "not the data this run was trained on" in first
+    # the same run on its own data: no warning, the usual conclusion
+    same = build_report(run_dir, dataset=synthetic_dataset())
+    assert "overfitting" in " ".join(same["report"]["reading"])
+    assert 'class="warning"' not in (run_dir / "report.html").read_text()
+
+
+def test_report_command_warns_first_about_other_data(tmp_path: Path, monkeypatch, capsys):
+    run_dir, other = _mismatched_run(tmp_path)
+    monkeypatch.setattr("cifarlab.evaluate.load_run_dataset", lambda run, data_dir=None: other)
+    assert cli.main(["report", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: the data evaluated") and "not the data this run was trained on" in err
+    assert "test accuracy" in out

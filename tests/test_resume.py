@@ -15,10 +15,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from _synth import make_dataset, make_images
-from cifarlab.callbacks import Callback
 from cifarlab.experiment import run_experiment
 from cifarlab.recipes import get_recipe
 from cifarlab.runs import load_checkpoint
+from cifarlab.train.callbacks import Callback
 
 TINY = [
     "--recipe",
@@ -158,14 +158,12 @@ class _PoisonAfter(Callback):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    from cifarlab import experiment
-
-    real = experiment.make_callbacks
-    monkeypatch.setattr(experiment, "make_callbacks", lambda r, v: real(r, v) + [_PoisonAfter(1)])
     recipe = get_recipe("reference").replace(
         widths=(8, 16, 16), dense_width=32, epochs=5, batch_size=32, precision="fp32"
     )
-    res = run_experiment(recipe, dataset=make_dataset(20, 5), runs_root=tmp_path, quiet=True, report=False)
+    res = run_experiment(
+        recipe, dataset=make_dataset(20, 5), runs_root=tmp_path, quiet=True, report=False, callbacks=[_PoisonAfter(1)]
+    )
     assert res.status == "diverged"
     assert "NaN" in res.metrics["message"]
     assert json.loads((res.run_dir / "status.json").read_text())["status"] == "crashed"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
@@ -15,15 +14,14 @@ import pytest
 import torch
 
 from _runfolder import make_run, tiny_recipe
-from cifarlab import cli, tools_cli
+from cifarlab import cli
+from cifarlab.cli import runs as runs_cli
 from cifarlab.errors import UserError
 from cifarlab.runs import load_checkpoint, load_run, write_json
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cifarlab")
-    tools_cli.add_commands(parser.add_subparsers(dest="command", required=True), cli._fmt, cli._data_dir_arg)
-    args = parser.parse_args(argv)
+    args = cli.build_parser(["runs", "predict", "export"]).parse_args(argv)
     return args.func(args)
 
 
@@ -101,8 +99,8 @@ def runs_root(tmp_path: Path) -> Path:
 
 
 def test_list_runs_statuses_newest_first(runs_root: Path):
-    rows = {r["name"]: r for r in tools_cli.list_runs(runs_root)}
-    names = [r["name"] for r in tools_cli.list_runs(runs_root)]
+    rows = {r["name"]: r for r in runs_cli.list_runs(runs_root)}
+    names = [r["name"] for r in runs_cli.list_runs(runs_root)]
     assert names == sorted(names, reverse=True) and "notes" not in rows and len(rows) == 8
     status = {n[:8]: r["status"] for n, r in rows.items()}
     assert status == {
@@ -166,9 +164,7 @@ def _plant(path: Path, marker: Path, zip_format: bool) -> None:
     if zip_format:
         torch.save(state, path)  # torch's own zip container with a malicious data.pkl inside
     else:
-        path.write_bytes(
-            pickle.dumps(state, protocol=2)
-        )  # a bare pickle: the first thing torch.load unpickles
+        path.write_bytes(pickle.dumps(state, protocol=2))  # a bare pickle: the first thing torch.load unpickles
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["torch-zip", "raw-pickle"])
@@ -176,7 +172,7 @@ def test_tampered_checkpoint_is_refused_not_executed(tmp_path: Path, zip_format:
     marker = tmp_path / "marker"
     ckpt = tmp_path / "checkpoint.pt"
     _plant(ckpt, marker, zip_format)
-    with pytest.raises(UserError, match="cannot be loaded safely"):
+    with pytest.raises(UserError, match="cannot be loaded safely|not a cifarlab checkpoint"):
         load_checkpoint(ckpt)
     assert not marker.exists()
     # The payload is live: an unsafe load would have run it (proves the test tests something).
@@ -221,3 +217,25 @@ def test_weights_replaced_by_a_pickle_are_refused(tmp_path: Path):
     with pytest.raises(UserError, match="not a valid safetensors file"):
         load_run(run_dir).build_model()
     assert not marker.exists()
+
+
+def test_cli_escapes_control_characters_in_run_names(tmp_path: Path, capsys):
+    root = tmp_path / "runs"
+    evil = root / "20260101-100000-\x1b]0;pwned\x07\x1b[31mred"
+    evil.mkdir(parents=True)
+    write_json(evil / "config.json", {"recipe": {"name": "ref\x1b[2Jerence"}})
+    write_json(evil / "status.json", {"status": "finished\x9b31m"})
+    assert _main(["runs", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out
+    assert "20260101-100000-\\x1b]0;pwned\\x07\\x1b[31mred" in out
+    assert "ref\\x1b[2Jerence" in out and "finished\\x9b31m" in out
+    assert _main(["runs", "--root", str(root), "--json"]) == 0  # JSON escapes them itself
+    assert json.loads(capsys.readouterr().out)[0]["name"] == evil.name
+
+
+def test_printable():
+    from cifarlab.cli.common import printable
+
+    assert printable("plain ünïcode ↔ name") == "plain ünïcode ↔ name"
+    assert printable("a\x1b[0mb\nc\u202ed") == "a\\x1b[0mb\\nc\\u202ed"

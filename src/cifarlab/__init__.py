@@ -1,3 +1,38 @@
-"""cifarlab: train, evaluate, explain and serve CNN image classifiers for CIFAR-10 and datasets like it."""
+"""cifarlab: train, evaluate, explain and serve CNN image classifiers for CIFAR-10 and datasets like it.
 
-__version__ = "0.1.0"
+The Python API (see docs/API.md) is importable from here; heavy modules load on first use, so `cifarlab --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.2.0"
+
+_LAZY = {
+    "fit": "cifarlab.api",
+    "load": "cifarlab.api",
+    "TrainedRun": "cifarlab.api",
+    "Recipe": "cifarlab.recipes",
+    "get_recipe": "cifarlab.recipes",
+    "register_recipe": "cifarlab.recipes",
+    "MODELS": "cifarlab.registry",
+    "AUGMENTS": "cifarlab.registry",
+    "OPTIMIZERS": "cifarlab.registry",
+    "SCHEDULES": "cifarlab.registry",
+    "Callback": "cifarlab.train.callbacks",
+    "from_arrays": "cifarlab.data",
+    "from_torch_dataset": "cifarlab.data",
+    "load_dataset": "cifarlab.data",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cifarlab' has no attribute {name!r}")

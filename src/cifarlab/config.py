@@ -15,13 +15,22 @@ import functools
 import json
 import math
 import re
+import sys
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cifarlab.errors import ConfigError
-from cifarlab.recipes import CHOICES, DEFAULT_RECIPE, RECIPES, Recipe, get_recipe, validate
+import yaml
+
+from cifarlab.errors import ConfigError, UserError
+from cifarlab.files import require_regular_file
+from cifarlab.recipes import DEFAULT_RECIPE, RECIPES, Recipe, choices, get_recipe, validate
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (pyproject installs tomli there)
+    import tomli as tomllib
 
 __all__ = [
     "accepted_keys",
@@ -39,6 +48,10 @@ _FALSE = frozenset({"false", "0", "no", "off", "n"})
 _OFFICIAL_DATASETS = ("cifar10", "cifar100")
 # Keys a config file may hold besides recipe fields.
 _FILE_ONLY_KEYS = ("recipe",)
+
+
+# A config is a few hundred bytes; anything this large is a mistake (or an attack on the parser).
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,8 +72,8 @@ def _type_name(tp: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_type_name(args[0])}s (e.g. 64,128,128)"
         return f"a list of {len(args)} {_type_name(args[0])}s"
-    if origin is dict:
-        return "a mapping"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(typing.get_args(tp))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -130,7 +143,7 @@ def _scalar(key: str, raw: Any, tp: Any, where: str) -> Any:
         if not math.isfinite(value):  # nan slips through every `< 0` range check in validate
             raise _bad(label, raw, "a finite number")
         return value
-    if tp is str:
+    if tp is str or typing.get_origin(tp) is typing.Literal:
         if not isinstance(raw, str):
             raise _bad(label, raw, "a string")
         return raw.strip()
@@ -153,7 +166,7 @@ def parse_value(key: str, raw: Any) -> Any:
     """`raw` (a --set string or a value from a config file) converted to the type of recipe field `key`.
 
     float accepts 1e-3; int rejects 1.5; bool accepts true/false/1/0/yes/no; tuples accept 64,128,128 or
-    [64,128,128]; str fields with a fixed set of values (recipes.CHOICES) must be one of them.
+    [64,128,128]; str fields with a fixed set of values (registered or Literal) must be one of them.
     """
     types = _field_types()
     if key not in types:
@@ -173,18 +186,10 @@ def parse_value(key: str, raw: Any) -> Any:
             elem_types = list(args)
         pairs = enumerate(zip(items, elem_types, strict=True))
         return tuple(_scalar(key, v, t, f"[{i}]") for i, (v, t) in pairs)
-    if origin is dict or tp is dict:
-        if isinstance(raw, str):
-            try:
-                raw = json.loads(raw)
-            except json.JSONDecodeError:
-                raise _bad(key, raw, 'a JSON object such as {"note": "x"}') from None
-        if not isinstance(raw, Mapping):
-            raise _bad(key, raw, "a mapping")
-        return dict(raw)
     value = _scalar(key, raw, tp, "")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key}={value!r} is not valid; accepted values: {', '.join(CHOICES[key])}")
+    allowed = choices(key)
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not valid; accepted values: {', '.join(allowed)}")
     return value
 
 
@@ -204,6 +209,18 @@ def parse_set(item: str) -> tuple[str, str]:
 # -- config files --------------------------------------------------------------------------------------------
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases: nested aliases ("billion laughs") expand exponentially."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not accepted in a cifarlab config", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def load_config_file(path: Path | str) -> dict[str, Any]:
     """A flat mapping of recipe keys (plus an optional `recipe: NAME`) from YAML (.yaml/.yml), TOML (.toml) or
     JSON (.json). A run's config.json (whose `recipe` is the full recipe mapping) is accepted too, so
@@ -213,21 +230,16 @@ def load_config_file(path: Path | str) -> dict[str, Any]:
     if suffix not in (".yaml", ".yml", ".toml", ".json"):
         raise ConfigError(f"--config {path}: unknown file type {suffix or '(none)'!r}; use .yaml, .yml, .toml or .json")
     try:
+        require_regular_file(path, "config file")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"--config {path}: {size:,} bytes is too large for a config file (limit 1 MiB)")
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
+    except UserError as e:
+        raise ConfigError(f"--config {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {path}: cannot read it ({e})") from None
     if suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            try:
-                import tomli as tomllib  # type: ignore[no-redef]
-            except ModuleNotFoundError:
-                raise ConfigError(
-                    f"--config {path}: TOML needs Python >= 3.11 or `pip install tomli`; or use a .yaml file"
-                ) from None
         try:
             data: Any = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -238,10 +250,8 @@ def load_config_file(path: Path | str) -> dict[str, Any]:
         except json.JSONDecodeError as e:
             raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
     else:
-        import yaml
-
         try:
-            data = yaml.safe_load(text)  # safe_load: plain data only, no Python object tags
+            data = yaml.load(text, Loader=_NoAliasLoader)  # plain data only: no tags, no aliases
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if data is None:
@@ -257,7 +267,7 @@ def load_config_file(path: Path | str) -> dict[str, Any]:
         name = full.get("name")
         return {"recipe": name if name in RECIPES else None, **full}
     for key, value in data.items():
-        if isinstance(value, Mapping) and key != "extra":
+        if isinstance(value, Mapping):
             raise ConfigError(
                 f"--config {path}: key {key!r} holds a nested table; write recipe keys flat (e.g. `lr: 0.002`)"
             )

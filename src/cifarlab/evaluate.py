@@ -2,13 +2,16 @@
 
 `evaluate_predictions` works on plain arrays (labels and logits) so it can be tested on hand-made cases;
 `evaluate_run` loads a saved run, predicts the chosen split in eval mode and hands the logits to it.
-Everything returned in the evaluation dict is JSON-serialisable (floats, ints, lists, dicts).
+The result is a frozen `EvalResult` (typed fields, numpy confusion matrices); its `to_dict()` is the
+JSON-serialisable form written to `eval_<split>.json` and into `metrics.json` under "evaluation".
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,313 @@ from sklearn.metrics import (
 
 from cifarlab.errors import UserError
 
+__all__ = [
+    "HIGH_CONFIDENCE",
+    "TOP_CONFUSIONS",
+    "Calibration",
+    "CalibrationBin",
+    "ClassMetrics",
+    "ConfusedPair",
+    "DatasetCheck",
+    "EvalResult",
+    "HighConfidence",
+    "InferenceInfo",
+    "Predictions",
+    "ProbabilityCheck",
+    "calibration",
+    "check_dataset",
+    "confused_pairs",
+    "cross_entropy",
+    "dataset_warning",
+    "evaluate_predictions",
+    "evaluate_run",
+    "format_summary",
+    "load_run_dataset",
+    "softmax",
+    "split_images",
+    "top_confusions",
+]
+
 TOP_CONFUSIONS = 3  # confusions listed per class ("cat -> dog 14%, frog 6%, bird 5%")
 HIGH_CONFIDENCE = 0.9
+
+
+# -- the typed result ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    """Precision, recall, F1 and support of one class (or an average over the classes)."""
+
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"precision": self.precision, "recall": self.recall, "f1": self.f1, "support": self.support}
+
+
+@dataclass(frozen=True)
+class ConfusedPair:
+    """Two classes mistaken for each other: `count` = `a_to_b` (a predicted as b) + `b_to_a`."""
+
+    a: str
+    b: str
+    count: int
+    a_to_b: int
+    b_to_a: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "count": self.count, "a_to_b": self.a_to_b, "b_to_a": self.b_to_a}
+
+
+@dataclass(frozen=True)
+class CalibrationBin:
+    """One equal-width confidence bin (lower, upper]; accuracy/confidence/gap are None for an empty bin."""
+
+    lower: float
+    upper: float
+    count: int
+    accuracy: float | None
+    confidence: float | None
+    gap: float | None  # mean confidence - accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lower": self.lower,
+            "upper": self.upper,
+            "count": self.count,
+            "accuracy": self.accuracy,
+            "confidence": self.confidence,
+            "gap": self.gap,
+        }
+
+
+@dataclass(frozen=True)
+class HighConfidence:
+    """Of the predictions made with confidence >= threshold (`share` of all), the share that is right."""
+
+    threshold: float
+    share: float
+    accuracy: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "share": self.share, "accuracy": self.accuracy}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Expected/maximum calibration error and the reliability diagram's bins."""
+
+    n_bins: int
+    ece: float
+    mce: float  # the worst bin's |confidence - accuracy|
+    mean_confidence: float
+    accuracy: float
+    overconfidence: float  # mean confidence - accuracy; > 0: the model claims more than it delivers
+    bins: tuple[CalibrationBin, ...]
+    high_confidence: HighConfidence
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_bins": self.n_bins,
+            "ece": self.ece,
+            "mce": self.mce,
+            "mean_confidence": self.mean_confidence,
+            "accuracy": self.accuracy,
+            "overconfidence": self.overconfidence,
+            "bins": [b.to_dict() for b in self.bins],
+            "high_confidence": self.high_confidence.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class ProbabilityCheck:
+    """Whether the softmax output is a probability distribution (rows in [0, 1] summing to 1)."""
+
+    min: float
+    max: float
+    max_abs_sum_error: float
+    is_distribution: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "min": self.min,
+            "max": self.max,
+            "max_abs_sum_error": self.max_abs_sum_error,
+            "is_distribution": self.is_distribution,
+        }
+
+
+@dataclass(frozen=True)
+class DatasetCheck:
+    """Which data was evaluated, and whether its checksum is the one the run was trained on.
+
+    `checksum_matches_run` is None when either checksum is unknown (a plain folder has none)."""
+
+    name: str
+    source: str
+    checksum: str
+    checksum_matches_run: bool | None
+
+    @property
+    def mismatch(self) -> bool:
+        """True when the data evaluated is known not to be the run's (checksums differ)."""
+        return self.checksum_matches_run is False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "checksum": self.checksum,
+            "checksum_matches_run": self.checksum_matches_run,
+        }
+
+
+@dataclass(frozen=True)
+class InferenceInfo:
+    """How the logits were computed, and how long it took."""
+
+    device: str
+    tta: str
+    precision: str
+    dtype: str  # what precision "auto" resolved to on this machine
+    channels_last: bool
+    batch_size: int
+    predict_seconds: float | None  # None when the logits came from training
+    images_per_second: float | None
+    logits_from: str  # "training" or "this evaluation"
+    metrics_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "tta": self.tta,
+            "precision": self.precision,
+            "dtype": self.dtype,
+            "channels_last": self.channels_last,
+            "batch_size": self.batch_size,
+            "predict_seconds": self.predict_seconds,
+            "images_per_second": self.images_per_second,
+            "logits_from": self.logits_from,
+            "metrics_seconds": self.metrics_seconds,
+        }
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.array(a)
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Every metric of one evaluation. `split`, `dataset` and `inference` are set by `evaluate_run`
+    (None for `evaluate_predictions` on plain arrays)."""
+
+    n: int
+    classes: tuple[str, ...]
+    loss: float  # mean cross-entropy
+    accuracy: float
+    error_rate: float
+    balanced_accuracy: float | None  # None when only one class occurs
+    top5: float  # top-`top_k` accuracy (JSON key: top5_accuracy)
+    top_k: int  # min(5, number of classes)
+    confusion: np.ndarray = field(compare=False)  # int counts, rows = true class, columns = predicted
+    confusion_normalized: np.ndarray = field(compare=False)  # rows sum to 1 (empty rows: zeros)
+    per_class: Mapping[str, ClassMetrics]
+    macro_avg: ClassMetrics
+    weighted_avg: ClassMetrics
+    top_confusions: Mapping[str, tuple[tuple[str, float], ...]]  # class -> ((other, share of class), ...)
+    confused_pairs: tuple[ConfusedPair, ...]
+    calibration: Calibration
+    probability_check: ProbabilityCheck
+    split: str | None = None
+    dataset: DatasetCheck | None = None
+    inference: InferenceInfo | None = None
+
+    def __post_init__(self) -> None:
+        # Frozen all the way down: read-only arrays and mappings.
+        object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "confusion", _readonly(self.confusion))
+        object.__setattr__(self, "confusion_normalized", _readonly(self.confusion_normalized))
+        object.__setattr__(self, "per_class", types.MappingProxyType(dict(self.per_class)))
+        tc = {k: tuple((str(o), float(s)) for o, s in v) for k, v in self.top_confusions.items()}
+        object.__setattr__(self, "top_confusions", types.MappingProxyType(tc))
+        object.__setattr__(self, "confused_pairs", tuple(self.confused_pairs))
+
+    @property
+    def split_name(self) -> str:
+        """The split evaluated ("test" when not set)."""
+        return self.split or "test"
+
+    @property
+    def tta(self) -> str | None:
+        return self.inference.tta if self.inference else None
+
+    @property
+    def seconds(self) -> float | None:
+        """Seconds the prediction took (None when the logits came from training or are not known)."""
+        return self.inference.predict_seconds if self.inference else None
+
+    @property
+    def dataset_mismatch(self) -> bool:
+        """True when the data evaluated is known not to be the data the run was trained on."""
+        return self.dataset is not None and self.dataset.mismatch
+
+    def with_run_info(self, split: str, dataset: DatasetCheck, inference: InferenceInfo) -> EvalResult:
+        from dataclasses import replace
+
+        return replace(self, split=split, dataset=dataset, inference=inference)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (eval_<split>.json, metrics.json["evaluation"]); keys in their historical order."""
+        d: dict[str, Any] = {
+            "n": self.n,
+            "classes": list(self.classes),
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "error_rate": self.error_rate,
+            "balanced_accuracy": self.balanced_accuracy,
+            "top5_accuracy": self.top5,
+            "top_k": self.top_k,
+            "confusion_matrix": self.confusion.astype(int).tolist(),
+            "confusion_matrix_normalized": self.confusion_normalized.astype(float).tolist(),
+            "per_class": {name: m.to_dict() for name, m in self.per_class.items()},
+            "macro_avg": self.macro_avg.to_dict(),
+            "weighted_avg": self.weighted_avg.to_dict(),
+            "top_confusions": {name: [[o, s] for o, s in v] for name, v in self.top_confusions.items()},
+            "confused_pairs": [p.to_dict() for p in self.confused_pairs],
+            "calibration": self.calibration.to_dict(),
+            "probability_check": self.probability_check.to_dict(),
+        }
+        if self.split is not None:
+            d["split"] = self.split
+        if self.dataset is not None:
+            d["dataset"] = self.dataset.to_dict()
+        if self.inference is not None:
+            d["inference"] = self.inference.to_dict()
+        return d
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """The arrays behind an evaluation, for the report's figures: logits, softmax probabilities, true and
+    predicted labels, the images (uint8 tensor), their indices into the split's source array, the dataset
+    and the loaded run."""
+
+    logits: np.ndarray
+    probs: np.ndarray
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    images: Any
+    indices: np.ndarray
+    dataset: Any
+    run: Any
+
+
+# -- metrics -----------------------------------------------------------------------------------------------
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -48,12 +356,14 @@ def cross_entropy(y_true: np.ndarray, logits: np.ndarray) -> float:
     return float(np.mean(log_norm - z[np.arange(len(z)), y_true]))
 
 
-def top_confusions(cm: np.ndarray, classes: Sequence[str], k: int = TOP_CONFUSIONS) -> dict[str, list]:
+def top_confusions(
+    cm: np.ndarray, classes: Sequence[str], k: int = TOP_CONFUSIONS
+) -> dict[str, list[tuple[str, float]]]:
     """Each true class's `k` most frequent wrong predictions as (other class, share of the true class).
 
     Only confusions that happened are listed; ties go to the lower class index, so the ranking is stable.
     """
-    out: dict[str, list] = {}
+    out: dict[str, list[tuple[str, float]]] = {}
     for i, name in enumerate(classes):
         row = cm[i].astype(np.int64)
         total = int(row.sum())
@@ -63,7 +373,7 @@ def top_confusions(cm: np.ndarray, classes: Sequence[str], k: int = TOP_CONFUSIO
     return out
 
 
-def confused_pairs(cm: np.ndarray, classes: Sequence[str], k: int = 10) -> list[dict[str, Any]]:
+def confused_pairs(cm: np.ndarray, classes: Sequence[str], k: int = 10) -> list[ConfusedPair]:
     """The `k` class pairs mistaken for each other most often, both directions added up."""
     n = len(classes)
     pairs = []
@@ -71,14 +381,12 @@ def confused_pairs(cm: np.ndarray, classes: Sequence[str], k: int = 10) -> list[
         for j in range(i + 1, n):
             a_to_b, b_to_a = int(cm[i, j]), int(cm[j, i])
             if a_to_b + b_to_a:
-                pairs.append(
-                    {"a": classes[i], "b": classes[j], "count": a_to_b + b_to_a, "a_to_b": a_to_b, "b_to_a": b_to_a}
-                )
-    pairs.sort(key=lambda p: -p["count"])  # stable sort: ties keep class order
+                pairs.append(ConfusedPair(classes[i], classes[j], a_to_b + b_to_a, a_to_b, b_to_a))
+    pairs.sort(key=lambda p: -p.count)  # stable sort: ties keep class order
     return pairs[:k]
 
 
-def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> dict[str, Any]:
+def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> Calibration:
     """Expected calibration error and the reliability diagram's bins (equal-width confidence bins).
 
     Bin m holds confidences in ((m-1)/M, m/M] (the first bin also holds 0), as in Guo et al. 2017.
@@ -98,49 +406,38 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -
         c = int(counts[m])
         acc = float(ok_sum[m] / c) if c else None
         mean_conf = float(conf_sum[m] / c) if c else None
-        gap = (mean_conf - acc) if c else None
-        if c:
+        gap = (mean_conf - acc) if mean_conf is not None and acc is not None else None
+        if gap is not None:
             ece += c / n * abs(gap)
             mce = max(mce, abs(gap))
-        bins.append(
-            {
-                "lower": m / n_bins,
-                "upper": (m + 1) / n_bins,
-                "count": c,
-                "accuracy": acc,
-                "confidence": mean_conf,
-                "gap": gap,
-            }
-        )
+        bins.append(CalibrationBin(m / n_bins, (m + 1) / n_bins, c, acc, mean_conf, gap))
     accuracy = float(ok.mean()) if n else 0.0
     mean_confidence = float(conf.mean()) if n else 0.0
     confident = conf >= HIGH_CONFIDENCE
-    return {
-        "n_bins": n_bins,
-        "ece": float(ece),
-        "mce": float(mce),  # the worst bin's |confidence - accuracy|
-        "mean_confidence": mean_confidence,
-        "accuracy": accuracy,
-        "overconfidence": mean_confidence - accuracy,  # > 0: the model claims more than it delivers
-        "bins": bins,
+    return Calibration(
+        n_bins=n_bins,
+        ece=float(ece),
+        mce=float(mce),
+        mean_confidence=mean_confidence,
+        accuracy=accuracy,
+        overconfidence=mean_confidence - accuracy,
+        bins=tuple(bins),
         # "of the predictions made with >= 90% confidence, how many are right": the number a user acts on
-        "high_confidence": {
-            "threshold": HIGH_CONFIDENCE,
-            "share": float(confident.mean()) if n else 0.0,
-            "accuracy": float(ok[confident].mean()) if confident.any() else None,
-        },
-    }
+        high_confidence=HighConfidence(
+            threshold=HIGH_CONFIDENCE,
+            share=float(confident.mean()) if n else 0.0,
+            accuracy=float(ok[confident].mean()) if confident.any() else None,
+        ),
+    )
 
 
 def evaluate_predictions(
     y_true: np.ndarray, logits: np.ndarray, classes: Sequence[str], n_bins: int = 15
-) -> dict[str, Any]:
-    """All metrics of a classifier from its logits on labelled images; JSON-serialisable.
+) -> EvalResult:
+    """All metrics of a classifier from its logits on labelled images, as an `EvalResult`.
 
-    Keys: n, loss, accuracy, error_rate, balanced_accuracy, top5_accuracy (top_k: k used), confusion_matrix
-    (counts, rows = true class, columns = predicted), confusion_matrix_normalized (rows sum to 1),
-    per_class {name: {precision, recall, f1, support}}, macro_avg, weighted_avg, top_confusions
-    {name: [(other, share), ...]}, confused_pairs, calibration {ece, mce, bins, ...}, probability_check.
+    The confusion matrix has rows = true class, columns = predicted; per-class rows, macro and weighted
+    averages come from scikit-learn (`zero_division=0`); calibration from `calibration`.
     """
     classes = list(classes)
     y = np.asarray(y_true).astype(np.int64).reshape(-1)
@@ -163,40 +460,43 @@ def evaluate_predictions(
     averages = {}
     for avg in ("macro", "weighted"):
         pa, ra, fa, _ = precision_recall_fscore_support(y, pred, labels=labels, average=avg, zero_division=0)
-        averages[avg] = {"precision": float(pa), "recall": float(ra), "f1": float(fa), "support": int(len(y))}
+        averages[avg] = ClassMetrics(float(pa), float(ra), float(fa), int(len(y)))
     top_k = min(5, k_cls)
     # scikit-learn refuses k >= n_classes (and 2-column scores); every label is then in the top k anyway.
     top5 = float(top_k_accuracy_score(y, probs, k=top_k, labels=labels)) if top_k < k_cls else 1.0
 
     row_sums = probs.sum(axis=1)
-    return {
-        "n": int(len(y)),
-        "classes": classes,
-        "loss": cross_entropy(y, z),
-        "accuracy": float(accuracy_score(y, pred)),
-        "error_rate": float(1.0 - accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(set(y.tolist())) > 1 else None,
-        "top5_accuracy": top5,
-        "top_k": top_k,
-        "confusion_matrix": cm.astype(int).tolist(),
-        "confusion_matrix_normalized": cm_norm.astype(float).tolist(),
-        "per_class": {
-            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-            for i, name in enumerate(classes)
+    accuracy = float(accuracy_score(y, pred))
+    return EvalResult(
+        n=int(len(y)),
+        classes=tuple(classes),
+        loss=cross_entropy(y, z),
+        accuracy=accuracy,
+        error_rate=float(1.0 - accuracy),
+        balanced_accuracy=float(balanced_accuracy_score(y, pred)) if len(set(y.tolist())) > 1 else None,
+        top5=top5,
+        top_k=top_k,
+        confusion=cm.astype(np.int64),
+        confusion_normalized=cm_norm.astype(np.float64),
+        per_class={
+            name: ClassMetrics(float(p[i]), float(r[i]), float(f[i]), int(s[i])) for i, name in enumerate(classes)
         },
-        "macro_avg": averages["macro"],
-        "weighted_avg": averages["weighted"],
-        "top_confusions": top_confusions(cm, classes),
-        "confused_pairs": confused_pairs(cm, classes),
-        "calibration": calibration(conf, pred == y, n_bins),
+        macro_avg=averages["macro"],
+        weighted_avg=averages["weighted"],
+        top_confusions={name: tuple(v) for name, v in top_confusions(cm, classes).items()},
+        confused_pairs=tuple(confused_pairs(cm, classes)),
+        calibration=calibration(conf, pred == y, n_bins),
         # The softmax output is read as a probability distribution: check that it is one.
-        "probability_check": {
-            "min": float(probs.min()),
-            "max": float(probs.max()),
-            "max_abs_sum_error": float(np.abs(row_sums - 1.0).max()),
-            "is_distribution": bool(probs.min() >= 0 and probs.max() <= 1 and np.allclose(row_sums, 1.0)),
-        },
-    }
+        probability_check=ProbabilityCheck(
+            min=float(probs.min()),
+            max=float(probs.max()),
+            max_abs_sum_error=float(np.abs(row_sums - 1.0).max()),
+            is_distribution=bool(probs.min() >= 0 and probs.max() <= 1 and np.allclose(row_sums, 1.0)),
+        ),
+    )
+
+
+# -- a saved run -----------------------------------------------------------------------------------------------
 
 
 def split_images(run: Any, dataset: Any, split: str) -> tuple[Any, Any, Any]:
@@ -224,7 +524,7 @@ def load_run_dataset(run: Any, data_dir: Path | None = None) -> Any:
     return load_dataset(run.recipe.dataset, data_dir)
 
 
-def check_dataset(run: Any, dataset: Any) -> dict[str, Any]:
+def check_dataset(run: Any, dataset: Any) -> DatasetCheck:
     """The dataset must have the run's classes in the run's order; a different checksum is only noted."""
     if list(dataset.classes) != run.classes:
         raise UserError(
@@ -232,12 +532,25 @@ def check_dataset(run: Any, dataset: Any) -> dict[str, Any]:
             "pass the data the run was trained on (--data-dir)"
         )
     saved = (run.config.get("dataset") or {}).get("checksum") or ""
-    return {
-        "name": dataset.name,
-        "source": str(dataset.source),
-        "checksum": dataset.checksum,
-        "checksum_matches_run": (dataset.checksum == saved) if saved and dataset.checksum else None,
-    }
+    return DatasetCheck(
+        name=dataset.name,
+        source=str(dataset.source),
+        checksum=dataset.checksum,
+        checksum_matches_run=(dataset.checksum == saved) if saved and dataset.checksum else None,
+    )
+
+
+def dataset_warning(ev: EvalResult) -> str | None:
+    """The one-line warning to show first when the data evaluated is not the run's; None when it is (or
+    when that cannot be known)."""
+    if not ev.dataset_mismatch:
+        return None
+    assert ev.dataset is not None
+    return (
+        f"the data evaluated ({ev.dataset.source}, checksum {ev.dataset.checksum or 'unknown'}) is not the data "
+        f"this run was trained on (its checksum differs): the {ev.split_name} numbers are not the run's "
+        "and cannot be compared with its training numbers; pass the run's data with --data-dir"
+    )
 
 
 def evaluate_run(
@@ -246,12 +559,11 @@ def evaluate_run(
     data_dir: Path | None = None,
     dataset: Any = None,
     logits: torch.Tensor | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[EvalResult, Predictions]:
     """Evaluate a saved run on its test split (or its reproduced validation split).
 
-    Returns (evaluation, extras): the evaluation dict of `evaluate_predictions` plus split, dataset,
-    inference settings and timing; extras holds numpy arrays for the report (logits, probs, y_true, y_pred,
-    images (uint8 tensor), indices into the split's source array).
+    Returns (evaluation, predictions): the `EvalResult` of `evaluate_predictions` with split, dataset check
+    and inference settings and timing filled in; and the arrays behind it for the report.
     `logits`: the split's logits when the caller already has them (training just computed the test
     logits with the same settings), so inference is not run twice.
     """
@@ -268,78 +580,80 @@ def evaluate_run(
     device = resolve_device("auto")
     t0 = time.perf_counter()
     reused = logits is not None and len(logits) == len(y)
-    if not reused:
+    if logits is None or not reused:
         model = run.build_model().to(device)
         if recipe.channels_last:  # as training evaluates it
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         logits = predict_logits(model, x, mean=mean, std=std, device=device, **recipe_options(recipe))
     predict_seconds = None if reused else time.perf_counter() - t0
     y_np = y.numpy() if hasattr(y, "numpy") else np.asarray(y)
     z = logits.numpy()
     t0 = time.perf_counter()
     ev = evaluate_predictions(y_np, z, run.classes)
-    ev.update(
-        {
-            "split": split,
-            "dataset": data_info,
-            "inference": {
-                "device": str(device),
-                "tta": recipe.tta,
-                "precision": recipe.precision,
-                # what "auto" resolved to on this machine: bf16 only where the CPU/GPU has it natively
-                "dtype": str(autocast_dtype(recipe.precision, device) or torch.float32).replace("torch.", ""),
-                "channels_last": recipe.channels_last,
-                "batch_size": recipe.eval_batch_size,
-                "predict_seconds": predict_seconds,
-                "images_per_second": len(y_np) / predict_seconds if predict_seconds else None,
-                "logits_from": "training" if reused else "this evaluation",
-                "metrics_seconds": time.perf_counter() - t0,
-            },
-        }
+    inference = InferenceInfo(
+        device=str(device),
+        tta=recipe.tta,
+        precision=recipe.precision,
+        # what "auto" resolved to on this machine: bf16 only where the CPU/GPU has it natively
+        dtype=str(autocast_dtype(recipe.precision, device) or torch.float32).replace("torch.", ""),
+        channels_last=recipe.channels_last,
+        batch_size=recipe.eval_batch_size,
+        predict_seconds=predict_seconds,
+        images_per_second=len(y_np) / predict_seconds if predict_seconds else None,
+        logits_from="training" if reused else "this evaluation",
+        metrics_seconds=time.perf_counter() - t0,
     )
+    ev = ev.with_run_info(split, data_info, inference)
     probs = softmax(z)
-    extras = {
-        "logits": z,
-        "probs": probs,
-        "y_true": y_np,
-        "y_pred": probs.argmax(axis=1),
-        "images": x,
-        "indices": np.asarray(idx),
-        "dataset": dataset,
-        "run": run,
-    }
-    return ev, extras
+    preds = Predictions(
+        logits=z,
+        probs=probs,
+        y_true=y_np,
+        y_pred=probs.argmax(axis=1),
+        images=x,
+        indices=np.asarray(idx),
+        dataset=dataset,
+        run=run,
+    )
+    return ev, preds
 
 
-def format_summary(ev: dict[str, Any]) -> str:
-    """The terminal summary of `cifarlab evaluate`: headline numbers, per-class table, top confusions."""
-    cal = ev["calibration"]
+# -- terminal summary ------------------------------------------------------------------------------------------
+
+
+def format_summary(ev: EvalResult) -> str:
+    """The terminal summary of `cifarlab evaluate`: headline numbers, per-class table, top confusions.
+
+    Class names come from the data (an image folder's names): control characters and escape sequences in
+    them are shown escaped, never sent to the terminal."""
+    from cifarlab.cli.common import printable
+
+    cal = ev.calibration
+    inf = ev.inference
     lines = [
-        f"{ev.get('split', 'test')} split: {ev['n']:,} images"
-        + (
-            f" (TTA {ev['inference']['tta']}, {ev['inference']['predict_seconds'] or 0:.1f} s)"
-            if "inference" in ev
-            else ""
-        ),
-        f"accuracy {ev['accuracy']:.2%}   top-{ev['top_k']} {ev['top5_accuracy']:.2%}   loss {ev['loss']:.4f}   "
-        f"ECE {cal['ece']:.2%} (mean confidence {cal['mean_confidence']:.2%})",
+        f"{ev.split_name} split: {ev.n:,} images"
+        + (f" (TTA {printable(inf.tta)}, {inf.predict_seconds or 0:.1f} s)" if inf is not None else ""),
+        f"accuracy {ev.accuracy:.2%}   top-{ev.top_k} {ev.top5:.2%}   loss {ev.loss:.4f}   "
+        f"ECE {cal.ece:.2%} (mean confidence {cal.mean_confidence:.2%})",
         "",
     ]
-    width = max(8, *(len(c) for c in ev["classes"]))
+    names = {c: printable(c) for c in ev.classes}
+    labels = ("macro avg", "weighted avg")
+    width = max(8, *(len(s) for s in names.values()), *(len(s) for s in labels))
     lines.append(f"{'class':<{width}}  precision  recall     f1  support  most confused with")
-    for name, m in ev["per_class"].items():
-        conf = ", ".join(f"{o} {s:.0%}" for o, s in ev["top_confusions"][name])
-        lines.append(
-            f"{name:<{width}}  {m['precision']:>9.3f}  {m['recall']:>6.3f}  {m['f1']:>5.3f}  {m['support']:>7}  {conf}"
-        )
-    for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
-        m = ev[key]
-        lines.append(
-            f"{label:<{width}}  {m['precision']:>9.3f}  {m['recall']:>6.3f}  {m['f1']:>5.3f}  {m['support']:>7}"
-        )
-    if ev["confused_pairs"]:
+
+    def row(label: str, m: ClassMetrics) -> str:
+        return f"{label:<{width}}  {m.precision:>9.3f}  {m.recall:>6.3f}  {m.f1:>5.3f}  {m.support:>7}"
+
+    for name, m in ev.per_class.items():
+        conf = ", ".join(f"{printable(o)} {s:.0%}" for o, s in ev.top_confusions[name])
+        lines.append(f"{row(names[name], m)}  {conf}".rstrip())
+    lines.append(row("macro avg", ev.macro_avg))
+    lines.append(row("weighted avg", ev.weighted_avg))
+    if ev.confused_pairs:
         lines.append("")
         lines.append(
-            "most confused pairs: " + "; ".join(f"{p['a']} <-> {p['b']} {p['count']}" for p in ev["confused_pairs"][:5])
+            "most confused pairs: "
+            + "; ".join(f"{printable(p.a)} <-> {printable(p.b)} {p.count}" for p in ev.confused_pairs[:5])
         )
     return "\n".join(lines)

@@ -1,22 +1,71 @@
-"""One training run end to end: data, split, model, loop, test evaluation, run folder, report."""
+"""One training run end to end, as a few named steps that the CLI and the Python API both call:
+
+    plan = prepare(recipe, ...)          device, data, split, checks, model: everything that can fail early
+    open_run(plan, ...)                  the run folder (new or resumed), its lock and config.json
+    fit = train(plan, callbacks)         the loop, with the run's callbacks (checkpoint, history, progress, ...)
+    result = finish(plan, fit)           test evaluation, model.safetensors, metrics.json, Table 1
+    write_report(plan, result)           report.html / report.md (a failure here never un-finishes the run)
+
+`run_experiment` runs them in order. Nothing is written before `prepare` has passed: a bad value, a device
+that cannot run the precision, a batch larger than the training set or a model too large for memory is an
+error before any folder exists.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cifarlab import __version__
 from cifarlab.augment import make_augment
+from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, split_indices
+from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads
+from cifarlab.errors import UserError
+from cifarlab.inference import predict_logits, recipe_options, to_float
+from cifarlab.models import build_model
 from cifarlab.recipes import Recipe
+from cifarlab.report import build_report
+from cifarlab.runs import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    WEIGHTS,
+    RunLock,
+    load_checkpoint,
+    machine_info,
+    new_run_dir,
+    read_json,
+    save_weights,
+    write_history,
+    write_json,
+    write_status,
+)
+from cifarlab.train import (
+    Callback,
+    Checkpoint,
+    EpochLog,
+    FitResult,
+    ProgressBar,
+    Trainer,
+    format_history_table,
+    recipe_callbacks,
+)
+
+__all__ = ["Plan", "RunResult", "finish", "open_run", "prepare", "run_experiment", "train", "write_report"]
+
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -24,42 +73,37 @@ class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
     status: str
+    logits: torch.Tensor | None = None  # test logits, kept for the report
 
 
-def make_callbacks(recipe: Recipe, has_val: bool) -> list:
-    """Keras' order from the reference: EarlyStopping first, then ReduceLROnPlateau."""
-    from cifarlab.callbacks import EarlyStopping, ReduceLROnPlateau
+@dataclass
+class Plan:
+    """Everything a run needs, resolved and checked before anything is written."""
 
-    needs_val = recipe.monitor.startswith("val_")
-    if needs_val and not has_val:
-        return []
-    cbs: list = []
-    if recipe.early_stopping_patience > 0:
-        cbs.append(
-            EarlyStopping(
-                monitor=recipe.monitor,
-                min_delta=recipe.early_stopping_min_delta,
-                patience=recipe.early_stopping_patience,
-                restore_best_weights=recipe.restore_best_weights,
-            )
-        )
-    if recipe.schedule == "plateau":
-        cbs.append(
-            ReduceLROnPlateau(
-                monitor=recipe.monitor,
-                factor=recipe.plateau_factor,
-                patience=recipe.plateau_patience,
-                min_delta=recipe.plateau_min_delta,
-                cooldown=recipe.plateau_cooldown,
-                min_lr=recipe.plateau_min_lr,
-            )
-        )
-    return cbs
+    recipe: Recipe
+    dataset: Dataset
+    device: torch.device
+    threads: int
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    model: nn.Module
+    data_dir: Path | None
+    deterministic: bool
+    resume_state: dict[str, Any] | None = None
+    run_dir: Path | None = None
+    lock: RunLock | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def has_val(self) -> bool:
+        return len(self.val_idx) > 0
 
 
 def versions() -> dict[str, str]:
-    import numpy
-
     return {
         "cifarlab": __version__,
         "torch": torch.__version__,
@@ -68,229 +112,404 @@ def versions() -> dict[str, str]:
     }
 
 
-def _status(run_dir: Path, status: str, **extra: Any) -> None:
-    from cifarlab.runs import STATUS, write_json
-
-    write_json(
-        run_dir / STATUS,
-        {"status": status, "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra},
-    )
+def split_digest(train_idx: torch.Tensor, val_idx: torch.Tensor) -> str:
+    """A short fingerprint of the split, so a resume can tell it trains on the same images."""
+    h = hashlib.md5(train_idx.numpy().astype("int64").tobytes())
+    h.update(val_idx.numpy().astype("int64").tobytes())
+    return h.hexdigest()[:16]
 
 
-def run_experiment(
+def _available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits_memory(
+    recipe: Recipe, num_classes: int, input_shape: tuple[int, int, int], device: torch.device
+) -> None:
+    """Count the model's parameters without allocating them; refuse one whose weights, gradients and optimizer
+    state alone exceed the memory available."""
+    try:
+        with torch.device("meta"):
+            meta = build_model(recipe, num_classes, input_shape)
+    except Exception:  # a model that cannot be built on the meta device is checked when it is really built
+        return
+    n = sum(p.numel() for p in meta.parameters())
+    need = n * 4 * 4  # fp32 weights, gradients and two optimizer moments
+    have = _available_memory(device)
+    if have is not None and need > have:
+        raise UserError(
+            f"the model has {n:,} parameters: training it needs at least {need / 2**30:.1f} GiB for weights, "
+            f"gradients and optimizer state, but {device} has {have / 2**30:.1f} GiB free; use smaller widths"
+        )
+
+
+def _check_fits_data(recipe: Recipe, n_train: int, input_shape: tuple[int, int, int]) -> None:
+    steps = n_train // recipe.batch_size if recipe.drop_last else -(-n_train // recipe.batch_size)
+    if steps == 0:
+        raise UserError(
+            f"batch_size={recipe.batch_size} is larger than the {n_train:,} training images and drop_last is on: "
+            "not one training step would run; lower batch_size"
+        )
+    _, h, w = input_shape
+    if recipe.augment == "flip_translate" and recipe.translate_pad > min(h, w) - 1:
+        raise UserError(f"translate_pad={recipe.translate_pad} must be smaller than the {h}x{w} images")
+
+
+def prepare(
     recipe: Recipe | None = None,
     *,
-    data_dir: Path | None = None,
-    runs_root: Path | str = "runs",
+    dataset: Dataset | None = None,
+    data_dir: Path | str | None = None,
     device: str | None = None,
-    resume: Path | None = None,
     deterministic: bool = False,
-    quiet: bool = False,
-    progress: bool | None = None,
-    report: bool = True,
-    dataset: Any = None,
-    command: str | None = None,
-    log: Callable[[str], None] | None = None,
-    tensorboard: bool = False,
-) -> RunResult:
-    """Train `recipe` (or resume the run in `resume`) and write everything into its run folder."""
-    from cifarlab.data import BatchLoader, channel_stats, load_dataset, split_indices
-    from cifarlab.inference import predict_logits, recipe_options, resolve_device, set_threads, to_float
-    from cifarlab.models import build_model, init_whitening
-    from cifarlab.runs import (
-        CHECKPOINT,
-        CONFIG,
-        METRICS,
-        WEIGHTS,
-        load_checkpoint,
-        machine_info,
-        new_run_dir,
-        read_json,
-        save_weights,
-        write_history,
-        write_json,
-    )
-    from cifarlab.train import Trainer, format_history_table
-
-    t_start = time.perf_counter()
-    say = (lambda s: None) if quiet else (log or (lambda s: print(s, flush=True)))
+    resume: Path | str | None = None,
+    model: nn.Module | None = None,
+) -> Plan:
+    """Resolve and check everything, load the data and build the model. Writes nothing."""
+    t0 = time.perf_counter()
+    resume_state = None
+    saved: dict[str, Any] = {}
+    if resume is not None:
+        saved = read_json(Path(resume) / CONFIG)
+        if not isinstance(saved, dict) or not isinstance(saved.get("recipe"), dict):
+            raise UserError(f"{Path(resume) / CONFIG} has no recipe: not a cifarlab run folder")
+        recipe = Recipe.from_dict(saved["recipe"])
+        resume_state = load_checkpoint(Path(resume) / CHECKPOINT)
+        if data_dir is None and saved.get("data_dir"):
+            data_dir = saved["data_dir"]
+        deterministic = deterministic or bool(saved.get("deterministic"))
+    if recipe is None:
+        raise ValueError("prepare needs a recipe or a run folder to resume")
     dev = resolve_device(device)
+    check_precision(recipe.precision, dev)
     threads = set_threads() if dev.type == "cpu" else torch.get_num_threads()
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-    checkpoint = None
-    if resume is not None:
-        run_dir = Path(resume)
-        config = read_json(run_dir / CONFIG)
-        recipe = Recipe.from_dict(config["recipe"])
-        checkpoint = load_checkpoint(run_dir / CHECKPOINT)
-        say(f"resuming {run_dir} after epoch {checkpoint['epoch']}")
-    else:
-        if recipe is None:
-            raise ValueError("run_experiment needs a recipe or a run folder to resume")
-        run_dir = new_run_dir(runs_root, recipe.name)
-    _status(run_dir, "running")
-    torch.manual_seed(recipe.seed)
-
-    # -- data --------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
     ds = dataset if dataset is not None else load_dataset(recipe.dataset, data_dir)
-    n = len(ds.y_train)
     labels = ds.y_train if recipe.stratified_split else None
-    tr_idx, va_idx = split_indices(n, recipe.val_fraction, recipe.seed, labels=labels)
-    x_tr, y_tr = ds.x_train[tr_idx], ds.y_train[tr_idx]
-    x_va, y_va = ds.x_train[va_idx], ds.y_train[va_idx]
+    tr_idx, va_idx = split_indices(len(ds.y_train), recipe.val_fraction, recipe.seed, labels=labels)
     mean = std = None
     if recipe.scaling == "standardize":
-        mean, std = channel_stats(x_tr)
+        mean, std = channel_stats(ds.x_train[tr_idx])
+    if resume is not None:
+        _check_same_data(Path(resume), saved, ds, tr_idx, va_idx)
+    _check_fits_data(recipe, len(tr_idx), ds.input_shape)
+    if model is None:
+        check_fits_memory(recipe, len(ds.classes), ds.input_shape, dev)
     data_seconds = time.perf_counter() - t0
 
-    # -- model ---------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    model = build_model(recipe, num_classes=len(ds.classes)).to(dev)
+    torch.manual_seed(recipe.seed)
+    net = model if model is not None else build_model(recipe, len(ds.classes), ds.input_shape)
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    if recipe.whiten_init and checkpoint is None:
+    net = net.to(dev).to(memory_format=fmt)  # type: ignore[call-overload]  # missing in torch's stubs
+    init_from_data = getattr(net, "init_from_data", None)
+    if recipe.whiten_init and resume_state is None and callable(init_from_data):
         g = torch.Generator().manual_seed(recipe.seed)
-        pick = torch.randperm(len(x_tr), generator=g)[:5000]
-        init_whitening(model.whiten, to_float(x_tr[pick], mean, std, dev))
-    common = dict(mean=mean, std=std, channels_last=recipe.channels_last, device=dev)
-    train_loader = BatchLoader(
-        x_tr,
-        y_tr,
-        recipe.batch_size,
-        shuffle=True,
-        drop_last=recipe.drop_last,
-        seed=recipe.seed,
-        transform=make_augment(recipe),
-        **common,
-    )
-    val_loader = BatchLoader(x_va, y_va, recipe.eval_batch_size, **common) if len(va_idx) else None
-    setup_seconds = time.perf_counter() - t0
-
-    if checkpoint is None:
-        config = {
-            "recipe": recipe.to_dict(),
-            "seed": recipe.seed,
-            "dataset": {
-                "name": ds.name,
-                "classes": list(ds.classes),
-                "source": str(ds.source),
-                "checksum": ds.checksum,
-                "n_train": len(tr_idx),
-                "n_val": len(va_idx),
-                "n_test": len(ds.y_test),
-                "split": {
-                    "val_fraction": recipe.val_fraction,
-                    "seed": recipe.seed,
-                    "stratified": recipe.stratified_split,
-                },
-            },
-            "normalization": {"mean": list(mean) if mean else None, "std": list(std) if std else None},
-            "machine": machine_info(dev),
-            "versions": versions(),
-            "command": command or " ".join(sys.argv),
-            "deterministic": deterministic,
-        }
-        write_json(run_dir / CONFIG, config)
-    say(f"run folder: {run_dir}")
-    say(
-        f"recipe {recipe.name}: {len(tr_idx):,} train / {len(va_idx):,} val / {len(ds.y_test):,} test images, "
-        f"{recipe.epochs} epochs max, batch {recipe.batch_size}, device {dev}, {threads} threads, "
-        f"precision {recipe.precision}"
-    )
-
-    writer = None
-    if tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def on_epoch_end(row: dict[str, Any]) -> None:
-        write_history(run_dir, trainer.history)
-        if writer is not None:
-            for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"):
-                if row.get(key) is not None:
-                    writer.add_scalar(key, row[key], row["epoch"])
-            writer.flush()
-
-    trainer = Trainer(
-        model,
-        recipe,
-        train_loader,
-        val_loader,
-        callbacks=make_callbacks(recipe, val_loader is not None),
+        pick = tr_idx[torch.randperm(len(tr_idx), generator=g)[:5000]]
+        init_from_data(to_float(ds.x_train[pick], mean, std, dev))
+    return Plan(
+        recipe=recipe,
+        dataset=ds,
         device=dev,
-        checkpoint_path=run_dir / CHECKPOINT,
-        on_epoch_end=on_epoch_end,
-        progress=(sys.stderr.isatty() and not quiet) if progress is None else progress,
-        log=say,
+        threads=threads,
+        train_idx=tr_idx,
+        val_idx=va_idx,
+        mean=mean,
+        std=std,
+        model=net,
+        data_dir=Path(data_dir) if data_dir is not None else None,
+        deterministic=deterministic,
+        resume_state=resume_state,
+        run_dir=Path(resume) if resume is not None else None,
+        timings={"data_seconds": data_seconds, "setup_seconds": time.perf_counter() - t0},
     )
-    if checkpoint is not None:
-        trainer.load_state_dict(checkpoint)
-    result = trainer.fit()
-    write_history(run_dir, result.history)
-    if result.status != "finished":
-        _status(run_dir, "stopped" if result.status == "stopped" else "crashed", message=result.message)
-        say(result.message)
-        if result.status == "stopped":
-            say(f"resume with: cifarlab train --resume {run_dir}")
-        save_weights(model, run_dir / WEIGHTS)
-        return RunResult(run_dir, {"status": result.status, "message": result.message}, result.status)
 
-    # -- test evaluation -----------------------------------------------------------------------------------
+
+def _check_same_data(run_dir: Path, saved: dict[str, Any], ds: Dataset, tr: torch.Tensor, va: torch.Tensor) -> None:
+    """A resume must train on the images the run started with: same dataset checksum, classes and split."""
+    want = saved.get("dataset") or {}
+    diffs = []
+    if want.get("checksum") != ds.checksum:
+        diffs.append(f"dataset checksum {ds.checksum or '(none)'} here, {want.get('checksum') or '(none)'} in the run")
+    if list(want.get("classes") or []) != list(ds.classes):
+        diffs.append("different classes")
+    if (want.get("n_train"), want.get("n_val")) != (len(tr), len(va)):
+        diffs.append(f"split {len(tr)}/{len(va)} here, {want.get('n_train')}/{want.get('n_val')} in the run")
+    elif want.get("split_digest") and want["split_digest"] != split_digest(tr, va):
+        diffs.append("a different train/validation split")
+    if diffs:
+        raise UserError(
+            f"cannot resume {run_dir} on this data: " + "; ".join(diffs) + f". It was trained on {want.get('source')}; "
+            "pass that with --data-dir"
+        )
+
+
+def _config(plan: Plan, command: str | None, model_given: bool) -> dict[str, Any]:
+    ds, r = plan.dataset, plan.recipe
+    return {
+        "recipe": r.to_dict(),
+        "seed": r.seed,
+        "dataset": {
+            "name": ds.name,
+            "classes": list(ds.classes),
+            "source": str(ds.source),
+            "checksum": ds.checksum,
+            "input_shape": list(ds.input_shape),
+            "n_train": len(plan.train_idx),
+            "n_val": len(plan.val_idx),
+            "n_test": len(ds.y_test),
+            "split": {"val_fraction": r.val_fraction, "seed": r.seed, "stratified": r.stratified_split},
+            "split_digest": split_digest(plan.train_idx, plan.val_idx),
+        },
+        "normalization": {
+            "mean": list(plan.mean) if plan.mean else None,
+            "std": list(plan.std) if plan.std else None,
+        },
+        "model_class": f"{type(plan.model).__module__}.{type(plan.model).__qualname__}" if model_given else None,
+        "machine": machine_info(plan.device),
+        "precision": precision_reason(r.precision, plan.device),
+        "versions": versions(),
+        "command": command or " ".join(sys.argv),
+        "data_dir": str((plan.data_dir or default_data_dir()).resolve()),
+        "deterministic": plan.deterministic,
+    }
+
+
+def open_run(
+    plan: Plan, runs_root: Path | str = "runs", *, command: str | None = None, model_given: bool = False
+) -> Path:
+    """Create the run folder (or take the resumed one), lock it against a second trainer, write config.json."""
+    if plan.run_dir is None:
+        plan.run_dir = new_run_dir(runs_root, plan.recipe.name)
+        plan.lock = RunLock(plan.run_dir).acquire()
+        plan.config = _config(plan, command, model_given)
+        write_json(plan.run_dir / CONFIG, plan.config)
+    else:
+        plan.lock = RunLock(plan.run_dir).acquire()
+        plan.config = read_json(plan.run_dir / CONFIG)
+    write_status(plan.run_dir, "running")
+    return plan.run_dir
+
+
+class SessionClock(Callback):
+    """Wall seconds of each training session (a resumed run has several), checkpointed with the run."""
+
+    order = 99
+    state_required = False
+
+    def __init__(self) -> None:
+        self.earlier: list[float] = []
+        self.t0 = time.perf_counter()
+
+    def seconds(self) -> list[float]:
+        return [*self.earlier, time.perf_counter() - self.t0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sessions": self.seconds()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.earlier = [float(s) for s in state.get("sessions", [])]
+
+
+def loaders(plan: Plan) -> tuple[BatchLoader, BatchLoader | None]:
+    r, ds = plan.recipe, plan.dataset
+    common: dict[str, Any] = dict(mean=plan.mean, std=plan.std, channels_last=r.channels_last, device=plan.device)
+    x_tr, y_tr = ds.x_train[plan.train_idx], ds.y_train[plan.train_idx]
+    train_loader = BatchLoader(
+        x_tr, y_tr, r.batch_size, shuffle=True, drop_last=r.drop_last, seed=r.seed, transform=make_augment(r), **common
+    )
+    val_loader = None
+    if plan.has_val:
+        x_va, y_va = ds.x_train[plan.val_idx], ds.y_train[plan.val_idx]
+        val_loader = BatchLoader(x_va, y_va, r.eval_batch_size, **common)
+    return train_loader, val_loader
+
+
+def run_callbacks(
+    plan: Plan, *, log: Log | None, progress: bool, tensorboard: bool = False, mlflow: bool | str = False
+) -> list[Callback]:
+    """The run's own machinery as callbacks: checkpoint + history files, progress, trackers."""
+    assert plan.run_dir is not None
+    cbs: list[Callback] = [Checkpoint(plan.run_dir)]
+    if log is not None:
+        cbs.append(ProgressBar() if progress else EpochLog(log, every_seconds=10.0))
+        if progress:
+            cbs.append(EpochLog(log))
+    if tensorboard:
+        from cifarlab.train.loggers import TensorBoardLogger
+
+        cbs.append(TensorBoardLogger(plan.run_dir / "tensorboard"))
+    if mlflow:
+        from cifarlab.train.loggers import MLflowLogger
+
+        cbs.append(MLflowLogger(plan.run_dir, tracking_uri=mlflow if isinstance(mlflow, str) else None))
+    return cbs
+
+
+def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, SessionClock]:
+    """Run the loop with the recipe's callbacks, the given ones, and a session clock."""
+    train_loader, val_loader = loaders(plan)
+    clock = SessionClock()
+    cbs = [*recipe_callbacks(plan.recipe, val_loader is not None), *callbacks, clock]
+    trainer = Trainer(plan.model, plan.recipe, train_loader, val_loader, callbacks=cbs, device=plan.device)
+    if plan.resume_state is not None:
+        try:
+            trainer.load_state_dict(plan.resume_state)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UserError(f"{plan.run_dir}/{CHECKPOINT} does not fit this run ({e}); it cannot be resumed") from None
+    return trainer.fit(), clock
+
+
+def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResult:
+    """Evaluate on the test set, save the weights and metrics.json, print Table 1."""
+    assert plan.run_dir is not None
+    run_dir, r, ds = plan.run_dir, plan.recipe, plan.dataset
+    write_history(run_dir, fit.history)
+    sessions = clock.seconds()
+    if fit.status != "finished":
+        status = "stopped" if fit.status == "stopped" else "crashed"
+        write_status(run_dir, status, message=fit.message)
+        say(fit.message)
+        if fit.status == "stopped":
+            say(f"resume with: cifarlab train --resume {run_dir}")
+        # A stopped run's weights are the last epoch's (finite: the NaN guard checks before every checkpoint);
+        # a diverged run keeps whatever model file it had.
+        if fit.status == "stopped":
+            save_weights(plan.model, run_dir / WEIGHTS)
+        return RunResult(run_dir, {"status": fit.status, "message": fit.message}, fit.status)
+
     t0 = time.perf_counter()
-    logits = predict_logits(model, ds.x_test, mean=mean, std=std, device=dev, **recipe_options(recipe))
+    logits = predict_logits(
+        plan.model, ds.x_test, mean=plan.mean, std=plan.std, device=plan.device, **recipe_options(r)
+    )
     test_acc = (logits.argmax(1) == ds.y_test).float().mean().item()
     test_loss = F.cross_entropy(logits, ds.y_test).item()
     eval_seconds = time.perf_counter() - t0
-    total_seconds = time.perf_counter() - t_start
-
-    save_weights(model, run_dir / WEIGHTS, metadata={"recipe": recipe.name})
-    last = result.history[-1] if result.history else {}
-    best_row = result.history[result.best_epoch - 1] if result.best_epoch else last
+    save_weights(plan.model, run_dir / WEIGHTS, metadata={"recipe": r.name})
+    last = fit.history[-1] if fit.history else {}
+    best_row = fit.history[fit.best_epoch - 1] if fit.best_epoch else last
     metrics = {
         "status": "finished",
-        "recipe": recipe.name,
+        "recipe": r.name,
         "test_accuracy": test_acc,
         "test_loss": test_loss,
-        "tta": recipe.tta,
-        "epochs_run": len(result.history),
-        "best_epoch": result.best_epoch,
-        "stopped_epoch": result.stopped_epoch,
-        "restored_epoch": result.restored_epoch,
-        "lr_drops_after_epochs": [r["epoch"] for r in result.history if "lr_reduced" in r["events"]],
+        "tta": r.tta,
+        "epochs_run": len(fit.history),
+        "best_epoch": fit.best_epoch,
+        "stopped_epoch": fit.stopped_epoch,
+        "restored_epoch": fit.restored_epoch,
+        "lr_drops_after_epochs": [row["epoch"] for row in fit.history if "lr_reduced" in row["events"]],
         "train_accuracy": last.get("accuracy"),
         "best_val_accuracy": best_row.get("val_accuracy"),
         "best_val_loss": best_row.get("val_loss"),
         "timings": {
-            "data_seconds": data_seconds,
-            "setup_seconds": setup_seconds,
-            "train_seconds": result.train_seconds,
+            **plan.timings,
+            "train_seconds": fit.train_seconds,
             "eval_seconds": eval_seconds,
-            "total_seconds": total_seconds,
-            "seconds_per_epoch": result.train_seconds / max(1, len(result.history)),
+            "total_seconds": time.perf_counter() - plan.t_start,
+            "seconds_per_epoch": fit.train_seconds / max(1, len(fit.history)),
+            "session_seconds": sessions,
+            "sessions_total_seconds": sum(sessions),
         },
     }
     write_json(run_dir / METRICS, metrics)
     say("")
-    say(format_history_table(result.history, result.train_seconds))
-    if result.restored_epoch:
-        say(f"best weights restored from epoch {result.restored_epoch}")
-    say(f"test accuracy {test_acc:.2%}  (loss {test_loss:.4f}, TTA {recipe.tta}, evaluated in {eval_seconds:.1f} s)")
+    say(format_history_table(fit.history, fit.train_seconds))
+    if len(sessions) > 1:
+        parts = " + ".join(f"{s:.1f}" for s in sessions)
+        say(f"wall time over {len(sessions)} sessions (resumed): {parts} = {sum(sessions):.1f} s")
+    if fit.restored_epoch:
+        say(f"best weights restored from epoch {fit.restored_epoch}")
+    say(f"test accuracy {test_acc:.2%}  (loss {test_loss:.4f}, TTA {r.tta}, evaluated in {eval_seconds:.1f} s)")
+    return RunResult(run_dir, metrics, "finished", logits)
 
-    if report:
-        t0 = time.perf_counter()
+
+def write_report(plan: Plan, result: RunResult, say: Log) -> str | None:
+    """report.html/report.md. A failure (a full disk, say) is reported and returned; the run stays finished."""
+    t0 = time.perf_counter()
+    try:
+        metrics = build_report(result.run_dir, dataset=plan.dataset, logits=result.logits)
+        metrics.setdefault("timings", {})["report_seconds"] = time.perf_counter() - t0
+        write_json(result.run_dir / METRICS, metrics)
+    except (OSError, UserError) as e:
+        say(
+            f"the report could not be written ({e}); the trained model is saved: run `cifarlab report {result.run_dir}`"
+        )
+        return str(e)
+    result.metrics = metrics
+    say(f"report: {result.run_dir / 'report.html'}")
+    return None
+
+
+def run_experiment(
+    recipe: Recipe | None = None,
+    *,
+    data_dir: Path | str | None = None,
+    runs_root: Path | str = "runs",
+    device: str | None = None,
+    resume: Path | str | None = None,
+    deterministic: bool = False,
+    quiet: bool = False,
+    progress: bool | None = None,
+    report: bool = True,
+    dataset: Dataset | None = None,
+    model: nn.Module | None = None,
+    callbacks: Sequence[Callback] = (),
+    command: str | None = None,
+    log: Log | None = None,
+    tensorboard: bool = False,
+    mlflow: bool | str = False,
+) -> RunResult:
+    """Train `recipe` (or resume the run in `resume`) and write everything into its run folder."""
+    say: Log = (lambda s: None) if quiet else (log or (lambda s: print(s, flush=True)))
+    plan = prepare(
+        recipe,
+        dataset=dataset,
+        data_dir=data_dir,
+        device=device,
+        deterministic=deterministic,
+        resume=resume,
+        model=model,
+    )
+    run_dir = open_run(plan, runs_root, command=command, model_given=model is not None)
+    try:
+        r = plan.recipe
+        if plan.resume_state is not None:
+            say(f"resuming {run_dir} after epoch {plan.resume_state['epoch']}")
+        say(f"run folder: {run_dir}")
+        say(
+            f"recipe {r.name}: {len(plan.train_idx):,} train / {len(plan.val_idx):,} val / "
+            f"{len(plan.dataset.y_test):,} test images, {r.epochs} epochs max, batch {r.batch_size}, "
+            f"device {plan.device}, {plan.threads} threads"
+        )
+        say(f"precision: {precision_reason(r.precision, plan.device)}")
+        show_progress = (sys.stderr.isatty() and not quiet) if progress is None else progress
+        machinery = run_callbacks(
+            plan, log=None if quiet else say, progress=show_progress, tensorboard=tensorboard, mlflow=mlflow
+        )
         try:
-            from cifarlab.report import build_report
-
-            metrics = build_report(run_dir, dataset=ds, logits=logits)
-            metrics.setdefault("timings", {})["report_seconds"] = time.perf_counter() - t0
-            write_json(run_dir / METRICS, metrics)
-            say(f"report: {run_dir / 'report.html'}")
-        except ImportError:
-            say("report module not available; skipped")
-    _status(run_dir, "finished")
-    return RunResult(run_dir, metrics, "finished")
+            fit, clock = train(plan, [*callbacks, *machinery])
+        except BaseException as e:
+            if not isinstance(e, KeyboardInterrupt):
+                write_status(run_dir, "crashed", message=f"{type(e).__name__}: {e}")
+            raise
+        result = finish(plan, fit, clock, say)
+        if result.status != "finished":
+            return result
+        report_error = write_report(plan, result, say) if report else None
+        write_status(run_dir, "finished", **({"report_error": report_error} if report_error else {}))
+        return result
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()

@@ -39,8 +39,10 @@ class Preprocessed(nn.Module):
         super().__init__()
         self.model = model
         self.normalize = mean is not None and std is not None
-        self.register_buffer("mean", torch.tensor(list(mean) if mean else [0.0, 0.0, 0.0]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std) if std else [1.0, 1.0, 1.0]).view(1, 3, 1, 1))
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.tensor(list(mean) if mean else [0.0]).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std) if std else [1.0]).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # Same op order as inference.to_float (/255, -mean, /std) so outputs match to float rounding.
@@ -85,7 +87,7 @@ def _wrapped(run_dir: Path | str) -> tuple[Any, nn.Module]:
 
     run = load_run(run_dir)
     model = run.build_model().float().eval()  # fp32, eval mode (BN running stats, no dropout), no autocast
-    model = model.to(memory_format=torch.contiguous_format)
+    model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # missing in torch's stubs
     mean, std = run.normalization
     wrapped = Preprocessed(model, mean, std).eval()
     for p in wrapped.parameters():
@@ -122,7 +124,7 @@ def export_onnx(run_dir: Path | str, out_path: Path | str | None = None, opset: 
         torch.onnx.export(
             wrapped,
             (dummy,),
-            buf,
+            buf,  # type: ignore[arg-type]  # torch.onnx.export writes to file objects too
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],

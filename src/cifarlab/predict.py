@@ -1,85 +1,81 @@
 """`cifarlab predict`: classify image files and folders with a trained run.
 
-Preprocessing is the training loader's own: every image goes through `cifarlab.data._decode_image` (any mode
--> RGB with alpha dropped, any size -> 32x32 with BOX when shrinking / bilinear when enlarging, no aspect
-ratio kept), then `inference.predict_proba` applies the run's scaling, normalization and TTA. Alpha is
-dropped rather than composited on white because that is what the ImageFolder training data went through:
-a model only sees inputs prepared like the ones it learned from.
+Preprocessing is the training loader's own: every image goes through `cifarlab.data.images.decode_image` (any
+mode -> RGB with alpha dropped, 16-bit scaled to 8 bits, any size -> 32x32 with BOX when shrinking / bilinear
+when enlarging, no aspect ratio kept), then `inference.predict_proba` applies the run's scaling,
+normalization and TTA. Alpha is dropped rather than composited on white because that is what the ImageFolder
+training data went through: a model only sees inputs prepared like the ones it learned from.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
+import unicodedata
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from cifarlab.data.images import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_PIXELS,
+    bomb_guard,
+    decode_image,
+    is_image_name,
+    is_regular_file,
+    skip_name,
+)
 from cifarlab.errors import DataError, UserError
 
+__all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "expand_paths", "format_table", "load_images", "predict_paths"]
+
 # Folders are searched for these; a file named on the command line is tried whatever its extension.
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-# Pillow's own default is ~89 MP (error at twice that). 40 MP covers any camera photo and refuses a bomb
-# long before it can allocate gigabytes; Pillow checks the header's size before decoding a single pixel.
-MAX_IMAGE_PIXELS = 40_000_000
-
-
-@contextlib.contextmanager
-def _bomb_guard(max_pixels: int) -> Iterator[None]:
-    """Pillow's decompression-bomb limit set to `max_pixels`, its warning band turned into an error."""
-    from PIL import Image
-
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
-def _skip(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"  # hidden files, macOS resource forks
-
-
-def _is_image_name(name: str) -> bool:
-    return not _skip(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # the one list, shared with dataset loading
+NOT_REGULAR = "skipped: not a regular file"
 
 
 def expand_paths(paths: Iterable[Path | str]) -> list[tuple[Path, str | None]]:
-    """[(path, None)] for each file to decode and [(path, error)] for a missing path or a folder without
-    images, in the order given; folders expand recursively (sorted, image extensions only, hidden entries
-    skipped, symlinked folders not followed)."""
+    """[(path, None)] for each file to decode and [(path, error)] for a missing path, a folder without
+    images or a non-regular file, in the order given; folders expand recursively (sorted, image extensions
+    only, hidden entries skipped, symlinked folders not followed). A FIFO, device or socket is never opened
+    (that can block forever): inside a folder it is listed as "skipped: not a regular file", named directly
+    it is an error."""
     out: list[tuple[Path, str | None]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found: list[Path] = []
+            found: list[tuple[Path, str | None]] = []
             for root, dirs, names in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not _skip(d))
-                found += [Path(root) / n for n in sorted(names) if _is_image_name(n)]
-            out += [(f, None) for f in found]
-            if not found:
+                dirs[:] = sorted(d for d in dirs if not skip_name(d))
+                for n in sorted(names):
+                    if is_image_name(n):
+                        f = Path(root) / n
+                        found.append((f, None if is_regular_file(f) else NOT_REGULAR))
+            out += found
+            if not any(err is None for _, err in found):
                 out.append((p, f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"))
-        elif p.is_file():
+        elif is_regular_file(p):
             out.append((p, None))
         elif p.exists():
-            out.append((p, "not a regular file or folder"))
+            out.append((p, "not a regular file or folder (a FIFO, device or socket): refused"))
         else:
             out.append((p, "no such file or folder"))
     return out
 
 
-def _decode(path: Path) -> np.ndarray:
-    """(32, 32, 3) uint8 exactly as the training ImageFolder loader decodes it."""
-    from cifarlab.data import _decode_image
-
-    return _decode_image(path, str(path))
+def _decode(path: Path, max_pixels: int, shape: tuple[int, int, int] = (3, 32, 32)) -> np.ndarray:
+    """uint8 `shape` (C, H, W) exactly as the training ImageFolder loader decodes it; one channel is the
+    ITU-R 601 luma of the RGB image."""
+    c, h, w = shape
+    if h != w or c not in (1, 3):
+        raise DataError(f"this model takes {c}x{h}x{w} images; predict reads files for square 1- or 3-channel models")
+    rgb = decode_image(path, str(path), h, max_pixels=max_pixels)
+    if c == 1:
+        luma = rgb.astype(np.float32).transpose(1, 2, 0) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[None]
+    return rgb
 
 
 def _error_message(exc: BaseException, max_pixels: int) -> str:
@@ -96,17 +92,17 @@ def _error_message(exc: BaseException, max_pixels: int) -> str:
 
 
 def _load(
-    entries: Sequence[tuple[Path, str | None]], max_pixels: int
+    entries: Sequence[tuple[Path, str | None]], max_pixels: int, shape: tuple[int, int, int] = (3, 32, 32)
 ) -> tuple[list[tuple[int, np.ndarray]], dict[int, str]]:
-    """Decode every entry without an error: ([(index, (32, 32, 3) array)], {index: error message})."""
+    """Decode every entry without an error: ([(index, (3, 32, 32) array)], {index: error message})."""
     decoded: list[tuple[int, np.ndarray]] = []
     failed = {i: err for i, (_, err) in enumerate(entries) if err is not None}
-    with _bomb_guard(max_pixels):
+    with bomb_guard(max_pixels):
         for i, (f, err) in enumerate(entries):
             if err is not None:
                 continue
             try:
-                decoded.append((i, _decode(f)))
+                decoded.append((i, _decode(f, max_pixels, shape)))
             except Exception as exc:  # noqa: BLE001 (one bad file must not stop the others)
                 failed[i] = _error_message(exc, max_pixels)
     return decoded, failed
@@ -115,7 +111,7 @@ def _load(
 def _stack(arrays: Sequence[np.ndarray]) -> torch.Tensor:
     if not arrays:
         return torch.empty((0, 3, 32, 32), dtype=torch.uint8)
-    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)))
+    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
 
 
 def load_images(
@@ -154,7 +150,7 @@ def predict_paths(
         prec = "auto"  # a CUDA-trained fp16 run predicting on a CPU: fp16 autocast does not exist there
 
     entries = expand_paths(paths)
-    decoded, failed = _load(entries, max_pixels)
+    decoded, failed = _load(entries, max_pixels, run.input_shape)
     x = _stack([a for _, a in decoded])
     mean, std = run.normalization
     results: list[dict[str, Any]] = [{"path": str(p)} for p, _ in entries]
@@ -173,19 +169,42 @@ def predict_paths(
     return results
 
 
+_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with control and format characters (ANSI escape sequences, bidi overrides, newlines) written
+    as visible escapes (``\\x1b``, ``\\u202e``), so a file name cannot rewrite the terminal."""
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def format_table(results: Sequence[dict[str, Any]]) -> str:
-    """path | top-k as 'class 93.1%' columns; failed files show their error in place of the classes."""
+    """path | top-k as 'class 93.1%' columns; failed files show their error in place of the classes.
+
+    For a terminal: control characters in paths, class names and messages are escaped (`terminal_safe`);
+    the JSON output keeps the real names."""
     if not results:
         return "no images"
-    width = min(60, max(len("path"), *(len(r["path"]) for r in results)))
+    paths = [terminal_safe(r["path"]) for r in results]
+    width = min(60, max(len("path"), *(len(p) for p in paths)))
     k = max((len(r.get("top_k", [])) for r in results), default=0)
     header = f"{'path':<{width}}  " + "  ".join(f"{'top-' + str(j + 1):<20}" for j in range(k))
     lines = [header.rstrip(), "-" * len(header.rstrip())]
-    for r in results:
-        path = r["path"]  # never shortened: a long path only pushes its own row's columns right
+    for r, path in zip(results, paths, strict=True):
+        # A path is never shortened: a long one only pushes its own row's columns right.
         if "error" in r:
-            lines.append(f"{path:<{width}}  error: {r['error']}")
+            msg = terminal_safe(r["error"])
+            lines.append(f"{path:<{width}}  {msg if msg.startswith('skipped:') else 'error: ' + msg}")
         else:
-            cells = [f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top_k"]]
+            cells = [f"{terminal_safe(t['class'])} {100 * t['probability']:.1f}%" for t in r["top_k"]]
             lines.append((f"{path:<{width}}  " + "  ".join(f"{c:<20}" for c in cells)).rstrip())
     return "\n".join(lines)

@@ -1,27 +1,53 @@
-"""Run folders: atomic file writes, weights (safetensors), resumable checkpoints, loading a saved run.
+"""Run folders: their files, weights (safetensors), resumable checkpoints, the lock, loading a saved run.
 
 Nothing here unpickles arbitrary objects: weights are safetensors, checkpoints are read with
-`torch.load(weights_only=True)`, configs and histories are JSON.
+`torch.load(weights_only=True)`, configs and histories are JSON. Every write goes through `cifarlab.files`
+(atomic), and weights that are not finite are never written as a run's model nor loaded from one.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import math
 import os
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import nn
 
 from cifarlab.errors import UserError
-from cifarlab.files import atomic_write_bytes, read_json, write_json
+from cifarlab.files import atomic_write, atomic_write_bytes, read_json, require_regular_file, write_json
 from cifarlab.recipes import Recipe
+from cifarlab.train.checkpoint import write_history
+
+__all__ = [
+    "CHECKPOINT",
+    "CONFIG",
+    "HISTORY_CSV",
+    "HISTORY_JSON",
+    "LOCK",
+    "METRICS",
+    "STATUS",
+    "WEIGHTS",
+    "Run",
+    "RunLock",
+    "atomic_write_bytes",
+    "load_checkpoint",
+    "load_run",
+    "load_weights",
+    "machine_info",
+    "new_run_dir",
+    "read_json",
+    "save_checkpoint",
+    "save_weights",
+    "write_history",
+    "write_json",
+    "write_status",
+]
 
 CONFIG = "config.json"
 HISTORY_JSON = "history.json"
@@ -30,11 +56,13 @@ METRICS = "metrics.json"
 WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint.pt"
 STATUS = "status.json"
-HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "events"]
+LOCK = ".lock"
 
 
 def new_run_dir(root: Path | str, recipe_name: str) -> Path:
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--runs-dir {root} is a file, not a folder")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i in range(100):
         path = root / (f"{stamp}-{recipe_name}" + (f"-{i}" if i else ""))
@@ -43,10 +71,63 @@ def new_run_dir(root: Path | str, recipe_name: str) -> Path:
             return path
         except FileExistsError:
             continue
+        except OSError as e:
+            raise UserError(f"cannot create a run folder under {root} ({e.strerror or e}); pick --runs-dir") from None
     raise UserError(f"could not create a new run folder under {root}")
 
 
+def write_status(run_dir: Path, status: str, **extra: Any) -> None:
+    """status.json: running / finished / stopped / crashed, with the PID so `cifarlab runs` can tell a dead run."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json(run_dir / STATUS, {"status": status, "pid": os.getpid(), "time": stamp, **extra})
+
+
+class RunLock:
+    """An exclusive OS lock on `<run>/.lock` while a process trains in the folder. The kernel drops it when the
+    process dies, however it dies, so a stale lock cannot outlive its process."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK
+        self._f: IO[str] | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks; status.json still tells
+            return self
+        f = open(self.path, "a+")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            status = {}
+            try:
+                status = read_json(self.path.parent / STATUS)
+            except UserError:
+                pass
+            pid = status.get("pid", "?") if isinstance(status, dict) else "?"
+            raise UserError(
+                f"{self.path.parent} is in use: it is still training (process {pid}). Wait for it to finish or "
+                "stop it (Ctrl-C), then resume"
+            ) from None
+        self._f = f
+        return self
+
+    def release(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    from cifarlab.device import cpu_has_bf16
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -57,6 +138,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
         pass
     info: dict[str, Any] = {
         "cpu": cpu,
+        "cpu_bf16": cpu_has_bf16(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -70,55 +152,79 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     return info
 
 
-def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    write_json(run_dir / HISTORY_JSON, history)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    for row in history:
-        w.writerow({**row, "events": ";".join(row.get("events", []))})
-    atomic_write_bytes(run_dir / HISTORY_CSV, buf.getvalue().encode())
+def _non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """model.safetensors, atomically; refuses NaN/inf weights so a diverged run never replaces a good model."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    bad = _non_finite(state)
+    if bad:
+        raise UserError(f"refusing to write {path}: weights {bad[:3]} are NaN/inf (training diverged)")
+    atomic_write_bytes(path, save(state, metadata=metadata))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
+    """Load `path` into `model`; every way it can be wrong is a one-line error naming the file."""
     try:
-        state = load_file(str(path))
-    except FileNotFoundError:
+        require_regular_file(path, "weights file")
+        state = load(Path(path).read_bytes())
+    except UserError:
         raise UserError(f"{path} is missing: the run has no saved weights (did training finish?)") from None
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{path} is not a valid safetensors file ({e}); the run folder is damaged") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"{path} does not match the recipe's model (missing {missing}, unexpected {unexpected})"
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {missing[:5]}" if missing else "",
+                f"unexpected {unexpected[:5]}" if unexpected else "",
+                ", ".join(
+                    f"{k} is {tuple(state[k].shape)}, the model needs {tuple(expected[k].shape)}" for k in wrong[:5]
+                ),
+            )
+            if part
         )
+        raise UserError(f"{path} does not match the run's model ({detail}); the run folder is damaged")
+    bad = _non_finite(state)
+    if bad:
+        raise UserError(
+            f"{path} holds NaN/inf weights ({', '.join(bad[:3])}): the run diverged; this model cannot be used"
+        )
+    model.load_state_dict(state)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
+        require_regular_file(path, "checkpoint")
         # weights_only: tensors and plain containers only; a tampered pickle cannot run code.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
         raise UserError(f"{path} is missing: nothing to resume from") from None
-    except Exception as e:
-        raise UserError(f"{path} cannot be loaded safely ({type(e).__name__}: {e})") from None
+    except Exception:
+        # torch's own message suggests weights_only=False, which would run whatever the file holds: never say it.
+        raise UserError(
+            f"{path} is not a cifarlab checkpoint (damaged or tampered with); it cannot be resumed"
+        ) from None
+    needed = ("epoch", "step", "model", "optimizer", "callbacks", "history", "torch_rng")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise UserError(f"{path} is not a cifarlab checkpoint (fields are missing); it cannot be resumed")
+    return state
 
 
 @dataclass
 class Run:
+    """A run folder as loaded: its config, recipe, history and metrics; `build_model()` gives the trained model."""
+
     path: Path
     config: dict[str, Any]
     recipe: Recipe
@@ -130,6 +236,11 @@ class Run:
         return list(self.config["dataset"]["classes"])
 
     @property
+    def input_shape(self) -> tuple[int, int, int]:
+        shape = self.config["dataset"].get("input_shape") or (3, 32, 32)
+        return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+    @property
     def normalization(self) -> tuple[list[float] | None, list[float] | None]:
         n = self.config.get("normalization") or {}
         return n.get("mean"), n.get("std")
@@ -137,11 +248,36 @@ class Run:
     def build_model(self, weights: bool = True) -> nn.Module:
         from cifarlab.models import build_model
 
-        model = build_model(self.recipe, num_classes=len(self.classes))
+        model = build_model(self.recipe, num_classes=len(self.classes), input_shape=self.input_shape)
         if weights:
             load_weights(model, self.path / WEIGHTS)
         model.eval()
         return model
+
+
+def _check_config(path: Path, config: Any) -> None:
+    """Tampered or foreign config.json files fail here with the file named, not later with a KeyError."""
+    where = path / CONFIG
+    if not isinstance(config, dict) or not isinstance(config.get("recipe"), dict):
+        raise UserError(f"{where} has no recipe: it is not a cifarlab run config (or it was damaged)")
+    ds = config.get("dataset")
+    if not isinstance(ds, dict):
+        raise UserError(f"{where} has no dataset section; the file is damaged")
+    classes = ds.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{where} has no valid dataset.classes list (at least two class names); the file is damaged")
+    shape = ds.get("input_shape")
+    if shape is not None and (
+        not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape)
+    ):
+        raise UserError(f"{where}: dataset.input_shape must be [channels, height, width]; the file is damaged")
+    norm = config.get("normalization") or {}
+    for key in ("mean", "std"):
+        v = norm.get(key) if isinstance(norm, dict) else None
+        if v is not None and (
+            not isinstance(v, list) or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+        ):
+            raise UserError(f"{where}: normalization.{key} must be a list of numbers; the file is damaged")
 
 
 def load_run(run_dir: Path | str) -> Run:
@@ -149,7 +285,15 @@ def load_run(run_dir: Path | str) -> Run:
     if not path.is_dir():
         raise UserError(f"{path} is not a folder; pass a run folder such as runs/20261125-120000-fast")
     config = read_json(path / CONFIG)
-    recipe = Recipe.from_dict(config["recipe"])
+    _check_config(path, config)
+    try:
+        recipe = Recipe.from_dict(config["recipe"])
+    except UserError as e:
+        raise UserError(f"{path / CONFIG}: {e}") from None
     history = read_json(path / HISTORY_JSON) if (path / HISTORY_JSON).exists() else []
     metrics = read_json(path / METRICS) if (path / METRICS).exists() else {}
+    if not isinstance(history, list):
+        raise UserError(f"{path / HISTORY_JSON} is not a list of epochs; the file is damaged")
+    if not isinstance(metrics, dict):
+        raise UserError(f"{path / METRICS} is not a mapping; the file is damaged")
     return Run(path=path, config=config, recipe=recipe, history=history, metrics=metrics)

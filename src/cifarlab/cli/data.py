@@ -7,20 +7,27 @@ import contextlib
 import json
 import logging
 import sys
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from cifarlab.cli.common import data_dir_arg, fmt
 
 DATASET_HELP = "cifar10 (default), cifar100, or the path of an ImageFolder tree (folder or .tar.gz)"
 
 
-def add_commands(
-    sub: Any,
-    fmt: Callable[[str, str], dict],
-    data_dir_arg: Callable[[argparse.ArgumentParser], None],
-) -> None:
-    """Register the `data` subcommands on `sub` (the `data` parser's subparsers)."""
+def add_parser(sub: Any) -> None:
+    """Register `cifarlab data` and its subcommands on `sub` (the top-level subparsers)."""
+    p_data = sub.add_parser(
+        "data",
+        help="inspect datasets",
+        **fmt(
+            "Inspect datasets: counts, checksums, sample grids.",
+            "cifarlab data info --data-dir ../shared/data",
+        ),
+    )
+    sub = p_data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    sub.required = True
     p = sub.add_parser(
         "info",
         help="source, checksum, cache, shapes, class counts and pixel statistics of a dataset",
@@ -31,10 +38,8 @@ def add_commands(
             "cifarlab data info --data-dir ../shared/data",
         ),
     )
-    _common_args(p, data_dir_arg)
-    p.add_argument(
-        "--json", action="store_true", help="print the facts as one JSON object instead of a table"
-    )
+    _common_args(p)
+    p.add_argument("--json", action="store_true", help="print the facts as one JSON object instead of a table")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
@@ -45,7 +50,7 @@ def add_commands(
             "cifarlab data preview --data-dir ../shared/data --out preview.png --per-class 8",
         ),
     )
-    _common_args(p, data_dir_arg)
+    _common_args(p)
     p.add_argument("--out", type=Path, default=Path("preview.png"), help="PNG to write (default preview.png)")
     p.add_argument("--per-class", type=_positive_int, default=8, help="images per class (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing the images (default 0)")
@@ -60,7 +65,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _common_args(p: argparse.ArgumentParser, data_dir_arg: Callable[[argparse.ArgumentParser], None]) -> None:
+def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
     data_dir_arg(p)
     p.add_argument(
@@ -80,11 +85,8 @@ class _CliFormatter(logging.Formatter):
 def _cli_logging() -> Iterator[None]:
     """Show cifarlab's progress and warnings on stderr while a command runs.
 
-    Checksum warnings reach the user through the log line; the `warnings` copy is silenced so it is not
-    printed twice.
+    Checksum warnings reach the user as one log line.
     """
-    from cifarlab.data import ChecksumWarning
-
     logger = logging.getLogger("cifarlab")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_CliFormatter())
@@ -93,9 +95,7 @@ def _cli_logging() -> Iterator[None]:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ChecksumWarning)
-            yield
+        yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
@@ -159,7 +159,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"dataset   {ds.name} ({len(ds.classes)} classes)",
         f"source    {ds.source}",
         f"checksum  {_checksum_line(ds)}",
-        f"cache     {ds.cache_dir}",
+        f"cache     {ds.cache_dir or 'none (not cached)'}",
         f"train     {len(ds.x_train):>6} images  uint8 {tuple(ds.x_train.shape)}",
         f"test      {len(ds.x_test):>6} images  uint8 {tuple(ds.x_test.shape)}",
         "",

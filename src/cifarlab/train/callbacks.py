@@ -1,4 +1,20 @@
-"""Training callbacks with Keras 3 semantics, epoch for epoch.
+"""Callbacks: the one extension point of the training loop, and the Keras 3 ones the reference needs.
+
+Hooks, in the order the loop calls them (Keras' names where Keras has the hook):
+
+    on_train_begin(logs)                       once, not again on resume
+    on_epoch_begin(epoch, logs)                epoch is 0-based
+    on_train_batch_begin(batch, logs)          logs: {"step": global step}
+    on_train_batch_end(batch, logs)            logs: {"step", "loss" (tensor), "size", "loss_sum", "correct", "seen"}
+    on_validation_begin(epoch, logs)           after the epoch's last step, before validation (always called)
+    on_epoch_end(epoch, logs)                  logs: loss, accuracy, val_loss, val_accuracy, lr, epoch_seconds,
+                                               events (callbacks append strings such as "best", "lr_reduced")
+    on_train_end(logs)                         only when training finished (not on Ctrl-C or divergence)
+
+Callbacks run sorted by their `order` (stable; default 0, the Keras ones and user callbacks). The run's own
+machinery sits after them: the NaN guard (80), the history row (90), logging (95), the checkpoint (100) and
+loggers such as TensorBoard or MLflow (110), so a checkpoint always holds every callback's updated state. A
+callback's `state_dict()` is saved in every checkpoint and given back by `load_state_dict()` on resume.
 
 `EarlyStopping` and `ReduceLROnPlateau` follow `keras/src/callbacks/early_stopping.py` and
 `keras/src/callbacks/reduce_lr_on_plateau.py` (Keras 3) decision for decision, so that the pinned
@@ -88,15 +104,27 @@ _METRIC_DIRECTIONS: dict[str, str] = {
 class Callback:
     """Base class: every hook is a no-op; state is empty."""
 
-    trainer: TrainerLike
+    trainer: Any  # the Trainer (TrainerLike is the part the Keras callbacks need)
+    order: int = 0
+    # A resumed run must give this callback its saved state (False for loggers, which may be added on resume).
+    state_required: bool = True
 
-    def set_trainer(self, trainer: TrainerLike) -> None:
+    def set_trainer(self, trainer: Any) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         pass
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        pass
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        pass
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        pass
+
+    def on_validation_begin(self, epoch: int, logs: dict | None = None) -> None:
         pass
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -302,9 +330,7 @@ class ReduceLROnPlateau(Callback):
         self.verbose = verbose
         self.cooldown = cooldown
         if mode not in ("auto", "min", "max"):
-            warnings.warn(
-                f"Learning rate reduction mode {mode} is unknown, fallback to auto mode.", stacklevel=2
-            )
+            warnings.warn(f"Learning rate reduction mode {mode} is unknown, fallback to auto mode.", stacklevel=2)
             mode = "auto"
         self.mode = mode
         self._minimize = mode == "min" or (mode == "auto" and "acc" not in monitor)
@@ -379,13 +405,32 @@ class ReduceLROnPlateau(Callback):
         self._resumed = True
 
 
-class CallbackList:
-    """Calls each hook on every callback, in list order (as Keras' CallbackList does)."""
+_HOOKS = (
+    "on_train_begin",
+    "on_epoch_begin",
+    "on_train_batch_begin",
+    "on_train_batch_end",
+    "on_validation_begin",
+    "on_epoch_end",
+    "on_train_end",
+)
 
-    def __init__(self, callbacks: Iterable[Callback] | None = None, trainer: TrainerLike | None = None):
-        self.callbacks: list[Callback] = list(callbacks or [])
+
+class CallbackList:
+    """Calls each hook on every callback, sorted by `order` (stable: equal orders keep the given order).
+
+    A hook that no callback overrides costs nothing per batch: only overriding callbacks are called.
+    """
+
+    def __init__(self, callbacks: Iterable[Callback] | None = None, trainer: Any = None):
+        self.callbacks: list[Callback] = sorted(callbacks or [], key=lambda cb: cb.order)
+        self._by_hook = {h: self._overriding(h) for h in _HOOKS}
         if trainer is not None:
             self.set_trainer(trainer)
+
+    def _overriding(self, hook: str) -> list[Callback]:
+        base = getattr(Callback, hook)
+        return [cb for cb in self.callbacks if getattr(type(cb), hook, base) is not base]
 
     def __iter__(self) -> Iterator[Callback]:
         return iter(self.callbacks)
@@ -393,37 +438,54 @@ class CallbackList:
     def __len__(self) -> int:
         return len(self.callbacks)
 
-    def append(self, callback: Callback) -> None:
-        self.callbacks.append(callback)
-
-    def set_trainer(self, trainer: TrainerLike) -> None:
+    def set_trainer(self, trainer: Any) -> None:
         for cb in self.callbacks:
             cb.set_trainer(trainer)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        for cb in self.callbacks:
+        for cb in self._by_hook["on_train_begin"]:
             cb.on_train_begin(logs)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        for cb in self.callbacks:
+        for cb in self._by_hook["on_epoch_begin"]:
             cb.on_epoch_begin(epoch, logs)
 
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        for cb in self._by_hook["on_train_batch_begin"]:
+            cb.on_train_batch_begin(batch, logs)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        for cb in self._by_hook["on_train_batch_end"]:
+            cb.on_train_batch_end(batch, logs)
+
+    def on_validation_begin(self, epoch: int, logs: dict | None = None) -> None:
+        for cb in self._by_hook["on_validation_begin"]:
+            cb.on_validation_begin(epoch, logs)
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        for cb in self.callbacks:
+        for cb in self._by_hook["on_epoch_end"]:
             cb.on_epoch_end(epoch, logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        for cb in self.callbacks:
+        for cb in self._by_hook["on_train_end"]:
             cb.on_train_end(logs)
 
     def state_dict(self) -> dict[str, Any]:
         entries = [{"class": type(cb).__name__, "state": cb.state_dict()} for cb in self.callbacks]
-        return {"callbacks": entries}
+        return {"callbacks": [e for e in entries if e["state"]]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        entries = state["callbacks"]
-        names = [type(cb).__name__ for cb in self.callbacks]
-        if [e["class"] for e in entries] != names:
-            raise ValueError(f"checkpoint callbacks {[e['class'] for e in entries]} do not match {names}")
-        for cb, entry in zip(self.callbacks, entries, strict=True):
-            cb.load_state_dict(entry["state"])
+        """Give each stateful callback the saved state of the same class, in order. A callback that needs its
+        state (`state_required`) and finds none means the run is resumed with other callbacks: an error. Saved
+        state no callback takes (a logger dropped on resume) is ignored."""
+        entries = list(state["callbacks"])
+        for cb in self.callbacks:
+            if not cb.state_dict():  # stateless now (and so it saved nothing)
+                continue
+            match = next((e for e in entries if e["class"] == type(cb).__name__), None)
+            if match is None:
+                if cb.state_required:
+                    raise ValueError(f"the checkpoint holds no state for callback {type(cb).__name__}")
+                continue
+            entries.remove(match)
+            cb.load_state_dict(match["state"])

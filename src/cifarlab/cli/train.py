@@ -6,11 +6,13 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
+from cifarlab.cli.common import data_dir_arg, fmt
 from cifarlab.errors import UserError
 
 
-def add_commands(sub: argparse._SubParsersAction, fmt, data_dir_arg) -> None:
+def add_parser(sub: Any) -> None:
     from cifarlab import config
 
     p = sub.add_parser(
@@ -26,9 +28,7 @@ def add_commands(sub: argparse._SubParsersAction, fmt, data_dir_arg) -> None:
     config.add_recipe_args(p)
     data_dir_arg(p)
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
-    p.add_argument(
-        "--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint"
-    )
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--deterministic",
@@ -42,25 +42,33 @@ def add_commands(sub: argparse._SubParsersAction, fmt, data_dir_arg) -> None:
         action="store_true",
         help="also log per-epoch metrics to <run>/tensorboard (needs the 'tensorboard' extra)",
     )
+    p.add_argument(
+        "--mlflow",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="TRACKING_URI",
+        help="also log the recipe and per-epoch metrics to MLflow (needs the 'mlflow' extra); default store: "
+        "a local file store <runs-dir>/mlruns; or any MLflow tracking URI",
+    )
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab import config
     from cifarlab.experiment import run_experiment
+    from cifarlab.train.loggers import require
 
     recipe = None
     if args.resume is None:
         recipe = config.recipe_from_args(args)  # validates everything before any data is touched
     elif getattr(args, "set", None) or getattr(args, "config", None):
         raise UserError("--resume continues a run with its saved config; --set/--config cannot change it")
+    # Optional trackers are checked before any work, so a missing extra never leaves an empty run folder.
     if args.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise UserError(
-                "--tensorboard needs the optional dependency: pip install 'cifarlab[tensorboard]'"
-            ) from None
+        require("tensorboard", "tensorboard", "--tensorboard")
+    if args.mlflow:
+        require("mlflow", "mlflow", "--mlflow")
     result = run_experiment(
         recipe,
         data_dir=args.data_dir,
@@ -72,6 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         report=not args.no_report,
         command="cifarlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         tensorboard=args.tensorboard,
+        mlflow=args.mlflow,
     )
     if args.quiet and result.status == "finished":
         print(f"{result.run_dir}: test accuracy {result.metrics['test_accuracy']:.4f}")

@@ -1,0 +1,205 @@
+"""The Python API: train a recipe on CIFAR-10 or your own data, with your own model and callbacks, and get a
+run back to evaluate, predict with, report on and export. `docs/API.md` shows it in use.
+
+    import cifarlab
+    run = cifarlab.fit("fast", data_dir="../shared/data")
+    run = cifarlab.fit("reference", data=(x_train, y_train, x_test, y_test), model=MyNet(), epochs=5)
+    run.test_accuracy, run.predict(images), run.evaluate(), run.report(), run.export("onnx")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifarlab.config import apply_overrides
+from cifarlab.data import Dataset, as_images, from_arrays, from_torch_dataset, load_dataset
+from cifarlab.errors import ConfigError, UserError
+from cifarlab.evaluate import EvalResult, evaluate_run
+from cifarlab.experiment import run_experiment
+from cifarlab.export import export as export_run
+from cifarlab.inference import predict_proba, recipe_options
+from cifarlab.predict import predict_paths
+from cifarlab.recipes import Recipe, get_recipe, validate
+from cifarlab.registry import MODELS
+from cifarlab.report import build_report
+from cifarlab.runs import Run, load_run
+from cifarlab.train import Callback
+
+__all__ = ["TrainedRun", "as_dataset", "fit", "load"]
+
+
+def as_dataset(data: Any, classes: Sequence[str] | None = None) -> Dataset | None:
+    """Turn what a user has into a `Dataset`: None (the recipe's dataset), a `Dataset`, a name or path
+    (cifar10, cifar100, an image folder), `(x_train, y_train, x_test, y_test)` arrays or tensors, a mapping with
+    those keys, or `(train, test)` map-style torch Datasets of (image, label) pairs."""
+    if data is None or isinstance(data, Dataset):
+        return data
+    if isinstance(data, (str, Path)):
+        return None  # resolved by the recipe's `dataset` key (see fit)
+    if isinstance(data, dict):
+        keys = ("x_train", "y_train", "x_test", "y_test")
+        missing = [k for k in keys if k not in data]
+        if missing:
+            raise UserError(f"data: a mapping needs the keys {', '.join(keys)} (missing {', '.join(missing)})")
+        return from_arrays(*(data[k] for k in keys), classes=data.get("classes", classes))
+    if isinstance(data, (tuple, list)):
+        if len(data) == 4:
+            return from_arrays(*data, classes=classes)
+        if len(data) == 2 and all(isinstance(d, torch.utils.data.Dataset) for d in data):
+            return from_torch_dataset(data[0], data[1], classes=classes)
+    raise UserError(
+        f"data: cannot use a {type(data).__name__}; pass (x_train, y_train, x_test, y_test) arrays, "
+        "(train, test) torch Datasets, a cifarlab Dataset, or a dataset name / image-folder path"
+    )
+
+
+def _register_user_model(model: nn.Module) -> str:
+    """A model instance gets a registry entry for this process, so the run it trains can be loaded again."""
+    name = f"user.{type(model).__qualname__}"
+    MODELS.register(name, description=f"user model {type(model).__qualname__}", replace=True)(
+        lambda recipe, num_classes, input_shape: model
+    )
+    return name
+
+
+def fit(
+    recipe: str | Recipe = "fast",
+    data: Any = None,
+    *,
+    classes: Sequence[str] | None = None,
+    model: str | nn.Module | None = None,
+    callbacks: Sequence[Callback] = (),
+    data_dir: str | Path | None = None,
+    runs_dir: str | Path = "runs",
+    device: str = "auto",
+    deterministic: bool = False,
+    report: bool = True,
+    quiet: bool = True,
+    mlflow: bool | str = False,
+    **overrides: Any,
+) -> TrainedRun:
+    """Train and return the run. `recipe`: a name or a `Recipe`; `overrides`: recipe keys (`epochs=5`, ...),
+    checked like `--set`. `model`: a registered model name or your own `nn.Module` (it gets float images
+    (N, C, H, W) and returns logits). `data`: see `as_dataset`; None trains on the recipe's dataset, found in
+    `data_dir` (default $CIFARLAB_DATA, else ~/.cache/cifarlab, downloading CIFAR-10 when online)."""
+    base = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    if isinstance(data, (str, Path)):
+        overrides = {"dataset": str(data), **overrides}
+    if isinstance(model, str):
+        overrides = {"model": model, **overrides}
+    r = apply_overrides(base, list(overrides.items()), source="fit()")
+    module = None
+    if isinstance(model, nn.Module):
+        module = model
+        r = r.replace(model=_register_user_model(model))
+    elif model is not None and not isinstance(model, str):
+        raise ConfigError(f"model: pass a registered model name or an nn.Module, not a {type(model).__name__}")
+    ds = as_dataset(data, classes)
+    if ds is not None and r.dataset in ("cifar10", "cifar100"):
+        r = r.replace(dataset=ds.name if ds.name not in ("cifar10", "cifar100") else r.dataset)
+    r = validate(r, check_paths=ds is None)
+    result = run_experiment(
+        r,
+        dataset=ds,
+        data_dir=Path(data_dir) if data_dir is not None else None,
+        runs_root=runs_dir,
+        device=device,
+        deterministic=deterministic,
+        report=report,
+        quiet=quiet,
+        model=module,
+        callbacks=callbacks,
+        command="cifarlab.fit(...)",
+        mlflow=mlflow,
+    )
+    if result.status != "finished":
+        raise UserError(f"training did not finish ({result.status}): {result.metrics.get('message', '')}")
+    return TrainedRun(load_run(result.run_dir), dataset=ds, model=module)
+
+
+def load(run_dir: str | Path) -> TrainedRun:
+    """A saved run folder as a `TrainedRun` (its model must be registered in this process)."""
+    return TrainedRun(load_run(run_dir))
+
+
+@dataclass
+class TrainedRun:
+    """A finished run: its folder, recipe, history and metrics, and the trained model (loaded on first use)."""
+
+    run: Run
+    dataset: Dataset | None = None
+    model: nn.Module | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.run.recipe
+
+    @property
+    def classes(self) -> list[str]:
+        return self.run.classes
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.run.history
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.run.metrics
+
+    @property
+    def test_accuracy(self) -> float:
+        return float(self.run.metrics["test_accuracy"])
+
+    def get_model(self) -> nn.Module:
+        """The trained model in eval mode, from `model.safetensors`."""
+        if self.model is None:
+            self.model = self.run.build_model()
+        else:
+            from cifarlab.runs import WEIGHTS, load_weights
+
+            load_weights(self.model, self.run.path / WEIGHTS)
+        return self.model.eval()
+
+    def predict(self, images: Any, *, device: str | None = None) -> torch.Tensor | list[dict[str, Any]]:
+        """Class probabilities. `images`: uint8 (or [0, 1] float) arrays/tensors, NCHW or NHWC, of the run's
+        input size -> an (N, classes) tensor; or file/folder paths -> one dict per file (top-5 classes)."""
+        if isinstance(images, (str, Path)) or (
+            isinstance(images, Iterable)
+            and not isinstance(images, (np.ndarray, torch.Tensor))
+            and all(isinstance(p, (str, Path)) for p in images)
+        ):
+            paths = [images] if isinstance(images, (str, Path)) else list(images)
+            return predict_paths(self.path, paths, top_k=min(5, len(self.classes)), device=device)
+        x = as_images(images)
+        if tuple(x.shape[1:]) != self.run.input_shape:
+            raise UserError(f"images are {tuple(x.shape[1:])} (C, H, W); this model takes {self.run.input_shape}")
+        model = self.get_model()
+        mean, std = self.run.normalization
+        dev = torch.device(device) if device else None
+        return predict_proba(model, x, mean=mean, std=std, device=dev, **recipe_options(self.recipe))
+
+    def evaluate(self, split: str = "test", data: Any = None, data_dir: str | Path | None = None) -> EvalResult:
+        ds = as_dataset(data) if data is not None else self.dataset
+        if ds is None:
+            ds = load_dataset(self.recipe.dataset, data_dir)
+        ev, _ = evaluate_run(self.path, split=split, dataset=ds)
+        return ev
+
+    def report(self, data_dir: str | Path | None = None) -> Path:
+        """(Re)write report.html / report.md; returns the HTML path."""
+        build_report(self.path, data_dir=Path(data_dir) if data_dir else None, dataset=self.dataset)
+        return self.path / "report.html"
+
+    def export(self, fmt: str = "onnx", out: str | Path | None = None) -> Path:
+        return export_run(self.path, fmt, out)

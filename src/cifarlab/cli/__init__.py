@@ -1,0 +1,48 @@
+"""The `cifarlab` command. Each subcommand lives in the module of this package named for it (its
+`add_parser(sub)` registers it, its `cmd_*` function runs it); this file only builds the parser and runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cifarlab import __version__
+from cifarlab.cli.common import fmt, run_command
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+# Modules of this package, one per command, in the order `cifarlab --help` lists them.
+COMMANDS: tuple[str, ...] = ("data", "model", "train", "evaluate", "report", "runs", "predict", "export", "config")
+
+
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `cifarlab` parser with every command of COMMANDS (or only `commands`, for tests)."""
+    parser = argparse.ArgumentParser(
+        prog="cifarlab",
+        **fmt(
+            "Train, evaluate, explain and serve CNN image classifiers for CIFAR-10 and datasets like it.",
+            "cifarlab train --data-dir ../shared/data",
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS if commands is None else commands:
+        importlib.import_module(f"cifarlab.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "data_dir", None) is None and os.environ.get("CIFARLAB_DATA"):
+        args.data_dir = Path(os.environ["CIFARLAB_DATA"])
+    return run_command(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

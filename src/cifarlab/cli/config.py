@@ -1,0 +1,55 @@
+"""`cifarlab config`: print a resolved recipe (--recipe, --config, --set) without training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from cifarlab.cli.common import data_dir_arg, fmt
+
+
+def add_parser(sub: Any) -> None:
+    from cifarlab import config
+
+    p = sub.add_parser(
+        "config",
+        help="print a resolved recipe (--recipe, --config, --set) without training",
+        **fmt(
+            "Resolve and validate a recipe exactly as `cifarlab train` would (base recipe, then --config,\n"
+            "then each --set) and print it as YAML, marking the keys that differ from the base recipe.\n"
+            "The output is itself a valid --config file. Nothing is loaded or trained.",
+            "cifarlab config --recipe reference --set lr=2e-3 --set widths=32,64,64",
+        ),
+    )
+    config.add_recipe_args(p)
+    data_dir_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    p.set_defaults(func=cmd_config)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from cifarlab import config
+    from cifarlab.recipes import DEFAULT_RECIPE, get_recipe
+
+    recipe = config.recipe_from_args(args)
+    d = recipe.to_dict()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    file_recipe = config.load_config_file(args.config).get("recipe") if args.config else None
+    base_name = args.recipe or file_recipe or DEFAULT_RECIPE
+    base = get_recipe(base_name).to_dict()
+    print(f"recipe: {base_name}")
+    for key, value in d.items():
+        if key == "name" and value == base_name:
+            continue
+        # One flow-style line per key: the whole output is itself a valid --config file.
+        line = yaml.safe_dump({key: value}, default_flow_style=True, width=10_000, sort_keys=False)
+        line = line.strip()[1:-1]
+        if base.get(key) != value:
+            line += f"  # {base_name}: {json.dumps(base.get(key))}"
+        print(line)
+    return 0

@@ -1,0 +1,39 @@
+"""`cifarlab export`: export a run's model to ONNX or TorchScript."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from cifarlab.cli.common import fmt
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a run's model to ONNX or TorchScript",
+        **fmt(
+            "Export a run's model with its preprocessing inside: input NCHW 32x32 RGB images with values\n"
+            "0..255 (ONNX: uint8; TorchScript: uint8 or float), dynamic batch size, output softmax\n"
+            "probabilities. Class names, the input spec, normalization, recipe and version are stored in\n"
+            "the file's metadata. Default output: RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt.",
+            "cifarlab export runs/20260101-120000-fast --format onnx",
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (runs/<time>-<recipe>)")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default: onnx")
+    p.add_argument("--out", type=Path, default=None, metavar="PATH", help="output file (or folder)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cifarlab.export import export
+
+    out = export(args.run_dir, args.format, args.out)
+    dtype = "uint8" if args.format == "onnx" else "uint8 or float"
+    print(
+        f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {args.format}): input {dtype} NCHW 32x32 RGB "
+        "0..255, dynamic batch; output softmax probabilities; class names and preprocessing in metadata"
+    )
+    return 0

@@ -1,0 +1,149 @@
+"""The cache of decoded datasets: safetensors files of uint8 images and int64 labels, written atomically.
+
+Decoded arrays are cached in ``$CIFARLAB_CACHE`` if set, else ``$XDG_CACHE_HOME/cifarlab``, else
+``~/.cache/cifarlab``, never beside the data. Each file is named after the source's checksum (an archive's
+MD5, or a folder's fingerprint), the decode settings and a format version, so different sources never share
+a file; when that folder is not writable, datasets load without caching and a warning says so once.
+
+A cache file that cannot be read back (truncated, wrong header, wrong shapes or dtypes) is rebuilt from the
+source with a one-line warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifarlab.files import atomic_write_bytes
+
+__all__ = ["ARRAY_KEYS", "cached", "read_cache", "resolve_cache_dir", "writable_dir", "write_cache"]
+
+log = logging.getLogger(__name__)
+
+ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_WARNED_UNWRITABLE: set[str] = set()
+
+
+def resolve_cache_dir(cache_dir: Path | str | None = None) -> Path:
+    """Where decoded arrays are cached: `cache_dir` when given, else ``$CIFARLAB_CACHE``, else
+    ``$XDG_CACHE_HOME/cifarlab``, else ``~/.cache/cifarlab``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("CIFARLAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():  # the XDG spec says to ignore a relative value
+        return Path(xdg) / "cifarlab"
+    return Path.home() / ".cache" / "cifarlab"
+
+
+def writable_dir(path: Path) -> bool:
+    """True when `path` is (or can be made) a directory we may write into.
+
+    Root passes ``os.access`` on a ``r-x`` directory, so its mode bits are checked too: a folder marked
+    read-only (like a shared data folder) is treated as read-only even when running as root.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError:
+        return False
+    if not os.access(path, os.W_OK | os.X_OK):
+        return False
+    return bool(st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+def read_cache(path: Path) -> dict[str, Any] | None:
+    """The cached arrays, or None when absent or unusable (an unusable file is removed, to be rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            arrays: dict[str, Any] = {k: f.get_tensor(k) for k in ARRAY_KEYS}
+        classes = json.loads(meta["classes"])
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or not classes:
+            raise ValueError("bad class list")
+        arrays["classes"] = tuple(classes)
+        for split in ("train", "test"):
+            x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+            if x.dtype != torch.uint8 or x.ndim != 4 or y.dtype != torch.int64 or y.ndim != 1 or len(x) != len(y):
+                raise ValueError(f"{split} arrays have the wrong dtype or shape")
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(classes)):
+                raise ValueError(f"{split} labels outside 0..{len(classes) - 1}")
+        if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+            raise ValueError("train and test images differ in shape")
+    except Exception as exc:  # noqa: BLE001 (any unusable cache is rebuilt from the source)
+        log.warning("ignoring damaged cache file %s (%s); decoding the source again", path, _one_line(exc))
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+    log.debug("loaded decoded arrays from %s", path)
+    return arrays
+
+
+def _remove_stale_temps(path: Path, older_than_s: float = 600.0) -> None:
+    # A killed process cannot clean up its temp file; one not written to for 10 minutes is garbage.
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+
+
+def write_cache(path: Path, arrays: dict[str, Any]) -> bool:
+    """Write atomically (`cifarlab.files`): a reader never sees half a cache file. False on failure."""
+    from safetensors.torch import save
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
+        tensors = {k: torch.as_tensor(arrays[k]).contiguous() for k in ARRAY_KEYS}
+        atomic_write_bytes(path, save(tensors, metadata={"classes": json.dumps(list(arrays["classes"]))}))
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o644)  # readable like any other cache file (the temp file was 0600)
+    except Exception as exc:  # noqa: BLE001 (a cache we cannot write only costs time next run)
+        log.warning("could not write the cache %s (%s); the next load will decode again", path, _one_line(exc))
+        return False
+    log.info("cached decoded arrays in %s", path)
+    return True
+
+
+def cached(cache_file: Path, build: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """(arrays, cache folder used or "") : from `cache_file` when usable, else `build()` then cache it.
+
+    `build()` raising leaves nothing behind. When the cache folder is not writable the arrays are built and
+    not cached, with one warning per folder and process.
+    """
+    arrays = read_cache(cache_file)
+    if arrays is not None:
+        return arrays, str(cache_file.parent)
+    folder = cache_file.parent
+    can_write = writable_dir(folder)
+    if not can_write and str(folder) not in _WARNED_UNWRITABLE:
+        _WARNED_UNWRITABLE.add(str(folder))
+        log.warning(
+            "the cache folder %s is not writable: loading without caching (set $CIFARLAB_CACHE to a writable "
+            "folder to make the next load fast)",
+            folder,
+        )
+    arrays = build()
+    if can_write and write_cache(cache_file, arrays):
+        return arrays, str(folder)
+    return arrays, ""

@@ -1,0 +1,265 @@
+"""The in-memory `Dataset` and `load_dataset`, which finds a named or given dataset and dispatches to the
+official-archive, extracted-batches or ImageFolder loader.
+
+Where ``load_dataset("cifar10", data_dir)`` looks, in order: ``cifar-10-batches-py/`` (extracted official
+batches), ``cifar-10-python.tar.gz`` (official archive), ``cifar10-jpeg.tar.gz`` / ``cifar10-jpeg/`` (JPEG
+ImageFolder copy), else it downloads the official archive (when ``download=True``) into `data_dir`
+(default ``$CIFARLAB_DATA``, else ``~/.cache/cifarlab``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifarlab.data.archives import TAR_SUFFIXES, require_regular
+from cifarlab.data.cache import cached, resolve_cache_dir, writable_dir
+from cifarlab.data.imagefolder import DEFAULT_IMAGE_SIZE, check_image_size, load_imagefolder
+from cifarlab.data.official import (
+    CIFAR10_CLASSES,
+    CIFAR_IMAGE_SIZE,
+    OFFICIAL,
+    OfficialArchive,
+    check_md5,
+    decode_official_tar,
+    download_url,
+    read_official_folder,
+)
+from cifarlab.errors import ConfigError, DataError
+
+__all__ = ["Dataset", "default_data_dir", "load_dataset"]
+
+# Official archives: bump when their decoded layout changes (old cache files are then ignored).
+_OFFICIAL_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A whole dataset in memory: uint8 images ``(N, C, H, W)`` (any C, H, W; the same for train and test)
+    and int64 labels ``(N,)``, plus where it came from."""
+
+    name: str
+    classes: tuple[str, ...]
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    source: str
+    checksum: str  # see checksum_kind
+    cache_dir: str  # the cache folder it was read from or written to; "" when not cached
+    checksum_kind: str = ""  # "md5 of archive", "md5 of arrays", or "" (plain folder: checksum is "")
+    expected_checksum: str = ""  # the official MD5 for this kind of source; "" when there is none
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if x.dtype != torch.uint8 or x.ndim != 4:
+                raise ValueError(f"x_{split} must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+            if y.dtype != torch.int64 or y.ndim != 1 or len(y) != len(x):
+                raise ValueError(f"y_{split} must be int64 ({len(x)},), got {y.dtype} {tuple(y.shape)}")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ValueError(
+                f"train and test images differ in shape: {tuple(self.x_train.shape[1:])} vs "
+                f"{tuple(self.x_test.shape[1:])}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        c, h, w = self.x_train.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def checksum_status(self) -> str:
+        """'official', 'not official', or 'none' (no official checksum applies to this source)."""
+        if not self.checksum or not self.expected_checksum:
+            return "none"
+        return "official" if self.checksum == self.expected_checksum else "not official"
+
+    def __repr__(self) -> str:  # the default repr would print four tensors
+        return (
+            f"Dataset(name={self.name!r}, classes={len(self.classes)}, train={tuple(self.x_train.shape)}, "
+            f"test={tuple(self.x_test.shape)}, source={self.source!r}, checksum={self.checksum!r})"
+        )
+
+
+def default_data_dir() -> Path:
+    """``$CIFARLAB_DATA``, else ``~/.cache/cifarlab`` (where official archives are looked for and downloaded)."""
+    env = os.environ.get("CIFARLAB_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cifarlab"
+
+
+def to_dataset(arrays: dict[str, Any], **fields: Any) -> Dataset:
+    """A `Dataset` from arrays (numpy or torch) and the remaining `Dataset` fields."""
+
+    def tensor(a: Any, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(a).to(dtype).contiguous()
+
+    return Dataset(
+        classes=tuple(arrays["classes"]),
+        x_train=tensor(arrays["x_train"], torch.uint8),
+        y_train=tensor(arrays["y_train"], torch.int64),
+        x_test=tensor(arrays["x_test"], torch.uint8),
+        y_test=tensor(arrays["y_test"], torch.int64),
+        **fields,
+    )
+
+
+def _load_official_archive(spec: OfficialArchive, archive: Path, cache_dir: Path | str | None) -> Dataset:
+    md5 = check_md5(spec, archive)
+    cache_file = resolve_cache_dir(cache_dir) / f"{spec.name}-{md5}-v{_OFFICIAL_CACHE_VERSION}.safetensors"
+    arrays, used_dir = cached(cache_file, lambda: decode_official_tar(spec, archive))
+    return to_dataset(
+        arrays,
+        name=spec.name,
+        source=str(archive),
+        checksum=md5,
+        checksum_kind="md5 of archive",
+        expected_checksum=spec.md5,
+        cache_dir=used_dir,
+    )
+
+
+def _load_official_folder(spec: OfficialArchive, folder: Path) -> Dataset:
+    arrays = read_official_folder(spec, folder)  # plain pickles load in well under a second: no cache needed
+    return to_dataset(arrays, name=spec.name, source=str(folder), checksum="", cache_dir=str(folder))
+
+
+def _load_imagefolder(
+    path: Path, cache_dir: Path | str | None, name: str | None = None, image_size: int | None = DEFAULT_IMAGE_SIZE
+) -> Dataset:
+    arrays, fields = load_imagefolder(path, cache_dir, name, image_size)
+    return to_dataset(arrays, **fields)
+
+
+def _check_official_size(spec: OfficialArchive, image_size: int | None) -> None:
+    if image_size not in (None, CIFAR_IMAGE_SIZE):
+        raise ConfigError(
+            f"image_size={image_size}: the official {spec.name} images are {CIFAR_IMAGE_SIZE}x{CIFAR_IMAGE_SIZE}; "
+            f"use image_size={CIFAR_IMAGE_SIZE} or None (only ImageFolder sources are resized)"
+        )
+
+
+def _load_official(
+    spec: OfficialArchive,
+    data_dir: Path,
+    download: bool,
+    cache_dir: Path | str | None,
+    opener: Callable[[str], Any] | None,
+    image_size: int | None = DEFAULT_IMAGE_SIZE,
+) -> Dataset:
+    folder = data_dir / spec.folder
+    if folder.is_dir():
+        _check_official_size(spec, image_size)
+        return _load_official_folder(spec, folder)
+    archive = data_dir / spec.filename
+    if archive.exists() or archive.is_symlink():
+        _check_official_size(spec, image_size)
+        return _load_official_archive(spec, require_regular(archive, "archive"), cache_dir)
+    for jpeg_name in spec.jpeg_names:
+        path = data_dir / jpeg_name
+        if path.exists():
+            if not path.is_dir():
+                require_regular(path, "archive")
+            ds = _load_imagefolder(path, cache_dir, name=spec.name, image_size=image_size)
+            if spec.name == "cifar10" and ds.classes != CIFAR10_CLASSES:
+                raise DataError(
+                    f"{path} does not look like CIFAR-10: its class folders are {list(ds.classes)}, expected "
+                    f"{list(CIFAR10_CLASSES)}. Put a good copy there, or load it as a path instead of "
+                    "'cifar10'."
+                )
+            return ds
+    where = f"put {spec.filename} ({spec.url}) or its extracted {spec.folder}/ folder"
+    if spec.jpeg_names:
+        where += f" or {spec.jpeg_names[0]}"
+    if not download:
+        state = "is empty of it" if data_dir.is_dir() else "does not exist"
+        raise DataError(
+            f"{spec.name} not found: {data_dir} {state}. {where[0].upper()}{where[1:]} in {data_dir}, pass "
+            "--data-dir (or set $CIFARLAB_DATA) to where it is, or allow downloading (no --no-download)."
+        )
+    if not writable_dir(data_dir):
+        raise DataError(
+            f"{spec.name} not found in {data_dir}, and that folder is not writable, so it cannot be "
+            f"downloaded there: {where} in it, or pass a writable --data-dir (or set $CIFARLAB_DATA)."
+        )
+    _check_official_size(spec, image_size)
+    try:
+        download_url(spec.url, archive, spec.md5, opener=opener)
+    except DataError as exc:
+        raise DataError(f"{exc} (Without network: {where} in {data_dir}.)") from exc
+    return _load_official_archive(spec, archive, cache_dir)
+
+
+def _canonical(name: str) -> str:
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
+def _load_path(path: Path, cache_dir: Path | str | None, image_size: int | None) -> Dataset:
+    for spec in OFFICIAL.values():
+        if path.name == spec.folder and path.is_dir():
+            _check_official_size(spec, image_size)
+            return _load_official_folder(spec, path)
+        if path.name == spec.filename and not path.is_dir():
+            _check_official_size(spec, image_size)
+            return _load_official_archive(spec, require_regular(path, "archive"), cache_dir)
+    if path.is_dir():
+        for spec in OFFICIAL.values():  # a data dir passed as the dataset: use what it holds
+            if (path / spec.folder).is_dir() or (path / spec.filename).exists():
+                return _load_official(spec, path, False, cache_dir, None, image_size)
+        return _load_imagefolder(path, cache_dir, image_size=image_size)
+    require_regular(path, "dataset file")
+    if not path.name.endswith(TAR_SUFFIXES):
+        raise DataError(
+            f"{path} is neither a folder nor a tarball (.tar.gz, .tgz, .tar): pass an ImageFolder tree "
+            "(root/train/<class>/*.png, root/test/<class>/*.png) or a tarball of one."
+        )
+    return _load_imagefolder(path, cache_dir, image_size=image_size)
+
+
+def load_dataset(
+    name: str | os.PathLike[str] = "cifar10",
+    data_dir: Path | str | None = None,
+    download: bool = True,
+    *,
+    cache_dir: Path | str | None = None,
+    opener: Callable[[str], Any] | None = None,
+    image_size: int | None = DEFAULT_IMAGE_SIZE,
+) -> Dataset:
+    """Load a dataset as uint8 tensors.
+
+    `name` is "cifar10", "cifar100" (looked up in `data_dir`, default `default_data_dir()`, downloaded when
+    missing and `download`), or a path: an ImageFolder tree (``root/{train,test}/<class>/*.png|jpg|...``), a
+    tarball of one, or an official archive / extracted batch folder. A relative path that does not exist is
+    also tried inside `data_dir`. `image_size` applies to ImageFolder sources: resize every image to that
+    square size (default 32), or None to keep their native size (it must be the same for all); official
+    archives are 32x32 and accept only 32 or None. Decoded arrays are cached (see `cifarlab.data.cache`);
+    `cache_dir` overrides where. Bad input raises `cifarlab.errors.DataError` with what to do.
+    """
+    image_size = check_image_size(image_size)
+    data_path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    key = _canonical(os.fspath(name))
+    if key in OFFICIAL and not isinstance(name, Path):
+        spec = OFFICIAL[key]
+        return _load_official(spec, data_path, download, cache_dir, opener, image_size)
+    path = Path(name).expanduser()
+    if not path.exists() and not path.is_absolute():
+        for candidate in (data_path / path, *(data_path / f"{path}{s}" for s in TAR_SUFFIXES)):
+            if candidate.exists():
+                path = candidate
+                break
+    if path.exists() or path.is_symlink():
+        return _load_path(path, cache_dir, image_size)
+    raise DataError(
+        f"unknown dataset {os.fspath(name)!r}: use cifar10, cifar100, or the path of an ImageFolder tree "
+        f"(folder or .tar.gz); no such file or folder here or in {data_path}."
+    )

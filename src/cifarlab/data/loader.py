@@ -1,0 +1,200 @@
+"""From uint8 images to float batches: train/validation splits, pixel statistics, scaling, `BatchLoader`.
+
+Everything here works for any channel count and image size: images are uint8 ``(N, C, H, W)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from cifarlab.errors import ConfigError
+
+__all__ = ["BatchLoader", "channel_stats", "scale_images", "scaling_constants", "split_indices"]
+
+
+def split_indices(
+    n: int, val_fraction: float, seed: int, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of ``range(n)`` into (train_idx, val_idx), each sorted ascending (int64).
+
+    ``len(val_idx) == round(n * val_fraction)``. With `labels` the split is stratified: every class gives the
+    same fraction (largest-remainder rounding so the total is still exact). Same arguments, same split.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if n < 0:
+        raise ConfigError(f"n must be >= 0, got {n}")
+    g = torch.Generator().manual_seed(int(seed))
+    n_val = round(n * val_fraction)
+    if labels is None:
+        perm = torch.randperm(n, generator=g)
+        val = perm[:n_val]
+    else:
+        labels = torch.as_tensor(labels).long()
+        if labels.shape != (n,):
+            raise ConfigError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        classes, counts = torch.unique(labels, return_counts=True)
+        exact = counts.double() * n_val / max(n, 1)
+        quota = exact.floor().long()
+        # Hand the leftover val slots to the classes with the largest fractional parts (ties: lower class).
+        order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - quota[i]).item(), i))
+        for i in order[: n_val - int(quota.sum())]:
+            quota[i] += 1
+        parts = []
+        for c, q in zip(classes.tolist(), quota.tolist(), strict=True):
+            members = (labels == c).nonzero().flatten()
+            parts.append(members[torch.randperm(len(members), generator=g)[:q]])
+        val = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[val] = False
+    return mask.nonzero().flatten(), val.sort().values
+
+
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images ``(N, C, H, W)``, in [0, 1] units: two tuples of
+    length C.
+
+    Exact, from a 256-bin histogram per channel (no float copy of the whole set).
+    """
+    x = torch.as_tensor(x)
+    if x.dtype != torch.uint8 or x.ndim != 4:
+        raise ValueError(f"channel_stats needs uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        hist = torch.bincount(x[:, c].reshape(-1).cpu(), minlength=256).double()
+        total = hist.sum().clamp_min(1)
+        mean = (hist * values).sum() / total
+        var = (hist * values.square()).sum() / total - mean.square()
+        means.append(float(mean))
+        stds.append(float(var.clamp_min(0).sqrt()))
+    return tuple(means), tuple(stds)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Stable across processes and platforms (unlike hash()): a resumed run at epoch e draws what an
+    # uninterrupted one would.
+    digest = hashlib.blake2b(f"cifarlab:{int(seed)}:{int(epoch)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def scaling_constants(
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    channels: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(scale, shift) with x_uint8 * scale + shift == (x/255 - mean) / std; (None, None) without mean/std.
+
+    Training (`BatchLoader`) and inference (`inference.to_float`) both scale through this and
+    `scale_images`, so the two see bit-identical inputs.
+    """
+    if mean is None or std is None:
+        return None, None
+    m = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
+    s = torch.as_tensor(std, dtype=torch.float64).reshape(-1)
+    if m.numel() != channels or s.numel() != channels or bool((s <= 0).any()):
+        raise ConfigError(f"mean and std need {channels} values each (std > 0), got {mean} and {std}")
+    # (x/255 - m)/s == x * (1/(255 s)) + (-m/s): one multiply and one add per element.
+    scale = (1.0 / (255.0 * s)).to(device, dtype).reshape(1, -1, 1, 1)
+    shift = (-m / s).to(device, dtype).reshape(1, -1, 1, 1)
+    return scale, shift
+
+
+def scale_images(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+    """In place on a float copy of uint8 pixels: /255, then the per-channel normalization if given."""
+    if scale is None or shift is None:
+        return x.div_(255.0)
+    return x.mul_(scale).add_(shift)
+
+
+class BatchLoader:
+    """Batches from uint8 images held in memory (on `device`), converted to float one batch at a time.
+
+    Per epoch: one ``torch.randperm`` from a CPU ``torch.Generator`` seeded from (seed, epoch). Per batch:
+    gather, move to `device`, to `dtype`, ``/255``, ``(x - mean) / std`` when given (one fused multiply-add),
+    then ``transform(xb, generator=g, indices=idx, epoch=epoch)`` with that same CPU generator (draw random
+    numbers on the CPU, then move them), then channels_last when asked.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        transform: Callable[..., torch.Tensor] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        channels_last: bool = False,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise ValueError(f"x must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(f"y must be ({len(x)},), got {tuple(y.shape)}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if (mean is None) != (std is None):
+            raise ConfigError("give both mean and std, or neither")
+        self.device = torch.device(device)
+        # uint8 is 4x smaller than float: keep the whole set on the device once, not a copy per batch.
+        self.x = x.to(self.device).contiguous()
+        self.y = y.to(self.device, torch.int64)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = int(seed)
+        self.transform = transform
+        self.channels_last = channels_last
+        self.dtype = dtype
+        self._scale, self._shift = scaling_constants(mean, std, x.shape[1], self.device, dtype)
+        self.mean = tuple(float(v) for v in mean) if mean is not None else None
+        self.std = tuple(float(v) for v in std) if std is not None else None
+
+    def __len__(self) -> int:
+        n, b = len(self.x), self.batch_size
+        return n // b if self.drop_last else math.ceil(n / b)
+
+    def generator(self, epoch: int) -> torch.Generator:
+        """The CPU generator an epoch uses (fresh, seeded from (seed, epoch))."""
+        return torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The sample order of an epoch (int64, CPU)."""
+        return self._order(self.generator(epoch))
+
+    def _order(self, g: torch.Generator) -> torch.Tensor:
+        n = len(self.x)
+        return torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (xb float (B, C, H, W) on `device`, yb int64) for one epoch."""
+        g = self.generator(epoch)
+        order = self._order(g)
+        on_cpu = self.device.type == "cpu"
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            dev_idx = idx if on_cpu else idx.to(self.device, non_blocking=True)
+            xb = scale_images(self.x.index_select(0, dev_idx).to(self.dtype), self._scale, self._shift)
+            if self.transform is not None:
+                xb = self.transform(xb, generator=g, indices=idx, epoch=epoch)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, self.y.index_select(0, dev_idx)
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchLoader(n={len(self.x)}, batch_size={self.batch_size}, batches={len(self)}, "
+            f"shuffle={self.shuffle}, drop_last={self.drop_last}, seed={self.seed}, device={self.device})"
+        )

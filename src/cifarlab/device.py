@@ -1,0 +1,109 @@
+"""Device, precision and threads: where a run computes and in which number format, and why."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+
+import torch
+from torch import nn
+
+from cifarlab.errors import ConfigError
+
+__all__ = [
+    "autocast",
+    "autocast_dtype",
+    "check_precision",
+    "cpu_has_bf16",
+    "model_device",
+    "precision_reason",
+    "resolve_device",
+    "set_threads",
+]
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """'auto'/None: CUDA when available, else the CPU. A CUDA device that is not there is a clear error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); the CPU for a model with neither."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 / AMX on x86, BF16 on Arm).
+
+    Without them bf16 autocast is emulated and thousands of times slower than fp32, so 'auto' picks fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return platform.machine() == "arm64"  # Apple silicon has bf16
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", " bf16"))
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse, before any work, a precision the device cannot run."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision=fp16 is only supported on CUDA; use precision=bf16, fp32 or auto on a CPU")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a recipe's precision on a device; None means plain fp32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if precision == "fp16":
+            return torch.float16
+        if precision == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    check_precision(precision, device)
+    if precision == "bf16" or cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def precision_reason(precision: str, device: torch.device) -> str:
+    """What a run computes in and why, for the first lines of its output and the report."""
+    dtype = autocast_dtype(precision, device)
+    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if precision != "auto":
+        return f"{name} (precision={precision})"
+    if device.type == "cuda":
+        return f"{name} autocast: {'this GPU supports bf16' if dtype == torch.bfloat16 else 'no bf16 on this GPU'}"
+    if dtype is None:
+        return "fp32: this CPU has no native bf16 (emulated bf16 would be far slower)"
+    return "bf16 autocast + channels_last: this CPU has native bf16"
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use one thread per core we may run on: oversubscription costs more than it gains on 2 cores."""
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()

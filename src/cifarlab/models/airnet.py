@@ -1,0 +1,116 @@
+"""The airbench-style network of the `fast` and `air94` recipes, and its patch-whitening first layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarlab.registry import MODELS
+
+
+class FrozenScaleBN(nn.BatchNorm2d):
+    """BatchNorm with a fixed scale of 1 and a learned shift: fewer parameters to tune, faster to train."""
+
+    def __init__(self, num_features: int, momentum: float, eps: float) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.weight.requires_grad_(False)
+
+
+class IdentityInitConv(nn.Conv2d):
+    """3x3 conv, no bias, whose first in_channels filters start as the identity (an implicit residual)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(c_in, c_out, 3, padding=1, bias=False)
+        with torch.no_grad():
+            n = min(c_in, c_out)
+            nn.init.dirac_(self.weight[:n])
+
+
+class ConvGroup(nn.Module):
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float, bn_eps: float) -> None:
+        super().__init__()
+        self.conv1 = IdentityInitConv(c_in, c_out)
+        self.norm1 = FrozenScaleBN(c_out, bn_momentum, bn_eps)
+        self.conv2 = IdentityInitConv(c_out, c_out)
+        self.norm2 = FrozenScaleBN(c_out, bn_momentum, bn_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Pool right after the first conv: the BN and GELU then run on a quarter of the pixels.
+        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+class AirNet(nn.Module):
+    """Whitening conv -> 3 conv groups -> global max pool -> linear head (scaled)."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        widths: tuple[int, ...] = (64, 256, 256),
+        whiten_kernel: int = 2,
+        bn_momentum: float = 0.4,
+        bn_eps: float = 1e-12,
+        head_scale: float = 1 / 9,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        k = whiten_kernel
+        self.whiten = nn.Conv2d(in_channels, 2 * in_channels * k * k, k, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)  # set by init_whitening, never trained
+        if self.whiten.bias is not None:
+            nn.init.zeros_(self.whiten.bias)
+        groups, c_in = [], self.whiten.out_channels
+        for w in widths:
+            groups.append(ConvGroup(c_in, w, bn_momentum, bn_eps))
+            c_in = w
+        self.groups = nn.Sequential(*groups)
+        self.fc = nn.Linear(c_in, num_classes, bias=False)
+        self.head_scale = head_scale
+
+    def regularized_weights(self) -> list[torch.Tensor]:
+        return []
+
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Patch-whitening init of the first conv from (a sample of) the training images."""
+        init_whitening(self.whiten, images)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups(F.gelu(self.whiten(x)))
+        x = torch.amax(x, dim=(2, 3))  # global max pool (the 3x3 map left after three pools)
+        return self.fc(x) * self.head_scale
+
+
+@torch.no_grad()
+def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set `conv`'s filters to the PCA-whitening transform of the k x k patches of `images`.
+
+    images: float (N, 3, H, W), already normalised as the model will see them. The first half of the
+    filters are eigenvectors / sqrt(eigenvalue + eps), the second half their negatives, so after GELU both
+    signs of every whitened direction survive.
+    """
+    k = conv.kernel_size[0]
+    c = images.shape[1]
+    patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
+    cov = patches.T @ patches / len(patches)
+    evals, evecs = torch.linalg.eigh(cov)
+    filters = (evecs.T / torch.sqrt(evals.clamp_min(0) + eps)[:, None]).reshape(c * k * k, c, k, k)
+    filters = filters.flip(0)  # largest eigenvalue first
+    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
+
+
+@MODELS.register("airnet")
+def airnet(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> AirNet:
+    """airbench-style net: frozen patch-whitening conv, conv-pool-BN-GELU groups, global max pool, scaled head."""
+    return AirNet(
+        num_classes,
+        recipe.widths,
+        recipe.whiten_kernel,
+        recipe.bn_momentum,
+        recipe.bn_eps,
+        recipe.head_scale,
+        in_channels=input_shape[0],
+    )

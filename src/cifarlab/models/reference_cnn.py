@@ -1,0 +1,87 @@
+"""The reference talk's Keras CNN (SPEC: 752,650 parameters for 32x32 RGB and 10 classes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifarlab.registry import MODELS
+
+
+class ReferenceCNN(nn.Module):
+    """Conv(64)-BN-Pool, Conv(128)-BN-Pool, Conv(128)-BN-Pool, Dropout, Dense 256-BN-Dropout, Dense 10.
+
+    Keras' Conv2D(activation="relu") applies ReLU before the BatchNormalization that follows it, so the
+    order here is conv -> ReLU -> BN -> pool. Keras' Flatten works on NHWC; ours flattens NCHW. With
+    random init this is the same model up to a fixed permutation of the dense layer's inputs.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        widths: tuple[int, ...] = (64, 128, 128),
+        dense_width: int = 256,
+        dropout: tuple[float, ...] = (0.4, 0.3),
+        bn_momentum: float = 0.01,
+        bn_eps: float = 1e-3,
+        input_shape: tuple[int, int, int] = (3, 32, 32),
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, height, width = input_shape
+        if min(height, width) < 2 ** len(widths):
+            raise ValueError(
+                f"{len(widths)} pooling blocks need images of at least {2 ** len(widths)} px; got {height}x{width}"
+            )
+        for w in widths:
+            layers += [
+                nn.Conv2d(c_in, w, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.BatchNorm2d(w, eps=bn_eps, momentum=bn_momentum),
+                nn.MaxPool2d(2),
+            ]
+            c_in = w
+        self.features = nn.Sequential(*layers)
+        flat = c_in * (height // 2 ** len(widths)) * (width // 2 ** len(widths))
+        d_in, d_hidden = dropout if len(dropout) == 2 else (0.0, 0.0)
+        self.head = nn.Sequential(
+            nn.Dropout(d_in),
+            nn.Flatten(),
+            nn.Linear(flat, dense_width),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm1d(dense_width, eps=bn_eps, momentum=bn_momentum),
+            nn.Dropout(d_hidden),
+            nn.Linear(dense_width, num_classes),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Keras defaults: glorot-uniform kernels, zero biases (PyTorch's default is kaiming-uniform).
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def regularized_weights(self) -> list[torch.Tensor]:
+        """The kernels Keras' kernel_regularizer=l2(...) applies to (not biases, not BN)."""
+        return [m.weight for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@MODELS.register("reference_cnn")
+def reference_cnn(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> ReferenceCNN:
+    """The talk's Keras CNN: three conv-ReLU-BN-pool blocks, dropout, Dense 256-BN, dropout, Dense."""
+    return ReferenceCNN(
+        num_classes,
+        recipe.widths,
+        recipe.dense_width,
+        recipe.dropout,
+        recipe.bn_momentum,
+        recipe.bn_eps,
+        input_shape=input_shape,
+    )

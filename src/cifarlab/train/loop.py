@@ -1,0 +1,272 @@
+"""The one training loop every recipe shares.
+
+`Trainer.fit` runs epochs of (train, validate) and calls its callbacks at every hook; everything else a run
+does while training (LR schedules, weight averaging, early stopping, the NaN stop, the history, checkpoints,
+progress, TensorBoard, MLflow) is a callback. It stops cleanly on Ctrl-C or a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarlab.device import autocast, autocast_dtype
+from cifarlab.errors import UserError
+from cifarlab.train.callbacks import Callback, CallbackList
+from cifarlab.train.optim import build_optimizer
+
+__all__ = ["FitResult", "History", "NaNGuard", "Trainer", "TrainingDiverged"]
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights became NaN or infinite."""
+
+
+_LOWER_LR = "lower the learning rate (--set lr=...) and retry"
+
+
+class NaNGuard(Callback):
+    """Stops training when the loss (checked every `every` steps) or, at each epoch end, the weights are not
+    finite, before any checkpoint or weights file could take the broken weights."""
+
+    order = 80
+
+    def __init__(self, every: int = 1) -> None:
+        self.every = every
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if logs is None or batch % self.every:
+            return
+        loss = float(logs["loss"])
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss} at epoch {len(self.trainer.history) + 1}, step {batch + 1}; training "
+                f"stopped. The last good checkpoint is kept; {_LOWER_LR}."
+            )
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None and not math.isfinite(logs["loss"]):
+            raise TrainingDiverged(f"loss became {logs['loss']} in epoch {epoch + 1}; training stopped; {_LOWER_LR}")
+        if not all_finite(self.trainer.model):
+            raise TrainingDiverged(
+                f"the weights became NaN/inf in epoch {epoch + 1}; training stopped. The last good checkpoint "
+                f"is kept; {_LOWER_LR}."
+            )
+
+
+def all_finite(model: nn.Module) -> bool:
+    with torch.no_grad():
+        total = sum(p.detach().float().sum() for p in model.parameters())
+    return math.isfinite(float(total))
+
+
+class History(Callback):
+    """Appends the epoch's row (the talk's Table 1 columns plus events) to `trainer.history`."""
+
+    order = 90
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        assert logs is not None
+        row = {k: logs[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")}
+        row = {"epoch": epoch + 1, **row, "events": list(logs["events"])}
+        if "lr_reduced" in row["events"]:
+            row["new_lr"] = self.trainer.get_lr()
+        self.trainer.history.append(row)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]
+    status: str  # "finished", "stopped" (Ctrl-C) or "diverged"
+    train_seconds: float
+    best_epoch: int | None = None  # 1-based
+    stopped_epoch: int | None = None
+    restored_epoch: int | None = None
+    message: str = ""
+
+
+class Trainer:
+    """Owns the model, optimizer and callbacks; callbacks reach the run through it (LR, weights, step, history)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: Any,
+        train_loader: Any,
+        val_loader: Any | None = None,
+        callbacks: Sequence[Callback] = (),
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.device = torch.device(device)
+        self.dtype = autocast_dtype(recipe.precision, self.device)
+        self.optimizer = build_optimizer(model, recipe)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        if len(train_loader) == 0:
+            raise UserError("the training set is smaller than one batch: lower batch_size or add images")
+        # A NaN check reads the loss back from the device: every step on a CPU, rarely on a GPU.
+        guard = NaNGuard(every=1 if self.device.type == "cpu" else 50)
+        self.callbacks = CallbackList([*callbacks, guard, History()], trainer=self)
+        self.stop_training = False
+        self.history: list[dict[str, Any]] = []
+        self.step = 0
+        self.start_epoch = 0
+        self.train_seconds = 0.0
+        self.steps_per_epoch = len(train_loader)
+        self.total_steps = recipe.epochs * self.steps_per_epoch
+
+    # -- what callbacks use --------------------------------------------------------------------------------
+    def get_lr(self) -> float:
+        return float(self.optimizer.param_groups[-1]["lr"])
+
+    def set_lr(self, lr: float) -> None:
+        ratio = lr / self.get_lr() if self.get_lr() > 0 else 0.0
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["lr"] * ratio if ratio else lr
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    # -- loss ----------------------------------------------------------------------------------------------
+    def l2_term(self) -> torch.Tensor:
+        regularized = getattr(self.model, "regularized_weights", None)
+        weights = regularized() if callable(regularized) else []
+        if not weights or self.recipe.l2 == 0:
+            return torch.zeros((), device=self.device)
+        return self.recipe.l2 * sum(w.float().pow(2).sum() for w in weights)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": len(self.history),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "callbacks": self.callbacks.state_dict(),
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "stop_training": self.stop_training,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.callbacks.load_state_dict(state["callbacks"])
+        self.history = list(state["history"])
+        self.step = int(state["step"])
+        self.start_epoch = int(state["epoch"])
+        self.train_seconds = float(state["train_seconds"])
+        self.stop_training = bool(state.get("stop_training", False))
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    # -- epochs --------------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        r = self.recipe
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = 0
+        lrs = []
+        for i, (xb, yb) in enumerate(self.train_loader.epoch(epoch)):
+            self.callbacks.on_train_batch_begin(i, {"step": self.step})
+            lrs.append(self.get_lr())
+            with autocast(self.device, self.dtype):
+                logits = self.model(xb)
+            ce = F.cross_entropy(logits.float(), yb, label_smoothing=r.label_smoothing)
+            loss = ce + self.l2_term()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            self.step += 1
+            n = len(yb)
+            loss_sum += loss.detach().double() * n
+            correct += (logits.detach().argmax(1) == yb).sum()
+            seen += n
+            logs = {"step": self.step, "loss": loss.detach(), "size": n, "loss_sum": loss_sum, "correct": correct}
+            self.callbacks.on_train_batch_end(i, {**logs, "seen": seen})
+        self.callbacks.on_validation_begin(epoch, {})
+        # The LR column: the epoch's mean LR (constant within an epoch for the plateau schedule).
+        return {"loss": loss_sum.item() / max(1, seen), "accuracy": correct.item() / max(1, seen), "lr": _mean_lr(lrs)}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float | None]:
+        if self.val_loader is None:
+            return {"val_loss": None, "val_accuracy": None}
+        self.model.eval()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for xb, yb in self.val_loader.epoch(0):
+            with autocast(self.device, self.dtype):
+                logits = self.model(xb)
+            loss_sum += F.cross_entropy(
+                logits.float(), yb, label_smoothing=self.recipe.label_smoothing, reduction="sum"
+            ).item()
+            correct += (logits.argmax(1) == yb).sum().item()
+            seen += len(yb)
+        # Keras' val_loss includes the regularisation penalty, like the training loss.
+        return {"val_loss": loss_sum / max(1, seen) + float(self.l2_term()), "val_accuracy": correct / max(1, seen)}
+
+    def fit(self) -> FitResult:
+        status, message = "finished", ""
+        if self.start_epoch == 0:
+            self.callbacks.on_train_begin({})
+        try:
+            for epoch in range(self.start_epoch, self.recipe.epochs):
+                if self.stop_training:
+                    break
+                self.callbacks.on_epoch_begin(epoch, {})
+                t0 = time.perf_counter()
+                logs: dict[str, Any] = dict(self.train_epoch(epoch))
+                logs.update(self.validate())
+                logs["epoch_seconds"] = time.perf_counter() - t0
+                logs["events"] = []
+                self.train_seconds += logs["epoch_seconds"]
+                self.callbacks.on_epoch_end(epoch, logs)
+        except KeyboardInterrupt:
+            status = "stopped"
+            message = (
+                f"interrupted during epoch {len(self.history) + 1}; the checkpoint after epoch "
+                f"{len(self.history)} is kept"
+            )
+        except TrainingDiverged as e:
+            status, message = "diverged", str(e)
+        if status == "finished":
+            self.callbacks.on_train_end({})
+        result = FitResult(history=self.history, status=status, train_seconds=self.train_seconds, message=message)
+        for cb in self.callbacks:
+            if getattr(cb, "best_epoch", None) is not None and self.history:
+                result.best_epoch = int(cb.best_epoch) + 1  # type: ignore[attr-defined]
+                if getattr(cb, "stopped_epoch", 0):
+                    result.stopped_epoch = int(cb.stopped_epoch) + 1  # type: ignore[attr-defined]
+                if getattr(cb, "restored_epoch", None) is not None:
+                    result.restored_epoch = int(cb.restored_epoch) + 1  # type: ignore[attr-defined]
+                    self.history[-1]["events"].append("restored_best")
+        return result
+
+
+def _mean_lr(lrs: list[float]) -> float:
+    if not lrs:
+        return 0.0
+    return lrs[0] if min(lrs) == max(lrs) else math.fsum(lrs) / len(lrs)

@@ -1,0 +1,111 @@
+"""Optimizers and LR schedules, each one registered function (`--set optimizer=NAME`, `--set schedule=NAME`).
+
+An optimizer factory takes `(model, recipe)` and returns a `torch.optim.Optimizer`. A schedule factory takes
+`(recipe, has_val)` and returns the callbacks that move the LR: a per-step `StepSchedule`, or Keras'
+`ReduceLROnPlateau` driven by the validation loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifarlab.registry import OPTIMIZERS, SCHEDULES
+from cifarlab.train.callbacks import Callback, ReduceLROnPlateau
+
+__all__ = ["StepSchedule", "build_optimizer", "lr_multiplier", "schedule_callbacks"]
+
+
+# -- optimizers ---------------------------------------------------------------------------------------------
+
+
+@OPTIMIZERS.register("adam")
+def adam(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
+    """Adam with Keras' defaults (lr 1e-3, betas 0.9/0.999, epsilon 1e-7)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Keras Adam adds epsilon to sqrt(v) before bias correction, PyTorch after; with eps=1e-7 the two differ by
+    # < 1e-7 relative, so torch's implementation is used.
+    return torch.optim.Adam(params, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
+    """Nesterov SGD in airbench's decoupled form (lr and weight decay per 1024 examples; BN shifts at a higher LR)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # recipe.lr and weight_decay are per 1024 examples and independent of momentum; we use mean (not summed)
+    # losses, hence the factor batch_size.
+    scale = recipe.batch_size / (1024 * (1 + 1 / (1 - recipe.momentum)))
+    lr = recipe.lr * scale
+    decay = recipe.weight_decay * scale  # per-step shrink factor for every parameter
+    # BatchNorm shifts get a much larger LR (bias_lr_scale) but the same per-step decay.
+    trainable = {id(p) for p in params}
+    norm = [p for n, p in model.named_parameters() if ".norm" in n and id(p) in trainable]
+    norm_ids = {id(p) for p in norm}
+    other = [p for p in params if id(p) not in norm_ids]
+    groups = [
+        {"params": norm, "lr": lr * recipe.bias_lr_scale, "weight_decay": decay / (lr * recipe.bias_lr_scale)},
+        {"params": other, "lr": lr, "weight_decay": decay / lr},
+    ]
+    return torch.optim.SGD([g for g in groups if g["params"]], momentum=recipe.momentum, nesterov=recipe.nesterov)
+
+
+def build_optimizer(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
+    return OPTIMIZERS.build(recipe.optimizer, model, recipe)
+
+
+# -- schedules ----------------------------------------------------------------------------------------------
+
+
+class StepSchedule(Callback):
+    """Sets every param group's LR to its base LR times `multiplier(step, total_steps)` before each step."""
+
+    def __init__(self, multiplier: Callable[[int, int], float]) -> None:
+        self.multiplier = multiplier
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        t = self.trainer
+        m = self.multiplier(t.step, t.total_steps)
+        for g, base in zip(t.optimizer.param_groups, t.base_lrs):
+            g["lr"] = base * m
+
+
+def lr_multiplier(recipe: Any, step: int, total_steps: int) -> float:
+    """Per-step LR multiplier for the 'onecycle' schedule (piecewise linear: start -> 1 -> final)."""
+    if recipe.schedule != "onecycle":
+        return 1.0
+    peak = int(recipe.warmup_fraction * total_steps)
+    if step < peak:
+        frac = step / max(1, peak)
+        return recipe.start_lr_fraction + (1 - recipe.start_lr_fraction) * frac
+    frac = (step - peak) / max(1, total_steps - peak)
+    return 1 + (recipe.final_lr_fraction - 1) * min(1.0, frac)
+
+
+@SCHEDULES.register("plateau")
+def plateau(recipe: Any, has_val: bool) -> list[Callback]:
+    """Keras ReduceLROnPlateau: multiply the LR by plateau_factor when the monitored value stops improving."""
+    if recipe.monitor.startswith("val_") and not has_val:
+        return []
+    return [
+        ReduceLROnPlateau(
+            monitor=recipe.monitor,
+            factor=recipe.plateau_factor,
+            patience=recipe.plateau_patience,
+            min_delta=recipe.plateau_min_delta,
+            cooldown=recipe.plateau_cooldown,
+            min_lr=recipe.plateau_min_lr,
+        )
+    ]
+
+
+@SCHEDULES.register("onecycle")
+def onecycle(recipe: Any, has_val: bool) -> list[Callback]:
+    """Per step: linear warmup from start_lr_fraction to the peak, then linear decay to final_lr_fraction."""
+    return [StepSchedule(lambda step, total: lr_multiplier(recipe, step, total))]
+
+
+def schedule_callbacks(recipe: Any, has_val: bool) -> list[Callback]:
+    return SCHEDULES.build(recipe.schedule, recipe, has_val)

@@ -1,0 +1,90 @@
+"""Training techniques a recipe switches on, each a short callback (airbench's habit: one named piece each).
+
+`recipe_callbacks(recipe, has_val)` lists the callbacks a recipe asks for, in Keras' order for the reference
+(EarlyStopping first, then the LR schedule), then weight averaging and the whitening-bias freeze.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifarlab.train.callbacks import Callback, EarlyStopping
+from cifarlab.train.optim import schedule_callbacks
+
+__all__ = ["Lookahead", "WhitenBiasFreeze", "recipe_callbacks"]
+
+
+class Lookahead(Callback):
+    """airbench's EMA: every `every` steps after `start_epochs`, the EMA moves toward the weights and the weights
+    jump to the EMA, with a decay that ramps up as decay**every * progress**pow; each epoch ends at the EMA."""
+
+    def __init__(self, decay: float, every: int, start_epochs: float, pow: float) -> None:
+        self.decay, self.every, self.start_epochs, self.pow = decay, every, start_epochs, pow
+        self.ema: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def _update(self, decay: float) -> None:
+        assert self.ema is not None
+        current = self._float_state(self.trainer.model)
+        for k, ema in self.ema.items():
+            ema.lerp_(current[k], 1 - decay)
+            current[k].copy_(ema)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        t = self.trainer
+        step = t.step
+        if step < self.start_epochs * t.steps_per_epoch or step % self.every:
+            return
+        if self.ema is None:
+            self.ema = {k: v.detach().clone() for k, v in self._float_state(t.model).items()}
+        else:
+            self._update(self.decay**self.every * (step / t.total_steps) ** self.pow)
+
+    def on_validation_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self.ema is not None:
+            self._update(1.0)  # the weights end each epoch at the average
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema = state["ema"]
+
+
+class WhitenBiasFreeze(Callback):
+    """Train the whitening layer's bias only for the first `epochs` epochs (airbench), if the model has one."""
+
+    def __init__(self, epochs: float) -> None:
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        whiten = getattr(self.trainer.model, "whiten", None)
+        if whiten is not None and getattr(whiten, "bias", None) is not None:
+            whiten.bias.requires_grad_(epoch < self.epochs)
+
+
+def recipe_callbacks(recipe: Any, has_val: bool) -> list[Callback]:
+    """The callbacks a recipe's settings ask for (the run's own machinery is added by the experiment)."""
+    cbs: list[Callback] = []
+    if recipe.early_stopping_patience > 0 and (has_val or not recipe.monitor.startswith("val_")):
+        cbs.append(
+            EarlyStopping(
+                monitor=recipe.monitor,
+                min_delta=recipe.early_stopping_min_delta,
+                patience=recipe.early_stopping_patience,
+                restore_best_weights=recipe.restore_best_weights,
+            )
+        )
+    cbs += schedule_callbacks(recipe, has_val)
+    if recipe.ema_decay > 0:
+        cbs.append(Lookahead(recipe.ema_decay, recipe.ema_every, recipe.ema_start_epochs, recipe.ema_pow))
+    if recipe.whiten_init or recipe.whiten_bias_epochs > 0:
+        cbs.append(WhitenBiasFreeze(recipe.whiten_bias_epochs))
+    return cbs
