@@ -22,6 +22,7 @@ train: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy src
 
 test: lint
 	$(VENV)/bin/pytest -q

@@ -212,7 +212,7 @@ def parse_set(item: str) -> tuple[str, str]:
 class _NoAliasLoader(yaml.SafeLoader):
     """SafeLoader that refuses anchors and aliases: nested aliases ("billion laughs") expand exponentially."""
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(
@@ -235,6 +235,8 @@ def load_config_file(path: Path | str) -> dict[str, Any]:
         if size > MAX_CONFIG_BYTES:
             raise ConfigError(f"--config {path}: {size:,} bytes is too large for a config file (limit 1 MiB)")
         text = path.read_text(encoding="utf-8")
+    except ConfigError:
+        raise  # already names --config and the file
     except UserError as e:
         raise ConfigError(f"--config {e}") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -1,14 +1,14 @@
 """One training run end to end, as a few named steps that the CLI and the Python API both call:
 
-    plan = prepare(recipe, ...)          device, data, split, checks, model: everything that can fail early
-    open_run(plan, ...)                  the run folder (new or resumed), its lock and config.json
-    fit = train(plan, callbacks)         the loop, with the run's callbacks (checkpoint, history, progress, ...)
-    result = finish(plan, fit)           test evaluation, model.safetensors, metrics.json, Table 1
-    write_report(plan, result)           report.html / report.md (a failure here never un-finishes the run)
+    plan = prepare(recipe, ...)            device, data, split, checks, model: everything that can fail early
+    open_run(plan, ...)                    the run folder (new or resumed), its lock and config.json
+    fit, clock = train(plan, callbacks)    the loop, with the run's callbacks (checkpoint, history, progress, ...)
+    result = finish(plan, fit, clock, say) test evaluation, model.safetensors, metrics.json, Table 1
+    write_report(plan, result, say)        report.html / report.md (a failure here never un-finishes the run)
 
-`run_experiment` runs them in order. Nothing is written before `prepare` has passed: a bad value, a device
-that cannot run the precision, a batch larger than the training set or a model too large for memory is an
-error before any folder exists.
+`run_experiment` runs them in order. No run file is written before `prepare` has passed (it may fill the data
+cache): a bad value, a device that cannot run the precision, a batch larger than the training set or a model
+too large for memory is an error before any run folder exists.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from cifarlab.runs import (
     WEIGHTS,
     RunLock,
     load_checkpoint,
+    load_run,
     machine_info,
     new_run_dir,
     read_json,
@@ -178,10 +179,8 @@ def prepare(
     resume_state = None
     saved: dict[str, Any] = {}
     if resume is not None:
-        saved = read_json(Path(resume) / CONFIG)
-        if not isinstance(saved, dict) or not isinstance(saved.get("recipe"), dict):
-            raise UserError(f"{Path(resume) / CONFIG} has no recipe: not a cifarlab run folder")
-        recipe = Recipe.from_dict(saved["recipe"])
+        run = load_run(resume)
+        saved, recipe = run.config, run.recipe
         resume_state = load_checkpoint(Path(resume) / CHECKPOINT)
         if data_dir is None and saved.get("data_dir"):
             data_dir = saved["data_dir"]
@@ -362,7 +361,9 @@ def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, Se
     train_loader, val_loader = loaders(plan)
     clock = SessionClock()
     cbs = [*recipe_callbacks(plan.recipe, val_loader is not None), *callbacks, clock]
-    trainer = Trainer(plan.model, plan.recipe, train_loader, val_loader, callbacks=cbs, device=plan.device)
+    trainer = Trainer(
+        plan.model, plan.recipe, train_loader, val_loader, callbacks=cbs, device=plan.device, run_dir=plan.run_dir
+    )
     if plan.resume_state is not None:
         try:
             trainer.load_state_dict(plan.resume_state)

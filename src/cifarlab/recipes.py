@@ -21,7 +21,7 @@ import cifarlab.augment  # noqa: F401  (registers the built-in augmentations)
 import cifarlab.models  # noqa: F401  (registers the built-in models)
 import cifarlab.train.optim  # noqa: F401  (registers the built-in optimizers and schedules)
 from cifarlab.errors import ConfigError
-from cifarlab.registry import AUGMENTS, MODELS, OPTIMIZERS, SCHEDULES, Registry
+from cifarlab.registry import AUGMENTS, CALLBACKS, MODELS, OPTIMIZERS, SCHEDULES, Registry
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -83,6 +83,7 @@ class Recipe:
     name: str = param("custom", "run", help="becomes part of the run folder's name")
     description: str = param("", "run")
     seed: int = param(0, "run", ge=0, le=2**63 - 1, help="split, init, shuffling and augmentation")
+    callbacks: tuple[str, ...] = param((), "run", choices=CALLBACKS, help="registered callbacks to add, by name")
     # -- data ---------------------------------------------------------------------------------------------
     dataset: str = param("cifar10", "data", help="cifar10, cifar100, or an ImageFolder path")
     val_fraction: float = param(0.2, "data", ge=0.0, le=0.9, help="random split off the training set; 0: none")
@@ -192,6 +193,18 @@ def choices(key: str) -> tuple[str, ...] | None:
     return tuple(typing.get_args(tp)) if typing.get_origin(tp) is Literal else None
 
 
+def unregistered(d: dict[str, Any]) -> list[str]:
+    """The registry-backed values in a recipe mapping that nothing in this process registers, as `key 'value'`."""
+    out = []
+    for f in fields(Recipe):
+        reg = f.metadata.get("choices")
+        if reg is None or f.name not in d:
+            continue
+        values = d[f.name] if isinstance(d[f.name], (list, tuple)) else [d[f.name]]
+        out += [f"{f.name} {v!r}" for v in values if v not in reg]
+    return out
+
+
 # The name becomes part of the run folder's path: no separators, no '..', no hidden folders.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -217,8 +230,10 @@ def validate(r: Recipe, check_paths: bool = True) -> Recipe:
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{f.name}={v!r} must be a finite number")
         allowed = choices(f.name)
-        if allowed is not None and v not in allowed:
-            raise ConfigError(f"{f.name}={v!r} is not valid; accepted values: {', '.join(allowed)}")
+        for item in v if isinstance(v, tuple) else (v,):
+            if allowed is not None and item not in allowed:
+                shown = ", ".join(allowed) or "(none registered)"
+                raise ConfigError(f"{f.name}={item!r} is not valid; accepted values: {shown}")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             _check_bounds(f.name, v, dict(f.metadata))
         each = f.metadata.get("each")

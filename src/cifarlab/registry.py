@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from cifarlab.errors import ConfigError
 
-__all__ = ["AUGMENTS", "MODELS", "OPTIMIZERS", "SCHEDULES", "Entry", "Registry"]
+__all__ = ["AUGMENTS", "CALLBACKS", "MODELS", "OPTIMIZERS", "SCHEDULES", "Entry", "Registry"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,9 +83,11 @@ class Registry(Generic[F]):
         return self.get(name).description
 
 
-# The four registries. Their entries live beside what they build (models/, augment.py, train/optim.py) and
-# are imported by `cifarlab.components`, so a registry is full once any of them is used.
+# The registries. Their entries live beside what they build (models/, augment.py, train/optim.py); recipes.py
+# imports those modules, so the built-in entries are registered once any recipe is used.
 MODELS: Registry[Callable[..., Any]] = Registry("model", "model")
 AUGMENTS: Registry[Callable[..., Any]] = Registry("augmentation", "augment")
 OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer", "optimizer")
 SCHEDULES: Registry[Callable[..., Any]] = Registry("LR schedule", "schedule")
+# Callbacks a recipe switches on by name (`--set callbacks=name1,name2`): a factory `(recipe) -> Callback`.
+CALLBACKS: Registry[Callable[..., Any]] = Registry("callback", "callbacks")

@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -21,7 +22,7 @@ from torch import nn
 
 from cifarlab.errors import UserError
 from cifarlab.files import atomic_write, atomic_write_bytes, read_json, require_regular_file, write_json
-from cifarlab.recipes import Recipe
+from cifarlab.recipes import Recipe, unregistered
 from cifarlab.train.checkpoint import write_history
 
 __all__ = [
@@ -206,8 +207,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         require_regular_file(path, "checkpoint")
-        # weights_only: tensors and plain containers only; a tampered pickle cannot run code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: tensors and plain containers only; a tampered pickle cannot run code. Its warnings (a
+        # foreign file's pickle protocol, say) would only add lines of torch internals to the one-line refusal.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except UserError:
         raise UserError(f"{path} is missing: nothing to resume from") from None
     except Exception:
@@ -280,16 +284,27 @@ def _check_config(path: Path, config: Any) -> None:
             raise UserError(f"{where}: normalization.{key} must be a list of numbers; the file is damaged")
 
 
+def recipe_from_config(run_dir: Path, config: dict[str, Any]) -> Recipe:
+    """The run's recipe; pieces its recipe names that no plugin registered here are one clear error."""
+    missing = unregistered(config["recipe"])
+    if missing:
+        raise UserError(
+            f"{run_dir} was trained with pieces not registered here ({', '.join(missing)}); load the plugin that "
+            "registers them: cifarlab --plugin FILE_OR_MODULE COMMAND ..."
+        )
+    try:
+        return Recipe.from_dict(config["recipe"])
+    except UserError as e:
+        raise UserError(f"{run_dir / CONFIG}: {e}") from None
+
+
 def load_run(run_dir: Path | str) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
         raise UserError(f"{path} is not a folder; pass a run folder such as runs/20261125-120000-fast")
     config = read_json(path / CONFIG)
     _check_config(path, config)
-    try:
-        recipe = Recipe.from_dict(config["recipe"])
-    except UserError as e:
-        raise UserError(f"{path / CONFIG}: {e}") from None
+    recipe = recipe_from_config(path, config)
     history = read_json(path / HISTORY_JSON) if (path / HISTORY_JSON).exists() else []
     metrics = read_json(path / METRICS) if (path / METRICS).exists() else {}
     if not isinstance(history, list):

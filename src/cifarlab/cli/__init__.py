@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cifarlab import __version__
-from cifarlab.cli.common import fmt, run_command
+from cifarlab.cli.common import fmt, print_error, run_command
+from cifarlab.errors import UserError
+from cifarlab.plugins import ENV, load_plugins
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -29,6 +31,14 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
         ),
     )
     parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE_OR_MODULE",
+        help="a .py file or module that registers models, augmentations, optimizers, schedules, callbacks or "
+        f"recipes before the command runs; give it before COMMAND (repeatable; also ${ENV})",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS if commands is None else commands:
@@ -36,10 +46,29 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     return parser
 
 
+def _load_plugins(argv: list[str] | None) -> None:
+    """Plugins load before the full parser is built, so what they register shows in every command's help."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    load_plugins(known.plugin)
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        _load_plugins(argv)
+    except UserError as e:
+        print_error(e)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "data_dir", None) is None and os.environ.get("CIFARLAB_DATA"):
+    # $CIFARLAB_DATA is only a default: a resumed run's config.json names the data folder it trained on, which
+    # wins over the environment (an explicit --data-dir still wins over both).
+    if (
+        getattr(args, "data_dir", None) is None
+        and getattr(args, "resume", None) is None
+        and os.environ.get("CIFARLAB_DATA")
+    ):
         args.data_dir = Path(os.environ["CIFARLAB_DATA"])
     return run_command(args.func, args)
 

@@ -9,15 +9,20 @@ data-dependent init run once before training, e.g. the airnet's patch whitening)
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from torch import nn
 
-from cifarlab.models import airnet, reference_cnn  # noqa: F401  (registers the built-in models)
 from cifarlab.models.airnet import AirNet, init_whitening
 from cifarlab.models.reference_cnn import ReferenceCNN
 from cifarlab.models.summary import count_parameters, summary
 from cifarlab.registry import MODELS
+
+# Every module of this package registers its model on import: a new architecture is one new file here.
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["MODELS", "AirNet", "ReferenceCNN", "build_model", "count_parameters", "init_whitening", "summary"]
 

@@ -12,7 +12,8 @@ Hooks, in the order the loop calls them (Keras' names where Keras has the hook):
     on_train_end(logs)                         only when training finished (not on Ctrl-C or divergence)
 
 Callbacks run sorted by their `order` (stable; default 0, the Keras ones and user callbacks). The run's own
-machinery sits after them: the NaN guard (80), the history row (90), logging (95), the checkpoint (100) and
+machinery sits after them: the NaN guard (80), the history row (90), logging (95), the session clock (99),
+the checkpoint (100) and
 loggers such as TensorBoard or MLflow (110), so a checkpoint always holds every callback's updated state. A
 callback's `state_dict()` is saved in every checkpoint and given back by `load_state_dict()` on resume.
 

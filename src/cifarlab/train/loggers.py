@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ class MLflowLogger(Callback):
     """Logs the recipe as parameters and every epoch's metrics to MLflow (extra `mlflow`).
 
     `tracking_uri` None: a local file store, `<runs root>/mlruns` (browse it with `mlflow ui --backend-store-uri
-    <that folder>`); any MLflow tracking URI otherwise. The MLflow run id is checkpointed, so a resumed cifarlab
+    <that folder>`; MLflow 3 needs MLFLOW_ALLOW_FILE_STORE=true for it, which this sets); any MLflow tracking URI
+    otherwise (e.g. `sqlite:///mlflow.db` with the full `mlflow` package, or a tracking server's http URL). The MLflow run id is checkpointed, so a resumed cifarlab
     run continues the same MLflow run.
     """
 
@@ -69,7 +71,11 @@ class MLflowLogger(Callback):
     ) -> None:
         self.mlflow = require("mlflow", "mlflow", "the MLflow logger (--mlflow)")
         self.run_dir = Path(run_dir)
-        self.tracking_uri = tracking_uri or (self.run_dir.resolve().parent / "mlruns").as_uri()
+        if tracking_uri is None:
+            tracking_uri = (self.run_dir.resolve().parent / "mlruns").as_uri()
+            # MLflow 3 keeps the file store only behind this opt-in; a local folder needs no database server.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_id: str | None = None
 

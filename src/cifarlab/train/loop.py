@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,8 +104,10 @@ class Trainer:
         val_loader: Any | None = None,
         callbacks: Sequence[Callback] = (),
         device: torch.device | str = "cpu",
+        run_dir: Path | None = None,
     ) -> None:
         self.model = model
+        self.run_dir = run_dir  # where the run's files go (None outside a run folder), for callbacks that write
         self.recipe = recipe
         self.train_loader = train_loader
         self.val_loader = val_loader

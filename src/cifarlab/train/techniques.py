@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifarlab.registry import CALLBACKS
 from cifarlab.train.callbacks import Callback, EarlyStopping
 from cifarlab.train.optim import schedule_callbacks
 
@@ -71,7 +72,8 @@ class WhitenBiasFreeze(Callback):
 
 
 def recipe_callbacks(recipe: Any, has_val: bool) -> list[Callback]:
-    """The callbacks a recipe's settings ask for (the run's own machinery is added by the experiment)."""
+    """The callbacks a recipe's settings ask for, then those it names in `callbacks` (registered in
+    `cifarlab.registry.CALLBACKS`); the run's own machinery is added by the experiment."""
     cbs: list[Callback] = []
     if recipe.early_stopping_patience > 0 and (has_val or not recipe.monitor.startswith("val_")):
         cbs.append(
@@ -87,4 +89,5 @@ def recipe_callbacks(recipe: Any, has_val: bool) -> list[Callback]:
         cbs.append(Lookahead(recipe.ema_decay, recipe.ema_every, recipe.ema_start_epochs, recipe.ema_pow))
     if recipe.whiten_init or recipe.whiten_bias_epochs > 0:
         cbs.append(WhitenBiasFreeze(recipe.whiten_bias_epochs))
+    cbs += [CALLBACKS.build(name, recipe) for name in getattr(recipe, "callbacks", ())]
     return cbs

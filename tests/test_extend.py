@@ -1,0 +1,298 @@
+"""Extending cifarlab: a custom model, augmentation and callback, each a few registered lines, trained through
+the CLI (`--plugin` + `--set`) and through the Python API; user data of another size (64x64) and channel count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cifarlab
+from cifarlab.errors import UserError
+from cifarlab.registry import AUGMENTS, CALLBACKS, MODELS
+from cifarlab.train import Callback
+
+# The three pieces, as a user would write them in one plugin file.
+PLUGIN = textwrap.dedent(
+    '''
+    import torch
+    from torch import nn
+    from cifarlab.registry import AUGMENTS, CALLBACKS, MODELS
+    from cifarlab.train import Callback
+
+
+    class TinyNet(nn.Module):
+        def __init__(self, channels, num_classes):
+            super().__init__()
+            self.conv = nn.Conv2d(channels, 8, 3, padding=1)
+            self.fc = nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+    @MODELS.register("tinynet")
+    def tinynet(recipe, num_classes, input_shape):
+        """one conv, global average pool, linear"""
+        return TinyNet(input_shape[0], num_classes)
+
+
+    class Invert:
+        def __call__(self, x, *, generator, indices=None, epoch=0):
+            return 1.0 - x
+
+        def describe(self):
+            return "invert every pixel"
+
+
+    @AUGMENTS.register("invert")
+    def invert(recipe):
+        """invert every pixel"""
+        return Invert()
+
+
+    class CountSteps(Callback):
+        def __init__(self):
+            self.steps = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
+
+        def on_train_end(self, logs=None):
+            (self.trainer.run_dir / "steps.txt").write_text(str(self.steps))
+
+
+    @CALLBACKS.register("count_steps")
+    def count_steps(recipe):
+        return CountSteps()
+    '''
+)
+
+TINY = [
+    "--recipe",
+    "reference",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "epochs=2",
+    "--set",
+    "precision=fp32",
+    "--set",
+    "early_stopping_patience=0",
+]
+
+
+def _image_folder(root: Path, size: int = 32) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 12)):
+        for i in range(n):
+            label = i % 2
+            d = root / split / f"c{label}"
+            d.mkdir(parents=True, exist_ok=True)
+            img = rng.integers(0, 90, (size, size, 3), dtype=np.uint8) + (150 if label else 0)
+            Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def test_cli_trains_a_plugin_model_augmentation_and_callback(tmp_path):
+    plugin = tmp_path / "myplugin.py"
+    plugin.write_text(PLUGIN)
+    data = _image_folder(tmp_path / "data")
+    env = {**os.environ, "CIFARLAB_CACHE": str(tmp_path / "cache")}
+    base = [sys.executable, "-m", "cifarlab.cli", "--plugin", str(plugin)]
+    sets = ["--set", "model=tinynet", "--set", "augment=invert", "--set", "callbacks=count_steps"]
+    cmd = [*base, "train", *TINY, *sets, "--set", f"dataset={data}", "--runs-dir", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    (run,) = (tmp_path / "runs").iterdir()
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"]["model"] == "tinynet" and config["recipe"]["augment"] == "invert"
+    # 32 training images (val_fraction 0.2 of 40), batch 16: 2 steps per epoch, 2 epochs
+    assert (run / "steps.txt").read_text() == "4"
+    assert "invert every pixel" in (run / "report.md").read_text()  # the report describes the new augmentation
+    # Other commands load the run with the same plugin; without it the model is unknown (a clear error).
+    ev = subprocess.run([*base, "evaluate", str(run), "--json"], env=env, capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["accuracy"] >= 0
+    bare = subprocess.run(
+        [sys.executable, "-m", "cifarlab.cli", "evaluate", str(run)], env=env, capture_output=True, text=True
+    )
+    assert bare.returncode == 2 and "tinynet" in bare.stderr and "Traceback" not in bare.stderr
+    # The recipe checks know the registered names (and nothing else).
+    bad = subprocess.run([*base, "config", "--set", "model=tinynett"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "tinynet" in bad.stderr
+
+
+class _TinyNet(nn.Module):
+    def __init__(self, channels: int = 3, num_classes: int = 2) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+class _Recorder(Callback):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def on_train_begin(self, logs=None):
+        self.calls.append("train_begin")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.calls.append(f"epoch_begin {epoch}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls.append("batch")
+
+    def on_validation_begin(self, epoch, logs=None):
+        self.calls.append("validation_begin")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.calls.append(f"epoch_end {epoch} {sorted(k for k in logs if k != 'events')}")
+
+    def on_train_end(self, logs=None):
+        self.calls.append("train_end")
+
+
+def _arrays(n_train: int, n_test: int, shape: tuple[int, ...], seed: int = 0):
+    """Two classes told apart by brightness, as uint8 NCHW arrays."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        y = np.arange(n) % 2
+        x = rng.integers(0, 100, (n, *shape), dtype=np.uint8) + (120 * y).astype(np.uint8)[:, None, None, None]
+        return x.astype(np.uint8), y
+
+    return (*make(n_train), *make(n_test))
+
+
+def test_api_trains_a_user_module_with_a_user_callback_and_augmentation(tmp_path):
+    seen_shapes = []
+
+    @AUGMENTS.register("api_flip", replace=True)
+    def api_flip(recipe):
+        def flip(x, *, generator, indices=None, epoch=0):
+            seen_shapes.append(tuple(x.shape[1:]))
+            return x.flip(-1)
+
+        return flip
+
+    try:
+        rec = _Recorder()
+        x_tr, y_tr, x_te, y_te = _arrays(48, 16, (3, 32, 32))
+        run = cifarlab.fit(
+            "reference",
+            data=(x_tr, y_tr, x_te, y_te),
+            classes=["dark", "bright"],
+            model=_TinyNet(),
+            callbacks=[rec],
+            runs_dir=tmp_path,
+            report=False,
+            epochs=2,
+            batch_size=16,
+            precision="fp32",
+            augment="api_flip",
+            early_stopping_patience=0,
+            lr=0.05,
+        )
+        assert run.classes == ["dark", "bright"]
+        assert seen_shapes and set(seen_shapes) == {(3, 32, 32)}
+        # Keras' hook order, every epoch; steps: 38 training images (80%) at batch 16 -> 3 batches per epoch
+        assert rec.calls[:2] == ["train_begin", "epoch_begin 0"]
+        assert rec.calls[2:6] == ["batch", "batch", "batch", "validation_begin"]
+        assert rec.calls[6].startswith("epoch_end 0 ['accuracy', 'epoch_seconds', 'learning_rate', 'loss', 'lr'")
+        assert rec.calls[-1] == "train_end" and len(rec.calls) == 2 * 6 + 2
+        assert run.test_accuracy > 0.9  # brightness is easy
+        probs = run.predict(x_te)
+        assert probs.shape == (16, 2) and torch.allclose(probs.sum(1), torch.ones(16), atol=1e-5)
+        assert (probs.argmax(1).numpy() == y_te).mean() == pytest.approx(run.test_accuracy)
+        ev = run.evaluate()
+        assert ev.accuracy == pytest.approx(run.test_accuracy)
+        # The user's model class is recorded, and the run reloads in this process (its model is registered).
+        assert json.loads((run.path / "config.json").read_text())["model_class"].endswith("_TinyNet")
+        again = cifarlab.load(run.path)
+        assert torch.allclose(again.predict(x_te), probs)
+
+    finally:
+        AUGMENTS.unregister("api_flip")
+        MODELS.unregister("user._TinyNet")
+
+
+def test_api_trains_on_64px_grayscale_images_without_resizing(tmp_path):
+    x_tr, y_tr, x_te, y_te = _arrays(64, 16, (1, 64, 64), seed=1)
+    run = cifarlab.fit(
+        "reference",
+        data={"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te},
+        runs_dir=tmp_path,
+        epochs=2,
+        batch_size=16,
+        widths=(8, 8, 8),
+        dense_width=16,
+        precision="fp32",
+        bn_momentum=0.1,
+        early_stopping_patience=0,
+    )
+    config = json.loads((run.path / "config.json").read_text())
+    assert config["dataset"]["input_shape"] == [1, 64, 64]
+    model = run.get_model()
+    assert model.features[0].in_channels == 1
+    assert model.head[2].in_features == 8 * 8 * 8  # 64 px after three 2x2 pools: an 8x8 map, not 4x4
+    assert run.predict(x_te).shape == (16, 2)
+    assert run.test_accuracy > 0.8
+    assert (run.path / "report.html").exists()
+    with pytest.raises(UserError, match="this model takes"):
+        run.predict(np.zeros((2, 1, 32, 32), dtype=np.uint8))
+
+
+def test_mlflow_logger_records_params_and_metrics(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    x_tr, y_tr, x_te, y_te = _arrays(40, 10, (3, 32, 32))
+    run = cifarlab.fit(
+        "reference",
+        data=(x_tr, y_tr, x_te, y_te),
+        runs_dir=tmp_path / "runs",
+        report=False,
+        mlflow=True,
+        epochs=2,
+        batch_size=16,
+        widths=(8, 8, 8),
+        dense_width=16,
+        precision="fp32",
+        early_stopping_patience=0,
+    )
+    client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())
+    (found,) = client.search_runs([client.get_experiment_by_name("cifarlab").experiment_id])
+    assert found.info.run_name == run.path.name and found.info.status == "FINISHED"
+    assert found.data.params["lr"] == "0.001" and found.data.params["batch_size"] == "16"
+    history = client.get_metric_history(found.info.run_id, "val_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert [m.value for m in history] == pytest.approx([row["val_loss"] for row in run.history])
+
+
+def test_callbacks_registry_and_recipe_key():
+    calls = []
+
+    @CALLBACKS.register("probe_cb", replace=True)
+    def probe(recipe):
+        calls.append(recipe.name)
+        return Callback()
+
+    try:
+        from cifarlab.train import recipe_callbacks
+
+        r = cifarlab.get_recipe("fast").replace(callbacks=("probe_cb",))
+        assert type(recipe_callbacks(r, has_val=False)[-1]) is Callback and calls == ["fast"]
+    finally:
+        CALLBACKS.unregister("probe_cb")
