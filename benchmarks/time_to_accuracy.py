@@ -6,8 +6,8 @@
 Per seed: test accuracy and the wall time from process start to the final test accuracy (interpreter and
 torch import, data loading from the extracted cache, whitening, training and TTA evaluation all included;
 the report is skipped), epochs, peak memory. Then mean ± std, the training work in FLOPs (counted with
-torch's FlopCounterMode on the recipe's own model), the achieved TFLOP/s, and this machine's bf16/fp32
-matmul peak measured in the same run.
+torch's FlopCounterMode on the recipe's own model), the achieved TFLOP/s, and the dense-matmul peak of the
+device and precision the runs trained in, measured after them in the same process.
 """
 
 from __future__ import annotations
@@ -24,17 +24,30 @@ from pathlib import Path
 import torch
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
-    """Dense matmul throughput in TFLOP/s (the most this machine's cores can do for this dtype)."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 3.0) -> float:
+    """Dense matmul throughput in TFLOP/s on `device` (the most it can do for this dtype)."""
+    if device.type == "cuda":
+        n = 8192  # a 2048 matmul cannot fill a large GPU
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
+    sync()
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         count += 1
+    sync()
     return 2 * n**3 * count / (time.perf_counter() - t0) / 1e12
+
+
+def run_precision(cfg: dict) -> tuple[torch.device, torch.dtype]:
+    """The device and number format the runs trained in, from their config.json."""
+    device = torch.device(cfg["machine"].get("device", "cpu"))
+    precision = str(cfg.get("precision", "fp32"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision[:4], torch.float32)
+    return device, dtype
 
 
 def count_flops(recipe, n_train: int, n_test: int) -> dict[str, float]:
@@ -111,11 +124,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from cifarlab.config import resolve_recipe
-    from cifarlab.runs import machine_info
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     recipe = resolve_recipe(args.recipe, None, args.set)
-    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     rows = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         row = run_seed(args, seed, args.runs_dir)
@@ -129,6 +140,11 @@ def main() -> None:
         )
 
     cfg = json.loads((Path(rows[0]["run_dir"]) / "config.json").read_text())
+    # The peak of the device and precision the runs used (a bf16 peak on a CPU without bf16 would be emulated,
+    # and a CPU peak beside a GPU run meaningless), measured after the runs so it does not compete with them.
+    device, dtype = run_precision(cfg)
+    peak = matmul_peak(dtype, device)
+    peak_name = f"{str(dtype).removeprefix('torch.')} on {device.type}"
     n_train, n_test = cfg["dataset"]["n_train"], cfg["dataset"]["n_test"]
     n_val = cfg["dataset"]["n_val"]
     flops = count_flops(recipe, n_train, n_test)
@@ -142,7 +158,7 @@ def main() -> None:
     achieved = train_flops / statistics.median([r["train_seconds"] for r in rows]) / 1e12
     summary = {
         "recipe": recipe.to_dict(),
-        "machine": machine_info(),
+        "machine": cfg["machine"],
         "seeds": rows,
         "test_accuracy_mean": statistics.mean(accs),
         "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -154,8 +170,8 @@ def main() -> None:
         "total_pflop": total / 1e15,
         "train_pflop": train_flops / 1e15,
         "achieved_tflops_during_training": achieved,
-        "matmul_peak_tflops": peaks,
-        "achieved_over_bf16_peak": achieved / peaks["bf16"],
+        "matmul_peak_tflops": {peak_name: peak},
+        "achieved_over_peak": achieved / peak,
     }
     print(
         f"\n{recipe.name}: test accuracy {summary['test_accuracy_mean']:.2%} ± {summary['test_accuracy_std']:.2%} "
@@ -165,12 +181,13 @@ def main() -> None:
     print(
         f"work: {total / 1e15:.4f} PFLOP ({flops['train_per_image'] / 1e6:.1f} MFLOP/image/step train, "
         f"{flops['eval_per_image'] / 1e6:.1f} MFLOP/image eval); achieved {achieved:.3f} TFLOP/s during "
-        f"training = {summary['achieved_over_bf16_peak']:.0%} of the measured bf16 matmul peak "
-        f"({peaks['bf16']:.3f} TFLOP/s; fp32 {peaks['fp32']:.3f} TFLOP/s)"
+        f"training = {summary['achieved_over_peak']:.0%} of the measured {peak_name} matmul peak "
+        f"({peak:.3f} TFLOP/s)"
     )
+    m = cfg["machine"]
     print(
-        f"machine: {summary['machine']['cpu']}, {summary['machine']['torch_threads']} threads, "
-        f"torch {summary['machine']['torch']}"
+        f"machine: {m['cpu']} (bf16: {'yes' if m.get('cpu_bf16') else 'no'}), {m.get('gpu', 'no GPU')}, "
+        f"{m['torch_threads']} threads, torch {m['torch']}; precision {cfg.get('precision', '?')}"
     )
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

@@ -254,6 +254,17 @@ def test_api_trains_on_64px_grayscale_images_without_resizing(tmp_path):
     assert (run.path / "report.html").exists()
     with pytest.raises(UserError, match="this model takes"):
         run.predict(np.zeros((2, 1, 32, 32), dtype=np.uint8))
+    # Files are decoded to the model's input (64x64, one channel); the export takes that shape too.
+    from PIL import Image
+
+    Image.fromarray(x_te[1, 0]).save(tmp_path / "bright.png")
+    (result,) = run.predict([tmp_path / "bright.png"])
+    assert result["top_k"][0]["class"] == run.classes[int(y_te[1])]
+    ort = pytest.importorskip("onnxruntime")
+    onnx_path = run.export("onnx", tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(onnx_path))
+    (onnx_probs,) = session.run(None, {"images": x_te})
+    assert np.allclose(onnx_probs, run.predict(x_te).numpy(), atol=1e-4)
 
 
 def test_mlflow_logger_records_params_and_metrics(tmp_path):

@@ -4,7 +4,8 @@ The exported model takes images as they come out of an image decoder, NCHW with 
 TorchScript: uint8 or float), scales them to [0, 1], applies the run's per-channel normalization and returns
 softmax probabilities. Preprocessing travels with the model, so a consumer cannot get it subtly wrong; a uint8
 ONNX input also makes the classic mistake (feeding 0..1 floats) a type error instead of silent garbage.
-Images must already be 32x32 RGB: resizing is left to the caller (see `cifarlab.predict` for the rule).
+Images must already have the run's input size (32x32 RGB for CIFAR): resizing is left to the caller (see
+`cifarlab.predict` for the rule).
 
 Exports run in fp32 eval mode with no TTA, and record class names, the input spec, mean/std, the recipe and
 the cifarlab version in the file's metadata (ONNX `metadata_props`, TorchScript `_extra_files`).
@@ -24,6 +25,7 @@ from torch import nn
 
 from cifarlab import __version__
 from cifarlab.errors import UserError
+from cifarlab.files import atomic_write_bytes
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -33,7 +35,7 @@ METADATA_FILE = "cifarlab.json"  # TorchScript _extra_files entry
 
 
 class Preprocessed(nn.Module):
-    """images (N, 3, 32, 32), 0..255 -> softmax probabilities, with the exact ops of inference.to_float."""
+    """images (N, C, H, W), 0..255 -> softmax probabilities, with the exact ops of inference.to_float."""
 
     def __init__(self, model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
         super().__init__()
@@ -56,6 +58,7 @@ def metadata(run: Any, fmt: str) -> dict[str, str]:
     """String key/value metadata for the exported file (JSON for structured values)."""
     mean, std = run.normalization
     input_dtype = "uint8" if fmt == "onnx" else "uint8 or float32"
+    c, h, w = run.input_shape
     return {
         "cifarlab_version": __version__,
         "recipe": run.recipe.name,
@@ -65,12 +68,12 @@ def metadata(run: Any, fmt: str) -> dict[str, str]:
         "input": json.dumps(
             {
                 "name": INPUT_NAME,
-                "shape": ["batch", 3, 32, 32],
+                "shape": ["batch", c, h, w],
                 "layout": "NCHW",
-                "color": "RGB",
+                "color": {1: "grayscale", 3: "RGB"}.get(c, f"{c} channels"),
                 "dtype": input_dtype,
                 "range": [0, 255],
-                "resize": "32x32, no aspect ratio kept: Pillow BOX when shrinking, bilinear when enlarging; "
+                "resize": f"{h}x{w}, no aspect ratio kept: Pillow BOX when shrinking, bilinear when enlarging; "
                 "alpha dropped",
             }
         ),
@@ -109,12 +112,10 @@ def export_onnx(run_dir: Path | str, out_path: Path | str | None = None, opset: 
         import onnx
     except ImportError:
         raise UserError("ONNX export needs onnx: pip install 'cifarlab[export]'") from None
-    from cifarlab.runs import atomic_write_bytes
-
     run, wrapped = _wrapped(run_dir)
     out = _out_path(run_dir, out_path, "onnx")
     buf = io.BytesIO()
-    dummy = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    dummy = torch.zeros(2, *run.input_shape, dtype=torch.uint8)
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript-based exporter is deprecated but needs no extra package (the dynamo exporter needs
         # onnxscript) and handles these small conv nets exactly.
@@ -147,8 +148,6 @@ def export_torchscript(run_dir: Path | str, out_path: Path | str | None = None) 
 
     Load it with `torch.jit.load(path, _extra_files={"cifarlab.json": ""})` to read the metadata.
     """
-    from cifarlab.runs import atomic_write_bytes
-
     run, wrapped = _wrapped(run_dir)
     out = _out_path(run_dir, out_path, "torchscript")
     with warnings.catch_warnings():

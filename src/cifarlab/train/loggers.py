@@ -56,8 +56,8 @@ class MLflowLogger(Callback):
 
     `tracking_uri` None: a local file store, `<runs root>/mlruns` (browse it with `mlflow ui --backend-store-uri
     <that folder>`; MLflow 3 needs MLFLOW_ALLOW_FILE_STORE=true for it, which this sets); any MLflow tracking URI
-    otherwise (e.g. `sqlite:///mlflow.db` with the full `mlflow` package, or a tracking server's http URL). The MLflow run id is checkpointed, so a resumed cifarlab
-    run continues the same MLflow run.
+    otherwise (e.g. `sqlite:///mlflow.db` with the full `mlflow` package, or a tracking server's http URL).
+    The MLflow run id is checkpointed, so a resumed cifarlab run continues the same MLflow run.
     """
 
     order = 110
