@@ -26,6 +26,7 @@ from sklearn.metrics import (
 )
 
 from cifarlab.errors import UserError
+from cifarlab.text import terminal_safe
 
 __all__ = [
     "HIGH_CONFIDENCE",
@@ -626,18 +627,17 @@ def format_summary(ev: EvalResult) -> str:
 
     Class names come from the data (an image folder's names): control characters and escape sequences in
     them are shown escaped, never sent to the terminal."""
-    from cifarlab.cli.common import printable
 
     cal = ev.calibration
     inf = ev.inference
     lines = [
         f"{ev.split_name} split: {ev.n:,} images"
-        + (f" (TTA {printable(inf.tta)}, {inf.predict_seconds or 0:.1f} s)" if inf is not None else ""),
+        + (f" (TTA {terminal_safe(inf.tta)}, {inf.predict_seconds or 0:.1f} s)" if inf is not None else ""),
         f"accuracy {ev.accuracy:.2%}   top-{ev.top_k} {ev.top5:.2%}   loss {ev.loss:.4f}   "
         f"ECE {cal.ece:.2%} (mean confidence {cal.mean_confidence:.2%})",
         "",
     ]
-    names = {c: printable(c) for c in ev.classes}
+    names = {c: terminal_safe(c) for c in ev.classes}
     labels = ("macro avg", "weighted avg")
     width = max(8, *(len(s) for s in names.values()), *(len(s) for s in labels))
     lines.append(f"{'class':<{width}}  precision  recall     f1  support  most confused with")
@@ -646,7 +646,7 @@ def format_summary(ev: EvalResult) -> str:
         return f"{label:<{width}}  {m.precision:>9.3f}  {m.recall:>6.3f}  {m.f1:>5.3f}  {m.support:>7}"
 
     for name, m in ev.per_class.items():
-        conf = ", ".join(f"{printable(o)} {s:.0%}" for o, s in ev.top_confusions[name])
+        conf = ", ".join(f"{terminal_safe(o)} {s:.0%}" for o, s in ev.top_confusions[name])
         lines.append(f"{row(names[name], m)}  {conf}".rstrip())
     lines.append(row("macro avg", ev.macro_avg))
     lines.append(row("weighted avg", ev.weighted_avg))
@@ -654,6 +654,6 @@ def format_summary(ev: EvalResult) -> str:
         lines.append("")
         lines.append(
             "most confused pairs: "
-            + "; ".join(f"{printable(p.a)} <-> {printable(p.b)} {p.count}" for p in ev.confused_pairs[:5])
+            + "; ".join(f"{terminal_safe(p.a)} <-> {terminal_safe(p.b)} {p.count}" for p in ev.confused_pairs[:5])
         )
     return "\n".join(lines)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from cifarlab.data.images import (
     skip_name,
 )
 from cifarlab.errors import DataError, UserError
+from cifarlab.text import terminal_safe
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "expand_paths", "format_table", "load_images", "predict_paths"]
 
@@ -167,24 +167,6 @@ def predict_paths(
                 for p, c in zip(top_p[row].tolist(), top_i[row].tolist(), strict=True)
             ]
     return results
-
-
-_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def terminal_safe(text: str) -> str:
-    """`text` with control and format characters (ANSI escape sequences, bidi overrides, newlines) written
-    as visible escapes (``\\x1b``, ``\\u202e``), so a file name cannot rewrite the terminal."""
-    out = []
-    for ch in text:
-        if ch in _ESCAPES:
-            out.append(_ESCAPES[ch])
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:

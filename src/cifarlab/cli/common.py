@@ -5,33 +5,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cifarlab.text import terminal_safe
+
 __all__ = ["EPILOG_DATA", "data_dir_arg", "fmt", "print_error", "printable", "run_command", "warn"]
 
 EPILOG_DATA = "Data lookup: --data-dir, else $CIFARLAB_DATA, else ~/.cache/cifarlab."
 
-# C0 controls (newline and tab included: a name must stay on its line), DEL, C1 controls (0x9b is a
-# one-byte CSI), and the Unicode line/paragraph separators and bidi overrides that reorder what is shown.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
 def printable(text: Any) -> str:
-    """`text` safe for a terminal: control characters (ESC of an ANSI sequence, newlines, ...) written as
-    visible escapes (\\x1b, \\n, \\u202e), everything else unchanged."""
-    s = str(text)
-
-    def esc(m: re.Match[str]) -> str:
-        c = m.group()
-        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or (
-            f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
-        )
-
-    return _UNSAFE.sub(esc, s)
+    """`text` safe for a terminal (see `cifarlab.text.terminal_safe`)."""
+    return terminal_safe(text)
 
 
 def fmt(description: str, example: str) -> dict[str, Any]:

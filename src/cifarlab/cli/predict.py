@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cifarlab.cli.common import fmt, printable
+from cifarlab.cli.common import fmt
 
 
 def add_parser(sub: Any) -> None:
@@ -41,7 +41,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         # file and class names are data: control characters are shown escaped, line by line
-        print("\n".join(printable(line) for line in format_table(results).split("\n")))
+        print(format_table(results))  # names escaped by format_table
         n_bad = len(results) - n_ok
         print(f"{n_ok} classified" + (f", {n_bad} failed" if n_bad else ""), file=sys.stderr)
     return 0 if n_ok else 1
