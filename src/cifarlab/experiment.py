@@ -59,6 +59,7 @@ from cifarlab.train import (
     EpochLog,
     FitResult,
     ProgressBar,
+    StepLog,
     Trainer,
     format_history_table,
     recipe_callbacks,
@@ -340,7 +341,7 @@ def run_callbacks(
 ) -> list[Callback]:
     """The run's own machinery as callbacks: checkpoint + history files, progress, trackers."""
     assert plan.run_dir is not None
-    cbs: list[Callback] = [Checkpoint(plan.run_dir)]
+    cbs: list[Callback] = [Checkpoint(plan.run_dir), StepLog(plan.run_dir)]
     if log is not None:
         cbs.append(ProgressBar() if progress else EpochLog(log, every_seconds=10.0))
         if progress:

@@ -3,7 +3,7 @@ Keras' EarlyStopping/ReduceLROnPlateau), the recipe's techniques (`techniques`: 
 the run's files (`checkpoint`), what a person sees (`progress`, `table`) and trackers (`loggers`)."""
 
 from cifarlab.train.callbacks import Callback, CallbackList, EarlyStopping, ReduceLROnPlateau
-from cifarlab.train.checkpoint import Checkpoint, write_history
+from cifarlab.train.checkpoint import Checkpoint, StepLog, write_history
 from cifarlab.train.loggers import MLflowLogger, TensorBoardLogger
 from cifarlab.train.loop import FitResult, History, NaNGuard, Trainer, TrainingDiverged, all_finite
 from cifarlab.train.optim import StepSchedule, build_optimizer, lr_multiplier
@@ -24,6 +24,7 @@ __all__ = [
     "NaNGuard",
     "ProgressBar",
     "ReduceLROnPlateau",
+    "StepLog",
     "StepSchedule",
     "TensorBoardLogger",
     "Trainer",
