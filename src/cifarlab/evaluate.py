@@ -50,6 +50,7 @@ __all__ = [
     "evaluate_run",
     "format_summary",
     "load_run_dataset",
+    "load_test_data",
     "softmax",
     "split_images",
     "top_confusions",
@@ -523,6 +524,52 @@ def load_run_dataset(run: Any, data_dir: Path | None = None) -> Any:
     from cifarlab.data import load_dataset
 
     return load_dataset(run.recipe.dataset, data_dir)
+
+
+def load_test_data(run: Any, path: Path | str) -> Any:
+    """Another labelled test set for a run (`cifarlab evaluate --test-data`), as a `Dataset` in the run's terms.
+
+    `path`: anything `load_dataset` reads (an ImageFolder tree or tarball, whose test/ split is used; an
+    official CIFAR archive or batches folder), decoded at the run's input size (one channel: the ITU-R 601
+    luma). Its classes are matched to the run's by name: a subset is fine (labels are mapped to the run's
+    indices), a class the run does not know is an error naming it. The result has the run's classes, an empty
+    train split and no checksum (so it is never mistaken for the run's own data)."""
+    from cifarlab.data import Dataset, load_dataset
+
+    c, h, w = run.input_shape
+    if h != w:
+        raise UserError(f"the run takes {c}x{h}x{w} images; --test-data is decoded to square images only")
+    ds = load_dataset(Path(path), image_size=h)
+    classes = list(run.classes)
+    extra = [name for name in ds.classes if name not in classes]
+    if extra:
+        missing = [name for name in classes if name not in ds.classes]
+        raise UserError(
+            f"{path}: classes {extra} are not classes of the run (its classes: {classes}); "
+            f"a test set may hold a subset of the run's classes, named alike"
+            + (f" (the data lacks {missing}, which is fine)" if missing else "")
+        )
+    x = ds.x_test
+    if x.shape[1] != c:
+        if c == 1 and x.shape[1] == 3:  # the luma, as predict and the ImageFolder loader make grey images
+            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            x = (x.float() * weights).sum(dim=1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        else:
+            raise UserError(f"{path}: images have {x.shape[1]} channels; the run takes {c}")
+    if tuple(x.shape[2:]) != (h, w):
+        raise UserError(f"{path}: images are {x.shape[3]}x{x.shape[2]}; the run takes {w}x{h}")
+    remap = torch.tensor([classes.index(name) for name in ds.classes], dtype=torch.int64)
+    return Dataset(
+        name=f"{ds.name} (test data)",
+        classes=tuple(classes),
+        x_train=x[:0].contiguous(),
+        y_train=torch.zeros(0, dtype=torch.int64),
+        x_test=x.contiguous(),
+        y_test=remap[ds.y_test],
+        source=ds.source,
+        checksum="",
+        cache_dir=ds.cache_dir,
+    )
 
 
 def check_dataset(run: Any, dataset: Any) -> DatasetCheck:

@@ -65,13 +65,16 @@ def expand_paths(paths: Iterable[Path | str]) -> list[tuple[Path, str | None]]:
     return out
 
 
-def _decode(path: Path, max_pixels: int, shape: tuple[int, int, int] = (3, 32, 32)) -> np.ndarray:
+def _decode(
+    path: Path | bytes, max_pixels: int, shape: tuple[int, int, int] = (3, 32, 32), where: str | None = None
+) -> np.ndarray:
     """uint8 `shape` (C, H, W) exactly as the training ImageFolder loader decodes it; one channel is the
-    ITU-R 601 luma of the RGB image."""
+    ITU-R 601 luma of the RGB image. `path` may be the file's bytes (`cifarlab serve`); `where` names it in
+    errors (default: the path)."""
     c, h, w = shape
     if h != w or c not in (1, 3):
         raise DataError(f"this model takes {c}x{h}x{w} images; predict reads files for square 1- or 3-channel models")
-    rgb = decode_image(path, str(path), h, max_pixels=max_pixels)
+    rgb = decode_image(path, where if where is not None else str(path), h, max_pixels=max_pixels)
     if c == 1:
         luma = rgb.astype(np.float32).transpose(1, 2, 0) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[None]

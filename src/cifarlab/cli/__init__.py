@@ -18,7 +18,19 @@ from cifarlab.plugins import ENV, load_plugins
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 # Modules of this package, one per command, in the order `cifarlab --help` lists them.
-COMMANDS: tuple[str, ...] = ("data", "model", "train", "evaluate", "report", "runs", "predict", "export", "config")
+COMMANDS: tuple[str, ...] = (
+    "data",
+    "model",
+    "train",
+    "evaluate",
+    "report",
+    "runs",
+    "predict",
+    "explain",
+    "export",
+    "serve",
+    "config",
+)
 
 
 def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:

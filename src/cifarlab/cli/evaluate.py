@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
-from cifarlab.cli.common import data_dir_arg, fmt, print_error, warn
+from cifarlab.cli.common import data_dir_arg, fmt, print_error, printable, warn
+from cifarlab.errors import UserError
 
 
 def add_parser(sub: Any) -> None:
@@ -18,8 +21,11 @@ def add_parser(sub: Any) -> None:
             "Load a run's weights and config, predict its test split (or its reproduced validation split) in eval\n"
             "mode, and print accuracy, top-5 accuracy, loss, expected calibration error, the per-class table\n"
             "(precision, recall, F1, support) and each class's most frequent confusions. Writes\n"
-            "RUN_DIR/eval_<split>.json with every number (confusion matrices, calibration bins, ...).",
-            "cifarlab evaluate runs/20261125-120000-reference --split val --data-dir ../shared/data",
+            "RUN_DIR/eval_<split>.json with every number (confusion matrices, calibration bins, ...).\n"
+            "--test-data evaluates on another labelled test set with the run's classes (matched by name);\n"
+            "--corruptions measures accuracy under CIFAR-10-C style corruptions at severities 1..5.",
+            "cifarlab evaluate runs/20261125-120000-reference --split val --data-dir ../shared/data\n"
+            "  cifarlab evaluate runs/20261125-120000-reference --corruptions --corruption-limit 1000",
         ),
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder written by cifarlab train")
@@ -31,7 +37,81 @@ def add_parser(sub: Any) -> None:
     )
     data_dir_arg(p)
     p.add_argument("--json", action="store_true", help="print the evaluation as JSON instead of the summary")
+    p.add_argument(
+        "--test-data",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="evaluate on another labelled test set with (a subset of) the run's classes, matched by name: an "
+        "ImageFolder tree or .tar.gz (its test/ split) or a CIFAR archive/folder, decoded at the run's input "
+        "size; saved as RUN_DIR/eval_data-<name>.json",
+    )
+    g = p.add_argument_group("robustness (CIFAR-10-C style corruptions)")
+    g.add_argument(
+        "--corruptions",
+        action="store_true",
+        help="accuracy under common corruptions (noise, blur, brightness, contrast, fog, pixelate, JPEG) per "
+        "severity, their mean and the relative drop from clean accuracy; saved as RUN_DIR/eval_corruptions.json",
+    )
+    g.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities 0..5 (default: 1,2,3,4,5)")
+    g.add_argument(
+        "--corruption-names",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated corruptions (default: all registered)",
+    )
+    g.add_argument(
+        "--corruption-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use the first N test images only (a quicker estimate)",
+    )
+    g.add_argument("--corruption-seed", type=int, default=0, help="seed of the random corruptions (default: 0)")
     p.set_defaults(func=cmd_evaluate)
+
+
+def _save(out: Path, data: Any, quiet: bool) -> int:
+    """Write `data` to `out`; a folder that cannot be written costs the file, not the numbers printed before."""
+    from cifarlab.files import write_json
+
+    try:
+        write_json(out, data)
+    except OSError as exc:
+        print_error(f"results not saved: cannot write {out}: {exc.strerror or exc}")
+        return 1
+    if not quiet:
+        print(f"\nwritten: {out}")
+    return 0
+
+
+def _slug(path: Path) -> str:
+    name = path.name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "data"
+
+
+def cmd_corruptions(args: argparse.Namespace, dataset: Any) -> int:
+    from cifarlab.corruptions import evaluate_corruptions, format_corruptions, parse_severities
+
+    names = [n.strip() for n in args.corruption_names.split(",") if n.strip()] if args.corruption_names else None
+    result = evaluate_corruptions(
+        args.run_dir,
+        dataset=dataset,
+        data_dir=args.data_dir,
+        severities=parse_severities(args.severities),
+        names=names,
+        limit=args.corruption_limit,
+        seed=args.corruption_seed,
+        progress=None if args.json else lambda line: print(printable(line), file=sys.stderr, flush=True),
+    )
+    if args.json:
+        print(json.dumps(result, indent=2), flush=True)
+    else:
+        print(format_corruptions(result), flush=True)
+    return _save(Path(args.run_dir) / "eval_corruptions.json", result, args.json)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -40,11 +120,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     The results are printed before saving: a folder that cannot be written (read-only, full disk) costs the
     file, not the numbers; the reason is then one line and the exit status 1."""
     from cifarlab.evaluate import dataset_warning, evaluate_run, format_summary
-    from cifarlab.files import write_json
     from cifarlab.inference import set_threads
 
     set_threads()
-    ev, _ = evaluate_run(args.run_dir, split=args.split, data_dir=args.data_dir)
+    dataset = None
+    if args.test_data is not None:
+        from cifarlab.evaluate import load_test_data
+        from cifarlab.runs import load_run
+
+        if args.split != "test":
+            raise UserError("--test-data is a test set: it has no validation split (drop --split val)")
+        dataset = load_test_data(load_run(args.run_dir), args.test_data)
+    if args.corruptions:
+        return cmd_corruptions(args, dataset)
+    ev, _ = evaluate_run(args.run_dir, split=args.split, data_dir=args.data_dir, dataset=dataset)
     warning = dataset_warning(ev)
     if warning:
         warn(warning)
@@ -53,12 +142,5 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2), flush=True)
     else:
         print(format_summary(ev), flush=True)
-    out = Path(args.run_dir) / f"eval_{args.split}.json"
-    try:
-        write_json(out, data)
-    except OSError as exc:
-        print_error(f"results not saved: cannot write {out}: {exc.strerror or exc}")
-        return 1
-    if not args.json:
-        print(f"\nwritten: {out}")
-    return 0
+    name = f"data-{_slug(args.test_data)}" if args.test_data is not None else args.split
+    return _save(Path(args.run_dir) / f"eval_{name}.json", data, args.json)

@@ -77,6 +77,12 @@ class AirNet(nn.Module):
         """Patch-whitening init of the first conv from (a sample of) the training images."""
         init_whitening(self.whiten, images)
 
+    def saliency_layer(self) -> nn.Module:
+        """The last convolution, the layer Grad-CAM explains (`cifarlab.explain`)."""
+        last = self.groups[-1]
+        assert isinstance(last, ConvGroup)
+        return last.conv2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(F.gelu(self.whiten(x)))
         x = torch.amax(x, dim=(2, 3))  # global max pool (the 3x3 map left after three pools)

@@ -69,6 +69,10 @@ class ReferenceCNN(nn.Module):
         """The kernels Keras' kernel_regularizer=l2(...) applies to (not biases, not BN)."""
         return [m.weight for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
+    def saliency_layer(self) -> nn.Module:
+        """The last convolution, the layer Grad-CAM explains (`cifarlab.explain`)."""
+        return [m for m in self.features if isinstance(m, nn.Conv2d)][-1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 

@@ -11,7 +11,9 @@ from typing import Any
 
 from cifarlab.errors import UserError
 from cifarlab.evaluate import EvalResult, Predictions, dataset_warning
-from cifarlab.report.figures import FIGURES, make_figures
+from cifarlab.report.common import read_corruptions, read_steps
+from cifarlab.report.figures import FIGURES, SCALE, make_figures
+from cifarlab.report.insights import collect
 from cifarlab.report.reading import plain_reading
 from cifarlab.report.render import render_html, render_markdown
 from cifarlab.report.sections import build_document
@@ -56,19 +58,25 @@ def write_report(ev: EvalResult, preds: Predictions, evaluate_seconds: float = 0
     run_dir = Path(run.path)
     split = ev.split_name
     t1 = time.perf_counter()
-    images, mistakes = make_figures(run, ev, preds)
+    steps = read_steps(run_dir)
+    robustness = read_corruptions(run_dir)
+    insights = collect(run, ev, preds)
+    t_ins = time.perf_counter()
+    images, mistakes = make_figures(run, ev, preds, insights, steps, robustness)
     t2 = time.perf_counter()
-    reading = plain_reading(ev, run.history, run.metrics)
+    reading = plain_reading(ev, run.history, run.metrics, robustness)
     timings = dict(run.metrics.get("timings") or {})
     timings["report_evaluate_seconds"] = evaluate_seconds
-    timings["report_plots_seconds"] = t2 - t1
+    timings["report_saliency_seconds"] = insights.seconds.get("saliency_seconds", 0.0)
+    timings["report_model_seconds"] = insights.seconds.get("model_seconds", 0.0)
+    timings["report_plots_seconds"] = t2 - t_ins
     meta = (
         f"Run folder {run_dir.name}; report written {time.strftime('%Y-%m-%d %H:%M:%S')}; "
         f"cifarlab {(run.config.get('versions') or {}).get('cifarlab', '?')}."
     )
-    doc = build_document(run, ev, reading, mistakes, timings, meta)
+    doc = build_document(run, ev, reading, mistakes, timings, meta, insights, steps, robustness)
     rel = {k: f"{PLOTS}/{FIGURES[k]}" for k in images}
-    html_text = render_html(doc, images)
+    html_text = render_html(doc, images, scale=SCALE)
     md_text = render_markdown(doc, rel)
 
     # Merge: training's keys stay as they are; the evaluation and the report's extras are added.
@@ -92,9 +100,14 @@ def write_report(ev: EvalResult, preds: Predictions, evaluate_seconds: float = 0
         "plots": rel,
         "reading": reading,
         "most_confident_mistakes": mistakes,
+        **insights.to_dict(),
+        "model": insights.model,
+        "steps": {"file": "steps.csv", "n": len(steps["step"])} if steps else None,
+        "robustness": robustness,
         "timings": {
             "evaluate_seconds": evaluate_seconds,
-            "plots_seconds": t2 - t1,
+            **{f"{k}": v for k, v in insights.seconds.items()},
+            "plots_seconds": t2 - t_ins,
             "total_seconds": evaluate_seconds + time.perf_counter() - t1,
         },
     }

@@ -1,9 +1,11 @@
-"""Helpers the report's parts share: reading the training history, formatting numbers for people."""
+"""Helpers the report's parts share: reading the training history and the run's optional files (steps.csv,
+eval_corruptions.json), formatting numbers for people."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 History = list[dict[str, Any]]
@@ -75,3 +77,91 @@ def seconds(s: float | None) -> str:
     if s is None:
         return "–"
     return f"{s:.1f} s" + (f" ({s / 60:.1f} min)" if s >= 120 else "")
+
+
+# -- optional run files: steps.csv, eval_corruptions.json ---------------------------------------------------
+
+STEPS_CSV = "steps.csv"  # written by cifarlab.train.checkpoint.StepLog
+CORRUPTIONS_JSON = "eval_corruptions.json"  # written by `cifarlab evaluate --corruptions`
+
+Steps = dict[str, list[float]]  # "step", "epoch", "lr", "loss": one value per optimizer step
+
+
+def read_steps(run_dir: Path) -> Steps | None:
+    """The per-step log (step, epoch, lr, loss) of `<run>/steps.csv`; None when absent (older runs), empty or
+    unreadable (the report then falls back to the per-epoch curves)."""
+    import csv
+    import math
+
+    path = Path(run_dir) / STEPS_CSV
+    if not path.is_file():
+        return None
+    out: Steps = {"step": [], "epoch": [], "lr": [], "loss": []}
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                vals = {k: float(r[k]) for k in out}
+                if not all(math.isfinite(vals[k]) for k in ("step", "epoch", "lr")):
+                    return None
+                for k in out:
+                    out[k].append(vals[k])
+    except (OSError, ValueError, KeyError, TypeError, csv.Error):
+        return None
+    return out if out["step"] else None
+
+
+def read_corruptions(run_dir: Path) -> dict[str, Any] | None:
+    """`<run>/eval_corruptions.json` with int severities, or None when the file is absent.
+
+    Returns {"clean_accuracy", "n", "seed", "results": {name: {severity: accuracy}}, "mean_accuracy",
+    "relative_drop"}; a damaged file gives {"error": message}, so the report says so instead of failing."""
+    from cifarlab.errors import UserError
+    from cifarlab.files import read_json
+
+    path = Path(run_dir) / CORRUPTIONS_JSON
+    if not path.exists():
+        return None
+    try:
+        raw = read_json(path)
+        results = {
+            str(name): {int(s): float(a) for s, a in sorted(by_sev.items(), key=lambda t: int(t[0]))}
+            for name, by_sev in raw["results"].items()
+        }
+        if not results:
+            raise ValueError("no corruption results")
+        accs = [a for r in results.values() for a in r.values()]
+        clean = raw.get("clean_accuracy")
+        mean = raw.get("mean_accuracy")
+        mean = float(mean) if mean is not None else sum(accs) / len(accs)
+        drop = raw.get("relative_drop")
+        if drop is None and clean:
+            drop = 1.0 - mean / float(clean)
+        return {
+            "clean_accuracy": float(clean) if clean is not None else None,
+            "n": raw.get("n"),
+            "seed": raw.get("seed"),
+            "results": results,
+            "mean_accuracy": mean,
+            "relative_drop": float(drop) if drop is not None else None,
+        }
+    except UserError as e:
+        return {"error": str(e)}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return {"error": f"{path} is not a corruption evaluation ({type(e).__name__}: {e}); the file is damaged"}
+
+
+def most_damaging(robustness: dict[str, Any]) -> tuple[str, float] | None:
+    """The corruption with the lowest mean accuracy over its severities, and that mean."""
+    results = robustness.get("results") or {}
+    means = {name: sum(r.values()) / len(r) for name, r in results.items() if r}
+    if not means:
+        return None
+    name = min(means, key=lambda n: (means[n], n))
+    return name, means[name]
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) in pixels of PNG bytes, from the IHDR chunk."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24:
+        raise ValueError("not a PNG")
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")

@@ -1,12 +1,16 @@
 """The report's figures: matplotlib's object API on the Agg canvas (no pyplot state, no display needed),
 one shared style, so they look alike and can be drawn from any thread. Figures are drawn to PNG bytes in
-memory; `cifarlab.report.build` writes them.
+memory at twice their display size (`SAVE_DPI` = 2 x `DPI`), so they stay sharp on high-resolution screens; the
+HTML shows them at 1x (`width`/`height` attributes). `cifarlab.report.build` writes them.
+
+Image grids (galleries, top losses, mistakes) place their axes by hand instead of with the constrained layout:
+with dozens of small axes the layout engine is most of the drawing time.
 """
 
 from __future__ import annotations
 
+import functools
 import io
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,7 +18,8 @@ import numpy as np
 import torch
 
 from cifarlab.evaluate import EvalResult, Predictions
-from cifarlab.report.common import History, events, has_val, num, row
+from cifarlab.report.common import History, Steps, events, has_val, most_damaging, num, row
+from cifarlab.report.insights import Insights, Item
 
 FIGURES = {
     "curves": "curves.png",
@@ -25,6 +30,14 @@ FIGURES = {
     "mistakes": "mistakes.png",
     "samples": "samples.png",
     "augment": "augmentation.png",
+    "steps": "steps.png",  # with steps.csv: per-step LR and loss (replaces "lr")
+    "pair_1": "confused_pair_1.png",
+    "pair_2": "confused_pair_2.png",
+    "pair_3": "confused_pair_3.png",
+    "top_losses": "top_losses.png",
+    "uncertain_correct": "least_certain_correct.png",
+    "uncertain_wrong": "least_certain_wrong.png",
+    "robustness": "robustness.png",  # with eval_corruptions.json
 }
 
 # -- figure style ----------------------------------------------------------------------------------------
@@ -45,7 +58,9 @@ STYLE: dict[str, Any] = {
 TRAIN, VAL, TEST = "#1f77b4", "#ff7f0e", "#2ca02c"
 DROP, STOP, BEST = "#7f7f7f", "#d62728", "#9467bd"
 PRF = ("#4c72b0", "#dd8452", "#55a868")  # precision, recall, F1
-DPI = 100
+DPI = 100  # layout resolution: the size a figure is shown at (CSS pixels)
+SCALE = 2  # PNGs are saved at SCALE x DPI
+SAVE_DPI = DPI * SCALE
 
 
 def _figure(width: float, height: float) -> Any:
@@ -61,7 +76,7 @@ def png_bytes(fig: Any) -> bytes:
     """The figure as PNG bytes, drawn in memory: the report writes them with `cifarlab.files`."""
     buf = io.BytesIO()
     # No "Software" text chunk: smaller, reproducible PNGs without a URL inside.
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=SAVE_DPI, metadata={"Software": None})
     return buf.getvalue()
 
 
@@ -147,16 +162,77 @@ def plot_lr(history: History) -> Any:
     return fig
 
 
+def smooth(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (the first points average what there is so far)."""
+    v = np.asarray(values, dtype=np.float64)
+    if window <= 1 or len(v) == 0:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    n = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, n - window)
+    return (c[n] - c[lo]) / (n - lo)
+
+
+def plot_steps(steps: Steps, history: History) -> Any:
+    """Per-step training loss (raw and smoothed) and learning rate from steps.csv: warmup, per-step decay and
+    spikes that the per-epoch means hide. Epoch boundaries are marked; LR drops of a plateau schedule too."""
+    fig = _figure(11, 4.0)
+    ax_loss, ax_lr = fig.subplots(1, 2)
+    x = np.asarray(steps["step"])
+    loss = np.asarray(steps["loss"])
+    n = len(x)
+    window = max(1, min(200, n // 25))
+    ax_loss.plot(x, loss, lw=0.6, alpha=0.35, color=TRAIN, label="loss per step")
+    if window > 1:
+        ax_loss.plot(x, smooth(loss, window), lw=1.8, color=TRAIN, label=f"moving mean ({window} steps)")
+    ax_lr.plot(x, steps["lr"], lw=1.8, color=VAL, label="learning rate per step")
+    epochs = np.asarray(steps["epoch"])
+    starts = x[np.flatnonzero(np.diff(epochs) != 0) + 1] if n else np.array([])
+    if len(starts) <= 60:
+        for ax in (ax_loss, ax_lr):
+            for i, s0 in enumerate(starts):
+                ax.axvline(s0, color="#bbbbbb", lw=0.6, zorder=0, label="epoch start" if i == 0 else None)
+    lrs = np.asarray(steps["lr"])
+    if n and lrs.min() > 0 and lrs.max() / lrs.min() > 20:
+        ax_lr.set_yscale("log")
+    fin = loss[np.isfinite(loss)]
+    if len(fin) > 20:  # a few huge first-step losses would squash the rest of the curve
+        hi = float(np.quantile(fin, 0.995))
+        ax_loss.set_ylim(max(0.0, float(fin.min()) * 0.9), hi * 1.1 if hi > 0 else None)
+    for ax in (ax_loss, ax_lr):
+        ax.set_xlabel("optimizer step")
+        if n:
+            ax.set_xlim(x.min(), x.max())
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_title(f"Training loss per step ({n:,} steps)")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_title("Learning rate per step")
+    ax_loss.legend(loc="upper right")
+    ax_lr.legend(loc="best")
+    return fig
+
+
 def plot_confusion(ev: EvalResult) -> Any:
-    """Confusion-matrix heatmap (the talk's table 5): colour = share of the true class, text = count."""
+    """Confusion-matrix heatmap (the talk's table 5), text = counts. The off-diagonal cells (the mistakes) have
+    their own colour scale, from 0 to the largest confusion share, so the confusions are readable; the diagonal
+    (the right answers, much larger) is masked out of that scale and drawn in green on a 0-100% scale."""
+    from matplotlib.colors import Normalize
+
     classes = list(ev.classes)
     k = len(classes)
     cm = ev.confusion
-    norm = ev.confusion_normalized
+    norm = np.asarray(ev.confusion_normalized, dtype=np.float64)
+    eye = np.eye(k, dtype=bool)
+    off = np.ma.masked_array(norm, mask=eye)
+    diag = np.ma.masked_array(norm, mask=~eye)
+    off_max = float(off.max()) if k > 1 and off.count() and float(off.max()) > 0 else 1.0
     side = min(14.0, 2.8 + 0.62 * k)
-    fig = _figure(side + 1.2, side)
+    fig = _figure(side + 1.9, side)
     ax = fig.subplots()
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    im = ax.imshow(off, cmap="Reds", norm=Normalize(vmin=0.0, vmax=off_max))
+    im.set_label("off-diagonal")
+    dim = ax.imshow(diag, cmap="Greens", norm=Normalize(vmin=0.0, vmax=1.0), alpha=0.55)
+    dim.set_label("diagonal")
     ax.grid(False)
     tick_size = 9 if k <= 20 else max(4.0, 9 - k / 20)
     ax.set_xticks(range(k), labels=classes, rotation=45, ha="right", fontsize=tick_size)
@@ -169,6 +245,7 @@ def plot_confusion(ev: EvalResult) -> Any:
         for i in range(k):
             for j in range(k):
                 if cm[i, j]:
+                    dark = norm[i, j] / off_max > 0.6 if i != j else False
                     ax.text(
                         j,
                         i,
@@ -176,10 +253,15 @@ def plot_confusion(ev: EvalResult) -> Any:
                         ha="center",
                         va="center",
                         fontsize=size,
-                        color="white" if norm[i, j] > 0.5 else "#222222",
+                        fontweight="bold" if i == j else "normal",
+                        color="white" if dark else "#222222",
                     )
     bar = fig.colorbar(im, ax=ax, shrink=0.8)
-    bar.set_label("share of the true class")
+    bar.set_label(f"mistakes: share of the true class (0 to {off_max:.0%})")
+    _percent_axis(bar.ax)
+    dbar = fig.colorbar(dim, ax=ax, shrink=0.8)
+    dbar.set_label("right answers (diagonal): share of the true class")
+    _percent_axis(dbar.ax)
     return fig
 
 
@@ -268,6 +350,96 @@ def _hwc(img: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(1, 2, 0))
 
 
+GridRow = tuple[str | None, list[tuple[np.ndarray, str]]]  # (heading, [(image HWC uint8, title)])
+
+
+def image_grid(rows: Sequence[GridRow], title: str, cols: int, cell_w: float = 1.35, note: str | None = None) -> Any:
+    """Rows of captioned images, each row with an optional heading, axes placed by hand (fast, no layout engine).
+
+    Every cell is `cell_w` inches wide; an image keeps its aspect ratio; a row without images shows "none"."""
+    pad = 0.12
+    title_h, note_h, head_h = 0.42, (0.3 if note else 0.0), 0.3
+    specs = []  # (heading, cells, caption height, image height)
+    for heading, cells in rows:
+        lines = max([t.count("\n") + 1 for _, t in cells] or [1])
+        aspect = max([im.shape[0] / im.shape[1] for im, _ in cells] or [1.0])
+        specs.append((heading, cells, 0.05 + 0.15 * lines, (cell_w - pad) * aspect))
+    height = title_h + note_h + sum((head_h if h else 0) + cap + img + 0.1 for h, _, cap, img in specs) + 0.05
+    width = max(cols * cell_w + 0.1, 4.0)
+    fig = _figure(width, height)
+    fig.set_layout_engine("none")
+    fig.suptitle(title, fontweight="bold", fontsize=11, y=1 - 0.08 / height, va="top")
+    y = height - title_h
+    if note:
+        fig.text(0.5, (y - 0.12) / height, note, ha="center", va="center", fontsize=8.5, color=STOP)
+        y -= note_h
+    for heading, cells, cap, img in specs:
+        if heading:
+            fig.text(0.05 / width, (y - head_h / 2) / height, heading, ha="left", va="center", fontsize=9.5,
+                     fontweight="bold")  # fmt: skip
+            y -= head_h
+        if not cells:
+            fig.text(0.05 / width, (y - cap) / height, "none", ha="left", va="center", fontsize=9, color="#777777")
+        for k, (im, text) in enumerate(cells[:cols]):
+            ax = fig.add_axes(((0.05 + k * cell_w + pad / 2) / width, (y - cap - img) / height,
+                               (cell_w - pad) / width, img / height))  # fmt: skip
+            ax.set_axis_off()
+            ax.imshow(im, interpolation="nearest")
+            ax.set_title(text, fontsize=7.2, fontweight="normal", pad=2)
+        y -= cap + img + 0.1
+    return fig
+
+
+def _with_overlay(img: np.ndarray, over: np.ndarray | None) -> np.ndarray:
+    """The image, and its saliency overlay beside it (a white 2-pixel gap) when there is one."""
+    if over is None:
+        return img
+    gap = np.full((img.shape[0], 2, 3), 255, dtype=np.uint8)
+    return np.concatenate([img, gap, over], axis=1)
+
+
+def plot_pair(pair: Any, images: Any, overlays: dict[int, np.ndarray], note: str | None) -> Any:
+    """One confused pair: images of a predicted as b, then b as a (the most confident first), each with
+    p(true) and p(predicted) and, beside it, the Grad-CAM overlay for the predicted class."""
+    rows: list[GridRow] = []
+    for src, dst, items, total in ((pair.a, pair.b, pair.a_as_b, pair.n_a_as_b), (pair.b, pair.a, pair.b_as_a,
+                                                                                   pair.n_b_as_a)):  # fmt: skip
+        cells = [
+            (
+                _with_overlay(_hwc(images[it.pos]), overlays.get(it.pos)),
+                f"#{it.index}: p({src}) {it.p_true:.0%}\np({dst}) {it.p_pred:.0%}",
+            )  # fmt: skip
+            for it in items
+        ]
+        shown = f"{len(items)} most confident shown" if total > len(items) else "all shown"
+        rows.append((f"{src} shown as {dst}: {total:,} images ({shown})", cells))
+    cols = max(1, max(len(r[1]) for r in rows))
+    wide = any(it.pos in overlays for it in (*pair.a_as_b, *pair.b_as_a))
+    sub = "image | Grad-CAM for the predicted class" if wide else "image"
+    return image_grid(rows, f"{pair.a} ↔ {pair.b}, and why ({sub})", max(cols, 3), 2.3 if wide else 1.35, note)
+
+
+def _cells(images: Any, items: Sequence[Item], caption: Callable[[Item], str]) -> list[tuple[np.ndarray, str]]:
+    return [(_hwc(images[it.pos]), caption(it)) for it in items]
+
+
+def plot_items(images: Any, items: Sequence[Item], title: str, caption: Callable[[Item], str], cols: int = 8) -> Any:
+    cells = _cells(images, items, caption)
+    rows: list[GridRow] = [(None, cells[i : i + cols]) for i in range(0, len(cells), cols)] or [(None, [])]
+    return image_grid(rows, title, cols)
+
+
+def top_loss_caption(it: Item) -> str:
+    """fastai's plot_top_losses title: prediction / actual / loss / probability of the actual class."""
+    return f"{it.predicted}/{it.true}\n{it.loss:.2f} / {it.p_true:.2f}"
+
+
+def uncertain_caption(it: Item) -> str:
+    if it.true == it.predicted:
+        return f"{it.true} {it.p_pred:.0%}\nmargin {it.margin:.2f}"
+    return f"true {it.true} {it.p_true:.0%}\npred {it.predicted} {it.p_pred:.0%}"
+
+
 def plot_mistakes(
     preds: Predictions, classes: Sequence[str], n: int = 24, cols: int = 8
 ) -> tuple[Any, list[dict[str, Any]]]:
@@ -276,23 +448,47 @@ def plot_mistakes(
     wrong = np.flatnonzero(pred != y)
     conf = probs[wrong, pred[wrong]]
     order = wrong[np.argsort(-conf, kind="stable")][:n]
-    rows = max(1, math.ceil(len(order) / cols))
-    fig = _figure(1.35 * cols, 1.7 * rows + 0.4)
-    axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
     listing = []
-    for ax in axes:
-        ax.set_axis_off()
-    for ax, i in zip(axes, order):
-        ax.imshow(_hwc(preds.images[int(i)]))
+    cells = []
+    for i in order:
         p = float(probs[i, pred[i]])
-        ax.set_title(f"true {classes[y[i]]}\npred {classes[pred[i]]} {p:.0%}", fontsize=7.5, fontweight="normal")
+        cells.append((_hwc(preds.images[int(i)]), f"true {classes[y[i]]}\npred {classes[pred[i]]} {p:.0%}"))
         listing.append(
             {"index": int(preds.indices[i]), "true": classes[y[i]], "predicted": classes[pred[i]], "probability": p}
         )
-    if not len(order):
-        axes[0].text(0, 0.5, "no mistakes", fontsize=12)
-    fig.suptitle("Most confident mistakes", fontweight="bold", fontsize=11)
-    return fig, listing
+    rows: list[GridRow] = [(None, cells[i : i + cols]) for i in range(0, len(cells), cols)] or [(None, [])]
+    return image_grid(rows, "Most confident mistakes", cols), listing
+
+
+def plot_robustness(robustness: dict[str, Any]) -> Any:
+    """Accuracy against corruption severity, one line per corruption (severity 0: the clean images)."""
+    from matplotlib import colormaps
+
+    results = robustness["results"]
+    clean = robustness.get("clean_accuracy")
+    fig = _figure(9.5, 4.4)
+    ax = fig.subplots()
+    cmap = colormaps["tab20"]
+    worst = most_damaging(robustness)
+    for k, (name, by_sev) in enumerate(sorted(results.items())):
+        sev = sorted(by_sev)
+        xs = ([0] if clean is not None else []) + sev
+        ys = ([clean] if clean is not None else []) + [by_sev[s] for s in sev]
+        bold = worst is not None and name == worst[0]
+        ax.plot(xs, ys, "-o", ms=3.5, lw=2.6 if bold else 1.3, color=cmap(k % 20), label=name + (" (worst)" if bold
+                                                                                              else ""))  # fmt: skip
+    if clean is not None:
+        ax.axhline(clean, color="#333333", ls=":", lw=1.2, label=f"clean ({clean:.1%})")
+    ax.axhline(robustness["mean_accuracy"], color=STOP, ls="--", lw=1.2,
+               label=f"mean corrupted ({robustness['mean_accuracy']:.1%})")  # fmt: skip
+    ax.set_xlabel("severity (0: clean)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    _percent_axis(ax)
+    ax.set_title("Accuracy under corruption, by severity")
+    fig.legend(loc="outside right upper", fontsize=7.5)
+    return fig
 
 
 def plot_augment(
@@ -333,8 +529,18 @@ def plot_samples(x: torch.Tensor, y: torch.Tensor, classes: Sequence[str], per_c
     return fig
 
 
-def make_figures(run: Any, ev: EvalResult, preds: Predictions) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
-    """Draw every figure in memory: ({key of FIGURES: PNG bytes}, the most confident mistakes listing)."""
+def make_figures(
+    run: Any,
+    ev: EvalResult,
+    preds: Predictions,
+    insights: Insights | None = None,
+    steps: Steps | None = None,
+    robustness: dict[str, Any] | None = None,
+) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
+    """Draw every figure in memory: ({key of FIGURES: PNG bytes}, the most confident mistakes listing).
+
+    `insights` adds the confused-pair galleries, top losses and least certain grids; `steps` (steps.csv) the
+    per-step curves instead of the per-epoch LR; `robustness` (eval_corruptions.json) the severity chart."""
     import matplotlib
 
     dataset = preds.dataset
@@ -345,6 +551,9 @@ def make_figures(run: Any, ev: EvalResult, preds: Predictions) -> tuple[dict[str
         drawers: list[tuple[str, Callable[[], Any]]] = []
         if run.history:
             drawers.append(("curves", lambda: plot_curves(run.history, run.metrics, test)))
+        if steps:
+            drawers.append(("steps", lambda: plot_steps(steps, run.history)))
+        elif run.history:
             drawers.append(("lr", lambda: plot_lr(run.history)))
         drawers += [
             ("confusion", lambda: plot_confusion(ev)),
@@ -356,6 +565,21 @@ def make_figures(run: Any, ev: EvalResult, preds: Predictions) -> tuple[dict[str
                 lambda: plot_augment(dataset.x_train, dataset.y_train, classes, run.recipe, seed=run.recipe.seed),
             ),
         ]
+        if insights is not None:
+            x = preds.images
+            for k, pair in enumerate(insights.pairs, start=1):
+                draw_pair = functools.partial(plot_pair, pair, x, insights.overlays, insights.saliency_note)
+                drawers.append((f"pair_{k}", draw_pair))
+            drawers += [
+                ("top_losses", lambda: plot_items(x, insights.top_losses, "Top losses: prediction/actual, "
+                                                  "loss / probability of actual", top_loss_caption)),
+                ("uncertain_correct", lambda: plot_items(x, insights.uncertain_correct, "Least certain right "
+                                                         "answers (lowest top-1 probability)", uncertain_caption)),
+                ("uncertain_wrong", lambda: plot_items(x, insights.uncertain_wrong, "Least certain mistakes "
+                                                       "(lowest top-1 probability)", uncertain_caption)),
+            ]  # fmt: skip
+        if robustness and "results" in robustness:
+            drawers.append(("robustness", lambda: plot_robustness(robustness)))
         for key, draw in drawers:
             images[key] = png_bytes(draw())
         fig, mistakes = plot_mistakes(preds, classes)

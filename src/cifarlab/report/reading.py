@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cifarlab.evaluate import Calibration, EvalResult
-from cifarlab.report.common import History, events, join_list, kept_epoch, pct, row
+from cifarlab.report.common import History, events, join_list, kept_epoch, most_damaging, pct, row
 
 
 def _conf_list(pairs: Sequence[tuple[str, float]]) -> str:
@@ -156,9 +156,37 @@ def training_sentence(history: History, metrics: dict[str, Any]) -> str:
     return ", ".join(parts) + "."
 
 
-def plain_reading(ev: EvalResult, history: History, metrics: dict[str, Any]) -> list[str]:
+def robustness_sentence(rob: dict[str, Any] | None) -> str | None:
+    """The mean corruption accuracy, its drop from clean, and the most damaging corruption."""
+    if not rob or "results" not in rob:
+        return None
+    worst = most_damaging(rob)
+    clean = rob.get("clean_accuracy")
+    s = f"Robustness: on corrupted test images the accuracy averages {pct(rob['mean_accuracy'])}"
+    if clean is not None:
+        s += f" against {pct(clean)} on the same images uncorrupted"
+    if rob.get("relative_drop") is not None:
+        s += f" (a relative drop of {pct(rob['relative_drop'])})"
+    s += "."
+    if worst:
+        name, mean = worst
+        by_sev = rob["results"][name]
+        top = max(by_sev)
+        s += (
+            f" The most damaging corruption is {name}: {pct(mean)} on average over its severities, "
+            f"{pct(by_sev[top])} at severity {top}."
+        )
+    return s
+
+
+def plain_reading(
+    ev: EvalResult, history: History, metrics: dict[str, Any], robustness: dict[str, Any] | None = None
+) -> list[str]:
     """A short reading of the results, derived from the numbers only (no class is named in advance)."""
     out = [headline(ev), *class_sentences(ev), *pair_sentences(ev), calibration_sentence(ev.calibration)]
+    rob = robustness_sentence(robustness)
+    if rob:
+        out.append(rob)
     if history:
         gen = generalisation_sentence(ev, history, metrics)
         if gen:

@@ -12,7 +12,8 @@ import html
 import re
 from collections.abc import Mapping, Sequence
 
-from cifarlab.report.sections import Bullets, Document, Figure, Paragraph, Table
+from cifarlab.report.common import png_size
+from cifarlab.report.sections import Block, Bullets, Details, Document, Figure, Paragraph, Table
 
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#1d1d1f;max-width:1180px;
@@ -28,6 +29,7 @@ tr.total td{font-weight:600;background:#fafafa}
 figure{margin:1.2em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555;margin-top:.3em}ul{padding-left:1.3em}li{margin:.3em 0}
 .meta{color:#666;font-size:.9em}
+details{margin:.8em 0}summary{cursor:pointer;color:#0b62c4;font-size:.92em}details[open] summary{margin-bottom:.3em}
 .warning{border:2px solid #d62728;background:#fdecea;color:#5f1111;padding:10px 14px;margin:1em 0;border-radius:4px}
 """
 
@@ -63,8 +65,38 @@ def _html_table(t: Table) -> list[str]:
     return out
 
 
-def render_html(doc: Document, images: Mapping[str, bytes]) -> str:
-    """One self-contained HTML file: inline CSS, images as base64 data URIs, no scripts, no external links."""
+def _img_size(data: bytes, scale: int) -> str:
+    """width/height attributes at 1x of a PNG saved at `scale`x, so it shows at its layout size, sharp."""
+    try:
+        w, h = png_size(data)
+    except ValueError:
+        return ""
+    return f' width="{round(w / scale)}" height="{round(h / scale)}"'
+
+
+def _html_block(b: Block, images: Mapping[str, bytes], scale: int) -> list[str]:
+    e = html.escape
+    if isinstance(b, Paragraph):
+        return [f"<p>{e(b.text)}</p>"]
+    if isinstance(b, Bullets):
+        return ["<ul>" + "".join(f"<li>{e(t)}</li>" for t in b.items) + "</ul>"]
+    if isinstance(b, Table):
+        return _html_table(b)
+    if isinstance(b, Figure) and b.key in images:
+        data = base64.b64encode(images[b.key]).decode("ascii")
+        return [
+            f'<figure><img src="data:image/png;base64,{data}"{_img_size(images[b.key], scale)} alt="{e(b.caption)}">'
+            f"<figcaption>{e(b.caption)}</figcaption></figure>"
+        ]
+    if isinstance(b, Details):
+        inner = [line for c in b.blocks for line in _html_block(c, images, scale)]
+        return [f"<details><summary>{e(b.summary)}</summary>", *inner, "</details>"]
+    return []
+
+
+def render_html(doc: Document, images: Mapping[str, bytes], scale: int = 2) -> str:
+    """One self-contained HTML file: inline CSS, images as base64 data URIs, no scripts, no external links.
+    Figures are PNGs saved at `scale` x their layout size; they are shown at 1x (sharp on HiDPI screens)."""
     e = html.escape
     out = [
         "<!DOCTYPE html>",
@@ -84,18 +116,7 @@ def render_html(doc: Document, images: Mapping[str, bytes]) -> str:
     for s in doc.sections:
         out.append(f'<section id="{e(s.anchor)}"><h2>{e(s.heading)}</h2>')
         for b in s.blocks:
-            if isinstance(b, Paragraph):
-                out.append(f"<p>{e(b.text)}</p>")
-            elif isinstance(b, Bullets):
-                out.append("<ul>" + "".join(f"<li>{e(t)}</li>" for t in b.items) + "</ul>")
-            elif isinstance(b, Table):
-                out += _html_table(b)
-            elif isinstance(b, Figure) and b.key in images:
-                data = base64.b64encode(images[b.key]).decode("ascii")
-                out.append(
-                    f'<figure><img src="data:image/png;base64,{data}" alt="{e(b.caption)}">'
-                    f"<figcaption>{e(b.caption)}</figcaption></figure>"
-                )
+            out += _html_block(b, images, scale)
         out.append("</section>")
     out += ["</body>", "</html>", ""]
     return "\n".join(out)
@@ -125,6 +146,21 @@ def _md_table(t: Table) -> list[str]:
     return [*out, ""]
 
 
+def _md_block(b: Block, figures: Mapping[str, str]) -> list[str]:
+    if isinstance(b, Paragraph):
+        return [md_escape(b.text), ""]
+    if isinstance(b, Bullets):
+        return [f"- {md_escape(t)}" for t in b.items] + [""]
+    if isinstance(b, Table):
+        return _md_table(b)
+    if isinstance(b, Figure) and b.key in figures:
+        caption = md_escape(b.caption)
+        return [f"![{caption}]({figures[b.key]})", "", f"_{caption}_", ""]
+    if isinstance(b, Details):  # nothing folds in plain Markdown: the blocks follow a small heading
+        return [f"#### {md_escape(b.summary)}", "", *(line for c in b.blocks for line in _md_block(c, figures))]
+    return []
+
+
 def render_markdown(doc: Document, figures: Mapping[str, str]) -> str:
     """The same content as Markdown, figures linked relative to the run folder (plots/*.png)."""
     out = [f"# {md_escape(doc.title)}", ""]
@@ -134,13 +170,5 @@ def render_markdown(doc: Document, figures: Mapping[str, str]) -> str:
     for s in doc.sections:
         out += [f"## {md_escape(s.heading)}", ""]
         for b in s.blocks:
-            if isinstance(b, Paragraph):
-                out += [md_escape(b.text), ""]
-            elif isinstance(b, Bullets):
-                out += [f"- {md_escape(t)}" for t in b.items] + [""]
-            elif isinstance(b, Table):
-                out += _md_table(b)
-            elif isinstance(b, Figure) and b.key in figures:
-                caption = md_escape(b.caption)
-                out += [f"![{caption}]({figures[b.key]})", "", f"_{caption}_", ""]
+            out += _md_block(b, figures)
     return "\n".join(out)

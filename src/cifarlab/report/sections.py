@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cifarlab.evaluate import EvalResult, dataset_warning
-from cifarlab.report.common import History, has_val, kept_epoch, num, pct, row, seconds
+from cifarlab.report.common import History, Steps, has_val, kept_epoch, most_damaging, num, pct, row, seconds
+from cifarlab.report.insights import N_TOP_LOSSES, N_UNCERTAIN, PER_DIRECTION, Insights, Item
 
 # -- the document model ------------------------------------------------------------------------------------
 
@@ -38,7 +39,15 @@ class Figure:
     caption: str
 
 
-Block = Paragraph | Bullets | Table | Figure
+@dataclass(frozen=True)
+class Details:
+    """Blocks folded away in HTML (`<details>`: long tables); Markdown shows them under a small heading."""
+
+    summary: str
+    blocks: tuple[Paragraph | Bullets | Table | Figure, ...]
+
+
+Block = Paragraph | Bullets | Table | Figure | Details
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,10 @@ def section(anchor: str, heading: str, *blocks: Block) -> Section:
     return Section(anchor, heading, tuple(blocks))
 
 
+def details(summary: str, *blocks: Paragraph | Bullets | Table | Figure) -> Details:
+    return Details(summary, tuple(blocks))
+
+
 # -- the sections --------------------------------------------------------------------------------------------
 
 PHASES = {
@@ -75,7 +88,10 @@ PHASES = {
     "total_seconds": "training command, total",
     "report_evaluate_seconds": "report: evaluation",
     "report_plots_seconds": "report: figures",
+    "report_saliency_seconds": "report: saliency maps",
+    "report_model_seconds": "report: model FLOPs and latency",
 }
+FOLD_EPOCHS = 12  # a per-epoch table longer than this is folded away in HTML
 
 
 def summary_section(run: Any, ev: EvalResult, reading: list[str], timings: dict[str, Any]) -> Section:
@@ -128,9 +144,12 @@ def _epoch_row_class(r: dict[str, Any]) -> str:
     return " ".join(sorted(css[e] for e in set(r.get("events") or []) if e in css))
 
 
-def training_section(history: History) -> Section:
+def training_section(history: History, steps: Steps | None = None) -> Section:
     if not history:
-        return section("training", "Training", Paragraph("This run has no training history (history.json is missing)."))
+        blocks: list[Block] = [Paragraph("This run has no training history (history.json is missing).")]
+        if steps:
+            blocks.append(Figure("steps", _steps_caption(steps)))
+        return section("training", "Training", *blocks)
     val = has_val(history)
     header = ["epoch", "loss", "accuracy"] + (["val_loss", "val_accuracy"] if val else [])
     header += ["learning rate", "time", "events"]
@@ -141,20 +160,40 @@ def training_section(history: History) -> Section:
             cells += [num(r.get("val_loss"), "val_loss"), num(r.get("val_accuracy"), "val_accuracy")]
         cells += [f"{float(r['lr']):.3g}", f"{float(r.get('epoch_seconds') or 0):.1f} s", _event_text(r)]
         rows.append(cells)
+    intro = Paragraph(
+        "Table 1: one row per epoch; rows where the LR was reduced, where training stopped and "
+        "the best epochs are marked."
+    )
+    t1 = table(header, rows, [_epoch_row_class(r) for r in history])
+    epoch_blocks: tuple[Block, ...] = (
+        (details(f"Table 1: per-epoch history ({len(history)} epochs)", intro, t1),)
+        if len(history) > FOLD_EPOCHS
+        else (intro, t1)
+    )
+    lr_figure = (
+        Figure("steps", _steps_caption(steps))
+        if steps
+        else Figure("lr", "Learning rate per epoch (this run has no steps.csv: per-step curves need a newer run).")
+    )
     return section(
         "training",
         "Training",
-        Paragraph(
-            "Table 1: one row per epoch; rows where the LR was reduced, where training stopped and "
-            "the best epochs are marked."
-        ),
-        table(header, rows, [_epoch_row_class(r) for r in history]),
+        *epoch_blocks,
         Figure(
             "curves",
             "Accuracy and loss per epoch (the talk's figures 3 and 4). Dashed grey: LR "
             "reduced; red: early stop; star: the epoch whose weights were kept.",
         ),
-        Figure("lr", "Learning rate per epoch."),
+        lr_figure,
+    )
+
+
+def _steps_caption(steps: Steps) -> str:
+    n = len(steps["step"])
+    lrs = steps["lr"]
+    return (
+        f"Training loss and learning rate at each of the {n:,} optimizer steps (steps.csv): the per-epoch "
+        f"means hide warmup, per-step decay and loss spikes. LR from {min(lrs):.3g} to {max(lrs):.3g}."
     )
 
 
@@ -197,8 +236,11 @@ def per_class_section(ev: EvalResult) -> Section:
             "Table 2: precision = share of the images predicted as the class that are right; "
             "recall = share of the class's images found; support = images of the class."
         ),
-        table(["class", "precision", "recall", "F1", "support"], rows, [""] * len(ev.classes) + ["total", "total"]),
         Figure("per_class", "Precision, recall and F1 per class (table 2)."),
+        details(
+            f"Table 2: per-class precision, recall, F1 and support ({len(ev.classes)} classes)",
+            table(["class", "precision", "recall", "F1", "support"], rows, [""] * len(ev.classes) + ["total", "total"]),
+        ),
     )
 
 
@@ -212,7 +254,8 @@ def confusions_section(ev: EvalResult) -> Section:
         Figure(
             "confusion",
             "Confusion matrix (the talk's table 5): rows are the true class, columns the predicted "
-            "one; colour is the share of the true class, numbers are counts.",
+            "one; numbers are counts. The mistakes (off the diagonal) are red on their own scale, from 0 to "
+            "the largest confusion, so they stay readable; the right answers (diagonal) are green on a 0–100% scale.",
         ),
         Paragraph("Each class's most frequent confusions (share of that class's images):"),
         table(["true class", "correct", "most often taken for"], conf_rows),
@@ -223,11 +266,13 @@ def confusions_section(ev: EvalResult) -> Section:
         blocks.append(table(["pair", "mistakes", "a → b", "b → a"], pair_rows))
     if len(classes) <= 20:
         cm = ev.confusion
-        blocks.append(Paragraph("Confusion matrix counts (rows: true class, columns: predicted class):"))
         blocks.append(
-            table(
-                ["true \\ predicted", *classes],
-                [[c, *[f"{int(v):,}" for v in cm[i]]] for i, c in enumerate(classes)],
+            details(
+                "Confusion matrix counts (rows: true class, columns: predicted class)",
+                table(
+                    ["true \\ predicted", *classes],
+                    [[c, *[f"{int(v):,}" for v in cm[i]]] for i, c in enumerate(classes)],
+                ),
             )
         )
     return section("confusions", "Confusions", *blocks)
@@ -280,6 +325,157 @@ def mistakes_section(mistakes: list[dict[str, Any]]) -> Section:
         rows = [[str(m["index"]), m["true"], m["predicted"], pct(m["probability"])] for m in mistakes]
         blocks.append(table(["image index", "true", "predicted", "probability"], rows))
     return section("mistakes", "Most confident mistakes", *blocks)
+
+
+def _item_rows(items: list[Item]) -> list[list[str]]:
+    return [
+        [str(it.index), it.true, it.predicted, pct(it.p_true), pct(it.p_pred), f"{it.loss:.3f}", f"{it.margin:.3f}"]
+        for it in items
+    ]
+
+
+ITEM_HEADER = ["image index", "true", "predicted", "p(true)", "p(predicted)", "loss", "margin"]
+
+
+def why_section(ins: Insights) -> Section:
+    """The top confused pairs, both directions, with the Grad-CAM overlay for the predicted class."""
+    if not ins.pairs:
+        return section("why", "Why: the most confused pairs", Paragraph("No mistakes: no class pair is confused."))
+    blocks: list[Block] = [
+        Paragraph(
+            f"For each of the {len(ins.pairs)} most confused class pairs: the images of one class the model "
+            f"called the other (the most confident first, at most {PER_DIRECTION} per direction), with the "
+            "probability of the true and of the predicted class. Beside each image, Grad-CAM (last "
+            "convolution stage) shows where the evidence for the predicted class lies: red is where the "
+            "model looked."
+        )
+    ]
+    if ins.saliency_note:
+        blocks.append(Paragraph(ins.saliency_note.capitalize() + "."))
+    for k, p in enumerate(ins.pairs, start=1):
+        blocks.append(
+            Figure(
+                f"pair_{k}",
+                f"{p.a} shown as {p.b} ({p.n_a_as_b:,} images) and {p.b} shown as {p.a} ({p.n_b_as_a:,}), and why.",
+            )
+        )
+        blocks.append(
+            details(
+                f"{p.a} ↔ {p.b}: the images shown",
+                table(ITEM_HEADER, _item_rows([*p.a_as_b, *p.b_as_a])),
+            )
+        )
+    return section("why", "Why: the most confused pairs", *blocks)
+
+
+def top_losses_section(ins: Insights) -> Section:
+    return section(
+        "top-losses",
+        "Top losses",
+        Paragraph(
+            f"The {len(ins.top_losses)} images with the highest loss (at most {N_TOP_LOSSES}; fastai's "
+            "plot_top_losses), titled prediction/actual, then loss / probability of the actual class. Confident "
+            "mistakes and mislabelled images end up here."
+        ),
+        Figure("top_losses", "Top losses: prediction/actual, loss / probability of the actual class."),
+        details("Top losses: the numbers", table(ITEM_HEADER, _item_rows(ins.top_losses))),
+    )
+
+
+def uncertain_section(ins: Insights) -> Section:
+    return section(
+        "least-certain",
+        "Least certain predictions",
+        Paragraph(
+            f"The right answers and the mistakes made with the lowest top-1 probability (at most {N_UNCERTAIN} "
+            "each): where the model hesitates. Margin = top-1 minus top-2 probability."
+        ),
+        Figure("uncertain_correct", "Least certain right answers: class, its probability, margin to the runner-up."),
+        Figure("uncertain_wrong", "Least certain mistakes: true class and its probability, predicted class and its."),
+        details(
+            "Least certain predictions: the numbers",
+            table(ITEM_HEADER, _item_rows(ins.uncertain_correct + ins.uncertain_wrong)),
+        ),
+    )
+
+
+def _si(x: float, unit: str = "") -> str:
+    for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.2f} {prefix}{unit}"
+    return f"{x:,.0f} {unit}".rstrip()
+
+
+def model_section(ins: Insights) -> Section:
+    m = ins.model
+    if not m:
+        return section("model", "Model", Paragraph(f"Model figures unavailable: {ins.model_note or 'not measured'}."))
+    pc = m["parameters"]
+    lat = m["latency"]
+    rows = [
+        ["model", m["name"]],
+        ["parameters (total)", f"{pc['total']:,}"],
+        ["trainable parameters", f"{pc['trainable']:,}"],
+        ["non-trainable (frozen + BatchNorm statistics)", f"{pc['non_trainable']:,}"],
+        ["input shape (C, H, W)", " × ".join(str(v) for v in m["input_shape"])],
+        ["FLOPs per image (forward pass)", f"{m['flops_per_image']:,} ({_si(m['flops_per_image'], 'FLOP')})"],
+    ]
+    for value in lat.values():
+        if isinstance(value, dict):
+            rows.append(
+                [
+                    f"CPU latency, batch {value['batch']}",
+                    f"{value['seconds'] * 1000:.2f} ms ({value['ms_per_image']:.3f} ms per image, "
+                    f"median of {value['repeats']})",
+                ]
+            )
+    return section(
+        "model",
+        "Model",
+        Paragraph(
+            "Size, compute and speed of the trained model. FLOPs are counted by torch's FlopCounterMode on one "
+            "forward pass of one image (a multiply-add counts 2). Latency is measured while the report is built: "
+            f"cifarlab.inference.predict_logits on the CPU ({lat['threads']} threads), precision "
+            f"{lat['precision']} ({lat['dtype']}), {'channels_last' if lat['channels_last'] else 'contiguous'}, "
+            "without test-time augmentation, after one warm-up; it depends on the machine and its load."
+        ),
+        table(["", "value"], rows),
+    )
+
+
+def robustness_section(rob: dict[str, Any]) -> Section:
+    if "error" in rob:
+        return section(
+            "robustness", "Robustness", Paragraph(f"The corruption evaluation cannot be read: {rob['error']}")
+        )
+    results: dict[str, dict[int, float]] = rob["results"]
+    sevs = sorted({s for r in results.values() for s in r})
+    rows = []
+    for name in sorted(results, key=lambda n: sum(results[n].values()) / len(results[n])):
+        r = results[name]
+        rows.append([name, *[pct(r.get(s), 1) if s in r else "–" for s in sevs], pct(sum(r.values()) / len(r), 1)])
+    clean = rob.get("clean_accuracy")
+    drop = rob.get("relative_drop")
+    summary = [
+        ["clean accuracy (same images, uncorrupted)", pct(clean, 2)],
+        ["mean accuracy over every corruption and severity", pct(rob["mean_accuracy"], 2)],
+        ["relative drop from clean", pct(drop, 1)],
+        ["images per corruption and severity", num(rob.get("n"))],
+    ]
+    worst = most_damaging(rob)
+    if worst:
+        summary.append(["most damaging corruption (lowest mean accuracy)", f"{worst[0]} ({pct(worst[1], 1)})"])
+    return section(
+        "robustness",
+        "Robustness",
+        Paragraph(
+            "Accuracy on corrupted copies of the test images (eval_corruptions.json, from `cifarlab evaluate "
+            "--corruptions`), one row per corruption, worst first; columns are the severities."
+        ),
+        table(["", "value"], summary),
+        table(["corruption", *[f"severity {s}" for s in sevs], "mean"], rows),
+        Figure("robustness", "Accuracy against severity per corruption; severity 0 is the clean accuracy."),
+    )
 
 
 def data_section(run: Any, ev: EvalResult) -> Section:
@@ -348,7 +544,10 @@ def config_section(run: Any) -> Section:
             f"Full recipe as stored in config.json (seed {config.get('seed', recipe.seed)}). Command: "
             f"{config.get('command', '–')}"
         ),
-        table(["key", "value", "note"], _config_rows(recipe)),
+        details(
+            f"Full config ({len(recipe.to_dict())} recipe fields)",
+            table(["key", "value", "note"], _config_rows(recipe)),
+        ),
     )
 
 
@@ -371,24 +570,37 @@ def machine_section(run: Any, timings: dict[str, Any]) -> Section:
 
 
 def build_document(
-    run: Any, ev: EvalResult, reading: list[str], mistakes: list[dict[str, Any]], timings: dict[str, Any], meta: str
+    run: Any,
+    ev: EvalResult,
+    reading: list[str],
+    mistakes: list[dict[str, Any]],
+    timings: dict[str, Any],
+    meta: str,
+    insights: Insights | None = None,
+    steps: Steps | None = None,
+    robustness: dict[str, Any] | None = None,
 ) -> Document:
-    """The whole report; a dataset mismatch is the first thing it says."""
+    """The whole report; a dataset mismatch is the first thing it says. `insights` adds the why/top
+    losses/least certain/model sections, `robustness` (eval_corruptions.json) the robustness section."""
     warning = dataset_warning(ev)
+    sections = [
+        summary_section(run, ev, reading, timings),
+        training_section(run.history, steps),
+        results_section(run, ev),
+        per_class_section(ev),
+        confusions_section(ev),
+    ]
+    if insights is not None:
+        sections += [why_section(insights), top_losses_section(insights), uncertain_section(insights)]
+    sections += [calibration_section(ev), mistakes_section(mistakes)]
+    if robustness is not None:
+        sections.append(robustness_section(robustness))
+    if insights is not None:
+        sections.append(model_section(insights))
+    sections += [data_section(run, ev), config_section(run), machine_section(run, timings)]
     return Document(
         title=f"cifarlab run report: {run.path.name}",
         meta=meta,
         warnings=(warning[0].upper() + warning[1:] + ".",) if warning else (),
-        sections=(
-            summary_section(run, ev, reading, timings),
-            training_section(run.history),
-            results_section(run, ev),
-            per_class_section(ev),
-            confusions_section(ev),
-            calibration_section(ev),
-            mistakes_section(mistakes),
-            data_section(run, ev),
-            config_section(run),
-            machine_section(run, timings),
-        ),
+        sections=tuple(sections),
     )

@@ -1,0 +1,106 @@
+"""GPU paths (marked `gpu`, skipped without CUDA): autocast training steps, deterministic resume after SIGKILL on
+CUDA, and a CUDA-trained run evaluated, predicted and exported on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _synth import make_dataset
+from cifarlab.data import BatchLoader
+from cifarlab.experiment import run_experiment
+from cifarlab.recipes import get_recipe
+from cifarlab.train import Trainer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+TINY = dict(widths=(8, 16, 16), dense_width=32, batch_size=16, bn_momentum=0.1)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_training_step_under_autocast(precision):
+    ds = make_dataset(20, 5)
+    recipe = get_recipe("reference").replace(**TINY, epochs=1, precision=precision)
+    dev = torch.device("cuda")
+    from cifarlab.models import build_model
+
+    model = build_model(recipe, len(ds.classes)).to(dev)
+    loader = BatchLoader(ds.x_train, ds.y_train, 16, shuffle=True, seed=0, device=dev)
+    trainer = Trainer(model, recipe, loader, device=dev)
+    assert (trainer.scaler is not None) == (precision == "fp16")
+    before = [p.detach().clone() for p in model.parameters()]
+    result = trainer.fit()
+    assert result.status == "finished" and len(result.history) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_cuda_run_is_used_on_the_cpu(tmp_path):
+    ds = make_dataset(20, 5)
+    recipe = get_recipe("fast").replace(widths=(8, 16, 16), epochs=2, batch_size=16)
+    res = run_experiment(recipe, dataset=ds, runs_root=tmp_path, device="cuda", quiet=True, report=False)
+    assert res.status == "finished"
+    from cifarlab.evaluate import evaluate_run
+    from cifarlab.export import export
+    from cifarlab.inference import predict_logits
+    from cifarlab.runs import load_run
+
+    run = load_run(res.run_dir)
+    model = run.build_model()  # on the CPU
+    mean, std = run.normalization
+    logits = predict_logits(model, ds.x_test, mean=mean, std=std, tta=recipe.tta, precision="fp32")
+    assert logits.device.type == "cpu"
+    acc = (logits.argmax(1) == ds.y_test).float().mean().item()
+    assert abs(acc - res.metrics["test_accuracy"]) < 0.05  # bf16 on the GPU vs fp32 on the CPU
+    ev, _ = evaluate_run(res.run_dir, dataset=ds)
+    assert 0 <= ev.accuracy <= 1
+    assert export(res.run_dir, "onnx", tmp_path / "m.onnx").exists()
+
+
+def test_deterministic_resume_after_sigkill_on_cuda(tmp_path):
+    from PIL import Image
+
+    from _synth import make_images
+
+    root = tmp_path / "synth"
+    for split, n, seed in (("train", 60, 0), ("test", 10, 1)):
+        x, y = make_images(n, 4, seed=seed)
+        for i, (img, label) in enumerate(zip(x, y)):
+            d = root / split / f"class{int(label)}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
+    env = {**os.environ, "CIFARLAB_CACHE": str(tmp_path / "cache")}
+    base = [sys.executable, "-m", "cifarlab.cli", "train", "--recipe", "reference"]
+    sets = ["--set", "widths=8,16,16", "--set", "dense_width=32", "--set", "batch_size=16", "--set", "epochs=6"]
+    common = [*sets, "--set", f"dataset={root}", "--device", "cuda", "--no-report", "--deterministic"]
+    full = subprocess.run([*base, *common, "--runs-dir", str(tmp_path / "a")], env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen([*base, *common, "--runs-dir", str(tmp_path / "b")], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list((tmp_path / "b").glob("*/checkpoint.pt")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (run_b,) = (tmp_path / "b").iterdir()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cifarlab.cli", "train", "--resume", str(run_b)], env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    (run_a,) = (tmp_path / "a").iterdir()
+    wa, wb = load_file(run_a / "model.safetensors"), load_file(run_b / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (run_a, run_b))
+    assert ma["test_accuracy"] == mb["test_accuracy"]
+    assert Path(run_b / "status.json").exists()

@@ -1,0 +1,545 @@
+"""`cifarlab serve`: every endpoint, uploads (multipart, raw, hostile), auth, binding, timeouts, micro-batching,
+parity with `cifarlab predict`, and the ONNX backend. Tiny random-weight runs (tests/_runfolder.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import struct
+import tarfile
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="cifarlab serve needs fastapi (pip install 'cifarlab[serve]')")
+pytest.importorskip("httpx", reason="the serve tests need httpx")
+
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from _runfolder import CLASSES, make_run, tiny_recipe  # noqa: E402
+from cifarlab import inference, predict  # noqa: E402
+from cifarlab.errors import UserError  # noqa: E402
+from cifarlab.serve import check_bind, create_app, is_loopback  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MiB = 2**20
+
+
+# -- images --------------------------------------------------------------------------------------------------
+
+
+def png_bytes(size: tuple[int, int] = (48, 40), seed: int = 0, mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).convert(mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(size: tuple[int, int] = (640, 480), seed: int = 1) -> bytes:
+    """A smooth photo-like JPEG (gradients + a disc), bigger than the model's input."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.stack([xx * 255 // w, yy * 255 // h, ((xx - w / 2) ** 2 + (yy - h / 2) ** 2 < (h / 3) ** 2) * 200], -1)
+    a = (a + np.random.default_rng(seed).integers(0, 30, a.shape)).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def cifar_image() -> bytes:
+    """A real CIFAR-10 test image (32x32 JPEG) from ../shared/data when present, else a CIFAR-like 32x32 PNG."""
+    archive = SHARED_DATA / "cifar10-jpeg.tar.gz"
+    if archive.is_file():
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".jpg"):
+                    f = tar.extractfile(member)
+                    if f is not None:
+                        return f.read()
+    a = np.zeros((32, 32, 3), np.uint8)
+    a[:16] = (110, 160, 220)  # sky
+    a[16:] = (90, 140, 60)  # grass
+    a[10:22, 8:24] = (200, 40, 40)  # a red car
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid PNG header claiming width x height (10 gigapixels), tiny payload (as in test_predict.py)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+
+
+def decode_data_url(url: str) -> Image.Image:
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+SVG = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect/></svg>'
+
+
+# -- fixtures ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs") / "20260101-120000-reference", tiny_recipe())
+
+
+@pytest.fixture(scope="module")
+def air_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """airnet: standardization and flip_translate TTA, so parity with `predict` covers the run's options."""
+    return make_run(tmp_path_factory.mktemp("runs") / "20260101-130000-fast", tiny_recipe("airnet"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def client(run_dir: Path, air_run_dir: Path) -> Iterator[TestClient]:
+    with TestClient(create_app([run_dir, air_run_dir])) as c:
+        yield c
+
+
+def post_file(c: TestClient, data: bytes, name: str = "x.png", query: str = "", field: str = "file") -> Any:
+    return c.post(f"/v1/predict{query}", files={field: (name, data, "application/octet-stream")})
+
+
+def assert_ok(c: TestClient) -> None:
+    r = post_file(c, png_bytes(), query="?preview=false")
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["top_k"][0]["class"] in CLASSES
+
+
+# -- endpoints -----------------------------------------------------------------------------------------------
+
+
+def test_healthz_models_and_pages(client: TestClient, run_dir: Path, air_run_dir: Path):
+    h = client.get("/healthz")
+    assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["models"] == 2
+    assert h.json()["auth"] is False
+
+    m = client.get("/v1/models").json()
+    assert m["default"] == run_dir.name
+    ids = [x["id"] for x in m["models"]]
+    assert ids == [run_dir.name, air_run_dir.name]
+    card = m["models"][1]
+    assert card["recipe"] == "fast" and card["architecture"] == "airnet" and card["dataset"] == "synthetic"
+    assert card["classes"] == list(CLASSES) and card["input_shape"] == [3, 32, 32]
+    assert card["backend"] == "torch" and card["tta"] == "flip_translate"
+    assert card["test_accuracy"] is None and card["report"] is None  # no metrics.json / report.html here
+    assert client.get(f"/v1/models/{air_run_dir.name}").json() == card
+    assert client.get("/v1/models/nope").status_code == 404
+
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    for ident in ('id="file"', 'id="model"', 'id="top1"', 'id="saliency"', 'id="preview"', '<label for="file"'):
+        assert ident in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # self-contained: nothing external
+
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    assert "http" not in docs.text.replace("http://127.0.0.1:8000", "")  # no CDN assets
+    spec = client.get("/openapi.json").json()
+    assert {"/healthz", "/v1/models", "/v1/predict", "/v1/models/{model_id}/report"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert client.get("/redoc").status_code == 404
+
+
+def test_model_card_report_and_plots(tmp_path: Path):
+    run = make_run(tmp_path / "20260101-140000-reference", tiny_recipe())
+    (run / "metrics.json").write_text(json.dumps({"test_accuracy": 0.8125, "test_loss": 0.61}))
+    per_class = {c: {"precision": 0.8, "recall": 0.5 + i / 20, "f1": 0.7, "support": 10} for i, c in enumerate(CLASSES)}
+    pairs = [{"a": "cat", "b": "dog", "count": 7, "a_to_b": 4, "b_to_a": 3}]
+    (run / "eval_test.json").write_text(json.dumps({"accuracy": 0.8, "per_class": per_class, "confused_pairs": pairs}))
+    (run / "report.html").write_text("<!doctype html><title>report</title><img src='plots/curves.png'>")
+    (run / "plots").mkdir()
+    (run / "plots" / "curves.png").write_bytes(png_bytes((8, 8)))
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    with TestClient(create_app([run])) as c:
+        card = c.get("/v1/models").json()["models"][0]
+        assert card["test_accuracy"] == 0.8125 and card["test_loss"] == 0.61
+        assert card["per_class_recall"]["airplane"] == 0.5 and card["per_class_recall"]["truck"] == 0.95
+        assert card["confused_pairs"] == pairs
+        assert card["report"] == f"/v1/models/{run.name}/report"
+        r = c.get(card["report"])
+        assert r.status_code == 200 and "<title>report</title>" in r.text
+        assert "default-src 'none'" in r.headers["content-security-policy"]
+        p = c.get(f"/v1/models/{run.name}/plots/curves.png")  # the report's relative plots/ links resolve here
+        assert p.status_code == 200 and p.headers["content-type"] == "image/png"
+        for bad in ("..%2Fsecret.png", "missing.png", "curves.txt", "%2E%2E%2F%2E%2E%2Fsecret.png"):
+            r = c.get(f"/v1/models/{run.name}/plots/{bad}")
+            assert r.status_code == 404 and "error" in r.json()
+
+
+def test_report_missing_is_404(client: TestClient, run_dir: Path):
+    r = client.get(f"/v1/models/{run_dir.name}/report")
+    assert r.status_code == 404 and "cifarlab report" in r.json()["error"]
+
+
+# -- predictions ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg", "cifar", "gray"])
+@pytest.mark.parametrize("which", ["reference", "airnet"])
+def test_predict_matches_cifarlab_predict(
+    client: TestClient, run_dir: Path, air_run_dir: Path, tmp_path: Path, kind: str, which: str
+):
+    """The service's answer for some bytes is identical to `cifarlab predict` on a file holding them."""
+    data = {
+        "png": png_bytes,
+        "jpeg": jpeg_bytes,
+        "cifar": cifar_image,
+        "gray": lambda: png_bytes((20, 30), mode="L"),
+    }[kind]()
+    run = run_dir if which == "reference" else air_run_dir
+    f = tmp_path / "image.bin"  # the extension does not matter to either
+    f.write_bytes(data)
+    expected = predict.predict_paths(run, [f], top_k=5)[0]["top_k"]
+    r = post_file(client, data, name="image.bin", query=f"?model={run.name}&top_k=5")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == run.name and body["backend"] == "torch"
+    res = body["results"][0]
+    assert res["file"] == "image.bin"
+    assert res["top_k"] == expected  # same classes, bit-identical probabilities
+    preview = decode_data_url(res["preview"])
+    assert preview.size == (256, 256)  # 32x32 as the model sees it, upscaled 8x
+    assert "saliency" not in res  # only on request
+
+
+def test_raw_bytes_decided_by_content_not_declared_type(client: TestClient):
+    jpeg = jpeg_bytes()
+    ref = post_file(client, jpeg, name="photo.jpg").json()["results"][0]["top_k"]
+    for ctype in ("image/jpeg", "image/png", "application/octet-stream", "text/plain"):
+        r = client.post("/v1/predict", content=jpeg, headers={"Content-Type": ctype})
+        assert r.status_code == 200, (ctype, r.text)
+        assert r.json()["results"][0]["top_k"] == ref and r.json()["results"][0]["file"] == "body"
+    # a PNG named .txt is an image; a text file named .png is not
+    assert post_file(client, png_bytes(), name="notes.txt").status_code == 200
+
+
+def test_many_files_multipart(client: TestClient):
+    images = [png_bytes(seed=i) for i in range(3)] + [jpeg_bytes((100, 60)), cifar_image()]
+    singles = [post_file(client, d, query="?preview=false").json()["results"][0]["top_k"] for d in images]
+    files = [("files", (f"img{i}.png", d, "image/png")) for i, d in enumerate(images[:4])]
+    files.append(("file", ("last.jpg", images[4], "image/jpeg")))
+    r = client.post("/v1/predict?top_k=2&preview=false", files=files)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["file"] for x in res] == ["img0.png", "img1.png", "img2.png", "img3.png", "last.jpg"]
+    for got, single in zip(res, singles):
+        assert len(got["top_k"]) == 2
+        assert [t["class"] for t in got["top_k"]] == [t["class"] for t in single[:2]]
+        np.testing.assert_allclose([t["probability"] for t in got["top_k"]], [t["probability"] for t in single[:2]],
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_saliency_overlay(client: TestClient, air_run_dir: Path):
+    pytest.importorskip("cifarlab.explain", reason="cifarlab.explain is not there yet")
+    pytest.importorskip("captum", reason="saliency needs captum (pip install 'cifarlab[explain]')")
+    r = post_file(client, cifar_image(), query=f"?saliency=true&model={air_run_dir.name}")
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert "saliency_error" not in res, res.get("saliency_error")
+    overlay = decode_data_url(res["saliency"])
+    assert overlay.size == (256, 256) and overlay.mode == "RGB"
+
+
+def test_parameters_are_checked(client: TestClient):
+    png = png_bytes()
+    for query, status in (("?top_k=0", 422), ("?top_k=abc", 422), ("?saliency=maybe", 422), ("?model=nope", 404)):
+        r = post_file(client, png, query=query)
+        assert r.status_code == status, (query, r.text)
+        assert set(r.json()) == {"error"} and r.json()["error"]
+    assert "top_k" in post_file(client, png, query="?top_k=0").json()["error"]
+    r = post_file(client, png, query="?top_k=100&preview=false")  # more than there are classes: all of them
+    assert r.status_code == 200 and len(r.json()["results"][0]["top_k"]) == len(CLASSES)
+    assert abs(sum(t["probability"] for t in r.json()["results"][0]["top_k"]) - 1) < 1e-5
+    r = client.post("/v1/predict", files={"other": ("a.png", png)})
+    assert r.status_code == 400 and "'file' or 'files'" in r.json()["error"]
+    r = client.post("/v1/predict", data={"file": "not a file"}, files={"x": ("a.png", png)})
+    assert r.status_code == 400 and "must be a file" in r.json()["error"]
+    r = client.post("/v1/predict", content=b"--xx\r\nbroken", headers={"Content-Type": "multipart/form-data"})
+    assert r.status_code == 400
+    assert client.get("/v1/predict").status_code == 405 and "error" in client.get("/v1/predict").json()
+    assert client.get("/nowhere").json() == {"error": "no such endpoint: GET /nowhere"}
+
+
+def test_too_many_files(run_dir: Path):
+    with TestClient(create_app([run_dir], max_batch=4)) as c:
+        files = [("files", (f"{i}.png", png_bytes(seed=i))) for i in range(5)]
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 413 and "at most 4" in r.json()["error"]
+        assert_ok(c)
+
+
+# -- hostile uploads -----------------------------------------------------------------------------------------
+
+HOSTILE = {
+    "empty body": (lambda: b"", "raw", 400, "empty"),
+    "empty file": (lambda: b"", "multipart", 400, "empty"),
+    "text named .png": (lambda: b"just some text\n" * 20, "multipart", 415, "not an image"),
+    "truncated png": (lambda: png_bytes((64, 64))[:300], "multipart", 400, "truncated"),
+    "svg": (lambda: SVG, "multipart", 415, "SVG"),
+    "svg raw": (lambda: SVG, "raw", 415, "SVG"),
+    "html": (lambda: b"<html><script>alert(1)</script></html>", "raw", 415, "not a raster image"),
+    "decompression bomb": (bomb_png, "multipart", 413, "pixel limit"),
+    "garbage": (lambda: bytes(range(256)) * 40, "raw", 415, "not an image"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_upload(client: TestClient, case: str):
+    make, how, status, words = HOSTILE[case]
+    data = make()
+    if how == "raw":
+        r = client.post("/v1/predict", content=data, headers={"Content-Type": "image/png"})
+    else:
+        r = post_file(client, data, name="evil.png")
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error"} and words in r.json()["error"], r.json()
+    assert_ok(client)  # the service is still fine
+
+
+def test_bomb_refused_before_decoding(client: TestClient):
+    t = time.perf_counter()
+    r = client.post("/v1/predict", content=bomb_png(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 413 and "10,000,000,000 pixels" in r.json()["error"]
+    assert time.perf_counter() - t < 2
+
+
+def _chunks(total: int, produced: list[int], size: int = 64 * 1024, prefix: bytes = b"") -> AsyncIterator[bytes]:
+    async def gen() -> AsyncIterator[bytes]:
+        chunk = b"\x89PNG" + b"\0" * (size - 4)
+        if prefix:
+            yield prefix
+        while produced[0] < total:
+            produced[0] += size
+            yield chunk
+
+    return gen()
+
+
+def test_50mb_body_is_refused_while_streaming(run_dir: Path):
+    """A 50 MB body (no Content-Length) is cut off at the 10 MiB limit: little is read, quickly."""
+    app = create_app([run_dir])
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            part = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+            for ctype, prefix in (("image/png", b""), ("multipart/form-data; boundary=xyz", part)):
+                produced = [0]
+                t = time.perf_counter()
+                body = _chunks(50 * MiB, produced, prefix=prefix)
+                r = await c.post("/v1/predict", content=body, headers={"Content-Type": ctype})
+                assert r.status_code == 413, r.text
+                assert "10 MiB" in r.json()["error"]
+                assert produced[0] <= 10 * MiB + 128 * 1024, produced  # stopped reading right at the limit
+                assert time.perf_counter() - t < 10
+            # a declared length over the limit is refused before one byte is read
+            produced = [0]
+            r = await c.post(
+                "/v1/predict",
+                content=_chunks(50 * MiB, produced),
+                headers={"Content-Type": "image/png", "Content-Length": str(50 * MiB)},
+            )
+            assert r.status_code == 413 and produced[0] == 0
+            r = await c.post("/v1/predict?preview=false", content=png_bytes())
+            assert r.status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_upload_limit_is_configurable(run_dir: Path):
+    with TestClient(create_app([run_dir], max_upload_bytes=1000)) as c:
+        r = c.post("/v1/predict", content=jpeg_bytes(), headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 413
+        assert post_file(c, png_bytes((8, 8))).status_code == 200
+
+
+# -- security ------------------------------------------------------------------------------------------------
+
+
+def test_bearer_token(run_dir: Path):
+    with TestClient(create_app([run_dir], token="s3cret-token")) as c:
+        assert c.get("/healthz").status_code == 200 and c.get("/healthz").json()["auth"] is True
+        assert c.get("/").status_code == 200  # the page loads; it asks for the token
+        r = c.get("/v1/models")
+        assert r.status_code == 401 and "missing bearer token" in r.json()["error"]
+        assert r.headers["www-authenticate"] == "Bearer"
+        for auth in ("Bearer wrong", "Basic czNjcmV0LXRva2Vu", "s3cret-token", "Bearer "):
+            r = c.get("/v1/models", headers={"Authorization": auth})
+            assert r.status_code == 401, auth
+        r = post_file(c, png_bytes())
+        assert r.status_code == 401
+        ok = {"Authorization": "Bearer s3cret-token"}
+        assert c.get("/v1/models", headers=ok).status_code == 200
+        r = c.post("/v1/predict", content=png_bytes(), headers={**ok, "Content-Type": "image/png"})
+        assert r.status_code == 200
+
+
+def test_loopback_and_bind_check():
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "localhost", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.com", ""))
+    check_bind("127.0.0.1", None)
+    check_bind("0.0.0.0", "token")
+    with pytest.raises(UserError, match="without a token"):
+        check_bind("0.0.0.0", None)
+
+
+def test_cli_serve(run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    import uvicorn
+
+    from cifarlab.cli import build_parser, main
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+    monkeypatch.delenv("CIFARLAB_SERVE_TOKEN", raising=False)
+
+    assert "serve" in build_parser().format_help()
+    assert main(["serve", str(run_dir), "--host", "0.0.0.0"]) == 2
+    assert "refusing to listen on 0.0.0.0 without a token" in capsys.readouterr().err
+    assert not calls
+
+    assert main(["serve", str(run_dir), "--port", "8123", "--max-batch", "8", "--backend", "torch"]) == 0
+    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8123
+
+    monkeypatch.setenv("CIFARLAB_SERVE_TOKEN", "from-env")
+    assert main(["serve", str(run_dir), "--host", "0.0.0.0"]) == 0
+    with TestClient(calls[-1]["app"]) as c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
+
+    assert main(["serve", str(run_dir / "nope")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    run = make_run(tmp_path / "20260101-150000-reference", tiny_recipe())
+    state = load_file(str(run / "model.safetensors"))
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(run / "model.safetensors"))
+    with pytest.raises(UserError, match="NaN/inf"):
+        create_app([run])
+
+
+def test_duplicate_ids_and_bad_settings(run_dir: Path, tmp_path: Path):
+    twin = make_run(tmp_path / run_dir.name, tiny_recipe())
+    with pytest.raises(UserError, match="two runs are named"):
+        create_app([run_dir, twin])
+    with pytest.raises(UserError):
+        create_app([run_dir], max_batch=0)
+    with pytest.raises(UserError):
+        create_app([])
+
+
+# -- timeouts and micro-batching -----------------------------------------------------------------------------
+
+
+def test_timeout_is_504(run_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    real = inference.predict_proba
+    slow = {"on": True}
+
+    def sleepy(*a: Any, **kw: Any) -> torch.Tensor:
+        if slow["on"]:
+            time.sleep(1.0)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(inference, "predict_proba", sleepy)
+    with TestClient(create_app([run_dir], timeout_s=0.3)) as c:
+        r = post_file(c, png_bytes())
+        assert r.status_code == 504 and "longer than 0.3 s" in r.json()["error"]
+        slow["on"] = False
+        time.sleep(1.0)  # the abandoned pass finishes in its thread
+        assert_ok(c)
+
+
+def test_micro_batching(run_dir: Path, air_run_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """N concurrent requests take fewer forward passes than N and give the sequential answers."""
+    real = inference.predict_proba
+    sizes: list[int] = []
+
+    def counting(model: Any, x: torch.Tensor, **kw: Any) -> torch.Tensor:
+        sizes.append(len(x))
+        return real(model, x, **kw)
+
+    monkeypatch.setattr(inference, "predict_proba", counting)
+    images = [png_bytes(seed=i) for i in range(12)] + [jpeg_bytes((90, 70), seed=i) for i in range(4)]
+    n = len(images)
+
+    async def scenario(app: Any, concurrent: bool) -> list[Any]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+
+            async def one(i: int) -> Any:
+                r = await c.post(
+                    f"/v1/predict?top_k=10&preview=false&model={air_run_dir.name}",
+                    content=images[i],
+                    headers={"Content-Type": "application/octet-stream"},
+                )
+                assert r.status_code == 200, r.text
+                return r.json()["results"][0]["top_k"]
+
+            if concurrent:
+                return list(await asyncio.gather(*(one(i) for i in range(n))))
+            return [await one(i) for i in range(n)]
+
+    sequential = asyncio.run(scenario(create_app([run_dir, air_run_dir], max_wait_ms=0), concurrent=False))
+    assert sizes == [1] * n
+    sizes.clear()
+    app = create_app([run_dir, air_run_dir], max_wait_ms=200, max_batch=64)
+    concurrent = asyncio.run(scenario(app, concurrent=True))
+    assert sum(sizes) == n and len(sizes) < n, sizes  # batched: fewer passes than requests
+    assert max(sizes) > 1
+    batcher = app.state.models[air_run_dir.name].batcher
+    assert batcher.passes == len(sizes) and batcher.images == n
+    for seq, con in zip(sequential, concurrent):
+        as_dict = {t["class"]: t["probability"] for t in con}
+        for t in seq:  # the same classes; probabilities equal up to float rounding of a different batch size
+            assert as_dict[t["class"]] == pytest.approx(t["probability"], rel=1e-4, abs=1e-6)
+
+    sizes.clear()
+    small = create_app([run_dir, air_run_dir], max_wait_ms=200, max_batch=4)
+    asyncio.run(scenario(small, concurrent=True))
+    assert sum(sizes) == n and max(sizes) <= 4 and len(sizes) >= n // 4
+
+
+# -- ONNX backend --------------------------------------------------------------------------------------------
+
+
+def test_onnx_backend(run_dir: Path, client: TestClient):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    assert not (run_dir / "model.onnx").exists()
+    with TestClient(create_app([run_dir], backend="onnx")) as c:
+        assert not (run_dir / "model.onnx").exists()  # exported to a temporary file, not into the run
+        card = c.get("/v1/models").json()["models"][0]
+        assert card["backend"] == "onnx" and card["tta"] == "none"
+        for data in (png_bytes(), jpeg_bytes(), cifar_image()):
+            r = post_file(c, data, query="?top_k=10&preview=false")
+            assert r.status_code == 200, r.text
+            assert r.json()["backend"] == "onnx"
+            got = {t["class"]: t["probability"] for t in r.json()["results"][0]["top_k"]}
+            ref = post_file(client, data, query="?top_k=10&preview=false").json()["results"][0]["top_k"]
+            for t in ref:  # the reference recipe has no TTA: the export computes the same function
+                assert got[t["class"]] == pytest.approx(t["probability"], abs=1e-4)
+        assert c.post("/v1/predict", content=SVG).status_code == 415
