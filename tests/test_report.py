@@ -31,6 +31,7 @@ from cifarlab.report import (
     render_html,
     render_markdown,
 )
+from cifarlab.report.common import png_size
 from cifarlab.runs import CONFIG, METRICS, machine_info, read_json, write_history, write_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -83,8 +84,11 @@ def make_report_run(
     dataset_name: str = "synthetic",
     history: bool = True,
     recipe: Recipe | None = None,
+    steps: bool = False,
+    corruptions: bool = False,
 ) -> tuple[Path, Dataset]:
-    """A run folder as training leaves it (config, history, metrics, weights) and the data it 'trained' on."""
+    """A run folder as training leaves it (config, history, metrics, weights) and the data it 'trained' on;
+    `steps`: with steps.csv (StepLog), `corruptions`: with eval_corruptions.json (evaluate --corruptions)."""
     recipe = recipe or tiny_recipe()
     if val_fraction == 0:
         recipe = recipe.replace(val_fraction=0.0, schedule="onecycle", early_stopping_patience=0)
@@ -125,12 +129,43 @@ def make_report_run(
                 "timings": {"data_seconds": 1.5, "train_seconds": 307.5, "eval_seconds": 2.0},
             },
         )
+    if steps:
+        write_steps(run_dir)
+    if corruptions:
+        write_json(run_dir / "eval_corruptions.json", CORRUPTIONS)
     return run_dir, ds
+
+
+STEPS_PER_EPOCH, N_EPOCHS = 7, 5
+# JSON severity keys are strings, as `cifarlab evaluate --corruptions` writes them
+CORRUPTIONS = {
+    "clean_accuracy": 0.8,
+    "n": 300,
+    "seed": 0,
+    "results": {
+        "gaussian_noise": {"1": 0.7, "2": 0.6, "3": 0.5},
+        "fog": {"1": 0.75, "2": 0.7, "3": 0.65},
+        "pixelate": {"1": 0.6, "2": 0.4, "3": 0.2},  # the most damaging: mean 40%
+    },
+    "mean_accuracy": 0.5667,
+    "relative_drop": 1 - 0.5667 / 0.8,
+}
+
+
+def write_steps(run_dir: Path, n_epochs: int = N_EPOCHS, per_epoch: int = STEPS_PER_EPOCH) -> int:
+    """steps.csv as StepLog writes it: a linear warmup over the first epoch, then a decay; returns the steps."""
+    lines = ["step,epoch,lr,loss"]
+    n = n_epochs * per_epoch
+    for s in range(1, n + 1):
+        lr = 1e-3 * min(1.0, s / per_epoch) * (1 - (s - 1) / n)
+        lines.append(f"{s},{(s - 1) // per_epoch + 1},{lr},{2.5 - 1.5 * s / n + 0.1 * (s % 3)}")
+    (run_dir / "steps.csv").write_text("\n".join(lines) + "\n")
+    return n
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    run_dir, ds = make_report_run(tmp_path_factory.mktemp("report"))
+    run_dir, ds = make_report_run(tmp_path_factory.mktemp("report"), steps=True, corruptions=True)
     return run_dir, build_report(run_dir, dataset=ds)
 
 
@@ -138,9 +173,11 @@ def test_report_files_exist(built):
     run_dir, metrics = built
     assert (run_dir / "report.html").stat().st_size > 10_000
     assert (run_dir / "report.md").stat().st_size > 1_000
-    for name in FIGURES.values():
-        data = (run_dir / "plots" / name).read_bytes()
-        assert data.startswith(PNG_MAGIC), name
+    # every figure but the per-epoch LR, which steps.csv's per-step curves replace; 3 confused pairs
+    assert set(metrics["report"]["plots"]) == set(FIGURES) - {"lr"}
+    for rel in metrics["report"]["plots"].values():
+        data = (run_dir / rel).read_bytes()
+        assert data.startswith(PNG_MAGIC), rel
     assert json.loads((run_dir / METRICS).read_text()) == json.loads(json.dumps(metrics))
 
 
@@ -181,6 +218,11 @@ def test_report_contains_every_class_and_metric(built):
             "Data and augmentation",
             "Config",
             "Machine",
+            "Why: the most confused pairs",
+            "Top losses",
+            "Least certain predictions",
+            "Model",
+            "Robustness",
         ):
             assert heading in text, heading
         for word in ("top-5", "macro avg", "weighted avg", "support", "expected calibration error", "learning rate"):
@@ -228,7 +270,7 @@ def test_metrics_json_keeps_training_keys_and_adds_every_number(built):
 
 
 def test_html_is_self_contained(built):
-    run_dir, _ = built
+    run_dir, metrics = built
     text = (run_dir / "report.html").read_text()
     assert not re.search(r"https?://", text)
     assert "<script" not in text.lower() and "<link" not in text.lower() and "@import" not in text
@@ -237,20 +279,24 @@ def test_html_is_self_contained(built):
         assert (attr == "src" and value.startswith("data:image/png;base64,")) or (
             attr == "href" and value.startswith("#")
         ), (attr, value[:40])
-    images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', text)
-    assert len(images) == len(FIGURES)
-    for b64 in images:
-        assert base64.b64decode(b64).startswith(PNG_MAGIC)
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)" width="(\d+)" height="(\d+)"', text)
+    assert len(images) == len(metrics["report"]["plots"]) == text.count("<img ")
+    for b64, width, height in images:
+        data = base64.b64decode(b64)
+        assert data.startswith(PNG_MAGIC)
+        # saved at 2x (sharp on high-resolution screens), shown at 1x
+        w, h = png_size(data)
+        assert abs(w - 2 * int(width)) <= 1 and abs(h - 2 * int(height)) <= 1, (w, h, width, height)
     # section anchors exist for every nav link
     for target in re.findall(r'href="#([^"]+)"', text):
         assert f'id="{target}"' in text
 
 
 def test_markdown_links_the_plots(built):
-    run_dir, _ = built
+    run_dir, metrics = built
     md = (run_dir / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert sorted(links) == sorted(f"plots/{n}" for n in FIGURES.values())
+    assert sorted(links) == sorted(metrics["report"]["plots"].values())
     assert all((run_dir / link).is_file() for link in links)
     assert "| epoch |" in md  # table 1
 
@@ -270,6 +316,13 @@ def test_run_without_validation_or_history(tmp_path: Path):
     header = next(line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("| epoch |"))
     assert "val_loss" not in header and "learning rate" in header
     assert metrics["evaluation"]["split"] == "test"
+    # an older run: no steps.csv -> the per-epoch LR curve; no eval_corruptions.json -> no robustness section
+    assert "lr" in metrics["report"]["plots"] and "steps" not in metrics["report"]["plots"]
+    assert metrics["report"]["steps"] is None and metrics["report"]["robustness"] is None
+    assert "robustness" not in metrics["report"]["plots"]
+    html_text = (run_dir / "report.html").read_text()
+    assert 'id="robustness"' not in html_text and "Robustness" not in (run_dir / "report.md").read_text()
+    assert "Robustness:" not in " ".join(metrics["report"]["reading"])
     run_dir2, ds2 = make_report_run(tmp_path / "nohist", history=False)
     metrics2 = build_report(run_dir2, dataset=ds2)
     assert "curves" not in metrics2["report"]["plots"]
@@ -353,9 +406,11 @@ def test_training_writes_the_report(tmp_path: Path):
     recipe = tiny_recipe().replace(epochs=2, batch_size=32, precision="fp32", bn_momentum=0.1)
     res = run_experiment(recipe, dataset=make_dataset(20, 10), runs_root=tmp_path, quiet=True)
     assert res.status == "finished"
-    for name in ("report.html", "report.md", *(f"plots/{n}" for n in FIGURES.values())):
-        assert (res.run_dir / name).is_file(), name
     saved = json.loads((res.run_dir / METRICS).read_text())
+    assert "steps" in saved["report"]["plots"] and "lr" not in saved["report"]["plots"]  # StepLog wrote steps.csv
+    assert saved["report"]["steps"]["n"] == len((res.run_dir / "steps.csv").read_text().splitlines()) - 1
+    for name in ("report.html", "report.md", *saved["report"]["plots"].values()):
+        assert (res.run_dir / name).is_file(), name
     assert saved["evaluation"]["accuracy"] == pytest.approx(saved["test_accuracy"], abs=1e-6)
     assert saved["evaluation"]["loss"] == pytest.approx(saved["test_loss"], rel=1e-4)
     assert saved["timings"]["report_seconds"] > 0 and saved["epochs_run"] == 2
@@ -460,3 +515,213 @@ def test_report_command_warns_first_about_other_data(tmp_path: Path, monkeypatch
     out, err = capsys.readouterr()
     assert err.startswith("warning: the data evaluated") and "not the data this run was trained on" in err
     assert "test accuracy" in out
+
+
+# -- the "why" sections (issue #11) -------------------------------------------------------------------------------
+
+
+def test_report_build_time_on_a_tiny_run(built, capsys):
+    _, metrics = built
+    t = metrics["report"]["timings"]
+    with capsys.disabled():
+        print(
+            f"\nreport build on a tiny run (300 test images): {t['total_seconds']:.1f} s total "
+            f"(evaluate {t['evaluate_seconds']:.1f} s, saliency {t['saliency_seconds']:.1f} s, model FLOPs and "
+            f"latency {t['model_seconds']:.1f} s, figures {t['plots_seconds']:.1f} s)"
+        )
+    assert t["total_seconds"] < 180  # generous: busy CI machines; about 20-30 s on two busy cores
+
+
+def test_confused_pair_galleries_are_bounded_and_explained(built):
+    from cifarlab.report.insights import PER_DIRECTION
+
+    run_dir, metrics = built
+    ev = metrics["evaluation"]
+    pairs = metrics["report"]["confused_pairs"]
+    assert [(p["a"], p["b"]) for p in pairs] == [(p["a"], p["b"]) for p in ev["confused_pairs"][:3]]
+    for p, expected in zip(pairs, ev["confused_pairs"]):
+        assert p["a_as_b"]["count"] == expected["a_to_b"] and p["b_as_a"]["count"] == expected["b_to_a"]
+        for direction, (src, dst) in (("a_as_b", (p["a"], p["b"])), ("b_as_a", (p["b"], p["a"]))):
+            shown = p[direction]["shown"]
+            assert len(shown) == min(PER_DIRECTION, p[direction]["count"])
+            assert all(s["true"] == src and s["predicted"] == dst for s in shown)
+            probs = [s["p_predicted"] for s in shown]
+            assert probs == sorted(probs, reverse=True)  # the most confident confusions first
+    assert {"pair_1", "pair_2", "pair_3"} <= set(metrics["report"]["plots"])
+    html_text = (run_dir / "report.html").read_text()
+    assert f"{pairs[0]['a']} shown as {pairs[0]['b']}" in html_text
+    try:
+        import captum  # noqa: F401
+    except ImportError:
+        assert metrics["report"]["saliency"]["available"] is False
+    else:
+        assert metrics["report"]["saliency"] == {"method": "gradcam", "available": True, "note": None}
+        assert "saliency unavailable" not in html_text.lower()
+
+
+def test_top_losses_and_least_certain(built):
+    from cifarlab.evaluate import softmax
+    from cifarlab.report.insights import N_TOP_LOSSES, N_UNCERTAIN
+
+    run_dir, metrics = built
+    rep = metrics["report"]
+    top = rep["top_losses"]
+    assert len(top) == N_TOP_LOSSES
+    losses = [t["loss"] for t in top]
+    assert losses == sorted(losses, reverse=True)
+    for t in top:  # loss = -log p(actual)
+        assert t["loss"] == pytest.approx(-np.log(t["p_true"]), rel=1e-6, abs=1e-9)
+    right, wrong = rep["least_certain_correct"], rep["least_certain_wrong"]
+    assert 0 < len(right) <= N_UNCERTAIN and 0 < len(wrong) <= N_UNCERTAIN
+    assert all(r["true"] == r["predicted"] for r in right) and all(w["true"] != w["predicted"] for w in wrong)
+    assert [r["p_predicted"] for r in right] == sorted(r["p_predicted"] for r in right)
+    # the least certain right answer is the lowest top-1 probability among all right answers
+    ds = synthetic_dataset()
+    from cifarlab.inference import predict_logits
+    from cifarlab.runs import load_run
+
+    run = load_run(run_dir)
+    mean, std = run.normalization
+    z = predict_logits(run.build_model(), ds.x_test, mean=mean, std=std, tta=run.recipe.tta, precision="fp32")
+    p = softmax(z.numpy())
+    ok = p.argmax(1) == ds.y_test.numpy()
+    assert right[0]["p_predicted"] == pytest.approx(p.max(1)[ok].min(), abs=2e-3)
+    for key in ("top_losses", "uncertain_correct", "uncertain_wrong"):
+        assert (run_dir / rep["plots"][key]).read_bytes().startswith(PNG_MAGIC)
+    md = (run_dir / "report.md").read_text()
+    assert f"{top[0]['predicted']}" in md and "Least certain mistakes" in md
+
+
+def test_model_section_numbers(built):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cifarlab.models import count_parameters
+    from cifarlab.runs import load_run
+
+    run_dir, metrics = built
+    model_info = metrics["report"]["model"]
+    run = load_run(run_dir)
+    model = run.build_model()
+    assert model_info["parameters"] == count_parameters(model)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *run.input_shape))
+    assert model_info["flops_per_image"] == counter.get_total_flops() > 0
+    lat = model_info["latency"]
+    assert lat["batch_1"]["batch"] == 1 and lat["batch_256"]["batch"] == 256
+    assert lat["batch_1"]["seconds"] > 0 and lat["batch_1"]["repeats"] >= 1
+    text = (run_dir / "report.html").read_text()
+    assert f"{model_info['parameters']['trainable']:,}" in text and f"{model_info['flops_per_image']:,}" in text
+
+
+def test_masked_confusion_heatmap_scale_ignores_the_diagonal():
+    from cifarlab.report.figures import plot_confusion
+
+    y = np.repeat(np.arange(4), 100)
+    pred = y.copy()
+    pred[:10] = 1  # class 0 -> 1: 10%; the largest confusion
+    pred[100:103] = 2  # 3%
+    z = np.full((len(y), 4), -2.0)
+    z[np.arange(len(y)), pred] = 3.0
+    ev = evaluate_predictions(y, z, ["a", "b", "c", "d"])
+    fig = plot_confusion(ev)
+    ax = fig.axes[0]
+    off = next(im for im in ax.images if im.get_label() == "off-diagonal")
+    data = off.get_array()
+    assert np.array_equal(np.ma.getmaskarray(data), np.eye(4, dtype=bool))  # the diagonal is masked out
+    assert off.norm.vmin == 0 and off.norm.vmax == pytest.approx(0.10)  # scale set by the confusions, not 90%+
+    diag = next(im for im in ax.images if im.get_label() == "diagonal")
+    assert diag.norm.vmax == 1.0 and not np.ma.getmaskarray(diag.get_array()).diagonal().any()
+    texts = {t.get_text() for t in ax.texts}
+    assert {"10", "3", "90", "97", "100"} <= texts  # counts annotated, diagonal included
+
+
+def test_per_step_curves_from_steps_csv(built, tmp_path: Path):
+    from cifarlab.report.common import read_steps
+    from cifarlab.report.figures import plot_steps
+
+    run_dir, metrics = built
+    n = N_EPOCHS * STEPS_PER_EPOCH
+    assert metrics["report"]["steps"] == {"file": "steps.csv", "n": n}
+    steps = read_steps(run_dir)
+    assert steps is not None and len(steps["step"]) == n
+    fig = plot_steps(steps, fake_history())
+    lines = {ln.get_label(): ln for ax in fig.axes for ln in ax.get_lines()}
+    assert len(lines["loss per step"].get_xdata()) == n
+    assert len(lines["learning rate per step"].get_ydata()) == n
+    assert max(lines["learning rate per step"].get_ydata()) <= 1e-3
+    assert f"each of the {n:,} optimizer steps" in (run_dir / "report.md").read_text()
+    # absent, empty or damaged: fall back to the per-epoch curves
+    assert read_steps(tmp_path) is None
+    (tmp_path / "steps.csv").write_text("step,epoch,lr,loss\n")
+    assert read_steps(tmp_path) is None
+    (tmp_path / "steps.csv").write_text("step,epoch,lr,loss\n1,1,abc,2.0\n")
+    assert read_steps(tmp_path) is None
+
+
+def test_long_tables_fold_away_in_html(built):
+    from cifarlab.report.render import render_html, render_markdown
+    from cifarlab.report.sections import FOLD_EPOCHS, Details, training_section
+
+    run_dir, _ = built
+    text = (run_dir / "report.html").read_text()
+    assert text.count("<details>") == text.count("</details>") >= 5
+    folded = re.findall(r"<details><summary>([^<]*)</summary>", text)
+    assert any(s.startswith("Full config") for s in folded) and any(s.startswith("Table 2: per-class") for s in folded)
+    config_at = text.index('id="config"')
+    assert text.index("<details>", config_at) < text.index("<td>seed</td>", config_at)  # the config table is inside
+    # the per-epoch table folds only when long; Markdown keeps it, under a heading
+    assert not any(isinstance(b, Details) for b in training_section(fake_history(5)).blocks)
+    long = training_section(fake_history(FOLD_EPOCHS + 8))
+    doc = Document("t", "m", (long,))
+    assert "<details><summary>Table 1: per-epoch history (20 epochs)</summary>" in render_html(doc, {})
+    md = render_markdown(doc, {})
+    assert "#### Table 1: per-epoch history (20 epochs)" in md and "| 20 |" in md
+
+
+def test_robustness_section_from_eval_corruptions(built, tmp_path: Path):
+    from cifarlab.report.common import read_corruptions
+
+    run_dir, metrics = built
+    assert metrics["report"]["robustness"]["results"]["pixelate"] == {1: 0.6, 2: 0.4, 3: 0.2}
+    saved = json.loads((run_dir / METRICS).read_text())["report"]["robustness"]
+    assert saved["results"]["pixelate"] == {"1": 0.6, "2": 0.4, "3": 0.2}  # JSON: string keys again
+    assert "robustness" in metrics["report"]["plots"]
+    html_text = (run_dir / "report.html").read_text()
+    section = html_text[html_text.index('id="robustness"') :]
+    section = section[: section.index("</section>")]
+    for s in ("severity 1", "severity 3", "56.67%", "29.2%", "80.00%", "pixelate (40.0%)", "20.0%"):
+        assert s in section, s
+    reading = " ".join(metrics["report"]["reading"])
+    assert "The most damaging corruption is pixelate" in reading and "20.0% at severity 3" in reading
+    # damaged file: the section says so, the report does not fail
+    (tmp_path / "eval_corruptions.json").write_text('{"results": 3}')
+    assert "error" in read_corruptions(tmp_path)
+
+
+def test_report_builds_without_captum(tmp_path: Path, monkeypatch):
+    import sys
+
+    from cifarlab.report.insights import SALIENCY_INSTALL
+
+    monkeypatch.setitem(sys.modules, "captum", None)  # import captum -> ImportError
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    run_dir, ds = make_report_run(tmp_path)
+    metrics = build_report(run_dir, dataset=ds)
+    assert metrics["report"]["saliency"] == {"method": "gradcam", "available": False, "note": SALIENCY_INSTALL}
+    text = (run_dir / "report.html").read_text()
+    assert "Saliency unavailable: pip install &#x27;cifarlab[explain]&#x27;" in text
+    assert "pair_1" in metrics["report"]["plots"]  # the galleries are still drawn, without overlays
+    assert metrics["report"]["model"]["flops_per_image"] > 0
+
+
+def test_saliency_without_the_explain_module(monkeypatch):
+    import sys
+
+    from cifarlab.report.insights import SALIENCY_INSTALL, Item, saliency_overlays
+
+    monkeypatch.setitem(sys.modules, "cifarlab.explain", None)
+    item = Item(0, 0, "a", "b", 0.1, 0.9, 2.3, 0.8)
+    overlays, note = saliency_overlays(
+        torch.nn.Identity(), torch.zeros(1, 3, 8, 8, dtype=torch.uint8), [item], [1], None
+    )
+    assert overlays == {} and note == SALIENCY_INSTALL

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cifarlab.report import FIGURES, build_report
+from cifarlab.report import build_report
 from test_report import make_report_run
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -35,6 +35,7 @@ window.addEventListener("load", function () {
   document.body.setAttribute("data-broken", String(broken.length));
   document.body.setAttribute("data-sizes", imgs.map(function (i) { return i.naturalWidth + "x" + i.naturalHeight; })
     .join(","));
+  document.body.setAttribute("data-shown", imgs.map(function (i) { return i.width + "x" + i.height; }).join(","));
 });
 </script>
 """
@@ -67,21 +68,24 @@ def with_check(html_text: str, extra: str = "") -> str:
 
 
 def test_report_renders_every_image_in_chromium(tmp_path: Path):
-    run_dir, ds = make_report_run(tmp_path)
-    build_report(run_dir, dataset=ds)
+    run_dir, ds = make_report_run(tmp_path, steps=True, corruptions=True)
+    n_figures = len(build_report(run_dir, dataset=ds)["report"]["plots"])
     text = (run_dir / "report.html").read_text()
     assert "<script" not in text  # the report itself has no scripts; only the test copy does
 
     page = tmp_path / "checked.html"
     page.write_text(with_check(text))
     attrs = open_in_chromium(page, tmp_path)
-    assert attrs.get("data-images") == str(len(FIGURES)), attrs
+    assert attrs.get("data-images") == str(n_figures), attrs
     assert attrs.get("data-broken") == "0", attrs
     sizes = [tuple(map(int, s.split("x"))) for s in attrs["data-sizes"].split(",")]
     assert all(w >= 200 and h >= 150 for w, h in sizes), sizes
+    # HiDPI: every PNG has at least twice the pixels it is shown at (width/height attributes at 1x)
+    shown = [tuple(map(int, s.split("x"))) for s in attrs["data-shown"].split(",")]
+    assert all(nw >= 1.9 * w and nh >= 1.9 * h for (nw, nh), (w, h) in zip(sizes, shown)), (sizes, shown)
 
     # The check itself: a page with one undecodable image reports it.
     bad = tmp_path / "broken.html"
     bad.write_text(with_check(text, extra='<img src="data:image/png;base64,AAAAAAAA" alt="broken">'))
     attrs = open_in_chromium(bad, tmp_path)
-    assert attrs.get("data-images") == str(len(FIGURES) + 1) and attrs.get("data-broken") == "1", attrs
+    assert attrs.get("data-images") == str(n_figures + 1) and attrs.get("data-broken") == "1", attrs

@@ -88,7 +88,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
         "--disable-sync",
         "--no-first-run",
         "--disable-quic",
-        "--window-size=1200,1000",
+        "--window-size=1200,1400",
         f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
     ):
         opts.add_argument(flag)
@@ -126,8 +126,10 @@ def test_page_classifies_an_uploaded_image(server: str, browser: webdriver.Chrom
         "20260101-130000-fast",
     ]
     assert "73.1%" in browser.find_element(By.ID, "card").text
-    assert browser.find_element(By.ID, "report").get_attribute("href").endswith(
-        "/v1/models/20260101-120000-reference/report"
+    assert (
+        browser.find_element(By.ID, "report")
+        .get_attribute("href")
+        .endswith("/v1/models/20260101-120000-reference/report")
     )
 
     # keyboard: Tab from the model picker reaches the file input, which has an accessible name

@@ -29,7 +29,7 @@ from cifarlab.predict import predict_paths
 from cifarlab.recipes import Recipe, get_recipe, validate
 from cifarlab.registry import MODELS
 from cifarlab.report import build_report
-from cifarlab.runs import Run, load_run
+from cifarlab.runs import WEIGHTS, Run, load_run, load_weights
 from cifarlab.train import Callback
 
 __all__ = ["TrainedRun", "as_dataset", "fit", "load"]
@@ -166,8 +166,6 @@ class TrainedRun:
         if self.model is None:
             self.model = self.run.build_model()
         else:
-            from cifarlab.runs import WEIGHTS, load_weights
-
             load_weights(self.model, self.run.path / WEIGHTS)
         return self.model.eval()
 

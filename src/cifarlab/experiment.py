@@ -58,8 +58,10 @@ from cifarlab.train import (
     Checkpoint,
     EpochLog,
     FitResult,
+    MLflowLogger,
     ProgressBar,
     StepLog,
+    TensorBoardLogger,
     Trainer,
     format_history_table,
     recipe_callbacks,
@@ -347,12 +349,8 @@ def run_callbacks(
         if progress:
             cbs.append(EpochLog(log))
     if tensorboard:
-        from cifarlab.train.loggers import TensorBoardLogger
-
         cbs.append(TensorBoardLogger(plan.run_dir / "tensorboard"))
     if mlflow:
-        from cifarlab.train.loggers import MLflowLogger
-
         cbs.append(MLflowLogger(plan.run_dir, tracking_uri=mlflow if isinstance(mlflow, str) else None))
     return cbs
 

@@ -26,6 +26,7 @@ from torch import nn
 from cifarlab import __version__
 from cifarlab.errors import UserError
 from cifarlab.files import atomic_write_bytes
+from cifarlab.runs import load_run
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -86,8 +87,6 @@ def metadata(run: Any, fmt: str) -> dict[str, str]:
 
 
 def _wrapped(run_dir: Path | str) -> tuple[Any, nn.Module]:
-    from cifarlab.runs import load_run
-
     run = load_run(run_dir)
     model = run.build_model().float().eval()  # fp32, eval mode (BN running stats, no dropout), no autocast
     model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # missing in torch's stubs

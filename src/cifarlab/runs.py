@@ -20,10 +20,12 @@ import torch
 from safetensors.torch import load, save
 from torch import nn
 
+from cifarlab.device import cpu_has_bf16
 from cifarlab.errors import UserError
-from cifarlab.files import atomic_write, atomic_write_bytes, read_json, require_regular_file, write_json
+from cifarlab.files import atomic_write_bytes, read_json, require_regular_file, write_json
+from cifarlab.models import build_model
 from cifarlab.recipes import Recipe, unregistered
-from cifarlab.train.checkpoint import write_history
+from cifarlab.train.checkpoint import save_checkpoint, write_history
 
 __all__ = [
     "CHECKPOINT",
@@ -127,8 +129,6 @@ class RunLock:
 
 
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:
-    from cifarlab.device import cpu_has_bf16
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -200,10 +200,6 @@ def load_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         require_regular_file(path, "checkpoint")
@@ -250,8 +246,6 @@ class Run:
         return n.get("mean"), n.get("std")
 
     def build_model(self, weights: bool = True) -> nn.Module:
-        from cifarlab.models import build_model
-
         model = build_model(self.recipe, num_classes=len(self.classes), input_shape=self.input_shape)
         if weights:
             load_weights(model, self.path / WEIGHTS)

@@ -1,4 +1,4 @@
-"""The reference talk's Keras CNN (SPEC: 752,650 parameters for 32x32 RGB and 10 classes)."""
+"""The reference talk's Keras CNN (752,650 parameters for 32x32 RGB and 10 classes, as Keras counts them)."""
 
 from __future__ import annotations
 

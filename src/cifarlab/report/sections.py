@@ -351,7 +351,7 @@ def why_section(ins: Insights) -> Section:
         )
     ]
     if ins.saliency_note:
-        blocks.append(Paragraph(ins.saliency_note.capitalize() + "."))
+        blocks.append(Paragraph(ins.saliency_note[0].upper() + ins.saliency_note[1:] + "."))
     for k, p in enumerate(ins.pairs, start=1):
         blocks.append(
             Figure(

@@ -7,10 +7,12 @@ import io
 from pathlib import Path
 from typing import Any
 
-from cifarlab.files import atomic_write_bytes, write_json
+import torch
+
+from cifarlab.files import atomic_write, atomic_write_bytes, write_json
 from cifarlab.train.callbacks import Callback
 
-__all__ = ["HISTORY_COLUMNS", "Checkpoint", "StepLog", "write_history"]
+__all__ = ["HISTORY_COLUMNS", "Checkpoint", "StepLog", "save_checkpoint", "write_history"]
 
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "events"]
 
@@ -26,6 +28,11 @@ def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_bytes(run_dir / "history.csv", buf.getvalue().encode())
 
 
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save into a temp file beside `path`, then rename: a kill mid-write leaves the previous checkpoint."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
 class Checkpoint(Callback):
     """After every epoch (once the NaN guard has passed the weights): `checkpoint.pt` with everything a resume
     needs (model, optimizer, callback states, RNG, history), then history.json/csv. Both writes are atomic, so a
@@ -38,8 +45,6 @@ class Checkpoint(Callback):
         self.path = self.run_dir / filename
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        from cifarlab.runs import save_checkpoint
-
         save_checkpoint(self.path, self.trainer.state_dict())
         write_history(self.run_dir, self.trainer.history)
 
@@ -71,8 +76,6 @@ class StepLog(Callback):
         self._losses.append(logs["loss"])
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        import torch
-
         losses = torch.stack(self._losses).float().cpu().tolist() if self._losses else []
         self.rows += [(step, epoch + 1, lr, loss) for (step, lr), loss in zip(self._steps, losses)]
         self._steps, self._losses = [], []
