@@ -40,8 +40,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        # file and class names are data: control characters are shown escaped, line by line
-        print(format_table(results))  # names escaped by format_table
+        print(format_table(results), flush=True)  # file and class names are escaped by format_table
         n_bad = len(results) - n_ok
         print(f"{n_ok} classified" + (f", {n_bad} failed" if n_bad else ""), file=sys.stderr)
     return 0 if n_ok else 1

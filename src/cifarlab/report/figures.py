@@ -182,7 +182,8 @@ def plot_steps(steps: Steps, history: History) -> Any:
     loss = np.asarray(steps["loss"])
     n = len(x)
     window = max(1, min(200, n // 25))
-    ax_loss.plot(x, loss, lw=0.6, alpha=0.35, color=TRAIN, label="loss per step")
+    ax_loss.plot(x, loss, lw=0.6 if window > 1 else 1.4, alpha=0.35 if window > 1 else 1.0, color=TRAIN,
+                 label="loss per step")  # fmt: skip
     if window > 1:
         ax_loss.plot(x, smooth(loss, window), lw=1.8, color=TRAIN, label=f"moving mean ({window} steps)")
     ax_lr.plot(x, steps["lr"], lw=1.8, color=VAL, label="learning rate per step")
@@ -231,7 +232,7 @@ def plot_confusion(ev: EvalResult) -> Any:
     ax = fig.subplots()
     im = ax.imshow(off, cmap="Reds", norm=Normalize(vmin=0.0, vmax=off_max))
     im.set_label("off-diagonal")
-    dim = ax.imshow(diag, cmap="Greens", norm=Normalize(vmin=0.0, vmax=1.0), alpha=0.55)
+    dim = ax.imshow(diag, cmap="Greens", norm=Normalize(vmin=0.0, vmax=1.0), alpha=0.75)
     dim.set_label("diagonal")
     ax.grid(False)
     tick_size = 9 if k <= 20 else max(4.0, 9 - k / 20)
