@@ -33,6 +33,11 @@ class TrainingDiverged(UserError):
 _LOWER_LR = "lower the learning rate (--set lr=...) and retry"
 
 
+def _kept(trainer: Any) -> str:
+    n = len(trainer.history)
+    return f"The checkpoint after epoch {n} is kept" if n else "No epoch finished, so nothing was saved"
+
+
 class NaNGuard(Callback):
     """Stops training when the loss (checked every `every` steps) or, at each epoch end, the weights are not
     finite, before any checkpoint or weights file could take the broken weights."""
@@ -49,7 +54,7 @@ class NaNGuard(Callback):
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss} at epoch {len(self.trainer.history) + 1}, step {batch + 1}; training "
-                f"stopped. The last good checkpoint is kept; {_LOWER_LR}."
+                f"stopped. {_kept(self.trainer)}; {_LOWER_LR}."
             )
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -57,8 +62,8 @@ class NaNGuard(Callback):
             raise TrainingDiverged(f"loss became {logs['loss']} in epoch {epoch + 1}; training stopped; {_LOWER_LR}")
         if not all_finite(self.trainer.model):
             raise TrainingDiverged(
-                f"the weights became NaN/inf in epoch {epoch + 1}; training stopped. The last good checkpoint "
-                f"is kept; {_LOWER_LR}."
+                f"the weights became NaN/inf in epoch {epoch + 1}; training stopped. {_kept(self.trainer)}; "
+                f"{_LOWER_LR}."
             )
 
 
