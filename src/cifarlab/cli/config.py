@@ -31,8 +31,10 @@ def add_parser(sub: Any) -> None:
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
+    import dataclasses
+
     from cifarlab import config
-    from cifarlab.recipes import DEFAULT_RECIPE, get_recipe
+    from cifarlab.recipes import DEFAULT_RECIPE, Recipe, choices, get_recipe
 
     recipe = config.recipe_from_args(args)
     d = recipe.to_dict()
@@ -43,13 +45,22 @@ def cmd_config(args: argparse.Namespace) -> int:
     base_name = args.recipe or file_recipe or DEFAULT_RECIPE
     base = get_recipe(base_name).to_dict()
     print(f"recipe: {base_name}")
+    group = None
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
     for key, value in d.items():
         if key == "name" and value == base_name:
             continue
+        if fields[key].metadata.get("group") != group:  # the recipe's groups, as airbench's dict reads
+            group = fields[key].metadata.get("group")
+            print(f"# -- {group}")
         # One flow-style line per key: the whole output is itself a valid --config file.
         line = yaml.safe_dump({key: value}, default_flow_style=True, width=10_000, sort_keys=False)
         line = line.strip()[1:-1]
+        notes = []
         if base.get(key) != value:
-            line += f"  # {base_name}: {json.dumps(base.get(key))}"
-        print(line)
+            notes.append(f"{base_name}: {json.dumps(base.get(key))}")
+        allowed = choices(key)
+        if allowed is not None:
+            notes.append("one of " + ", ".join(allowed) if allowed else "none registered")
+        print(line + (f"  # {'; '.join(notes)}" if notes else ""))
     return 0
