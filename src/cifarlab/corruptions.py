@@ -266,7 +266,9 @@ def evaluate_corruptions(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """A saved run's accuracy on its test set (the first `limit` images) under each corruption and severity.
+    """A saved run's accuracy on its test set (or `limit` of its images, a random subset fixed by `seed`: test
+    sets are often stored class by class, so the first N would be a few classes) under each corruption and
+    severity.
 
     Predictions use the run's scaling, normalization, TTA and precision, exactly like `cifarlab evaluate`.
     `dataset`: the data (default: the run's, loaded from `data_dir`); `names`: corruptions (default: every
@@ -305,8 +307,9 @@ def evaluate_corruptions(
         dataset = load_run_dataset(run, Path(data_dir) if data_dir is not None else None)
     info = check_dataset(run, dataset)
     x, y = dataset.x_test, dataset.y_test
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
+    if limit is not None and limit < len(y):
+        pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+        x, y = x[pick], y[pick]
     if len(y) == 0:
         raise UserError("nothing to evaluate: the test split has no images")
     y_np = y.numpy() if hasattr(y, "numpy") else np.asarray(y)

@@ -65,7 +65,7 @@ def add_parser(sub: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="use the first N test images only (a quicker estimate)",
+        help="use N test images only, a random subset fixed by --corruption-seed (a quicker estimate)",
     )
     g.add_argument("--corruption-seed", type=int, default=0, help="seed of the random corruptions (default: 0)")
     p.set_defaults(func=cmd_evaluate)
