@@ -29,9 +29,9 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    import yaml
-
     import dataclasses
+
+    import yaml
 
     from cifarlab import config
     from cifarlab.recipes import DEFAULT_RECIPE, Recipe, choices, get_recipe
