@@ -36,3 +36,18 @@ def make_dataset(n_train_per_class: int = 64, n_test_per_class: int = 16, n_clas
         checksum="",
         cache_dir="",
     )
+
+
+# The tiny reference recipe on the command line: shared by the CLI tests that train in a subprocess.
+TINY_ARGS = [
+    "--recipe",
+    "reference",
+    "--set",
+    "widths=8,16,16",
+    "--set",
+    "dense_width=32",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "precision=fp32",
+]

@@ -294,3 +294,14 @@ def tiny_imagefolder_tar(tmp_path: Path) -> TinyFolder:
     t = write_imagefolder(tmp_path / "src" / "tinyfolder")
     t.root = tar_tree(t.root, tmp_path / "tinyfolder.tar.gz")
     return t
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: on 2 busy cores two threads made tiny models ~10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

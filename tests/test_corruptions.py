@@ -21,12 +21,7 @@ RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "fog"}
 ALL = CORRUPTIONS.names()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(c: int = 3, n: int = 4, seed: int = 0) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from _synth import make_dataset, make_images
+from _synth import TINY_ARGS, make_dataset, make_images
 from cifarlab import cli
 from cifarlab.config import load_config_file
 from cifarlab.errors import ConfigError, UserError
@@ -37,18 +37,7 @@ from cifarlab.train import EpochLog, ProgressBar, Trainer
 from cifarlab.train.callbacks import Callback
 from conftest import write_cifar_archive
 
-TINY = [
-    "--recipe",
-    "reference",
-    "--set",
-    "widths=8,16,16",
-    "--set",
-    "dense_width=32",
-    "--set",
-    "batch_size=16",
-    "--set",
-    "precision=fp32",
-]
+TINY = TINY_ARGS
 TINY_RECIPE = get_recipe("reference").replace(widths=(8, 16, 16), dense_width=32, batch_size=16, precision="fp32")
 
 

@@ -14,23 +14,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from _synth import make_dataset, make_images
+from _synth import TINY_ARGS, make_dataset, make_images
 from cifarlab.experiment import run_experiment
 from cifarlab.recipes import get_recipe
 from cifarlab.runs import load_checkpoint
 from cifarlab.train.callbacks import Callback
 
 TINY = [
-    "--recipe",
-    "reference",
-    "--set",
-    "widths=8,16,16",
-    "--set",
-    "dense_width=32",
-    "--set",
-    "batch_size=16",
-    "--set",
-    "precision=fp32",
+    *TINY_ARGS,
     "--set",
     "bn_momentum=0.1",
     "--set",
