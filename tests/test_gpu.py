@@ -62,11 +62,23 @@ def test_cuda_run_is_used_on_the_cpu(tmp_path):
     mean, std = run.normalization
     logits = predict_logits(model, ds.x_test, mean=mean, std=std, tta=recipe.tta, precision="fp32")
     assert logits.device.type == "cpu"
-    acc = (logits.argmax(1) == ds.y_test).float().mean().item()
-    assert abs(acc - res.metrics["test_accuracy"]) < 0.05  # bf16 on the GPU vs fp32 on the CPU
+    # The same weights in fp32 on the GPU give the same logits (to float tolerance) as on the CPU. (The run's
+    # own test accuracy was measured under bf16 autocast, where one image of 20 may flip: not comparable.)
+    on_gpu = predict_logits(
+        run.build_model().cuda(), ds.x_test, mean=mean, std=std, tta=recipe.tta, precision="fp32"
+    )
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), logits, rtol=1e-3, atol=1e-3)
     ev, _ = evaluate_run(res.run_dir, dataset=ds)
-    assert 0 <= ev.accuracy <= 1
-    assert export(res.run_dir, "onnx", tmp_path / "m.onnx").exists()
+    assert ev.accuracy == pytest.approx(res.metrics["test_accuracy"], abs=0.051)  # same bf16 path, maybe 1 image
+    fmt = "onnx" if _has("onnx") else "torchscript"  # the GPU machine may lack onnx
+    assert export(res.run_dir, fmt, tmp_path / f"m.{fmt}").exists()
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def test_deterministic_resume_after_sigkill_on_cuda(tmp_path):
