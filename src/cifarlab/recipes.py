@@ -100,6 +100,19 @@ class Recipe:
     whiten_kernel: int = param(2, "model", ge=1, le=5)
     whiten_bias_epochs: float = param(0.0, "model", ge=0, help="train the whitening bias this many epochs")
     head_scale: float = param(1.0, "model", gt=0, help="logits multiplier (airbench nets scale their head down)")
+    # DropBlock (Ghiasi et al. 2018): reference_cnn, preact_resnet18, wrn, efficientnet_b0, in their last two stages.
+    dropblock_prob: float = param(0.0, "model", ge=0.0, lt=1.0, help="DropBlock's drop probability; 0: off")
+    dropblock_size: int = param(3, "model", ge=1, le=15, help="side of DropBlock's squares, in feature-map pixels")
+    dropblock_schedule: float = param(
+        1.0, "model", ge=0.0, le=1.0, help="share of training over which the DropBlock rate rises from 0; 0: constant"
+    )
+    # The deeper networks (preact_resnet18, wrn, efficientnet_b0).
+    depth: int = param(16, "model", ge=10, le=202, help="wrn: layers, 6n+4 (16: WRN-16-k)")
+    width_factor: float = param(
+        1.0, "model", gt=0, le=16, help="channel multiplier of preact_resnet18, efficientnet_b0; wrn: its k"
+    )
+    stochastic_depth: float = param(0.0, "model", ge=0.0, lt=1.0, help="drop rate of the last residual block")
+    timm_name: str = param("", "model", help="model=timm: the timm model to build (needs the timm package)")
     # -- objective ----------------------------------------------------------------------------------------
     l2: float = param(1e-4, "objective", ge=0, help="Keras kernel_regularizer: l2 * sum(w^2) added to the loss")
     label_smoothing: float = param(0.0, "objective", ge=0.0, le=0.99)
@@ -260,6 +273,13 @@ def validate(r: Recipe, check_paths: bool = True) -> Recipe:
             f"dropout={r.dropout!r}: the reference_cnn takes two rates (before the dense layer, after it), "
             "e.g. 0.4,0.3, or () for none"
         )
+    if r.model in ("preact_resnet18", "wrn", "efficientnet_b0") and len(r.dropout) > 1:
+        where = "between its convs" if r.model == "wrn" else "before its classifier"
+        raise ConfigError(f"dropout={r.dropout!r}: {r.model} takes one rate ({where}) or none, e.g. dropout=0.2")
+    if r.model == "wrn" and (r.depth - 4) % 6:
+        raise ConfigError(f"depth={r.depth}: a Wide-ResNet has 6n + 4 layers (10, 16, 22, 28, 40, ...)")
+    if r.model == "timm" and not r.timm_name:
+        raise ConfigError("model=timm needs timm_name, the timm model to build, e.g. timm_name=resnet18")
     if r.val_fraction == 0 and r.monitor.startswith("val_") and r.early_stopping_patience > 0:
         raise ConfigError(
             f"val_fraction=0 leaves no validation set, but early stopping monitors {r.monitor!r}; "
@@ -331,7 +351,53 @@ AIR94 = _AIR.replace(
     batch_size=1024,
 )
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (REFERENCE, FAST, AIR94)}
+# Deeper networks with the same speed habits (bf16 + channels_last via precision=auto, batched flip/translate,
+# label smoothing, EMA, no validation split, flip/translate TTA), for a GPU. SGD is a plain Nesterov one:
+# lr 8.8 per 1024 examples is PyTorch's lr 0.4 at batch 512 (0.1 at 128), weight_decay 0.0044 its 5e-4.
+_DEEP = _AIR.replace(
+    name="_deep",
+    whiten_init=False,
+    whiten_bias_epochs=0.0,
+    bn_momentum=0.1,
+    bn_eps=1e-5,
+    head_scale=1.0,
+    lr=8.8,
+    momentum=0.9,
+    weight_decay=0.0044,
+    bias_lr_scale=1.0,
+    warmup_fraction=0.2,
+    start_lr_fraction=0.1,
+    final_lr_fraction=0.0,
+    epochs=18,
+    batch_size=512,
+    translate_pad=4,  # the usual 4-pixel pad-and-crop: a deep net needs more augmentation than airnet
+    ema_start_epochs=2,
+)
+
+RESNET18 = _DEEP.replace(
+    name="resnet18",
+    description="Pre-activation ResNet-18 (11.2M parameters), 18 epochs, airbench habits; aims past air94 on a GPU.",
+    model="preact_resnet18",
+)
+
+WRN16_8 = _DEEP.replace(
+    name="wrn16_8",
+    description="Wide-ResNet 16-8 (11.0M parameters, 3x ResNet-18's FLOPs), 18 epochs, airbench habits; for a GPU.",
+    model="wrn",
+    depth=16,
+    width_factor=8.0,
+)
+
+EFFNET_B0 = _DEEP.replace(
+    name="effnet_b0",
+    description="EfficientNet-B0 for 32x32 (4.0M parameters), 18 epochs, airbench habits; for a GPU.",
+    model="efficientnet_b0",
+    bn_eps=1e-3,  # the paper's
+    dropout=(0.2,),  # the paper's, before the classifier
+    stochastic_depth=0.1,  # half the paper's 0.2: 18 epochs need less regularization than 350
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (REFERENCE, FAST, AIR94, RESNET18, WRN16_8, EFFNET_B0)}
 DEFAULT_RECIPE = "fast"
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifarlab.models.dropblock import dropblock_layer
 from cifarlab.registry import MODELS
 
 
@@ -16,6 +17,10 @@ class ReferenceCNN(nn.Module):
     Keras' Conv2D(activation="relu") applies ReLU before the BatchNormalization that follows it, so the
     order here is conv -> ReLU -> BN -> pool. Keras' Flatten works on NHWC; ours flattens NCHW. With
     random init this is the same model up to a fixed permutation of the dense layer's inputs.
+
+    `dropblock=(block_size, drop_prob)` with drop_prob > 0 adds DropBlock after the pooling of the last two
+    stages. It goes into the pool's slot, as Sequential(pool, DropBlock): pools and DropBlock hold no parameters,
+    so every state-dict key stays the same, and at drop_prob 0 nothing is added at all.
     """
 
     def __init__(
@@ -27,6 +32,7 @@ class ReferenceCNN(nn.Module):
         bn_momentum: float = 0.01,
         bn_eps: float = 1e-3,
         input_shape: tuple[int, int, int] = (3, 32, 32),
+        dropblock: tuple[int, float] = (3, 0.0),
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -35,12 +41,16 @@ class ReferenceCNN(nn.Module):
             raise ValueError(
                 f"{len(widths)} pooling blocks need images of at least {2 ** len(widths)} px; got {height}x{width}"
             )
-        for w in widths:
+        for s, w in enumerate(widths):
+            pool: nn.Module = nn.MaxPool2d(2)
+            drop = dropblock_layer(*dropblock) if s >= len(widths) - 2 else None
+            if drop is not None:
+                pool = nn.Sequential(pool, drop)
             layers += [
                 nn.Conv2d(c_in, w, 3, padding=1),
                 nn.ReLU(inplace=True),
                 nn.BatchNorm2d(w, eps=bn_eps, momentum=bn_momentum),
-                nn.MaxPool2d(2),
+                pool,
             ]
             c_in = w
         self.features = nn.Sequential(*layers)
@@ -88,4 +98,5 @@ def reference_cnn(recipe: Any, num_classes: int, input_shape: tuple[int, int, in
         recipe.bn_momentum,
         recipe.bn_eps,
         input_shape=input_shape,
+        dropblock=(recipe.dropblock_size, recipe.dropblock_prob),
     )

@@ -1,7 +1,8 @@
 """Training techniques a recipe switches on, each a short callback (airbench's habit: one named piece each).
 
 `recipe_callbacks(recipe, has_val)` lists the callbacks a recipe asks for, in Keras' order for the reference
-(EarlyStopping first, then the LR schedule), then weight averaging and the whitening-bias freeze.
+(EarlyStopping first, then the LR schedule), then weight averaging, the whitening-bias freeze and DropBlock's
+schedule.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifarlab.models.dropblock import DropBlock2d
 from cifarlab.registry import CALLBACKS
 from cifarlab.train.callbacks import Callback, EarlyStopping
 from cifarlab.train.optim import schedule_callbacks
 
-__all__ = ["Lookahead", "WhitenBiasFreeze", "recipe_callbacks"]
+__all__ = ["DropBlockSchedule", "Lookahead", "WhitenBiasFreeze", "recipe_callbacks"]
 
 
 class Lookahead(Callback):
@@ -71,6 +73,37 @@ class WhitenBiasFreeze(Callback):
             whiten.bias.requires_grad_(epoch < self.epochs)
 
 
+class DropBlockSchedule(Callback):
+    """DropBlock's linear schedule (Ghiasi et al. 2018, section 3): before every step, each DropBlock2d in the
+    model drops with target_prob * min(1, step / (ramp * total_steps)), from 0 up to its target.
+
+    The paper found a fixed rate hurts early training; ramping over the whole run (ramp=1) is its choice. The
+    rate is a function of the trainer's step alone, so the callback keeps no state: a resumed run continues the
+    ramp exactly where the checkpoint's step left it.
+    """
+
+    def __init__(self, ramp: float = 1.0) -> None:
+        if not 0.0 < ramp <= 1.0:
+            raise ValueError(f"ramp must be in (0, 1], got {ramp}")
+        self.ramp = ramp
+
+    def fraction(self, step: int, total_steps: int) -> float:
+        """The share of the target rate in use at `step` of `total_steps`."""
+        return min(1.0, step / max(1.0, self.ramp * total_steps))
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        frac = self.fraction(self.trainer.step, self.trainer.total_steps)
+        for m in self.trainer.model.modules():
+            if isinstance(m, DropBlock2d):
+                m.drop_prob = m.target_prob * frac
+
+
+@CALLBACKS.register("dropblock_schedule")
+def dropblock_schedule(recipe: Any) -> DropBlockSchedule:
+    """DropBlock's linear ramp of the drop rate, from 0 to each DropBlock2d's target (for a model of your own)."""
+    return DropBlockSchedule(recipe.dropblock_schedule or 1.0)
+
+
 def recipe_callbacks(recipe: Any, has_val: bool) -> list[Callback]:
     """The callbacks a recipe's settings ask for, then those it names in `callbacks` (registered in
     `cifarlab.registry.CALLBACKS`); the run's own machinery is added by the experiment."""
@@ -89,5 +122,8 @@ def recipe_callbacks(recipe: Any, has_val: bool) -> list[Callback]:
         cbs.append(Lookahead(recipe.ema_decay, recipe.ema_every, recipe.ema_start_epochs, recipe.ema_pow))
     if recipe.whiten_init or recipe.whiten_bias_epochs > 0:
         cbs.append(WhitenBiasFreeze(recipe.whiten_bias_epochs))
-    cbs += [CALLBACKS.build(name, recipe) for name in getattr(recipe, "callbacks", ())]
+    names = getattr(recipe, "callbacks", ())
+    if getattr(recipe, "dropblock_prob", 0) > 0 and recipe.dropblock_schedule > 0 and "dropblock_schedule" not in names:
+        cbs.append(DropBlockSchedule(recipe.dropblock_schedule))
+    cbs += [CALLBACKS.build(name, recipe) for name in names]
     return cbs
