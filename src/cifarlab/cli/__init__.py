@@ -22,6 +22,7 @@ COMMANDS: tuple[str, ...] = (
     "data",
     "model",
     "train",
+    "tune",
     "evaluate",
     "report",
     "runs",

@@ -1,0 +1,351 @@
+"""`cifarlab tune`: search-space checks, a tiny study end to end (outputs, best config that trains), pruning, and
+two worker processes killed mid-study and resumed without losing or repeating a trial."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from _synth import TINY_ARGS, make_images
+from cifarlab import cli
+from cifarlab.config import resolve_recipe
+from cifarlab.errors import ConfigError, UserError
+from cifarlab.recipes import get_recipe
+
+optuna = pytest.importorskip("optuna")
+
+from cifarlab.tune import (  # noqa: E402  (after the importorskip)
+    TuneSettings,
+    default_space_path,
+    load_space,
+    open_study,
+    require_optuna,
+    space_from_dict,
+    start_workers,
+    tune,
+)
+
+TINY_RECIPE = get_recipe("reference").replace(widths=(8, 16, 16), dense_width=32, batch_size=16, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder of learnable synthetic images: 4 classes, 40 training and 10 test images each."""
+    root = tmp_path_factory.mktemp("synth") / "synth"
+    for split, n, seed in (("train", 40, 0), ("test", 10, 1)):
+        x, y = make_images(n, 4, seed=seed)
+        for i, (img, label) in enumerate(zip(x, y)):
+            d = root / split / f"class{int(label)}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def one_core():
+    """In-process trials: one core (prepare() sets torch's threads to the cores it may use)."""
+    import torch
+
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    threads = torch.get_num_threads()
+    if affinity:
+        os.sched_setaffinity(0, {min(affinity)})
+    yield
+    if affinity:
+        os.sched_setaffinity(0, affinity)
+    torch.set_num_threads(threads)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _status(run_dir: Path) -> str:
+    return json.loads((run_dir / "status.json").read_text())["status"]
+
+
+# -- search spaces -------------------------------------------------------------------------------------------
+
+
+def test_every_builtin_recipe_ships_a_valid_default_space():
+    names = {"reference": {"lr", "plateau_factor", "plateau_patience", "dropout.0", "dropout.1", "l2", "batch_size"}}
+    for recipe in ("reference", "fast", "air94"):
+        path = default_space_path(recipe)
+        assert path is not None and path.name == f"{recipe}.yaml"
+        space = load_space(None, get_recipe(recipe))
+        assert space.recipe == recipe and space.metric == "val_accuracy"
+        if recipe in names:
+            assert {p.name for p in space.params} == names[recipe]
+    lr = next(p for p in load_space(None, get_recipe("reference")).params if p.name == "lr")
+    assert lr.kind == "float" and lr.log
+    # fast trains without a validation split: its trials hold one out, the final run does not
+    assert dict(load_space(None, get_recipe("fast")).trial) == {"val_fraction": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"lrr": {"low": 1e-4, "high": 1e-2}}, ["unknown key 'lrr'", "did you mean 'lr'"]),
+        ({"lr": {"low": 0.01, "high": 0.001}}, ["params.lr", "low=0.01 must be smaller than high=0.001"]),
+        ({"l2": {"low": 0, "high": 0.01, "log": True}}, ["params.l2", "log: true needs low > 0"]),
+        ({"plateau_factor": {"low": 0.5, "high": 1.5}}, ["params.plateau_factor", "high=1.5", "plateau_factor=1.5"]),
+        ({"batch_size": {"low": 16.5, "high": 64}}, ["params.batch_size.low", "must be an integer"]),
+        ({"lr": {"low": "abc", "high": 1}}, ["params.lr.low", "not a number"]),
+        ({"lr": {"lo": 1e-4, "high": 1e-2}}, ["params.lr", "unknown key 'lo'"]),
+        ({"lr": [1e-4, 1e-2]}, ["params.lr", "expected a mapping"]),
+        ({"optimizer": {"low": 1, "high": 2}}, ["params.optimizer", "give choices"]),
+        ({"optimizer": {"choices": ["adam", "nadam"]}}, ["params.optimizer", "'nadam'"]),
+        ({"batch_size": {"choices": [64, "big"]}}, ["params.batch_size", "choice 'big'"]),
+        ({"dropout.2": {"low": 0.1, "high": 0.5}}, ["params.dropout.2", "dropout.0 .. dropout.1"]),
+        ({"lr.0": {"low": 0.1, "high": 0.5}}, ["params.lr.0", "lr is not a list"]),
+        ({"seed": {"low": 0, "high": 9}}, ["params.seed", "cannot be tuned"]),
+        ({"dropout": {"choices": [[0.1, 0.2]]}, "dropout.0": {"low": 0.1, "high": 0.2}}, ["dropout both"]),
+    ],
+)
+def test_space_errors_name_the_key(tmp_path, params, expected):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"params": params}))
+    with pytest.raises(ConfigError) as e:
+        load_space(path, TINY_RECIPE)
+    for text in expected:
+        assert text in str(e.value)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"parms": {}}, "unknown key 'parms'"),
+        ({"recipe": "reference"}, "needs `params:`"),
+        ({"metric": "test_accuracy", "params": {"lr": {"low": 1e-4, "high": 1e-2}}}, "metric='test_accuracy'"),
+        ({"trial": {"epoch": 3}, "params": {"lr": {"low": 1e-4, "high": 1e-2}}}, "unknown recipe key 'epoch'"),
+        ({"trial": {"dataset": "x"}, "params": {"lr": {"low": 1e-4, "high": 1e-2}}}, "trial.dataset"),
+    ],
+)
+def test_space_file_structure_errors(body, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        space_from_dict(body, TINY_RECIPE, "s.yaml")
+
+
+def test_space_values_apply_to_the_recipe():
+    space = space_from_dict(
+        {
+            "params": {
+                "dropout.1": {"low": 0.1, "high": 0.5},
+                "widths": {"choices": [[8, 16, 16], [16, 32, 32]]},
+                "plateau_patience": {"low": 1, "high": 3},
+                "lr": {"low": "1e-4", "high": "1e-2", "log": True},  # PyYAML reads 1e-4 (no dot) as a string
+            }
+        },
+        TINY_RECIPE,
+    )
+    widths = next(p for p in space.params if p.name == "widths")
+    assert widths.choices == ("8,16,16", "16,32,32")  # Optuna's categorical values are scalars
+    r = space.apply(TINY_RECIPE, {"dropout.1": 0.25, "widths": "16,32,32", "plateau_patience": 2, "lr": 3e-3})
+    assert r.dropout == (TINY_RECIPE.dropout[0], 0.25) and r.widths == (16, 32, 32)
+    assert r.plateau_patience == 2 and r.lr == 3e-3
+
+
+def test_missing_optuna_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
+    with pytest.raises(UserError, match=r"pip install 'cifarlab\[tune\]'"):
+        require_optuna()
+
+
+def test_cli_reports_a_bad_space_before_any_work(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params:\n  lr: {low: 1.0e-2, high: 1.0e-3}\n")
+    rc = cli.main(["tune", "--recipe", "reference", "--space", str(bad), "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 2
+    assert "params.lr: low=0.01 must be smaller than high=0.001" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+# -- a tiny study --------------------------------------------------------------------------------------------
+
+
+def test_tiny_study_writes_trials_report_and_a_best_config_that_trains(folder, tmp_path, one_core, capsys):
+    runs = tmp_path / "runs"
+    args = [
+        "tune",
+        *TINY_ARGS,
+        "--set",
+        f"dataset={folder}",
+        "--trial-set",
+        "epochs=2",
+        "--n-trials",
+        "3",
+        "--startup-trials",
+        "2",
+        "--final-seeds",
+        "0",
+        "--runs-dir",
+        str(runs),
+    ]
+    assert cli.main(args) == 0
+    out = runs / "tune" / "reference"
+    rows = _read_csv(out / "trials.csv")
+    assert [r["number"] for r in rows] == ["0", "1", "2"]
+    assert {r["state"] for r in rows} <= {"complete", "pruned"}
+    assert {"lr", "dropout.0", "dropout.1", "l2", "batch_size", "epochs", "seconds", "value"} <= set(rows[0])
+    assert all(int(r["epochs"]) <= 2 for r in rows)  # --trial-set epochs=2
+    assert "| trial | state | val\\_accuracy | epochs | seconds |" in (out / "trials.md").read_text()
+
+    # every trial is a run folder that trained and validated, and never saw the test set
+    for r in rows:
+        run_dir = out / r["run_dir"]
+        assert _status(run_dir) == r["state"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["test_accuracy"] is None and metrics["trial"] == int(r["number"])
+        assert not (run_dir / "model.safetensors").exists() and not (run_dir / "report.html").exists()
+
+    study = json.loads((out / "study.json").read_text())
+    assert study["counts"]["complete"] + study["counts"]["pruned"] == 3 and study["metric"] == "val_accuracy"
+    best = study["best"]
+    assert best["value"] == max(float(r["value"]) for r in rows if r["state"] == "complete")
+    for name in ("history", "curves", "slices_1"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    html = (out / "report.html").read_text()
+    assert "Parameter importances" in html and "data:image/png;base64," in html
+    if study["counts"]["complete"] >= 2:
+        assert (out / "plots" / "importances.png").exists() and set(study["importances"]) <= set(best["params"])
+
+    # best.yaml is a config `cifarlab train --config` accepts: the full recipe's epochs, the trial's values
+    recipe = resolve_recipe(config_file=out / "best.yaml")
+    assert recipe.name == "reference-tuned" and recipe.epochs == TINY_RECIPE.epochs
+    assert recipe.lr == best["params"]["lr"] and recipe.dropout == (
+        best["params"]["dropout.0"],
+        best["params"]["dropout.1"],
+    )
+    assert recipe.widths == (8, 16, 16) and recipe.batch_size == best["params"]["batch_size"]
+    capsys.readouterr()
+    train = ["train", "--config", str(out / "best.yaml"), "--set", "epochs=1", "--runs-dir", str(tmp_path / "t")]
+    assert cli.main([*train, "--no-report", "--quiet"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+    # the command run again resumes the finished study (no new trial); another recipe is another study
+    assert cli.main([*args, "--no-report"]) == 0
+    assert len(_read_csv(out / "trials.csv")) == 3
+    assert cli.main([*args, "--set", "dense_width=16"]) == 2
+    assert "was started with another recipe" in capsys.readouterr().err
+
+
+class PruneOddTrials(optuna.pruners.BasePruner):
+    """Prunes every odd-numbered trial at its first report."""
+
+    def prune(self, study, trial) -> bool:
+        return trial.number % 2 == 1
+
+
+def test_pruned_trials_stop_cleanly_and_only_the_best_full_run_sees_the_test_set(folder, tmp_path, one_core):
+    recipe = TINY_RECIPE.replace(dataset=str(folder), epochs=3, early_stopping_patience=0)
+    space = space_from_dict({"params": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}}, recipe)
+    out = tmp_path / "study"
+    settings = TuneSettings(
+        recipe=recipe, space=space, study_name="prune", out_dir=out, n_trials=2, final_seeds=1, report=False
+    )
+    result = tune(settings, pruner=PruneOddTrials(), say=lambda s: None)
+    assert result.counts == {"complete": 1, "pruned": 1, "failed": 0, "running": 0, "waiting": 0}
+    rows = _read_csv(out / "trials.csv")
+    assert [r["state"] for r in rows] == ["complete", "pruned"] and "pruned after epoch 1" in rows[1]["note"]
+    pruned = out / rows[1]["run_dir"]
+    assert _status(pruned) == "pruned"  # not crashed, not diverged
+    history = json.loads((pruned / "history.json").read_text())
+    assert len(history) == 1 and "pruned" in history[0]["events"]  # the loop stopped cleanly after epoch 1 of 3
+    assert len(json.loads((out / rows[0]["run_dir"] / "history.json").read_text())) == 3
+    # trials never evaluate on the test set; the best trial's full run does, once
+    for r in rows:
+        assert json.loads((out / r["run_dir"] / "metrics.json").read_text())["test_accuracy"] is None
+    (final,) = result.final_runs
+    assert final["trial"] == 0 and final["status"] == "finished" and final["test_accuracy"] is not None
+    metrics = json.loads((Path(final["run_dir"]) / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == final["test_accuracy"] and metrics["recipe"] == "reference-tuned"
+    assert json.loads((out / "study.json").read_text())["final_mean_test_accuracy"] == final["test_accuracy"]
+
+
+# -- two workers, killed and resumed ---------------------------------------------------------------------------
+
+
+def test_two_workers_killed_mid_study_resume_without_losing_or_repeating_a_trial(folder, tmp_path):
+    recipe = TINY_RECIPE.replace(dataset=str(folder), epochs=3, early_stopping_patience=0)
+    space = space_from_dict(
+        {"params": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "dropout.0": {"low": 0.1, "high": 0.5}}}, recipe
+    )
+    out = tmp_path / "study"
+    settings = TuneSettings(
+        recipe=recipe,
+        space=space,
+        study_name="killed",
+        out_dir=out,
+        n_trials=5,
+        workers=2,
+        pruner="none",
+        startup_trials=2,
+        final_seeds=0,
+        report=False,
+    )
+    study = open_study(settings)
+    procs = start_workers(settings)
+    killed: dict[int, int] = {}  # worker pid -> the trial it was running
+    try:
+        deadline = time.monotonic() + 120
+        while len(killed) < len(procs):
+            assert time.monotonic() < deadline, "the workers did not get going"
+            trials = study.get_trials(deepcopy=False)
+            if sum(t.state.name == "COMPLETE" for t in trials) < 1:
+                time.sleep(0.05)
+                continue
+            assert all(p.poll() is None for p in procs if p.pid not in killed), "a worker ended by itself"
+            for t in trials:
+                w = t.user_attrs.get("worker")
+                # kill each worker while its trial trains, with epochs still to go (an epoch takes a fraction of a
+                # second): the trial's run folder exists and it has reported at most one epoch
+                started = t.state.name == "RUNNING" and "run_dir" in t.user_attrs and len(t.intermediate_values) <= 1
+                if started and w and w["pid"] not in killed:
+                    os.kill(w["pid"], signal.SIGKILL)
+                    killed[w["pid"]] = t.number
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    before = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert all(before[n].state.name == "RUNNING" for n in killed.values())
+    assert all(_status(out / before[n].user_attrs["run_dir"]) == "running" for n in killed.values())
+
+    log: list[str] = []
+    result = tune(settings, say=log.append)  # the same command again: two fresh workers resume the study
+
+    trials = study.get_trials(deepcopy=False)
+    assert [t.number for t in trials] == list(range(len(trials)))  # every number once
+    states = [t.state.name for t in trials]
+    assert "RUNNING" not in states and "WAITING" not in states
+    assert states.count("COMPLETE") + states.count("PRUNED") == settings.n_trials  # the budget, no overshoot
+    by_number = {t.number: t for t in trials}
+    retries = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
+    for n in killed.values():
+        t = by_number[n]
+        assert t.state.name == "FAIL" and t.user_attrs["fail_reason"].startswith("killed")
+        assert any(f"trial {n} was RUNNING when its worker died: marked FAILED, re-queued as trial" in s for s in log)
+        retry = retries[n]  # re-queued once, with the same parameters, and run to the end
+        assert retry.state.name in ("COMPLETE", "PRUNED") and retry.params == t.params
+        assert _status(out / t.user_attrs["run_dir"]) == "killed"
+    assert set(retries) == set(killed.values())  # nothing else was run again
+    for t in trials:
+        if t.state.name == "FAIL" and t.number not in killed.values():
+            assert t.user_attrs["fail_reason"].startswith("surplus")  # a worker that raced past the budget
+    # one run folder per trial that started, none shared, none left behind
+    run_dirs = [t.user_attrs["run_dir"] for t in trials if "run_dir" in t.user_attrs]
+    assert len(set(run_dirs)) == len(run_dirs) == len(list((out / "trials").iterdir()))
+    assert len(_read_csv(out / "trials.csv")) == len(trials)
+    assert result.counts["complete"] + result.counts["pruned"] == settings.n_trials
