@@ -20,6 +20,7 @@ from torch import nn
 
 from cifarlab.config import apply_overrides
 from cifarlab.data import Dataset, as_images, from_arrays, from_torch_dataset, load_dataset
+from cifarlab.data.dataset import NAMED_DATASETS
 from cifarlab.errors import ConfigError, UserError
 from cifarlab.evaluate import EvalResult, evaluate_run
 from cifarlab.experiment import run_experiment
@@ -83,12 +84,14 @@ def fit(
     report: bool = True,
     quiet: bool = True,
     mlflow: bool | str = False,
+    init: str | Path | None = None,
     **overrides: Any,
 ) -> TrainedRun:
     """Train and return the run. `recipe`: a name or a `Recipe`; `overrides`: recipe keys (`epochs=5`, ...),
     checked like `--set`. `model`: a registered model name or your own `nn.Module` (it gets float images
     (N, C, H, W) and returns logits). `data`: see `as_dataset`; None trains on the recipe's dataset, found in
-    `data_dir` (default $CIFARLAB_DATA, else ~/.cache/cifarlab, downloading CIFAR-10 when online)."""
+    `data_dir` (default $CIFARLAB_DATA, else ~/.cache/cifarlab, downloading CIFAR-10 when online). `init`: a run
+    folder, a .safetensors file or a PyTorch state-dict file to fine-tune from (see `cifarlab.finetune`)."""
     base = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if isinstance(data, (str, Path)):
         overrides = {"dataset": str(data), **overrides}
@@ -102,8 +105,8 @@ def fit(
     elif model is not None and not isinstance(model, str):
         raise ConfigError(f"model: pass a registered model name or an nn.Module, not a {type(model).__name__}")
     ds = as_dataset(data, classes)
-    if ds is not None and r.dataset in ("cifar10", "cifar100"):
-        r = r.replace(dataset=ds.name if ds.name not in ("cifar10", "cifar100") else r.dataset)
+    if ds is not None and r.dataset in NAMED_DATASETS:
+        r = r.replace(dataset=ds.name if ds.name not in NAMED_DATASETS else r.dataset)
     r = validate(r, check_paths=ds is None)
     result = run_experiment(
         r,
@@ -118,6 +121,7 @@ def fit(
         callbacks=callbacks,
         command="cifarlab.fit(...)",
         mlflow=mlflow,
+        init=Path(init) if init is not None else None,
     )
     if result.status != "finished":
         raise UserError(f"training did not finish ({result.status}): {result.metrics.get('message', '')}")

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from cifarlab.data.dataset import canonical_dataset_name
 from cifarlab.errors import ConfigError, UserError
 from cifarlab.files import require_regular_file
 from cifarlab.recipes import DEFAULT_RECIPE, RECIPES, Recipe, choices, get_recipe, validate
@@ -45,7 +46,6 @@ __all__ = [
 
 _TRUE = frozenset({"true", "1", "yes", "on", "y"})
 _FALSE = frozenset({"false", "0", "no", "off", "n"})
-_OFFICIAL_DATASETS = ("cifar10", "cifar100")
 # Keys a config file may hold besides recipe fields.
 _FILE_ONLY_KEYS = ("recipe",)
 
@@ -291,11 +291,12 @@ def apply_overrides(recipe: Recipe, overrides: Sequence[tuple[str, Any]], source
 
 
 def _canonical_dataset(value: str, data_dir: Path | None) -> str:
-    """cifar10 / cifar100 under any spelling (CIFAR-10), else a path; a relative path that only exists inside
-    `data_dir` (as `cifarlab.data.load_dataset` would find it) is recorded as that absolute path."""
-    key = value.strip().lower().replace("-", "").replace("_", "")
-    if key in _OFFICIAL_DATASETS:
-        return key
+    """cifar10 / cifar100 / fashion_mnist under any spelling (CIFAR-10, Fashion-MNIST), else a path; a relative
+    path that only exists inside `data_dir` (as `cifarlab.data.load_dataset` would find it) is recorded as that
+    absolute path."""
+    named = canonical_dataset_name(value)
+    if named is not None:
+        return named
     path = Path(value).expanduser()
     if path.exists() or path.is_absolute() or data_dir is None:
         return str(path) if path.exists() else value

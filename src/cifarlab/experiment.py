@@ -33,6 +33,7 @@ from cifarlab.augment import make_augment
 from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, split_indices
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads
 from cifarlab.errors import UserError
+from cifarlab.finetune import InitResult, apply_freeze, apply_init, check_init_args, read_init_source
 from cifarlab.inference import predict_logits, recipe_options, to_float
 from cifarlab.models import build_model
 from cifarlab.recipes import Recipe
@@ -66,6 +67,7 @@ from cifarlab.train import (
     format_history_table,
     recipe_callbacks,
 )
+from cifarlab.train.optim import mark_pretrained
 
 __all__ = ["Plan", "RunResult", "finish", "open_run", "prepare", "run_experiment", "train", "write_report"]
 
@@ -96,6 +98,7 @@ class Plan:
     data_dir: Path | None
     deterministic: bool
     resume_state: dict[str, Any] | None = None
+    init: InitResult | None = None  # what --init loaded (None without it, and on resume)
     run_dir: Path | None = None
     lock: RunLock | None = None
     config: dict[str, Any] = field(default_factory=dict)
@@ -176,9 +179,15 @@ def prepare(
     deterministic: bool = False,
     resume: Path | str | None = None,
     model: nn.Module | None = None,
+    init: Path | str | None = None,
 ) -> Plan:
-    """Resolve and check everything, load the data and build the model. Writes nothing."""
+    """Resolve and check everything, load the data and build the model. Writes nothing.
+
+    `init`: a run folder or weights file to start from (`cifarlab.finetune`); read before the data, so a bad
+    source fails fast."""
     t0 = time.perf_counter()
+    check_init_args(init, resume)
+    init_source = read_init_source(init) if init is not None else None
     resume_state = None
     saved: dict[str, Any] = {}
     if resume is not None:
@@ -220,6 +229,16 @@ def prepare(
         g = torch.Generator().manual_seed(recipe.seed)
         pick = tr_idx[torch.randperm(len(tr_idx), generator=g)[:5000]]
         init_from_data(to_float(ds.x_train[pick], mean, std, dev))
+    # After the data-dependent init, so loaded layers (the airnet's whitening) keep their pretrained weights and
+    # only the layers left fresh get the data's.
+    init_result = None
+    if init_source is not None:
+        init_result = apply_init(
+            net, init_source, classes=ds.classes, input_shape=ds.input_shape, recipe=recipe if model is None else None
+        )
+    elif resume is not None and isinstance(saved.get("init"), dict):
+        mark_pretrained(net, saved["init"].get("pretrained") or [])  # the same optimizer param groups as before
+    apply_freeze(net, recipe.freeze_stages, recipe.model)
     return Plan(
         recipe=recipe,
         dataset=ds,
@@ -233,6 +252,7 @@ def prepare(
         data_dir=Path(data_dir) if data_dir is not None else None,
         deterministic=deterministic,
         resume_state=resume_state,
+        init=init_result,
         run_dir=Path(resume) if resume is not None else None,
         timings={"data_seconds": data_seconds, "setup_seconds": time.perf_counter() - t0},
     )
@@ -285,6 +305,7 @@ def _config(plan: Plan, command: str | None, model_given: bool) -> dict[str, Any
         "command": command or " ".join(sys.argv),
         "data_dir": str((plan.data_dir or default_data_dir()).resolve()),
         "deterministic": plan.deterministic,
+        "init": plan.init.to_dict() if plan.init is not None else None,
     }
 
 
@@ -470,8 +491,10 @@ def run_experiment(
     log: Log | None = None,
     tensorboard: bool = False,
     mlflow: bool | str = False,
+    init: Path | str | None = None,
 ) -> RunResult:
-    """Train `recipe` (or resume the run in `resume`) and write everything into its run folder."""
+    """Train `recipe` (or resume the run in `resume`) and write everything into its run folder; `init` starts
+    from a run folder's or a weights file's weights (`cifarlab.finetune`)."""
     say: Log = (lambda s: None) if quiet else (log or (lambda s: print(s, flush=True)))
     plan = prepare(
         recipe,
@@ -481,6 +504,7 @@ def run_experiment(
         deterministic=deterministic,
         resume=resume,
         model=model,
+        init=init,
     )
     run_dir = open_run(plan, runs_root, command=command, model_given=model is not None)
     try:
@@ -494,6 +518,13 @@ def run_experiment(
             f"device {plan.device}, {plan.threads} threads"
         )
         say(f"precision: {precision_reason(r.precision, plan.device)}")
+        for line in plan.init.lines() if plan.init is not None else []:
+            say(line)
+        if r.freeze_stages or (plan.init is not None and r.pretrained_lr_scale != 1.0):
+            say(
+                f"finetune: first {r.freeze_stages} stages frozen, pretrained weights at "
+                f"{r.pretrained_lr_scale:g}x the LR"
+            )
         show_progress = (sys.stderr.isatty() and not quiet) if progress is None else progress
         machinery = run_callbacks(
             plan, log=None if quiet else say, progress=show_progress, tensorboard=tensorboard, mlflow=mlflow

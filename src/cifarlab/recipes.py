@@ -20,6 +20,7 @@ from typing import Any, Literal
 import cifarlab.augment  # noqa: F401  (registers the built-in augmentations)
 import cifarlab.models  # noqa: F401  (registers the built-in models)
 import cifarlab.train.optim  # noqa: F401  (registers the built-in optimizers and schedules)
+from cifarlab.data.dataset import NAMED_DATASETS, canonical_dataset_name
 from cifarlab.errors import ConfigError
 from cifarlab.registry import AUGMENTS, CALLBACKS, MODELS, OPTIMIZERS, SCHEDULES, Registry
 
@@ -41,6 +42,7 @@ GROUPS = (
     "model",
     "objective",
     "optimizer",
+    "finetune",
     "schedule",
     "averaging",
     "augmentation",
@@ -85,7 +87,7 @@ class Recipe:
     seed: int = param(0, "run", ge=0, le=2**63 - 1, help="split, init, shuffling and augmentation")
     callbacks: tuple[str, ...] = param((), "run", choices=CALLBACKS, help="registered callbacks to add, by name")
     # -- data ---------------------------------------------------------------------------------------------
-    dataset: str = param("cifar10", "data", help="cifar10, cifar100, or an ImageFolder path")
+    dataset: str = param("cifar10", "data", help="cifar10, cifar100, fashion_mnist, or an ImageFolder path")
     val_fraction: float = param(0.2, "data", ge=0.0, le=0.9, help="random split off the training set; 0: none")
     stratified_split: bool = param(False, "data")
     scaling: Scaling = param("unit", "data", help="unit: pixels/255 (the reference); standardize: then mean/std")
@@ -98,6 +100,9 @@ class Recipe:
     bn_eps: float = param(1e-3, "model", gt=0)
     whiten_init: bool = param(False, "model", help="first conv set by patch whitening of the training images")
     whiten_kernel: int = param(2, "model", ge=1, le=5)
+    whiten_width: int = param(
+        0, "model", ge=0, help="airnet: whitening filters; 0: 2*C*k*k; a source's width to fine-tune across channels"
+    )
     whiten_bias_epochs: float = param(0.0, "model", ge=0, help="train the whitening bias this many epochs")
     head_scale: float = param(1.0, "model", gt=0, help="logits multiplier (airbench nets scale their head down)")
     # DropBlock (Ghiasi et al. 2018): reference_cnn, preact_resnet18, wrn, efficientnet_b0, in their last two stages.
@@ -125,6 +130,9 @@ class Recipe:
     nesterov: bool = param(True, "optimizer")
     weight_decay: float = param(0.0, "optimizer", ge=0, help="sgd: decoupled decay per 1024 examples")
     bias_lr_scale: float = param(1.0, "optimizer", gt=0, help="LR multiplier for BN parameters (sgd)")
+    # -- finetune: with --init (cifarlab.finetune) -------------------------------------------------------------
+    freeze_stages: int = param(0, "finetune", ge=0, help="freeze the model's first N stages (its stages())")
+    pretrained_lr_scale: float = param(1.0, "finetune", gt=0, help="LR multiplier for the weights --init loaded")
     # -- schedule -----------------------------------------------------------------------------------------
     epochs: int = param(30, "schedule", gt=0)
     batch_size: int = param(128, "schedule", gt=0)
@@ -252,8 +260,10 @@ def validate(r: Recipe, check_paths: bool = True) -> Recipe:
         each = f.metadata.get("each")
         if each is not None and any(not (each[0] <= x < each[1]) for x in v):
             raise ConfigError(f"{f.name}={v!r}: each must be in [{each[0]:g}, {each[1]:g})")
-    if check_paths and r.dataset not in ("cifar10", "cifar100") and not Path(r.dataset).exists():
-        raise ConfigError(f"dataset={r.dataset!r} is neither cifar10, cifar100 nor an existing ImageFolder path")
+    if check_paths and canonical_dataset_name(r.dataset) is None and not Path(r.dataset).exists():
+        raise ConfigError(
+            f"dataset={r.dataset!r} is neither {', '.join(NAMED_DATASETS)} nor an existing ImageFolder/IDX path"
+        )
     if any(w <= 0 for w in r.widths) or len(r.widths) != 3:
         raise ConfigError(f"widths={r.widths!r}: three positive channel counts expected")
     if r.val_fraction == 0 and r.schedule == "plateau" and r.monitor.startswith("val_"):

@@ -13,7 +13,7 @@ from typing import Any
 
 from cifarlab.cli.common import data_dir_arg, fmt
 
-DATASET_HELP = "cifar10 (default), cifar100, or the path of an ImageFolder tree (folder or .tar.gz)"
+DATASET_HELP = "cifar10 (default), cifar100, fashion_mnist, or the path of an ImageFolder tree (folder or .tar.gz)"
 
 
 def add_parser(sub: Any) -> None:
@@ -172,7 +172,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"{'-' * width}  {'-' * 6}  {'-' * 6}",
         f"{'total':<{width}}  {len(ds.x_train):>6}  {len(ds.x_test):>6}",
         "",
-        "pixel statistics of the training images, per channel (R, G, B), in [0, 1] units:",
+        "pixel statistics of the training images, "
+        + {1: "one grey channel", 3: "per channel (R, G, B)"}.get(len(facts["pixel_mean"]), "per channel")
+        + ", in [0, 1] units:",
         "  mean  " + "  ".join(f"{v:.4f}" for v in facts["pixel_mean"]),
         "  std   " + "  ".join(f"{v:.4f}" for v in facts["pixel_std"]),
     ]

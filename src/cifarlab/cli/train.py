@@ -22,13 +22,23 @@ def add_parser(sub: Any) -> None:
             "Train a recipe (default: fast) on CIFAR-10 with an 80/20 train/validation split where the recipe\n"
             "uses one, evaluate on the test set, and write runs/<time>-<recipe>/ with the resolved config,\n"
             "history (CSV, JSON), metrics, weights (safetensors), a checkpoint per epoch and report.html.",
-            "cifarlab train --recipe reference --data-dir ../shared/data --set seed=1",
+            "cifarlab train --recipe reference --data-dir ../shared/data --set seed=1\n"
+            "  cifarlab train --set dataset=fashion_mnist --init runs/20261126-101500-fast "
+            "--set pretrained_lr_scale=0.3",
         ),
     )
     config.add_recipe_args(p)
     data_dir_arg(p)
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    p.add_argument(
+        "--init",
+        type=Path,
+        metavar="SOURCE",
+        help="fine-tune: start from a run folder's weights, a .safetensors file or a PyTorch state-dict file (read "
+        "with weights_only); matching layers load, a new head when the classes differ, the first conv adapted to "
+        "the input channels; see --set freeze_stages=N, pretrained_lr_scale=X",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--deterministic",
@@ -64,6 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = config.recipe_from_args(args)  # validates everything before any data is touched
     elif getattr(args, "set", None) or getattr(args, "config", None):
         raise UserError("--resume continues a run with its saved config; --set/--config cannot change it")
+    if args.resume is not None and args.init is not None:
+        raise UserError("--resume continues a run with the weights it had; --init cannot be combined with it")
     # Optional trackers are checked before any work, so a missing extra never leaves an empty run folder.
     if args.tensorboard:
         require("tensorboard", "tensorboard", "--tensorboard")
@@ -81,6 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         command="cifarlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         tensorboard=args.tensorboard,
         mlflow=args.mlflow,
+        init=args.init,
     )
     if args.quiet and result.status == "finished":
         print(f"{result.run_dir}: test accuracy {result.metrics['test_accuracy']:.4f}")

@@ -19,6 +19,16 @@ import torch
 
 from cifarlab.data.archives import TAR_SUFFIXES, require_regular
 from cifarlab.data.cache import cached, resolve_cache_dir, writable_dir
+from cifarlab.data.idx import (
+    FASHION_MNIST,
+    FASHION_MNIST_MD5,
+    IdxFiles,
+    find_idx_files,
+    load_idx_arrays,
+    locate_fashion_mnist,
+    warn_unofficial,
+)
+from cifarlab.data.idx import fingerprint as idx_fingerprint
 from cifarlab.data.imagefolder import DEFAULT_IMAGE_SIZE, check_image_size, load_imagefolder
 from cifarlab.data.official import (
     CIFAR10_CLASSES,
@@ -32,10 +42,13 @@ from cifarlab.data.official import (
 )
 from cifarlab.errors import ConfigError, DataError
 
-__all__ = ["Dataset", "default_data_dir", "load_dataset"]
+__all__ = ["NAMED_DATASETS", "Dataset", "canonical_dataset_name", "default_data_dir", "load_dataset"]
 
 # Official archives: bump when their decoded layout changes (old cache files are then ignored).
 _OFFICIAL_CACHE_VERSION = 1
+_IDX_CACHE_VERSION = 1
+# The datasets known by name (`--set dataset=NAME`), as runs record them.
+NAMED_DATASETS: tuple[str, ...] = (*OFFICIAL, FASHION_MNIST)
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,7 +217,42 @@ def _canonical(name: str) -> str:
     return name.strip().lower().replace("-", "").replace("_", "")
 
 
+def canonical_dataset_name(name: str) -> str | None:
+    """The recorded name of a dataset known by name under any spelling (CIFAR-10, Fashion-MNIST), else None."""
+    by_key = {_canonical(n): n for n in NAMED_DATASETS}
+    return by_key.get(_canonical(name))
+
+
+def _load_idx(files: IdxFiles, cache_dir: Path | str | None, image_size: int | None, fashion: bool) -> Dataset:
+    """`fashion`: loaded by the name fashion_mnist (its class names, a warning when a file is not official); a
+    folder given by path is Fashion-MNIST only when its files are the official ones."""
+    checksum, content, preread = idx_fingerprint(files)
+    fashion = fashion or checksum == FASHION_MNIST_MD5
+    if fashion:
+        warn_unofficial(files, content)
+    name = FASHION_MNIST if fashion else files.folder.name
+    cache_file = resolve_cache_dir(cache_dir) / f"idx-{checksum}-{int(fashion)}-v{_IDX_CACHE_VERSION}.safetensors"
+    arrays, used_dir = cached(cache_file, lambda: load_idx_arrays(files, fashion, preread))
+    _, _, h, w = torch.as_tensor(arrays["x_train"]).shape
+    if image_size not in (None, DEFAULT_IMAGE_SIZE) and (image_size != h or h != w):
+        # IDX images keep their native size; the default image_size is ImageFolder's and does not apply here.
+        raise ConfigError(f"image_size={image_size}: {name} images are {h}x{w} and are not resized; pass None")
+    return to_dataset(
+        arrays,
+        name=name,
+        source=str(files.folder),
+        checksum=checksum,
+        checksum_kind="md5 of IDX contents",
+        expected_checksum=FASHION_MNIST_MD5 if fashion else "",
+        cache_dir=used_dir,
+    )
+
+
 def _load_path(path: Path, cache_dir: Path | str | None, image_size: int | None) -> Dataset:
+    if path.is_dir():
+        idx_files = find_idx_files(path)
+        if idx_files is not None:  # an MNIST-format folder (Fashion-MNIST's four IDX files, say)
+            return _load_idx(idx_files, cache_dir, image_size, fashion=False)
     for spec in OFFICIAL.values():
         if path.name == spec.folder and path.is_dir():
             _check_official_size(spec, image_size)
@@ -238,7 +286,9 @@ def load_dataset(
     """Load a dataset as uint8 tensors.
 
     `name` is "cifar10", "cifar100" (looked up in `data_dir`, default `default_data_dir()`, downloaded when
-    missing and `download`), or a path: an ImageFolder tree (``root/{train,test}/<class>/*.png|jpg|...``), a
+    missing and `download`), "fashion_mnist" (its four IDX files, ``.gz`` or not, in `data_dir`, else in
+    Debian's ``/usr/share/datasets/fashion-mnist``; 1x28x28 grey images), or a path: a folder of MNIST-format
+    IDX files, an ImageFolder tree (``root/{train,test}/<class>/*.png|jpg|...``), a
     tarball of one, or an official archive / extracted batch folder. A relative path that does not exist is
     also tried inside `data_dir`. `image_size` applies to ImageFolder sources: resize every image to that
     square size (default 32), or None to keep their native size (it must be the same for all); official
@@ -251,6 +301,8 @@ def load_dataset(
     if key in OFFICIAL and not isinstance(name, Path):
         spec = OFFICIAL[key]
         return _load_official(spec, data_path, download, cache_dir, opener, image_size)
+    if key == _canonical(FASHION_MNIST) and not isinstance(name, Path):
+        return _load_idx(locate_fashion_mnist(data_path), cache_dir, image_size, fashion=True)
     path = Path(name).expanduser()
     if not path.exists() and not path.is_absolute():
         for candidate in (data_path / path, *(data_path / f"{path}{s}" for s in TAR_SUFFIXES)):
@@ -260,6 +312,6 @@ def load_dataset(
     if path.exists() or path.is_symlink():
         return _load_path(path, cache_dir, image_size)
     raise DataError(
-        f"unknown dataset {os.fspath(name)!r}: use cifar10, cifar100, or the path of an ImageFolder tree "
-        f"(folder or .tar.gz); no such file or folder here or in {data_path}."
+        f"unknown dataset {os.fspath(name)!r}: use cifar10, cifar100, fashion_mnist, or the path of an ImageFolder "
+        f"tree (folder or .tar.gz) or IDX folder; no such file or folder here or in {data_path}."
     )

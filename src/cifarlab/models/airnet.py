@@ -55,10 +55,14 @@ class AirNet(nn.Module):
         bn_eps: float = 1e-12,
         head_scale: float = 1 / 9,
         in_channels: int = 3,
+        whiten_width: int = 0,
     ) -> None:
         super().__init__()
         k = whiten_kernel
-        self.whiten = nn.Conv2d(in_channels, 2 * in_channels * k * k, k, padding=0, bias=True)
+        # Full-rank whitening has 2*C*k*k filters, so its width follows the channel count; `whiten_width` keeps
+        # another (a CIFAR source's 24 for grey images: --init then adapts the filters instead of dropping them).
+        width = whiten_width or 2 * in_channels * k * k
+        self.whiten = nn.Conv2d(in_channels, width, k, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)  # set by init_whitening, never trained
         if self.whiten.bias is not None:
             nn.init.zeros_(self.whiten.bias)
@@ -83,6 +87,11 @@ class AirNet(nn.Module):
         assert isinstance(last, ConvGroup)
         return last.conv2
 
+    def stages(self) -> list[nn.Module]:
+        """The conv groups, input first, the whitening conv with the first: what `freeze_stages` freezes."""
+        groups = list(self.groups)
+        return [nn.ModuleList([self.whiten, groups[0]]), *groups[1:]]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(F.gelu(self.whiten(x)))
         x = torch.amax(x, dim=(2, 3))  # global max pool (the 3x3 map left after three pools)
@@ -93,9 +102,10 @@ class AirNet(nn.Module):
 def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> None:
     """Set `conv`'s filters to the PCA-whitening transform of the k x k patches of `images`.
 
-    images: float (N, 3, H, W), already normalised as the model will see them. The first half of the
+    images: float (N, C, H, W), already normalised as the model will see them. The first half of the
     filters are eigenvectors / sqrt(eigenvalue + eps), the second half their negatives, so after GELU both
-    signs of every whitened direction survive.
+    signs of every whitened direction survive. A conv with fewer than 2*C*k*k filters keeps the directions
+    of largest variance; one with more repeats them (there is nothing left to whiten).
     """
     k = conv.kernel_size[0]
     c = images.shape[1]
@@ -105,7 +115,13 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
     evals, evecs = torch.linalg.eigh(cov)
     filters = (evecs.T / torch.sqrt(evals.clamp_min(0) + eps)[:, None]).reshape(c * k * k, c, k, k)
     filters = filters.flip(0)  # largest eigenvalue first
-    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
+    width = conv.out_channels
+    half = min(len(filters), -(-width // 2))
+    out = torch.cat([filters[:half], -filters[:half]])
+    # A wider conv repeats the filters: a zero filter would give a constant channel, which the BatchNorm after
+    # the next conv (eps 1e-12) turns into a division of rounding noise by ~0.
+    out = out.repeat(-(-width // len(out)), 1, 1, 1)[:width]
+    conv.weight.copy_(out.to(conv.weight.dtype))
 
 
 @MODELS.register("airnet")
@@ -119,4 +135,5 @@ def airnet(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> 
         recipe.bn_eps,
         recipe.head_scale,
         in_channels=input_shape[0],
+        whiten_width=getattr(recipe, "whiten_width", 0),
     )

@@ -83,6 +83,11 @@ class ReferenceCNN(nn.Module):
         """The last convolution, the layer Grad-CAM explains (`cifarlab.explain`)."""
         return [m for m in self.features if isinstance(m, nn.Conv2d)][-1]
 
+    def stages(self) -> list[nn.Module]:
+        """The conv blocks (conv, ReLU, BN, pool), input first: what the recipe's `freeze_stages` freezes. The
+        dense layers are not stages: a fine-tuned model always trains its classifier."""
+        return [self.features[i : i + 4] for i in range(0, len(self.features), 4)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 

@@ -94,6 +94,23 @@ PHASES = {
 FOLD_EPOCHS = 12  # a per-epoch table longer than this is folded away in HTML
 
 
+def _init_rows(init: Any, recipe: Any) -> list[list[str]]:
+    """A fine-tuned run says what it started from (config.json's "init", written by `cifarlab.finetune`)."""
+    if not isinstance(init, dict) or not init.get("source"):
+        return []
+    from cifarlab.finetune import InitResult
+
+    try:
+        text = InitResult(**init).summary()
+    except TypeError:  # a config.json from another version: show the source alone
+        text = str(init["source"])
+    rows = [["initialized from", text]]
+    if recipe.freeze_stages or recipe.pretrained_lr_scale != 1.0:
+        how = f"first {recipe.freeze_stages} stages frozen; pretrained LR x{recipe.pretrained_lr_scale:g}"
+        rows.append(["fine-tuning", how])
+    return rows
+
+
 def summary_section(run: Any, ev: EvalResult, reading: list[str], timings: dict[str, Any]) -> Section:
     recipe, history, metrics = run.recipe, run.history, run.metrics
     split = ev.split_name
@@ -101,6 +118,7 @@ def summary_section(run: Any, ev: EvalResult, reading: list[str], timings: dict[
     kept_row = row(history, kept)
     rows = [
         ["recipe", recipe.name],
+        *_init_rows(run.config.get("init"), recipe),
         [f"{split} accuracy", pct(ev.accuracy, 2)],
         [f"{split} top-{ev.top_k} accuracy", pct(ev.top5, 2)],
         [f"{split} loss", f"{ev.loss:.4f}"],

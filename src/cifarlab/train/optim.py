@@ -7,7 +7,8 @@ An optimizer factory takes `(model, recipe)` and returns a `torch.optim.Optimize
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -16,7 +17,19 @@ from torch import nn
 from cifarlab.registry import OPTIMIZERS, SCHEDULES
 from cifarlab.train.callbacks import Callback, ReduceLROnPlateau
 
-__all__ = ["StepSchedule", "build_optimizer", "lr_multiplier", "schedule_callbacks"]
+__all__ = [
+    "StepSchedule",
+    "build_optimizer",
+    "lr_multiplier",
+    "mark_pretrained",
+    "pretrained_names",
+    "schedule_callbacks",
+    "split_pretrained_groups",
+]
+
+# model -> names of its parameters loaded from pretrained weights (`cifarlab.finetune`); weak, so a model that
+# is dropped takes its entry with it, and no attribute is added to a user's module.
+_PRETRAINED: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
 # -- optimizers ---------------------------------------------------------------------------------------------
@@ -52,8 +65,44 @@ def sgd(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD([g for g in groups if g["params"]], momentum=recipe.momentum, nesterov=recipe.nesterov)
 
 
+def mark_pretrained(model: nn.Module, names: Iterable[str]) -> None:
+    """Remember which of `model`'s parameters hold pretrained weights (for `pretrained_lr_scale`)."""
+    _PRETRAINED[model] = frozenset(names)
+
+
+def pretrained_names(model: nn.Module) -> frozenset[str]:
+    return _PRETRAINED.get(model, frozenset())
+
+
+def split_pretrained_groups(optimizer: torch.optim.Optimizer, model: nn.Module, scale: float) -> None:
+    """Move the pretrained parameters of every param group into a copy of that group with `scale` x its LR.
+
+    The pretrained groups come first, so the last group (whose LR `Trainer.get_lr` reports) stays one of
+    the new layers' when there are any. Schedules scale every group's LR by the same factor, so the ratio
+    holds all run long. Called before the first step: the optimizer has no state to move yet."""
+    names = pretrained_names(model)
+    ids = {id(p) for n, p in model.named_parameters() if n in names}
+    if not ids or scale == 1.0:
+        return
+    pretrained, new = [], []
+    for g in optimizer.param_groups:
+        options = {k: v for k, v in g.items() if k != "params"}
+        old = [p for p in g["params"] if id(p) in ids]
+        rest = [p for p in g["params"] if id(p) not in ids]
+        if old:
+            pretrained.append({**options, "params": old, "lr": g["lr"] * scale})
+        if rest:
+            new.append({**options, "params": rest})
+    optimizer.param_groups.clear()
+    for group in pretrained + new:
+        optimizer.add_param_group(group)
+
+
 def build_optimizer(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
-    return OPTIMIZERS.build(recipe.optimizer, model, recipe)
+    """The recipe's optimizer; with `pretrained_lr_scale` != 1, loaded weights get their own param groups."""
+    optimizer = OPTIMIZERS.build(recipe.optimizer, model, recipe)
+    split_pretrained_groups(optimizer, model, getattr(recipe, "pretrained_lr_scale", 1.0))
+    return optimizer
 
 
 # -- schedules ----------------------------------------------------------------------------------------------

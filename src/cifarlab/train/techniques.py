@@ -12,12 +12,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifarlab.errors import ConfigError
 from cifarlab.models.dropblock import DropBlock2d
 from cifarlab.registry import CALLBACKS
 from cifarlab.train.callbacks import Callback, EarlyStopping
 from cifarlab.train.optim import schedule_callbacks
 
-__all__ = ["DropBlockSchedule", "Lookahead", "WhitenBiasFreeze", "recipe_callbacks"]
+__all__ = [
+    "DropBlockSchedule",
+    "FreezeStages",
+    "Lookahead",
+    "WhitenBiasFreeze",
+    "frozen_stage_modules",
+    "recipe_callbacks",
+]
 
 
 class Lookahead(Callback):
@@ -73,6 +81,45 @@ class WhitenBiasFreeze(Callback):
             whiten.bias.requires_grad_(epoch < self.epochs)
 
 
+def frozen_stage_modules(model: nn.Module, n: int, model_name: str = "") -> list[nn.Module]:
+    """The first `n` of the model's `stages()` (module groups, input first), checked."""
+    stages_fn = getattr(model, "stages", None)
+    name = model_name or type(model).__name__
+    if not callable(stages_fn):
+        raise ConfigError(
+            f"freeze_stages={n}: the model {name} does not define stages(), so there are no stages to freeze; set "
+            "freeze_stages=0, or give the model a stages() method returning its module groups, input first"
+        )
+    stages = list(stages_fn())
+    if n > len(stages):
+        raise ConfigError(f"freeze_stages={n}: the model {name} has {len(stages)} stages")
+    return stages[:n]
+
+
+class FreezeStages(Callback):
+    """Keeps the first `n` stages frozen while training. Their parameters were taken out of training before the
+    optimizer was built (`cifarlab.finetune.apply_freeze`); this keeps their BatchNorm layers in eval mode, so
+    their running statistics stay the pretrained ones too, and keeps a whitening bias frozen after
+    `WhitenBiasFreeze` turned it on."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._modules: list[nn.Module] | None = None
+
+    def _frozen(self) -> list[nn.Module]:
+        if self._modules is None:
+            self._modules = frozen_stage_modules(self.trainer.model, self.n)
+        return self._modules
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        for m in self._frozen():
+            m.requires_grad_(False)
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        for m in self._frozen():  # the loop puts the whole model in train mode every epoch
+            m.train(False)
+
+
 class DropBlockSchedule(Callback):
     """DropBlock's linear schedule (Ghiasi et al. 2018, section 3): before every step, each DropBlock2d in the
     model drops with target_prob * min(1, step / (ramp * total_steps)), from 0 up to its target.
@@ -122,6 +169,8 @@ def recipe_callbacks(recipe: Any, has_val: bool) -> list[Callback]:
         cbs.append(Lookahead(recipe.ema_decay, recipe.ema_every, recipe.ema_start_epochs, recipe.ema_pow))
     if recipe.whiten_init or recipe.whiten_bias_epochs > 0:
         cbs.append(WhitenBiasFreeze(recipe.whiten_bias_epochs))
+    if getattr(recipe, "freeze_stages", 0) > 0:
+        cbs.append(FreezeStages(recipe.freeze_stages))  # after WhitenBiasFreeze: frozen wins
     names = getattr(recipe, "callbacks", ())
     if getattr(recipe, "dropblock_prob", 0) > 0 and recipe.dropblock_schedule > 0 and "dropblock_schedule" not in names:
         cbs.append(DropBlockSchedule(recipe.dropblock_schedule))
