@@ -13,6 +13,7 @@ too large for memory is an error before any run folder exists.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import platform
@@ -30,6 +31,7 @@ from torch import nn
 
 from cifarlab import __version__
 from cifarlab.augment import make_augment
+from cifarlab.budget import MARGIN, BudgetPlan, TimeBudget, plan_budget, process_age
 from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, split_indices
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads
 from cifarlab.errors import UserError
@@ -104,6 +106,7 @@ class Plan:
     config: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     t_start: float = field(default_factory=time.perf_counter)
+    budget: BudgetPlan | None = None  # what --budget chose (widths, epochs, TTA) and its deadline
 
     @property
     def has_val(self) -> bool:
@@ -305,6 +308,7 @@ def _config(plan: Plan, command: str | None, model_given: bool) -> dict[str, Any
         "command": command or " ".join(sys.argv),
         "data_dir": str((plan.data_dir or default_data_dir()).resolve()),
         "deterministic": plan.deterministic,
+        "budget": plan.budget.to_dict() if plan.budget is not None else None,
         "init": plan.init.to_dict() if plan.init is not None else None,
     }
 
@@ -359,6 +363,59 @@ def loaders(plan: Plan) -> tuple[BatchLoader, BatchLoader | None]:
     return train_loader, val_loader
 
 
+
+def _new_net(plan: Plan, recipe: Recipe) -> nn.Module:
+    """A fresh model of `recipe` on the plan's device, initialised as `prepare` does (seed, whitening)."""
+    ds = plan.dataset
+    torch.manual_seed(recipe.seed)
+    net = build_model(recipe, len(ds.classes), ds.input_shape)
+    fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    net = net.to(plan.device).to(memory_format=fmt)  # type: ignore[call-overload]  # missing in torch's stubs
+    init_from_data = getattr(net, "init_from_data", None)
+    if recipe.whiten_init and callable(init_from_data):
+        g = torch.Generator().manual_seed(recipe.seed)
+        pick = plan.train_idx[torch.randperm(len(plan.train_idx), generator=g)[:5000]]
+        init_from_data(to_float(ds.x_train[pick], plan.mean, plan.std, plan.device))
+    return net
+
+
+def fit_budget(plan: Plan, seconds: float, model_given: bool = False) -> BudgetPlan:
+    """`--budget`: probe this machine, then change the plan's recipe (widths, epochs, TTA) and model so the run
+    ends, test accuracy included, `seconds` after the process started (`cifarlab.budget`)."""
+    if plan.resume_state is not None:
+        raise UserError("--budget cannot be combined with --resume: the resumed run keeps its own schedule")
+    if model_given or plan.init is not None:
+        raise UserError(
+            "--budget chooses the model's width, so it cannot be combined with a given model or --init; "
+            "set epochs instead"
+        )
+    base = plan.recipe
+
+    def build(r: Recipe) -> nn.Module:
+        torch.manual_seed(r.seed)
+        net = build_model(r, len(plan.dataset.classes), plan.dataset.input_shape).to(plan.device)
+        return net.to(memory_format=torch.channels_last) if r.channels_last else net  # type: ignore[call-overload]
+
+    def train_loader(r: Recipe) -> BatchLoader:
+        return loaders(dataclasses.replace(plan, recipe=r))[0]
+
+    spe = len(train_loader(base))
+    recipe, budget = plan_budget(
+        base,
+        seconds,
+        build=build,
+        loader=train_loader,
+        x_eval=plan.dataset.x_test[: min(len(plan.dataset.x_test), base.eval_batch_size)],
+        n_test=len(plan.dataset.y_test),
+        n_val=len(plan.val_idx),
+        steps_per_epoch=spe,
+        device=plan.device,
+    )
+    plan.recipe = recipe
+    plan.model = _new_net(plan, recipe)
+    plan.budget = budget
+    return budget
+
 def run_callbacks(
     plan: Plan, *, log: Log | None, progress: bool, tensorboard: bool = False, mlflow: bool | str = False
 ) -> list[Callback]:
@@ -381,6 +438,9 @@ def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, Se
     train_loader, val_loader = loaders(plan)
     clock = SessionClock()
     cbs = [*recipe_callbacks(plan.recipe, val_loader is not None), *callbacks, clock]
+    if plan.budget is not None:  # training ends when the time left is what the test evaluation needs
+        b = plan.budget
+        cbs.append(TimeBudget(b.budget_seconds * (1 - MARGIN) - b.predicted_eval_seconds, plan.device))
     trainer = Trainer(
         plan.model, plan.recipe, train_loader, val_loader, callbacks=cbs, device=plan.device, run_dir=plan.run_dir
     )
@@ -456,6 +516,16 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
     return RunResult(run_dir, metrics, "finished", logits)
 
 
+def _record_budget(plan: Plan, result: RunResult, say: Log) -> None:
+    """The budget against the time taken (process start to the saved test result), in metrics.json."""
+    assert plan.budget is not None and plan.run_dir is not None
+    taken = process_age()
+    plan.budget.taken_seconds = taken
+    result.metrics["budget"] = plan.budget.to_dict()
+    write_json(plan.run_dir / METRICS, result.metrics)
+    over = taken / plan.budget.budget_seconds - 1
+    say(f"budget {plan.budget.budget_seconds:g} s, taken {taken:.1f} s ({over:+.1%}) from process start to the result")
+
 def write_report(plan: Plan, result: RunResult, say: Log) -> str | None:
     """report.html/report.md. A failure (a full disk, say) is reported and returned; the run stays finished."""
     t0 = time.perf_counter()
@@ -492,6 +562,7 @@ def run_experiment(
     tensorboard: bool = False,
     mlflow: bool | str = False,
     init: Path | str | None = None,
+    budget: float | None = None,
 ) -> RunResult:
     """Train `recipe` (or resume the run in `resume`) and write everything into its run folder; `init` starts
     from a run folder's or a weights file's weights (`cifarlab.finetune`)."""
@@ -506,6 +577,8 @@ def run_experiment(
         model=model,
         init=init,
     )
+    if budget is not None:
+        fit_budget(plan, budget, model_given=model is not None)
     run_dir = open_run(plan, runs_root, command=command, model_given=model is not None)
     try:
         r = plan.recipe
@@ -518,6 +591,8 @@ def run_experiment(
             f"device {plan.device}, {plan.threads} threads"
         )
         say(f"precision: {precision_reason(r.precision, plan.device)}")
+        if plan.budget is not None:
+            say(plan.budget.describe())
         for line in plan.init.lines() if plan.init is not None else []:
             say(line)
         if r.freeze_stages or (plan.init is not None and r.pretrained_lr_scale != 1.0):
@@ -538,6 +613,8 @@ def run_experiment(
         result = finish(plan, fit, clock, say)
         if result.status != "finished":
             return result
+        if plan.budget is not None:
+            _record_budget(plan, result, say)
         report_error = write_report(plan, result, say) if report else None
         write_status(run_dir, "finished", **({"report_error": report_error} if report_error else {}))
         return result

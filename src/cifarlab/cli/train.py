@@ -39,6 +39,12 @@ def add_parser(sub: Any) -> None:
         "with weights_only); matching layers load, a new head when the classes differ, the first conv adapted to "
         "the input channels; see --set freeze_stages=N, pretrained_lr_scale=X",
     )
+    p.add_argument(
+        "--budget",
+        metavar="DURATION",
+        help="train the most accurate model that fits this wall-clock time from process start to test accuracy "
+        "(e.g. 60s, 2m, 1h): a short probe picks the width, epochs and TTA; the LR schedule ends when time is up",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--deterministic",
@@ -74,6 +80,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = config.recipe_from_args(args)  # validates everything before any data is touched
     elif getattr(args, "set", None) or getattr(args, "config", None):
         raise UserError("--resume continues a run with its saved config; --set/--config cannot change it")
+    budget = None
+    if args.budget is not None:
+        from cifarlab.budget import parse_duration
+
+        budget = parse_duration(args.budget)
+        if args.resume is not None:
+            raise UserError("--resume continues a run with its own schedule; --budget cannot be combined with it")
     if args.resume is not None and args.init is not None:
         raise UserError("--resume continues a run with the weights it had; --init cannot be combined with it")
     # Optional trackers are checked before any work, so a missing extra never leaves an empty run folder.
@@ -94,6 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         tensorboard=args.tensorboard,
         mlflow=args.mlflow,
         init=args.init,
+        budget=budget,
     )
     if args.quiet and result.status == "finished":
         print(f"{result.run_dir}: test accuracy {result.metrics['test_accuracy']:.4f}")

@@ -111,6 +111,19 @@ def _init_rows(init: Any, recipe: Any) -> list[list[str]]:
     return rows
 
 
+def _budget_rows(budget: Any) -> list[list[str]]:
+    """A `--budget` run shows the budget against the time taken, and what the probe chose (cifarlab.budget)."""
+    if not isinstance(budget, dict) or not budget.get("budget_seconds"):
+        return []
+    total, taken = float(budget["budget_seconds"]), budget.get("taken_seconds")
+    took = f"; taken {taken:.1f} s ({taken / total - 1:+.1%})" if isinstance(taken, (int, float)) else ""
+    chose = (
+        f"widths {budget.get('widths')} ({budget.get('scale', 1):g}x the recipe's), TTA {budget.get('tta')}: "
+        f"{budget.get('reason', '')}"
+    )
+    return [["time budget", f"{total:g} s from process start to the test result{took}"], ["budget chose", chose]]
+
+
 def summary_section(run: Any, ev: EvalResult, reading: list[str], timings: dict[str, Any]) -> Section:
     recipe, history, metrics = run.recipe, run.history, run.metrics
     split = ev.split_name
@@ -119,6 +132,7 @@ def summary_section(run: Any, ev: EvalResult, reading: list[str], timings: dict[
     rows = [
         ["recipe", recipe.name],
         *_init_rows(run.config.get("init"), recipe),
+        *_budget_rows(metrics.get("budget")),
         [f"{split} accuracy", pct(ev.accuracy, 2)],
         [f"{split} top-{ev.top_k} accuracy", pct(ev.top5, 2)],
         [f"{split} loss", f"{ev.loss:.4f}"],

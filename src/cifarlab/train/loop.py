@@ -133,6 +133,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.steps_per_epoch = len(train_loader)
         self.total_steps = recipe.epochs * self.steps_per_epoch
+        self.max_epochs = recipe.epochs  # a callback may change it (the time budget runs until its deadline)
 
     # -- what callbacks use --------------------------------------------------------------------------------
     def get_lr(self) -> float:
@@ -215,6 +216,8 @@ class Trainer:
             seen += n
             logs = {"step": self.step, "loss": loss.detach(), "size": n, "loss_sum": loss_sum, "correct": correct}
             self.callbacks.on_train_batch_end(i, {**logs, "seen": seen})
+            if self.stop_training:  # as in Keras, a callback may end training after any batch
+                break
         self.callbacks.on_validation_begin(epoch, {})
         # The LR column: the epoch's mean LR (constant within an epoch for the plateau schedule).
         return {"loss": loss_sum.item() / max(1, seen), "accuracy": correct.item() / max(1, seen), "lr": _mean_lr(lrs)}
@@ -241,9 +244,8 @@ class Trainer:
         if self.start_epoch == 0:
             self.callbacks.on_train_begin({})
         try:
-            for epoch in range(self.start_epoch, self.recipe.epochs):
-                if self.stop_training:
-                    break
+            epoch = self.start_epoch
+            while epoch < self.max_epochs and not self.stop_training:
                 self.callbacks.on_epoch_begin(epoch, {})
                 t0 = time.perf_counter()
                 logs: dict[str, Any] = dict(self.train_epoch(epoch))
@@ -252,6 +254,7 @@ class Trainer:
                 logs["events"] = []
                 self.train_seconds += logs["epoch_seconds"]
                 self.callbacks.on_epoch_end(epoch, logs)
+                epoch += 1
         except KeyboardInterrupt:
             status = "stopped"
             message = (

@@ -1,0 +1,361 @@
+"""Training to a wall-clock budget: `cifarlab train --budget 60s`.
+
+The budget covers the run from process start to the test accuracy: interpreter start and imports, data
+loading, the probe below, training and the final test evaluation. The report, written afterwards, is timed
+separately (`report_seconds` in metrics.json).
+
+1. **Probe.** A few real training steps (the recipe's loop, loader and augmentation) and one inference batch
+   are timed at the recipe's width and at one other width, on this machine, now. Step time is modelled as
+   `a + b * FLOPs` through those two points, which predicts every other width.
+2. **Plan.** Of the widths `WIDTH_SCALES` times the recipe's, the widest one that trains the recipe's epochs
+   in the time left after the predicted evaluation is chosen (a larger budget then buys more epochs at the
+   widest width). Test-time augmentation is reduced (flip_translate -> flip -> none) while evaluation would
+   take more than `EVAL_SHARE` of the budget.
+3. **Keep time.** The LR schedule of a step-indexed recipe (onecycle) runs over `trainer.total_steps`, which
+   the `TimeBudget` callback re-estimates from the measured step times as training goes. So the schedule
+   ends annealed when the time is up even if the machine slows down or speeds up mid-run, and training stops
+   at the deadline (mid-epoch if need be). Plateau schedules just stop at the deadline.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifarlab.errors import ConfigError
+from cifarlab.inference import predict_logits, recipe_options
+from cifarlab.train.callbacks import Callback
+
+__all__ = ["BudgetPlan", "TimeBudget", "parse_duration", "plan_budget", "process_age"]
+
+WIDTH_SCALES = (2.0, 1.5, 1.0, 0.75, 0.5, 0.375, 0.25)
+EVAL_SHARE = 0.1  # the most of the budget the final evaluation may take before TTA views are dropped
+MARGIN = 0.015  # of the budget, kept free for the epoch-end work that is not timed (history, weights file)
+MIN_BUDGET = 5.0
+_TTA_FALLBACK = {"flip_translate": "flip", "flip": "none"}
+_TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}
+_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0, "m": 60.0, "min": 60.0}
+_UNITS |= {"mins": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0, "hour": 3600.0}
+_UNITS |= {"hours": 3600.0}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*")
+_IMPORTED = time.perf_counter()
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in '90', '90s', '2m', '1.5min', '1h30m', '10 minutes'."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        s = text.strip().lower()
+        pos, seconds = 0, 0.0
+        for m in _PART.finditer(s):
+            if m.start() != pos or m.group(2) not in _UNITS:
+                break
+            seconds += float(m.group(1)) * _UNITS[m.group(2)]
+            pos = m.end()
+        if not s or pos != len(s):
+            raise ConfigError(f"--budget {text!r} is not a duration; write e.g. 90s, 2m, 1.5min, 1h30m or 600")
+    if not math.isfinite(seconds) or seconds < MIN_BUDGET:
+        raise ConfigError(f"--budget {text!r}: give at least {MIN_BUDGET:g} s (the run has to start and evaluate)")
+    return seconds
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc on Linux; elsewhere since cifarlab.budget was imported)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def scaled_widths(widths: tuple[int, ...], scale: float) -> tuple[int, ...]:
+    """Channel counts times `scale`, rounded to multiples of 8 (at least 8): what vector units like."""
+    return tuple(max(8, int(round(w * scale / 8)) * 8) for w in widths)
+
+
+@dataclass
+class Probe:
+    scale: float
+    widths: tuple[int, ...]
+    flops_per_image: float  # one training step (forward + backward) per image
+    step_seconds: float | None = None  # measured; None where predicted from the two probes
+    eval_seconds_per_image: float | None = None  # one inference view, measured on one batch
+
+
+@dataclass
+class BudgetPlan:
+    """What the budget chose and why; stored in config.json and metrics.json, shown in the report."""
+
+    budget_seconds: float
+    planned_at: float  # process age when the plan was made (start-up, data loading and the probe)
+    probe_seconds: float
+    widths: tuple[int, ...]
+    scale: float
+    epochs: int
+    tta: str
+    predicted_step_seconds: float
+    predicted_train_seconds: float
+    predicted_eval_seconds: float
+    steps_per_epoch: int
+    probes: list[Probe] = field(default_factory=list)
+    reason: str = ""
+    taken_seconds: float | None = None  # process start to test accuracy, filled in at the end
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    def describe(self) -> str:
+        return (
+            f"budget {self.budget_seconds:g} s: widths {list(self.widths)} ({self.scale:g}x the recipe's), "
+            f"~{self.predicted_train_seconds / max(self.predicted_step_seconds * self.steps_per_epoch, 1e-9):.1f} "
+            f"epochs ({self.predicted_step_seconds * 1000:.0f} ms/step), TTA {self.tta}; "
+            f"{self.planned_at:.1f} s used before training (start-up, data, {self.probe_seconds:.1f} s probe), "
+            f"~{self.predicted_train_seconds:.0f} s to train, ~{self.predicted_eval_seconds:.1f} s to evaluate"
+        )
+
+
+class _StepTimes(Callback):
+    """Probe helper: timestamps after each step; stops the epoch after `steps` steps."""
+
+    def __init__(self, steps: int, device: torch.device) -> None:
+        self.steps, self.device, self.times = steps, device, [time.perf_counter()]
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        if len(self.times) > self.steps:
+            self.trainer.stop_training = True
+
+
+def _train_flops(model: nn.Module, input_shape: tuple[int, int, int], device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, *input_shape, device=device)
+    with FlopCounterMode(display=False) as fc:
+        model(x).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / 2
+
+
+def _probe(
+    recipe: Any,
+    scale: float,
+    build: Callable[[Any], nn.Module],
+    loader: Callable[[Any], Any],
+    x_eval: torch.Tensor,
+    device: torch.device,
+    steps: int,
+) -> Probe:
+    from cifarlab.train.loop import Trainer
+
+    r = recipe.replace(widths=scaled_widths(recipe.widths, scale))
+    model = build(r)
+    flops = _train_flops(model, tuple(x_eval.shape[1:]), device)  # type: ignore[arg-type]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    timer = _StepTimes(steps + 1, device)  # the first step warms up (allocator, kernels): not counted
+    trainer = Trainer(model, r, loader(r), None, callbacks=[timer], device=device)
+    trainer.train_epoch(0)
+    step = (timer.times[-1] - timer.times[1]) / max(1, len(timer.times) - 2)
+    model.load_state_dict(state)  # BN statistics moved during the probe; inference timing does not care
+    opts = {**recipe_options(r), "tta": "none"}
+    predict_logits(model, x_eval[:8], device=device, **opts)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    predict_logits(model, x_eval, device=device, **opts)
+    _sync(device)
+    per_image = (time.perf_counter() - t0) / len(x_eval)
+    return Probe(scale, r.widths, flops, step, per_image)
+
+
+def _line(p1: Probe, p2: Probe) -> tuple[float, float]:
+    """(a, b) of step_seconds = a + b * flops through two probes (b >= 0, a >= 0)."""
+    assert p1.step_seconds is not None and p2.step_seconds is not None
+    if abs(p1.flops_per_image - p2.flops_per_image) < 1e-6 * p1.flops_per_image:
+        return 0.0, p1.step_seconds / p1.flops_per_image
+    b = (p1.step_seconds - p2.step_seconds) / (p1.flops_per_image - p2.flops_per_image)
+    if b <= 0:  # overhead-bound (a GPU with a small net): width costs nothing measurable
+        return min(p1.step_seconds, p2.step_seconds), 0.0
+    a = max(0.0, p1.step_seconds - b * p1.flops_per_image)
+    return a, b
+
+
+@dataclass
+class _Option:
+    probe: Probe
+    step: float
+    tta: str
+    eval_seconds: float
+    train_seconds: float
+    epochs: float
+
+
+def _options(
+    probes: list[Probe], a: float, b: float, eval_per_flop: float, recipe: Any, budget: float, now: float, n: dict
+) -> list[_Option]:
+    """What each width would get from the budget, widest first, under step time `a + b * flops`."""
+    out = []
+    for p in probes:
+        step = p.step_seconds if p.step_seconds is not None else a + b * p.flops_per_image
+        per_img = (
+            p.eval_seconds_per_image if p.eval_seconds_per_image is not None else eval_per_flop * p.flops_per_image
+        )
+        tta = recipe.tta
+        while _TTA_VIEWS[tta] * per_img * n["test"] > EVAL_SHARE * budget and tta in _TTA_FALLBACK:
+            tta = _TTA_FALLBACK[tta]
+        eval_s = _TTA_VIEWS[tta] * per_img * n["test"]
+        left = budget * (1 - MARGIN) - now - eval_s
+        per_epoch = step * n["steps"] + per_img * n["val"]
+        out.append(_Option(p, step, tta, eval_s, left, left / per_epoch if left > 0 else 0.0))
+    return out
+
+
+def _choose(options: list[_Option], epochs: int) -> _Option:
+    """The widest net that trains the recipe's epochs; else the narrowest (it trains the most epochs)."""
+    return next((o for o in options if o.epochs >= epochs), options[-1])
+
+
+def plan_budget(
+    recipe: Any,
+    budget_seconds: float,
+    *,
+    build: Callable[[Any], nn.Module],
+    loader: Callable[[Any], Any],
+    x_eval: torch.Tensor,
+    n_test: int,
+    n_val: int,
+    steps_per_epoch: int,
+    device: torch.device,
+    probe_steps: int = 2,
+) -> tuple[Any, BudgetPlan]:
+    """Probe, then choose widths, epochs and TTA for `budget_seconds` from process start; returns
+    (the recipe to train, the plan). `build(recipe)` makes a model on the device; `loader(recipe)` the training
+    BatchLoader; `x_eval` is one batch of evaluation images (uint8) to time inference on."""
+    t0 = time.perf_counter()
+    shape = tuple(x_eval.shape[1:])
+    probes = []
+    for scale in WIDTH_SCALES:  # FLOPs of every width: cheap (two images), and what the time model scales by
+        r = recipe.replace(widths=scaled_widths(recipe.widths, scale))
+        probes.append(Probe(scale, r.widths, _train_flops(build(r), shape, device)))  # type: ignore[arg-type]
+    n = {"test": n_test, "val": n_val, "steps": steps_per_epoch}
+
+    def measure(scale: float) -> Probe:
+        i = WIDTH_SCALES.index(scale)
+        measured = _probe(recipe, scale, build, loader, x_eval, device, probe_steps)
+        probes[i] = measured
+        return measured
+
+    base = measure(1.0)
+    per_flop = base.step_seconds / base.flops_per_image  # type: ignore[operator]
+    eval_per_flop = base.eval_seconds_per_image / base.flops_per_image  # type: ignore[operator]
+    # Second probe: the width a compute-bound guess would choose (or half width), to fit `a + b * flops`.
+    guess = _choose(_options(probes, 0.0, per_flop, eval_per_flop, recipe, budget_seconds, process_age(), n), 1)
+    second = measure(guess.probe.scale if guess.probe.scale != 1.0 else 0.5)
+    a, b = _line(base, second)
+    probe_seconds = time.perf_counter() - t0
+    now = process_age()
+    options = _options(probes, a, b, eval_per_flop, recipe, budget_seconds, now, n)
+    o = _choose(options, recipe.epochs)
+    if o.epochs >= recipe.epochs:
+        reason = f"the widest net that trains the recipe's {recipe.epochs} epochs in the time left"
+        if o is options[0]:
+            reason += f"; the time beyond that buys {o.epochs:.1f} epochs"
+    else:
+        reason = f"even the narrowest net trains only {o.epochs:.2f} of the recipe's {recipe.epochs} epochs"
+        if o.epochs * steps_per_epoch < 1:
+            raise ConfigError(
+                f"a budget of {budget_seconds:g} s leaves no time to train on this machine: {now:.1f} s went to "
+                f"start-up, data loading and the probe, and evaluating takes ~{o.eval_seconds:.1f} s; give a "
+                "larger --budget"
+            )
+    chosen = recipe.replace(widths=o.probe.widths, epochs=max(1, math.ceil(o.epochs)), tta=o.tta)
+    plan = BudgetPlan(
+        budget_seconds=budget_seconds,
+        planned_at=now,
+        probe_seconds=probe_seconds,
+        widths=o.probe.widths,
+        scale=o.probe.scale,
+        epochs=chosen.epochs,
+        tta=o.tta,
+        predicted_step_seconds=o.step,
+        predicted_train_seconds=max(0.0, o.train_seconds),
+        predicted_eval_seconds=o.eval_seconds,
+        steps_per_epoch=steps_per_epoch,
+        probes=probes,
+        reason=reason,
+    )
+    return chosen, plan
+
+
+class TimeBudget(Callback):
+    """Ends training at `deadline` (process age in seconds), re-estimating `trainer.total_steps` from the measured
+    step times so a step-indexed LR schedule finishes annealed just then."""
+
+    order = 5  # before the schedules read total_steps at the next step
+    state_required = False
+
+    def __init__(self, deadline: float, device: torch.device | str = "cpu", window: int = 30) -> None:
+        self.deadline = deadline
+        self.device = torch.device(device)
+        self.check_every = 1 if self.device.type == "cpu" else 10  # a GPU is timed only after a sync
+        self.stamps: deque[tuple[int, float]] = deque(maxlen=window)
+        self.epoch_overhead = 0.0  # validation + epoch-end work, measured
+        self._epoch_end_t: float | None = None
+        self.stopped_at_step: int | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.trainer.max_epochs = 10**9  # the deadline ends training, not the recipe's epoch count
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self._epoch_end_t is not None:
+            self.epoch_overhead = max(self.epoch_overhead, time.perf_counter() - self._epoch_end_t)
+        self.stamps.clear()  # the step after an epoch boundary includes a new permutation: start afresh
+
+    def on_validation_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_end_t = time.perf_counter()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        t = self.trainer
+        if t.step % self.check_every:
+            return
+        _sync(self.device)
+        self.stamps.append((t.step, time.perf_counter()))
+        left = self.deadline - process_age() - self.epoch_overhead  # the last epoch's end still has to run
+        if left <= 0 or len(self.stamps) < 2:
+            if left <= 0:
+                self._stop(t)
+            return
+        (s0, t0), (s1, t1) = self.stamps[0], self.stamps[-1]
+        per_step = (t1 - t0) / (s1 - s0)
+        steps_left = int(left / per_step)
+        # every further epoch boundary costs a validation pass and the epoch-end work again
+        boundaries = (t.step % t.steps_per_epoch + steps_left) // t.steps_per_epoch
+        steps_left = int((left - boundaries * self.epoch_overhead) / per_step)
+        if steps_left <= 0:
+            self._stop(t)
+        else:
+            t.total_steps = t.step + steps_left
+
+    def _stop(self, t: Any) -> None:
+        t.total_steps = t.step
+        t.stop_training = True
+        self.stopped_at_step = t.step

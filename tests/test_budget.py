@@ -1,0 +1,152 @@
+"""`--budget`: duration parsing, the width/TTA choice, the deadline keeper, and a whole budgeted run."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from _synth import make_dataset
+from cifarlab import cli
+from cifarlab.budget import Probe, TimeBudget, _choose, _options, parse_duration, process_age, scaled_widths
+from cifarlab.data import BatchLoader
+from cifarlab.errors import ConfigError
+from cifarlab.experiment import run_experiment
+from cifarlab.recipes import get_recipe
+from cifarlab.train import Trainer, recipe_callbacks
+from cifarlab.train.callbacks import Callback
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("2m", 120), ("1.5min", 90), ("1h30m", 5400), ("1m30", 90), ("10 minutes", 600)],
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "10x", "5s5x", "-5s", "2", "nan"])
+def test_bad_durations_are_refused_with_examples(text):
+    with pytest.raises(ConfigError, match="--budget"):
+        parse_duration(text)
+
+
+def test_cli_refuses_a_bad_budget_before_any_work(tmp_path, capsys):
+    assert cli.main(["train", "--budget", "soon", "--runs-dir", str(tmp_path)]) == 2
+    assert "not a duration" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_process_age_counts_from_process_start():
+    age = process_age()
+    assert 0 < age < 24 * 3600
+    time.sleep(0.05)
+    assert process_age() >= age  # /proc/uptime ticks in 10 ms steps
+
+
+def test_scaled_widths_round_to_multiples_of_eight():
+    assert scaled_widths((32, 64, 128), 0.375) == (16, 24, 48)
+    assert scaled_widths((32, 64, 128), 0.1) == (8, 8, 16)
+    assert scaled_widths((64, 256, 256), 2.0) == (128, 512, 512)
+
+
+def _probes(step_1x: float) -> list[Probe]:
+    """Measured-like probes where step time is proportional to FLOPs (2x width ~ 4x FLOPs)."""
+    out = []
+    for scale in (2.0, 1.0, 0.5, 0.25):
+        flops = 1e8 * scale**2
+        out.append(Probe(scale, (8,), flops, step_1x * scale**2, 1e-3 * scale**2))
+    return out
+
+
+def test_choice_narrows_and_drops_tta_as_the_budget_shrinks():
+    recipe = get_recipe("fast")  # 3 epochs, flip_translate TTA (6 views)
+    n = {"test": 10_000, "val": 0, "steps": 100}
+    picks = {}
+    for budget in (30, 60, 120, 600, 3600):
+        o = _choose(_options(_probes(2.0), 0, 0, 0, recipe, budget, now=5.0, n=n), recipe.epochs)
+        picks[budget] = o
+        assert o.train_seconds + o.eval_seconds == pytest.approx(budget * (1 - 0.015) - 5.0)
+        assert o.eval_seconds <= 0.1 * budget or o.tta == "none"
+    scales = [picks[b].probe.scale for b in sorted(picks)]
+    assert scales == sorted(scales)  # a larger budget never gets a narrower net
+    assert picks[30].probe.scale == 0.25 and picks[30].epochs < 3  # even the narrowest is short of 3 epochs
+    assert picks[30].tta == "flip"  # 6 views would take 3.75 s of a 30 s budget; 2 views 1.25 s
+    assert picks[600].probe.scale == 0.5 and picks[600].epochs >= 3  # 1x would train only 2.6 epochs
+    assert picks[3600].probe.scale == 2.0 and picks[3600].epochs > 3  # widest, and more epochs with the rest
+    assert picks[3600].tta == "flip_translate"
+
+
+class Slow(nn.Module):
+    """A tiny model whose steps take a known time, so the deadline keeper can be checked against the clock."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.fc = nn.Linear(3 * 32 * 32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            time.sleep(self.seconds)
+        return self.fc(x.flatten(1))
+
+
+def test_time_budget_ends_training_at_the_deadline_with_the_schedule_annealed(one_thread):
+    ds = make_dataset(16, 4)  # 64 images, batch 8: 8 steps per epoch
+    recipe = get_recipe("fast").replace(model="reference_cnn", epochs=2, batch_size=8, ema_decay=0.0, whiten_init=False)
+    recipe = recipe.replace(whiten_bias_epochs=0.0)
+    loader = BatchLoader(ds.x_train, ds.y_train, 8, shuffle=True, drop_last=True)
+    Trainer(Slow(0.0), recipe, loader).fit()  # warm up: a fresh process's first steps can take seconds
+    keeper = TimeBudget(deadline=process_age() + 1.5)
+    lrs: list[float] = []
+
+    class LR(Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            lrs.append(self.trainer.get_lr())
+
+    trainer = Trainer(Slow(0.02), recipe, loader, callbacks=[*recipe_callbacks(recipe, False), keeper, LR()])
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    took = time.perf_counter() - t0
+    assert result.status == "finished"
+    # 2 planned epochs are 16 steps (~0.35 s); the deadline keeps it going to ~1.5 s, i.e. many more epochs
+    assert 1.2 < took < 3.0, took
+    assert len(result.history) > 2 and trainer.step == trainer.total_steps == keeper.stopped_at_step
+    # onecycle ends near its final LR fraction: the schedule ran over the re-estimated step count
+    peak = max(lrs)
+    assert lrs[-1] < 0.25 * peak
+    assert lrs.index(peak) < len(lrs) // 2
+
+
+def test_a_budgeted_run_finishes_within_its_budget(tmp_path, monkeypatch, one_thread):
+    t0 = time.perf_counter()
+    # The test process started long ago: count the "process" from here, as a fresh `cifarlab train` would.
+    monkeypatch.setattr("cifarlab.budget.process_age", lambda: time.perf_counter() - t0)
+    monkeypatch.setattr("cifarlab.experiment.process_age", lambda: time.perf_counter() - t0)
+    monkeypatch.setattr("cifarlab.experiment.set_threads", lambda: 1)
+    ds = make_dataset(48, 8)
+    recipe = get_recipe("fast").replace(batch_size=32)
+    budget = 12.0
+    res = run_experiment(recipe, dataset=ds, runs_root=tmp_path, budget=budget, quiet=True, report=False)
+    assert res.status == "finished"
+    b = res.metrics["budget"]
+    assert b["budget_seconds"] == budget
+    assert 0.7 * budget < b["taken_seconds"] < 1.1 * budget, b
+    assert b["scale"] in (2.0, 1.5, 1.0, 0.75, 0.5, 0.375, 0.25)
+    measured = [p["scale"] for p in b["probes"] if p["step_seconds"] is not None]
+    assert len(measured) == 2 and 1.0 in measured  # the recipe's own width and one other
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    assert cfg["recipe"]["widths"] == b["widths"] and cfg["budget"]["scale"] == b["scale"]  # the run is what it planned
+
+
+def test_budget_refuses_resume_and_a_too_small_budget(tmp_path, monkeypatch, one_thread):
+    assert cli.main(["train", "--budget", "60s", "--resume", str(tmp_path)]) == 2
+    monkeypatch.setattr("cifarlab.budget.process_age", lambda: 100.0)  # as if start-up had eaten the budget
+    with pytest.raises(ConfigError, match="no time to train"):
+        run_experiment(
+            get_recipe("fast").replace(batch_size=32), dataset=make_dataset(48, 8), runs_root=tmp_path, budget=30.0
+        )
+    assert not any(tmp_path.iterdir())  # nothing written
