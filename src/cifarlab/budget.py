@@ -6,7 +6,8 @@ separately (`report_seconds` in metrics.json).
 
 1. **Probe.** A few real training steps (the recipe's loop, loader and augmentation) and one inference batch
    are timed at the recipe's width and at one other width, on this machine, now. Step time is modelled as
-   `a + b * FLOPs` through those two points, which predicts every other width.
+   `a + b * scale**2` through those two points (a conv's work grows with the product of its in and out
+   channels; `a` is the per-step overhead that does not), which predicts every other width.
 2. **Plan.** Of the widths `WIDTH_SCALES` times the recipe's, the widest one that trains the recipe's epochs
    in the time left after the predicted evaluation is chosen (a larger budget then buys more epochs at the
    widest width). Test-time augmentation is reduced (flip_translate -> flip -> none) while evaluation would
@@ -95,7 +96,7 @@ def scaled_widths(widths: tuple[int, ...], scale: float) -> tuple[int, ...]:
 class Probe:
     scale: float
     widths: tuple[int, ...]
-    flops_per_image: float  # one training step (forward + backward) per image
+    cost: float  # scale**2: a conv net's work per image relative to the recipe's width
     step_seconds: float | None = None  # measured; None where predicted from the two probes
     eval_seconds_per_image: float | None = None  # one inference view, measured on one batch
 
@@ -147,16 +148,6 @@ class _StepTimes(Callback):
             self.trainer.stop_training = True
 
 
-def _train_flops(model: nn.Module, input_shape: tuple[int, int, int], device: torch.device) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.randn(2, *input_shape, device=device)
-    with FlopCounterMode(display=False) as fc:
-        model(x).float().sum().backward()
-    model.zero_grad(set_to_none=True)
-    return fc.get_total_flops() / 2
-
-
 def _probe(
     recipe: Any,
     scale: float,
@@ -170,13 +161,10 @@ def _probe(
 
     r = recipe.replace(widths=scaled_widths(recipe.widths, scale))
     model = build(r)
-    flops = _train_flops(model, tuple(x_eval.shape[1:]), device)  # type: ignore[arg-type]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
     timer = _StepTimes(steps + 1, device)  # the first step warms up (allocator, kernels): not counted
     trainer = Trainer(model, r, loader(r), None, callbacks=[timer], device=device)
     trainer.train_epoch(0)
     step = (timer.times[-1] - timer.times[1]) / max(1, len(timer.times) - 2)
-    model.load_state_dict(state)  # BN statistics moved during the probe; inference timing does not care
     opts = {**recipe_options(r), "tta": "none"}
     predict_logits(model, x_eval[:8], device=device, **opts)  # warm-up
     _sync(device)
@@ -184,18 +172,18 @@ def _probe(
     predict_logits(model, x_eval, device=device, **opts)
     _sync(device)
     per_image = (time.perf_counter() - t0) / len(x_eval)
-    return Probe(scale, r.widths, flops, step, per_image)
+    return Probe(scale, r.widths, scale**2, step, per_image)
 
 
 def _line(p1: Probe, p2: Probe) -> tuple[float, float]:
-    """(a, b) of step_seconds = a + b * flops through two probes (b >= 0, a >= 0)."""
+    """(a, b) of step_seconds = a + b * cost through two probes (b >= 0, a >= 0)."""
     assert p1.step_seconds is not None and p2.step_seconds is not None
-    if abs(p1.flops_per_image - p2.flops_per_image) < 1e-6 * p1.flops_per_image:
-        return 0.0, p1.step_seconds / p1.flops_per_image
-    b = (p1.step_seconds - p2.step_seconds) / (p1.flops_per_image - p2.flops_per_image)
+    if abs(p1.cost - p2.cost) < 1e-9:
+        return 0.0, p1.step_seconds / p1.cost
+    b = (p1.step_seconds - p2.step_seconds) / (p1.cost - p2.cost)
     if b <= 0:  # overhead-bound (a GPU with a small net): width costs nothing measurable
         return min(p1.step_seconds, p2.step_seconds), 0.0
-    a = max(0.0, p1.step_seconds - b * p1.flops_per_image)
+    a = max(0.0, p1.step_seconds - b * p1.cost)
     return a, b
 
 
@@ -210,14 +198,17 @@ class _Option:
 
 
 def _options(
-    probes: list[Probe], a: float, b: float, eval_per_flop: float, recipe: Any, budget: float, now: float, n: dict
+    probes: list[Probe], a: float, b: float, eval_1x: float, recipe: Any, budget: float, now: float, n: dict
 ) -> list[_Option]:
-    """What each width would get from the budget, widest first, under step time `a + b * flops`."""
+    """What each width would get from the budget, widest first, under step time `a + b * cost`; inference time
+    scales like the step time (`eval_1x` seconds per image at the recipe's width)."""
     out = []
     for p in probes:
-        step = p.step_seconds if p.step_seconds is not None else a + b * p.flops_per_image
+        step = p.step_seconds if p.step_seconds is not None else a + b * p.cost
         per_img = (
-            p.eval_seconds_per_image if p.eval_seconds_per_image is not None else eval_per_flop * p.flops_per_image
+            p.eval_seconds_per_image
+            if p.eval_seconds_per_image is not None
+            else eval_1x * (a + b * p.cost) / max(a + b, 1e-12)
         )
         tta = recipe.tta
         while _TTA_VIEWS[tta] * per_img * n["test"] > EVAL_SHARE * budget and tta in _TTA_FALLBACK:
@@ -251,11 +242,9 @@ def plan_budget(
     (the recipe to train, the plan). `build(recipe)` makes a model on the device; `loader(recipe)` the training
     BatchLoader; `x_eval` is one batch of evaluation images (uint8) to time inference on."""
     t0 = time.perf_counter()
-    shape = tuple(x_eval.shape[1:])
     probes = []
-    for scale in WIDTH_SCALES:  # FLOPs of every width: cheap (two images), and what the time model scales by
-        r = recipe.replace(widths=scaled_widths(recipe.widths, scale))
-        probes.append(Probe(scale, r.widths, _train_flops(build(r), shape, device)))  # type: ignore[arg-type]
+    for scale in WIDTH_SCALES:
+        probes.append(Probe(scale, scaled_widths(recipe.widths, scale), scale**2))
     n = {"test": n_test, "val": n_val, "steps": steps_per_epoch}
 
     def measure(scale: float) -> Probe:
@@ -265,15 +254,15 @@ def plan_budget(
         return measured
 
     base = measure(1.0)
-    per_flop = base.step_seconds / base.flops_per_image  # type: ignore[operator]
-    eval_per_flop = base.eval_seconds_per_image / base.flops_per_image  # type: ignore[operator]
-    # Second probe: the width a compute-bound guess would choose (or half width), to fit `a + b * flops`.
-    guess = _choose(_options(probes, 0.0, per_flop, eval_per_flop, recipe, budget_seconds, process_age(), n), 1)
+    assert base.step_seconds is not None and base.eval_seconds_per_image is not None
+    eval_1x = base.eval_seconds_per_image
+    # Second probe: the width a compute-bound guess would choose (or half width), to fit `a + b * cost`.
+    guess = _choose(_options(probes, 0.0, base.step_seconds, eval_1x, recipe, budget_seconds, process_age(), n), 1)
     second = measure(guess.probe.scale if guess.probe.scale != 1.0 else 0.5)
     a, b = _line(base, second)
     probe_seconds = time.perf_counter() - t0
     now = process_age()
-    options = _options(probes, a, b, eval_per_flop, recipe, budget_seconds, now, n)
+    options = _options(probes, a, b, eval_1x, recipe, budget_seconds, now, n)
     o = _choose(options, recipe.epochs)
     if o.epochs >= recipe.epochs:
         reason = f"the widest net that trains the recipe's {recipe.epochs} epochs in the time left"

@@ -363,7 +363,6 @@ def loaders(plan: Plan) -> tuple[BatchLoader, BatchLoader | None]:
     return train_loader, val_loader
 
 
-
 def _new_net(plan: Plan, recipe: Recipe) -> nn.Module:
     """A fresh model of `recipe` on the plan's device, initialised as `prepare` does (seed, whitening)."""
     ds = plan.dataset
@@ -405,7 +404,7 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False) -> BudgetP
         seconds,
         build=build,
         loader=train_loader,
-        x_eval=plan.dataset.x_test[: min(len(plan.dataset.x_test), base.eval_batch_size)],
+        x_eval=plan.dataset.x_test[: min(len(plan.dataset.x_test), base.eval_batch_size, 256)],
         n_test=len(plan.dataset.y_test),
         n_val=len(plan.val_idx),
         steps_per_epoch=spe,
@@ -415,6 +414,7 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False) -> BudgetP
     plan.model = _new_net(plan, recipe)
     plan.budget = budget
     return budget
+
 
 def run_callbacks(
     plan: Plan, *, log: Log | None, progress: bool, tensorboard: bool = False, mlflow: bool | str = False
@@ -525,6 +525,7 @@ def _record_budget(plan: Plan, result: RunResult, say: Log) -> None:
     write_json(plan.run_dir / METRICS, result.metrics)
     over = taken / plan.budget.budget_seconds - 1
     say(f"budget {plan.budget.budget_seconds:g} s, taken {taken:.1f} s ({over:+.1%}) from process start to the result")
+
 
 def write_report(plan: Plan, result: RunResult, say: Log) -> str | None:
     """report.html/report.md. A failure (a full disk, say) is reported and returned; the run stays finished."""
