@@ -277,19 +277,13 @@ def validate(r: Recipe, check_paths: bool = True) -> Recipe:
         raise ConfigError("compile=true is not supported yet; leave compile=false")
     if not _NAME_RE.match(r.name):
         raise ConfigError(f"name={r.name!r} is not valid: use letters, digits, '-', '_' and '.' (no '/')")
-    if r.model == "reference_cnn" and len(r.dropout) not in (0, 2):
-        # ReferenceCNN drops dropout unless it gets exactly two rates.
-        raise ConfigError(
-            f"dropout={r.dropout!r}: the reference_cnn takes two rates (before the dense layer, after it), "
-            "e.g. 0.4,0.3, or () for none"
-        )
-    if r.model in ("preact_resnet18", "wrn", "efficientnet_b0") and len(r.dropout) > 1:
-        where = "between its convs" if r.model == "wrn" else "before its classifier"
-        raise ConfigError(f"dropout={r.dropout!r}: {r.model} takes one rate ({where}) or none, e.g. dropout=0.2")
-    if r.model == "wrn" and (r.depth - 4) % 6:
-        raise ConfigError(f"depth={r.depth}: a Wide-ResNet has 6n + 4 layers (10, 16, 22, 28, 40, ...)")
-    if r.model == "timm" and not r.timm_name:
-        raise ConfigError("model=timm needs timm_name, the timm model to build, e.g. timm_name=resnet18")
+    for f in fields(r):  # the rules of the registered pieces the recipe names, kept in their own files
+        reg = f.metadata.get("choices")
+        value = getattr(r, f.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            entry = reg.get(item) if reg is not None else None
+            if entry is not None and entry.check is not None:
+                entry.check(r)
     if r.val_fraction == 0 and r.monitor.startswith("val_") and r.early_stopping_patience > 0:
         raise ConfigError(
             f"val_fraction=0 leaves no validation set, but early stopping monitors {r.monitor!r}; "

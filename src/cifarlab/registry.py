@@ -29,6 +29,7 @@ class Entry(Generic[F]):
     name: str
     fn: F
     description: str
+    check: Callable[[Any], None] | None = None  # recipe rules of this entry (raise ConfigError), run by validate
 
 
 class Registry(Generic[F]):
@@ -39,16 +40,25 @@ class Registry(Generic[F]):
         self.recipe_key = recipe_key  # the Recipe field whose value names an entry
         self._entries: dict[str, Entry[F]] = {}
 
-    def register(self, name: str | None = None, *, description: str = "", replace: bool = False) -> Callable[[F], F]:
+    def register(
+        self,
+        name: str | None = None,
+        *,
+        description: str = "",
+        replace: bool = False,
+        check: Callable[[Any], None] | None = None,
+    ) -> Callable[[F], F]:
         """Decorator: register `fn` under `name` (default: its __name__). The description (default: the first
-        line of its docstring) is what the report and `cifarlab config` show."""
+        line of its docstring) is what the report and `cifarlab config` show. `check(recipe)`, if given, raises
+        a ConfigError for recipe values this entry cannot take; `recipes.validate` runs it whenever the recipe
+        names this entry, so the rules of a model live in the model's file."""
 
         def deco(fn: F) -> F:
             key = name or fn.__name__
             if key in self._entries and not replace:
                 raise ValueError(f"{self.kind} {key!r} is already registered (pass replace=True to override it)")
             doc = (fn.__doc__ or "").strip().splitlines()
-            self._entries[key] = Entry(key, fn, description or (doc[0] if doc else key))
+            self._entries[key] = Entry(key, fn, description or (doc[0] if doc else key), check)
             return fn
 
         return deco

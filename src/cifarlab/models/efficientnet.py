@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab.errors import ConfigError
 from cifarlab.models.dropblock import DropPath, dropblock_layer
 from cifarlab.registry import MODELS
 
@@ -199,7 +200,14 @@ class EfficientNet(nn.Module):
         return self.fc(x)
 
 
-@MODELS.register("efficientnet_b0")
+def _check(r: Any) -> None:
+    if len(r.dropout) > 1:
+        raise ConfigError(
+            f"dropout={r.dropout!r}: efficientnet_b0 takes one rate (before its classifier) or none, e.g. dropout=0.2"
+        )
+
+
+@MODELS.register("efficientnet_b0", check=_check)
 def efficientnet_b0(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> EfficientNet:
     """EfficientNet-B0 for 32x32: MBConv + squeeze-excitation + SiLU, stride-1 stem and second stage (8x overall)."""
     return EfficientNet(

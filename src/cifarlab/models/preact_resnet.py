@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab.errors import ConfigError
 from cifarlab.models.dropblock import DropPath, dropblock_layer
 from cifarlab.registry import MODELS
 
@@ -179,7 +180,14 @@ def _one_dropout(recipe: Any) -> float:
     return recipe.dropout[0] if recipe.dropout else 0.0
 
 
-@MODELS.register("preact_resnet18")
+def _check(r: Any) -> None:
+    if len(r.dropout) > 1:
+        raise ConfigError(
+            f"dropout={r.dropout!r}: preact_resnet18 takes one rate (before its classifier) or none, e.g. dropout=0.2"
+        )
+
+
+@MODELS.register("preact_resnet18", check=_check)
 def preact_resnet18(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> PreActResNet:
     """Pre-activation ResNet-18 for 32x32: 3x3 stem, no max pool, 4 stages x 2 basic blocks (64-512 x width_factor)."""
     widths = tuple(scaled(w, recipe.width_factor) for w in (64, 128, 256, 512))

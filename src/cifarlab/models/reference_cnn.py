@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifarlab.errors import ConfigError
 from cifarlab.models.dropblock import dropblock_layer
 from cifarlab.registry import MODELS
 
@@ -92,7 +93,15 @@ class ReferenceCNN(nn.Module):
         return self.head(self.features(x))
 
 
-@MODELS.register("reference_cnn")
+def _check(r: Any) -> None:
+    if len(r.dropout) not in (0, 2):  # the model drops dropout unless it gets exactly two rates
+        raise ConfigError(
+            f"dropout={r.dropout!r}: the reference_cnn takes two rates (before the dense layer, after it), "
+            "e.g. 0.4,0.3, or () for none"
+        )
+
+
+@MODELS.register("reference_cnn", check=_check)
 def reference_cnn(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> ReferenceCNN:
     """The talk's Keras CNN: three conv-ReLU-BN-pool blocks, dropout, Dense 256-BN, dropout, Dense."""
     return ReferenceCNN(

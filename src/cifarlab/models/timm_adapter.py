@@ -50,7 +50,12 @@ class TimmModel(nn.Module):
         return self.net(x)
 
 
-@MODELS.register("timm")
+def _check(r: Any) -> None:
+    if not r.timm_name:
+        raise ConfigError("model=timm needs timm_name, the timm model to build, e.g. timm_name=resnet18")
+
+
+@MODELS.register("timm", check=_check)
 def timm_model(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> TimmModel:
     """A timm model named by timm_name (needs the optional timm package; random init)."""
     if not recipe.timm_name:

@@ -43,7 +43,14 @@ class WideResNet(PreActResNet):
         super().__init__(num_classes, (n, n, n), widths, in_channels, stem_width=16, dropout=dropout, **kwargs)
 
 
-@MODELS.register("wrn")
+def _check(r: Any) -> None:
+    if len(r.dropout) > 1:
+        raise ConfigError(f"dropout={r.dropout!r}: wrn takes one rate (between its convs) or none, e.g. dropout=0.2")
+    if (r.depth - 4) % 6:
+        raise ConfigError(f"depth={r.depth}: a Wide-ResNet has 6n + 4 layers (10, 16, 22, 28, 40, ...)")
+
+
+@MODELS.register("wrn", check=_check)
 def wrn(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> WideResNet:
     """Wide-ResNet WRN-depth-width_factor (e.g. 16-8): 3 groups of pre-activation blocks, dropout between convs."""
     return WideResNet(
