@@ -34,12 +34,12 @@ from cifarlab.augment import make_augment
 from cifarlab.budget import MARGIN, BudgetPlan, TimeBudget, plan_budget, process_age
 from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, split_indices
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads
+from cifarlab.distributed import Distributed, threads_per_process
 from cifarlab.errors import UserError
 from cifarlab.finetune import InitResult, apply_freeze, apply_init, check_init_args, read_init_source
 from cifarlab.inference import predict_logits, recipe_options, to_float
 from cifarlab.models import build_model
 from cifarlab.recipes import Recipe
-from cifarlab.report import build_report
 from cifarlab.runs import (
     CHECKPOINT,
     CONFIG,
@@ -107,6 +107,7 @@ class Plan:
     timings: dict[str, float] = field(default_factory=dict)
     t_start: float = field(default_factory=time.perf_counter)
     budget: BudgetPlan | None = None  # what --budget chose (widths, epochs, TTA) and its deadline
+    dist: Distributed | None = None  # under torchrun with more than one process (`cifarlab.distributed`)
 
     @property
     def has_val(self) -> bool:
@@ -161,7 +162,12 @@ def check_fits_memory(
         )
 
 
-def _check_fits_data(recipe: Recipe, n_train: int, input_shape: tuple[int, int, int]) -> None:
+def _check_fits_data(recipe: Recipe, n_train: int, input_shape: tuple[int, int, int], world: int = 1) -> None:
+    if recipe.batch_size % world:
+        raise UserError(
+            f"batch_size={recipe.batch_size} is not a multiple of the {world} processes: each process takes an "
+            f"equal slice of every global batch; use a batch_size divisible by {world} (--set batch_size=...)"
+        )
     steps = n_train // recipe.batch_size if recipe.drop_last else -(-n_train // recipe.batch_size)
     if steps == 0:
         raise UserError(
@@ -183,11 +189,13 @@ def prepare(
     resume: Path | str | None = None,
     model: nn.Module | None = None,
     init: Path | str | None = None,
+    dist: Distributed | None = None,
 ) -> Plan:
     """Resolve and check everything, load the data and build the model. Writes nothing.
 
     `init`: a run folder or weights file to start from (`cifarlab.finetune`); read before the data, so a bad
-    source fails fast."""
+    source fails fast. `dist`: this process's place under torchrun (every rank prepares the same plan; the device
+    is its `cuda:LOCAL_RANK` or the CPU)."""
     t0 = time.perf_counter()
     check_init_args(init, resume)
     init_source = read_init_source(init) if init is not None else None
@@ -200,11 +208,16 @@ def prepare(
         if data_dir is None and saved.get("data_dir"):
             data_dir = saved["data_dir"]
         deterministic = deterministic or bool(saved.get("deterministic"))
+        if dist is not None and (saved.get("distributed") or {}).get("sync_bn"):
+            dist.sync_bn = True  # the run trained with SyncBatchNorm: it goes on with it
     if recipe is None:
         raise ValueError("prepare needs a recipe or a run folder to resume")
-    dev = resolve_device(device)
+    dev = resolve_device(device) if dist is None else dist.device
     check_precision(recipe.precision, dev)
-    threads = set_threads() if dev.type == "cpu" else torch.get_num_threads()
+    if dist is None:
+        threads = set_threads() if dev.type == "cpu" else torch.get_num_threads()
+    else:  # the processes on this machine share its cores
+        threads = set_threads(threads_per_process(dist.local_world)) if dev.type == "cpu" else torch.get_num_threads()
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -217,7 +230,7 @@ def prepare(
         mean, std = channel_stats(ds.x_train[tr_idx])
     if resume is not None:
         _check_same_data(Path(resume), saved, ds, tr_idx, va_idx)
-    _check_fits_data(recipe, len(tr_idx), ds.input_shape)
+    _check_fits_data(recipe, len(tr_idx), ds.input_shape, dist.world if dist is not None else 1)
     if model is None:
         check_fits_memory(recipe, len(ds.classes), ds.input_shape, dev)
     data_seconds = time.perf_counter() - t0
@@ -242,6 +255,8 @@ def prepare(
     elif resume is not None and isinstance(saved.get("init"), dict):
         mark_pretrained(net, saved["init"].get("pretrained") or [])  # the same optimizer param groups as before
     apply_freeze(net, recipe.freeze_stages, recipe.model)
+    if dist is not None and dist.sync_bn:
+        net = dist.convert_sync_bn(net)
     return Plan(
         recipe=recipe,
         dataset=ds,
@@ -258,6 +273,7 @@ def prepare(
         init=init_result,
         run_dir=Path(resume) if resume is not None else None,
         timings={"data_seconds": data_seconds, "setup_seconds": time.perf_counter() - t0},
+        dist=dist,
     )
 
 
@@ -310,13 +326,19 @@ def _config(plan: Plan, command: str | None, model_given: bool) -> dict[str, Any
         "deterministic": plan.deterministic,
         "budget": plan.budget.to_dict() if plan.budget is not None else None,
         "init": plan.init.to_dict() if plan.init is not None else None,
+        "distributed": plan.dist.describe() if plan.dist is not None else None,
     }
 
 
 def open_run(
     plan: Plan, runs_root: Path | str = "runs", *, command: str | None = None, model_given: bool = False
 ) -> Path:
-    """Create the run folder (or take the resumed one), lock it against a second trainer, write config.json."""
+    """Create the run folder (or take the resumed one), lock it against a second trainer, write config.json.
+
+    Under torchrun rank 0 alone does this and sends the folder's path to the other ranks, which write nothing."""
+    if plan.dist is not None and not plan.dist.is_main:
+        plan.run_dir = Path(plan.dist.broadcast_object(None))
+        return plan.run_dir
     if plan.run_dir is None:
         plan.run_dir = new_run_dir(runs_root, plan.recipe.name)
         plan.lock = RunLock(plan.run_dir).acquire()
@@ -326,6 +348,8 @@ def open_run(
         plan.lock = RunLock(plan.run_dir).acquire()
         plan.config = read_json(plan.run_dir / CONFIG)
     write_status(plan.run_dir, "running")
+    if plan.dist is not None:
+        plan.dist.broadcast_object(str(plan.run_dir))
     return plan.run_dir
 
 
@@ -353,8 +377,19 @@ def loaders(plan: Plan) -> tuple[BatchLoader, BatchLoader | None]:
     r, ds = plan.recipe, plan.dataset
     common: dict[str, Any] = dict(mean=plan.mean, std=plan.std, channels_last=r.channels_last, device=plan.device)
     x_tr, y_tr = ds.x_train[plan.train_idx], ds.y_train[plan.train_idx]
+    # Under torchrun each rank takes its slice of every global batch (the same batches one process would draw).
+    rank, world = (plan.dist.rank, plan.dist.world) if plan.dist is not None else (0, 1)
     train_loader = BatchLoader(
-        x_tr, y_tr, r.batch_size, shuffle=True, drop_last=r.drop_last, seed=r.seed, transform=make_augment(r), **common
+        x_tr,
+        y_tr,
+        r.batch_size,
+        shuffle=True,
+        drop_last=r.drop_last,
+        seed=r.seed,
+        transform=make_augment(r),
+        rank=rank,
+        world=world,
+        **common,
     )
     val_loader = None
     if plan.has_val:
@@ -383,6 +418,11 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False) -> BudgetP
     ends, test accuracy included, `seconds` after the process started (`cifarlab.budget`)."""
     if plan.resume_state is not None:
         raise UserError("--budget cannot be combined with --resume: the resumed run keeps its own schedule")
+    if plan.dist is not None:
+        raise UserError(
+            "--budget cannot run under torchrun: each process would time its own probe and stop at its own moment; "
+            "set epochs instead"
+        )
     if model_given or plan.init is not None:
         raise UserError(
             "--budget chooses the model's width, so it cannot be combined with a given model or --init; "
@@ -442,7 +482,14 @@ def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, Se
         b = plan.budget
         cbs.append(TimeBudget(b.budget_seconds * (1 - MARGIN) - b.predicted_eval_seconds, plan.device))
     trainer = Trainer(
-        plan.model, plan.recipe, train_loader, val_loader, callbacks=cbs, device=plan.device, run_dir=plan.run_dir
+        plan.model,
+        plan.recipe,
+        train_loader,
+        val_loader,
+        callbacks=cbs,
+        device=plan.device,
+        run_dir=plan.run_dir,
+        dist=plan.dist,
     )
     if plan.resume_state is not None:
         try:
@@ -453,8 +500,11 @@ def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, Se
 
 
 def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResult:
-    """Evaluate on the test set, save the weights and metrics.json, print Table 1."""
+    """Evaluate on the test set, save the weights and metrics.json, print Table 1. Under torchrun, on rank 0 only
+    (the other ranks return the fit's status and write nothing)."""
     assert plan.run_dir is not None
+    if plan.dist is not None and not plan.dist.is_main:
+        return RunResult(plan.run_dir, {"status": fit.status, "message": fit.message}, fit.status)
     run_dir, r, ds = plan.run_dir, plan.recipe, plan.dataset
     write_history(run_dir, fit.history)
     sessions = clock.seconds()
@@ -529,6 +579,8 @@ def _record_budget(plan: Plan, result: RunResult, say: Log) -> None:
 
 def write_report(plan: Plan, result: RunResult, say: Log) -> str | None:
     """report.html/report.md. A failure (a full disk, say) is reported and returned; the run stays finished."""
+    from cifarlab.report import build_report  # scikit-learn and matplotlib: imported only when a report is built
+
     t0 = time.perf_counter()
     try:
         metrics = build_report(result.run_dir, dataset=plan.dataset, logits=result.logits)
@@ -564,10 +616,13 @@ def run_experiment(
     mlflow: bool | str = False,
     init: Path | str | None = None,
     budget: float | None = None,
+    dist: Distributed | None = None,
 ) -> RunResult:
     """Train `recipe` (or resume the run in `resume`) and write everything into its run folder; `init` starts
-    from a run folder's or a weights file's weights (`cifarlab.finetune`)."""
-    say: Log = (lambda s: None) if quiet else (log or (lambda s: print(s, flush=True)))
+    from a run folder's or a weights file's weights (`cifarlab.finetune`). `dist` (`cifarlab.distributed.setup`):
+    one of several processes under torchrun; rank 0 alone prints and writes."""
+    main = dist is None or dist.is_main
+    say: Log = (lambda s: None) if quiet or not main else (log or (lambda s: print(s, flush=True)))
     plan = prepare(
         recipe,
         dataset=dataset,
@@ -577,6 +632,7 @@ def run_experiment(
         resume=resume,
         model=model,
         init=init,
+        dist=dist,
     )
     if budget is not None:
         fit_budget(plan, budget, model_given=model is not None)
@@ -592,6 +648,12 @@ def run_experiment(
             f"device {plan.device}, {plan.threads} threads"
         )
         say(f"precision: {precision_reason(r.precision, plan.device)}")
+        if dist is not None:
+            say(
+                f"torchrun: {dist.world} processes ({dist.nodes} node(s) x {dist.local_world}), {dist.backend}, "
+                f"global batch {r.batch_size} = {r.batch_size // dist.world} per process"
+                + (", SyncBatchNorm" if dist.sync_bn else "")
+            )
         if plan.budget is not None:
             say(plan.budget.describe())
         for line in plan.init.lines() if plan.init is not None else []:
@@ -602,17 +664,21 @@ def run_experiment(
                 f"{r.pretrained_lr_scale:g}x the LR"
             )
         show_progress = (sys.stderr.isatty() and not quiet) if progress is None else progress
-        machinery = run_callbacks(
-            plan, log=None if quiet else say, progress=show_progress, tensorboard=tensorboard, mlflow=mlflow
+        machinery = (
+            run_callbacks(
+                plan, log=None if quiet else say, progress=show_progress, tensorboard=tensorboard, mlflow=mlflow
+            )
+            if main
+            else []  # the other ranks write nothing
         )
         try:
             fit, clock = train(plan, [*callbacks, *machinery])
         except BaseException as e:
-            if not isinstance(e, KeyboardInterrupt):
+            if main and not isinstance(e, KeyboardInterrupt):
                 write_status(run_dir, "crashed", message=f"{type(e).__name__}: {e}")
             raise
         result = finish(plan, fit, clock, say)
-        if result.status != "finished":
+        if result.status != "finished" or not main:
             return result
         if plan.budget is not None:
             _record_budget(plan, result, say)

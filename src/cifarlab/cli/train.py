@@ -51,6 +51,19 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="deterministic kernels: a resumed run ends with the same weights as an uninterrupted one",
     )
+    p.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; GPUs only); without it "
+        "each process normalizes with its own slice's statistics",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train with N processes on this machine: runs this same command under torchrun "
+        "(python -m torch.distributed.run --standalone --nproc-per-node N); one per GPU, or gloo on CPUs",
+    )
     p.add_argument("--quiet", action="store_true", help="print only errors and the final result")
     p.add_argument("--no-report", action="store_true", help="skip writing the HTML/Markdown report")
     p.add_argument(
@@ -70,10 +83,40 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
+    """This command again, without --nproc, under `python -m torch.distributed.run` on this machine."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [*run, "-m", "cifarlab.cli", *rest]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab import config
     from cifarlab.experiment import run_experiment
     from cifarlab.train.loggers import require
+
+    if args.nproc is not None:
+        import os
+
+        from cifarlab.distributed import env_world
+
+        if args.nproc < 1:
+            raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+        if env_world() is not None:
+            raise UserError("--nproc starts torchrun itself; under torchrun, leave it out")
+        if args.nproc > 1:
+            if args.resume is None:
+                config.recipe_from_args(args)  # a bad value fails here, not in N processes
+            argv = _torchrun_argv(args.nproc, sys.argv[1:])
+            sys.stdout.flush()
+            os.execv(sys.executable, argv)
 
     recipe = None
     if args.resume is None:
@@ -94,7 +137,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         require("tensorboard", "tensorboard", "--tensorboard")
     if args.mlflow:
         require("mlflow", "mlflow", "--mlflow")
-    result = run_experiment(
+    from cifarlab.distributed import setup
+
+    dist = setup(args.device, sync_bn=args.sync_bn)  # None without torchrun (or with one process)
+    try:
+        result = _run(args, recipe, budget, dist, run_experiment)
+    finally:
+        if dist is not None:
+            dist.shutdown()
+    if args.quiet and result.status == "finished" and (dist is None or dist.is_main):
+        print(f"{result.run_dir}: test accuracy {result.metrics['test_accuracy']:.4f}")
+    return {"finished": 0, "stopped": 130}.get(result.status, 1)
+
+
+def _run(args: argparse.Namespace, recipe: Any, budget: float | None, dist: Any, run_experiment: Any) -> Any:
+    return run_experiment(
         recipe,
         data_dir=args.data_dir,
         runs_root=args.runs_dir,
@@ -108,7 +165,5 @@ def cmd_train(args: argparse.Namespace) -> int:
         mlflow=args.mlflow,
         init=args.init,
         budget=budget,
+        dist=dist,
     )
-    if args.quiet and result.status == "finished":
-        print(f"{result.run_dir}: test accuracy {result.metrics['test_accuracy']:.4f}")
-    return {"finished": 0, "stopped": 130}.get(result.status, 1)

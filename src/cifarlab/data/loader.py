@@ -120,6 +120,15 @@ class BatchLoader:
     gather, move to `device`, to `dtype`, ``/255``, ``(x - mean) / std`` when given (one fused multiply-add),
     then ``transform(xb, generator=g, indices=idx, epoch=epoch)`` with that same CPU generator (draw random
     numbers on the CPU, then move them), then channels_last when asked.
+
+    Sharded (`world` > 1, one loader per process under torchrun): every rank builds each global batch of
+    `batch_size` exactly as one process would (same order, same scaling, the transform on the whole global batch
+    with the same generator, so the same augmentation draws) and yields its contiguous slice: rank r of W gets
+    rows ``[r*B/W, (r+1)*B/W)``. `batch_size` must be a multiple of `world`. A last partial global batch of b
+    images is split as evenly as `torch.tensor_split` does (sizes differ by at most one) and `shard_weight`
+    gives each rank the factor that makes the average of the ranks' mean losses the global batch's mean loss;
+    when b < `world` (some rank would get no image) that batch is dropped on every rank. `len()` counts
+    global batches, the same on every rank.
     """
 
     def __init__(
@@ -137,6 +146,8 @@ class BatchLoader:
         channels_last: bool = False,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         x, y = torch.as_tensor(x), torch.as_tensor(y)
         if x.dtype != torch.uint8 or x.ndim != 4:
@@ -147,6 +158,14 @@ class BatchLoader:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if (mean is None) != (std is None):
             raise ConfigError("give both mean and std, or neither")
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of world {world} is not a place in the group")
+        if batch_size % world:
+            raise ConfigError(
+                f"batch_size={batch_size} is not a multiple of the {world} processes: each process takes an equal "
+                f"slice of every global batch; use a batch_size divisible by {world}"
+            )
+        self.rank, self.world = int(rank), int(world)
         self.device = torch.device(device)
         # uint8 is 4x smaller than float: keep the whole set on the device once, not a copy per batch.
         self.x = x.to(self.device).contiguous()
@@ -164,7 +183,27 @@ class BatchLoader:
 
     def __len__(self) -> int:
         n, b = len(self.x), self.batch_size
+        if self.world > 1 and not self.drop_last and 0 < n % b < self.world:
+            return n // b  # the last global batch has fewer images than processes: dropped (see the docstring)
         return n // b if self.drop_last else math.ceil(n / b)
+
+    def _shard(self, size: int) -> tuple[int, int]:
+        """This rank's [start, stop) within a global batch of `size` images (torch.tensor_split's sizes)."""
+        q, extra = divmod(size, self.world)
+        start = self.rank * q + min(self.rank, extra)
+        return start, start + q + (1 if self.rank < extra else 0)
+
+    def global_batch_size(self, batch: int) -> int:
+        """The number of images in global batch `batch` (all ranks' slices together)."""
+        return min(self.batch_size, len(self.x) - batch * self.batch_size)
+
+    def shard_weight(self, batch: int) -> float:
+        """The factor on this rank's mean loss at global batch `batch` so that averaging the ranks' gradients
+        (what DistributedDataParallel does) gives the gradient of the global batch's mean loss: n_rank * W / b.
+        Exactly 1.0 for every full batch."""
+        size = self.global_batch_size(batch)
+        start, stop = self._shard(size)
+        return (stop - start) * self.world / size
 
     def generator(self, epoch: int) -> torch.Generator:
         """The CPU generator an epoch uses (fresh, seeded from (seed, epoch))."""
@@ -189,12 +228,17 @@ class BatchLoader:
             xb = scale_images(self.x.index_select(0, dev_idx).to(self.dtype), self._scale, self._shift)
             if self.transform is not None:
                 xb = self.transform(xb, generator=g, indices=idx, epoch=epoch)
+            yb = self.y.index_select(0, dev_idx)
+            if self.world > 1:
+                start, stop = self._shard(len(idx))
+                xb, yb = xb[start:stop], yb[start:stop]
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, self.y.index_select(0, dev_idx)
+            yield xb, yb
 
     def __repr__(self) -> str:
         return (
             f"BatchLoader(n={len(self.x)}, batch_size={self.batch_size}, batches={len(self)}, "
-            f"shuffle={self.shuffle}, drop_last={self.drop_last}, seed={self.seed}, device={self.device})"
+            f"shuffle={self.shuffle}, drop_last={self.drop_last}, seed={self.seed}, device={self.device}"
+            + (f", rank={self.rank}, world={self.world})" if self.world > 1 else ")")
         )

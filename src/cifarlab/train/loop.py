@@ -110,8 +110,14 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         device: torch.device | str = "cpu",
         run_dir: Path | None = None,
+        dist: Any | None = None,
     ) -> None:
         self.model = model
+        # Under torchrun (`cifarlab.distributed.Distributed`): the forward/backward goes through
+        # DistributedDataParallel; `model` stays the plain module that is saved and that callbacks see.
+        self.dist = dist
+        self._ddp: nn.Module | None = None
+        self._ddp_params: tuple[int, ...] = ()
         self.run_dir = run_dir  # where the run's files go (None outside a run folder), for callbacks that write
         self.recipe = recipe
         self.train_loader = train_loader
@@ -186,10 +192,27 @@ class Trainer:
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
+    # -- many processes ------------------------------------------------------------------------------------
+    def _forward_model(self) -> nn.Module:
+        """The module the training step calls: the model itself, or (under torchrun) the model inside
+        DistributedDataParallel, wrapped again when a callback changed which parameters train (DDP registers
+        the trainable parameters once, when it is built)."""
+        if self.dist is None:
+            return self.model
+        trainable = tuple(i for i, p in enumerate(self.model.parameters()) if p.requires_grad)
+        if self._ddp is None or trainable != self._ddp_params:
+            self._ddp, self._ddp_params = self.dist.wrap(self.model), trainable
+        return self._ddp
+
+    def _agree_before_validation(self) -> None:
+        if self.dist is not None:
+            self.dist.sync_buffers(self.model)  # BatchNorm statistics: rank 0's on every rank
+
     # -- epochs --------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
         r = self.recipe
         self.model.train()
+        forward = self._forward_model()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
@@ -198,9 +221,14 @@ class Trainer:
             self.callbacks.on_train_batch_begin(i, {"step": self.step})
             lrs.append(self.get_lr())
             with autocast(self.device, self.dtype):
-                logits = self.model(xb)
+                logits = forward(xb)
             ce = F.cross_entropy(logits.float(), yb, label_smoothing=r.label_smoothing)
-            loss = ce + self.l2_term()
+            if self.dist is None:
+                loss = ce + self.l2_term()
+            else:
+                l2 = self.l2_term()
+                weight = self.train_loader.shard_weight(i)  # 1.0 but for a last partial batch split unevenly
+                loss = (ce * weight if weight != 1.0 else ce) + l2
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -210,11 +238,26 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
             self.step += 1
-            n = len(yb)
-            loss_sum += loss.detach().double() * n
-            correct += (logits.detach().argmax(1) == yb).sum()
+            if self.dist is None:
+                n = len(yb)
+                step_loss = loss.detach()
+                loss_sum += step_loss.double() * n
+                correct += (logits.detach().argmax(1) == yb).sum()
+            else:  # the global batch's numbers, the same on every rank: (sum of CE, correct, images) over ranks
+                part = torch.stack(
+                    [
+                        ce.detach().double() * len(yb),
+                        (logits.detach().argmax(1) == yb).sum().double(),
+                        torch.tensor(float(len(yb)), dtype=torch.float64, device=ce.device),
+                    ]
+                )
+                total = self.dist.all_reduce_sum(part)
+                n = self.train_loader.global_batch_size(i)
+                step_loss = (total[0] / total[2] + l2.detach().double()).float()
+                loss_sum += step_loss.double() * n
+                correct += total[1].round().long()
             seen += n
-            logs = {"step": self.step, "loss": loss.detach(), "size": n, "loss_sum": loss_sum, "correct": correct}
+            logs = {"step": self.step, "loss": step_loss, "size": n, "loss_sum": loss_sum, "correct": correct}
             self.callbacks.on_train_batch_end(i, {**logs, "seen": seen})
             if self.stop_training:  # as in Keras, a callback may end training after any batch
                 break
@@ -249,7 +292,11 @@ class Trainer:
                 self.callbacks.on_epoch_begin(epoch, {})
                 t0 = time.perf_counter()
                 logs: dict[str, Any] = dict(self.train_epoch(epoch))
+                self._agree_before_validation()
                 logs.update(self.validate())
+                if self.dist is not None:  # rank 0's numbers: every rank takes the same decisions on them
+                    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+                    logs.update(zip(keys, self.dist.broadcast_floats([logs[k] for k in keys]), strict=True))
                 logs["epoch_seconds"] = time.perf_counter() - t0
                 logs["events"] = []
                 self.train_seconds += logs["epoch_seconds"]

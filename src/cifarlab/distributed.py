@@ -1,0 +1,204 @@
+"""Many processes through PyTorch's own distributed engine: `torchrun ... -m cifarlab.cli train ...`.
+
+torchrun starts one process per GPU (or per CPU slot) and tells each who it is through environment variables
+(`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`). `setup` reads them and,
+when `WORLD_SIZE` > 1, joins the process group: NCCL when the processes train on CUDA (each on
+``cuda:LOCAL_RANK``), gloo on CPUs. Without torchrun (or with one process) `setup` returns None and nothing
+changes: the single-process path never touches this module's collectives.
+
+What the rest of cifarlab does with a `Distributed` (see the README, "Many GPUs and machines: torchrun"):
+
+- `BatchLoader(rank=..., world=...)`: every rank builds the same seeded global batch (same order, same
+  augmentation draws) and keeps its contiguous slice, so global batch B on N processes is one process with
+  batch B; the LR schedule counts global steps.
+- `Trainer(dist=...)`: forward/backward through `DistributedDataParallel` (the plain module stays the model that
+  is saved, checkpointed and given to callbacks: no ``module.`` prefixes), each step's loss, accuracy and count
+  summed over ranks (callbacks see global numbers), buffers (BatchNorm statistics) taken from rank 0 before
+  validation, validation numbers broadcast from rank 0: every rank makes the same early-stopping and
+  plateau decisions.
+- `experiment`: rank 0 alone creates the run folder and writes every file; it broadcasts the folder's path.
+  Every rank reads the checkpoint on `--resume`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifarlab.errors import ConfigError, UserError
+
+__all__ = ["Distributed", "env_world", "setup", "threads_per_process"]
+
+# torchrun's environment variables.
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def env_world() -> tuple[int, int, int, int] | None:
+    """(rank, world_size, local_rank, local_world_size) from torchrun's environment; None when `WORLD_SIZE` is
+    unset or 1 (a single process: nothing distributed happens)."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None or int(world) <= 1:
+        return None
+    missing = [k for k in _ENV if k not in os.environ]
+    if missing:
+        raise UserError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; start the processes with torchrun")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return rank, int(world), local_rank, local_world
+
+
+def threads_per_process(local_world: int) -> int:
+    """CPU threads for each of `local_world` processes on this machine: the cores we may use, shared out."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world))
+
+
+def _device_for(device: str | None, local_rank: int) -> torch.device:
+    want = (device or "auto").lower()
+    if want == "cpu":
+        return torch.device("cpu")
+    if want in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            if local_rank >= torch.cuda.device_count():
+                raise UserError(
+                    f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                    "start at most that many processes per node (--nproc-per-node)"
+                )
+            return torch.device("cuda", local_rank)
+        if want == "cuda":
+            raise UserError("--device cuda: no CUDA device is available")
+        return torch.device("cpu")
+    raise ConfigError(
+        f"--device {device}: under torchrun each process takes cuda:LOCAL_RANK (or the CPU); use --device auto, "
+        "cuda or cpu"
+    )
+
+
+@dataclass
+class Distributed:
+    """This process's place in the group and the few collectives cifarlab uses."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: torch.device
+    backend: str
+    sync_bn: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world // max(1, self.local_world))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world,
+            "nodes": self.nodes,
+            "processes_per_node": self.local_world,
+            "backend": self.backend,
+            "sync_bn": self.sync_bn,
+        }
+
+    # -- collectives ---------------------------------------------------------------------------------------
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.backend == "nccl":
+            dist.barrier(device_ids=[self.device.index or 0])
+        else:
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """`obj` from rank `src` (any picklable value) on every rank."""
+        import torch.distributed as dist
+
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, device=self.device if self.backend == "nccl" else None)
+        return box[0]
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks (in place; returned for chaining)."""
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def broadcast_floats(self, values: Sequence[float | None], src: int = 0) -> list[float | None]:
+        """Rank `src`'s numbers on every rank (None stays None), as float64 so nothing is rounded."""
+        import torch.distributed as dist
+
+        t = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
+        t = t.to(self.device)
+        dist.broadcast(t, src=src)
+        return [None if v is None else float(x) for v, x in zip(values, t.cpu().tolist(), strict=True)]
+
+    def sync_buffers(self, model: nn.Module, src: int = 0) -> None:
+        """Every buffer (BatchNorm running statistics, counters) from rank `src`: without SyncBatchNorm each rank
+        updates them from its own slice, so this makes validation, checkpoints and saved weights agree."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for b in model.buffers():
+                dist.broadcast(b, src=src)
+
+    # -- the model -----------------------------------------------------------------------------------------
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """`model` inside DistributedDataParallel (for the forward and backward only; the plain module stays the
+        one that is saved). Construction broadcasts rank 0's parameters and buffers."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
+
+    def convert_sync_bn(self, model: nn.Module) -> nn.Module:
+        """BatchNorm layers as `nn.SyncBatchNorm` (statistics over the global batch). GPUs only: PyTorch's
+        SyncBatchNorm refuses CPU tensors ("SyncBatchNorm expected input tensor to be on GPU")."""
+        if self.device.type != "cuda":
+            raise ConfigError(
+                "--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only (not on CPUs with gloo); drop "
+                "--sync-bn (each process then normalizes with its own slice's statistics)"
+            )
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup(device: str | None = None, *, sync_bn: bool = False, timeout_s: float = 1800.0) -> Distributed | None:
+    """Join torchrun's process group (None without torchrun or with one process): NCCL on CUDA, gloo on CPUs."""
+    found = env_world()
+    if found is None:
+        if sync_bn:
+            raise ConfigError("--sync-bn is for runs under torchrun with more than one process")
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise UserError("this PyTorch build has no torch.distributed; run one process, without torchrun")
+    rank, world, local_rank, local_world = found
+    dev = _device_for(device, local_rank)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "gloo" and not dist.is_gloo_available():
+        raise UserError("this PyTorch build has no gloo backend, which CPU training under torchrun needs")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    ctx = Distributed(rank, world, local_rank, local_world, dev, backend, sync_bn=sync_bn)
+    if sync_bn:
+        ctx.convert_sync_bn(nn.Identity())  # fails before any work on CPUs
+    return ctx

@@ -1,0 +1,308 @@
+"""Many processes under torchrun (DistributedDataParallel, gloo on 2 CPU processes) against one process.
+
+The model is a BatchNorm-free CNN from a plugin: PyTorch's SyncBatchNorm runs on CUDA only, so on CPUs each
+process would normalize with its own slice's statistics and the runs could not match exactly. No dropout (its
+masks are drawn per process); the reference recipe's Keras augmentation stays on: its draws are shared, every
+rank augments the same global batch. Everything runs with --deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from _synth import make_images
+from cifarlab.augment import KerasAugment
+from cifarlab.data import BatchLoader
+from cifarlab.errors import ConfigError
+from cifarlab.runs import load_checkpoint
+
+dist = pytest.importorskip("torch.distributed")
+needs_gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+
+PLUGIN = '''
+import time
+import os
+from torch import nn
+from cifarlab.registry import CALLBACKS, MODELS
+from cifarlab.train.callbacks import Callback
+
+@MODELS.register("tiny_nobn")
+def tiny_nobn(recipe, num_classes, input_shape):
+    """A small CNN without BatchNorm."""
+    c, _, _ = input_shape
+    return nn.Sequential(
+        nn.Conv2d(c, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, num_classes),
+    )
+
+class Pause(Callback):
+    """Sleeps $TEST_PAUSE seconds after each epoch (0 by default): a window to kill the run in."""
+    def on_epoch_end(self, epoch, logs=None):
+        time.sleep(float(os.environ.get("TEST_PAUSE", "0")))
+
+CALLBACKS.register("test_pause")(lambda recipe: Pause())
+'''
+
+EPOCHS = 5
+TRAIN = [
+    "--recipe",
+    "reference",
+    "--set",
+    "model=tiny_nobn",
+    "--set",
+    "dropout=()",
+    "--set",
+    "batch_size=16",  # 96 training images: 6 global steps per epoch, 8 images per process
+    "--set",
+    "precision=fp32",
+    "--set",
+    f"epochs={EPOCHS}",
+    "--set",
+    "early_stopping_patience=0",
+    "--set",
+    "callbacks=test_pause",
+]
+
+
+def _all_cores() -> None:
+    """In the child: every core again (conftest pins the test process to one; two trainers share it badly)."""
+    if hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+        except OSError:
+            pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "cifarlab.cli",
+        *args,
+    ]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = tmp_path_factory.mktemp("ddp")
+    (base / "ddp_plugin.py").write_text(PLUGIN)
+    root = base / "synth"
+    for split, n, seed in (("train", 30, 0), ("test", 5, 1)):
+        x, y = make_images(n, 4, seed=seed)
+        for i, (img, label) in enumerate(zip(x, y, strict=True)):
+            d = root / split / f"class{int(label)}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
+    env = {
+        **os.environ,
+        "CIFARLAB_CACHE": str(base / "cache"),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "TEST_PAUSE": "0",
+    }
+    return {"base": base, "plugin": str(base / "ddp_plugin.py"), "data": str(root), "env": env}
+
+
+def _train_args(s: dict, runs: Path, *extra: str) -> list[str]:
+    return [
+        "--plugin",
+        s["plugin"],
+        "train",
+        *TRAIN,
+        "--set",
+        f"dataset={s['data']}",
+        "--runs-dir",
+        str(runs),
+        "--no-report",
+        "--deterministic",
+        "--quiet",
+        *extra,
+    ]
+
+
+def _only_run(runs: Path) -> Path:
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    return run
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def pair(setup: dict) -> dict:
+    """One process with batch 16 and two processes with global batch 16, trained side by side."""
+    s, base = setup, setup["base"]
+    single = subprocess.Popen(
+        [sys.executable, "-m", "cifarlab.cli", *_train_args(s, base / "single")],
+        env=s["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_all_cores,
+    )
+    ddp = subprocess.Popen(
+        _torchrun(*_train_args(s, base / "ddp")),
+        env=s["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_all_cores,
+    )
+    out_single, _ = single.communicate(timeout=240)
+    out_ddp, _ = ddp.communicate(timeout=240)
+    assert single.returncode == 0, out_single
+    assert ddp.returncode == 0, out_ddp
+    return {"single": _only_run(base / "single"), "ddp": _only_run(base / "ddp"), "out_ddp": out_ddp}
+
+
+@needs_gloo
+def test_ddp_global_batch_matches_one_process(pair: dict) -> None:
+    single, ddp = pair["single"], pair["ddp"]
+    ws, wd = _weights(single), _weights(ddp)
+    assert ws.keys() == wd.keys()  # the plain module's names: no "module." prefix
+    for k in ws:
+        torch.testing.assert_close(wd[k], ws[k], rtol=1e-4, atol=1e-5, msg=k)
+    # The logged numbers are the global batch's, all-reduced over the ranks: they match one process's.
+    hs, hd = (json.loads((r / "history.json").read_text()) for r in (single, ddp))
+    assert len(hs) == len(hd) == EPOCHS
+    for a, b in zip(hs, hd, strict=True):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    steps_single = (single / "steps.csv").read_text().splitlines()
+    steps_ddp = (ddp / "steps.csv").read_text().splitlines()
+    assert len(steps_single) == len(steps_ddp) == 1 + EPOCHS * 6  # the schedule counts global steps
+    config = json.loads((ddp / "config.json").read_text())
+    assert config["distributed"]["world_size"] == 2 and config["distributed"]["backend"] == "gloo"
+    assert json.loads((single / "config.json").read_text())["distributed"] is None
+    # Rank 0 alone wrote: one run folder with the files one process writes, one result line printed.
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
+    assert pair["out_ddp"].count("test accuracy") == 1
+
+
+@needs_gloo
+def test_ddp_killed_and_resumed_matches_uninterrupted(setup: dict, pair: dict) -> None:
+    s, runs = setup, setup["base"] / "killed"
+    # Started through the --nproc convenience (torchrun --standalone), in its own process group to kill it whole.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifarlab.cli", *_train_args(s, runs, "--nproc", "2")],
+        env={**s["env"], "TEST_PAUSE": "0.4"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_all_cores,
+    )
+    deadline, ckpt = time.time() + 180, None
+    while time.time() < deadline and proc.poll() is None:
+        found = list(runs.glob("*/checkpoint.pt")) if runs.exists() else []
+        if found:
+            ckpt = found[0]
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, with no chance to clean up
+    proc.wait()
+    assert ckpt is not None, proc.stderr.read().decode() if proc.stderr else "no checkpoint"
+    run = _only_run(runs)
+    assert json.loads((run / "status.json").read_text())["status"] == "running"
+    done = load_checkpoint(run / "checkpoint.pt")["epoch"]
+    assert 1 <= done < EPOCHS
+
+    resumed = subprocess.run(
+        _torchrun("--plugin", s["plugin"], "train", "--resume", str(run), "--no-report", "--deterministic", "--quiet"),
+        env=s["env"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        preexec_fn=_all_cores,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    wa, wb = _weights(pair["ddp"]), _weights(run)
+    assert wa.keys() == wb.keys()
+    for k in wa:  # deterministic kernels, same global batches and draws: the same weights, bit for bit
+        assert torch.equal(wa[k], wb[k]), k
+    ha, hb = (json.loads((r / "history.json").read_text()) for r in (pair["ddp"], run))
+    assert [h["val_loss"] for h in ha] == [h["val_loss"] for h in hb]
+    assert len([p for p in runs.iterdir() if p.is_dir()]) == 1
+
+
+# -- the sharded loader, in process ------------------------------------------------------------------------
+
+
+def _loaders(world: int, n: int = 50, batch: int = 16, **kw) -> list[BatchLoader]:
+    x, y = make_images(n // 2, 2, seed=3)
+    aug = KerasAugment()
+    return [
+        BatchLoader(x, y, batch, shuffle=True, seed=7, transform=aug, mean=(0.5,) * 3, std=(0.25,) * 3, rank=r,
+                    world=world, **kw)
+        for r in range(world)
+    ]
+
+
+def test_shards_put_together_are_the_single_process_batches() -> None:
+    (one,) = _loaders(1)
+    shards = _loaders(2)
+    assert len(one) == len(shards[0]) == len(shards[1]) == 4  # 16, 16, 16, 2: global batches
+    for epoch in (0, 3):
+        for (xs, ys), (x0, y0), (x1, y1) in zip(one.epoch(epoch), shards[0].epoch(epoch), shards[1].epoch(epoch),
+                                                strict=True):
+            assert torch.equal(torch.cat([x0, x1]), xs) and torch.equal(torch.cat([y0, y1]), ys)
+    assert [shards[0].shard_weight(b) for b in range(4)] == [1.0] * 4
+
+
+def test_uneven_last_batch_is_weighted_or_dropped() -> None:
+    shards = _loaders(4, n=50, batch=16)  # last global batch: 2 images for 4 processes
+    assert len(shards[0]) == 3  # dropped on every rank
+    shards = _loaders(4, n=54, batch=16)  # last global batch: 6 images -> 2, 2, 1, 1
+    assert len(shards[0]) == 4
+    sizes = [len(list(s.epoch(0))[-1][1]) for s in shards]
+    assert sizes == [2, 2, 1, 1]
+    weights = [s.shard_weight(3) for s in shards]
+    assert weights == pytest.approx([8 / 6, 8 / 6, 4 / 6, 4 / 6])
+    # DDP averages the 4 ranks' weighted mean losses: every image then counts 1/6, as in one process.
+    assert [w / (4 * n) for w, n in zip(weights, sizes, strict=True)] == pytest.approx([1 / 6] * 4)
+
+
+def test_batch_must_split_evenly() -> None:
+    with pytest.raises(ConfigError, match="multiple of the 3 processes"):
+        _loaders(3, batch=16)
+
+
+def test_single_process_needs_no_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifarlab.distributed import env_world, setup
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert env_world() is None and setup("cpu") is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert setup("cpu") is None
+    with pytest.raises(ConfigError, match="torchrun"):
+        setup("cpu", sync_bn=True)
