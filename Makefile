@@ -24,5 +24,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy src
 
+# One pytest-xdist worker per core, each pinned to its core (tests/conftest.py); worksteal keeps a module's tests
+# (and its module-scoped runs and reports) on one worker until another worker runs out of work.
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto --dist worksteal

@@ -15,12 +15,18 @@ Fixtures for other test modules:
 
 The builder functions (``write_cifar_archive``, ``write_imagefolder``, ``tar_tree``) take parameters for
 tests that need other sizes.
+
+Each test process runs on one core (`pytest_configure`): the serial run on the first core it may use, each
+pytest-xdist worker (``make test`` runs ``-n 2``) on a core of its own. Training sets torch's threads to the
+cores it may use, and the subprocesses tests start inherit the affinity, so every tiny model trains on one
+thread: two threads on two busy cores made them 10-30x slower (OpenMP threads waiting for each other).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import struct
 import tarfile
@@ -32,6 +38,22 @@ import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+# The cores this test process could use before pytest_configure pinned it to one.
+ALL_CORES: set[int] = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Pin this test process to one core (see the module docstring) before anything imports torch."""
+    if not ALL_CORES:
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... in a pytest-xdist worker
+    if worker is None and getattr(config.option, "numprocesses", None):
+        return  # the pytest-xdist controller: it only hands out tests; its workers inherit its affinity
+    cores = sorted(ALL_CORES)
+    index = int(worker.removeprefix("gw")) if worker and worker.removeprefix("gw").isdigit() else 0
+    os.sched_setaffinity(0, {cores[index % len(cores)]})
 
 
 @pytest.fixture(autouse=True)
@@ -297,6 +319,18 @@ def tiny_imagefolder_tar(tmp_path: Path) -> TinyFolder:
 
 
 @pytest.fixture
+def all_cores():
+    """Every core again for the test (decoding 60,000 JPEGs uses a thread per core), then one core as before."""
+    if not ALL_CORES:
+        yield
+        return
+    pinned = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, ALL_CORES)
+    yield
+    os.sched_setaffinity(0, pinned)
+
+
+@pytest.fixture
 def one_thread():
     """Torch on one thread for the test: on 2 busy cores two threads made tiny models ~10x slower."""
     import torch
@@ -305,3 +339,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# -- a built report --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def report_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """(run folder, metrics) of one full report (test_report.make_report_run with steps.csv and
+    eval_corruptions.json), built once per test process: drawing its figures takes ~10 s. test_report.py and
+    test_report_browser.py read it; copy the folder before changing anything in it."""
+    from cifarlab.report import build_report
+    from test_report import make_report_run
+
+    run_dir, ds = make_report_run(tmp_path_factory.mktemp("report"), steps=True, corruptions=True)
+    return run_dir, build_report(run_dir, dataset=ds)

@@ -4,8 +4,6 @@ the CLI (`--plugin` + `--set`) and through the Python API; user data of another 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -104,33 +102,47 @@ def _image_folder(root: Path, size: int = 32) -> Path:
     return root
 
 
-def test_cli_trains_a_plugin_model_augmentation_and_callback(tmp_path):
+def test_cli_trains_a_plugin_model_augmentation_and_callback(tmp_path, capsys, monkeypatch):
+    """`cifarlab --plugin FILE` through `cli.main` in this process (what `python -m cifarlab.cli` calls); what the
+    plugin registers is unregistered afterwards, as if each command had been a process of its own."""
+    import cifarlab.plugins
+    from cifarlab import cli
+
     plugin = tmp_path / "myplugin.py"
     plugin.write_text(PLUGIN)
     data = _image_folder(tmp_path / "data")
-    env = {**os.environ, "CIFARLAB_CACHE": str(tmp_path / "cache")}
-    base = [sys.executable, "-m", "cifarlab.cli", "--plugin", str(plugin)]
+    monkeypatch.setattr(cifarlab.plugins, "_loaded", {})  # a fresh process has loaded no plugin
+    base = ["--plugin", str(plugin)]
     sets = ["--set", "model=tinynet", "--set", "augment=invert", "--set", "callbacks=count_steps"]
-    cmd = [*base, "train", *TINY, *sets, "--set", f"dataset={data}", "--runs-dir", str(tmp_path / "runs")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    (run,) = (tmp_path / "runs").iterdir()
-    config = json.loads((run / "config.json").read_text())
-    assert config["recipe"]["model"] == "tinynet" and config["recipe"]["augment"] == "invert"
-    # 32 training images (val_fraction 0.2 of 40), batch 16: 2 steps per epoch, 2 epochs
-    assert (run / "steps.txt").read_text() == "4"
-    assert "invert every pixel" in (run / "report.md").read_text()  # the report describes the new augmentation
-    # Other commands load the run with the same plugin; without it the model is unknown (a clear error).
-    ev = subprocess.run([*base, "evaluate", str(run), "--json"], env=env, capture_output=True, text=True)
-    assert ev.returncode == 0, ev.stderr
-    assert json.loads(ev.stdout)["accuracy"] >= 0
-    bare = subprocess.run(
-        [sys.executable, "-m", "cifarlab.cli", "evaluate", str(run)], env=env, capture_output=True, text=True
-    )
-    assert bare.returncode == 2 and "tinynet" in bare.stderr and "Traceback" not in bare.stderr
-    # The recipe checks know the registered names (and nothing else).
-    bad = subprocess.run([*base, "config", "--set", "model=tinynett"], env=env, capture_output=True, text=True)
-    assert bad.returncode == 2 and "tinynet" in bad.stderr
+    try:
+        argv = [*base, "train", *TINY, *sets, "--set", f"dataset={data}", "--runs-dir", str(tmp_path / "runs")]
+        rc = cli.main(argv)
+        out, err = capsys.readouterr()
+        assert rc == 0, err + out
+        (run,) = (tmp_path / "runs").iterdir()
+        config = json.loads((run / "config.json").read_text())
+        assert config["recipe"]["model"] == "tinynet" and config["recipe"]["augment"] == "invert"
+        # 32 training images (val_fraction 0.2 of 40), batch 16: 2 steps per epoch, 2 epochs
+        assert (run / "steps.txt").read_text() == "4"
+        assert "invert every pixel" in (run / "report.md").read_text()  # the report describes the new augmentation
+        # Other commands load the run with the same plugin.
+        rc = cli.main([*base, "evaluate", str(run), "--json"])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert json.loads(out)["accuracy"] >= 0
+        # The recipe checks know the registered names (and nothing else).
+        assert cli.main([*base, "config", "--set", "model=tinynett"]) == 2
+        assert "tinynet" in capsys.readouterr().err
+    finally:
+        MODELS.unregister("tinynet")
+        AUGMENTS.unregister("invert")
+        CALLBACKS.unregister("count_steps")
+        sys.modules.pop("cifarlab_plugin_myplugin", None)
+    # Without the plugin the model is unknown: a clear error, no traceback.
+    monkeypatch.setattr(cifarlab.plugins, "_loaded", {})
+    assert cli.main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "tinynet" in err and "Traceback" not in err
 
 
 class _TinyNet(nn.Module):

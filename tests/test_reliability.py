@@ -160,25 +160,13 @@ def _command(name: str, run: Path, tmp_path: Path) -> list[str]:
 # -- 1. divergence -------------------------------------------------------------------------------------------
 
 
-def test_divergence_from_a_huge_lr_stops_and_writes_no_model(tmp_path, folder):
+def test_divergence_from_a_huge_lr_stops_and_writes_no_model(tmp_path, folder, capsys):
     runs = tmp_path / "runs"
-    r = _cli(
-        "train",
-        *TINY,
-        "--set",
-        "lr=1e30",
-        "--set",
-        "epochs=2",
-        "--set",
-        f"dataset={folder}",
-        "--runs-dir",
-        str(runs),
-        "--no-report",
-        env=_env(tmp_path / "cache", tmp_path / "data"),
-    )
-    assert r.returncode not in (0, 130), r.stdout + r.stderr
-    assert "Traceback" not in r.stderr, r.stderr
-    assert "lower the learning rate" in r.stdout + r.stderr
+    argv = ["train", *TINY, "--set", "lr=1e30", "--set", "epochs=2", "--set", f"dataset={folder}"]
+    rc, out, err = _main(capsys, *argv, "--runs-dir", str(runs), "--no-report")
+    assert rc not in (0, 130), out + err
+    assert "Traceback" not in err, err
+    assert "lower the learning rate" in out + err
     (run,) = runs.iterdir()
     assert not (run / "model.safetensors").exists()  # the NaN weights were never written as the model
     assert not (run / "checkpoint.pt").exists()  # no epoch finished
@@ -235,23 +223,13 @@ def test_every_command_refuses_nan_weights(tmp_path, finished_run, capsys, comma
 # -- 2. a batch larger than the training set with drop_last ----------------------------------------------------
 
 
-def test_batch_larger_than_training_set_fails_before_any_folder(tmp_path, folder):
+def test_batch_larger_than_training_set_fails_before_any_folder(tmp_path, folder, capsys):
     runs = tmp_path / "runs"
     runs.mkdir()
-    r = _cli(
-        "train",
-        "--set",
-        "widths=8,16,16",
-        "--set",
-        "batch_size=1000",
-        "--set",
-        f"dataset={folder}",
-        "--runs-dir",
-        str(runs),
-        env=_env(tmp_path / "cache", tmp_path / "data"),
-    )
-    assert r.returncode == 2, r.stdout + r.stderr
-    _one_error_line(r.stderr, "batch_size=1000", "drop_last")
+    argv = ["train", "--set", "widths=8,16,16", "--set", "batch_size=1000", "--set", f"dataset={folder}"]
+    rc, out, err = _main(capsys, *argv, "--runs-dir", str(runs))
+    assert rc == 2, out + err
+    _one_error_line(err, "batch_size=1000", "drop_last")
     assert list(runs.iterdir()) == []
 
 
@@ -364,22 +342,26 @@ def test_resume_of_a_run_still_training_is_refused_then_works_once_its_process_i
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
 
 
-def test_resume_needs_only_the_run_folder_and_ends_bit_identical(tmp_path, stopped_run, data_a):
+def test_resume_needs_only_the_run_folder_and_ends_bit_identical(tmp_path, stopped_run, data_a, capsys, monkeypatch):
     """5 and 12: `--resume RUN` alone (no --data-dir, no --deterministic, $CIFARLAB_DATA pointing at an empty
-    folder) finishes on the stored data folder, deterministically, and reports both sessions' wall time."""
-    env = _env(stopped_run.base / "cache", tmp_path / "empty")
-    resumed = _cli("train", "--resume", str(stopped_run.run), "--no-report", env=env)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    folder) finishes on the stored data folder, deterministically, and reports both sessions' wall time. Both
+    runs here go through `cli.main` in this process: on the one core the stopped run's process had (the
+    module's affinity), so with the same thread count."""
+    monkeypatch.setenv("CIFARLAB_CACHE", str(stopped_run.base / "cache"))
+    monkeypatch.setenv("CIFARLAB_DATA", str(tmp_path / "empty"))
+    rc, out, err = _main(capsys, "train", "--resume", str(stopped_run.run), "--no-report")
+    assert rc == 0, out + err
     run = stopped_run.run
     metrics = json.loads((run / "metrics.json").read_text())
     sessions = metrics["timings"]["session_seconds"]
     assert len(sessions) == 2 and all(s > 0 for s in sessions)
     assert metrics["timings"]["sessions_total_seconds"] == pytest.approx(sum(sessions))
-    assert "wall time over 2 sessions (resumed)" in resumed.stdout
-    assert "precision: fp32" in resumed.stdout  # 14, on a resume too
+    assert "wall time over 2 sessions (resumed)" in out
+    assert "precision: fp32" in out  # 14, on a resume too
 
-    full = _cli("train", *RESUMABLE, "--data-dir", str(data_a.data_dir), "--runs-dir", str(tmp_path / "runs"), env=env)
-    assert full.returncode == 0, full.stderr
+    runs = tmp_path / "runs"
+    rc, out, err = _main(capsys, "train", *RESUMABLE, "--data-dir", str(data_a.data_dir), "--runs-dir", str(runs))
+    assert rc == 0, err
     (uninterrupted,) = (tmp_path / "runs").iterdir()
     wa, wb = load_file(uninterrupted / "model.safetensors"), load_file(run / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -637,18 +619,18 @@ class _System:
         return (os.system, (self.command,))
 
 
-def test_tampered_checkpoint_is_refused_by_resume(tmp_path, finished_run):
+def test_tampered_checkpoint_is_refused_by_resume(tmp_path, finished_run, capsys):
     run = _copy(finished_run, tmp_path / "run")
     marker = tmp_path / "pwned"
     (run / "checkpoint.pt").write_bytes(pickle.dumps({"epoch": 1, "model": _System(f"touch {marker}")}))
     before = _snapshot(run)
-    r = _cli("train", "--resume", str(run), env=_env(tmp_path / "cache", tmp_path / "data"))
-    assert r.returncode == 2
+    rc, out, err = _main(capsys, "train", "--resume", str(run))
+    assert rc == 2
     assert (
-        r.stderr == f"error: {run / 'checkpoint.pt'} is not a cifarlab checkpoint (damaged or tampered with); "
+        err == f"error: {run / 'checkpoint.pt'} is not a cifarlab checkpoint (damaged or tampered with); "
         "it cannot be resumed\n"
     )
-    assert "weights_only" not in r.stdout + r.stderr
+    assert "weights_only" not in out + err
     assert not marker.exists()
     assert _snapshot(run) == before
 

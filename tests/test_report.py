@@ -7,6 +7,8 @@ import base64
 import errno
 import json
 import re
+import shutil
+import types
 import warnings
 from pathlib import Path
 
@@ -86,14 +88,16 @@ def make_report_run(
     recipe: Recipe | None = None,
     steps: bool = False,
     corruptions: bool = False,
+    classes: tuple[str, ...] = CLASSES,
 ) -> tuple[Path, Dataset]:
     """A run folder as training leaves it (config, history, metrics, weights) and the data it 'trained' on;
-    `steps`: with steps.csv (StepLog), `corruptions`: with eval_corruptions.json (evaluate --corruptions)."""
+    `steps`: with steps.csv (StepLog), `corruptions`: with eval_corruptions.json (evaluate --corruptions).
+    Tests that do not need ten classes take four: a report of 4 classes draws its figures ~30% faster."""
     recipe = recipe or tiny_recipe()
     if val_fraction == 0:
         recipe = recipe.replace(val_fraction=0.0, schedule="onecycle", early_stopping_patience=0)
-    run_dir = make_run(tmp_path / "20260101-120000-reference", recipe)
-    ds = synthetic_dataset()
+    run_dir = make_run(tmp_path / "20260101-120000-reference", recipe, classes=classes)
+    ds = synthetic_dataset(classes=classes)
     n = len(ds.y_train)
     n_val = round(n * val_fraction)
     config = read_json(run_dir / CONFIG)
@@ -101,7 +105,7 @@ def make_report_run(
         {
             "dataset": {
                 "name": dataset_name,
-                "classes": list(CLASSES),
+                "classes": list(classes),
                 "source": "synthetic",
                 "checksum": ds.checksum if dataset_name == "synthetic" else "",
                 "n_train": n - n_val,
@@ -164,9 +168,15 @@ def write_steps(run_dir: Path, n_epochs: int = N_EPOCHS, per_epoch: int = STEPS_
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    run_dir, ds = make_report_run(tmp_path_factory.mktemp("report"), steps=True, corruptions=True)
-    return run_dir, build_report(run_dir, dataset=ds)
+def built(report_built: tuple[Path, dict]) -> tuple[Path, dict]:
+    """The full report (steps.csv and eval_corruptions.json too), built once per session (conftest.py); tests read
+    it, and copy it (`copy_run`) before changing anything."""
+    return report_built
+
+
+def copy_run(run_dir: Path, dest_parent: Path) -> Path:
+    """A copy of a run folder (its report included), to change without touching the shared one."""
+    return Path(shutil.copytree(run_dir, dest_parent / run_dir.name))
 
 
 def test_report_files_exist(built):
@@ -301,18 +311,52 @@ def test_markdown_links_the_plots(built):
     assert "| epoch |" in md  # table 1
 
 
-def test_rebuilding_is_idempotent(built, tmp_path: Path):
-    run_dir, first = built
-    ds = synthetic_dataset()
-    again = build_report(run_dir, dataset=ds)
+@pytest.fixture(scope="module")
+def rebuilt(built, tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
+    """A copy of the built run, rebuilt on other data with the same classes (a warning), then on its own data
+    again; the report files of each build are kept."""
+    import dataclasses
+
+    run_dir = copy_run(built[0], tmp_path_factory.mktemp("rebuilt"))
+    other = dataclasses.replace(synthetic_dataset(), checksum="other-md5", source="elsewhere")
+    warned: list[str] = []
+    on_other = build_report(run_dir, dataset=other, on_warning=warned.append)
+    other_html, other_md = (run_dir / "report.html").read_text(), (run_dir / "report.md").read_text()
+    again = build_report(run_dir, dataset=synthetic_dataset(), on_warning=warned.append)
+    return types.SimpleNamespace(
+        run_dir=run_dir, warned=warned, on_other=on_other, other_html=other_html, other_md=other_md, again=again
+    )
+
+
+def test_rebuilding_is_idempotent(built, rebuilt):
+    _, first = built
+    again = rebuilt.again  # rebuilt on its own data (after a build on other data)
     assert again["evaluation"]["accuracy"] == first["evaluation"]["accuracy"]
+    assert again["evaluation"]["per_class"] == first["evaluation"]["per_class"]
     assert again["test_accuracy"] == 0.123
     assert "evaluation" not in again["evaluation"]  # merging does not nest reports in reports
+    assert again["report"]["reading"] == first["report"]["reading"]
 
 
-def test_run_without_validation_or_history(tmp_path: Path):
-    run_dir, ds = make_report_run(tmp_path / "noval", val_fraction=0.0)
-    metrics = build_report(run_dir, dataset=ds)
+@pytest.fixture(scope="module")
+def noval_airnet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Recipe, dict]:
+    """An airnet run (flip_translate) trained without validation; no steps.csv, no eval_corruptions.json."""
+    recipe = tiny_recipe("airnet")
+    run_dir, ds = make_report_run(tmp_path_factory.mktemp("noval"), recipe=recipe, val_fraction=0.0)
+    return run_dir, recipe, build_report(run_dir, dataset=ds, split="test")
+
+
+@pytest.fixture(scope="module")
+def nohist_noaug_val(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Recipe, dict]:
+    """A reference run without augmentation and without history.json or metrics.json, reported on its
+    validation split (40 of the 200 training images)."""
+    recipe = tiny_recipe().replace(augment="none")
+    run_dir, ds = make_report_run(tmp_path_factory.mktemp("nohist"), recipe=recipe, history=False)
+    return run_dir, recipe, build_report(run_dir, dataset=ds, split="val")
+
+
+def test_run_without_validation(noval_airnet):
+    run_dir, _, metrics = noval_airnet
     header = next(line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("| epoch |"))
     assert "val_loss" not in header and "learning rate" in header
     assert metrics["evaluation"]["split"] == "test"
@@ -323,24 +367,24 @@ def test_run_without_validation_or_history(tmp_path: Path):
     html_text = (run_dir / "report.html").read_text()
     assert 'id="robustness"' not in html_text and "Robustness" not in (run_dir / "report.md").read_text()
     assert "Robustness:" not in " ".join(metrics["report"]["reading"])
-    run_dir2, ds2 = make_report_run(tmp_path / "nohist", history=False)
-    metrics2 = build_report(run_dir2, dataset=ds2)
-    assert "curves" not in metrics2["report"]["plots"]
-    assert "no training history" in (run_dir2 / "report.html").read_text()
 
 
-@pytest.mark.parametrize("kind", ["flip_translate", "none"])
-def test_other_augmentations_and_models(tmp_path: Path, kind: str):
-    recipe = tiny_recipe("airnet") if kind == "flip_translate" else tiny_recipe().replace(augment="none")
-    run_dir, ds = make_report_run(tmp_path, recipe=recipe, val_fraction=0.0 if kind == "flip_translate" else 0.2)
-    metrics = build_report(run_dir, dataset=ds, split="test")
+def test_run_without_history(nohist_noaug_val):
+    run_dir, _, metrics = nohist_noaug_val
+    assert "curves" not in metrics["report"]["plots"]
+    assert "no training history" in (run_dir / "report.html").read_text()
+
+
+@pytest.mark.parametrize("kind,run", [("flip_translate", "noval_airnet"), ("none", "nohist_noaug_val")])
+def test_other_augmentations_and_models(request, kind: str, run: str):
+    run_dir, recipe, metrics = request.getfixturevalue(run)
+    assert recipe.augment == kind
     assert (run_dir / "plots" / FIGURES["augment"]).read_bytes().startswith(PNG_MAGIC)
     assert metrics["evaluation"]["inference"]["tta"] == recipe.tta
 
 
-def test_val_split_report(tmp_path: Path):
-    run_dir, ds = make_report_run(tmp_path)
-    metrics = build_report(run_dir, dataset=ds, split="val")
+def test_val_split_report(nohist_noaug_val):
+    run_dir, _, metrics = nohist_noaug_val
     assert metrics["evaluation"]["split"] == "val" and metrics["evaluation"]["n"] == 40
     assert "Val results" in (run_dir / "report.html").read_text()
 
@@ -423,9 +467,8 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_full_disk_keeps_the_old_report_and_is_one_line(tmp_path: Path, monkeypatch, capsys):
-    run_dir, ds = make_report_run(tmp_path)
-    build_report(run_dir, dataset=ds)
+def test_full_disk_keeps_the_old_report_and_is_one_line(built, tmp_path: Path, monkeypatch, capsys):
+    run_dir, ds = copy_run(built[0], tmp_path), synthetic_dataset()
     old_html = (run_dir / "report.html").read_bytes()
     old_md = (run_dir / "report.md").read_bytes()
     (run_dir / "report.html").write_bytes(old_html + b"<!-- old -->")  # mark the old file
@@ -440,11 +483,10 @@ def test_full_disk_keeps_the_old_report_and_is_one_line(tmp_path: Path, monkeypa
     assert not [p for p in run_dir.rglob(".*.tmp")]  # no temp files left behind
 
 
-def test_full_disk_on_report_html_names_it(tmp_path: Path, monkeypatch, capsys):
+def test_full_disk_on_report_html_names_it(built, tmp_path: Path, monkeypatch, capsys):
     import cifarlab.files
 
-    run_dir, ds = make_report_run(tmp_path)
-    build_report(run_dir, dataset=ds)
+    run_dir, ds = copy_run(built[0], tmp_path), synthetic_dataset()
     old_html = (run_dir / "report.html").read_bytes()
     real = cifarlab.files.atomic_write_bytes
 
@@ -463,7 +505,7 @@ def test_full_disk_on_report_html_names_it(tmp_path: Path, monkeypatch, capsys):
 
 def test_markdown_escapes_names_from_the_data(tmp_path: Path):
     evil = "a|b*<script>"
-    classes = (evil, "c_d`e", "[x](y)", "new\nline", *CLASSES[4:])
+    classes = (evil, "c_d`e", "[x](y)", "new\nline")
     run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe(), classes=classes)
     ds = synthetic_dataset(classes=classes)
     build_report(run_dir, dataset=ds)
@@ -481,31 +523,28 @@ def _mismatched_run(tmp_path: Path) -> tuple[Path, Dataset]:
     """A run trained on data with checksum synthetic-md5, and other data with the same classes."""
     import dataclasses
 
-    run_dir, ds = make_report_run(tmp_path)
+    run_dir, ds = make_report_run(tmp_path, classes=CLASSES[:4])
     # the run did not generalise: training accuracy 55%, far above what the other data gives
     return run_dir, dataclasses.replace(ds, checksum="other-md5", source="elsewhere")
 
 
-def test_other_data_is_said_first_and_draws_no_overfitting_conclusion(tmp_path: Path):
-    run_dir, other = _mismatched_run(tmp_path)
-    warned = []
-    metrics = build_report(run_dir, dataset=other, on_warning=warned.append)
-    assert len(warned) == 1 and "not the data this run was trained on" in warned[0]
+def test_other_data_is_said_first_and_draws_no_overfitting_conclusion(rebuilt):
+    metrics = rebuilt.on_other
+    assert len(rebuilt.warned) == 1 and "not the data this run was trained on" in rebuilt.warned[0]
     assert metrics["evaluation"]["dataset"]["checksum_matches_run"] is False
     reading = " ".join(metrics["report"]["reading"])
     assert "overfitting" not in reading.replace("No conclusion about overfitting", "")
     assert "No conclusion about overfitting or generalisation" in reading
-    html_text = (run_dir / "report.html").read_text()
+    html_text = rebuilt.other_html
     box = html_text.index('class="warning"')
     assert box < html_text.index("<nav>") and box < html_text.index('id="summary"')
     assert "not the data this run was trained on" in html_text[box : box + 600]
-    md = (run_dir / "report.md").read_text()
-    first = [ln for ln in md.splitlines() if ln.strip()][1]  # right after the title
+    first = [ln for ln in rebuilt.other_md.splitlines() if ln.strip()][1]  # right after the title
     assert first.startswith("> **Warning:**") and "not the data this run was trained on" in first
-    # the same run on its own data: no warning, the usual conclusion
-    same = build_report(run_dir, dataset=synthetic_dataset())
-    assert "overfitting" in " ".join(same["report"]["reading"])
-    assert 'class="warning"' not in (run_dir / "report.html").read_text()
+    # the same run rebuilt on its own data: no warning (the one above was the only one), the usual conclusion
+    assert "overfitting" in " ".join(rebuilt.again["report"]["reading"])
+    assert 'class="warning"' not in (rebuilt.run_dir / "report.html").read_text()
+    assert "> **Warning:**" not in (rebuilt.run_dir / "report.md").read_text()
 
 
 def test_report_command_warns_first_about_other_data(tmp_path: Path, monkeypatch, capsys):
@@ -702,7 +741,7 @@ def test_report_builds_without_captum(tmp_path: Path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "captum", None)  # import captum -> ImportError
     monkeypatch.setitem(sys.modules, "captum.attr", None)
-    run_dir, ds = make_report_run(tmp_path)
+    run_dir, ds = make_report_run(tmp_path, classes=CLASSES[:4])
     metrics = build_report(run_dir, dataset=ds)
     assert metrics["report"]["saliency"] == {"method": "gradcam", "available": False, "note": SALIENCY_INSTALL}
     text = (run_dir / "report.html").read_text()

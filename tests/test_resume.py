@@ -1,4 +1,6 @@
-"""Checkpoints, resume after SIGKILL / Ctrl-C, and the NaN stop, on tiny data in real subprocesses."""
+"""Checkpoints, resume after SIGKILL / Ctrl-C, and the NaN stop, on tiny data. The runs that get killed or
+interrupted are real subprocesses; the runs they are compared with, and the resume, go through `cli.main` in this
+process (on the same single core, so with the same thread count: bit-identical weights)."""
 
 import json
 import math
@@ -15,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from _synth import TINY_ARGS, make_dataset, make_images
+from cifarlab import cli
 from cifarlab.experiment import run_experiment
 from cifarlab.recipes import get_recipe
 from cifarlab.runs import load_checkpoint
@@ -44,11 +47,26 @@ def folder(tmp_path_factory):
     return _write_imagefolder(tmp_path_factory.mktemp("synth") / "synth")
 
 
-def _cmd(folder: Path, runs: Path, *extra: str) -> list[str]:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One dataset cache for the module's runs, in this process and in subprocesses: the folder is decoded once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def in_process(cache, monkeypatch):
+    """`cli.main` runs here use the module's cache; --deterministic's global switch is put back afterwards."""
+    monkeypatch.setenv("CIFARLAB_CACHE", str(cache))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    if cublas is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def _args(folder: Path, runs: Path, *extra: str) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "cifarlab.cli",
         "train",
         *TINY,
         "--set",
@@ -61,8 +79,12 @@ def _cmd(folder: Path, runs: Path, *extra: str) -> list[str]:
     ]
 
 
-def _env(tmp_path: Path) -> dict:
-    return {**os.environ, "CIFARLAB_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+def _cmd(folder: Path, runs: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cifarlab.cli", *_args(folder, runs, *extra)]
+
+
+def _env(cache: Path) -> dict:
+    return {**os.environ, "CIFARLAB_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
 
 
 def _only_run(runs: Path) -> Path:
@@ -70,11 +92,10 @@ def _only_run(runs: Path) -> Path:
     return run
 
 
-def test_sigkilled_run_resumes_to_identical_weights(tmp_path, folder):
-    env = _env(tmp_path)
+def test_sigkilled_run_resumes_to_identical_weights(tmp_path, folder, cache, in_process, capsys):
+    env = _env(cache)
     epochs = ["--set", "epochs=6"]
-    full = subprocess.run(_cmd(folder, tmp_path / "a", *epochs), env=env, capture_output=True, text=True)
-    assert full.returncode == 0, full.stderr
+    assert cli.main(_args(folder, tmp_path / "a", *epochs)) == 0, capsys.readouterr()  # uninterrupted
 
     proc = subprocess.Popen(
         _cmd(folder, tmp_path / "b", *epochs), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -95,13 +116,7 @@ def test_sigkilled_run_resumes_to_identical_weights(tmp_path, folder):
     assert state["status"] == "running"  # killed: nothing got to mark it otherwise
     assert load_checkpoint(run_b / "checkpoint.pt")["epoch"] < 6  # it really was interrupted
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "cifarlab.cli", "train", "--resume", str(run_b), "--no-report", "--deterministic"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    assert cli.main(["train", "--resume", str(run_b), "--no-report", "--deterministic"]) == 0, capsys.readouterr()
     run_a = _only_run(tmp_path / "a")
     wa, wb = load_file(run_a / "model.safetensors"), load_file(run_b / "model.safetensors")
     assert wa.keys() == wb.keys()
@@ -114,8 +129,8 @@ def test_sigkilled_run_resumes_to_identical_weights(tmp_path, folder):
     assert json.loads((run_b / "status.json").read_text())["status"] == "finished"
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, folder):
-    env = _env(tmp_path)
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, folder, cache):
+    env = _env(cache)
     proc = subprocess.Popen(
         _cmd(folder, tmp_path / "c", "--set", "epochs=200", "--set", "early_stopping_patience=0"),
         env=env,
