@@ -51,3 +51,12 @@ TINY_ARGS = [
     "--set",
     "precision=fp32",
 ]
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a subprocess that a test stops with Ctrl-C (SIGINT): a shell that runs the suite in the
+    background starts it with SIGINT ignored, which the child would inherit, and Python then installs no
+    KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from _synth import TINY_ARGS, make_dataset, make_images
+from _synth import TINY_ARGS, default_sigint, make_dataset, make_images
 from cifarlab import cli
 from cifarlab.config import load_config_file
 from cifarlab.errors import ConfigError, UserError
@@ -265,6 +265,7 @@ def stopped_run(tmp_path_factory, data_a):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=default_sigint,
     )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not list(runs.glob("*/checkpoint.pt")):

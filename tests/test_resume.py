@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from _synth import TINY_ARGS, make_dataset, make_images
+from _synth import TINY_ARGS, default_sigint, make_dataset, make_images
 from cifarlab import cli
 from cifarlab.experiment import run_experiment
 from cifarlab.recipes import get_recipe
@@ -137,6 +137,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, folder, cache):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=default_sigint,
     )
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "c").glob("*/checkpoint.pt")):
