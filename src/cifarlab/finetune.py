@@ -21,7 +21,6 @@ their own optimizer param groups; `freeze_stages` freezes the first stages (see 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import warnings
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifarlab.data.official import file_md5
 from cifarlab.errors import ConfigError, UserError
 from cifarlab.files import require_regular_file
 from cifarlab.models import build_model
@@ -133,14 +133,6 @@ def _layers(names: Sequence[str]) -> list[str]:
     return list(seen)
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The state dict inside what a weights file held: a plain one, or one under model/state_dict."""
     if isinstance(obj, dict):
@@ -209,7 +201,7 @@ def read_init_source(source: Path | str) -> InitSource:
             path=path,
             kind="run folder",
             state=_read_safetensors(weights),
-            md5=_md5(weights),
+            md5=file_md5(weights),
             classes=tuple(run.classes),
             input_shape=run.input_shape,
             model=run.recipe.model,
@@ -217,9 +209,9 @@ def read_init_source(source: Path | str) -> InitSource:
             test_accuracy=float(acc) if isinstance(acc, (int, float)) else None,
         )
     elif path.name.endswith(".safetensors"):
-        src = InitSource(path=path, kind="safetensors", state=_read_safetensors(path), md5=_md5(path))
+        src = InitSource(path=path, kind="safetensors", state=_read_safetensors(path), md5=file_md5(path))
     else:
-        src = InitSource(path=path, kind="state dict", state=_read_torch(path), md5=_md5(path))
+        src = InitSource(path=path, kind="state dict", state=_read_torch(path), md5=file_md5(path))
     bad = [k for k, v in src.state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise UserError(f"--init {path}: weights {', '.join(bad[:3])} are NaN/inf; this model cannot be used")
