@@ -236,15 +236,7 @@ def prepare(
     data_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    net = model if model is not None else build_model(recipe, len(ds.classes), ds.input_shape)
-    fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
-    net = net.to(dev).to(memory_format=fmt)  # type: ignore[call-overload]  # missing in torch's stubs
-    init_from_data = getattr(net, "init_from_data", None)
-    if recipe.whiten_init and resume_state is None and callable(init_from_data):
-        g = torch.Generator().manual_seed(recipe.seed)
-        pick = tr_idx[torch.randperm(len(tr_idx), generator=g)[:5000]]
-        init_from_data(to_float(ds.x_train[pick], mean, std, dev))
+    net = ready_model(recipe, ds, dev, model=model, data_init=(tr_idx, mean, std) if resume_state is None else None)
     # After the data-dependent init, so loaded layers (the airnet's whitening) keep their pretrained weights and
     # only the layers left fresh get the data's.
     init_result = None
@@ -398,18 +390,26 @@ def loaders(plan: Plan) -> tuple[BatchLoader, BatchLoader | None]:
     return train_loader, val_loader
 
 
-def _new_net(plan: Plan, recipe: Recipe) -> nn.Module:
-    """A fresh model of `recipe` on the plan's device, initialised as `prepare` does (seed, whitening)."""
-    ds = plan.dataset
+def ready_model(
+    recipe: Recipe,
+    ds: Dataset,
+    device: torch.device,
+    *,
+    model: nn.Module | None = None,
+    data_init: tuple[torch.Tensor, Any, Any] | None = None,
+) -> nn.Module:
+    """The recipe's model (or the given one) seeded, on `device` in the recipe's memory format; with
+    `data_init=(train_idx, mean, std)` also its data-dependent init (the airnet's patch whitening)."""
     torch.manual_seed(recipe.seed)
-    net = build_model(recipe, len(ds.classes), ds.input_shape)
+    net = model if model is not None else build_model(recipe, len(ds.classes), ds.input_shape)
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
-    net = net.to(plan.device).to(memory_format=fmt)  # type: ignore[call-overload]  # missing in torch's stubs
+    net = net.to(device).to(memory_format=fmt)  # type: ignore[call-overload]  # missing in torch's stubs
     init_from_data = getattr(net, "init_from_data", None)
-    if recipe.whiten_init and callable(init_from_data):
+    if data_init is not None and recipe.whiten_init and callable(init_from_data):
+        tr_idx, mean, std = data_init
         g = torch.Generator().manual_seed(recipe.seed)
-        pick = plan.train_idx[torch.randperm(len(plan.train_idx), generator=g)[:5000]]
-        init_from_data(to_float(ds.x_train[pick], plan.mean, plan.std, plan.device))
+        pick = tr_idx[torch.randperm(len(tr_idx), generator=g)[:5000]]
+        init_from_data(to_float(ds.x_train[pick], mean, std, device))
     return net
 
 
@@ -430,10 +430,8 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False) -> BudgetP
         )
     base = plan.recipe
 
-    def build(r: Recipe) -> nn.Module:
-        torch.manual_seed(r.seed)
-        net = build_model(r, len(plan.dataset.classes), plan.dataset.input_shape).to(plan.device)
-        return net.to(memory_format=torch.channels_last) if r.channels_last else net  # type: ignore[call-overload]
+    def build(r: Recipe) -> nn.Module:  # for the probe: timing needs no data-dependent init
+        return ready_model(r, plan.dataset, plan.device)
 
     def train_loader(r: Recipe) -> BatchLoader:
         return loaders(dataclasses.replace(plan, recipe=r))[0]
@@ -451,7 +449,7 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False) -> BudgetP
         device=plan.device,
     )
     plan.recipe = recipe
-    plan.model = _new_net(plan, recipe)
+    plan.model = ready_model(recipe, plan.dataset, plan.device, data_init=(plan.train_idx, plan.mean, plan.std))
     plan.budget = budget
     return budget
 
@@ -554,6 +552,9 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
             "sessions_total_seconds": sum(sessions),
         },
     }
+    if plan.budget is not None:  # the budget against the time taken: process start to the test result
+        plan.budget.taken_seconds = process_age()
+        metrics["budget"] = plan.budget.to_dict()
     write_json(run_dir / METRICS, metrics)
     say("")
     say(format_history_table(fit.history, fit.train_seconds))
@@ -564,17 +565,6 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         say(f"best weights restored from epoch {fit.restored_epoch}")
     say(f"test accuracy {test_acc:.2%}  (loss {test_loss:.4f}, TTA {r.tta}, evaluated in {eval_seconds:.1f} s)")
     return RunResult(run_dir, metrics, "finished", logits)
-
-
-def _record_budget(plan: Plan, result: RunResult, say: Log) -> None:
-    """The budget against the time taken (process start to the saved test result), in metrics.json."""
-    assert plan.budget is not None and plan.run_dir is not None
-    taken = process_age()
-    plan.budget.taken_seconds = taken
-    result.metrics["budget"] = plan.budget.to_dict()
-    write_json(plan.run_dir / METRICS, result.metrics)
-    over = taken / plan.budget.budget_seconds - 1
-    say(f"budget {plan.budget.budget_seconds:g} s, taken {taken:.1f} s ({over:+.1%}) from process start to the result")
 
 
 def write_report(plan: Plan, result: RunResult, say: Log) -> str | None:
@@ -680,8 +670,10 @@ def run_experiment(
         result = finish(plan, fit, clock, say)
         if result.status != "finished" or not main:
             return result
-        if plan.budget is not None:
-            _record_budget(plan, result, say)
+        b = plan.budget
+        if b is not None and (taken := b.taken_seconds) is not None:
+            over = taken / b.budget_seconds - 1
+            say(f"budget {b.budget_seconds:g} s, taken {taken:.1f} s ({over:+.1%}) from process start to the result")
         report_error = write_report(plan, result, say) if report else None
         write_status(run_dir, "finished", **({"report_error": report_error} if report_error else {}))
         return result
