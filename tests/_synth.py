@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from cifarlab.data import Dataset
@@ -60,3 +62,17 @@ def default_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def write_image_folder(root: Path, n_train: int = 60, n_test: int = 10, n_classes: int = 4) -> Path:
+    """`make_images` as an ImageFolder tree (`root/{train,test}/class<k>/*.png`, n per class) for tests that
+    train in a subprocess; returns `root`."""
+    from PIL import Image
+
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        x, y = make_images(n, n_classes, seed=seed)
+        for i, (img, label) in enumerate(zip(x, y)):
+            d = root / split / f"class{int(label)}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
+    return root

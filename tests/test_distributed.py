@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from _synth import make_images
+from _synth import make_images, write_image_folder
 from cifarlab.augment import KerasAugment
 from cifarlab.data import BatchLoader
 from cifarlab.errors import ConfigError
@@ -116,12 +115,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("ddp")
     (base / "ddp_plugin.py").write_text(PLUGIN)
     root = base / "synth"
-    for split, n, seed in (("train", 30, 0), ("test", 5, 1)):
-        x, y = make_images(n, 4, seed=seed)
-        for i, (img, label) in enumerate(zip(x, y, strict=True)):
-            d = root / split / f"class{int(label)}"
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
+    write_image_folder(root, 30, 5)
     env = {
         **os.environ,
         "CIFARLAB_CACHE": str(base / "cache"),
@@ -262,8 +256,19 @@ def _loaders(world: int, n: int = 50, batch: int = 16, **kw) -> list[BatchLoader
     x, y = make_images(n // 2, 2, seed=3)
     aug = KerasAugment()
     return [
-        BatchLoader(x, y, batch, shuffle=True, seed=7, transform=aug, mean=(0.5,) * 3, std=(0.25,) * 3, rank=r,
-                    world=world, **kw)
+        BatchLoader(
+            x,
+            y,
+            batch,
+            shuffle=True,
+            seed=7,
+            transform=aug,
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+            rank=r,
+            world=world,
+            **kw,
+        )
         for r in range(world)
     ]
 
@@ -273,8 +278,9 @@ def test_shards_put_together_are_the_single_process_batches() -> None:
     shards = _loaders(2)
     assert len(one) == len(shards[0]) == len(shards[1]) == 4  # 16, 16, 16, 2: global batches
     for epoch in (0, 3):
-        for (xs, ys), (x0, y0), (x1, y1) in zip(one.epoch(epoch), shards[0].epoch(epoch), shards[1].epoch(epoch),
-                                                strict=True):
+        for (xs, ys), (x0, y0), (x1, y1) in zip(
+            one.epoch(epoch), shards[0].epoch(epoch), shards[1].epoch(epoch), strict=True
+        ):
             assert torch.equal(torch.cat([x0, x1]), xs) and torch.equal(torch.cat([y0, y1]), ys)
     assert [shards[0].shard_weight(b) for b in range(4)] == [1.0] * 4
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _synth import make_dataset
+from _synth import make_dataset, write_image_folder
 from cifarlab.data import BatchLoader
 from cifarlab.experiment import run_experiment
 from cifarlab.recipes import get_recipe
@@ -79,17 +79,8 @@ def _has(module: str) -> bool:
 
 
 def test_deterministic_resume_after_sigkill_on_cuda(tmp_path):
-    from PIL import Image
-
-    from _synth import make_images
-
     root = tmp_path / "synth"
-    for split, n, seed in (("train", 60, 0), ("test", 10, 1)):
-        x, y = make_images(n, 4, seed=seed)
-        for i, (img, label) in enumerate(zip(x, y)):
-            d = root / split / f"class{int(label)}"
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
+    write_image_folder(root, 60, 10)
     env = {**os.environ, "CIFARLAB_CACHE": str(tmp_path / "cache")}
     base = [sys.executable, "-m", "cifarlab.cli", "train", "--recipe", "reference"]
     sets = ["--set", "widths=8,16,16", "--set", "dense_width=32", "--set", "batch_size=16", "--set", "epochs=6"]

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from _synth import TINY_ARGS, default_sigint, make_dataset, make_images
+from _synth import TINY_ARGS, default_sigint, make_dataset, make_images, write_image_folder
 from cifarlab import cli
 from cifarlab.config import load_config_file
 from cifarlab.errors import ConfigError, UserError
@@ -65,13 +65,7 @@ def _one_core_and_torch_state():
 
 
 def _write_imagefolder(root: Path, per_class: int = 40) -> Path:
-    for split, n, seed in (("train", per_class, 0), ("test", 10, 1)):
-        x, y = make_images(n, 4, seed=seed)
-        for i, (img, label) in enumerate(zip(x, y)):
-            d = root / split / f"class{int(label)}"
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
-    return root
+    return write_image_folder(root, per_class, 10)
 
 
 @pytest.fixture(scope="module")

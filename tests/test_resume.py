@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from _synth import TINY_ARGS, default_sigint, make_dataset, make_images
+from _synth import TINY_ARGS, default_sigint, make_dataset, write_image_folder
 from cifarlab import cli
 from cifarlab.experiment import run_experiment
 from cifarlab.recipes import get_recipe
@@ -33,13 +32,7 @@ TINY = [
 
 
 def _write_imagefolder(root: Path) -> Path:
-    for split, n, seed in (("train", 60, 0), ("test", 10, 1)):
-        x, y = make_images(n, 4, seed=seed)
-        for i, (img, label) in enumerate(zip(x, y)):
-            d = root / split / f"class{int(label)}"
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
-    return root
+    return write_image_folder(root, 60, 10)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 
-from _synth import TINY_ARGS, make_images
+from _synth import TINY_ARGS, write_image_folder
 from cifarlab import cli
 from cifarlab.config import resolve_recipe
 from cifarlab.errors import ConfigError, UserError
@@ -41,13 +40,7 @@ TINY_RECIPE = get_recipe("reference").replace(widths=(8, 16, 16), dense_width=32
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ImageFolder of learnable synthetic images: 4 classes, 40 training and 10 test images each."""
     root = tmp_path_factory.mktemp("synth") / "synth"
-    for split, n, seed in (("train", 40, 0), ("test", 10, 1)):
-        x, y = make_images(n, 4, seed=seed)
-        for i, (img, label) in enumerate(zip(x, y)):
-            d = root / split / f"class{int(label)}"
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
-    return root
+    return write_image_folder(root, 40, 10)
 
 
 @pytest.fixture
