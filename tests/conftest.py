@@ -340,23 +340,6 @@ def all_cores():
         yield
 
 
-# Tests whose own worker processes get every core (the processes they start inherit it), as before the one-core
-# pinning. On one shared core, two `cifarlab tune` workers (SQLite study) often both claim the same re-queued
-# trial and each trains it into a run folder of its own: SQLite has no SELECT ... FOR UPDATE, which Optuna's
-# claim of a WAITING trial relies on. That race is cifarlab.tune's to fix; until then this test runs as it was
-# written for, where it passes.
-SPREAD_OVER_EVERY_CORE = {"test_two_workers_killed_mid_study_resume_without_losing_or_repeating_a_trial"}
-
-
-@pytest.fixture(autouse=True)
-def _worker_processes_spread(request: pytest.FixtureRequest) -> Iterator[None]:
-    if request.node.name in SPREAD_OVER_EVERY_CORE:
-        with _every_core():
-            yield
-    else:
-        yield
-
-
 @pytest.fixture
 def one_thread():
     """Torch on one thread for the test: on 2 busy cores two threads made tiny models ~10x slower."""

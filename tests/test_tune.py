@@ -269,6 +269,45 @@ def test_pruned_trials_stop_cleanly_and_only_the_best_full_run_sees_the_test_set
 # -- two workers, killed and resumed ---------------------------------------------------------------------------
 
 
+def _claim(url: str, trial_id: int, state: str, barrier, results) -> None:
+    from cifarlab.tune import open_storage
+
+    storage = open_storage(url)
+    storage.get_study_id_from_name("race")  # connected before the race starts
+    barrier.wait()
+    try:
+        results.put(storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState[state]))
+    except optuna.exceptions.UpdateFinishedTrialError:
+        results.put("finished")
+
+
+@pytest.mark.parametrize("state", ["RUNNING", "FAIL"])
+def test_only_one_worker_claims_a_waiting_trial_or_fails_a_stale_one_on_sqlite(tmp_path, state):
+    """Four processes change the same trial's state at once, three times: exactly one succeeds each time. SQLite has
+    no row locks, so without cifarlab's file lock two to four of them 'won' (each then ran the re-queued trial)."""
+    import multiprocessing
+
+    from cifarlab.tune import open_storage
+
+    ctx = multiprocessing.get_context("fork")
+    for race in range(3):
+        url = f"sqlite:///{tmp_path / f'race{race}.db'}"
+        study = optuna.create_study(storage=open_storage(url), study_name="race")
+        study.enqueue_trial({"x": 1.0})
+        trial_id = study.get_trials(deepcopy=False)[0]._trial_id
+        if state == "FAIL":  # a RUNNING trial whose worker died: every live worker may try to fail it
+            study._storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.RUNNING)
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_claim, args=(url, trial_id, state, barrier, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+        assert outcomes.count(True) == 1, outcomes
+        assert study.get_trials(deepcopy=False)[0].state.name == state
+
+
 def test_two_workers_killed_mid_study_resume_without_losing_or_repeating_a_trial(folder, tmp_path):
     recipe = TINY_RECIPE.replace(dataset=str(folder), epochs=3, early_stopping_patience=0)
     space = space_from_dict(

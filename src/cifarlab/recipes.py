@@ -380,8 +380,9 @@ _DEEP = _AIR.replace(
 
 RESNET18 = _DEEP.replace(
     name="resnet18",
-    description="Pre-activation ResNet-18 (11.2M parameters), 18 epochs, airbench habits; aims past air94 on a GPU.",
+    description="Pre-activation ResNet-18 (11.2M parameters), 35 epochs, airbench habits; past air94 on a GPU.",
     model="preact_resnet18",
+    epochs=35,  # 91.58% on an H200 in 34 s of training (18 epochs: 90.51%, below air94's 91.33%)
 )
 
 WRN16_8 = _DEEP.replace(

@@ -562,6 +562,10 @@ def open_storage(url: str) -> Any:
         kwargs[name] = _requeue_stale
         engine: dict[str, Any] = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
         try:
+            if db is not None:
+                return _locked_sqlite_storage(optuna)(
+                    url, lock_path=db.with_name(db.name + ".lock"), engine_kwargs=engine, **kwargs
+                )
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
         except ImportError as e:
             raise UserError(f"--storage {redact(url)}: the database driver is missing ({e}); install it here") from None
@@ -569,6 +573,28 @@ def open_storage(url: str) -> Any:
             raise UserError(
                 f"--storage {redact(url)}: cannot open the study storage ({type(e).__name__}: {e})"
             ) from None
+
+
+@functools.lru_cache(maxsize=1)
+def _locked_sqlite_storage(optuna: Any) -> type:
+    """RDBStorage for an SQLite file whose trial state changes are atomic across processes.
+
+    Optuna claims a WAITING trial (and fails a stale RUNNING one) by reading its state and writing the new one,
+    relying on SELECT ... FOR UPDATE; SQLite has no row locks and pysqlite runs the read outside any
+    transaction, so two workers both saw a re-queued trial WAITING and both ran it. A file lock beside the
+    database makes each read-check-write one step (server databases such as PostgreSQL lock the row)."""
+    from filelock import FileLock  # a dependency of torch
+
+    class LockedSQLiteStorage(optuna.storages.RDBStorage):
+        def __init__(self, url: str, *, lock_path: Path, **kwargs: Any) -> None:
+            self._lock_path = str(lock_path)
+            super().__init__(url, **kwargs)
+
+        def set_trial_state_values(self, trial_id: int, state: Any, values: Sequence[float] | None = None) -> bool:
+            with FileLock(self._lock_path):
+                return bool(super().set_trial_state_values(trial_id, state, values))
+
+    return LockedSQLiteStorage
 
 
 def _requeue_stale(study: Any, trial: Any) -> None:
