@@ -122,6 +122,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
         "TEST_PAUSE": "0",
+        "CUDA_VISIBLE_DEVICES": "",  # gloo on CPU processes, also on a machine with one GPU
     }
     return {"base": base, "plugin": str(base / "ddp_plugin.py"), "data": str(root), "env": env}
 

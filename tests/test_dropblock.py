@@ -238,12 +238,18 @@ def test_dropblock_run_resumes_to_identical_weights(tmp_path):
     )
     recipe = recipe.replace(dropblock_prob=0.2, dropblock_schedule=0.5)
     ds = make_dataset(12, 4)
-    full = run_experiment(recipe, dataset=ds, runs_root=tmp_path / "a", quiet=True, report=False)
+    full = run_experiment(recipe, dataset=ds, runs_root=tmp_path / "a", quiet=True, report=False, device="cpu")
     cut = run_experiment(
-        recipe, dataset=ds, runs_root=tmp_path / "b", quiet=True, report=False, callbacks=[_InterruptAt(1)]
+        recipe,
+        dataset=ds,
+        runs_root=tmp_path / "b",
+        quiet=True,
+        report=False,
+        callbacks=[_InterruptAt(1)],
+        device="cpu",
     )
     assert full.status == "finished" and cut.status == "stopped"
-    resumed = run_experiment(resume=cut.run_dir, dataset=ds, quiet=True, report=False)
+    resumed = run_experiment(resume=cut.run_dir, dataset=ds, quiet=True, report=False, device="cpu")
     assert resumed.status == "finished"
     a, b = load_file(full.run_dir / "model.safetensors"), load_file(resumed.run_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

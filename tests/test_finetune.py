@@ -58,7 +58,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_init_from_a_run_folder_loads_every_layer(ref_run, synth):
-    plan = prepare(REF, dataset=synth, init=ref_run)
+    plan = prepare(REF, dataset=synth, init=ref_run, device="cpu")
     src, got = _weights(ref_run), plan.model.state_dict()
     assert all(torch.equal(got[k], src[k]) for k in src)
     assert plan.init is not None and not plan.init.new_head and not plan.init.adapted
@@ -78,7 +78,7 @@ def test_init_from_weights_files(tmp_path, ref_run, synth, kind):
         if kind == "checkpoint":  # a cifarlab checkpoint.pt (or another trainer's), weights under "model"
             obj = {"model": {f"module.{k}": v for k, v in obj.items()}, "epoch": 3, "history": [{"loss": 1.0}]}
         torch.save(obj, path)
-    plan = prepare(REF, dataset=synth, init=path)
+    plan = prepare(REF, dataset=synth, init=path, device="cpu")
     got = plan.model.state_dict()
     assert all(torch.equal(got[k], src[k]) for k in src)
     assert plan.init.kind == ("safetensors" if kind == "safetensors" else "state dict")
@@ -119,14 +119,14 @@ def test_a_pickle_with_arbitrary_objects_is_refused_not_run(tmp_path, ref_run):
 
 def test_new_head_when_the_classes_differ(tmp_path, synth):
     ten = make_run(tmp_path / "ten", REF)  # CIFAR-10 classes
-    plan = prepare(REF, dataset=synth, init=ten)  # 4 classes
+    plan = prepare(REF, dataset=synth, init=ten, device="cpu")  # 4 classes
     assert plan.init.new_head == ["head.6.weight", "head.6.bias"]
     src, got = _weights(ten), plan.model.state_dict()
     assert got["head.6.weight"].shape == (4, 32)
     assert all(torch.equal(got[k], src[k]) for k in src if not k.startswith("head.6."))
     # Same number of classes but other names: a new head too (a run folder knows its classes).
     renamed = make_run(tmp_path / "renamed", REF, classes=("a", "b", "c", "d"))
-    plan = prepare(REF, dataset=synth, init=renamed)
+    plan = prepare(REF, dataset=synth, init=renamed, device="cpu")
     assert plan.init.new_head == ["head.6.weight", "head.6.bias"]
     assert not torch.equal(plan.model.state_dict()["head.6.weight"], _weights(renamed)["head.6.weight"])
     assert any("new head head.6" in line and "differ" in line for line in plan.init.lines())
@@ -134,7 +134,7 @@ def test_new_head_when_the_classes_differ(tmp_path, synth):
 
 def test_rgb_to_grey_sums_the_first_conv_over_channels(ref_run, synth):
     grey = _grey(synth)
-    plan = prepare(REF, dataset=grey, init=ref_run)
+    plan = prepare(REF, dataset=grey, init=ref_run, device="cpu")
     src, got = _weights(ref_run), plan.model.state_dict()
     assert plan.init.adapted == ["features.0.weight"] and plan.init.channels == (3, 1)
     assert torch.allclose(got["features.0.weight"], src["features.0.weight"].sum(1, keepdim=True))
@@ -145,7 +145,7 @@ def test_rgb_to_grey_sums_the_first_conv_over_channels(ref_run, synth):
     assert torch.allclose(plan.model.features[0](x), conv_src(x.expand(-1, 3, -1, -1)), atol=1e-5)
     assert any("adapted from 3 to 1 input channels by summing" in line for line in plan.init.lines())
     # 28x28: the dense layer after the flatten follows the image size, so it keeps its fresh init (reported).
-    plan = prepare(REF, dataset=_grey(synth, 28), init=ref_run)
+    plan = prepare(REF, dataset=_grey(synth, 28), init=ref_run, device="cpu")
     assert plan.init.reinitialized == ["head.2.weight"] and plan.init.adapted == ["features.0.weight"]
     assert "head.2.bias" in plan.init.loaded
 
@@ -153,13 +153,14 @@ def test_rgb_to_grey_sums_the_first_conv_over_channels(ref_run, synth):
 def test_airnet_grey_keeps_data_whitening_and_rgb_keeps_loaded_whitening(tmp_path, synth):
     src_run = make_run(tmp_path / "air", AIR, classes=synth.classes)
     src = _weights(src_run)
-    plan = prepare(AIR, dataset=synth, init=src_run)  # same channels: the loaded whitening is not overwritten
+    # same channels: the loaded whitening is not overwritten
+    plan = prepare(AIR, dataset=synth, init=src_run, device="cpu")
     assert torch.equal(plan.model.state_dict()["whiten.weight"], src["whiten.weight"])
-    fresh = prepare(AIR, dataset=synth)
+    fresh = prepare(AIR, dataset=synth, device="cpu")
     assert not torch.equal(fresh.model.state_dict()["whiten.weight"], src["whiten.weight"])
     # 3 -> 1 channel: the whitening's width follows the channels, so it and the conv reading it stay fresh
     # (the whitening from the grey data); everything after them loads.
-    plan = prepare(AIR, dataset=_grey(synth), init=src_run)
+    plan = prepare(AIR, dataset=_grey(synth), init=src_run, device="cpu")
     assert set(plan.init.reinitialized) == {"whiten.weight", "whiten.bias", "groups.0.conv1.weight"}
     got = plan.model.state_dict()
     assert got["whiten.weight"].shape == (8, 1, 2, 2) and got["whiten.weight"].abs().sum() > 0
@@ -171,7 +172,7 @@ def test_airnet_with_the_source_whitening_width_transfers_exactly_to_grey(tmp_pa
     every other layer loads, so the grey model computes what the RGB model computes on R = G = B."""
     src_run = make_run(tmp_path / "air", AIR, classes=synth.classes)
     recipe = AIR.replace(whiten_width=24)
-    plan = prepare(recipe, dataset=_grey(synth), init=src_run)
+    plan = prepare(recipe, dataset=_grey(synth), init=src_run, device="cpu")
     assert plan.init.adapted == ["whiten.weight"] and not plan.init.reinitialized and not plan.init.new_head
     source = build_model(AIR, 4, (3, 32, 32))
     source.load_state_dict(_weights(src_run))
@@ -188,7 +189,12 @@ def test_a_wider_whitening_repeats_its_filters_and_trains_from_scratch(tmp_path,
     assert torch.equal(w[:4], -w[4:8]) and torch.equal(w[:8], w[8:16]) and torch.equal(w[:8], w[16:])
     assert bool((w.flatten(1).norm(dim=1) > 0).all())  # no constant (zero-filter) channel for BatchNorm to blow up
     res = run_experiment(
-        AIR.replace(whiten_width=24, epochs=2), dataset=_grey(synth), runs_root=tmp_path, quiet=True, report=False
+        AIR.replace(whiten_width=24, epochs=2),
+        dataset=_grey(synth),
+        runs_root=tmp_path,
+        quiet=True,
+        report=False,
+        device="cpu",
     )
     assert res.status == "finished" and np.isfinite(res.metrics["test_loss"])
 
@@ -196,13 +202,13 @@ def test_a_wider_whitening_repeats_its_filters_and_trains_from_scratch(tmp_path,
 def test_mismatch_errors_name_the_layers(tmp_path, synth):
     wide = make_run(tmp_path / "wide", REF.replace(widths=(16, 16, 16)), classes=synth.classes)
     with pytest.raises(UserError) as e:
-        prepare(REF, dataset=synth, init=wide)
+        prepare(REF, dataset=synth, init=wide, device="cpu")
     msg = str(e.value)
     assert "features.0.weight is (16, 3, 3, 3), expected (8, 3, 3, 3)" in msg and "widths" in msg
     # Another architecture altogether.
     air = make_run(tmp_path / "air", AIR, classes=synth.classes)
     with pytest.raises(UserError, match="the source trained model 'airnet'.*features.0.weight is missing"):
-        prepare(REF, dataset=synth, init=air)
+        prepare(REF, dataset=synth, init=air, device="cpu")
     # A user's own module: only the head and the first conv's channels may differ.
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -223,7 +229,13 @@ def test_mismatch_errors_name_the_layers(tmp_path, synth):
 def test_frozen_stages_do_not_change_while_training(tmp_path, synth, one_thread, recipe):
     src_run = make_run(tmp_path / "src", recipe, classes=synth.classes)
     res = run_experiment(
-        recipe.replace(freeze_stages=2), dataset=synth, init=src_run, runs_root=tmp_path, quiet=True, report=False
+        recipe.replace(freeze_stages=2),
+        dataset=synth,
+        init=src_run,
+        runs_root=tmp_path,
+        quiet=True,
+        report=False,
+        device="cpu",
     )
     assert res.status == "finished"
     src, got = _weights(src_run), _weights(res.run_dir)
@@ -242,13 +254,13 @@ def test_freeze_stages_needs_a_model_with_stages(tmp_path, synth):
         cifarlab.fit(REF, synth, model=net, freeze_stages=1, runs_dir=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match="has 3 stages"):
-        prepare(REF.replace(freeze_stages=4), dataset=synth)
+        prepare(REF.replace(freeze_stages=4), dataset=synth, device="cpu")
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_pretrained_lr_scale_builds_param_groups(synth, optimizer):
     recipe = (AIR if optimizer == "sgd" else REF).replace(pretrained_lr_scale=0.1)
-    model = prepare(recipe, dataset=synth).model
+    model = prepare(recipe, dataset=synth, device="cpu").model
     plain = build_optimizer(model, recipe)  # nothing marked: the optimizer of today, whatever the scale
     head = {n for n, _ in model.named_parameters() if n.startswith(("head.6.", "fc."))}
     mark_pretrained(model, [n for n, _ in model.named_parameters() if n not in head])
@@ -281,7 +293,9 @@ class _InterruptAt(Callback):
 def test_a_fine_tuned_run_resumes_to_identical_weights(tmp_path, ref_run, synth, one_thread):
     recipe = REF.replace(epochs=2, freeze_stages=1, pretrained_lr_scale=0.3, early_stopping_patience=0)
     grey = _grey(synth)
-    full = run_experiment(recipe, dataset=grey, init=ref_run, runs_root=tmp_path / "a", quiet=True, report=False)
+    full = run_experiment(
+        recipe, dataset=grey, init=ref_run, runs_root=tmp_path / "a", quiet=True, report=False, device="cpu"
+    )
     cut = run_experiment(
         recipe,
         dataset=grey,
@@ -290,11 +304,12 @@ def test_a_fine_tuned_run_resumes_to_identical_weights(tmp_path, ref_run, synth,
         quiet=True,
         report=False,
         callbacks=[_InterruptAt(1)],
+        device="cpu",
     )
     assert cut.status == "stopped"
     with pytest.raises(ConfigError, match="--init cannot be combined"):
-        run_experiment(resume=cut.run_dir, dataset=grey, init=ref_run, quiet=True, report=False)
-    resumed = run_experiment(resume=cut.run_dir, dataset=grey, quiet=True, report=False)
+        run_experiment(device="cpu", resume=cut.run_dir, dataset=grey, init=ref_run, quiet=True, report=False)
+    resumed = run_experiment(device="cpu", resume=cut.run_dir, dataset=grey, quiet=True, report=False)
     assert resumed.status == "finished"
     a, b = _weights(full.run_dir), _weights(resumed.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -171,7 +171,7 @@ def test_predict_paths_matches_the_models_probabilities(tmp_path: Path, request,
     files = write_formats(tmp_path / "imgs")
     broken = tmp_path / "imgs" / "zz_broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnope")
-    results = predict.predict_paths(run_dir, [tmp_path / "imgs"], top_k=3, precision="fp32")
+    results = predict.predict_paths(run_dir, [tmp_path / "imgs"], top_k=3, precision="fp32", device="cpu")
     assert [Path(r["path"]).name for r in results] == sorted(p.name for p in [*files.values(), broken])
     assert "error" in results[-1] and "top_k" not in results[-1]
     ok = [r for r in results if "top_k" in r]
