@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cifarlab.budget import Clock, parse_duration
 from cifarlab.config import apply_overrides
 from cifarlab.data import Dataset, as_images, from_arrays, from_torch_dataset, load_dataset
 from cifarlab.data.dataset import NAMED_DATASETS
@@ -85,13 +86,17 @@ def fit(
     quiet: bool = True,
     mlflow: bool | str = False,
     init: str | Path | None = None,
+    budget: str | float | None = None,
     **overrides: Any,
 ) -> TrainedRun:
     """Train and return the run. `recipe`: a name or a `Recipe`; `overrides`: recipe keys (`epochs=5`, ...),
     checked like `--set`. `model`: a registered model name or your own `nn.Module` (it gets float images
     (N, C, H, W) and returns logits). `data`: see `as_dataset`; None trains on the recipe's dataset, found in
     `data_dir` (default $CIFARLAB_DATA, else ~/.cache/cifarlab, downloading CIFAR-10 when online). `init`: a run
-    folder, a .safetensors file or a PyTorch state-dict file to fine-tune from (see `cifarlab.finetune`)."""
+    folder, a .safetensors file or a PyTorch state-dict file to fine-tune from (see `cifarlab.finetune`). `budget`:
+    seconds or a duration ("90s", "2m") from this call to the test accuracy, as `cifarlab train --budget`."""
+    clock = Clock.from_now("the fit() call")  # before any work: the budget covers data loading and the probe
+    seconds = parse_duration(budget) if budget is not None else None
     base = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if isinstance(data, (str, Path)):
         overrides = {"dataset": str(data), **overrides}
@@ -122,6 +127,8 @@ def fit(
         command="cifarlab.fit(...)",
         mlflow=mlflow,
         init=Path(init) if init is not None else None,
+        budget=seconds,
+        budget_clock=clock,
     )
     if result.status != "finished":
         raise UserError(f"training did not finish ({result.status}): {result.metrics.get('message', '')}")

@@ -37,7 +37,7 @@ from cifarlab.errors import ConfigError
 from cifarlab.inference import predict_logits, recipe_options
 from cifarlab.train.callbacks import Callback
 
-__all__ = ["BudgetPlan", "TimeBudget", "parse_duration", "plan_budget", "process_age"]
+__all__ = ["PROCESS_START", "BudgetPlan", "Clock", "TimeBudget", "parse_duration", "plan_budget", "process_age"]
 
 WIDTH_SCALES = (2.0, 1.5, 1.0, 0.75, 0.5, 0.375, 0.25)
 EVAL_SHARE = 0.1  # the most of the budget the final evaluation may take before TTA views are dropped
@@ -87,6 +87,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class Clock:
+    """Where a budget's time counts from: process start (the CLI: start-up and imports are part of what the user
+    waits for) or the moment `cifarlab.fit(budget=...)` was called (a notebook's kernel may be hours old)."""
+
+    origin: str = "process start"
+    started: float | None = None  # time.perf_counter() at the origin; None: the process's start
+
+    @classmethod
+    def from_now(cls, origin: str) -> Clock:
+        return cls(origin, time.perf_counter())
+
+    def elapsed(self) -> float:
+        return process_age() if self.started is None else time.perf_counter() - self.started
+
+
+PROCESS_START = Clock()
+
+
 def scaled_widths(widths: tuple[int, ...], scale: float) -> tuple[int, ...]:
     """Channel counts times `scale`, rounded to multiples of 8 (at least 8): what vector units like."""
     return tuple(max(8, int(round(w * scale / 8)) * 8) for w in widths)
@@ -106,7 +125,7 @@ class BudgetPlan:
     """What the budget chose and why; stored in config.json and metrics.json, shown in the report."""
 
     budget_seconds: float
-    planned_at: float  # process age when the plan was made (start-up, data loading and the probe)
+    planned_at: float  # seconds on the budget's clock when the plan was made (start-up, data loading and the probe)
     probe_seconds: float
     widths: tuple[int, ...]
     scale: float
@@ -118,7 +137,8 @@ class BudgetPlan:
     steps_per_epoch: int
     probes: list[Probe] = field(default_factory=list)
     reason: str = ""
-    taken_seconds: float | None = None  # process start to test accuracy, filled in at the end
+    taken_seconds: float | None = None  # clock origin to test accuracy, filled in at the end
+    clock: str = "process start"  # what the budget counts from (Clock.origin)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -237,8 +257,9 @@ def plan_budget(
     steps_per_epoch: int,
     device: torch.device,
     probe_steps: int = 2,
+    clock: Clock = PROCESS_START,
 ) -> tuple[Any, BudgetPlan]:
-    """Probe, then choose widths, epochs and TTA for `budget_seconds` from process start; returns
+    """Probe, then choose widths, epochs and TTA for `budget_seconds` on `clock` (from process start); returns
     (the recipe to train, the plan). `build(recipe)` makes a model on the device; `loader(recipe)` the training
     BatchLoader; `x_eval` is one batch of evaluation images (uint8) to time inference on."""
     t0 = time.perf_counter()
@@ -257,11 +278,11 @@ def plan_budget(
     assert base.step_seconds is not None and base.eval_seconds_per_image is not None
     eval_1x = base.eval_seconds_per_image
     # Second probe: the width a compute-bound guess would choose (or half width), to fit `a + b * cost`.
-    guess = _choose(_options(probes, 0.0, base.step_seconds, eval_1x, recipe, budget_seconds, process_age(), n), 1)
+    guess = _choose(_options(probes, 0.0, base.step_seconds, eval_1x, recipe, budget_seconds, clock.elapsed(), n), 1)
     second = measure(guess.probe.scale if guess.probe.scale != 1.0 else 0.5)
     a, b = _line(base, second)
     probe_seconds = time.perf_counter() - t0
-    now = process_age()
+    now = clock.elapsed()
     options = _options(probes, a, b, eval_1x, recipe, budget_seconds, now, n)
     o = _choose(options, recipe.epochs)
     if o.epochs >= recipe.epochs:
@@ -291,19 +312,23 @@ def plan_budget(
         steps_per_epoch=steps_per_epoch,
         probes=probes,
         reason=reason,
+        clock=clock.origin,
     )
     return chosen, plan
 
 
 class TimeBudget(Callback):
-    """Ends training at `deadline` (process age in seconds), re-estimating `trainer.total_steps` from the measured
-    step times so a step-indexed LR schedule finishes annealed just then."""
+    """Ends training at `deadline` (seconds on `clock`: process age by default), re-estimating
+    `trainer.total_steps` from the measured step times so a step-indexed LR schedule finishes annealed just then."""
 
     order = 5  # before the schedules read total_steps at the next step
     state_required = False
 
-    def __init__(self, deadline: float, device: torch.device | str = "cpu", window: int = 30) -> None:
+    def __init__(
+        self, deadline: float, device: torch.device | str = "cpu", window: int = 30, clock: Clock = PROCESS_START
+    ) -> None:
         self.deadline = deadline
+        self.clock = clock
         self.device = torch.device(device)
         self.check_every = 1 if self.device.type == "cpu" else 10  # a GPU is timed only after a sync
         self.stamps: deque[tuple[int, float]] = deque(maxlen=window)
@@ -328,7 +353,7 @@ class TimeBudget(Callback):
             return
         _sync(self.device)
         self.stamps.append((t.step, time.perf_counter()))
-        left = self.deadline - process_age() - self.epoch_overhead  # the last epoch's end still has to run
+        left = self.deadline - self.clock.elapsed() - self.epoch_overhead  # the last epoch's end still has to run
         if left <= 0 or len(self.stamps) < 2:
             if left <= 0:
                 self._stop(t)

@@ -31,7 +31,7 @@ from torch import nn
 
 from cifarlab import __version__
 from cifarlab.augment import make_augment
-from cifarlab.budget import MARGIN, BudgetPlan, TimeBudget, plan_budget, process_age
+from cifarlab.budget import MARGIN, PROCESS_START, BudgetPlan, Clock, TimeBudget, plan_budget
 from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, split_indices
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads
 from cifarlab.distributed import Distributed, threads_per_process
@@ -107,6 +107,7 @@ class Plan:
     timings: dict[str, float] = field(default_factory=dict)
     t_start: float = field(default_factory=time.perf_counter)
     budget: BudgetPlan | None = None  # what --budget chose (widths, epochs, TTA) and its deadline
+    budget_clock: Clock = PROCESS_START  # what the budget counts from
     dist: Distributed | None = None  # under torchrun with more than one process (`cifarlab.distributed`)
 
     @property
@@ -413,9 +414,9 @@ def ready_model(
     return net
 
 
-def fit_budget(plan: Plan, seconds: float, model_given: bool = False) -> BudgetPlan:
+def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clock = PROCESS_START) -> BudgetPlan:
     """`--budget`: probe this machine, then change the plan's recipe (widths, epochs, TTA) and model so the run
-    ends, test accuracy included, `seconds` after the process started (`cifarlab.budget`)."""
+    ends, test accuracy included, `seconds` after the clock's origin (the process's start; `cifarlab.budget`)."""
     if plan.resume_state is not None:
         raise UserError("--budget cannot be combined with --resume: the resumed run keeps its own schedule")
     if plan.dist is not None:
@@ -447,10 +448,11 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False) -> BudgetP
         n_val=len(plan.val_idx),
         steps_per_epoch=spe,
         device=plan.device,
+        clock=clock,
     )
     plan.recipe = recipe
     plan.model = ready_model(recipe, plan.dataset, plan.device, data_init=(plan.train_idx, plan.mean, plan.std))
-    plan.budget = budget
+    plan.budget, plan.budget_clock = budget, clock
     return budget
 
 
@@ -478,7 +480,8 @@ def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, Se
     cbs = [*recipe_callbacks(plan.recipe, val_loader is not None), *callbacks, clock]
     if plan.budget is not None:  # training ends when the time left is what the test evaluation needs
         b = plan.budget
-        cbs.append(TimeBudget(b.budget_seconds * (1 - MARGIN) - b.predicted_eval_seconds, plan.device))
+        deadline = b.budget_seconds * (1 - MARGIN) - b.predicted_eval_seconds
+        cbs.append(TimeBudget(deadline, plan.device, clock=plan.budget_clock))
     trainer = Trainer(
         plan.model,
         plan.recipe,
@@ -552,8 +555,8 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
             "sessions_total_seconds": sum(sessions),
         },
     }
-    if plan.budget is not None:  # the budget against the time taken: process start to the test result
-        plan.budget.taken_seconds = process_age()
+    if plan.budget is not None:  # the budget against the time taken: clock origin to the test result
+        plan.budget.taken_seconds = plan.budget_clock.elapsed()
         metrics["budget"] = plan.budget.to_dict()
     write_json(run_dir / METRICS, metrics)
     say("")
@@ -606,6 +609,7 @@ def run_experiment(
     mlflow: bool | str = False,
     init: Path | str | None = None,
     budget: float | None = None,
+    budget_clock: Clock = PROCESS_START,
     dist: Distributed | None = None,
 ) -> RunResult:
     """Train `recipe` (or resume the run in `resume`) and write everything into its run folder; `init` starts
@@ -625,7 +629,7 @@ def run_experiment(
         dist=dist,
     )
     if budget is not None:
-        fit_budget(plan, budget, model_given=model is not None)
+        fit_budget(plan, budget, model_given=model is not None, clock=budget_clock)
     run_dir = open_run(plan, runs_root, command=command, model_given=model is not None)
     try:
         r = plan.recipe
@@ -673,7 +677,7 @@ def run_experiment(
         b = plan.budget
         if b is not None and (taken := b.taken_seconds) is not None:
             over = taken / b.budget_seconds - 1
-            say(f"budget {b.budget_seconds:g} s, taken {taken:.1f} s ({over:+.1%}) from process start to the result")
+            say(f"budget {b.budget_seconds:g} s, taken {taken:.1f} s ({over:+.1%}) from {b.clock} to the result")
         report_error = write_report(plan, result, say) if report else None
         write_status(run_dir, "finished", **({"report_error": report_error} if report_error else {}))
         return result

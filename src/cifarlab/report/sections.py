@@ -121,7 +121,8 @@ def _budget_rows(budget: Any) -> list[list[str]]:
         f"widths {budget.get('widths')} ({budget.get('scale', 1):g}x the recipe's), TTA {budget.get('tta')}: "
         f"{budget.get('reason', '')}"
     )
-    return [["time budget", f"{total:g} s from process start to the test result{took}"], ["budget chose", chose]]
+    origin = budget.get("clock", "process start")
+    return [["time budget", f"{total:g} s from {origin} to the test result{took}"], ["budget chose", chose]]
 
 
 def summary_section(run: Any, ev: EvalResult, reading: list[str], timings: dict[str, Any]) -> Section:
