@@ -31,12 +31,20 @@ import os
 import pickle
 import struct
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+T = TypeVar("T")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -354,13 +362,48 @@ def one_thread():
 # -- a built report --------------------------------------------------------------------------------------------
 
 
+class Once:
+    """`once(name, build)`: `build(folder)`'s result, built once per `pytest` run, not once per test process.
+
+    Under pytest-xdist, worksteal often splits a module over both workers, and each would build that module's
+    (and the session's) fixtures again: a report takes ~10 s. The first worker to need one builds it, under a
+    file lock, into a folder of the run's shared temporary folder, and pickles the result; the others wait for
+    it and unpickle it (the same folder: copy it before changing anything in it). Serially, or without file
+    locks, it simply builds."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.factory = tmp_path_factory
+
+    def __call__(self, name: str, build: Callable[[Path], T]) -> T:
+        if os.environ.get("PYTEST_XDIST_WORKER") is None or fcntl is None:
+            return build(self.factory.mktemp(name))
+        shared = self.factory.getbasetemp().parent / "built-once"  # every worker's basetemp is in that parent
+        shared.mkdir(exist_ok=True)
+        with open(shared / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            done = shared / f"{name}.pickle"
+            if not done.exists():
+                folder = shared / name
+                folder.mkdir()
+                done.write_bytes(pickle.dumps(build(folder)))
+            return pickle.loads(done.read_bytes())
+
+
 @pytest.fixture(scope="session")
-def report_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def once(tmp_path_factory: pytest.TempPathFactory) -> Once:
+    return Once(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def report_built(once: Once) -> tuple[Path, dict]:
     """(run folder, metrics) of one full report (test_report.make_report_run with steps.csv and
-    eval_corruptions.json), built once per test process: drawing its figures takes ~10 s. test_report.py and
+    eval_corruptions.json), built once (`Once`): drawing its figures takes ~10 s. test_report.py and
     test_report_browser.py read it; copy the folder before changing anything in it."""
     from cifarlab.report import build_report
     from test_report import make_report_run
 
-    run_dir, ds = make_report_run(tmp_path_factory.mktemp("report"), steps=True, corruptions=True)
-    return run_dir, build_report(run_dir, dataset=ds)
+    def build(parent: Path) -> tuple[Path, dict]:
+        run_dir, ds = make_report_run(parent, steps=True, corruptions=True)
+        return run_dir, build_report(run_dir, dataset=ds)
+
+    return once("report", build)

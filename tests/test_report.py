@@ -4,12 +4,15 @@ computed reading, the `cifarlab report` command. Fake run folders: a tiny random
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
+import io
 import json
 import re
 import shutil
 import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -312,20 +315,43 @@ def test_markdown_links_the_plots(built):
 
 
 @pytest.fixture(scope="module")
-def rebuilt(built, tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
-    """A copy of the built run, rebuilt on other data with the same classes (a warning), then on its own data
-    again; the report files of each build are kept."""
+def rebuilt(built, once) -> types.SimpleNamespace:
+    """A copy of the built run, rebuilt by `cifarlab report` on other data with the same classes (a warning), then
+    by `build_report` on its own data again; the report files and the command's output of each build are kept.
+    Built once (conftest.Once)."""
     import dataclasses
 
-    run_dir = copy_run(built[0], tmp_path_factory.mktemp("rebuilt"))
-    other = dataclasses.replace(synthetic_dataset(), checksum="other-md5", source="elsewhere")
-    warned: list[str] = []
-    on_other = build_report(run_dir, dataset=other, on_warning=warned.append)
-    other_html, other_md = (run_dir / "report.html").read_text(), (run_dir / "report.md").read_text()
-    again = build_report(run_dir, dataset=synthetic_dataset(), on_warning=warned.append)
-    return types.SimpleNamespace(
-        run_dir=run_dir, warned=warned, on_other=on_other, other_html=other_html, other_md=other_md, again=again
-    )
+    def build(parent: Path) -> types.SimpleNamespace:
+        run_dir = copy_run(built[0], parent)
+        other = dataclasses.replace(synthetic_dataset(), checksum="other-md5", source="elsewhere")
+        with pytest.MonkeyPatch.context() as mp, _captured() as (out, err):
+            mp.setattr("cifarlab.evaluate.load_run_dataset", lambda run, data_dir=None: other)
+            rc = cli.main(["report", str(run_dir)])
+        on_other = read_json(run_dir / METRICS)
+        other_html, other_md = (run_dir / "report.html").read_text(), (run_dir / "report.md").read_text()
+        warned: list[str] = []
+        again = build_report(run_dir, dataset=synthetic_dataset(), on_warning=warned.append)
+        return types.SimpleNamespace(
+            run_dir=run_dir,
+            rc=rc,
+            out=out.getvalue(),
+            err=err.getvalue(),
+            warned=warned,
+            on_other=on_other,
+            other_html=other_html,
+            other_md=other_md,
+            again=again,
+        )
+
+    return once("rebuilt", build)
+
+
+@contextlib.contextmanager
+def _captured() -> Iterator[tuple[io.StringIO, io.StringIO]]:
+    """stdout and stderr of the block (for a module-scoped fixture, which cannot use capsys)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield out, err
 
 
 def test_rebuilding_is_idempotent(built, rebuilt):
@@ -338,21 +364,33 @@ def test_rebuilding_is_idempotent(built, rebuilt):
     assert again["report"]["reading"] == first["report"]["reading"]
 
 
+NOVAL_CLASSES = CLASSES[:4]
+
+
 @pytest.fixture(scope="module")
-def noval_airnet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Recipe, dict]:
-    """An airnet run (flip_translate) trained without validation; no steps.csv, no eval_corruptions.json."""
+def noval_airnet(once) -> tuple[Path, Recipe, dict]:
+    """An airnet run (flip_translate) of 4 classes trained without validation; no steps.csv, no
+    eval_corruptions.json. The full-disk tests rebuild copies of it."""
     recipe = tiny_recipe("airnet")
-    run_dir, ds = make_report_run(tmp_path_factory.mktemp("noval"), recipe=recipe, val_fraction=0.0)
-    return run_dir, recipe, build_report(run_dir, dataset=ds, split="test")
+
+    def build(parent: Path) -> tuple[Path, Recipe, dict]:
+        run_dir, ds = make_report_run(parent, recipe=recipe, val_fraction=0.0, classes=NOVAL_CLASSES)
+        return run_dir, recipe, build_report(run_dir, dataset=ds, split="test")
+
+    return once("noval", build)
 
 
 @pytest.fixture(scope="module")
-def nohist_noaug_val(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Recipe, dict]:
+def nohist_noaug_val(once) -> tuple[Path, Recipe, dict]:
     """A reference run without augmentation and without history.json or metrics.json, reported on its
     validation split (40 of the 200 training images)."""
     recipe = tiny_recipe().replace(augment="none")
-    run_dir, ds = make_report_run(tmp_path_factory.mktemp("nohist"), recipe=recipe, history=False)
-    return run_dir, recipe, build_report(run_dir, dataset=ds, split="val")
+
+    def build(parent: Path) -> tuple[Path, Recipe, dict]:
+        run_dir, ds = make_report_run(parent, recipe=recipe, history=False)
+        return run_dir, recipe, build_report(run_dir, dataset=ds, split="val")
+
+    return once("nohist", build)
 
 
 def test_run_without_validation(noval_airnet):
@@ -467,8 +505,8 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_full_disk_keeps_the_old_report_and_is_one_line(built, tmp_path: Path, monkeypatch, capsys):
-    run_dir, ds = copy_run(built[0], tmp_path), synthetic_dataset()
+def test_full_disk_keeps_the_old_report_and_is_one_line(noval_airnet, tmp_path: Path, monkeypatch, capsys):
+    run_dir, ds = copy_run(noval_airnet[0], tmp_path), synthetic_dataset(classes=NOVAL_CLASSES)
     old_html = (run_dir / "report.html").read_bytes()
     old_md = (run_dir / "report.md").read_bytes()
     (run_dir / "report.html").write_bytes(old_html + b"<!-- old -->")  # mark the old file
@@ -483,10 +521,10 @@ def test_full_disk_keeps_the_old_report_and_is_one_line(built, tmp_path: Path, m
     assert not [p for p in run_dir.rglob(".*.tmp")]  # no temp files left behind
 
 
-def test_full_disk_on_report_html_names_it(built, tmp_path: Path, monkeypatch, capsys):
+def test_full_disk_on_report_html_names_it(noval_airnet, tmp_path: Path, monkeypatch, capsys):
     import cifarlab.files
 
-    run_dir, ds = copy_run(built[0], tmp_path), synthetic_dataset()
+    run_dir, ds = copy_run(noval_airnet[0], tmp_path), synthetic_dataset(classes=NOVAL_CLASSES)
     old_html = (run_dir / "report.html").read_bytes()
     real = cifarlab.files.atomic_write_bytes
 
@@ -503,12 +541,27 @@ def test_full_disk_on_report_html_names_it(built, tmp_path: Path, monkeypatch, c
     assert (run_dir / "report.html").read_bytes() == old_html
 
 
-def test_markdown_escapes_names_from_the_data(tmp_path: Path):
-    evil = "a|b*<script>"
-    classes = (evil, "c_d`e", "[x](y)", "new\nline")
-    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe(), classes=classes)
-    ds = synthetic_dataset(classes=classes)
-    build_report(run_dir, dataset=ds)
+EVIL_CLASSES = ("a|b*<script>", "c_d`e", "[x](y)", "new\nline")
+
+
+@pytest.fixture(scope="module")
+def evil_without_captum(once) -> tuple[Path, dict]:
+    """A run whose class names are Markdown and HTML, reported where Captum cannot be imported (one build for
+    two independent checks: the names' escaping, and the report without saliency)."""
+    import sys
+
+    def build(parent: Path) -> tuple[Path, dict]:
+        run_dir = make_run(parent / "20260101-120000-reference", tiny_recipe(), EVIL_CLASSES)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(sys.modules, "captum", None)  # import captum -> ImportError
+            mp.setitem(sys.modules, "captum.attr", None)
+            return run_dir, build_report(run_dir, dataset=synthetic_dataset(classes=EVIL_CLASSES))
+
+    return once("evil", build)
+
+
+def test_markdown_escapes_names_from_the_data(evil_without_captum):
+    run_dir, _ = evil_without_captum
     md = (run_dir / "report.md").read_text()
     assert "a\\|b\\*\\<script\\>" in md and "<script>" not in md and "a|b" not in md
     assert "c\\_d\\`e" in md and "\\[x\\](y)" in md and "new\\\\x0aline" in md
@@ -519,18 +572,13 @@ def test_markdown_escapes_names_from_the_data(tmp_path: Path):
     assert "<script>" not in html_text and "a|b*&lt;script&gt;" in html_text
 
 
-def _mismatched_run(tmp_path: Path) -> tuple[Path, Dataset]:
-    """A run trained on data with checksum synthetic-md5, and other data with the same classes."""
-    import dataclasses
-
-    run_dir, ds = make_report_run(tmp_path, classes=CLASSES[:4])
-    # the run did not generalise: training accuracy 55%, far above what the other data gives
-    return run_dir, dataclasses.replace(ds, checksum="other-md5", source="elsewhere")
-
-
 def test_other_data_is_said_first_and_draws_no_overfitting_conclusion(rebuilt):
     metrics = rebuilt.on_other
-    assert len(rebuilt.warned) == 1 and "not the data this run was trained on" in rebuilt.warned[0]
+    # `cifarlab report` says it first, once, and still reports
+    assert rebuilt.rc == 0 and "test accuracy" in rebuilt.out
+    err = rebuilt.err
+    assert err.startswith("warning: the data evaluated") and "not the data this run was trained on" in err
+    assert rebuilt.err.count("warning:") == 1
     assert metrics["evaluation"]["dataset"]["checksum_matches_run"] is False
     reading = " ".join(metrics["report"]["reading"])
     assert "overfitting" not in reading.replace("No conclusion about overfitting", "")
@@ -541,19 +589,11 @@ def test_other_data_is_said_first_and_draws_no_overfitting_conclusion(rebuilt):
     assert "not the data this run was trained on" in html_text[box : box + 600]
     first = [ln for ln in rebuilt.other_md.splitlines() if ln.strip()][1]  # right after the title
     assert first.startswith("> **Warning:**") and "not the data this run was trained on" in first
-    # the same run rebuilt on its own data: no warning (the one above was the only one), the usual conclusion
+    # the same run rebuilt on its own data: no warning, the usual conclusion
+    assert rebuilt.warned == []
     assert "overfitting" in " ".join(rebuilt.again["report"]["reading"])
     assert 'class="warning"' not in (rebuilt.run_dir / "report.html").read_text()
     assert "> **Warning:**" not in (rebuilt.run_dir / "report.md").read_text()
-
-
-def test_report_command_warns_first_about_other_data(tmp_path: Path, monkeypatch, capsys):
-    run_dir, other = _mismatched_run(tmp_path)
-    monkeypatch.setattr("cifarlab.evaluate.load_run_dataset", lambda run, data_dir=None: other)
-    assert cli.main(["report", str(run_dir)]) == 0
-    out, err = capsys.readouterr()
-    assert err.startswith("warning: the data evaluated") and "not the data this run was trained on" in err
-    assert "test accuracy" in out
 
 
 # -- the "why" sections (issue #11) -------------------------------------------------------------------------------
@@ -734,15 +774,10 @@ def test_robustness_section_from_eval_corruptions(built, tmp_path: Path):
     assert "error" in read_corruptions(tmp_path)
 
 
-def test_report_builds_without_captum(tmp_path: Path, monkeypatch):
-    import sys
-
+def test_report_builds_without_captum(evil_without_captum):
     from cifarlab.report.insights import SALIENCY_INSTALL
 
-    monkeypatch.setitem(sys.modules, "captum", None)  # import captum -> ImportError
-    monkeypatch.setitem(sys.modules, "captum.attr", None)
-    run_dir, ds = make_report_run(tmp_path, classes=CLASSES[:4])
-    metrics = build_report(run_dir, dataset=ds)
+    run_dir, metrics = evil_without_captum
     assert metrics["report"]["saliency"] == {"method": "gradcam", "available": False, "note": SALIENCY_INSTALL}
     text = (run_dir / "report.html").read_text()
     assert "Saliency unavailable: pip install &#x27;cifarlab[explain]&#x27;" in text
