@@ -94,7 +94,11 @@ class AirNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(F.gelu(self.whiten(x)))
-        x = torch.amax(x, dim=(2, 3))  # global max pool (the 3x3 map left after three pools)
+        # Global max pool (the 3x3 map left after three pools), taken in fp32: under bf16 autocast, torch.compile
+        # (inductor, CPU) fuses the GELU into this reduction at fp32 but masks the backward's ties against the
+        # bf16-rounded GELU, so no element matched the max and 0/0 made every gradient NaN. In eager mode the
+        # upcast changes nothing (the max of upcast values is the upcast max; the same ties get the gradient).
+        x = torch.amax(x.float(), dim=(2, 3))
         return self.fc(x) * self.head_scale
 
 
