@@ -101,6 +101,9 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/bench-budget"))
     ap.add_argument("--json", type=Path, default=HERE / "results" / "budget.json")
     ap.add_argument("--chart", type=Path, default=HERE / "budget.png")
+    ap.add_argument(
+        "--update", action="store_true", help="keep the other budgets' rows of an existing --json; rerun these"
+    )
     args = ap.parse_args()
     rows = []
     for budget in args.budgets:
@@ -118,11 +121,17 @@ def main() -> None:
         )
     cpu = cpu_name()
     bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    commands = [" ".join(sys.argv)]
+    if args.update and args.json.exists():  # the rows of budgets not rerun now, and the commands that made them
+        old = json.loads(args.json.read_text())
+        rows += [r for r in old["runs"] if r["budget"] not in args.budgets]
+        commands = [*old.get("commands", [old.get("command", "")]), *commands]
+        rows.sort(key=lambda r: r.get("budget_seconds", 0.0))
     out = {
         "cpu": cpu,
         "cpu_bf16": bf16,
         "cores": len(os.sched_getaffinity(0)),
-        "command": " ".join(sys.argv),
+        "commands": commands,
         "runs": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from torch import nn
 
 from cifarlab import __version__
 from cifarlab.augment import make_augment
-from cifarlab.budget import MARGIN, PROCESS_START, BudgetPlan, Clock, TimeBudget, plan_budget
+from cifarlab.budget import PROCESS_START, BudgetPlan, Clock, TimeBudget, plan_budget, usable_seconds
 from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, split_indices
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads
 from cifarlab.distributed import Distributed, threads_per_process
@@ -443,7 +443,8 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clo
         seconds,
         build=build,
         loader=train_loader,
-        x_eval=plan.dataset.x_test[: min(len(plan.dataset.x_test), base.eval_batch_size, 256)],
+        # one whole evaluation batch: a smaller one stays in the CPU's cache and under-predicts evaluation
+        x_eval=plan.dataset.x_test[: min(len(plan.dataset.x_test), base.eval_batch_size)],
         n_test=len(plan.dataset.y_test),
         n_val=len(plan.val_idx),
         steps_per_epoch=spe,
@@ -480,7 +481,7 @@ def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, Se
     cbs = [*recipe_callbacks(plan.recipe, val_loader is not None), *callbacks, clock]
     if plan.budget is not None:  # training ends when the time left is what the test evaluation needs
         b = plan.budget
-        deadline = b.budget_seconds * (1 - MARGIN) - b.predicted_eval_seconds
+        deadline = usable_seconds(b.budget_seconds) - b.predicted_eval_seconds
         cbs.append(TimeBudget(deadline, plan.device, clock=plan.budget_clock))
     trainer = Trainer(
         plan.model,
