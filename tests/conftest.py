@@ -348,6 +348,20 @@ def all_cores():
         yield
 
 
+# Tests whose own worker processes get every core (the processes they start inherit it): two `cifarlab tune`
+# workers, each training, on the one core of their xdist worker took twice as long.
+SPREAD_OVER_EVERY_CORE = {"test_two_workers_killed_mid_study_resume_without_losing_or_repeating_a_trial"}
+
+
+@pytest.fixture(autouse=True)
+def _worker_processes_spread(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.node.name in SPREAD_OVER_EVERY_CORE:
+        with _every_core():
+            yield
+    else:
+        yield
+
+
 @pytest.fixture
 def one_thread():
     """Torch on one thread for the test: on 2 busy cores two threads made tiny models ~10x slower."""
