@@ -28,7 +28,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from _runfolder import CLASSES, make_run, tiny_recipe  # noqa: E402
 from cifarlab import inference, predict  # noqa: E402
+from cifarlab.device import autocast_dtype  # noqa: E402
 from cifarlab.errors import UserError  # noqa: E402
+from cifarlab.runs import load_run  # noqa: E402
 from cifarlab.serve import check_bind, create_app, is_loopback  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -534,9 +536,6 @@ def test_onnx_backend(run_dir: Path):
     assert not (run_dir / "model.onnx").exists()
     # ONNX Runtime computes in fp32 on the CPU: compare with the torch backend there (on a GPU it may use TF32/bf16).
     # The torch backend keeps the run's precision: 'auto' is bf16 on a CPU with bf16 units (3 significant digits).
-    from cifarlab.device import autocast_dtype
-    from cifarlab.runs import load_run
-
     bf16 = autocast_dtype(load_run(run_dir).recipe.precision, torch.device("cpu")) == torch.bfloat16
     tolerance = 1e-2 if bf16 else 1e-4
     with TestClient(create_app([run_dir], backend="onnx")) as c, TestClient(create_app([run_dir], device="cpu")) as cpu:

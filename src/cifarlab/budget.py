@@ -45,14 +45,16 @@ MARGIN = 0.015  # of the budget, kept free for the epoch-end work that is not ti
 # After the test result: writing metrics/status files and the interpreter's exit (1.3-1.7 s on a 2-core Zen 3
 # for every budget from 30 s to 10 min): a budget is for the whole command, so that time is kept free too.
 EXIT_SECONDS = 1.5
+MIN_BUDGET = 5.0
+_TTA_FALLBACK = {"flip_translate": "flip", "flip": "none"}
+_TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}
 
 
 def usable_seconds(budget: float) -> float:
     """The part of a budget that start-up, training and the test evaluation may use."""
     return budget * (1 - MARGIN) - EXIT_SECONDS
-MIN_BUDGET = 5.0
-_TTA_FALLBACK = {"flip_translate": "flip", "flip": "none"}
-_TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}
+
+
 _UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0, "m": 60.0, "min": 60.0}
 _UNITS |= {"mins": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0, "hour": 3600.0}
 _UNITS |= {"hours": 3600.0}
@@ -146,11 +148,12 @@ class BudgetPlan:
     probes: list[Probe] = field(default_factory=list)
     reason: str = ""
     taken_seconds: float | None = None  # clock origin to test accuracy, filled in at the end
-    clock: str = "process start"  # what the budget counts from (Clock.origin)
+    clock: Clock = PROCESS_START  # what the budget counts from; stored as its origin
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["widths"] = list(self.widths)
+        d["clock"] = self.clock.origin
         return d
 
     def describe(self) -> str:
@@ -308,7 +311,6 @@ def plan_budget(
     second = measure(guess.probe.scale if guess.probe.scale != 1.0 else 0.5)
     a, b = _line(base, second)
     eval_line = _line(base, second, "eval_seconds_per_image")
-    probe_seconds = time.perf_counter() - t0
     now = clock.elapsed()
     options = _options(probes, a, b, eval_1x, recipe, budget_seconds, now, n, eval_line)
     o = _choose(options, recipe.epochs)
@@ -332,11 +334,10 @@ def plan_budget(
         o.probe.eval_seconds_per_image = per_img
         eval_s = _TTA_VIEWS[o.tta] * per_img * n_test
         o.train_seconds, o.eval_seconds = o.train_seconds + o.eval_seconds - eval_s, eval_s
-        probe_seconds = time.perf_counter() - t0
     plan = BudgetPlan(
         budget_seconds=budget_seconds,
         planned_at=now,
-        probe_seconds=probe_seconds,
+        probe_seconds=time.perf_counter() - t0,
         widths=o.probe.widths,
         scale=o.probe.scale,
         epochs=chosen.epochs,
@@ -347,7 +348,7 @@ def plan_budget(
         steps_per_epoch=steps_per_epoch,
         probes=probes,
         reason=reason,
-        clock=clock.origin,
+        clock=clock,
     )
     return chosen, plan
 

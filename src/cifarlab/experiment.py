@@ -107,7 +107,6 @@ class Plan:
     timings: dict[str, float] = field(default_factory=dict)
     t_start: float = field(default_factory=time.perf_counter)
     budget: BudgetPlan | None = None  # what --budget chose (widths, epochs, TTA) and its deadline
-    budget_clock: Clock = PROCESS_START  # what the budget counts from
     dist: Distributed | None = None  # under torchrun with more than one process (`cifarlab.distributed`)
 
     @property
@@ -453,7 +452,7 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clo
     )
     plan.recipe = recipe
     plan.model = ready_model(recipe, plan.dataset, plan.device, data_init=(plan.train_idx, plan.mean, plan.std))
-    plan.budget, plan.budget_clock = budget, clock
+    plan.budget = budget
     return budget
 
 
@@ -482,7 +481,7 @@ def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, Se
     if plan.budget is not None:  # training ends when the time left is what the test evaluation needs
         b = plan.budget
         deadline = usable_seconds(b.budget_seconds) - b.predicted_eval_seconds
-        cbs.append(TimeBudget(deadline, plan.device, clock=plan.budget_clock))
+        cbs.append(TimeBudget(deadline, plan.device, clock=b.clock))
     trainer = Trainer(
         plan.model,
         plan.recipe,
@@ -557,7 +556,7 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         },
     }
     if plan.budget is not None:  # the budget against the time taken: clock origin to the test result
-        plan.budget.taken_seconds = plan.budget_clock.elapsed()
+        plan.budget.taken_seconds = plan.budget.clock.elapsed()
         metrics["budget"] = plan.budget.to_dict()
     write_json(run_dir / METRICS, metrics)
     say("")
@@ -678,7 +677,7 @@ def run_experiment(
         b = plan.budget
         if b is not None and (taken := b.taken_seconds) is not None:
             over = taken / b.budget_seconds - 1
-            say(f"budget {b.budget_seconds:g} s, taken {taken:.1f} s ({over:+.1%}) from {b.clock} to the result")
+            say(f"budget {b.budget_seconds:g} s, taken {taken:.1f} s ({over:+.1%}) from {b.clock.origin} to the result")
         report_error = write_report(plan, result, say) if report else None
         write_status(run_dir, "finished", **({"report_error": report_error} if report_error else {}))
         return result
