@@ -25,6 +25,7 @@ thread: two threads on two busy cores made them 10-30x slower (OpenMP threads wa
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -421,3 +422,29 @@ def report_built(once: Once) -> tuple[Path, dict]:
         return run_dir, build_report(run_dir, dataset=ds)
 
     return once("report", build)
+
+
+@functools.lru_cache(maxsize=1)
+def _noise_png() -> bytes:
+    """A 160 x 120 PNG of random pixels: incompressible, ~58 kB, about the size of a drawn figure."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(buf, "png")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def undrawn_figures(monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """Reports build every figure but do not rasterize them: each comes out as the same noise PNG (returned).
+
+    For tests of what happens around the drawing (full disks, what a report says): rasterizing and encoding
+    ~15 figures at 2x is most of a report's ~7 s. The report fixtures of test_report.py draw for real."""
+    return skip_rasterizing(monkeypatch)
+
+
+def skip_rasterizing(mp: pytest.MonkeyPatch) -> bytes:
+    """What `undrawn_figures` does, for module-scoped fixtures (with `pytest.MonkeyPatch.context()`)."""
+    png = _noise_png()
+    mp.setattr("cifarlab.report.figures.png_bytes", lambda fig: png)
+    return png

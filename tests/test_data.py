@@ -529,6 +529,27 @@ def test_imagefolder_corrupt_image_then_fixed(tmp_path) -> None:
     _check_folder(load_dataset(t.root), t)
 
 
+@pytest.mark.parametrize("source", ["folder", "tarball"])
+def test_imagefolder_thread_pool_decodes_the_same_and_reports_a_bad_image(tmp_path, monkeypatch, source) -> None:
+    """Small images decode in one thread; big ones go to a thread pool after the first chunk. Forced here (tiny
+    chunks, any image counts as big): the same arrays, and a bad image in a later chunk still named."""
+    import cifarlab.data.imagefolder as imagefolder
+
+    t = write_imagefolder(tmp_path / "t")
+    root = t.root if source == "folder" else tar_tree(t.root, tmp_path / "t.tar.gz")
+    serial = load_dataset(root)
+    monkeypatch.setattr(imagefolder, "CHUNK", 2)
+    monkeypatch.setattr(imagefolder, "POOL_ABOVE_SECONDS", 0.0)
+    monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path / "other-cache"))
+    pooled = load_dataset(root)
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(pooled, key), getattr(serial, key)), key
+    (t.root / "train" / "frog" / "zz.jpg").write_bytes(b"not a jpeg")  # sorts last: never in the first chunk
+    root = t.root if source == "folder" else tar_tree(t.root, tmp_path / "t2.tar.gz")
+    with pytest.raises(DataError, match=r"cannot decode image .*frog/zz\.jpg"):
+        load_dataset(root)
+
+
 def test_imagefolder_tar_corrupt_member(tmp_path) -> None:
     t = write_imagefolder(tmp_path / "t")
     (t.root / "train" / "cat" / "zz.jpg").write_bytes(b"not a jpeg")

@@ -102,7 +102,7 @@ def _image_folder(root: Path, size: int = 32) -> Path:
     return root
 
 
-def test_cli_trains_a_plugin_model_augmentation_and_callback(tmp_path, capsys, monkeypatch):
+def test_cli_trains_a_plugin_model_augmentation_and_callback(tmp_path, capsys, monkeypatch, undrawn_figures):
     """`cifarlab --plugin FILE` through `cli.main` in this process (what `python -m cifarlab.cli` calls); what the
     plugin registers is unregistered afterwards, as if each command had been a process of its own."""
     import cifarlab.plugins
@@ -248,7 +248,7 @@ def test_api_trains_a_user_module_with_a_user_callback_and_augmentation(tmp_path
         MODELS.unregister("user._TinyNet")
 
 
-def test_api_trains_on_64px_grayscale_images_without_resizing(tmp_path):
+def test_api_trains_on_64px_grayscale_images_without_resizing(tmp_path, undrawn_figures):
     x_tr, y_tr, x_te, y_te = _arrays(64, 16, (1, 64, 64), seed=1)
     run = cifarlab.fit(
         "reference",

@@ -318,7 +318,7 @@ def test_a_fine_tuned_run_resumes_to_identical_weights(tmp_path, ref_run, synth,
 # -- the CLI, the API, config.json and the report ------------------------------------------------------------------
 
 
-def test_cli_init_records_the_source_and_the_report_shows_it(tmp_path, one_thread, monkeypatch):
+def test_cli_init_records_the_source_and_the_report_shows_it(tmp_path, one_thread, monkeypatch, undrawn_figures):
     from cifarlab.data import idx
 
     monkeypatch.setattr(idx, "FASHION_MNIST_DIRS", ())

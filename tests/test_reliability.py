@@ -493,7 +493,7 @@ def _is_report_file(path: Path) -> bool:
     return path.name in ("report.html", "report.md") or path.parent.name == "plots"
 
 
-def test_full_disk_during_the_report_keeps_the_run_finished(tmp_path, monkeypatch):
+def test_full_disk_during_the_report_keeps_the_run_finished(tmp_path, monkeypatch, undrawn_figures):
     import cifarlab.experiment
     import cifarlab.files
 
@@ -541,7 +541,7 @@ class _FillDisk(Callback):
             f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - self.leave))
 
 
-def test_really_full_disk_during_the_report(tmp_path, tmpfs):
+def test_really_full_disk_during_the_report(tmp_path, tmpfs, undrawn_figures):
     root = tmpfs("size=4m")
     fill = _FillDisk(root, leave=200_000)  # room for the model and metrics, not for the report's figures
     lines: list[str] = []

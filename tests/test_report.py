@@ -38,6 +38,7 @@ from cifarlab.report import (
 )
 from cifarlab.report.common import png_size
 from cifarlab.runs import CONFIG, METRICS, machine_info, read_json, write_history, write_json
+from conftest import skip_rasterizing
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -325,12 +326,13 @@ def rebuilt(built, once) -> types.SimpleNamespace:
         run_dir = copy_run(built[0], parent)
         other = dataclasses.replace(synthetic_dataset(), checksum="other-md5", source="elsewhere")
         with pytest.MonkeyPatch.context() as mp, _captured() as (out, err):
+            skip_rasterizing(mp)  # what the report says is under test here, not its pixels
             mp.setattr("cifarlab.evaluate.load_run_dataset", lambda run, data_dir=None: other)
             rc = cli.main(["report", str(run_dir)])
-        on_other = read_json(run_dir / METRICS)
-        other_html, other_md = (run_dir / "report.html").read_text(), (run_dir / "report.md").read_text()
-        warned: list[str] = []
-        again = build_report(run_dir, dataset=synthetic_dataset(), on_warning=warned.append)
+            on_other = read_json(run_dir / METRICS)
+            other_html, other_md = (run_dir / "report.html").read_text(), (run_dir / "report.md").read_text()
+            warned: list[str] = []
+            again = build_report(run_dir, dataset=synthetic_dataset(), on_warning=warned.append)
         return types.SimpleNamespace(
             run_dir=run_dir,
             rc=rc,
@@ -468,7 +470,7 @@ def test_html_escapes_names():
     assert "a\\|b" in md and "c\\|d" in md
 
 
-def test_report_command(tmp_path: Path, tiny_cifar10, capsys):
+def test_report_command(tmp_path: Path, tiny_cifar10, capsys, undrawn_figures):
     run_dir, _ = make_report_run(tmp_path / "run", dataset_name="cifar10")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tiny archive's MD5 is not the official one
@@ -480,7 +482,7 @@ def test_report_command(tmp_path: Path, tiny_cifar10, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_training_writes_the_report(tmp_path: Path):
+def test_training_writes_the_report(tmp_path: Path, undrawn_figures):
     """`run_experiment` (what `cifarlab train` runs) ends with the report; its test numbers are the evaluation's."""
     from _synth import make_dataset
     from cifarlab.experiment import run_experiment
@@ -505,7 +507,8 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_full_disk_keeps_the_old_report_and_is_one_line(noval_airnet, tmp_path: Path, monkeypatch, capsys):
+def test_full_disk_keeps_the_old_report_and_is_one_line(noval_airnet, tmp_path: Path, monkeypatch, capsys,
+                                                         undrawn_figures):
     run_dir, ds = copy_run(noval_airnet[0], tmp_path), synthetic_dataset(classes=NOVAL_CLASSES)
     old_html = (run_dir / "report.html").read_bytes()
     old_md = (run_dir / "report.md").read_bytes()
@@ -521,7 +524,7 @@ def test_full_disk_keeps_the_old_report_and_is_one_line(noval_airnet, tmp_path: 
     assert not [p for p in run_dir.rglob(".*.tmp")]  # no temp files left behind
 
 
-def test_full_disk_on_report_html_names_it(noval_airnet, tmp_path: Path, monkeypatch, capsys):
+def test_full_disk_on_report_html_names_it(noval_airnet, tmp_path: Path, monkeypatch, capsys, undrawn_figures):
     import cifarlab.files
 
     run_dir, ds = copy_run(noval_airnet[0], tmp_path), synthetic_dataset(classes=NOVAL_CLASSES)

@@ -9,9 +9,7 @@ the key, the value and what is accepted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
-import functools
 import json
 import math
 import re
@@ -26,7 +24,7 @@ import yaml
 from cifarlab.data.dataset import canonical_dataset_name
 from cifarlab.errors import ConfigError, UserError
 from cifarlab.files import require_regular_file
-from cifarlab.recipes import DEFAULT_RECIPE, RECIPES, Recipe, choices, get_recipe, validate
+from cifarlab.recipes import DEFAULT_RECIPE, RECIPES, Recipe, choices, field_types, get_recipe, validate
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,15 +52,9 @@ _FILE_ONLY_KEYS = ("recipe",)
 MAX_CONFIG_BYTES = 1 << 20
 
 
-@functools.lru_cache(maxsize=1)
-def _field_types() -> dict[str, Any]:
-    # recipes.py uses `from __future__ import annotations`: field.type is a string, so resolve the hints.
-    hints = typing.get_type_hints(Recipe)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Recipe)}
-
 
 def accepted_keys() -> list[str]:
-    return sorted(_field_types())
+    return sorted(field_types())
 
 
 def _type_name(tp: Any) -> str:
@@ -168,7 +160,7 @@ def parse_value(key: str, raw: Any) -> Any:
     float accepts 1e-3; int rejects 1.5; bool accepts true/false/1/0/yes/no; tuples accept 64,128,128 or
     [64,128,128]; str fields with a fixed set of values (registered or Literal) must be one of them.
     """
-    types = _field_types()
+    types = field_types()
     if key not in types:
         raise _unknown_key(key)
     tp = types[key]

@@ -48,7 +48,7 @@ import yaml
 from cifarlab.config import _NoAliasLoader, accepted_keys, apply_overrides, parse_value
 from cifarlab.errors import ConfigError, UserError
 from cifarlab.files import read_json, require_regular_file, write_json
-from cifarlab.recipes import RECIPES, Recipe, _check_bounds, validate
+from cifarlab.recipes import RECIPES, Recipe, _check_bounds, field_types, validate
 from cifarlab.train.callbacks import Callback
 
 __all__ = [
@@ -119,11 +119,6 @@ def quiet_optuna() -> Iterator[Any]:
 def _fields() -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(Recipe)}
 
-
-@functools.lru_cache(maxsize=1)
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(Recipe)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Recipe)}
 
 
 @dataclass(frozen=True)
@@ -220,7 +215,7 @@ def _param(src: str, name: Any, spec: Any, recipe: Recipe) -> Param:
     if not isinstance(name, str):
         raise ConfigError(f"space {src}: parameter names must be recipe keys, got {name!r}")
     key, _, idx = name.partition(".")
-    types = _field_types()
+    types = field_types()
     if key not in types:
         raise _unknown(f"space {src}: params", name, accepted_keys())
     if key in NOT_TUNABLE:
