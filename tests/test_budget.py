@@ -123,6 +123,7 @@ def test_time_budget_ends_training_at_the_deadline_with_the_schedule_annealed(on
     assert lrs.index(peak) < len(lrs) // 2
 
 
+@pytest.mark.long
 def test_a_budgeted_run_finishes_within_its_budget(tmp_path, monkeypatch, one_thread):
     # Through the API: its budget counts from the fit() call (the test process started long ago), as the CLI's
     # counts from the start of a fresh `cifarlab train` process.

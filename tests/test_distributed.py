@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from _synth import make_images, write_image_folder
+from cifarlab import cli
 from cifarlab.augment import KerasAugment
 from cifarlab.data import BatchLoader
 from cifarlab.errors import ConfigError
+from cifarlab.registry import CALLBACKS, MODELS
 from cifarlab.runs import load_checkpoint
 
 dist = pytest.importorskip("torch.distributed")
@@ -33,8 +33,8 @@ needs_gloo = pytest.mark.skipif(
 )
 
 PLUGIN = '''
-import time
 import os
+import signal
 from torch import nn
 from cifarlab.registry import CALLBACKS, MODELS
 from cifarlab.train.callbacks import Callback
@@ -49,12 +49,17 @@ def tiny_nobn(recipe, num_classes, input_shape):
         nn.Linear(16, num_classes),
     )
 
-class Pause(Callback):
-    """Sleeps $TEST_PAUSE seconds after each epoch (0 by default): a window to kill the run in."""
-    def on_epoch_end(self, epoch, logs=None):
-        time.sleep(float(os.environ.get("TEST_PAUSE", "0")))
+class Crash(Callback):
+    """After epoch $TEST_CRASH_AFTER_EPOCH (1-based; never by default) is checkpointed, every rank SIGKILLs its
+    own process: no clean-up, as when the machine dies. (torchrun starts each worker in a session of its own,
+    so killing torchrun's process group from outside would leave them running.)"""
+    order = 200  # after the checkpoint (100)
 
-CALLBACKS.register("test_pause")(lambda recipe: Pause())
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == int(os.environ.get("TEST_CRASH_AFTER_EPOCH", "0")):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+CALLBACKS.register("test_crash")(lambda recipe: Crash())
 '''
 
 EPOCHS = 5
@@ -74,7 +79,7 @@ TRAIN = [
     "--set",
     "early_stopping_patience=0",
     "--set",
-    "callbacks=test_pause",
+    "callbacks=test_crash",
 ]
 
 
@@ -121,7 +126,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "CIFARLAB_CACHE": str(base / "cache"),
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
-        "TEST_PAUSE": "0",
         "CUDA_VISIBLE_DEVICES": "",  # gloo on CPU processes, also on a machine with one GPU
     }
     return {"base": base, "plugin": str(base / "ddp_plugin.py"), "data": str(root), "env": env}
@@ -153,48 +157,46 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "model.safetensors")
 
 
-def _kill_at_first_checkpoint(proc: subprocess.Popen, runs: Path) -> Path | None:
-    """Wait for the run's first checkpoint, then SIGKILL the process group (torchrun and both workers)."""
-    deadline, ckpt = time.time() + 180, None
-    while time.time() < deadline and proc.poll() is None:
-        found = list(runs.glob("*/checkpoint.pt")) if runs.exists() else []
-        if found:
-            ckpt = found[0]
-            break
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up
-    proc.wait()
-    return ckpt
+def _train_here(s: dict, runs: Path) -> None:
+    """The one-process run, in this test process (its imports are paid already); the plugin's names are
+    unregistered and --deterministic's global switches put back afterwards."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CIFARLAB_CACHE", s["env"]["CIFARLAB_CACHE"])
+            assert cli.main(_train_args(s, runs)) == 0
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        MODELS.unregister("tiny_nobn")
+        CALLBACKS.unregister("test_crash")
 
 
 @pytest.fixture(scope="module")
 def pair(setup: dict) -> dict:
-    """One process with batch 16, and two processes with global batch 16 killed after their first checkpoint
-    and resumed, trained side by side.
+    """One process with batch 16 (here), and two processes with global batch 16 killed after their first
+    checkpoint, then resumed.
 
     One DDP run serves both tests: resumed exactly, it must end where one process ends (to float tolerance);
     resumed wrongly (batches, draws or schedule not where they were), it cannot."""
     s, base = setup, setup["base"]
-    single = subprocess.Popen(
-        [sys.executable, "-m", "cifarlab.cli", *_train_args(s, base / "single")],
-        env=s["env"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=_all_cores,
-    )
-    # Started through the --nproc convenience (torchrun --standalone), in its own process group to kill it whole.
+    # Started through the --nproc convenience (torchrun --standalone); its workers kill themselves after epoch 1.
     runs = base / "ddp"
     killed = subprocess.Popen(
         [sys.executable, "-m", "cifarlab.cli", *_train_args(s, runs, "--nproc", "2")],
-        env={**s["env"], "TEST_PAUSE": "0.4"},
+        env={**s["env"], "TEST_CRASH_AFTER_EPOCH": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        start_new_session=True,
         preexec_fn=_all_cores,
     )
-    ckpt = _kill_at_first_checkpoint(killed, runs)
-    assert ckpt is not None, killed.stderr.read().decode() if killed.stderr else "no checkpoint"
+    try:
+        _train_here(s, base / "single")  # while the DDP processes run
+        _, err = killed.communicate(timeout=240)
+    finally:
+        killed.kill()
+    assert killed.returncode != 0 and "SIGKILL" in err.decode(), err.decode()
     run = _only_run(runs)
     status_killed = json.loads((run / "status.json").read_text())["status"]
     epoch_killed = load_checkpoint(run / "checkpoint.pt")["epoch"]
@@ -206,8 +208,6 @@ def pair(setup: dict) -> dict:
         timeout=240,
         preexec_fn=_all_cores,
     )
-    out_single, _ = single.communicate(timeout=240)
-    assert single.returncode == 0, out_single
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     return {
         "single": _only_run(base / "single"),
@@ -219,6 +219,7 @@ def pair(setup: dict) -> dict:
 
 
 @needs_gloo
+@pytest.mark.long
 def test_ddp_global_batch_matches_one_process(pair: dict) -> None:
     single, ddp = pair["single"], pair["ddp"]
     ws, wd = _weights(single), _weights(ddp)
@@ -243,10 +244,11 @@ def test_ddp_global_batch_matches_one_process(pair: dict) -> None:
 
 
 @needs_gloo
+@pytest.mark.long
 def test_ddp_killed_and_resumed_finishes_the_same_run(pair: dict) -> None:
     run = pair["ddp"]
     assert pair["status_killed"] == "running"  # killed mid-run: nothing marked it stopped
-    assert 1 <= pair["epoch_killed"] < EPOCHS
+    assert pair["epoch_killed"] == 1
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
     assert len([p for p in run.parent.iterdir() if p.is_dir()]) == 1  # resumed in place, not a second run
     # Where it ended is checked against one process in test_ddp_global_batch_matches_one_process.

@@ -85,6 +85,7 @@ def _only_run(runs: Path) -> Path:
     return run
 
 
+@pytest.mark.long
 def test_sigkilled_run_resumes_to_identical_weights(tmp_path, folder, cache, in_process, capsys):
     env = _env(cache)
     epochs = ["--set", "epochs=6"]
@@ -122,6 +123,7 @@ def test_sigkilled_run_resumes_to_identical_weights(tmp_path, folder, cache, in_
     assert json.loads((run_b / "status.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.long
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, folder, cache):
     env = _env(cache)
     proc = subprocess.Popen(

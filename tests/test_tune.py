@@ -168,6 +168,7 @@ def test_cli_reports_a_bad_space_before_any_work(tmp_path, capsys):
 # -- a tiny study --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_tiny_study_writes_trials_report_and_a_best_config_that_trains(folder, tmp_path, one_core, capsys):
     runs = tmp_path / "runs"
     args = [
@@ -309,6 +310,7 @@ def test_only_one_worker_claims_a_waiting_trial_or_fails_a_stale_one_on_sqlite(t
         assert study.get_trials(deepcopy=False)[0].state.name == state
 
 
+@pytest.mark.long
 def test_two_workers_killed_mid_study_resume_without_losing_or_repeating_a_trial(folder, tmp_path):
     recipe = TINY_RECIPE.replace(dataset=str(folder), epochs=3, early_stopping_patience=0)
     space = space_from_dict(

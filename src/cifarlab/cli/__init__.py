@@ -68,6 +68,10 @@ def _load_plugins(argv: list[str] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["--version"]:
+        # Answered before the parser is built: building it imports torch (~2.5 s) for the recipes' choices.
+        print(f"cifarlab {__version__}")
+        return 0
     try:
         _load_plugins(argv)
     except UserError as e:
