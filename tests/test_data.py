@@ -716,11 +716,13 @@ def test_sample_grid_figure() -> None:
     x, _ = _indexed_images(30)
     x = x.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)  # 32x32
     y = torch.arange(30) % 3
-    fig = sample_grid_figure(x, y, ("a", "b", "c"), per_class=4, seed=1)
+    names = ("a", "b", "$\\notacommand$")  # a folder name, not mathtext (which could not draw it)
+    fig = sample_grid_figure(x, y, names, per_class=4, seed=1)
     (ax,) = fig.axes
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(names)
     mosaic = ax.get_images()[0].get_array()
     assert mosaic.shape == (3 * 34 - 2, 4 * 34 - 2, 3)
+    fig.savefig(io.BytesIO(), format="png")
 
 
 @pytest.fixture

@@ -546,7 +546,7 @@ def test_full_disk_on_report_html_names_it(noval_airnet, tmp_path: Path, monkeyp
     assert (run_dir / "report.html").read_bytes() == old_html
 
 
-EVIL_CLASSES = ("a|b*<script>", "c_d`e", "[x](y)", "new\nline")
+EVIL_CLASSES = ("a|b*<script>", "c_d`e", "[x](y)", "new\nline", "$\\notacommand$")
 
 
 @pytest.fixture(scope="module")
@@ -575,6 +575,8 @@ def test_markdown_escapes_names_from_the_data(evil_without_captum):
     assert len(re.findall(r"(?<!\\)\|", row)) == 6, row
     html_text = (run_dir / "report.html").read_text()
     assert "<script>" not in html_text and "a|b*&lt;script&gt;" in html_text
+    # Not mathtext in the figures (it crashed drawing them: matplotlib has no \notacommand), not math in the Markdown
+    assert "\\$\\\\notacommand\\$" in md and "$\\notacommand$" in html_text
 
 
 def test_other_data_is_said_first_and_draws_no_overfitting_conclusion(rebuilt):

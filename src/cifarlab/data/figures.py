@@ -56,7 +56,8 @@ def sample_grid_figure(
     FigureCanvasAgg(fig)  # Agg: renders PNGs without a display, independent of pyplot's backend
     ax = fig.add_subplot()
     ax.imshow(mosaic, interpolation="nearest")
-    ax.set_yticks([c * (h + pad) + h / 2 - 0.5 for c in range(n_cls)], labels=list(classes))
+    # parse_math=False: class names are shown as they are, never as mathtext ("$\foo$" would crash the drawing).
+    ax.set_yticks([c * (h + pad) + h / 2 - 0.5 for c in range(n_cls)], labels=list(classes), parse_math=False)
     ax.set_xticks([])
     ax.tick_params(axis="y", length=0, labelsize=9 if n_cls <= 20 else 6)
     for spine in ax.spines.values():

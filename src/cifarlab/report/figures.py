@@ -54,6 +54,8 @@ STYLE: dict[str, Any] = {
     "legend.frameon": False,
     "legend.fontsize": 8.5,
     "image.interpolation": "nearest",
+    # Names come from the data: "$\alpha$" stays those characters, and "$\foo$" cannot crash the report.
+    "text.parse_math": False,
 }
 TRAIN, VAL, TEST = "#1f77b4", "#ff7f0e", "#2ca02c"
 DROP, STOP, BEST = "#7f7f7f", "#d62728", "#9467bd"

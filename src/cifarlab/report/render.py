@@ -124,7 +124,7 @@ def render_html(doc: Document, images: Mapping[str, bytes], scale: int = 2) -> s
 
 # -- Markdown ----------------------------------------------------------------------------------------------------
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|&~])")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|&~$])")  # $: GitHub renders $...$ as math
 _MD_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
