@@ -223,9 +223,8 @@ def test_real_fashion_mnist_from_the_debian_package(tmp_path):
     ],
     ids=["reference", "fast"],
 )
-def test_grey_28px_data_trains_end_to_end_with_a_report(tmp_path, no_debian, one_thread, argv, request):
-    if argv[1] == "reference":
-        request.getfixturevalue("undrawn_figures")  # the figures of grey images are drawn for real in [fast]
+def test_grey_28px_data_trains_end_to_end_with_a_report(tmp_path, no_debian, one_thread, argv, undrawn_figures):
+    # Figures built, not rasterized: grey images become RGB arrays before matplotlib sees them.
     write_fashion(tmp_path / "data", fake_arrays(n_train=60, n_test=20))
     runs = tmp_path / "runs"
     common = ["--set", "dataset=fashion_mnist", "--set", "batch_size=16", "--set", "precision=fp32"]
