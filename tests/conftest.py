@@ -13,8 +13,11 @@ Fixtures for other test modules:
 - ``tiny_imagefolder`` / ``tiny_imagefolder_tar``: ``root/{train,test}/{cat,dog,frog}/`` with solid-colour
   images of assorted sizes, modes and formats, as a folder or a ``.tar.gz``.
 
+- ``undrawn_figures``: reports build every figure without rasterizing it (a noise PNG instead), for tests of
+  what a report says; ``once`` / ``report_built``: results built once per pytest run, shared by xdist workers.
+
 The builder functions (``write_cifar_archive``, ``write_imagefolder``, ``tar_tree``) take parameters for
-tests that need other sizes.
+tests that need other sizes. Tests marked ``long`` are collected first (`pytest_collection_modifyitems`).
 
 Each test process runs on one core (`pytest_configure`): the serial run on the first core it may use, each
 pytest-xdist worker (``make test`` runs ``-n 2``) on a core of its own. Training sets torch's threads to the
