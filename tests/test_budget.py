@@ -35,6 +35,12 @@ def test_bad_durations_are_refused_with_examples(text):
         parse_duration(text)
 
 
+def test_the_api_names_its_own_argument(tmp_path):
+    with pytest.raises(ConfigError, match=r"^budget= 'soon' is not a duration"):
+        cifarlab.fit("fast", make_dataset(4, 2), runs_dir=tmp_path, budget="soon")
+    assert not any(tmp_path.iterdir())
+
+
 def test_cli_refuses_a_bad_budget_before_any_work(tmp_path, capsys):
     assert cli.main(["train", "--budget", "soon", "--runs-dir", str(tmp_path)]) == 2
     assert "not a duration" in capsys.readouterr().err

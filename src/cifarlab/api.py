@@ -96,7 +96,7 @@ def fit(
     folder, a .safetensors file or a PyTorch state-dict file to fine-tune from (see `cifarlab.finetune`). `budget`:
     seconds or a duration ("90s", "2m") from this call to the test accuracy, as `cifarlab train --budget`."""
     clock = Clock.from_now("the fit() call")  # before any work: the budget covers data loading and the probe
-    seconds = parse_duration(budget) if budget is not None else None
+    seconds = parse_duration(budget, "budget=") if budget is not None else None
     base = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if isinstance(data, (str, Path)):
         overrides = {"dataset": str(data), **overrides}

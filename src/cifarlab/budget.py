@@ -62,8 +62,8 @@ _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*")
 _IMPORTED = time.perf_counter()
 
 
-def parse_duration(text: str | float) -> float:
-    """Seconds in '90', '90s', '2m', '1.5min', '1h30m', '10 minutes'."""
+def parse_duration(text: str | float, name: str = "--budget") -> float:
+    """Seconds in '90', '90s', '2m', '1.5min', '1h30m', '10 minutes'; errors name the setting as `name`."""
     if isinstance(text, (int, float)):
         seconds = float(text)
     else:
@@ -75,9 +75,9 @@ def parse_duration(text: str | float) -> float:
             seconds += float(m.group(1)) * _UNITS[m.group(2)]
             pos = m.end()
         if not s or pos != len(s):
-            raise ConfigError(f"--budget {text!r} is not a duration; write e.g. 90s, 2m, 1.5min, 1h30m or 600")
+            raise ConfigError(f"{name} {text!r} is not a duration; write e.g. 90s, 2m, 1.5min, 1h30m or 600")
     if not math.isfinite(seconds) or seconds < MIN_BUDGET:
-        raise ConfigError(f"--budget {text!r}: give at least {MIN_BUDGET:g} s (the run has to start and evaluate)")
+        raise ConfigError(f"{name} {text!r}: give at least {MIN_BUDGET:g} s (the run has to start and evaluate)")
     return seconds
 
 
