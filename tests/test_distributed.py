@@ -182,10 +182,10 @@ def pair(setup: dict) -> dict:
     One DDP run serves both tests: resumed exactly, it must end where one process ends (to float tolerance);
     resumed wrongly (batches, draws or schedule not where they were), it cannot."""
     s, base = setup, setup["base"]
-    # Started through the --nproc convenience (torchrun --standalone); its workers kill themselves after epoch 1.
+    # Its workers kill themselves after epoch 1 (--nproc, which starts the same torchrun, is tested on its own).
     runs = base / "ddp"
     killed = subprocess.Popen(
-        [sys.executable, "-m", "cifarlab.cli", *_train_args(s, runs, "--nproc", "2")],
+        _torchrun(*_train_args(s, runs)),
         env={**s["env"], "TEST_CRASH_AFTER_EPOCH": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -252,6 +252,33 @@ def test_ddp_killed_and_resumed_finishes_the_same_run(pair: dict) -> None:
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
     assert len([p for p in run.parent.iterdir() if p.is_dir()]) == 1  # resumed in place, not a second run
     # Where it ended is checked against one process in test_ddp_global_batch_matches_one_process.
+
+
+def test_nproc_runs_the_same_command_under_torchrun(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`cifarlab train --nproc N ...` checks the recipe, then replaces itself with torchrun running the command
+    without --nproc (the DDP runs above start torchrun the same way)."""
+
+    class Exec(Exception):
+        pass
+
+    def execv(path: str, argv: list[str]) -> None:
+        raise Exec(path, argv)
+
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = ["train", "--recipe", "reference", "--set", "epochs=2", "--runs-dir", str(tmp_path / "runs")]
+    for nproc in (["--nproc", "2"], ["--nproc=2"]):
+        monkeypatch.setattr(sys, "argv", ["cifarlab", *args[:1], *nproc, *args[1:]])
+        with pytest.raises(Exec) as e:
+            cli.main(sys.argv[1:])
+        path, argv = e.value.args
+        assert path == sys.executable
+        assert argv == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        "-m", "cifarlab.cli", *args]  # fmt: skip
+    # A bad value fails here, once, not in N processes; nothing is started.
+    monkeypatch.setattr(sys, "argv", ["cifarlab", "train", "--nproc", "2", "--set", "epochs=0"])
+    assert cli.main(sys.argv[1:]) == 2
+    assert not (tmp_path / "runs").exists()
 
 
 # -- the sharded loader, in process ------------------------------------------------------------------------
