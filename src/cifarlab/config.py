@@ -52,7 +52,6 @@ _FILE_ONLY_KEYS = ("recipe",)
 MAX_CONFIG_BYTES = 1 << 20
 
 
-
 def accepted_keys() -> list[str]:
     return sorted(field_types())
 

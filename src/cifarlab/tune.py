@@ -120,7 +120,6 @@ def _fields() -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(Recipe)}
 
 
-
 @dataclass(frozen=True)
 class Param:
     """One tuned recipe key: `name` is the key as written (`lr`, or `dropout.0` for one element of a tuple)."""

@@ -66,7 +66,7 @@ def _chunks(items: Iterable[_Entry], n: int) -> Iterator[list[_Entry]]:
 
 # Below this many seconds per image the thread pool is slower than one thread: a small image (CIFAR's 32 x 32
 # JPEGs: ~0.15 ms) decodes in less time than the threads take to hand the GIL to each other (measured on the
-# shared CIFAR-10 copy, 2 cores: 20.5 s pooled, ~14 s serial). Big images spend long in Pillow's C code with
+# shared CIFAR-10 copy, 2-core Zen 3: 20.5 s pooled, ~17 s serial). Big images spend long in Pillow's C code with
 # the GIL released, and gain from the pool.
 POOL_ABOVE_SECONDS = 1e-3
 CHUNK = 256  # images per unit of work
