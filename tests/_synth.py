@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -76,3 +79,17 @@ def write_image_folder(root: Path, n_train: int = 60, n_test: int = 10, n_classe
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
     return root
+
+
+@contextlib.contextmanager
+def determinism_restored() -> Iterator[None]:
+    """Put torch's deterministic-algorithms switch (and the cuBLAS setting it needs) back as they were: an
+    in-process `--deterministic` run turns them on for the whole test process."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

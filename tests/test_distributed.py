@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _synth import make_images, write_image_folder
+from _synth import determinism_restored, make_images, write_image_folder
 from cifarlab import cli
 from cifarlab.augment import KerasAugment
 from cifarlab.data import BatchLoader
@@ -160,16 +160,11 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def _train_here(s: dict, runs: Path) -> None:
     """The one-process run, in this test process (its imports are paid already); the plugin's names are
     unregistered and --deterministic's global switches put back afterwards."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     try:
-        with pytest.MonkeyPatch.context() as mp:
+        with determinism_restored(), pytest.MonkeyPatch.context() as mp:
             mp.setenv("CIFARLAB_CACHE", s["env"]["CIFARLAB_CACHE"])
             assert cli.main(_train_args(s, runs)) == 0
     finally:
-        torch.use_deterministic_algorithms(deterministic)
-        if cublas is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         MODELS.unregister("tiny_nobn")
         CALLBACKS.unregister("test_crash")
 

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from _synth import TINY_ARGS, default_sigint, make_dataset, make_images, write_image_folder
+from _synth import TINY_ARGS, default_sigint, determinism_restored, make_dataset, make_images, write_image_folder
 from cifarlab import cli
 from cifarlab.config import load_config_file
 from cifarlab.errors import ConfigError, UserError
@@ -51,17 +51,13 @@ def _one_core_and_torch_state():
     --deterministic run in-process turns deterministic algorithms on: put torch back as it was afterwards."""
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if affinity:
         os.sched_setaffinity(0, {min(affinity)})
-    yield
+    with determinism_restored():
+        yield
     if affinity:
         os.sched_setaffinity(0, affinity)
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-    if cublas is None:
-        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _write_imagefolder(root: Path, per_class: int = 40) -> Path:

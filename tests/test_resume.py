@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _synth import TINY_ARGS, make_dataset, write_image_folder
+from _synth import TINY_ARGS, determinism_restored, make_dataset, write_image_folder
 from cifarlab import cli
 from cifarlab.experiment import run_experiment
 from cifarlab.recipes import get_recipe
@@ -50,12 +50,8 @@ def cache(tmp_path_factory) -> Path:
 def in_process(cache, monkeypatch):
     """`cli.main` runs here use the module's cache; --deterministic's global switch is put back afterwards."""
     monkeypatch.setenv("CIFARLAB_CACHE", str(cache))
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    if cublas is None:
-        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    with determinism_restored():
+        yield
 
 
 def _args(folder: Path, runs: Path, *extra: str) -> list[str]:

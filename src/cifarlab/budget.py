@@ -48,18 +48,16 @@ EXIT_SECONDS = 1.5
 MIN_BUDGET = 5.0
 _TTA_FALLBACK = {"flip_translate": "flip", "flip": "none"}
 _TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}
-
-
-def usable_seconds(budget: float) -> float:
-    """The part of a budget that start-up, training and the test evaluation may use."""
-    return budget * (1 - MARGIN) - EXIT_SECONDS
-
-
 _UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0, "m": 60.0, "min": 60.0}
 _UNITS |= {"mins": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0, "hour": 3600.0}
 _UNITS |= {"hours": 3600.0}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*")
 _IMPORTED = time.perf_counter()
+
+
+def usable_seconds(budget: float) -> float:
+    """The part of a budget that start-up, training and the test evaluation may use."""
+    return budget * (1 - MARGIN) - EXIT_SECONDS
 
 
 def parse_duration(text: str | float, name: str = "--budget") -> float:

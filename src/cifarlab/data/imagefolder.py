@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -74,8 +74,7 @@ CHUNK = 256  # images per unit of work
 
 def _decode_entries(entries: Iterable[_Entry], total: int | None, desc: str, size: int | None) -> list[_Decoded]:
     """Decode the first chunk here, then the rest here too (small images) or in a small thread pool (big
-    ones: Pillow releases the GIL while decoding), keeping few chunks in flight so a big tarball is never
-    held in memory whole."""
+    ones: Pillow releases the GIL while decoding)."""
     from tqdm.auto import tqdm
 
     def work(chunk: list[_Entry]) -> list[_Decoded]:
@@ -84,34 +83,34 @@ def _decode_entries(entries: Iterable[_Entry], total: int | None, desc: str, siz
     workers = _decode_workers()
     chunks = _chunks(entries, CHUNK)
     results: list[_Decoded] = []
-    pending: deque[Future[list[_Decoded]]] = deque()
     with tqdm(total=total, desc=desc, unit="img", disable=None) as bar:
         first = next(chunks, [])
         t0 = time.perf_counter()
         results.extend(work(first))
         bar.update(len(first))
-        if workers == 1 or (time.perf_counter() - t0) / max(1, len(first)) < POOL_ABOVE_SECONDS:
-            for chunk in chunks:
-                results.extend(work(chunk))
-                bar.update(len(chunk))
-            return results
-        with ThreadPoolExecutor(workers) as pool:
-            try:
-                for chunk in chunks:
-                    pending.append(pool.submit(work, chunk))
-                    while len(pending) > 2 * workers:
-                        done = pending.popleft().result()
-                        results.extend(done)
-                        bar.update(len(done))
-                while pending:
-                    done = pending.popleft().result()
-                    results.extend(done)
-                    bar.update(len(done))
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
+        pooled = workers > 1 and (time.perf_counter() - t0) / max(1, len(first)) >= POOL_ABOVE_SECONDS
+        for done in _in_pool(work, chunks, workers) if pooled else map(work, chunks):
+            results.extend(done)
+            bar.update(len(done))
     return results
+
+
+def _in_pool(work: Callable[[list[_Entry]], list[_Decoded]], chunks: Iterator[list[_Entry]], workers: int
+             ) -> Iterator[list[_Decoded]]:  # fmt: skip
+    """`work` of each chunk, in order, from a thread pool that keeps few chunks in flight (a big tarball is never
+    held in memory whole)."""
+    pending: deque[Future[list[_Decoded]]] = deque()
+    with ThreadPoolExecutor(workers) as pool:
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(work, chunk))
+                if len(pending) > 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
 
 
 def _layout_help(root: str) -> str:
