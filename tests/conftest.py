@@ -351,13 +351,6 @@ def _every_core() -> Iterator[None]:
         os.sched_setaffinity(0, pinned)
 
 
-@pytest.fixture
-def all_cores():
-    """Every core again for the test (decoding 60,000 JPEGs uses a thread per core), then one core as before."""
-    with _every_core():
-        yield
-
-
 # Tests whose own worker processes get every core (the processes they start inherit it): two `cifarlab tune`
 # workers, each training, on the one core of their xdist worker took twice as long.
 SPREAD_OVER_EVERY_CORE = {"test_two_workers_killed_mid_study_resume_without_losing_or_repeating_a_trial"}

@@ -798,7 +798,7 @@ def test_errors_are_user_errors() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10-jpeg.tar.gz").is_file(), reason=f"{SHARED_DATA} is absent")
 @pytest.mark.long
-def test_real_cifar10_both_paths(tmp_path, monkeypatch, all_cores) -> None:
+def test_real_cifar10_both_paths(tmp_path, monkeypatch) -> None:
     # Never pollute the shared folder or ~/.cache.
     monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path / "cache"))
     jpeg = load_dataset("cifar10", SHARED_DATA, download=False)

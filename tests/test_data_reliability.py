@@ -189,3 +189,67 @@ def test_16bit_grayscale_png_is_scaled_not_clipped(tmp_path) -> None:
     x = decode_image(path, str(path), size=None)
     assert x.shape == (3, 4, 4) and x.dtype == np.uint8
     assert x[0, 0].tolist() == [0, 1, 128, 255] and (x[0] == x[2]).all()
+
+
+# -- JPEGs: simplejpeg where it gives Pillow's pixels, Pillow everywhere else ------------------------
+
+
+def _pillow_decode(data: bytes, size: int | None) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = im.convert("RGB")
+        if size is not None and rgb.size != (size, size):
+            shrink = min(rgb.size) >= size
+            rgb = rgb.resize((size, size), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+        return np.asarray(rgb).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("RGB", {"subsampling": "4:2:0"}),
+        ("RGB", {"subsampling": "4:2:2", "quality": 60}),
+        ("RGB", {"subsampling": "4:4:4", "quality": 95}),
+        ("RGB", {"progressive": True}),
+        ("L", {}),
+        ("CMYK", {}),  # not YCbCr: Pillow's path
+    ],
+)
+@pytest.mark.parametrize("shape", [(32, 32), (33, 17)])
+def test_jpeg_decodes_to_pillows_pixels(tmp_path, mode, options, shape) -> None:
+    import io
+
+    from PIL import Image
+
+    from cifarlab.data import images
+
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    noise.save(buf, "JPEG", **options)
+    data = buf.getvalue()
+    path = tmp_path / "x.jpg"
+    path.write_bytes(data)
+    as_is = images._decode_jpeg_as_is(data, size=None, max_pixels=10**6)
+    assert (as_is is None) == (mode == "CMYK")  # the fast path really ran for the others
+    for size in (None, 32):
+        want = _pillow_decode(data, size)
+        np.testing.assert_array_equal(decode_image(data, "x", size), want)
+        np.testing.assert_array_equal(decode_image(path, "x", size), want)
+
+
+def test_damaged_jpeg_is_pillows_clear_error_not_garbage(tmp_path) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, "JPEG")
+    truncated = buf.getvalue()[: len(buf.getvalue()) // 2]  # libjpeg only warns; strict decoding refuses it
+    with pytest.raises(DataError, match=r"cannot decode image where \(OSError: .*[Tt]runcated"):
+        decode_image(truncated, "where", 32)
+    with pytest.raises(DataError, match="exceeds limit of 100 pixels"):
+        decode_image(buf.getvalue(), "where", 32, max_pixels=100)

@@ -1,7 +1,9 @@
-"""Image files: the one list of image suffixes, the decompression-bomb guard, and Pillow decoding to uint8 CHW.
+"""Image files: the one list of image suffixes, the decompression-bomb guard, and decoding to uint8 CHW.
 
 Dataset loading (`imagefolder`) and `cifarlab predict` both decode through `decode_image`, so a model sees
-images prepared exactly like the ones it was trained on.
+images prepared exactly like the ones it was trained on. JPEGs that need no resizing are decoded by
+simplejpeg (libjpeg-turbo, ~8x faster than Pillow for small images, whose header parsing is Python: 60,000
+CIFAR-10 JPEGs in 1.4 s instead of 11 s), with the same pixels; everything else goes through Pillow.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import simplejpeg
 
 from cifarlab.errors import DataError
 
@@ -118,6 +121,38 @@ def pil_to_array(im: PILImage.Image, channels: str = "RGB") -> np.ndarray:
     return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _decode_jpeg_as_is(src: bytes | Path | str, size: int | None, max_pixels: int) -> np.ndarray | None:
+    """A JPEG that needs no resizing, decoded by simplejpeg; None for anything else (Pillow's path decides).
+
+    Only plain YCbCr/greyscale images at their final size take this path: there both libraries run
+    libjpeg-turbo's default (accurate) IDCT and fancy upsampling, so the pixels are identical (checked on all
+    60,000 CIFAR-10 images and in tests/test_images.py). Any libjpeg warning or error (a truncated or damaged
+    file) falls back to Pillow, whose message the user sees.
+    """
+    if isinstance(src, bytes):
+        data = src
+    else:
+        with open(src, "rb") as f:
+            if f.read(3) != _JPEG_MAGIC:
+                return None
+            data = _JPEG_MAGIC + f.read()
+    if not data.startswith(_JPEG_MAGIC):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray") or height * width > max_pixels:
+            return None
+        if size is not None and (height, width) != (size, size):
+            return None
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError:
+        return None
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
 def decode_image(
     src: bytes | Path | str, where: str, size: int | None = 32, *, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> np.ndarray:
@@ -134,6 +169,9 @@ def decode_image(
     try:
         if not isinstance(src, bytes) and not is_regular_file(src):
             raise OSError(f"{src} is not a regular file (a FIFO, device, socket or folder)")
+        fast = _decode_jpeg_as_is(src, size, max_pixels)
+        if fast is not None:
+            return fast
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             _check_pixels(im, max_pixels)
             if size is not None and im.format == "JPEG" and min(im.size) >= 4 * size:
