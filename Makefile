@@ -26,5 +26,7 @@ lint: $(VENV)/.installed
 
 # One pytest-xdist worker per core, each pinned to its core (tests/conftest.py); worksteal keeps a module's tests
 # (and its module-scoped runs and reports) on one worker until another worker runs out of work.
+# Bytecode is written even where the environment says not to (PYTHONDONTWRITEBYTECODE=1 on some images): else every
+# worker and every `cifarlab` subprocess the tests start compiles the package and rewrites the tests' asserts again.
 test: lint
-	$(VENV)/bin/pytest -q -n auto --dist worksteal
+	PYTHONDONTWRITEBYTECODE= $(VENV)/bin/pytest -q -n auto --dist worksteal

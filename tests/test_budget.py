@@ -134,7 +134,7 @@ def test_a_budgeted_run_finishes_within_its_budget(tmp_path, monkeypatch, one_th
     # Through the API: its budget counts from the fit() call (the test process started long ago), as the CLI's
     # counts from the start of a fresh `cifarlab train` process.
     monkeypatch.setattr("cifarlab.experiment.set_threads", lambda: 1)
-    budget = 12.0
+    budget = 8.0
     run = cifarlab.fit("fast", make_dataset(48, 8), batch_size=32, runs_dir=tmp_path, budget=budget, report=False)
     b = run.metrics["budget"]
     assert b["budget_seconds"] == budget and b["clock"] == "the fit() call"

@@ -65,11 +65,11 @@ SCALE = 2  # PNGs are saved at SCALE x DPI
 SAVE_DPI = DPI * SCALE
 
 
-def _figure(width: float, height: float) -> Any:
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -369,8 +369,8 @@ def image_grid(rows: Sequence[GridRow], title: str, cols: int, cell_w: float = 1
         specs.append((heading, cells, 0.05 + 0.15 * lines, (cell_w - pad) * aspect))
     height = title_h + note_h + sum((head_h if h else 0) + cap + img + 0.1 for h, _, cap, img in specs) + 0.05
     width = max(cols * cell_w + 0.1, 4.0)
-    fig = _figure(width, height)
-    fig.set_layout_engine("none")
+    # No layout engine at all (not "none", which keeps a placeholder): savefig then skips its layout pre-draw.
+    fig = _figure(width, height, layout=None)
     fig.suptitle(title, fontweight="bold", fontsize=11, y=1 - 0.08 / height, va="top")
     y = height - title_h
     if note:
