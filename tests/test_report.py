@@ -377,9 +377,33 @@ def noval_airnet(once) -> tuple[Path, Recipe, dict]:
 
     def build(parent: Path) -> tuple[Path, Recipe, dict]:
         run_dir, ds = make_report_run(parent, recipe=recipe, val_fraction=0.0, classes=NOVAL_CLASSES)
-        return run_dir, recipe, build_report(run_dir, dataset=ds, split="test")
+        with pytest.MonkeyPatch.context() as mp:
+            skip_rasterizing(mp)  # its figures that differ from the full report's are drawn by the test below
+            return run_dir, recipe, build_report(run_dir, dataset=ds, split="test")
 
     return once("noval", build)
+
+
+def test_figures_of_a_run_without_validation_are_drawn() -> None:
+    """What a run without validation draws differently (training curves alone, the per-epoch LR where there is
+    no steps.csv) and airnet's flip+translate augmentation, rasterized for real at the report's size."""
+    import matplotlib
+
+    from cifarlab.report import figures
+
+    history = fake_history(4, with_val=False)
+    ds = synthetic_dataset(classes=NOVAL_CLASSES)
+    with matplotlib.rc_context(figures.STYLE):  # type: ignore[arg-type]
+        drawn = {
+            "curves": figures.plot_curves(history, {}, {"accuracy": 0.5, "loss": 1.2}),
+            "lr": figures.plot_lr(history),
+            "augment": figures.plot_augment(ds.x_train, ds.y_train, NOVAL_CLASSES, tiny_recipe("airnet")),
+        }
+        for key, fig in drawn.items():
+            size = tuple(round(v * figures.SAVE_DPI) for v in fig.get_size_inches())
+            assert png_size(figures.png_bytes(fig)) == size, key
+    assert [line.get_label() for line in drawn["curves"].axes[0].get_lines()][:1] == ["train accuracy"]
+    assert not any("validation" in str(line.get_label()) for ax in drawn["curves"].axes for line in ax.get_lines())
 
 
 @pytest.fixture(scope="module")
