@@ -3,7 +3,8 @@ splits, statistics and `BatchLoader` batches.
 
 Where things live:
 
-- `images`: the image suffixes, the decompression-bomb guard, Pillow decoding to uint8 CHW.
+- `images`: the image suffixes, the decompression-bomb guard, decoding to uint8 CHW (simplejpeg for JPEGs at
+  their final size, Pillow for the rest).
 - `archives`: reading tarballs to the end so a damaged one is detected (gzip/bzip2/xz checksums).
 - `official`: official CIFAR archives (download, MD5, safe unpickling of the batches).
 - `imagefolder`: ImageFolder trees and tarballs.
