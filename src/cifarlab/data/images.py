@@ -129,8 +129,8 @@ def _decode_jpeg_as_is(src: bytes | Path | str, size: int | None, max_pixels: in
 
     Only plain YCbCr/greyscale images at their final size take this path: there both libraries run
     libjpeg-turbo's default (accurate) IDCT and fancy upsampling, so the pixels are identical (checked on all
-    60,000 CIFAR-10 images, and in tests/test_data_reliability.py). Any libjpeg warning or error (a truncated or damaged
-    file) falls back to Pillow, whose message the user sees.
+    60,000 CIFAR-10 images, and in tests/test_data_reliability.py). Any libjpeg warning or error (a truncated
+    or damaged file) falls back to Pillow, whose message the user sees.
     """
     if isinstance(src, bytes):
         data = src
