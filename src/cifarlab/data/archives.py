@@ -16,11 +16,14 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from cifarlab.errors import DataError
 from cifarlab.files import require_regular_file
 
 __all__ = ["TAR_SUFFIXES", "ArchiveDamaged", "damaged", "iter_tar", "require_regular", "tar_stem"]
+
+T = TypeVar("T")
 
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 
@@ -95,9 +98,10 @@ def damaged(path: Path, exc: BaseException, advice: str, fmt: str = "tar") -> Ar
 
 
 def iter_tar(
-    path: Path, advice: str, want: Callable[[tarfile.TarInfo], bool]
-) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
-    """Yield ``(member, bytes)`` for every regular member for which `want(member)` is true, in archive order.
+    path: Path, advice: str, select: Callable[[tarfile.TarInfo], T | None]
+) -> Iterator[tuple[T, bytes]]:
+    """Yield ``(select(member), bytes)`` for every regular member that `select` does not map to None, in archive
+    order (`select` returns what the caller derived from the member's name, so it is not derived twice).
 
     After the last member the rest of the compressed stream is read, so its checksum is verified: damage
     anywhere raises `ArchiveDamaged` (with `advice` on what to do) from the iterator before it ends.
@@ -110,11 +114,12 @@ def iter_tar(
     try:
         with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for m in tar:
-                if m.isfile() and want(m):
+                key = select(m) if m.isfile() else None
+                if key is not None:
                     f = tar.extractfile(m)
                     if f is None:  # pragma: no cover (isfile() members always have a reader)
                         continue
-                    yield m, f.read()
+                    yield key, f.read()
             _drain(stream)
     except _READ_ERRORS as exc:
         raise damaged(path, exc, advice, fmt) from exc

@@ -189,17 +189,14 @@ def _tar_entries(archive: Path) -> Iterator[_Entry]:
     prefixes: set[str] = set()
     member_of = f"{archive} (member "  # formatted once: 60,000 members made this loop's cost visible
 
-    def parts_of(name: str) -> list[str]:
-        return [p for p in name.split("/") if p not in ("", ".")]
-
-    def want(m: Any) -> bool:
-        parts = parts_of(m.name)
+    def image_parts(m: Any) -> tuple[list[str], str] | None:
+        """(the name's parts, the name) of an image member, else None."""
+        parts = [p for p in m.name.split("/") if p not in ("", ".")]
         if len(parts) < 3 or parts[-3] not in _SPLITS or any(skip_name(p) for p in parts):
-            return False
-        return os.path.splitext(parts[-1])[1].lower() in IMAGE_SUFFIXES
+            return None
+        return (parts, m.name) if os.path.splitext(parts[-1])[1].lower() in IMAGE_SUFFIXES else None
 
-    for m, raw in iter_tar(archive, TAR_ADVICE, want):
-        parts = parts_of(m.name)
+    for (parts, name), raw in iter_tar(archive, TAR_ADVICE, image_parts):
         prefix = "/".join(parts[:-3])
         if prefix not in prefixes:
             prefixes.add(prefix)
@@ -208,7 +205,7 @@ def _tar_entries(archive: Path) -> Iterator[_Entry]:
                     f"{archive} holds more than one image tree "
                     f"({', '.join(sorted(p + '/' for p in prefixes))}): {_layout_help('<top>')}, once."
                 )
-        yield parts[-3], parts[-2], "/".join(parts[-3:]), raw, member_of + m.name + ")"
+        yield parts[-3], parts[-2], "/".join(parts[-3:]), raw, member_of + name + ")"
 
 
 def load_imagefolder(

@@ -124,7 +124,14 @@ def pil_to_array(im: PILImage.Image, channels: str = "RGB") -> np.ndarray:
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _decode_jpeg_as_is(src: bytes | Path | str, size: int | None, max_pixels: int) -> np.ndarray | None:
+def _read_if_jpeg(path: Path | str) -> bytes | None:
+    """The file's bytes if it is a JPEG (by its first bytes), else None without reading further."""
+    with open(path, "rb") as f:
+        head = f.read(len(_JPEG_MAGIC))
+        return head + f.read() if head == _JPEG_MAGIC else None
+
+
+def _decode_jpeg_as_is(data: bytes, size: int | None, max_pixels: int) -> np.ndarray | None:
     """A JPEG that needs no resizing, decoded by simplejpeg; None for anything else (Pillow's path decides).
 
     Only plain YCbCr/greyscale images at their final size take this path: there both libraries run
@@ -132,13 +139,6 @@ def _decode_jpeg_as_is(src: bytes | Path | str, size: int | None, max_pixels: in
     60,000 CIFAR-10 images, and in tests/test_data_reliability.py). Any libjpeg warning or error (a truncated
     or damaged file) falls back to Pillow, whose message the user sees.
     """
-    if isinstance(src, bytes):
-        data = src
-    else:
-        with open(src, "rb") as f:
-            if f.read(3) != _JPEG_MAGIC:
-                return None
-            data = _JPEG_MAGIC + f.read()
     if not data.startswith(_JPEG_MAGIC):
         return None
     try:
@@ -169,7 +169,9 @@ def decode_image(
     try:
         if not isinstance(src, bytes) and not is_regular_file(src):
             raise OSError(f"{src} is not a regular file (a FIFO, device, socket or folder)")
-        fast = _decode_jpeg_as_is(src, size, max_pixels)
+        if not isinstance(src, bytes):
+            src = _read_if_jpeg(src) or src  # a JPEG file is read once, for whichever decoder takes it
+        fast = _decode_jpeg_as_is(src, size, max_pixels) if isinstance(src, bytes) else None
         if fast is not None:
             return fast
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:

@@ -354,8 +354,8 @@ def decode_official_tar(spec: OfficialArchive, archive: Path) -> dict[str, Any]:
     """
     wanted = {f"{spec.folder}/{n}": n for n in (*spec.train_files, *spec.test_files, spec.meta_file)}
     blobs: dict[str, bytes] = {}
-    for m, raw in iter_tar(archive, ARCHIVE_ADVICE, lambda m: m.name.removeprefix("./") in wanted):
-        blobs[wanted[m.name.removeprefix("./")]] = raw
+    for name, raw in iter_tar(archive, ARCHIVE_ADVICE, lambda m: wanted.get(m.name.removeprefix("./"))):
+        blobs[name] = raw
     missing = [n for n in wanted.values() if n not in blobs]
     if missing:
         raise DataError(
