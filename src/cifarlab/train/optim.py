@@ -7,9 +7,11 @@ An optimizer factory takes `(model, recipe)` and returns a `torch.optim.Optimize
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from cifarlab.train.callbacks import Callback, ReduceLROnPlateau
 __all__ = [
     "StepSchedule",
     "build_optimizer",
+    "eager_optimizer",
     "lr_multiplier",
     "mark_pretrained",
     "pretrained_names",
@@ -34,6 +37,33 @@ _PRETRAINED: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.Weak
 
 # -- optimizers ---------------------------------------------------------------------------------------------
 
+_O = TypeVar("_O", bound=torch.optim.Optimizer)
+
+
+@functools.cache
+def eager_optimizer(cls: type[_O]) -> type[_O]:
+    """`cls` (a torch.optim optimizer class) without its torch.compile guards, which cost every process ~3 s.
+
+    torch.optim wraps `step`, `zero_grad`, `add_param_group`, `state_dict` and `load_state_dict` in
+    guards whose first call imports torch._dynamo (the compiler's front end: ~3 s on a 2-core CPU, half of a
+    run's start-up) only to keep the compiler out of them. cifarlab never compiles an optimizer step, so
+    the subclass calls torch's own code beneath those guards: the same arithmetic, state and hooks (step
+    profiling and hooks are re-added by the Optimizer itself). Where a method is not wrapped (another torch
+    version), `inspect.unwrap` returns it as it is and nothing changes but the import."""
+    methods: dict[str, Any] = {
+        name: inspect.unwrap(getattr(cls, name))
+        for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
+    }
+    raw_step = inspect.unwrap(cls.step)
+
+    def step(self: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+        # What torch's guard does besides the import: no autograd graph for the update unless differentiable.
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            return raw_step(self, closure)
+
+    methods["step"] = functools.wraps(raw_step)(step)
+    return type(cls.__name__, (cls,), {**methods, "__module__": __name__, "__doc__": cls.__doc__})
+
 
 @OPTIMIZERS.register("adam")
 def adam(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
@@ -41,7 +71,7 @@ def adam(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     # Keras Adam adds epsilon to sqrt(v) before bias correction, PyTorch after; with eps=1e-7 the two differ by
     # < 1e-7 relative, so torch's implementation is used.
-    return torch.optim.Adam(params, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
+    return eager_optimizer(torch.optim.Adam)(params, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
 
 
 @OPTIMIZERS.register("sgd")
@@ -62,7 +92,8 @@ def sgd(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
         {"params": norm, "lr": lr * recipe.bias_lr_scale, "weight_decay": decay / (lr * recipe.bias_lr_scale)},
         {"params": other, "lr": lr, "weight_decay": decay / lr},
     ]
-    return torch.optim.SGD([g for g in groups if g["params"]], momentum=recipe.momentum, nesterov=recipe.nesterov)
+    groups = [g for g in groups if g["params"]]
+    return eager_optimizer(torch.optim.SGD)(groups, momentum=recipe.momentum, nesterov=recipe.nesterov)
 
 
 def mark_pretrained(model: nn.Module, names: Iterable[str]) -> None:
