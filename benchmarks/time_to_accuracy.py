@@ -50,24 +50,31 @@ def run_precision(cfg: dict) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def count_flops(recipe, n_train: int, n_test: int) -> dict[str, float]:
-    """FLOPs of one training step per image (forward + backward) and one inference pass, times the run."""
+def count_flops(recipe, epochs: int) -> dict[str, float]:
+    """FLOPs of one training step per image (forward + backward; the mean over the epochs, whose image size
+    `train_scales` may change) and of one inference pass with the recipe's TTA."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from cifarlab.inference import tta_views
     from cifarlab.models import build_model
 
     model = build_model(recipe)
-    x = torch.randn(8, 3, 32, 32)
-    with FlopCounterMode(display=False) as fc:
-        model(x).sum().backward()
-    train_per_image = fc.get_total_flops() / 8
+
+    def train_flops(side: int) -> float:
+        with FlopCounterMode(display=False) as fc:
+            model(torch.randn(8, 3, side, side)).sum().backward()
+        return fc.get_total_flops() / 8
+
+    scales = recipe.train_scales or (1.0,)
+    sides = [round(32 * scales[min(e, len(scales) - 1)]) for e in range(max(1, round(epochs)))]
+    per_side = {side: train_flops(side) for side in set(sides)}
     model.eval()
+    x = torch.randn(8, 3, 32, 32)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         for _, view in tta_views(x, recipe.tta):
             model(view)
     eval_per_image = fc.get_total_flops() / 8
-    return {"train_per_image": train_per_image, "eval_per_image": eval_per_image}
+    return {"train_per_image": statistics.mean(per_side[s] for s in sides), "eval_per_image": eval_per_image}
 
 
 def run_seed(args: argparse.Namespace, seed: int, runs_dir: Path) -> dict:
@@ -123,10 +130,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write all figures to this JSON file")
     args = ap.parse_args()
 
-    from cifarlab.config import resolve_recipe
+    from cifarlab.recipes import Recipe
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    recipe = resolve_recipe(args.recipe, None, args.set)
     rows = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         row = run_seed(args, seed, args.runs_dir)
@@ -140,6 +146,8 @@ def main() -> None:
         )
 
     cfg = json.loads((Path(rows[0]["run_dir"]) / "config.json").read_text())
+    # What the runs trained (on a CPU without bf16, `fast` hands over to `fast_fp32`), as they recorded it.
+    recipe = Recipe.from_dict(cfg["recipe"])
     # The peak of the device and precision the runs used (a bf16 peak on a CPU without bf16 would be emulated,
     # and a CPU peak beside a GPU run meaningless), measured after the runs so it does not compete with them.
     device, dtype = run_precision(cfg)
@@ -147,10 +155,10 @@ def main() -> None:
     peak_name = f"{str(dtype).removeprefix('torch.')} on {device.type}"
     n_train, n_test = cfg["dataset"]["n_train"], cfg["dataset"]["n_test"]
     n_val = cfg["dataset"]["n_val"]
-    flops = count_flops(recipe, n_train, n_test)
     accs = [r["test_accuracy"] for r in rows]
     walls = [r["wall_seconds"] for r in rows]
     epochs = statistics.mean(r["epochs_run"] for r in rows)
+    flops = count_flops(recipe, epochs)
     steps_images = n_train * epochs
     train_flops = flops["train_per_image"] * steps_images + flops["eval_per_image"] * n_val * epochs
     total = train_flops + flops["eval_per_image"] * n_test

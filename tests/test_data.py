@@ -709,6 +709,29 @@ def test_loader_transform_gets_generator_and_is_reproducible() -> None:
     assert calls[0][1] == 1 and len(calls[0][0]) == 8
 
 
+def test_loader_progressive_resizing_averages_after_the_transform() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 8, 12), generator=g, dtype=torch.uint8)
+    y = torch.arange(6)
+    seen = []
+
+    def flip(xb, *, generator, indices, epoch):
+        seen.append(tuple(xb.shape[-2:]))  # the transform works on full-size images
+        return xb.flip(-1)
+
+    loader = BatchLoader(x, y, 6, transform=flip, channels_last=True, scales=(0.5, 0.75, 1.0))
+    assert [loader.image_size(e) for e in range(4)] == [(4, 6), (6, 9), (8, 12), (8, 12)]  # the last scale holds
+    [(half, _)] = list(loader.epoch(0))
+    full = x.float().flip(-1) / 255
+    # 0.5: each output pixel is the mean of a 2x2 block of the flipped image
+    assert torch.allclose(half, full.unfold(2, 2, 2).unfold(3, 2, 2).mean((-1, -2)), atol=1e-6)
+    assert half.is_contiguous(memory_format=torch.channels_last)
+    [(same, _)] = list(loader.epoch(5))
+    assert torch.equal(same, full) and seen == [(8, 12), (8, 12)]
+    with pytest.raises(ConfigError, match="train_scales"):
+        BatchLoader(x, y, 6, scales=(0.5, 0.0))
+
+
 # -- figure and CLI --------------------------------------------------------------------------------
 
 

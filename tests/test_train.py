@@ -44,6 +44,40 @@ def test_fast_recipe_learns_end_to_end(tmp_path, synth):
     assert res.metrics["test_accuracy"] > 0.6
 
 
+def test_progressive_resizing_trains_small_then_full_size(tmp_path, synth):
+    from cifarlab.errors import UserError
+    from cifarlab.train.callbacks import Callback
+
+    class Sizes(Callback):  # the size of the first training batch of each epoch, as the model receives it
+        def __init__(self) -> None:
+            self.sizes: list[tuple[int, int]] = []
+            self.first = False
+
+        def on_train_begin(self, logs=None):
+            self.trainer.model.register_forward_pre_hook(self._record)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.first = True
+
+        def _record(self, module, args):
+            if module.training and self.first:
+                self.sizes.append(tuple(args[0].shape[-2:]))
+                self.first = False
+
+    sizes = Sizes()
+    recipe = get_recipe("fast").replace(**TINY_FAST, train_scales=(0.5, 0.75, 1.0))
+    res = run_experiment(recipe, dataset=synth, runs_root=tmp_path, quiet=True, report=False, callbacks=[sizes])
+    assert sizes.sizes == [(16, 16), (24, 24), (32, 32), (32, 32)]  # 4 epochs; the last scale holds
+    assert res.metrics["test_accuracy"] > 0.35  # learned (chance: 0.25), evaluated at full size
+    assert json.loads((res.run_dir / "config.json").read_text())["recipe"]["train_scales"] == [0.5, 0.75, 1.0]
+
+    # a model that needs full-size inputs says so before anything is written
+    bad = get_recipe("reference").replace(**TINY_REF, train_scales=(0.5, 1.0))
+    with pytest.raises(UserError, match="cannot train on 16x16 images"):
+        run_experiment(bad, dataset=synth, runs_root=tmp_path / "bad", quiet=True, report=False)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
 def test_tta_equals_average_of_explicit_views():
     torch.manual_seed(0)
     recipe = get_recipe("fast").replace(widths=(8, 16, 16))

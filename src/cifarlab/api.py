@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cifarlab.budget import Clock, parse_duration
-from cifarlab.config import apply_overrides
+from cifarlab.config import apply_overrides, machine_variant
 from cifarlab.data import Dataset, as_images, from_arrays, from_torch_dataset, load_dataset
 from cifarlab.data.dataset import NAMED_DATASETS
 from cifarlab.errors import ConfigError, UserError
@@ -94,7 +94,9 @@ def fit(
     (N, C, H, W) and returns logits). `data`: see `as_dataset`; None trains on the recipe's dataset, found in
     `data_dir` (default $CIFARLAB_DATA, else ~/.cache/cifarlab, downloading CIFAR-10 when online). `init`: a run
     folder, a .safetensors file or a PyTorch state-dict file to fine-tune from (see `cifarlab.finetune`). `budget`:
-    seconds or a duration ("90s", "2m") from this call to the test accuracy, as `cifarlab train --budget`."""
+    seconds or a duration ("90s", "2m") from this call to the test accuracy, as `cifarlab train --budget`. A recipe
+    named by a string with a `cpu_fp32_variant` trains that variant where it would run in fp32 on a CPU (`fast`:
+    `fast_fp32`), unless a budget or your own nn.Module is given; pass `cpu_fp32_variant=""` to keep it."""
     clock = Clock.from_now("the fit() call")  # before any work: the budget covers data loading and the probe
     seconds = parse_duration(budget, "budget=") if budget is not None else None
     base = get_recipe(recipe) if isinstance(recipe, str) else recipe
@@ -103,6 +105,10 @@ def fit(
     if isinstance(model, str):
         overrides = {"model": model, **overrides}
     r = apply_overrides(base, list(overrides.items()), source="fit()")
+    own_model = isinstance(model, nn.Module)
+    variant = machine_variant(r, device) if isinstance(recipe, str) and seconds is None and not own_model else None
+    if variant is not None:  # as `cifarlab train`: fast on a CPU without bf16 trains its fp32 variant
+        r = apply_overrides(get_recipe(variant), list(overrides.items()), source="fit()")
     module = None
     if isinstance(model, nn.Module):
         module = model

@@ -36,6 +36,7 @@ __all__ = [
     "add_recipe_args",
     "apply_overrides",
     "load_config_file",
+    "machine_variant",
     "parse_set",
     "parse_value",
     "recipe_from_args",
@@ -304,12 +305,15 @@ def resolve_recipe(
     sets: Sequence[str] = (),
     *,
     data_dir: Path | str | None = None,
+    device: str | None = None,
 ) -> Recipe:
     """The named recipe with a config file's keys and then each `KEY=VALUE` in `sets` applied, validated.
 
     `name` None: the config file's `recipe:` key, else the default recipe. An explicit `name` wins over the
     file's `recipe:` (the command line overrides the file, like --set does). Raises ConfigError before any
-    data is touched.
+    data is touched. `device` (what `--device` says; None: leave the choice of variant alone): where the
+    result would train in fp32 on a CPU and names a `cpu_fp32_variant`, that recipe is the base instead (the
+    same file keys and --set values applied to it; see `machine_variant`).
     """
     file_values: dict[str, Any] = {}
     if config_file is not None:
@@ -319,11 +323,32 @@ def resolve_recipe(
         raise ConfigError(
             f"--config {config_file}: recipe={file_recipe!r} must be a recipe name ({', '.join(RECIPES)})"
         )
-    base = get_recipe(name or file_recipe or DEFAULT_RECIPE)
-    recipe = apply_overrides(base, list(file_values.items()), source=f"--config {config_file}")
-    recipe = apply_overrides(recipe, [parse_set(s) for s in sets], source="--set")
-    recipe = recipe.replace(dataset=_canonical_dataset(recipe.dataset, Path(data_dir) if data_dir else None))
+
+    def build(base: Recipe) -> Recipe:
+        recipe = apply_overrides(base, list(file_values.items()), source=f"--config {config_file}")
+        recipe = apply_overrides(recipe, [parse_set(s) for s in sets], source="--set")
+        return recipe.replace(dataset=_canonical_dataset(recipe.dataset, Path(data_dir) if data_dir else None))
+
+    recipe = build(get_recipe(name or file_recipe or DEFAULT_RECIPE))
+    variant = machine_variant(recipe, device) if device is not None else None
+    if variant is not None:
+        recipe = build(get_recipe(variant))
     return validate(recipe)
+
+
+def machine_variant(recipe: Recipe, device: str) -> str | None:
+    """The recipe `recipe` hands over to on this machine: its `cpu_fp32_variant` where it would train in fp32 on a
+    CPU (no bf16 there, or precision=fp32), else None. What `fast` needs on such a CPU differs from what it needs
+    with bf16 or on a GPU (there, a step costs about the same at any image size)."""
+    if not recipe.cpu_fp32_variant:
+        return None
+    from cifarlab.device import autocast_dtype, resolve_device
+
+    dev = resolve_device(device)
+    if dev.type != "cpu" or autocast_dtype(recipe.precision, dev) is not None:
+        return None
+    get_recipe(recipe.cpu_fp32_variant)  # an unknown name is an error, not a silent fallback
+    return recipe.cpu_fp32_variant
 
 
 # -- argparse wiring -----------------------------------------------------------------------------------------
@@ -355,11 +380,13 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    """The validated recipe from add_recipe_args' options (and --data-dir, used to find a dataset path)."""
+def recipe_from_args(args: argparse.Namespace, device: str | None = None) -> Recipe:
+    """The validated recipe from add_recipe_args' options (and --data-dir, used to find a dataset path); with
+    `device`, the recipe's variant for that device where it has one (`machine_variant`)."""
     return resolve_recipe(
         getattr(args, "recipe", None),
         getattr(args, "config", None),
         getattr(args, "set", None) or (),
         data_dir=getattr(args, "data_dir", None),
+        device=device,
     )

@@ -179,6 +179,29 @@ def _check_fits_data(recipe: Recipe, n_train: int, input_shape: tuple[int, int, 
         raise UserError(f"translate_pad={recipe.translate_pad} must be smaller than the {h}x{w} images")
 
 
+def _check_takes_train_scales(net: nn.Module, recipe: Recipe, input_shape: tuple[int, int, int]) -> None:
+    """With progressive resizing, the model must take the smallest training images: one forward, in eval mode
+    (no BatchNorm statistics change), before anything is written."""
+    if not recipe.train_scales or min(recipe.train_scales) == 1:
+        return
+    c, h, w = input_shape
+    s = min(recipe.train_scales)
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(2, c, *size, device=next(net.parameters()).device))
+    except RuntimeError as e:
+        raise UserError(
+            f"model {recipe.model!r} cannot train on {size[0]}x{size[1]} images "
+            f"(train_scales={list(recipe.train_scales)} of {h}x{w}): {str(e).splitlines()[0]}. Use larger scales, "
+            "a model with global pooling (airnet, preact_resnet18, wrn, efficientnet_b0), or train_scales= (full size)"
+        ) from None
+    finally:
+        net.train(was_training)
+
+
 def prepare(
     recipe: Recipe | None = None,
     *,
@@ -247,6 +270,7 @@ def prepare(
     elif resume is not None and isinstance(saved.get("init"), dict):
         mark_pretrained(net, saved["init"].get("pretrained") or [])  # the same optimizer param groups as before
     apply_freeze(net, recipe.freeze_stages, recipe.model)
+    _check_takes_train_scales(net, recipe, ds.input_shape)
     if dist is not None and dist.sync_bn:
         net = dist.convert_sync_bn(net)
     return Plan(
@@ -381,6 +405,7 @@ def loaders(plan: Plan) -> tuple[BatchLoader, BatchLoader | None]:
         transform=make_augment(r),
         rank=rank,
         world=world,
+        scales=r.train_scales,
         **common,
     )
     val_loader = None

@@ -139,6 +139,9 @@ class Recipe:
     epochs: int = param(30, "schedule", gt=0)
     batch_size: int = param(128, "schedule", gt=0)
     drop_last: bool = param(False, "schedule", help="Keras trains on the last, partial batch too")
+    train_scales: tuple[float, ...] = param(
+        (), "schedule", help="progressive resizing: epoch e trains on images scaled by value e (the last holds)"
+    )
     schedule: str = param("plateau", "schedule", choices=SCHEDULES)
     warmup_fraction: float = param(0.0, "schedule", ge=0.0, le=1.0)
     start_lr_fraction: float = param(0.0, "schedule", ge=0.0, le=1.0)
@@ -171,6 +174,9 @@ class Recipe:
     # -- performance --------------------------------------------------------------------------------------
     precision: Precision = param("auto", "performance", help="auto: bf16 where the CPU/GPU has it, else fp32")
     channels_last: bool = param(True, "performance")
+    cpu_fp32_variant: str = param(
+        "", "performance", help="the recipe `cifarlab train` uses instead where this one would train in fp32 on a CPU"
+    )
     compile: bool = param(False, "performance", help="reserved: torch.compile does not pay back yet (refused)")
 
     def replace(self, **changes: Any) -> Recipe:
@@ -270,6 +276,8 @@ def validate(r: Recipe, check_paths: bool = True) -> Recipe:
         raise ConfigError(
             f"dataset={r.dataset!r} is neither {', '.join(NAMED_DATASETS)} nor an existing ImageFolder/IDX path"
         )
+    if any(not 0 < v <= 1 for v in r.train_scales):
+        raise ConfigError(f"train_scales={r.train_scales!r}: each scale must be in (0, 1] (1: full size)")
     if any(w <= 0 for w in r.widths) or len(r.widths) != 3:
         raise ConfigError(f"widths={r.widths!r}: three positive channel counts expected")
     if r.val_fraction == 0 and r.schedule == "plateau" and r.monitor.startswith("val_"):
@@ -355,6 +363,23 @@ FAST = _AIR.replace(
     epochs=3,
     batch_size=256,
     ema_start_epochs=1,  # a 3-epoch run needs the weight averaging to start early
+    cpu_fp32_variant="fast_fp32",
+)
+
+# `fast` where it trains in fp32 on a CPU (no bf16: a step costs 5-6x a bf16 one), which `cifarlab train` picks
+# there by itself: the first epoch on images at 3/4 size (0.56x the work), the whitening bias trained in that epoch
+# only (the first conv then needs no input gradient), flip-only TTA (a third of the 6-view evaluation).
+# benchmarks/RESULTS.md, "`fast_fp32`".
+FAST_FP32 = FAST.replace(
+    name="fast_fp32",
+    description=(
+        "`fast` for CPUs without bf16 (`cifarlab train` picks it there): the first epoch on 3/4-size images, the "
+        "whitening bias trained 1 epoch, flip TTA; ~0.7x fast's time in fp32 for the same goal."
+    ),
+    cpu_fp32_variant="",
+    train_scales=(0.75, 1.0),
+    whiten_bias_epochs=1.0,
+    tta="flip",
 )
 
 AIR94 = _AIR.replace(
@@ -412,7 +437,9 @@ EFFNET_B0 = _DEEP.replace(
     stochastic_depth=0.1,  # half the paper's 0.2: 18 epochs need less regularization than 350
 )
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (REFERENCE, FAST, AIR94, RESNET18, WRN16_8, EFFNET_B0)}
+RECIPES: dict[str, Recipe] = {
+    r.name: r for r in (REFERENCE, FAST, FAST_FP32, AIR94, RESNET18, WRN16_8, EFFNET_B0)
+}
 DEFAULT_RECIPE = "fast"
 
 

@@ -45,6 +45,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     base_name = args.recipe or file_recipe or DEFAULT_RECIPE
     base = get_recipe(base_name).to_dict()
     print(f"recipe: {base_name}")
+    variant = config.machine_variant(recipe, "auto")
+    if variant is not None:  # a comment line: the output stays a valid --config file
+        print(f"# on this machine `cifarlab train` trains {variant} instead (fp32 on a CPU); see --recipe {variant}")
     group = None
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
     for key, value in d.items():

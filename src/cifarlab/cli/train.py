@@ -99,13 +99,12 @@ def _torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab import config
+    from cifarlab.distributed import env_world
     from cifarlab.experiment import run_experiment
     from cifarlab.train.loggers import require
 
     if args.nproc is not None:
         import os
-
-        from cifarlab.distributed import env_world
 
         if args.nproc < 1:
             raise UserError(f"--nproc must be >= 1, got {args.nproc}")
@@ -121,6 +120,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = None
     if args.resume is None:
         recipe = config.recipe_from_args(args)  # validates everything before any data is touched
+        # fast on a CPU without bf16 hands over to its fp32 variant; a budget plans from the named recipe itself.
+        variant = config.machine_variant(recipe, args.device) if args.budget is None else None
+        if variant is not None:
+            named, recipe = recipe.name, config.recipe_from_args(args, device=args.device)
+            if not args.quiet and (env_world() or (0,))[0] == 0:  # rank 0 speaks for all
+                print(
+                    f"recipe {named} -> {variant}: this run trains in fp32 on a CPU, where {variant} reaches the "
+                    f"same accuracy sooner (--set cpu_fp32_variant= keeps {named})"
+                )
     elif getattr(args, "set", None) or getattr(args, "config", None):
         raise UserError("--resume continues a run with its saved config; --set/--config cannot change it")
     budget = None

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from cifarlab.errors import ConfigError
 
@@ -119,7 +120,10 @@ class BatchLoader:
     Per epoch: one ``torch.randperm`` from a CPU ``torch.Generator`` seeded from (seed, epoch). Per batch:
     gather, move to `device`, to `dtype`, ``/255``, ``(x - mean) / std`` when given (one fused multiply-add),
     then ``transform(xb, generator=g, indices=idx, epoch=epoch)`` with that same CPU generator (draw random
-    numbers on the CPU, then move them), then channels_last when asked.
+    numbers on the CPU, then move them), then, where `scales` gives epoch e a scale below 1, an area-average
+    resize of the batch to that fraction of its height and width (progressive resizing: early epochs on smaller
+    images cost a fraction of a full-size step; the last scale holds for later epochs), then channels_last when
+    asked.
 
     Sharded (`world` > 1, one loader per process under torchrun): every rank builds each global batch of
     `batch_size` exactly as one process would (same order, same scaling, the transform on the whole global batch
@@ -148,6 +152,7 @@ class BatchLoader:
         dtype: torch.dtype = torch.float32,
         rank: int = 0,
         world: int = 1,
+        scales: Sequence[float] = (),
     ) -> None:
         x, y = torch.as_tensor(x), torch.as_tensor(y)
         if x.dtype != torch.uint8 or x.ndim != 4:
@@ -165,6 +170,9 @@ class BatchLoader:
                 f"batch_size={batch_size} is not a multiple of the {world} processes: each process takes an equal "
                 f"slice of every global batch; use a batch_size divisible by {world}"
             )
+        if any(not 0 < s <= 1 for s in scales):
+            raise ConfigError(f"train_scales={tuple(scales)!r}: each scale must be in (0, 1]")
+        self.scales = tuple(float(s) for s in scales)
         self.rank, self.world = int(rank), int(world)
         self.device = torch.device(device)
         # uint8 is 4x smaller than float: keep the whole set on the device once, not a copy per batch.
@@ -217,9 +225,17 @@ class BatchLoader:
         n = len(self.x)
         return torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
 
+    def image_size(self, epoch: int) -> tuple[int, int]:
+        """(height, width) of the images an epoch yields: the data's, times that epoch's scale."""
+        h, w = self.x.shape[-2:]
+        s = self.scales[min(epoch, len(self.scales) - 1)] if self.scales else 1.0
+        return (max(1, round(h * s)), max(1, round(w * s))) if s != 1 else (int(h), int(w))
+
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (xb float (B, C, H, W) on `device`, yb int64) for one epoch."""
         g = self.generator(epoch)
+        size = self.image_size(epoch)
+        resize = size != tuple(self.x.shape[-2:])
         order = self._order(g)
         on_cpu = self.device.type == "cpu"
         for b in range(len(self)):
@@ -228,6 +244,8 @@ class BatchLoader:
             xb = scale_images(self.x.index_select(0, dev_idx).to(self.dtype), self._scale, self._shift)
             if self.transform is not None:
                 xb = self.transform(xb, generator=g, indices=idx, epoch=epoch)
+            if resize:  # after augmenting, so crops and flips keep their meaning in full-size pixels
+                xb = F.interpolate(xb, size=size, mode="area")
             yb = self.y.index_select(0, dev_idx)
             if self.world > 1:
                 start, stop = self._shard(len(idx))
