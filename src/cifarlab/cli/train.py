@@ -126,8 +126,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             named, recipe = recipe.name, config.recipe_from_args(args, device=args.device)
             if not args.quiet and (env_world() or (0,))[0] == 0:  # rank 0 speaks for all
                 print(
-                    f"recipe {named} -> {variant}: this run trains in fp32 on a CPU, where {variant} reaches the "
-                    f"same accuracy sooner (--set cpu_fp32_variant= keeps {named})"
+                    f"recipe {named} -> {variant}: this run trains in fp32 on a CPU, for which {named} names "
+                    f"{variant} (--set cpu_fp32_variant= keeps {named})"
                 )
     elif getattr(args, "set", None) or getattr(args, "config", None):
         raise UserError("--resume continues a run with its saved config; --set/--config cannot change it")
