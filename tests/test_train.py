@@ -121,3 +121,27 @@ def test_onecycle_schedule_shape():
     assert m[-1] == pytest.approx(r.final_lr_fraction)
     assert all(a <= b for a, b in zip(m[:peak], m[1 : peak + 1]))
     assert all(a >= b for a, b in zip(m[peak:], m[peak + 1 :]))
+
+
+def test_progressive_resizing_resumes_at_the_size_of_its_epoch(tmp_path, synth):
+    from safetensors.torch import load_file
+
+    from _synth import determinism_restored
+    from cifarlab.train.callbacks import Callback
+
+    class InterruptAt(Callback):  # Ctrl-C at the start of epoch 2: the checkpoint after epoch 1 is kept
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    recipe = get_recipe("fast").replace(**{**TINY_FAST, "epochs": 3}, train_scales=(0.5, 0.75, 1.0))
+    kw = dict(dataset=synth, quiet=True, report=False, deterministic=True)
+    with determinism_restored():
+        whole = run_experiment(recipe, runs_root=tmp_path / "a", **kw)
+        cut = run_experiment(recipe, runs_root=tmp_path / "b", callbacks=[InterruptAt()], **kw)
+        assert cut.status == "stopped"
+        resumed = run_experiment(resume=cut.run_dir, **kw)
+    assert resumed.status == "finished"
+    wa, wb = load_file(whole.run_dir / "model.safetensors"), load_file(cut.run_dir / "model.safetensors")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k  # epochs 2 and 3 ran at 0.75 and 1.0 after the resume too
