@@ -14,7 +14,7 @@ from _synth import make_dataset
 from cifarlab import cli
 from cifarlab.budget import Probe, TimeBudget, _choose, _options, parse_duration, process_age, scaled_widths
 from cifarlab.data import BatchLoader
-from cifarlab.errors import ConfigError
+from cifarlab.errors import ConfigError, UserError
 from cifarlab.experiment import run_experiment
 from cifarlab.recipes import get_recipe
 from cifarlab.train import Trainer, recipe_callbacks
@@ -154,3 +154,11 @@ def test_budget_refuses_resume_and_a_too_small_budget(tmp_path, monkeypatch, one
             get_recipe("fast").replace(batch_size=32), dataset=make_dataset(48, 8), runs_root=tmp_path, budget=30.0
         )
     assert not any(tmp_path.iterdir())  # nothing written
+    with pytest.raises(UserError, match="trains at full size: leave out train_scales"):
+        run_experiment(
+            get_recipe("fast").replace(batch_size=32, train_scales=(0.5, 1.0)),
+            dataset=make_dataset(48, 8),
+            runs_root=tmp_path,
+            budget=30.0,
+        )
+    assert not any(tmp_path.iterdir())

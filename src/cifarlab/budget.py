@@ -12,7 +12,7 @@ separately (`report_seconds` in metrics.json).
    in the time left after the predicted evaluation is chosen (a larger budget then buys more epochs at the
    widest width). Test-time augmentation is reduced (flip_translate -> flip -> none) while evaluation would
    take more than `EVAL_SHARE` of the budget. The plan starts from the named recipe (`fast`, not its CPU-fp32
-   variant) and trains at full size: one step time for the whole run (no `train_scales`).
+   variant) and trains at full size: one step time for the whole run (`train_scales` is refused).
 3. **Keep time.** The LR schedule of a step-indexed recipe (onecycle) runs over `trainer.total_steps`, which
    the `TimeBudget` callback re-estimates from the measured step times as training goes. So the schedule
    ends annealed when the time is up even if the machine slows down or speeds up mid-run, and training stops
@@ -291,8 +291,6 @@ def plan_budget(
     (the recipe to train, the plan). `build(recipe)` makes a model on the device; `loader(recipe)` the training
     BatchLoader; `x_eval` is one batch of evaluation images (uint8) to time inference on."""
     t0 = time.perf_counter()
-    # The time model is one step time for the whole run: a budget trains at full size (no progressive resizing).
-    recipe = recipe.replace(train_scales=())
     probes = []
     for scale in WIDTH_SCALES:
         probes.append(Probe(scale, scaled_widths(recipe.widths, scale), scale**2))

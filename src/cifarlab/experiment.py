@@ -453,6 +453,11 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clo
             "--budget chooses the model's width, so it cannot be combined with a given model or --init; "
             "set epochs instead"
         )
+    if any(scale != 1 for scale in plan.recipe.train_scales):
+        raise UserError(
+            f"--budget times one step size for the whole run, so it trains at full size: leave out "
+            f"train_scales={list(plan.recipe.train_scales)} (--set train_scales=) or set epochs instead of a budget"
+        )
     base = plan.recipe
 
     def build(r: Recipe) -> nn.Module:  # for the probe: timing needs no data-dependent init
