@@ -332,3 +332,26 @@ def test_config_command_notes_the_variant_this_machine_would_train(tmp_path: Pat
     f = tmp_path / "shown.yaml"
     f.write_text(out)  # still a config file: the note is a comment
     assert config.resolve_recipe(None, f) == get_recipe("fast").replace(precision="fp32")
+
+
+def test_fit_trains_the_variant_like_the_cli(monkeypatch: pytest.MonkeyPatch):
+    from torch import nn
+
+    import cifarlab
+    import cifarlab.api
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(recipe, **kw):
+        seen.append(recipe)
+        raise Stop
+
+    monkeypatch.setattr(cifarlab.api, "run_experiment", fake_run)
+    module = nn.Sequential(nn.Flatten(), nn.LazyLinear(10))
+    for kw in ({}, {"budget": "60s"}, {"model": module}, {"cpu_fp32_variant": ""}):
+        with pytest.raises(Stop):
+            cifarlab.fit("fast", device="cpu", precision="fp32", seed=2, **kw)
+    assert [(r.name, r.seed) for r in seen] == [("fast_fp32", 2), ("fast", 2), ("fast", 2), ("fast", 2)]
