@@ -22,6 +22,7 @@ train: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy src
 
 # One pytest-xdist worker per core, each pinned to its core (tests/conftest.py); worksteal keeps a module's tests

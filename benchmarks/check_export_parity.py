@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     x, y = ds.x_test[idx].contiguous(), ds.y_test[idx]
     mean, std = run.normalization
     t0 = time.perf_counter()
-    ref = predict_proba(
-        run.build_model(), x, mean=mean, std=std, tta="none", precision="fp32", channels_last=False
-    )
+    ref = predict_proba(run.build_model(), x, mean=mean, std=std, tta="none", precision="fp32", channels_last=False)
     print(
         f"run {run.path.name} (recipe {run.recipe.name}, model {run.recipe.model}); "
         f"{len(x)} test images of {ds.name}; PyTorch fp32 in {time.perf_counter() - t0:.1f} s"

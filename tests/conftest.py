@@ -164,9 +164,7 @@ def official_files(
     return files, expected
 
 
-def _batch_pickle(
-    x_nhwc: np.ndarray, y: np.ndarray, label_key: bytes, name: str, python2: bool = False
-) -> bytes:
+def _batch_pickle(x_nhwc: np.ndarray, y: np.ndarray, label_key: bytes, name: str, python2: bool = False) -> bytes:
     if python2:
         return _py2_dict({label_key: y.tolist(), b"data": planar_rows(x_nhwc), b"batch_label": name.encode()})
     d = {
@@ -201,17 +199,7 @@ def _py2_dict(d: dict) -> bytes:
         dtype = b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R"
         dtype += b"(K\x03" + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
         arr = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R"
-        return (
-            arr
-            + b"(K\x01"
-            + i(v.shape[0])
-            + i(v.shape[1])
-            + b"\x86"
-            + dtype
-            + b"\x89"
-            + s(v.tobytes())
-            + b"tb"
-        )
+        return arr + b"(K\x01" + i(v.shape[0]) + i(v.shape[1]) + b"\x86" + dtype + b"\x89" + s(v.tobytes()) + b"tb"
 
     return b"\x80\x02}(" + b"".join(s(k) + value(v) for k, v in d.items()) + b"u."
 

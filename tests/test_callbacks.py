@@ -141,9 +141,7 @@ def test_reduce_lr_mode_resolution():
     )
     assert epochs_with(hist, "lr_reduced") == [3]
     # ... so an "up" metric without "acc" in its name is minimized (Keras' own rule)
-    hist, _, _ = fit(
-        [ReduceLROnPlateau(monitor="val_auc", factor=0.5, patience=1)], [0.5, 0.6, 0.7], monitor="val_auc"
-    )
+    hist, _, _ = fit([ReduceLROnPlateau(monitor="val_auc", factor=0.5, patience=1)], [0.5, 0.6, 0.7], monitor="val_auc")
     assert epochs_with(hist, "lr_reduced") == [1, 2]
     with pytest.warns(UserWarning, match="unknown"):
         rl = ReduceLROnPlateau(mode="sideways")

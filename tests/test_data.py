@@ -415,9 +415,7 @@ def test_download_md5_mismatch_keeps_nothing(tiny_cifar10, tmp_path) -> None:
     with pytest.raises(DataError, match=f"stopped after 100 of {len(payload)} bytes"):
         download_url("http://x/file.tar.gz", dest, None, opener=short)
     assert _leftovers(dest.parent) == []
-    assert (
-        download_url("http://x/f", dest, tiny_cifar10.md5, opener=lambda url: _FakeResponse(payload)) == dest
-    )
+    assert download_url("http://x/f", dest, tiny_cifar10.md5, opener=lambda url: _FakeResponse(payload)) == dest
     assert _leftovers(dest.parent) == ["file.tar.gz"]
 
 
@@ -665,9 +663,7 @@ def test_loader_order_is_a_function_of_seed_and_epoch() -> None:
     x, y = _indexed_images(64)
 
     def order(seed: int, epoch: int) -> list[int]:
-        return torch.cat(
-            [yb for _, yb in BatchLoader(x, y, 16, shuffle=True, seed=seed).epoch(epoch)]
-        ).tolist()
+        return torch.cat([yb for _, yb in BatchLoader(x, y, 16, shuffle=True, seed=seed).epoch(epoch)]).tolist()
 
     assert order(0, 3) == order(0, 3)  # a fresh loader (a resumed run) sees the same batches
     assert order(0, 3) != order(0, 4) and order(0, 3) != order(1, 3)
@@ -775,14 +771,10 @@ def test_cli_info(cli, tiny_cifar10, capsys) -> None:
     facts = json.loads(capsys.readouterr().out)
     assert facts["train_counts"]["cat"] == int((tiny_cifar10.y_train == 3).sum())
     assert facts["x_train_shape"] == [50, 3, 32, 32] and facts["checksum_status"] == "not official"
-    np.testing.assert_allclose(
-        facts["pixel_mean"], tiny_cifar10.x_train.mean(axis=(0, 2, 3)) / 255, atol=1e-9
-    )
+    np.testing.assert_allclose(facts["pixel_mean"], tiny_cifar10.x_train.mean(axis=(0, 2, 3)) / 255, atol=1e-9)
 
 
-def test_cli_info_uses_env_data_dir_and_reports_errors(
-    cli, tiny_cifar10, tmp_path, monkeypatch, capsys
-) -> None:
+def test_cli_info_uses_env_data_dir_and_reports_errors(cli, tiny_cifar10, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("CIFARLAB_DATA", str(tiny_cifar10.data_dir))
     assert cli(["data", "info"]) == 0
     assert str(tiny_cifar10.path) in capsys.readouterr().out
@@ -794,9 +786,7 @@ def test_cli_preview(cli, tiny_imagefolder, tmp_path, capsys) -> None:
     from PIL import Image
 
     out = tmp_path / "figs" / "p.png"
-    rc = cli(
-        ["data", "preview", "--dataset", str(tiny_imagefolder.root), "--out", str(out), "--per-class", "3"]
-    )
+    rc = cli(["data", "preview", "--dataset", str(tiny_imagefolder.root), "--out", str(out), "--per-class", "3"])
     assert rc == 0 and "wrote" in capsys.readouterr().out
     with Image.open(out) as img:
         assert img.format == "PNG" and img.width > 100 and img.height > 100

@@ -33,9 +33,7 @@ def images(n: int, seed: int = 3) -> torch.Tensor:
     """Structured images (bright squares, colour tints) mixed with plain noise, uint8 NCHW."""
     x, _ = make_images(n_per_class=(n + 3) // 4, n_classes=4, seed=seed)
     x = x[:n].clone()
-    x[::3] = torch.randint(
-        0, 256, x[::3].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
-    )
+    x[::3] = torch.randint(0, 256, x[::3].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     return x
 
 

@@ -58,8 +58,10 @@ def test_eager_optimizer_updates_exactly_like_torch(cls: type, kwargs: dict) -> 
     assert all(not p.requires_grad or p.grad_fn is None for p in model.parameters())
 
     # a checkpoint written by either loads into the other and continues identically
-    resumed = eager_optimizer(cls)([{"params": list(ref_model.parameters())[:2], "lr": 0.05},
-                                    {"params": list(ref_model.parameters())[2:]}], **kwargs)
+    resumed = eager_optimizer(cls)(
+        [{"params": list(ref_model.parameters())[:2], "lr": 0.05}, {"params": list(ref_model.parameters())[2:]}],
+        **kwargs,
+    )
     resumed.load_state_dict(ref_opt.state_dict())
     assert resumed.state_dict()["param_groups"] == ref_state["param_groups"]
 

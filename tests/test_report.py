@@ -533,8 +533,9 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_full_disk_keeps_the_old_report_and_is_one_line(noval_airnet, tmp_path: Path, monkeypatch, capsys,
-                                                         undrawn_figures):
+def test_full_disk_keeps_the_old_report_and_is_one_line(
+    noval_airnet, tmp_path: Path, monkeypatch, capsys, undrawn_figures
+):
     run_dir, ds = copy_run(noval_airnet[0], tmp_path), synthetic_dataset(classes=NOVAL_CLASSES)
     old_html = (run_dir / "report.html").read_bytes()
     old_md = (run_dir / "report.md").read_bytes()

@@ -213,8 +213,7 @@ class FlipTranslate:
     def describe(self) -> str:
         flip = "alternating per epoch" if self.alternate_flip else "random" if self.flip else "off"
         return (
-            f"flip + translate: random shift up to {self.pad} px ({self.padding_mode} padding), "
-            f"horizontal flip {flip}"
+            f"flip + translate: random shift up to {self.pad} px ({self.padding_mode} padding), horizontal flip {flip}"
         )
 
     def __call__(

@@ -437,9 +437,7 @@ EFFNET_B0 = _DEEP.replace(
     stochastic_depth=0.1,  # half the paper's 0.2: 18 epochs need less regularization than 350
 )
 
-RECIPES: dict[str, Recipe] = {
-    r.name: r for r in (REFERENCE, FAST, FAST_FP32, AIR94, RESNET18, WRN16_8, EFFNET_B0)
-}
+RECIPES: dict[str, Recipe] = {r.name: r for r in (REFERENCE, FAST, FAST_FP32, AIR94, RESNET18, WRN16_8, EFFNET_B0)}
 DEFAULT_RECIPE = "fast"
 
 

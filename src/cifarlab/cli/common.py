@@ -16,6 +16,7 @@ __all__ = ["EPILOG_DATA", "data_dir_arg", "fmt", "print_error", "printable", "ru
 
 EPILOG_DATA = "Data lookup: --data-dir, else $CIFARLAB_DATA, else ~/.cache/cifarlab."
 
+
 def printable(text: Any) -> str:
     """`text` safe for a terminal (see `cifarlab.text.terminal_safe`)."""
     return terminal_safe(text)

@@ -97,9 +97,7 @@ def damaged(path: Path, exc: BaseException, advice: str, fmt: str = "tar") -> Ar
     )
 
 
-def iter_tar(
-    path: Path, advice: str, select: Callable[[tarfile.TarInfo], T | None]
-) -> Iterator[tuple[T, bytes]]:
+def iter_tar(path: Path, advice: str, select: Callable[[tarfile.TarInfo], T | None]) -> Iterator[tuple[T, bytes]]:
     """Yield ``(select(member), bytes)`` for every regular member that `select` does not map to None, in archive
     order (`select` returns what the caller derived from the member's name, so it is not derived twice).
 
