@@ -104,3 +104,19 @@ def test_deterministic_resume_after_sigkill_on_cuda(tmp_path):
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (run_a, run_b))
     assert ma["test_accuracy"] == mb["test_accuracy"]
     assert Path(run_b / "status.json").exists()
+
+
+def test_cudnn_autotunes_unless_deterministic():
+    from _synth import determinism_restored
+    from cifarlab.experiment import prepare
+
+    recipe = get_recipe("fast").replace(widths=(8, 16, 16), batch_size=16, epochs=1)
+    was = torch.backends.cudnn.benchmark
+    try:
+        with determinism_restored():
+            prepare(recipe, dataset=make_dataset(20, 5), device="cuda")
+            assert torch.backends.cudnn.benchmark
+            prepare(recipe, dataset=make_dataset(20, 5), device="cuda", deterministic=True)
+            assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = was

@@ -244,6 +244,10 @@ def prepare(
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if dev.type == "cuda":
+        # cuDNN times the algorithms for each new convolution shape once and keeps the fastest (a run's shapes are
+        # fixed, as airbench relies on); a deterministic run keeps one fixed choice instead.
+        torch.backends.cudnn.benchmark = not deterministic
 
     ds = dataset if dataset is not None else load_dataset(recipe.dataset, data_dir)
     labels = ds.y_train if recipe.stratified_split else None
