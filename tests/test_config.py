@@ -110,7 +110,7 @@ def test_unknown_key_names_closest_match_and_accepted_keys():
 
 
 def test_unknown_recipe():
-    with pytest.raises(ConfigError, match=r"unknown recipe 'resnet50'; available: reference, fast, fast_fp32, air94"):
+    with pytest.raises(ConfigError, match=r"unknown recipe 'resnet50'; available: reference, fast, air94"):
         config.resolve_recipe("resnet50")
 
 
@@ -279,22 +279,31 @@ def test_compile_is_refused_until_supported():
 # -- the recipe a machine trains: `cpu_fp32_variant` -------------------------------------------------------------
 
 
-def test_machine_variant_is_chosen_where_the_recipe_would_train_in_fp32_on_a_cpu():
-    fast = get_recipe("fast")
-    assert fast.cpu_fp32_variant == "fast_fp32" and get_recipe("fast_fp32").cpu_fp32_variant == ""
-    assert config.machine_variant(fast.replace(precision="fp32"), "cpu") == "fast_fp32"
-    assert config.machine_variant(fast.replace(precision="bf16"), "cpu") is None  # asked for bf16: no fp32 run
-    assert config.machine_variant(fast.replace(precision="fp32", cpu_fp32_variant=""), "cpu") is None
+@pytest.fixture
+def quick(monkeypatch: pytest.MonkeyPatch) -> Recipe:
+    """A registered recipe that names a CPU-fp32 variant (no built-in one does today)."""
+    base = get_recipe("fast").replace(name="quick", cpu_fp32_variant="quick_fp32")
+    monkeypatch.setitem(RECIPES, "quick", base)
+    monkeypatch.setitem(RECIPES, "quick_fp32", base.replace(name="quick_fp32", cpu_fp32_variant="", epochs=3))
+    return base
+
+
+def test_machine_variant_is_chosen_where_the_recipe_would_train_in_fp32_on_a_cpu(quick: Recipe):
+    assert all(not r.cpu_fp32_variant for r in RECIPES.values() if r.name != "quick")  # fast serves both CPUs
+    assert config.machine_variant(quick.replace(precision="fp32"), "cpu") == "quick_fp32"
+    assert config.machine_variant(quick.replace(precision="bf16"), "cpu") is None  # asked for bf16: no fp32 run
+    assert config.machine_variant(quick.replace(precision="fp32", cpu_fp32_variant=""), "cpu") is None
     with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
-        config.machine_variant(fast.replace(precision="fp32", cpu_fp32_variant="nope"), "cpu")
+        config.machine_variant(quick.replace(precision="fp32", cpu_fp32_variant="nope"), "cpu")
     # the variant gets the same --set values the named recipe would have had
-    r = resolve("seed=3", "precision=fp32", "epochs=2", name="fast", device="cpu")
-    assert (r.name, r.seed, r.epochs, r.train_scales) == ("fast_fp32", 3, 2, get_recipe("fast_fp32").train_scales)
-    assert resolve("precision=fp32", name="fast") == get_recipe("fast").replace(precision="fp32")  # no device: as named
+    r = resolve("seed=3", "precision=fp32", "batch_size=64", name="quick", device="cpu")
+    assert (r.name, r.seed, r.batch_size, r.epochs) == ("quick_fp32", 3, 64, 3)
+    assert resolve("precision=fp32", name="quick") == quick.replace(precision="fp32")  # no device: as named
+    assert resolve("precision=fp32", name="fast", device="cpu").name == "fast"
 
 
 def test_train_announces_the_variant_and_a_budget_plans_from_the_named_recipe(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    quick: Recipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
     import types
 
@@ -307,34 +316,34 @@ def test_train_announces_the_variant_and_a_budget_plans_from_the_named_recipe(
         return types.SimpleNamespace(status="finished", metrics={"test_accuracy": 0.5}, run_dir=tmp_path)
 
     monkeypatch.setattr("cifarlab.experiment.run_experiment", fake_run)
-    base = ["train", "--runs-dir", str(tmp_path), "--device", "cpu", "--set", "precision=fp32"]
+    base = ["train", "--recipe", "quick", "--runs-dir", str(tmp_path), "--device", "cpu", "--set", "precision=fp32"]
     assert cli.main([*base, "--set", "seed=5"]) == 0
-    assert (seen[-1][0].name, seen[-1][0].seed) == ("fast_fp32", 5)
-    assert "recipe fast -> fast_fp32: this run trains in fp32 on a CPU" in capsys.readouterr().out
+    assert (seen[-1][0].name, seen[-1][0].seed) == ("quick_fp32", 5)
+    assert "recipe quick -> quick_fp32: this run trains in fp32 on a CPU" in capsys.readouterr().out
     assert cli.main([*base, "--budget", "60s"]) == 0
-    assert seen[-1][0].name == "fast" and seen[-1][1] == 60.0
+    assert seen[-1][0].name == "quick" and seen[-1][1] == 60.0
     assert cli.main([*base, "--set", "cpu_fp32_variant="]) == 0
-    assert seen[-1][0].name == "fast"
+    assert seen[-1][0].name == "quick"
     assert "->" not in capsys.readouterr().out
 
 
-def test_config_command_notes_the_variant_this_machine_would_train(tmp_path: Path, capsys):
+def test_config_command_notes_the_variant_this_machine_would_train(quick: Recipe, tmp_path: Path, capsys):
     import torch
 
     from cifarlab import cli
 
     parser = cli.build_parser(["config"])
-    args = parser.parse_args(["config", "--recipe", "fast", "--set", "precision=fp32"])
+    args = parser.parse_args(["config", "--recipe", "quick", "--set", "precision=fp32"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     if not torch.cuda.is_available():  # `--device auto` trains on the GPU there: no fp32 CPU run, no variant
-        assert "# on this machine `cifarlab train` trains fast_fp32 instead" in out
+        assert "# on this machine `cifarlab train` trains quick_fp32 instead" in out
     f = tmp_path / "shown.yaml"
     f.write_text(out)  # still a config file: the note is a comment
-    assert config.resolve_recipe(None, f) == get_recipe("fast").replace(precision="fp32")
+    assert config.resolve_recipe(None, f) == quick.replace(precision="fp32")
 
 
-def test_fit_trains_the_variant_like_the_cli(monkeypatch: pytest.MonkeyPatch):
+def test_fit_trains_the_variant_like_the_cli(quick: Recipe, monkeypatch: pytest.MonkeyPatch):
     from torch import nn
 
     import cifarlab
@@ -353,5 +362,5 @@ def test_fit_trains_the_variant_like_the_cli(monkeypatch: pytest.MonkeyPatch):
     module = nn.Sequential(nn.Flatten(), nn.LazyLinear(10))
     for kw in ({}, {"budget": "60s"}, {"model": module}, {"cpu_fp32_variant": ""}):
         with pytest.raises(Stop):
-            cifarlab.fit("fast", device="cpu", precision="fp32", seed=2, **kw)
-    assert [(r.name, r.seed) for r in seen] == [("fast_fp32", 2), ("fast", 2), ("fast", 2), ("fast", 2)]
+            cifarlab.fit("quick", device="cpu", precision="fp32", seed=2, **kw)
+    assert [(r.name, r.seed) for r in seen] == [("quick_fp32", 2), ("quick", 2), ("quick", 2), ("quick", 2)]

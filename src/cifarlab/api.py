@@ -95,8 +95,9 @@ def fit(
     `data_dir` (default $CIFARLAB_DATA, else ~/.cache/cifarlab, downloading CIFAR-10 when online). `init`: a run
     folder, a .safetensors file or a PyTorch state-dict file to fine-tune from (see `cifarlab.finetune`). `budget`:
     seconds or a duration ("90s", "2m") from this call to the test accuracy, as `cifarlab train --budget`. A recipe
-    named by a string with a `cpu_fp32_variant` trains that variant where it would run in fp32 on a CPU (`fast`:
-    `fast_fp32`), unless a budget or your own nn.Module is given; pass `cpu_fp32_variant=""` to keep it."""
+    named by a string with a `cpu_fp32_variant` trains that variant where it would run in fp32 on a CPU (no
+    built-in recipe names one: `fast` serves both kinds of CPU), unless a budget or your own nn.Module is given;
+    pass `cpu_fp32_variant=""` to keep it."""
     clock = Clock.from_now("the fit() call")  # before any work: the budget covers data loading and the probe
     seconds = parse_duration(budget, "budget=") if budget is not None else None
     base = get_recipe(recipe) if isinstance(recipe, str) else recipe

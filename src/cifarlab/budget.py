@@ -11,8 +11,8 @@ separately (`report_seconds` in metrics.json).
 2. **Plan.** Of the widths `WIDTH_SCALES` times the recipe's, the widest one that trains the recipe's epochs
    in the time left after the predicted evaluation is chosen (a larger budget then buys more epochs at the
    widest width). Test-time augmentation is reduced (flip_translate -> flip -> none) while evaluation would
-   take more than `EVAL_SHARE` of the budget. The plan starts from the named recipe (`fast`, not its CPU-fp32
-   variant) and trains at full size: one step time for the whole run (`train_scales` is refused).
+   take more than `EVAL_SHARE` of the budget. The plan starts from the named recipe and trains at full size: one
+   step time for the whole run (a recipe's `train_scales` are left out, and the plan's reason says so).
 3. **Keep time.** The LR schedule of a step-indexed recipe (onecycle) runs over `trainer.total_steps`, which
    the `TimeBudget` callback re-estimates from the measured step times as training goes. So the schedule
    ends annealed when the time is up even if the machine slows down or speeds up mid-run, and training stops
@@ -162,6 +162,7 @@ class BudgetPlan:
             f"epochs ({self.predicted_step_seconds * 1000:.0f} ms/step), TTA {self.tta}; "
             f"{self.planned_at:.1f} s used before training (start-up, data, {self.probe_seconds:.1f} s probe), "
             f"~{self.predicted_train_seconds:.0f} s to train, ~{self.predicted_eval_seconds:.1f} s to evaluate"
+            + (f": {self.reason}" if self.reason else "")
         )
 
 

@@ -338,8 +338,8 @@ def resolve_recipe(
 
 def machine_variant(recipe: Recipe, device: str) -> str | None:
     """The recipe `recipe` hands over to on this machine: its `cpu_fp32_variant` where it would train in fp32 on a
-    CPU (no bf16 there, or precision=fp32), else None. What `fast` needs on such a CPU differs from what it needs
-    with bf16 or on a GPU (there, a step costs about the same at any image size)."""
+    CPU (no bf16 there, or precision=fp32), else None: for a recipe whose best settings differ where a step costs
+    5-6x a bf16 one. No built-in recipe names one today (`fast` serves both kinds of CPU)."""
     if not recipe.cpu_fp32_variant:
         return None
     from cifarlab.device import autocast_dtype, resolve_device

@@ -457,12 +457,9 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clo
             "--budget chooses the model's width, so it cannot be combined with a given model or --init; "
             "set epochs instead"
         )
-    if any(scale != 1 for scale in plan.recipe.train_scales):
-        raise UserError(
-            f"--budget times one step size for the whole run, so it trains at full size: leave out "
-            f"train_scales={list(plan.recipe.train_scales)} (--set train_scales=) or set epochs instead of a budget"
-        )
-    base = plan.recipe
+    # The budget's time model has one step time for the whole run, so it plans (and trains) at full size.
+    scales = [s for s in plan.recipe.train_scales if s != 1]
+    base = plan.recipe.replace(train_scales=()) if scales else plan.recipe
 
     def build(r: Recipe) -> nn.Module:  # for the probe: timing needs no data-dependent init
         return ready_model(r, plan.dataset, plan.device)
@@ -484,6 +481,11 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clo
         device=plan.device,
         clock=clock,
     )
+    if scales:
+        budget.reason += (
+            f"; full-size images throughout (train_scales={list(plan.recipe.train_scales)} left out: the budget "
+            "plans with one step time for the whole run)"
+        )
     plan.recipe = recipe
     plan.model = ready_model(recipe, plan.dataset, plan.device, data_init=(plan.train_idx, plan.mean, plan.std))
     plan.budget = budget
