@@ -12,7 +12,17 @@ from torch import nn
 import cifarlab
 from _synth import make_dataset
 from cifarlab import cli
-from cifarlab.budget import Probe, TimeBudget, _choose, _options, parse_duration, process_age, scaled_widths
+from cifarlab.budget import (
+    EXIT_SECONDS,
+    MARGIN,
+    Probe,
+    TimeBudget,
+    _choose,
+    _options,
+    parse_duration,
+    process_age,
+    scaled_widths,
+)
 from cifarlab.data import BatchLoader
 from cifarlab.errors import ConfigError
 from cifarlab.experiment import run_experiment
@@ -76,8 +86,8 @@ def test_choice_narrows_and_drops_tta_as_the_budget_shrinks():
     for budget in (30, 60, 120, 600, 3600):
         o = _choose(_options(_probes(2.0), 0, 0, 0, recipe, budget, now=5.0, n=n), recipe.epochs)
         picks[budget] = o
-        # everything but the margin, the exit's 1.5 s and the 5 s already gone
-        assert o.train_seconds + o.eval_seconds == pytest.approx(budget * (1 - 0.015) - 1.5 - 5.0)
+        # everything but the margin, the exit's reserve and the 5 s already gone
+        assert o.train_seconds + o.eval_seconds == pytest.approx(budget * (1 - MARGIN) - EXIT_SECONDS - 5.0)
         assert o.eval_seconds <= 0.1 * budget or o.tta == "none"
     scales = [picks[b].probe.scale for b in sorted(picks)]
     assert scales == sorted(scales)  # a larger budget never gets a narrower net
