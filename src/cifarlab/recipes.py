@@ -125,13 +125,13 @@ class Recipe:
     label_smoothing: float = param(0.0, "objective", ge=0.0, le=0.99)
     # -- optimizer ----------------------------------------------------------------------------------------
     optimizer: str = param("adam", "optimizer", choices=OPTIMIZERS)
-    lr: float = param(1e-3, "optimizer", gt=0, help="adam: the LR; sgd: airbench's LR per 1024 examples")
+    lr: float = param(1e-3, "optimizer", gt=0, help="adam: the LR; sgd, muon: airbench's LR per 1024 examples")
     betas: tuple[float, float] = param((0.9, 0.999), "optimizer", each=(0.0, 1.0))
     eps: float = param(1e-7, "optimizer", gt=0, help="Keras' Adam epsilon, not PyTorch's 1e-8")
     momentum: float = param(0.9, "optimizer", ge=0.0, le=0.999)
     nesterov: bool = param(True, "optimizer")
-    weight_decay: float = param(0.0, "optimizer", ge=0, help="sgd: decoupled decay per 1024 examples")
-    bias_lr_scale: float = param(1.0, "optimizer", gt=0, help="LR multiplier for BN parameters (sgd)")
+    weight_decay: float = param(0.0, "optimizer", ge=0, help="sgd, muon: decoupled decay per 1024 examples")
+    bias_lr_scale: float = param(1.0, "optimizer", gt=0, help="LR multiplier for BN parameters (sgd, muon)")
     muon_lr: float = param(
         0.24, "optimizer", gt=0, help="muon: the conv filters' LR (a step's size relative to theirs)"
     )
