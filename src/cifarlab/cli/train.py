@@ -148,11 +148,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab.distributed import setup
 
     dist = setup(args.device, sync_bn=args.sync_bn)  # None without torchrun (or with one process)
+    ended = False
     try:
         result = _run(args, recipe, budget, dist, run_experiment)
+        ended = True
     finally:
         if dist is not None:
-            dist.shutdown()
+            dist.shutdown(wait=ended)
     if args.quiet and result.status == "finished" and (dist is None or dist.is_main):
         print(f"{result.run_dir}: test accuracy {result.metrics['test_accuracy']:.4f}")
     return {"finished": 0, "stopped": 130}.get(result.status, 1)
