@@ -127,7 +127,7 @@ def generalisation_sentence(ev: EvalResult, history: History, metrics: dict[str,
     if gap < 0.01:
         s += (
             f"the {split} accuracy is not below the training accuracy (training accuracy is measured on "
-            "augmented images with dropout on), so there is no sign of overfitting."
+            "augmented images, in training mode), so there is no sign of overfitting."
             if gap <= 0
             else f"a gap of {gap * 100:.1f} points: almost no overfitting."
         )
