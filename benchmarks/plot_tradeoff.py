@@ -1,6 +1,7 @@
 """Accuracy versus wall time from the JSON files `time_to_accuracy.py --json` wrote.
 
-python benchmarks/plot_tradeoff.py benchmarks/results/*.json --out benchmarks/accuracy_vs_time.png
+python benchmarks/plot_tradeoff.py benchmarks/results/{fast,fast_e2,fast_e4,fast_e5,air94,reference}.json \
+    benchmarks/results/zen4_muon/fast.json --out benchmarks/accuracy_vs_time.png
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ def main() -> None:
     for path in args.results:
         d = json.loads(path.read_text())
         r = d["recipe"]
-        family = "fast family" if r["model"] == "airnet" and r["name"] == "fast" else r["name"]
+        family = r["name"]
+        if r["model"] == "airnet" and r["name"] == "fast":  # fast was SGD until session 8, Muon since
+            family = "fast (Muon)" if r.get("optimizer") == "muon" else "fast family (SGD)"
         series.setdefault(family, []).append(
             (d["wall_seconds_median"] / 60, 100 * d["test_accuracy_mean"], 100 * d["test_accuracy_std"], r["epochs"])
         )
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    markers = {"fast family": "o", "air94": "s", "reference": "D"}
+    markers = {"fast family (SGD)": "o", "fast (Muon)": "*", "air94": "s", "reference": "D"}
     for name, pts in sorted(series.items()):
         pts.sort()
         xs, ys, es, eps = zip(*pts)
