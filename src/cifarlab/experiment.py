@@ -196,7 +196,8 @@ def _check_takes_train_scales(net: nn.Module, recipe: Recipe, input_shape: tuple
         raise UserError(
             f"model {recipe.model!r} cannot train on {size[0]}x{size[1]} images "
             f"(train_scales={list(recipe.train_scales)} of {h}x{w}): {str(e).splitlines()[0]}. Use larger scales, "
-            "a model with global pooling (airnet, preact_resnet18, wrn, efficientnet_b0), or train_scales= (full size)"
+            "a model with global pooling (airnet, preact_resnet18, wrn, efficientnet_b0), or full size throughout: "
+            "--set train_scales= (cifarlab.fit: train_scales=())"
         ) from None
     finally:
         net.train(was_training)
