@@ -173,3 +173,21 @@ def test_muon_recipe_optimizer_splits_filters_from_the_rest_and_trains() -> None
     assert torch.equal(
         again.state[filters["params"][0]]["momentum_buffer"], opt.state[filters["params"][0]]["momentum_buffer"]
     )
+
+
+def test_muon_orthogonalizes_in_bf16_where_the_run_trains_in_bf16() -> None:
+    from cifarlab.models import build_model
+
+    g = torch.randn(32, 288, generator=torch.Generator().manual_seed(0))
+    low = orthogonalize(g, dtype=torch.bfloat16)
+    assert low.dtype == torch.bfloat16
+    cos = torch.nn.functional.cosine_similarity(low.float().flatten(), orthogonalize(g).flatten(), dim=0)
+    assert cos > 0.99  # the same update, to bf16's precision
+    model = build_model(get_recipe("fast").replace(widths=(8, 8, 8)))
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        opt = build_optimizer(model, get_recipe("fast").replace(widths=(8, 8, 8), precision=precision))
+        assert opt.ns_dtype == dtype
+        conv = next(p for p in model.parameters() if p.dim() == 4 and p.requires_grad)
+        conv.grad = torch.randn_like(conv)
+        opt.step()  # the update lands in the parameter's own dtype
+        assert conv.dtype == torch.float32 and torch.isfinite(conv).all()

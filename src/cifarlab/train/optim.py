@@ -108,10 +108,11 @@ def sgd(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
 _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """`g` (a matrix) with its singular values pushed towards 1: U V^T of its SVD, approximately, in fp32."""
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`g` (a matrix) with its singular values pushed towards 1: U V^T of its SVD, approximately, computed in
+    `dtype` (bf16 where the run trains in bf16, as Muon does on GPUs: ~40% faster on a bf16 CPU)."""
     a, b, c = _NS_COEFFICIENTS
-    x = g.float()
+    x = g.to(dtype)
     x = x / (x.norm() + 1e-7)  # singular values <= 1, where the iteration converges
     wide = x.size(0) <= x.size(1)
     if not wide:
@@ -133,7 +134,13 @@ class Muon(torch.optim.Optimizer):
     size fixed (so Muon groups take no weight decay)."""
 
     def __init__(
-        self, params: Any, lr: float, momentum: float, nesterov: bool = True, weight_decay: float = 0.0
+        self,
+        params: Any,
+        lr: float,
+        momentum: float,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_dtype: torch.dtype = torch.float32,
     ) -> None:
         # weight_decay: torch SGD's (added to the gradient); groups marked `orthogonalize` ignore it.
         defaults = {
@@ -144,6 +151,7 @@ class Muon(torch.optim.Optimizer):
             "orthogonalize": False,
         }
         super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype  # of the orthogonalization only; the update itself is in the parameter's dtype
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
@@ -168,7 +176,7 @@ class Muon(torch.optim.Optimizer):
                     g = g.add(buf, alpha=momentum) if nesterov else buf
                     if group["orthogonalize"]:
                         p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
-                        g = orthogonalize(g.reshape(len(g), -1)).view_as(p).to(p.dtype)
+                        g = orthogonalize(g.reshape(len(g), -1), dtype=self.ns_dtype).view_as(p).to(p.dtype)
                     p.add_(g, alpha=-group["lr"])
         return loss
 
@@ -186,7 +194,17 @@ def muon(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
             0,
             {"params": filters, "lr": recipe.muon_lr, "momentum": recipe.muon_momentum, "orthogonalize": True},
         )
-    return eager_optimizer(Muon)(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    from cifarlab.device import autocast_dtype, model_device
+
+    # Orthogonalize in bf16 where the run trains in bf16 (a CPU with native bf16, a GPU), else in fp32.
+    bf16 = autocast_dtype(recipe.precision, model_device(model)) == torch.bfloat16
+    return eager_optimizer(Muon)(
+        groups,
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        nesterov=recipe.nesterov,
+        ns_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
 
 
 def mark_pretrained(model: nn.Module, names: Iterable[str]) -> None:
