@@ -5,7 +5,8 @@
 #   STEPS="tests fast" benchmarks/gpu_check.sh         # a subset: tests fast air94 suite (default: all four)
 #
 # Writes into $OUT (default gpu-out/): env.txt, gpu_tests.txt, gpu_fast.json/.txt (5 seeds), gpu_air94.json/.txt
-# (3 seeds), suite.txt. It runs from the checkout without installing it (PYTHONPATH=src); WHEELS=DIR installs the
+# (3 seeds), suite.txt; the run folders (checkpoints: megabytes each) go to $RUNS (default /tmp/cifarlab-gpu-runs),
+# not into $OUT, which the device tool copies back. It runs from the checkout without installing it (PYTHONPATH=src); WHEELS=DIR installs the
 # test extras from a folder of wheels first (a GPU machine without internet may lack some of them). Each step has
 # its own time limit, so one that hangs cannot eat the others' time; a failing step does not stop the next.
 set -uo pipefail
@@ -14,6 +15,7 @@ DATA=${DATA:-data}
 OUT=${OUT:-gpu-out}
 STEPS=${STEPS:-tests fast air94 suite}
 PY=${PY:-python}
+RUNS=${RUNS:-/tmp/cifarlab-gpu-runs}
 mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 [ -e "$DATA" ] || { echo "error: DATA=$DATA does not exist (a folder with cifar10-jpeg.tar.gz)" >&2; exit 2; }
@@ -43,9 +45,9 @@ for s in $STEPS; do
   case $s in
     tests) step gpu_tests 240 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ;;
     fast) step gpu_fast 240 $PY benchmarks/time_to_accuracy.py --recipe fast --seeds 5 --data-dir "$DATA" \
-      --runs-dir "$OUT/runs" --json "$OUT/gpu_fast.json" ;;
+      --runs-dir "$RUNS" --json "$OUT/gpu_fast.json" ;;
     air94) step gpu_air94 240 $PY benchmarks/time_to_accuracy.py --recipe air94 --seeds 3 --data-dir "$DATA" \
-      --runs-dir "$OUT/runs" --json "$OUT/gpu_air94.json" ;;
+      --runs-dir "$RUNS" --json "$OUT/gpu_air94.json" ;;
     suite) step suite 420 $PY -m pytest -q -n "${WORKERS:-8}" -p no:cacheprovider ;;
     *) echo "unknown step $s (tests fast air94 suite)" >&2 ;;
   esac

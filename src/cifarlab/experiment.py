@@ -459,8 +459,8 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clo
             "set epochs instead"
         )
     # The budget's time model has one step time for the whole run, so it plans (and trains) at full size.
-    scales = [s for s in plan.recipe.train_scales if s != 1]
-    base = plan.recipe.replace(train_scales=()) if scales else plan.recipe
+    resized = any(s != 1 for s in plan.recipe.train_scales)
+    base = plan.recipe.replace(train_scales=()) if resized else plan.recipe
 
     def build(r: Recipe) -> nn.Module:  # for the probe: timing needs no data-dependent init
         return ready_model(r, plan.dataset, plan.device)
@@ -482,7 +482,7 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clo
         device=plan.device,
         clock=clock,
     )
-    if scales:
+    if resized:
         budget.reason += (
             f"; full-size images throughout (train_scales={list(plan.recipe.train_scales)} left out: the budget "
             "plans with one step time for the whole run)"

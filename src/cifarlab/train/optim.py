@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd as sgd_update
 
 from cifarlab.registry import OPTIMIZERS, SCHEDULES
 from cifarlab.train.callbacks import Callback, ReduceLROnPlateau
@@ -125,7 +126,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for the param groups marked `orthogonalize`, Nesterov SGD (torch's arithmetic) for the others.
+    """Muon for the param groups marked `orthogonalize`, torch's Nesterov SGD (`torch.optim.sgd.sgd`) for the rest.
 
     A Muon step takes the Nesterov momentum of the gradient, flattens each filter bank to (out, in*k*k), replaces
     it by its orthogonalized form and steps by `lr` along it. As in airbench, each filter bank is first rescaled
@@ -160,25 +161,41 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         with torch.no_grad():
             for group in self.param_groups:
-                momentum, nesterov = group["momentum"], group["nesterov"]
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    g = p.grad
-                    if not group["orthogonalize"] and group["weight_decay"]:
-                        g = g.add(p, alpha=group["weight_decay"])
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = g.clone()  # torch SGD's first step: no momentum yet
-                    else:
-                        state["momentum_buffer"].mul_(momentum).add_(g)
-                    buf = state["momentum_buffer"]
-                    g = g.add(buf, alpha=momentum) if nesterov else buf
-                    if group["orthogonalize"]:
-                        p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
-                        g = orthogonalize(g.reshape(len(g), -1), dtype=self.ns_dtype).view_as(p).to(p.dtype)
-                    p.add_(g, alpha=-group["lr"])
+                params = [p for p in group["params"] if p.grad is not None]
+                grads = [p.grad for p in params if p.grad is not None]  # all of them (the check is for mypy)
+                if group["orthogonalize"]:
+                    self._muon_step(group, params, grads)
+                elif params:
+                    buffers = [self.state[p].get("momentum_buffer") for p in params]
+                    sgd_update(
+                        params,
+                        grads,
+                        buffers,
+                        weight_decay=group["weight_decay"],
+                        momentum=group["momentum"],
+                        lr=group["lr"],
+                        dampening=0.0,
+                        nesterov=group["nesterov"],
+                        maximize=False,
+                    )
+                    if group["momentum"]:  # the buffers sgd created on a first step, kept as torch's SGD keeps them
+                        for p, buf in zip(params, buffers):
+                            self.state[p]["momentum_buffer"] = buf
         return loss
+
+    def _muon_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        momentum = group["momentum"]
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = g.clone()  # as torch SGD's first step: no momentum yet
+            else:
+                state["momentum_buffer"].mul_(momentum).add_(g)
+            buf = state["momentum_buffer"]
+            g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
+            p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
+            g = orthogonalize(g.reshape(len(g), -1), dtype=self.ns_dtype).view_as(p).to(p.dtype)
+            p.add_(g, alpha=-group["lr"])
 
 
 @OPTIMIZERS.register("muon")
