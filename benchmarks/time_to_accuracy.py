@@ -8,6 +8,10 @@ torch import, data loading from the extracted cache, whitening, training and TTA
 the report is skipped), epochs, peak memory. Then mean ± std, the training work in FLOPs (counted with
 torch's FlopCounterMode on the recipe's own model), the achieved TFLOP/s, and the dense-matmul peak of the
 device and precision the runs trained in, measured after them in the same process.
+
+`--cpu-isa avx2` caps torch's CPU kernels at AVX2 (oneDNN, ATen and MKL) in every run: a Zen 4 then computes
+bit for bit what a Zen 3 (AVX2, no bf16) computes, so its test accuracies are a Zen 3's, and `precision=auto`
+picks fp32 as it would there; its times are not (RESULTS.md, "A Zen 3 on a Zen 4").
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ import time
 from pathlib import Path
 
 import torch
+
+# Environment settings that cap torch's kernels at an instruction set (read by each library at its first use).
+CPU_ISA_CAPS: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 3.0) -> float:
@@ -128,7 +138,14 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=os.environ.get("CIFARLAB_DATA"))
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
     ap.add_argument("--json", type=Path, help="also write all figures to this JSON file")
+    ap.add_argument(
+        "--cpu-isa",
+        choices=sorted(CPU_ISA_CAPS),
+        default="native",
+        help="avx2: cap torch's CPU kernels at AVX2 in the runs and the peak measurement (a Zen 3's numbers)",
+    )
     args = ap.parse_args()
+    os.environ.update(CPU_ISA_CAPS[args.cpu_isa])  # before the first kernel here; inherited by every run
 
     from cifarlab.recipes import Recipe
 
@@ -194,7 +211,8 @@ def main() -> None:
     )
     m = cfg["machine"]
     print(
-        f"machine: {m['cpu']} (bf16: {'yes' if m.get('cpu_bf16') else 'no'}), {m.get('gpu', 'no GPU')}, "
+        f"machine: {m['cpu']} (bf16: {'yes' if m.get('cpu_bf16') else 'no'}"
+        f"{'; ' + m['cpu_isa_cap'] if m.get('cpu_isa_cap') else ''}), {m.get('gpu', 'no GPU')}, "
         f"{m['torch_threads']} threads, torch {m['torch']}; precision {cfg.get('precision', '?')}"
     )
     if args.json:

@@ -768,6 +768,54 @@ def test_precision_auto_says_why(monkeypatch, bf16):
         assert reason.startswith("fp32: this CPU has no native bf16")
 
 
+@pytest.mark.parametrize(
+    ("env", "flags", "bf16", "says"),
+    [
+        ({}, True, True, "bf16 autocast"),
+        ({"ONEDNN_MAX_CPU_ISA": "avx2"}, True, False, "fp32: ONEDNN_MAX_CPU_ISA=AVX2 switches off"),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, True, True, "bf16 autocast"),  # a cap above bf16
+        ({"ATEN_CPU_CAPABILITY": "avx2"}, True, False, "fp32: ATEN_CPU_CAPABILITY=avx2 switches off"),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False, False, "fp32: this CPU has no native bf16"),
+    ],
+)
+def test_precision_auto_follows_an_instruction_set_cap(monkeypatch, env, flags, bf16, says):
+    """ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY below bf16 make a bf16 CPU run an AVX2 CPU's kernels: 'auto'
+    must then pick fp32 (bf16 would be emulated) and say why."""
+    import cifarlab.device as device
+
+    for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(device, "_cpu_flags_bf16", lambda: flags)
+    monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
+    # torch reads ATEN_CPU_CAPABILITY once, at start-up: report what it would then say
+    capped = "AVX2" if "ATEN_CPU_CAPABILITY" in env else "AVX512"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capped)
+    assert device.cpu_has_bf16() is bf16
+    assert (device.autocast_dtype("auto", torch.device("cpu")) is None) is not bf16
+    assert device.precision_reason("auto", torch.device("cpu")).startswith(says)
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has_avx2(), reason="needs an x86 CPU with AVX2")
+def test_an_instruction_set_cap_reaches_torch_and_the_run_record():
+    """In a fresh process the cap is what torch's kernels use, and the machine record of a run says so."""
+    code = (
+        "import torch, cifarlab.device as d, cifarlab.runs as r;"
+        "print(torch.backends.cpu.get_cpu_capability(), d.cpu_has_bf16(), r.machine_info().get('cpu_isa_cap'))"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["AVX2", "False", "ONEDNN_MAX_CPU_ISA=AVX2"]
+
+
 def test_train_output_starts_with_the_precision(tmp_path):
     lines: list[str] = []
     run_experiment(

@@ -17,6 +17,7 @@ __all__ = [
     "autocast_dtype",
     "check_precision",
     "cpu_has_bf16",
+    "cpu_isa_cap",
     "model_device",
     "precision_reason",
     "resolve_device",
@@ -46,18 +47,41 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 / AMX on x86, BF16 on Arm).
+# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) that leave it no native bf16, and torch's own kernel levels
+# (ATEN_CPU_CAPABILITY) below AVX-512. A CPU with bf16 capped like this runs the kernels of an AVX2 machine: the
+# same numbers as a CPU without bf16 (benchmarks/RESULTS.md, "A Zen 3 on a Zen 4"), and bf16 emulated.
+_NO_BF16_ONEDNN = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+_NO_BF16_ATEN = {"DEFAULT", "NO AVX", "AVX2"}
 
-    Without them bf16 autocast is emulated and thousands of times slower than fp32, so 'auto' picks fp32.
-    """
+
+def cpu_isa_cap() -> str | None:
+    """The environment setting that caps torch's CPU kernels below bf16 (e.g. 'ONEDNN_MAX_CPU_ISA=AVX2'), if any."""
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    if onednn in _NO_BF16_ONEDNN:
+        return f"ONEDNN_MAX_CPU_ISA={onednn}"
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip()
+    if aten and torch.backends.cpu.get_cpu_capability() in _NO_BF16_ATEN:
+        return f"ATEN_CPU_CAPABILITY={aten}"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
     except OSError:
         return platform.machine() == "arm64"  # Apple silicon has bf16
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", " bf16"))
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 / AMX on x86, BF16 on Arm) and the
+    environment does not cap torch's kernels below them (`cpu_isa_cap`).
+
+    Without them bf16 autocast is emulated and thousands of times slower than fp32, so 'auto' picks fp32.
+    """
+    return _cpu_flags_bf16() and (platform.machine() not in ("x86_64", "AMD64") or cpu_isa_cap() is None)
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -91,6 +115,9 @@ def precision_reason(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return f"{name} autocast: {'this GPU supports bf16' if dtype == torch.bfloat16 else 'no bf16 on this GPU'}"
     if dtype is None:
+        cap = cpu_isa_cap()
+        if cap is not None and _cpu_flags_bf16():
+            return f"fp32: {cap} switches off this CPU's bf16 instructions (emulated bf16 would be far slower)"
         return "fp32: this CPU has no native bf16 (emulated bf16 would be far slower)"
     return "bf16 autocast + channels_last: this CPU has native bf16"
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load, save
 from torch import nn
 
-from cifarlab.device import cpu_has_bf16
+from cifarlab.device import cpu_has_bf16, cpu_isa_cap
 from cifarlab.errors import UserError
 from cifarlab.files import atomic_write_bytes, read_json, require_regular_file, write_json
 from cifarlab.models import build_model
@@ -147,6 +147,9 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": str(device) if device is not None else "cpu",
     }
+    cap = cpu_isa_cap()
+    if cap is not None:  # the run used the kernels of a less capable CPU: say so beside the CPU's name
+        info["cpu_isa_cap"] = cap
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()

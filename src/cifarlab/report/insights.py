@@ -10,8 +10,11 @@ the `N_PAIRS` pairs, `N_TOP_LOSSES` top losses, `N_UNCERTAIN` images per least-c
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,15 +187,38 @@ def saliency_overlays(
 # -- the model: size, FLOPs, latency -------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _without_compiler_guard(mode_cls: type | None) -> Iterator[None]:
+    """Run `mode_cls.__torch_dispatch__` as it is, beneath torch's compiler-disable guard.
+
+    torch wraps every dispatch mode's `__torch_dispatch__` in a guard whose first call imports torch._dynamo
+    (~1 s on a 2-core Zen 4, ~3 s on a Zen 3) only to keep the compiler out of it; nothing is compiled here.
+    The guard calls the callable it caches on the raw function, so for the count that cache is the function
+    itself; it is removed afterwards. Where torch wraps differently (another version), nothing changes but the
+    import."""
+    guarded = vars(mode_cls).get("__torch_dispatch__") if mode_cls is not None else None
+    raw = inspect.unwrap(guarded) if callable(guarded) else None
+    key = "__dynamo_disable"  # the cache attribute of torch._compile._disable_dynamo
+    own = raw is not None and raw is not guarded and not hasattr(raw, key)
+    if own:
+        setattr(raw, key, raw)
+    try:
+        yield
+    finally:
+        if own and getattr(raw, key, None) is raw:
+            delattr(raw, key)
+
+
 def count_flops(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> int:
     """FLOPs of one forward pass on one image (torch's FlopCounterMode: a multiply-add counts 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils import flop_counter
 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_shape))
+        with _without_compiler_guard(getattr(flop_counter, "_FlopCounterMode", None)), torch.no_grad():
+            with flop_counter.FlopCounterMode(display=False) as counter:
+                model(torch.zeros(1, *input_shape))
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
