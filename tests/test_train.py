@@ -78,6 +78,28 @@ def test_progressive_resizing_trains_small_then_full_size(tmp_path, synth):
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
+@pytest.mark.parametrize(("bias_epochs", "trained_steps"), [(1.5, 15), (0.25, 3), (0.0, 0), (3.0, 30)])
+def test_whitening_bias_trains_for_its_fraction_of_the_steps(tmp_path, synth, bias_epochs, trained_steps):
+    """whiten_bias_epochs counts in steps: 1.5 trains the bias for epoch 1 and the first half of epoch 2."""
+    from cifarlab.train.callbacks import Callback
+
+    class BiasSteps(Callback):  # at each step: did the bias change?
+        def __init__(self) -> None:
+            self.changed: list[bool] = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.before = self.trainer.model.whiten.bias.detach().clone()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.changed.append(not torch.equal(self.before, self.trainer.model.whiten.bias.detach()))
+
+    steps = BiasSteps()
+    recipe = get_recipe("fast").replace(**{**TINY_FAST, "epochs": 3}, whiten_bias_epochs=bias_epochs)
+    run_experiment(recipe, dataset=synth, runs_root=tmp_path, quiet=True, report=False, callbacks=[steps])
+    assert len(steps.changed) == 30  # 3 epochs of 10 steps (320 images, batch 32); 0.25 epochs: steps 0, 1, 2
+    assert steps.changed == [True] * trained_steps + [False] * (30 - trained_steps)
+
+
 def test_tta_equals_average_of_explicit_views():
     torch.manual_seed(0)
     recipe = get_recipe("fast").replace(widths=(8, 16, 16))

@@ -105,7 +105,9 @@ class Recipe:
     whiten_width: int = param(
         0, "model", ge=0, help="airnet: whitening filters; 0: 2*C*k*k; a source's width to fine-tune across channels"
     )
-    whiten_bias_epochs: float = param(0.0, "model", ge=0, help="train the whitening bias this many epochs")
+    whiten_bias_epochs: float = param(
+        0.0, "model", ge=0, help="train the whitening bias this many epochs (a fraction counts in steps)"
+    )
     head_scale: float = param(1.0, "model", gt=0, help="logits multiplier (airbench nets scale their head down)")
     # DropBlock (Ghiasi et al. 2018): reference_cnn, preact_resnet18, wrn, efficientnet_b0, in their last two stages.
     dropblock_prob: float = param(0.0, "model", ge=0.0, lt=1.0, help="DropBlock's drop probability; 0: off")

@@ -212,13 +212,13 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         r = self.recipe
         self.model.train()
-        forward = self._forward_model()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
         lrs = []
         for i, (xb, yb) in enumerate(self.train_loader.epoch(epoch)):
             self.callbacks.on_train_batch_begin(i, {"step": self.step})
+            forward = self._forward_model()  # after the callbacks: one may have frozen a parameter (DDP re-wraps)
             lrs.append(self.get_lr())
             with autocast(self.device, self.dtype):
                 logits = forward(xb)

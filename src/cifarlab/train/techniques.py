@@ -70,15 +70,34 @@ class Lookahead(Callback):
 
 
 class WhitenBiasFreeze(Callback):
-    """Train the whitening layer's bias only for the first `epochs` epochs (airbench), if the model has one."""
+    """Train the whitening layer's bias only for the first `epochs` epochs (airbench), if the model has one.
+
+    A fraction counts in steps (0.5: the first half of epoch 1's steps): once frozen, the first conv needs no
+    input gradient, which saves a fifth of a step on a CPU."""
 
     def __init__(self, epochs: float) -> None:
         self.epochs = epochs
+        self.epoch = 0
+
+    def _bias(self) -> torch.Tensor | None:
+        whiten = getattr(self.trainer.model, "whiten", None)
+        return getattr(whiten, "bias", None) if whiten is not None else None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        whiten = getattr(self.trainer.model, "whiten", None)
-        if whiten is not None and getattr(whiten, "bias", None) is not None:
-            whiten.bias.requires_grad_(epoch < self.epochs)
+        self.epoch = epoch
+        bias = self._bias()
+        if bias is not None:
+            bias.requires_grad_(epoch < self.epochs)
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        # Only ever switches it off: another callback (FreezeStages) may keep it frozen all along.
+        if (
+            self.epoch < self.epochs < self.epoch + 1
+            and self.epoch + batch / self.trainer.steps_per_epoch >= self.epochs
+        ):
+            bias = self._bias()
+            if bias is not None:
+                bias.requires_grad_(False)
 
 
 def frozen_stage_modules(model: nn.Module, n: int, model_name: str = "") -> list[nn.Module]:
