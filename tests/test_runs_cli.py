@@ -136,6 +136,8 @@ def test_cli_table_and_json(runs_root: Path, capsys):
     assert _main(["runs", "--root", str(runs_root), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in data][-1] == "20260101-100000-reference"
+    assert _main(["runs", "--runs-dir", str(runs_root), "--json"]) == 0  # the name train gives the folder
+    assert json.loads(capsys.readouterr().out) == data
 
 
 def test_cli_empty_and_missing_root(tmp_path: Path, capsys):

@@ -29,7 +29,14 @@ def add_parser(sub: Any) -> None:
             "cifarlab runs --root runs",
         ),
     )
-    p.add_argument("--root", type=Path, default=Path("runs"), help="folder of run folders (default: runs)")
+    p.add_argument(
+        "--root",
+        "--runs-dir",  # the name `cifarlab train` gives the same folder
+        dest="root",
+        type=Path,
+        default=Path("runs"),
+        help="folder of run folders, as given to train --runs-dir (default: runs)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(func=cmd_runs)
 
