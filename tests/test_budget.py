@@ -15,13 +15,18 @@ from cifarlab import cli
 from cifarlab.budget import (
     EXIT_SECONDS,
     MARGIN,
+    Clock,
     Probe,
     TimeBudget,
     _choose,
     _options,
+    epochs_that_fit,
+    image_scale_costs,
     parse_duration,
+    plan_budget,
     process_age,
     scaled_widths,
+    steps_that_fit,
 )
 from cifarlab.data import BatchLoader
 from cifarlab.errors import ConfigError
@@ -98,6 +103,78 @@ def test_choice_narrows_and_drops_tta_as_the_budget_shrinks():
     assert picks[3600].tta == "flip_translate"
 
 
+def test_image_scale_costs_follow_the_pixel_count_plus_a_fixed_part():
+    assert image_scale_costs((1.0, 1.0), 1.0) == [1.0, 1.0]
+    # a 16-pixel step measured at 0.25 of a full one: all of the step follows the pixel count
+    assert image_scale_costs((0.5, 1.0), 0.25) == pytest.approx([0.25, 1.0])
+    # measured at 0.4: alpha = (0.4 - 0.25) / 0.75 = 0.2 of the step does not shrink; 3/4 size costs 0.2 + 0.8 * 0.5625
+    assert image_scale_costs((0.5, 0.75, 1.0), 0.4) == pytest.approx([0.4, 0.65, 1.0])
+    assert image_scale_costs((0.5, 1.0), 1.3) == pytest.approx([1.0, 1.0])  # slower when smaller: no saving
+
+
+def test_epochs_and_steps_that_fit_count_each_epoch_at_its_own_cost():
+    assert epochs_that_fit(10.0, lambda e: 4.0) == pytest.approx(2.5)
+    assert epochs_that_fit(10.0, lambda e: 2.0 if e == 0 else 4.0) == pytest.approx(3.0)
+    assert epochs_that_fit(0.0, lambda e: 4.0) == 0.0
+    # 10 steps an epoch, one done; a step now (epoch 0, cost 0.5) takes 0.1 s, so one at full size 0.2 s
+    assert steps_that_fit(2.4, 0.1, 0, 1, 10, 0.0, [0.5, 1.0]) == 9 + 7  # epoch 0's rest (0.9 s), 1.5 s / 0.2 s
+    assert steps_that_fit(2.4, 0.1, 0, 1, 10, 0.0) == 24  # every epoch at the same cost
+    assert steps_that_fit(2.4, 0.1, 0, 1, 10, 0.5, [0.5, 1.0]) == 9 + 5  # the boundary costs 0.5 s
+    assert steps_that_fit(1.0, 0.2, 1, 15, 10, 0.0, [0.5, 1.0]) == 5  # mid-epoch 1: 5 steps left in it
+    assert steps_that_fit(1.0, 0.2, 0, 10, 10, 0.0, [0.5, 1.0]) == 2  # epoch 0 just ended: the next, 0.4 s a step
+
+
+class FixedClock(Clock):
+    """A clock that says no time has passed: the plan's arithmetic does not depend on how long the probe took."""
+
+    def elapsed(self) -> float:
+        return 0.0
+
+
+class SizedSlow(nn.Module):
+    """A training step takes `seconds` x (image side / 32)**2: a known cost per image size."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            time.sleep(self.seconds * (x.shape[-1] / 32) ** 2)
+        return self.fc(x.float().mean((2, 3)))
+
+
+@pytest.mark.parametrize(("budget", "kept"), [(5.0, True), (1.42, False)])
+def test_budget_keeps_progressive_resizing_while_the_final_size_gets_half_an_epoch(one_thread, budget, kept):
+    ds = make_dataset(16, 4)  # 64 images, batch 8: 8 steps per epoch; a full-size epoch takes 0.8 s
+    recipe = get_recipe("fast").replace(batch_size=8, epochs=2, train_scales=(0.5, 1.0), tta="none")
+
+    def loader(r):
+        return BatchLoader(ds.x_train, ds.y_train, 8, shuffle=True, drop_last=True, scales=r.train_scales)
+
+    chosen, plan = plan_budget(
+        recipe,
+        budget,
+        build=lambda r: SizedSlow(0.1),
+        loader=loader,
+        x_eval=ds.x_test[:8],
+        n_test=len(ds.y_test),
+        n_val=0,
+        steps_per_epoch=8,
+        device=torch.device("cpu"),
+        clock=FixedClock("the test"),
+    )
+    if kept:  # 3.9 s to train: epoch 1 at 16 x 16 (~0.2 s), then full-size epochs
+        assert chosen.train_scales == (0.5, 1.0) and "kept" in plan.reason
+        assert plan.epoch_costs[1] == 1.0 and 0.2 < plan.epoch_costs[0] < 0.4
+        assert plan.predicted_epochs == pytest.approx(1 + (3.925 - 0.8 * plan.epoch_costs[0]) / 0.8, rel=0.1)
+    else:  # 0.4 s: 16 x 16 for 0.2 s, then only a quarter epoch at full size; so full size throughout
+        assert chosen.train_scales == () and plan.epoch_costs == []
+        assert "left out" in plan.reason
+        assert plan.predicted_epochs == pytest.approx(0.4 / 0.8, rel=0.15)
+
+
 class Slow(nn.Module):
     """A tiny model whose steps take a known time, so the deadline keeper can be checked against the clock."""
 
@@ -154,9 +231,9 @@ def test_a_budgeted_run_finishes_within_its_budget(tmp_path, monkeypatch, one_th
     assert len(measured) == 2 and 1.0 in measured  # the recipe's own width and one other
     cfg = json.loads((run.path / "config.json").read_text())
     assert cfg["recipe"]["widths"] == b["widths"] and cfg["budget"]["scale"] == b["scale"]  # the run is what it planned
-    # fast's progressive resizing is left out (the plan times one step size), and the plan says so
-    assert get_recipe("fast").train_scales and cfg["recipe"]["train_scales"] == []
-    assert "train_scales=[0.75, 1.0] left out" in b["reason"]
+    # fast's progressive resizing is kept (many epochs fit), each epoch's step cost in the plan
+    assert cfg["recipe"]["train_scales"] == list(get_recipe("fast").train_scales) == [0.75, 1.0]
+    assert "train_scales=[0.75, 1.0] kept" in b["reason"] and len(b["epoch_costs"]) == 2
 
 
 def test_budget_refuses_resume_and_a_too_small_budget(tmp_path, monkeypatch, one_thread):

@@ -11,8 +11,11 @@ separately (`report_seconds` in metrics.json).
 2. **Plan.** Of the widths `WIDTH_SCALES` times the recipe's, the widest one that trains the recipe's epochs
    in the time left after the predicted evaluation is chosen (a larger budget then buys more epochs at the
    widest width). Test-time augmentation is reduced (flip_translate -> flip -> none) while evaluation would
-   take more than `EVAL_SHARE` of the budget. The plan starts from the named recipe and trains at full size: one
-   step time for the whole run (a recipe's `train_scales` are left out, and the plan's reason says so).
+   take more than `EVAL_SHARE` of the budget. A recipe with progressive resizing (`train_scales`) keeps it: one
+   more probe times a step on its smallest images, which gives each epoch's step cost relative to a full-size
+   one (`a + b * scale**2` again, over the image side), and the epochs that fit are counted with those costs.
+   Where the budget would end before half an epoch at the final size, the plan trains at full size throughout
+   (a net that never saw full-size images tests badly on them) and its reason says so.
 3. **Keep time.** The LR schedule of a step-indexed recipe (onecycle) runs over `trainer.total_steps`, which
    the `TimeBudget` callback re-estimates from the measured step times as training goes. So the schedule
    ends annealed when the time is up even if the machine slows down or speeds up mid-run, and training stops
@@ -26,7 +29,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,18 @@ from cifarlab.errors import ConfigError
 from cifarlab.inference import predict_logits, recipe_options
 from cifarlab.train.callbacks import Callback
 
-__all__ = ["PROCESS_START", "BudgetPlan", "Clock", "TimeBudget", "parse_duration", "plan_budget", "process_age"]
+__all__ = [
+    "PROCESS_START",
+    "BudgetPlan",
+    "Clock",
+    "TimeBudget",
+    "epochs_that_fit",
+    "image_scale_costs",
+    "parse_duration",
+    "plan_budget",
+    "process_age",
+    "steps_that_fit",
+]
 
 WIDTH_SCALES = (2.0, 1.5, 1.0, 0.75, 0.5, 0.375, 0.25)
 EVAL_SHARE = 0.1  # the most of the budget the final evaluation may take before TTA views are dropped
@@ -147,6 +161,9 @@ class BudgetPlan:
     steps_per_epoch: int
     probes: list[Probe] = field(default_factory=list)
     reason: str = ""
+    # Each epoch's step time relative to a full-size step (`train_scales`; the last holds); empty: all 1.
+    epoch_costs: list[float] = field(default_factory=list)
+    predicted_epochs: float = 0.0
     taken_seconds: float | None = None  # clock origin to test accuracy, filled in at the end
     clock: Clock = PROCESS_START  # what the budget counts from; stored as its origin
 
@@ -159,8 +176,8 @@ class BudgetPlan:
     def describe(self) -> str:
         return (
             f"budget {self.budget_seconds:g} s: widths {list(self.widths)} ({self.scale:g}x the recipe's), "
-            f"~{self.predicted_train_seconds / max(self.predicted_step_seconds * self.steps_per_epoch, 1e-9):.1f} "
-            f"epochs ({self.predicted_step_seconds * 1000:.0f} ms/step), TTA {self.tta}; "
+            f"~{self.predicted_epochs:.1f} epochs ({self.predicted_step_seconds * 1000:.0f} ms/step at full size), "
+            f"TTA {self.tta}; "
             f"{self.planned_at:.1f} s used before training (start-up, data, {self.probe_seconds:.1f} s probe), "
             f"~{self.predicted_train_seconds:.0f} s to train, ~{self.predicted_eval_seconds:.1f} s to evaluate"
             + (f": {self.reason}" if self.reason else "")
@@ -185,10 +202,12 @@ def _probe(
     scale: float,
     build: Callable[[Any], nn.Module],
     loader: Callable[[Any], Any],
-    x_eval: torch.Tensor,
+    x_eval: torch.Tensor | None,
     device: torch.device,
     steps: int,
 ) -> Probe:
+    """Time `steps` training steps of epoch 1 (at its image size) at `scale` x the recipe's widths, and one
+    inference batch `x_eval` (None: not timed)."""
     from cifarlab.train.loop import Trainer
 
     r = recipe.replace(widths=scaled_widths(recipe.widths, scale))
@@ -197,7 +216,35 @@ def _probe(
     trainer = Trainer(model, r, loader(r), None, callbacks=[timer], device=device)
     trainer.train_epoch(0)
     step = (timer.times[-1] - timer.times[1]) / max(1, len(timer.times) - 2)
-    return Probe(scale, r.widths, scale**2, step, _eval_seconds_per_image(model, r, x_eval, device))
+    per_img = _eval_seconds_per_image(model, r, x_eval, device) if x_eval is not None else None
+    return Probe(scale, r.widths, scale**2, step, per_img)
+
+
+def image_scale_costs(scales: tuple[float, ...], smallest_ratio: float) -> list[float]:
+    """Step time of each epoch of `scales` relative to a full-size step, as `alpha + (1 - alpha) * s**2` (the
+    convolutions' work follows the pixel count, `alpha` is the part that does not), with `alpha` fitted to the
+    measured ratio `smallest_ratio` at the smallest scale."""
+    s_min = min(scales)
+    if s_min >= 1:
+        return [1.0 for _ in scales]
+    alpha = min(1.0, max(0.0, (smallest_ratio - s_min**2) / (1 - s_min**2)))
+    return [alpha + (1 - alpha) * s**2 for s in scales]
+
+
+def epochs_that_fit(seconds: float, epoch_seconds: Callable[[int], float]) -> float:
+    """How many epochs (a fraction for the last) fit in `seconds`, epoch e taking `epoch_seconds(e)`."""
+    e = 0
+    while seconds > 0 and e < 100_000:
+        cost = max(epoch_seconds(e), 1e-12)
+        if seconds < cost:
+            return e + seconds / cost
+        seconds -= cost
+        e += 1
+    return float(e)
+
+
+def _cost(costs: Sequence[float], epoch: int) -> float:
+    return costs[min(epoch, len(costs) - 1)] if costs else 1.0
 
 
 def _eval_seconds_per_image(model: nn.Module, recipe: Any, x_eval: torch.Tensor, device: torch.device) -> float:
@@ -244,10 +291,12 @@ def _options(
     now: float,
     n: dict,
     eval_line: tuple[float, float] | None = None,
+    epoch_costs: Sequence[float] = (),
 ) -> list[_Option]:
-    """What each width would get from the budget, widest first, under step time `a + b * cost`; inference time
-    per image is `eval_line` (a, b) in the same way once two widths were timed, else it scales like the step
-    time (`eval_1x` seconds per image at the recipe's width)."""
+    """What each width would get from the budget, widest first, under full-size step time `a + b * cost` (times
+    `epoch_costs[e]` in epoch e: image scales); inference time per image is `eval_line` (a, b) in the same way
+    once two widths were timed, else it scales like the step time (`eval_1x` seconds per image at the recipe's
+    width)."""
     out = []
     for p in probes:
         step = p.step_seconds if p.step_seconds is not None else a + b * p.cost
@@ -265,8 +314,11 @@ def _options(
             tta = _TTA_FALLBACK[tta]
         eval_s = _TTA_VIEWS[tta] * per_img * n["test"]
         left = usable_seconds(budget) - now - eval_s
-        per_epoch = step * n["steps"] + per_img * n["val"]
-        out.append(_Option(p, step, tta, eval_s, left, left / per_epoch if left > 0 else 0.0))
+
+        def per_epoch(e: int, step: float = step, per_img: float = per_img) -> float:
+            return step * _cost(epoch_costs, e) * n["steps"] + per_img * n["val"]
+
+        out.append(_Option(p, step, tta, eval_s, left, epochs_that_fit(left, per_epoch)))
     return out
 
 
@@ -293,6 +345,8 @@ def plan_budget(
     (the recipe to train, the plan). `build(recipe)` makes a model on the device; `loader(recipe)` the training
     BatchLoader; `x_eval` is one batch of evaluation images (uint8) to time inference on."""
     t0 = time.perf_counter()
+    scales = tuple(recipe.train_scales)
+    full = recipe.replace(train_scales=()) if scales else recipe  # the width probes time full-size steps
     probes = []
     for scale in WIDTH_SCALES:
         probes.append(Probe(scale, scaled_widths(recipe.widths, scale), scale**2))
@@ -300,11 +354,17 @@ def plan_budget(
 
     def measure(scale: float) -> Probe:
         i = WIDTH_SCALES.index(scale)
-        measured = _probe(recipe, scale, build, loader, x_eval, device, probe_steps)
+        measured = _probe(full, scale, build, loader, x_eval, device, probe_steps)
         probes[i] = measured
         return measured
 
     base = measure(1.0)
+    assert base.step_seconds is not None
+    costs: list[float] = []
+    if scales and min(scales) < 1:
+        small = _probe(full.replace(train_scales=(min(scales),)), 1.0, build, loader, None, device, probe_steps)
+        assert small.step_seconds is not None
+        costs = image_scale_costs(scales, small.step_seconds / base.step_seconds)
     assert base.step_seconds is not None and base.eval_seconds_per_image is not None
     eval_1x = base.eval_seconds_per_image
     # Second probe: the width a compute-bound guess would choose (or half width), to fit `a + b * cost`.
@@ -313,8 +373,20 @@ def plan_budget(
     a, b = _line(base, second)
     eval_line = _line(base, second, "eval_seconds_per_image")
     now = clock.elapsed()
-    options = _options(probes, a, b, eval_1x, recipe, budget_seconds, now, n, eval_line)
+    options = _options(probes, a, b, eval_1x, recipe, budget_seconds, now, n, eval_line, costs)
     o = _choose(options, recipe.epochs)
+    note = ""
+    if costs and o.epochs < len(scales) - 0.5:
+        # The run would end before half an epoch at the final image size: train at full size throughout.
+        note = (
+            f"; full-size images throughout (train_scales={list(scales)} left out: the budget ends before half an "
+            "epoch at the final size)"
+        )
+        recipe, costs = full, []
+        options = _options(probes, a, b, eval_1x, recipe, budget_seconds, now, n, eval_line)
+        o = _choose(options, recipe.epochs)
+    elif costs:
+        note = f"; train_scales={list(scales)} kept (step cost per epoch vs full size: {_fmt_costs(costs)})"
     if o.epochs >= recipe.epochs:
         reason = f"the widest net that trains the recipe's {recipe.epochs} epochs in the time left"
         if o is options[0]:
@@ -348,10 +420,16 @@ def plan_budget(
         predicted_eval_seconds=o.eval_seconds,
         steps_per_epoch=steps_per_epoch,
         probes=probes,
-        reason=reason,
+        reason=reason + note,
         clock=clock,
+        epoch_costs=costs,
+        predicted_epochs=o.epochs,
     )
     return chosen, plan
+
+
+def _fmt_costs(costs: Sequence[float]) -> str:
+    return ", ".join(f"{c:.2f}" for c in costs)
 
 
 class TimeBudget(Callback):
@@ -362,10 +440,17 @@ class TimeBudget(Callback):
     state_required = False
 
     def __init__(
-        self, deadline: float, device: torch.device | str = "cpu", window: int = 30, clock: Clock = PROCESS_START
+        self,
+        deadline: float,
+        device: torch.device | str = "cpu",
+        window: int = 30,
+        clock: Clock = PROCESS_START,
+        epoch_costs: Sequence[float] = (),
     ) -> None:
         self.deadline = deadline
         self.clock = clock
+        self.epoch_costs = list(epoch_costs)  # each epoch's step time relative to a full-size one (last holds)
+        self.epoch = 0
         self.device = torch.device(device)
         self.check_every = 1 if self.device.type == "cpu" else 10  # a GPU is timed only after a sync
         self.stamps: deque[tuple[int, float]] = deque(maxlen=window)
@@ -379,6 +464,7 @@ class TimeBudget(Callback):
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         if self._epoch_end_t is not None:
             self.epoch_overhead = max(self.epoch_overhead, time.perf_counter() - self._epoch_end_t)
+        self.epoch = epoch
         self.stamps.clear()  # the step after an epoch boundary includes a new permutation: start afresh
 
     def on_validation_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -396,11 +482,10 @@ class TimeBudget(Callback):
                 self._stop(t)
             return
         (s0, t0), (s1, t1) = self.stamps[0], self.stamps[-1]
-        per_step = (t1 - t0) / (s1 - s0)
-        steps_left = int(left / per_step)
-        # every further epoch boundary costs a validation pass and the epoch-end work again
-        boundaries = (t.step % t.steps_per_epoch + steps_left) // t.steps_per_epoch
-        steps_left = int((left - boundaries * self.epoch_overhead) / per_step)
+        per_step = (t1 - t0) / (s1 - s0)  # at this epoch's image size (the stamps restart every epoch)
+        steps_left = steps_that_fit(
+            left, per_step, self.epoch, t.step, t.steps_per_epoch, self.epoch_overhead, self.epoch_costs
+        )
         if steps_left <= 0:
             self._stop(t)
         else:
@@ -410,3 +495,29 @@ class TimeBudget(Callback):
         t.total_steps = t.step
         t.stop_training = True
         self.stopped_at_step = t.step
+
+
+def steps_that_fit(
+    seconds: float,
+    per_step: float,
+    epoch: int,
+    step: int,
+    steps_per_epoch: int,
+    epoch_overhead: float,
+    epoch_costs: Sequence[float] = (),
+) -> int:
+    """Training steps that fit in `seconds` from global step `step` in epoch `epoch`, a step now taking
+    `per_step` and one in epoch e `per_step * cost(e) / cost(epoch)`; every further epoch boundary costs
+    `epoch_overhead` (validation and the epoch-end work)."""
+    unit = per_step / _cost(epoch_costs, epoch)
+    in_epoch = (-step) % steps_per_epoch  # steps left in this epoch (0: it just ended)
+    steps, e = 0, epoch
+    while seconds > 0 and e < epoch + 100_000:
+        each = unit * _cost(epoch_costs, e)
+        if seconds < in_epoch * each:
+            return steps + int(seconds / each)
+        seconds -= in_epoch * each
+        steps += in_epoch
+        seconds -= epoch_overhead
+        e, in_epoch = e + 1, steps_per_epoch
+    return steps

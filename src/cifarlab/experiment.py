@@ -458,9 +458,7 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clo
             "--budget chooses the model's width, so it cannot be combined with a given model or --init; "
             "set epochs instead"
         )
-    # The budget's time model has one step time for the whole run, so it plans (and trains) at full size.
-    resized = any(s != 1 for s in plan.recipe.train_scales)
-    base = plan.recipe.replace(train_scales=()) if resized else plan.recipe
+    base = plan.recipe
 
     def build(r: Recipe) -> nn.Module:  # for the probe: timing needs no data-dependent init
         return ready_model(r, plan.dataset, plan.device)
@@ -482,11 +480,6 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clo
         device=plan.device,
         clock=clock,
     )
-    if resized:
-        budget.reason += (
-            f"; full-size images throughout (train_scales={list(plan.recipe.train_scales)} left out: the budget "
-            "plans with one step time for the whole run)"
-        )
     plan.recipe = recipe
     plan.model = ready_model(recipe, plan.dataset, plan.device, data_init=(plan.train_idx, plan.mean, plan.std))
     plan.budget = budget
@@ -518,7 +511,7 @@ def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, Se
     if plan.budget is not None:  # training ends when the time left is what the test evaluation needs
         b = plan.budget
         deadline = usable_seconds(b.budget_seconds) - b.predicted_eval_seconds
-        cbs.append(TimeBudget(deadline, plan.device, clock=b.clock))
+        cbs.append(TimeBudget(deadline, plan.device, clock=b.clock, epoch_costs=b.epoch_costs))
     trainer = Trainer(
         plan.model,
         plan.recipe,
