@@ -27,6 +27,37 @@ def test_python_dash_m_and_version():
     assert proc.returncode == 0 and proc.stdout.startswith("cifarlab ")
 
 
+def test_help_and_runs_build_only_what_they_need(tmp_path):
+    """`cifarlab --help` and `cifarlab runs` built every command's parser, whose recipe and model choices import
+    torch (~1 s); now only the named command's parser is built, the others list their one line."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from cifarlab import cli\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "    cli.main(['--help'])\n"
+        "assert all(cli.importlib.import_module('cifarlab.cli.' + c).HELP in ' '.join(out.getvalue().split())"
+        " for c in cli.COMMANDS), out.getvalue()\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert cli.main(['runs', '--runs-dir', sys.argv[1]]) == 0\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_the_named_command_gets_its_whole_parser(capsys):
+    assert cli._command(["--plugin", "p.py", "train", "--set", "epochs=1"]) == "train"
+    assert cli._command(["--plugin=p.py", "runs"]) == "runs" and cli._command(["-h"]) is None
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "--budget" in capsys.readouterr().out  # the full train parser
+    with pytest.raises(SystemExit):
+        cli.main(["tarin"])
+    assert "invalid choice: 'tarin'" in capsys.readouterr().err
+
+
 def test_model_summary(capsys):
     assert cli.main(["model", "summary", "reference"]) == 0
     assert "Total params" in capsys.readouterr().out

@@ -34,8 +34,11 @@ COMMANDS: tuple[str, ...] = (
 )
 
 
-def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The `cifarlab` parser with every command of COMMANDS (or only `commands`, for tests)."""
+def build_parser(commands: Sequence[str] | None = None, full: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `cifarlab` parser with every command of COMMANDS (or only `commands`, for tests). With `full`, only
+    those commands get their whole parser and the others just their line in `cifarlab --help`: some commands'
+    parsers list the registered recipes and models, which imports torch (~1 s), and `cifarlab runs` or
+    `cifarlab --help` need none of that."""
     parser = argparse.ArgumentParser(
         prog="cifarlab",
         **fmt(
@@ -55,8 +58,23 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS if commands is None else commands:
-        importlib.import_module(f"cifarlab.cli.{name}").add_parser(sub)
+        module = importlib.import_module(f"cifarlab.cli.{name}")
+        if full is None or name in full:
+            module.add_parser(sub)
+        else:
+            sub.add_parser(name, help=module.HELP)
     return parser
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The command `argv` names (its first word that is not a top-level option or --plugin's value), if any."""
+    words = iter(argv)
+    for word in words:
+        if word == "--plugin":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def _load_plugins(argv: list[str] | None) -> None:
@@ -69,7 +87,7 @@ def _load_plugins(argv: list[str] | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else list(argv))[:1] == ["--version"]:
-        # Answered before the parser is built: building it imports torch (~2.5 s) for the recipes' choices.
+        # Answered before any parser is built.
         print(f"cifarlab {__version__}")
         return 0
     try:
@@ -77,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print_error(e)
         return 2
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = _command(words)
+    parser = build_parser(full=[command] if command in COMMANDS else [])
     args = parser.parse_args(argv)
     # $CIFARLAB_DATA is only a default: a resumed run's config.json names the data folder it trained on, which
     # wins over the environment (an explicit --data-dir still wins over both).

@@ -8,13 +8,16 @@ from typing import Any
 
 from cifarlab.cli.common import data_dir_arg, fmt
 
+# The one-line help `cifarlab --help` lists (read without building this command's parser).
+HELP = "print a resolved recipe (--recipe, --config, --set) without training"
+
 
 def add_parser(sub: Any) -> None:
     from cifarlab import config
 
     p = sub.add_parser(
         "config",
-        help="print a resolved recipe (--recipe, --config, --set) without training",
+        help=HELP,
         **fmt(
             "Resolve and validate a recipe exactly as `cifarlab train` would (base recipe, then --config,\n"
             "then each --set) and print it as YAML, marking the keys that differ from the base recipe.\n"

@@ -16,11 +16,15 @@ from cifarlab.cli.common import data_dir_arg, fmt
 DATASET_HELP = "cifar10 (default), cifar100, fashion_mnist, or the path of an ImageFolder tree (folder or .tar.gz)"
 
 
+# The one-line help `cifarlab --help` lists (read without building this command's parser).
+HELP = "inspect datasets"
+
+
 def add_parser(sub: Any) -> None:
     """Register `cifarlab data` and its subcommands on `sub` (the top-level subparsers)."""
     p_data = sub.add_parser(
         "data",
-        help="inspect datasets",
+        help=HELP,
         **fmt(
             "Inspect datasets: counts, checksums, sample grids.",
             "cifarlab data info --data-dir ../shared/data",

@@ -12,11 +12,14 @@ from typing import Any
 from cifarlab.cli.common import data_dir_arg, fmt, print_error, printable, warn
 from cifarlab.errors import UserError
 
+# The one-line help `cifarlab --help` lists (read without building this command's parser).
+HELP = "evaluate a saved run: accuracy, top-5, loss, per-class metrics, confusions, calibration"
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="evaluate a saved run: accuracy, top-5, loss, per-class metrics, confusions, calibration",
+        help=HELP,
         **fmt(
             "Load a run's weights and config, predict its test split (or its reproduced validation split) in eval\n"
             "mode, and print accuracy, top-5 accuracy, loss, expected calibration error, the per-class table\n"

@@ -9,11 +9,14 @@ from typing import Any
 
 from cifarlab.cli.common import fmt
 
+# The one-line help `cifarlab --help` lists (read without building this command's parser).
+HELP = "saliency maps (Grad-CAM, integrated gradients): which pixels a run's prediction rests on"
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "explain",
-        help="saliency maps (Grad-CAM, integrated gradients): which pixels a run's prediction rests on",
+        help=HELP,
         **fmt(
             "Decode images exactly like `cifarlab predict` (files and folders), classify them in eval mode\n"
             "(float32, no TTA), and compute a saliency map per image and method with Captum: Grad-CAM on the\n"

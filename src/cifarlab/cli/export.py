@@ -8,11 +8,14 @@ from typing import Any
 
 from cifarlab.cli.common import fmt
 
+# The one-line help `cifarlab --help` lists (read without building this command's parser).
+HELP = "export a run's model to ONNX or TorchScript"
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "export",
-        help="export a run's model to ONNX or TorchScript",
+        help=HELP,
         **fmt(
             "Export a run's model with its preprocessing inside: input NCHW 32x32 RGB images with values\n"
             "0..255 (ONNX: uint8; TorchScript: uint8 or float), dynamic batch size, output softmax\n"

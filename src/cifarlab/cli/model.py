@@ -10,10 +10,12 @@ from cifarlab.cli.common import fmt
 CIFAR_SHAPE = (3, 32, 32)
 
 
+# The one-line help `cifarlab --help` lists (read without building this command's parser).
+HELP = "inspect models"
+
+
 def add_parser(sub: Any) -> None:
-    p_model = sub.add_parser(
-        "model", help="inspect models", **fmt("Inspect models.", "cifarlab model summary reference")
-    )
+    p_model = sub.add_parser("model", help=HELP, **fmt("Inspect models.", "cifarlab model summary reference"))
     model_sub = p_model.add_subparsers(dest="model_command", metavar="MODEL_COMMAND")
     model_sub.required = True
     p_sum = model_sub.add_parser(

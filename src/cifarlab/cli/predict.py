@@ -10,11 +10,14 @@ from typing import Any
 
 from cifarlab.cli.common import fmt
 
+# The one-line help `cifarlab --help` lists (read without building this command's parser).
+HELP = "classify image files and folders with a trained run"
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "predict",
-        help="classify image files and folders with a trained run",
+        help=HELP,
         **fmt(
             "Classify images (PNG, JPEG, WebP, BMP, GIF, TIFF; any size; grayscale, RGBA, paletted) and\n"
             "folders of them (searched recursively) with a run's model, preprocessed exactly as its\n"

@@ -9,11 +9,14 @@ from typing import Any
 
 from cifarlab.cli.common import data_dir_arg, fmt, printable, warn
 
+# The one-line help `cifarlab --help` lists (read without building this command's parser).
+HELP = "rebuild a run's report (report.html, report.md, plots/, metrics.json)"
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "report",
-        help="rebuild a run's report (report.html, report.md, plots/, metrics.json)",
+        help=HELP,
         **fmt(
             "Evaluate a run again and rewrite its report: report.html (self-contained, opens in any browser),\n"
             "report.md with plots/*.png, and the evaluation merged into metrics.json (training's keys are kept).",

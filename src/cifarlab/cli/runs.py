@@ -17,10 +17,14 @@ DAMAGED = "damaged"
 _STAMP = re.compile(r"^\d{8}-\d{6}")
 
 
+# The one-line help `cifarlab --help` lists (read without building this command's parser).
+HELP = "list run folders: recipe, status, test accuracy, epochs, wall time"
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "runs",
-        help="list run folders: recipe, status, test accuracy, epochs, wall time",
+        help=HELP,
         **fmt(
             "List the run folders under --root, newest first: recipe, status (running, finished,\n"
             "stopped, crashed), test accuracy, epochs and wall time. A run whose status says running but\n"

@@ -12,10 +12,14 @@ from cifarlab.cli.common import fmt
 TOKEN_ENV = "CIFARLAB_SERVE_TOKEN"  # the same name as cifarlab.serve.TOKEN_ENV (that module needs fastapi)
 
 
+# The one-line help `cifarlab --help` lists (read without building this command's parser).
+HELP = "serve runs over HTTP: a JSON API and a web page to classify images"
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve runs over HTTP: a JSON API and a web page to classify images",
+        help=HELP,
         **fmt(
             "Serve one or more runs on http://HOST:PORT/: a web page (drop, choose or paste an image; top-5\n"
             "classes, the Grad-CAM overlay, the model card), POST /v1/predict (multipart or raw image bytes),\n"

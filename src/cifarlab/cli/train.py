@@ -11,13 +11,16 @@ from typing import Any
 from cifarlab.cli.common import data_dir_arg, fmt
 from cifarlab.errors import UserError
 
+# The one-line help `cifarlab --help` lists (read without building this command's parser).
+HELP = "train a recipe and write a run folder with history, weights and a report"
+
 
 def add_parser(sub: Any) -> None:
     from cifarlab import config
 
     p = sub.add_parser(
         "train",
-        help="train a recipe and write a run folder with history, weights and a report",
+        help=HELP,
         **fmt(
             "Train a recipe (default: fast) on CIFAR-10 with an 80/20 train/validation split where the recipe\n"
             "uses one, evaluate on the test set, and write runs/<time>-<recipe>/ with the resolved config,\n"

@@ -11,13 +11,16 @@ from typing import Any
 
 from cifarlab.cli.common import data_dir_arg, fmt
 
+# The one-line help `cifarlab --help` lists (read without building this command's parser).
+HELP = "search a recipe's hyperparameters with Optuna (TPE, pruning, resumable, many workers)"
+
 
 def add_parser(sub: Any) -> None:
     from cifarlab import config
 
     p = sub.add_parser(
         "tune",
-        help="search a recipe's hyperparameters with Optuna (TPE, pruning, resumable, many workers)",
+        help=HELP,
         **fmt(
             "Search hyperparameters of a recipe with Optuna: a TPE sampler draws values from the search space\n"
             "(a YAML file; each built-in recipe ships one), every trial trains on the training split and reports\n"
