@@ -359,13 +359,12 @@ def plan_budget(
         return measured
 
     base = measure(1.0)
-    assert base.step_seconds is not None
+    assert base.step_seconds is not None and base.eval_seconds_per_image is not None
     costs: list[float] = []
     if scales and min(scales) < 1:
         small = _probe(full.replace(train_scales=(min(scales),)), 1.0, build, loader, None, device, probe_steps)
         assert small.step_seconds is not None
         costs = image_scale_costs(scales, small.step_seconds / base.step_seconds)
-    assert base.step_seconds is not None and base.eval_seconds_per_image is not None
     eval_1x = base.eval_seconds_per_image
     # Second probe: the width a compute-bound guess would choose (or half width), to fit `a + b * cost`.
     guess = _choose(_options(probes, 0.0, base.step_seconds, eval_1x, recipe, budget_seconds, clock.elapsed(), n), 1)
