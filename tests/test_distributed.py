@@ -66,6 +66,12 @@ class Crash(Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch + 1 == int(os.environ.get("TEST_CRASH_AFTER_EPOCH", "0")):
+            import torch.distributed as dist
+
+            # Every rank past its epoch-end work first: rank 1 has none, and its death would otherwise let
+            # torchrun stop rank 0 before its checkpoint is written (seen on a loaded 2-core CI machine).
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
             os.kill(os.getpid(), signal.SIGKILL)
 
 CALLBACKS.register("test_crash")(lambda recipe: Crash())
@@ -204,6 +210,7 @@ def pair(setup: dict) -> dict:
         killed.kill()
     assert killed.returncode != 0 and "SIGKILL" in err.decode(), err.decode()
     run = _only_run(runs)
+    assert (run / "checkpoint.pt").is_file(), err.decode()  # what the killed ranks said, if the checkpoint is not there
     status_killed = json.loads((run / "status.json").read_text())["status"]
     epoch_killed = load_checkpoint(run / "checkpoint.pt")["epoch"]
     resumed = subprocess.run(
