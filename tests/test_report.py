@@ -851,3 +851,25 @@ def test_saliency_without_the_explain_module(monkeypatch):
         torch.nn.Identity(), torch.zeros(1, 3, 8, 8, dtype=torch.uint8), [item], [1], None
     )
     assert overlays == {} and note == SALIENCY_INSTALL
+
+
+def test_budget_rows_show_the_budget_the_time_taken_and_the_plan():
+    from cifarlab.report.sections import _budget_rows
+
+    budget = {
+        "budget_seconds": 30.0,
+        "taken_seconds": 28.5,
+        "widths": [32, 64, 128],
+        "scale": 1.0,
+        "tta": "flip",
+        "reason": "the widest net that trains the recipe's 2 epochs in the time left",
+        "predicted_epochs": 2.06,
+        "clock": "process start",
+    }
+    (k1, v1), (k2, v2) = _budget_rows(budget)
+    assert k1 == "time budget" and v1 == "30 s from process start to the test result; taken 28.5 s (-5.0%)"
+    assert k2 == "budget chose"
+    assert v2.startswith("widths [32, 64, 128] (1x the recipe's), ~2.1 epochs planned, TTA flip:")
+    del budget["predicted_epochs"]  # a run from before the plan recorded it
+    assert "epochs planned" not in _budget_rows(budget)[1][1]
+    assert _budget_rows(None) == [] and _budget_rows({"budget_seconds": 0}) == []

@@ -117,8 +117,10 @@ def _budget_rows(budget: Any) -> list[list[str]]:
         return []
     total, taken = float(budget["budget_seconds"]), budget.get("taken_seconds")
     took = f"; taken {taken:.1f} s ({taken / total - 1:+.1%})" if isinstance(taken, (int, float)) else ""
+    epochs = budget.get("predicted_epochs")  # absent in runs from before session 9
+    planned = f", ~{epochs:.1f} epochs planned" if isinstance(epochs, (int, float)) and epochs > 0 else ""
     chose = (
-        f"widths {budget.get('widths')} ({budget.get('scale', 1):g}x the recipe's), TTA {budget.get('tta')}: "
+        f"widths {budget.get('widths')} ({budget.get('scale', 1):g}x the recipe's){planned}, TTA {budget.get('tta')}: "
         f"{budget.get('reason', '')}"
     )
     origin = budget.get("clock", "process start")
