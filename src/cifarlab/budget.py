@@ -385,7 +385,8 @@ def plan_budget(
         options = _options(probes, a, b, eval_1x, recipe, budget_seconds, now, n, eval_line)
         o = _choose(options, recipe.epochs)
     elif costs:
-        note = f"; train_scales={list(scales)} kept (step cost per epoch vs full size: {_fmt_costs(costs)})"
+        shown = ", ".join(f"{c:.2f}" for c in costs)
+        note = f"; train_scales={list(scales)} kept (step cost per epoch vs full size: {shown})"
     if o.epochs >= recipe.epochs:
         reason = f"the widest net that trains the recipe's {recipe.epochs} epochs in the time left"
         if o is options[0]:
@@ -425,10 +426,6 @@ def plan_budget(
         predicted_epochs=o.epochs,
     )
     return chosen, plan
-
-
-def _fmt_costs(costs: Sequence[float]) -> str:
-    return ", ".join(f"{c:.2f}" for c in costs)
 
 
 class TimeBudget(Callback):

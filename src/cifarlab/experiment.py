@@ -458,7 +458,6 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clo
             "--budget chooses the model's width, so it cannot be combined with a given model or --init; "
             "set epochs instead"
         )
-    base = plan.recipe
 
     def build(r: Recipe) -> nn.Module:  # for the probe: timing needs no data-dependent init
         return ready_model(r, plan.dataset, plan.device)
@@ -466,14 +465,14 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clo
     def train_loader(r: Recipe) -> BatchLoader:
         return loaders(dataclasses.replace(plan, recipe=r))[0]
 
-    spe = len(train_loader(base))
+    spe = len(train_loader(plan.recipe))
     recipe, budget = plan_budget(
-        base,
+        plan.recipe,
         seconds,
         build=build,
         loader=train_loader,
         # one whole evaluation batch: a smaller one stays in the CPU's cache and under-predicts evaluation
-        x_eval=plan.dataset.x_test[: min(len(plan.dataset.x_test), base.eval_batch_size)],
+        x_eval=plan.dataset.x_test[: min(len(plan.dataset.x_test), plan.recipe.eval_batch_size)],
         n_test=len(plan.dataset.y_test),
         n_val=len(plan.val_idx),
         steps_per_epoch=spe,

@@ -77,25 +77,25 @@ def _command(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _load_plugins(argv: list[str] | None) -> None:
+def _load_plugins(words: list[str]) -> None:
     """Plugins load before the full parser is built, so what they register shows in every command's help."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--plugin", action="append", default=[])
-    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    known, _ = pre.parse_known_args(words)
     load_plugins(known.plugin)
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["--version"]:
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["--version"]:
         # Answered before any parser is built.
         print(f"cifarlab {__version__}")
         return 0
     try:
-        _load_plugins(argv)
+        _load_plugins(words)
     except UserError as e:
         print_error(e)
         return 2
-    words = sys.argv[1:] if argv is None else list(argv)
     command = _command(words)
     parser = build_parser(full=[command] if command in COMMANDS else [])
     args = parser.parse_args(argv)
