@@ -2,7 +2,8 @@
 # and `make test` (set up, then lint and run the whole test suite). Both create .venv on first use.
 PY ?= python3
 VENV := .venv
-# torch 2.13.0 is pinned because this machine image ships its CPU wheel (a plain `torch` pulls a CUDA build).
+# torch 2.13.0 is pinned because the project's machine image ships its CPU wheel. Elsewhere a plain pip install pulls
+# the CUDA build: on CPU-only machines set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (README).
 TORCH ?= torch==2.13.0
 # Where the data lives: $CIFARLAB_DATA, else the shared copy beside the checkout, else the default cache
 # (which downloads the official archive when online).

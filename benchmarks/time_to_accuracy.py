@@ -102,6 +102,8 @@ def run_seed(args: argparse.Namespace, seed: int, runs_dir: Path) -> dict:
         "--no-report",
         "--quiet",
     ]
+    if args.config:
+        cmd += ["--config", str(args.config)]
     for s in args.set:
         cmd += ["--set", s]
     if args.data_dir:
@@ -134,6 +136,7 @@ def main() -> None:
     ap.add_argument("--recipe", default="fast")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--config", type=Path, help="recipe config file, as for cifarlab train (e.g. benchmarks/configs/)")
     ap.add_argument("--set", action="append", default=[], help="recipe override, as for cifarlab train")
     ap.add_argument("--data-dir", type=Path, default=os.environ.get("CIFARLAB_DATA"))
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))

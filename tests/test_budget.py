@@ -236,8 +236,16 @@ def test_a_budgeted_run_finishes_within_its_budget(tmp_path, monkeypatch, one_th
     assert "train_scales=[0.75, 1.0] kept" in b["reason"] and len(b["epoch_costs"]) == 2
 
 
-def test_budget_refuses_resume_and_a_too_small_budget(tmp_path, monkeypatch, one_thread):
-    assert cli.main(["train", "--budget", "60s", "--resume", str(tmp_path)]) == 2
+def test_budget_refuses_resume_and_a_too_small_budget(tmp_path, monkeypatch, one_thread, capsys):
+    # Refused on the command line before any data is read (no data exists here) or any process is started.
+    for extra, needle in (
+        (["--resume", str(tmp_path)], "--budget cannot be combined with it"),
+        (["--init", str(tmp_path)], "cannot be combined with --init"),
+        (["--nproc", "2"], "cannot run under torchrun"),
+    ):
+        assert cli.main(["train", "--budget", "60s", "--data-dir", str(tmp_path / "none"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
     monkeypatch.setattr("cifarlab.budget.process_age", lambda: 100.0)  # as if start-up had eaten the budget
     with pytest.raises(ConfigError, match="no time to train"):
         run_experiment(

@@ -185,6 +185,27 @@ def test_reference_cnn_gets_dropblock_only_when_asked():
     assert torch.equal(dropping(x), plain.eval()(x))
 
 
+@pytest.mark.parametrize(
+    ("recipe", "key", "value"),
+    [
+        ("fast", "dropblock_prob", 0.1),
+        ("fast", "stochastic_depth", 0.1),
+        ("fast", "dropout", (0.2,)),
+        ("reference", "stochastic_depth", 0.1),
+    ],
+)
+def test_a_regularizer_the_model_lacks_is_refused_not_ignored(recipe, key, value):
+    """airnet has no dropout, DropBlock or residual blocks, reference_cnn no residual blocks: a value for them
+    would train exactly as without it, so the recipe check refuses it and names the key and the way out."""
+    from cifarlab.errors import ConfigError
+    from cifarlab.recipes import validate
+
+    r = get_recipe(recipe)
+    validate(r)  # the built-in recipe itself leaves them off
+    with pytest.raises(ConfigError, match=rf"{key}=.*model {r.model} has no .*set {key}="):
+        validate(r.replace(**{key: value}))
+
+
 class _ProbeRates(Callback):
     """Records the DropBlock rate each step trains with (runs after the recipe's callbacks)."""
 

@@ -102,6 +102,9 @@ def test_cli_default_and_explicit_paths(tmp_path: Path, capsys):
     out = tmp_path / "exports" / "ts.pt"
     assert _main(["export", str(run_dir), "--format", "torchscript", "--out", str(out)]) == 0
     assert out.exists()
+    # A folder that does not exist yet, named with a trailing slash, is a folder (not a file named "new").
+    assert _main(["export", str(run_dir), "--out", f"{tmp_path / 'new'}/"]) == 0
+    assert (tmp_path / "new" / "model.onnx").is_file()
 
 
 def test_cli_missing_weights_is_a_user_error(tmp_path: Path, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,61 +17,15 @@ from cifarlab.errors import UserError
 from cifarlab.registry import AUGMENTS, CALLBACKS, MODELS
 from cifarlab.train import Callback
 
-# The three pieces, as a user would write them in one plugin file.
-PLUGIN = textwrap.dedent(
-    '''
-    import torch
-    from torch import nn
-    from cifarlab.registry import AUGMENTS, CALLBACKS, MODELS
-    from cifarlab.train import Callback
+
+def _readme_plugin() -> str:
+    """The plugin file the README's "Extending cifarlab" shows: the test trains with the documented code."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Extending cifarlab") :]
+    return section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")] + "\n"
 
 
-    class TinyNet(nn.Module):
-        def __init__(self, channels, num_classes):
-            super().__init__()
-            self.conv = nn.Conv2d(channels, 8, 3, padding=1)
-            self.fc = nn.Linear(8, num_classes)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
-
-
-    @MODELS.register("tinynet")
-    def tinynet(recipe, num_classes, input_shape):
-        """one conv, global average pool, linear"""
-        return TinyNet(input_shape[0], num_classes)
-
-
-    class Invert:
-        def __call__(self, x, *, generator, indices=None, epoch=0):
-            return 1.0 - x
-
-        def describe(self):
-            return "invert every pixel"
-
-
-    @AUGMENTS.register("invert")
-    def invert(recipe):
-        """invert every pixel"""
-        return Invert()
-
-
-    class CountSteps(Callback):
-        def __init__(self):
-            self.steps = 0
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.steps += 1
-
-        def on_train_end(self, logs=None):
-            (self.trainer.run_dir / "steps.txt").write_text(str(self.steps))
-
-
-    @CALLBACKS.register("count_steps")
-    def count_steps(recipe):
-        return CountSteps()
-    '''
-)
+PLUGIN = _readme_plugin()
 
 TINY = [
     "--recipe",

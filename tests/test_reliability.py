@@ -489,6 +489,29 @@ def _is_report_file(path: Path) -> bool:
     return path.name in ("report.html", "report.md") or path.parent.name == "plots"
 
 
+def test_run_files_get_the_permissions_of_ordinary_files(finished_run, tmp_path):
+    """Atomic writes go through mkstemp (mode 0600): the files must still get what open() would give under the
+    umask, or a run folder on a shared machine is readable by its owner alone; a rewrite keeps a file's mode."""
+    from cifarlab.files import atomic_write_text
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    files = [p for p in finished_run.rglob("*") if p.is_file() and p.name != "run.lock"]
+    assert {"config.json", "model.safetensors", "checkpoint.pt", "metrics.json"} <= {p.name for p in files}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(expected) for p in files}
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "new.txt", "a")
+        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o640
+        (tmp_path / "new.txt").chmod(0o604)
+        atomic_write_text(tmp_path / "new.txt", "b")  # rewriting keeps the file's own mode
+        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o604
+        assert (tmp_path / "new.txt").read_text() == "b"
+    finally:
+        os.umask(old)
+
+
 def test_full_disk_during_the_report_keeps_the_run_finished(tmp_path, monkeypatch, undrawn_figures):
     import cifarlab.experiment
     import cifarlab.files

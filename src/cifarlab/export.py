@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,7 +100,8 @@ def _wrapped(run_dir: Path | str) -> tuple[Any, nn.Module]:
 
 def _out_path(run_dir: Path | str, out_path: Path | str | None, fmt: str) -> Path:
     out = Path(out_path) if out_path is not None else Path(run_dir) / DEFAULT_NAMES[fmt]
-    if out.is_dir():
+    # A folder, existing or named with a trailing slash (`--out exports/`), gets the default file name.
+    if out.is_dir() or str(out_path).endswith(("/", os.sep)):
         out = out / DEFAULT_NAMES[fmt]
     out.parent.mkdir(parents=True, exist_ok=True)
     return out

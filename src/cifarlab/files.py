@@ -20,21 +20,36 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "new_file_mode",
     "read_json",
     "require_regular_file",
     "write_json",
 ]
 
 
+def new_file_mode(path: Path | str) -> int:
+    """The permissions a rewrite of `path` should get: those it has, else what `open()` would create under the
+    process's umask (mkstemp's 0600 would hide run folders and caches from everyone else on a shared machine)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> None:
     """Call `write(f)` on a temp file beside `path`, fsync it, then rename it over `path`.
 
-    On any error (ENOSPC included) the temp file is removed and the old `path`, if any, is untouched.
+    On any error (ENOSPC included) the temp file is removed and the old `path`, if any, is untouched. The file
+    keeps the permissions it had, or gets those of a newly created file (see `new_file_mode`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -14,7 +14,10 @@ from cifarlab.text import terminal_safe
 
 __all__ = ["EPILOG_DATA", "data_dir_arg", "fmt", "print_error", "printable", "run_command", "warn"]
 
-EPILOG_DATA = "Data lookup: --data-dir, else $CIFARLAB_DATA, else ~/.cache/cifarlab."
+EPILOG_DATA = (
+    "Data lookup: --data-dir, else $CIFARLAB_DATA, else ~/.cache/cifarlab (where the official archive is\n"
+    "downloaded if it is missing)."
+)
 
 
 def printable(text: Any) -> str:
@@ -26,12 +29,14 @@ def fmt(description: str, example: str) -> dict[str, Any]:
     """The keyword arguments of `add_parser` that every command's help uses: description, an example."""
     return {
         "description": description,
-        "epilog": f"example:\n  {example}\n\n{EPILOG_DATA}",
+        "epilog": f"example:\n  {example}",
         "formatter_class": argparse.RawDescriptionHelpFormatter,
     }
 
 
 def data_dir_arg(p: argparse.ArgumentParser) -> None:
+    """`--data-dir`, and the help's note on where data is looked for (only commands that read data have both)."""
+    p.epilog = f"{p.epilog}\n\n{EPILOG_DATA}" if p.epilog else EPILOG_DATA
     p.add_argument(
         "--data-dir",
         type=Path,

@@ -17,16 +17,24 @@ def add_parser(sub: Any) -> None:
         "export",
         help=HELP,
         **fmt(
-            "Export a run's model with its preprocessing inside: input NCHW 32x32 RGB images with values\n"
-            "0..255 (ONNX: uint8; TorchScript: uint8 or float), dynamic batch size, output softmax\n"
-            "probabilities. Class names, the input spec, normalization, recipe and version are stored in\n"
-            "the file's metadata. Default output: RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt.",
+            "Export a run's model with its preprocessing inside: input NCHW images at the run's size and\n"
+            "channels (32x32 RGB for CIFAR-10), values 0..255 (ONNX: uint8; TorchScript: uint8 or float),\n"
+            "dynamic batch size, output softmax probabilities. Class names, the input spec, normalization,\n"
+            "recipe and version are stored in the file's metadata. Default output: RUN_DIR/model.onnx or\n"
+            "RUN_DIR/model.torchscript.pt.",
             "cifarlab export runs/20260101-120000-fast --format onnx",
         ),
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (runs/<time>-<recipe>)")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default: onnx")
-    p.add_argument("--out", type=Path, default=None, metavar="PATH", help="output file (or folder)")
+    p.add_argument(
+        "--out",
+        type=str,  # not Path, which drops the trailing slash that names a folder
+        default=None,
+        metavar="PATH",
+        help="output file; a folder (existing, or written with a trailing /) gets model.onnx or "
+        "model.torchscript.pt inside",
+    )
     p.set_defaults(func=cmd_export)
 
 

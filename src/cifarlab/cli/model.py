@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
             "cifarlab model summary reference",
         ),
     )
-    p_sum.add_argument("recipe", help="recipe name (reference, fast, air94)")
+    p_sum.add_argument("recipe", help="a recipe name, e.g. fast or reference (an unknown name lists them all)")
     p_sum.set_defaults(func=cmd_model_summary)
 
 

@@ -106,6 +106,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab.experiment import run_experiment
     from cifarlab.train.loggers import require
 
+    budget = None
+    if args.budget is not None:  # checked before any data is read or any process started
+        from cifarlab.budget import parse_duration
+
+        budget = parse_duration(args.budget)
+        if args.resume is not None:
+            raise UserError("--resume continues a run with its own schedule; --budget cannot be combined with it")
+        if args.init is not None:
+            raise UserError(
+                "--budget chooses the model's width, so it cannot be combined with --init; set epochs instead"
+            )
+        if (args.nproc or 1) > 1 or env_world() is not None:
+            raise UserError(
+                "--budget cannot run under torchrun (--nproc): each process would time its own probe and stop at its "
+                "own moment; set epochs instead"
+            )
     if args.nproc is not None:
         import os
 
@@ -134,13 +150,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                 )
     elif getattr(args, "set", None) or getattr(args, "config", None):
         raise UserError("--resume continues a run with its saved config; --set/--config cannot change it")
-    budget = None
-    if args.budget is not None:
-        from cifarlab.budget import parse_duration
-
-        budget = parse_duration(args.budget)
-        if args.resume is not None:
-            raise UserError("--resume continues a run with its own schedule; --budget cannot be combined with it")
     if args.resume is not None and args.init is not None:
         raise UserError("--resume continues a run with the weights it had; --init cannot be combined with it")
     # Optional trackers are checked before any work, so a missing extra never leaves an empty run folder.

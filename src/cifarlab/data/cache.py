@@ -116,8 +116,6 @@ def write_cache(path: Path, arrays: dict[str, Any]) -> bool:
         _remove_stale_temps(path)
         tensors = {k: torch.as_tensor(arrays[k]).contiguous() for k in ARRAY_KEYS}
         atomic_write_bytes(path, save(tensors, metadata={"classes": json.dumps(list(arrays["classes"]))}))
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o644)  # readable like any other cache file (the temp file was 0600)
     except Exception as exc:  # noqa: BLE001 (a cache we cannot write only costs time next run)
         log.warning("could not write the cache %s (%s); the next load will decode again", path, _one_line(exc))
         return False

@@ -28,6 +28,7 @@ import numpy as np
 from cifarlab import __version__
 from cifarlab.data.archives import iter_tar, require_regular
 from cifarlab.errors import DataError
+from cifarlab.files import new_file_mode
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -227,7 +228,7 @@ def download_url(
                 f"downloaded {url} but its MD5 is {got}, not the expected {md5} (corrupted in transit?); "
                 f"nothing was kept. Re-run to try again, or download it by hand and put it at {dest}."
             )
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
+        os.chmod(tmp, new_file_mode(dest))  # mkstemp makes it 0600
         os.replace(tmp, dest)
     except BaseException as exc:
         with contextlib.suppress(OSError):

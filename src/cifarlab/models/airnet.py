@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab.models.dropblock import refuse_unused
 from cifarlab.registry import MODELS
 
 
@@ -128,7 +129,11 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
     conv.weight.copy_(out.to(conv.weight.dtype))
 
 
-@MODELS.register("airnet")
+def _check(r: Any) -> None:
+    refuse_unused(r, "airnet", ("dropout", "dropblock_prob", "stochastic_depth"))
+
+
+@MODELS.register("airnet", check=_check)
 def airnet(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> AirNet:
     """airbench-style net: frozen patch-whitening conv, conv-pool-BN-GELU groups, global max pool, scaled head."""
     return AirNet(

@@ -16,16 +16,36 @@ buffers, so inserting it changes no state-dict key. `drop_prob` is the current p
 (`cifarlab.train.techniques.DropBlockSchedule`, the paper's linear ramp) moves it from 0 to `target_prob`.
 
 `DropPath` (stochastic depth, Huang et al. 2016) lives here too: the same idea one level up, dropping a whole
-residual branch per sample. The deeper models share both.
+residual branch per sample. The deeper models share both. `refuse_unused` is the recipe check of a model that
+lacks some of these regularizers: a value the model would ignore is an error, not a silent no-op.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DropBlock2d", "DropPath", "block_sizes", "dropblock_gamma", "dropblock_layer"]
+from cifarlab.errors import ConfigError
+
+__all__ = ["DropBlock2d", "DropPath", "block_sizes", "dropblock_gamma", "dropblock_layer", "refuse_unused"]
+
+_REGULARIZERS = {"dropout": "dropout", "dropblock_prob": "DropBlock", "stochastic_depth": "residual blocks to drop"}
+
+
+def refuse_unused(recipe: Any, model: str, keys: tuple[str, ...]) -> None:
+    """Raise ConfigError if any of `keys` (dropout, dropblock_prob, stochastic_depth) is set: `model` has no use
+    for it, and training without what the user asked for would mislead them."""
+    for key in keys:
+        value = getattr(recipe, key)
+        if value:
+            off = "()" if isinstance(value, tuple) else "0"
+            raise ConfigError(
+                f"{key}={value!r}: model {model} has no {_REGULARIZERS[key]}, so the value would be ignored; "
+                f"set {key}={off}, or pick a model that has it"
+            )
 
 
 def block_sizes(block_size: int, height: int, width: int) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cifarlab.errors import ConfigError
-from cifarlab.models.dropblock import dropblock_layer
+from cifarlab.models.dropblock import dropblock_layer, refuse_unused
 from cifarlab.registry import MODELS
 
 
@@ -99,6 +99,7 @@ def _check(r: Any) -> None:
             f"dropout={r.dropout!r}: the reference_cnn takes two rates (before the dense layer, after it), "
             "e.g. 0.4,0.3, or () for none"
         )
+    refuse_unused(r, "reference_cnn", ("stochastic_depth",))
 
 
 @MODELS.register("reference_cnn", check=_check)

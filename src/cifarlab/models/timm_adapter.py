@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cifarlab.errors import ConfigError
+from cifarlab.models.dropblock import refuse_unused
 from cifarlab.registry import MODELS
 
 __all__ = ["TimmModel", "import_timm"]
@@ -53,6 +54,7 @@ class TimmModel(nn.Module):
 def _check(r: Any) -> None:
     if not r.timm_name:
         raise ConfigError("model=timm needs timm_name, the timm model to build, e.g. timm_name=resnet18")
+    refuse_unused(r, "timm", ("dropout", "dropblock_prob", "stochastic_depth"))
 
 
 @MODELS.register("timm", check=_check)
