@@ -30,7 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """A tiny reference CNN trained for a second on 4 learnable synthetic classes (bright squares), and
     held-out images and labels."""
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped, so outside the tests' one_thread fixture; restored below
     x, y = make_images(24, 4, seed=0)
     x_te, y_te = make_images(4, 4, seed=1)
     torch.manual_seed(1)
@@ -48,6 +49,7 @@ def trained() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
             loss.backward()
             opt.step()
     model.eval()
+    torch.set_num_threads(threads)
     with torch.no_grad():
         assert (model(x_te.float() / 255).argmax(1) == y_te).float().mean() >= 0.75  # it did learn
     return model, x_te, y_te

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from _synth import make_dataset, write_image_folder
 from cifarlab.data import BatchLoader
 from cifarlab.experiment import run_experiment
 from cifarlab.recipes import get_recipe
+from cifarlab.runs import load_checkpoint
 from cifarlab.train import Trainer
 
 pytestmark = [
@@ -83,7 +83,8 @@ def test_deterministic_resume_after_sigkill_on_cuda(tmp_path):
     write_image_folder(root, 60, 10)
     env = {**os.environ, "CIFARLAB_CACHE": str(tmp_path / "cache")}
     base = [sys.executable, "-m", "cifarlab.cli", "train", "--recipe", "reference"]
-    sets = ["--set", "widths=8,16,16", "--set", "dense_width=32", "--set", "batch_size=16", "--set", "epochs=6"]
+    # 20 epochs: a GPU runs these in well under a second each, so the kill below lands mid-run, not after it
+    sets = ["--set", "widths=8,16,16", "--set", "dense_width=32", "--set", "batch_size=16", "--set", "epochs=20"]
     common = [*sets, "--set", f"dataset={root}", "--device", "cuda", "--no-report", "--deterministic"]
     full = subprocess.run([*base, *common, "--runs-dir", str(tmp_path / "a")], env=env, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
@@ -94,6 +95,8 @@ def test_deterministic_resume_after_sigkill_on_cuda(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (run_b,) = (tmp_path / "b").iterdir()
+    assert json.loads((run_b / "status.json").read_text())["status"] == "running"  # killed, not finished
+    assert load_checkpoint(run_b / "checkpoint.pt")["epoch"] < 20  # it really was interrupted
     resumed = subprocess.run(
         [sys.executable, "-m", "cifarlab.cli", "train", "--resume", str(run_b)], env=env, capture_output=True, text=True
     )
@@ -102,8 +105,8 @@ def test_deterministic_resume_after_sigkill_on_cuda(tmp_path):
     wa, wb = load_file(run_a / "model.safetensors"), load_file(run_b / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (run_a, run_b))
-    assert ma["test_accuracy"] == mb["test_accuracy"]
-    assert Path(run_b / "status.json").exists()
+    assert ma["test_accuracy"] == mb["test_accuracy"] and ma["epochs_run"] == mb["epochs_run"]
+    assert json.loads((run_b / "status.json").read_text())["status"] == "finished"
 
 
 def test_cudnn_autotunes_unless_deterministic():
