@@ -542,12 +542,15 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         status = "stopped" if fit.status == "stopped" else "crashed"
         write_status(run_dir, status, message=fit.message)
         say(fit.message)
-        if fit.status == "stopped":
+        if fit.status == "stopped" and (run_dir / CHECKPOINT).exists():
             say(f"resume with: cifarlab train --resume {run_dir}")
-        # A stopped run's weights are the last epoch's (finite: the NaN guard checks before every checkpoint);
-        # a diverged run keeps whatever model file it had.
-        if fit.status == "stopped":
+            # A stopped run's weights are the last whole epoch's, as its checkpoint holds them (the model in memory
+            # may be mid-epoch; finite: the NaN guard checks before every checkpoint).
+            plan.model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT)["model"])
             save_weights(plan.model, run_dir / WEIGHTS)
+        elif fit.status == "stopped":
+            say("no epoch had finished, so there is nothing to resume: start the run again")
+        # A diverged run keeps whatever model file it had.
         return RunResult(run_dir, {"status": fit.status, "message": fit.message}, fit.status)
 
     t0 = time.perf_counter()
@@ -696,20 +699,31 @@ def run_experiment(
         )
         try:
             fit, clock = train(plan, [*callbacks, *machinery])
+            result = finish(plan, fit, clock, say)
+            if result.status != "finished" or not main:
+                return result
+            b = plan.budget
+            if b is not None and (taken := b.taken_seconds) is not None:
+                over = taken / b.budget_seconds - 1
+                say(
+                    f"budget {b.budget_seconds:g} s, taken {taken:.1f} s ({over:+.1%}) from {b.clock.origin} to the "
+                    "result"
+                )
+            report_error = write_report(plan, result, say) if report else None
+            write_status(run_dir, "finished", **({"report_error": report_error} if report_error else {}))
+            return result
+        except KeyboardInterrupt:
+            # Ctrl-C outside the epochs (which the trainer turns into a stopped run): before the loop, in its
+            # end-of-training callbacks, the test evaluation or the report. The last checkpoint stands.
+            if main:
+                resumable = (run_dir / CHECKPOINT).exists()
+                write_status(run_dir, "stopped", message="interrupted outside the training epochs")
+                say(f"resume with: cifarlab train --resume {run_dir}" if resumable else "nothing to resume yet")
+            raise
         except BaseException as e:
-            if main and not isinstance(e, KeyboardInterrupt):
+            if main:
                 write_status(run_dir, "crashed", message=f"{type(e).__name__}: {e}")
             raise
-        result = finish(plan, fit, clock, say)
-        if result.status != "finished" or not main:
-            return result
-        b = plan.budget
-        if b is not None and (taken := b.taken_seconds) is not None:
-            over = taken / b.budget_seconds - 1
-            say(f"budget {b.budget_seconds:g} s, taken {taken:.1f} s ({over:+.1%}) from {b.clock.origin} to the result")
-        report_error = write_report(plan, result, say) if report else None
-        write_status(run_dir, "finished", **({"report_error": report_error} if report_error else {}))
-        return result
     finally:
         if plan.lock is not None:
             plan.lock.release()

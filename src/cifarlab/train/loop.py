@@ -304,10 +304,9 @@ class Trainer:
                 epoch += 1
         except KeyboardInterrupt:
             status = "stopped"
-            message = (
-                f"interrupted during epoch {len(self.history) + 1}; the checkpoint after epoch "
-                f"{len(self.history)} is kept"
-            )
+            done = len(self.history)
+            kept = f"the checkpoint after epoch {done} is kept" if done else "no epoch had finished"
+            message = f"interrupted during epoch {done + 1}; {kept}"
         except TrainingDiverged as e:
             status, message = "diverged", str(e)
         if status == "finished":
