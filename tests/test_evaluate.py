@@ -4,6 +4,9 @@ and the `cifarlab evaluate` command."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -18,6 +21,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
+from _runfolder import tiny_recipe
 from cifarlab import cli
 from cifarlab.errors import UserError
 from cifarlab.evaluate import (
@@ -185,21 +189,74 @@ def test_ten_thousand_predictions_are_fast():
 # -- evaluate_run and the command ------------------------------------------------------------------------------
 
 
-def test_evaluate_run_matches_direct_prediction(tmp_path: Path):
-    run_dir, ds = make_report_run(tmp_path)
-    ev, preds = evaluate_run(run_dir, dataset=ds)
-    from cifarlab.inference import predict_logits
-    from cifarlab.runs import load_run
+def direct_logits(model: torch.nn.Module, x: torch.Tensor, mean, std, tta: str) -> np.ndarray:
+    """Logits computed by hand as documented (not through cifarlab.inference): pixels / 255, then (x - mean) / std
+    per channel, then the weighted average of the TTA views' logits in eval mode. flip: the image and its mirror,
+    1/2 each; flip_translate: those at 1/4 plus the mirror pairs of the image shifted by +-1 pixel (reflect
+    padding) at 1/8 each."""
+    a = x.numpy().astype(np.float64) / 255.0
+    if mean is not None:
+        a = (a - np.reshape(mean, (1, -1, 1, 1))) / np.reshape(std, (1, -1, 1, 1))
+    views = [(1.0, a)]
+    if tta in ("flip", "flip_translate"):
+        w = 0.5 if tta == "flip" else 0.25
+        views = [(w, a), (w, a[..., ::-1])]
+    if tta == "flip_translate":
+        p = np.pad(a, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+        for shifted in (p[..., :-2, :-2], p[..., 2:, 2:]):
+            views += [(0.125, shifted), (0.125, shifted[..., ::-1])]
+    model.eval()
+    with torch.no_grad():
+        return sum(w * model(torch.from_numpy(np.ascontiguousarray(v)).float()).double().numpy() for w, v in views)
 
-    run = load_run(run_dir)
-    direct = predict_logits(run.build_model(), ds.x_test, precision="fp32", tta=run.recipe.tta)
-    assert ev.split == "test" and ev.n == len(ds.y_test)
-    assert preds.logits.shape == (len(ds.y_test), 10)
-    if run.recipe.precision == "fp32":
-        assert np.allclose(preds.logits, direct.numpy(), atol=1e-4)
-    assert ev.accuracy == pytest.approx(float((preds.y_pred == ds.y_test.numpy()).mean()))
+
+def unambiguous(z: np.ndarray) -> np.ndarray:
+    """Rows whose top-2 logit gap is clear of float32 round-off: there the argmax cannot depend on summation order."""
+    top2 = np.sort(z, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0] > 1e-3
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("tta", ["flip", "flip_translate"])
+def test_evaluate_run_matches_direct_prediction(tmp_path: Path, tta: str):
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from cifarlab.models import build_model
+
+    # fp32 + standardize scaling + TTA: every step evaluate_run must apply is exercised and exactly comparable.
+    recipe = tiny_recipe("airnet").replace(precision="fp32", tta=tta)
+    assert recipe.scaling == "standardize"
+    run_dir, ds = make_report_run(tmp_path, recipe=recipe)
+    ds = dataclasses.replace(ds, x_test=ds.x_test[:100], y_test=ds.y_test[:100])  # enough, and quick
+    ev, preds = evaluate_run(run_dir, dataset=ds)
+    norm = json.loads((run_dir / "config.json").read_text())["normalization"]
+    mean, std = norm["mean"], norm["std"]
+    assert mean is not None and std is not None
+
+    # the independent path: the saved weights loaded into a fresh model, scaling and TTA views done by hand
+    model = build_model(recipe, num_classes=10)
+    model.load_state_dict(load_file(run_dir / "model.safetensors"))
+    z = direct_logits(model, ds.x_test, mean, std, tta)
+    y = ds.y_test.numpy()
+    # the check has teeth: without normalization or without the TTA views the logits are far off
+    few = ds.x_test[:32]
+    assert np.abs(direct_logits(model, few, None, None, tta) - z[:32]).max() > 1.0
+    assert np.abs(direct_logits(model, few, mean, std, "none") - z[:32]).max() > 0.1
+
+    assert ev.split == "test" and ev.n == len(y)
+    np.testing.assert_allclose(preds.logits, z, rtol=1e-4, atol=1e-4)
+    probs = torch.softmax(torch.from_numpy(z), dim=1).numpy()  # softmax of the averaged logits
+    np.testing.assert_allclose(preds.probs, probs, atol=1e-5)
+    clear = unambiguous(z)  # a near-tie may go either way: it may cost at most its own image
+    assert clear.mean() > 0.95 and np.array_equal(preds.y_pred[clear], z.argmax(1)[clear])
+    assert abs(ev.accuracy - float((z.argmax(1) == y).mean())) * len(y) <= (~clear).sum()
+    ce = torch.nn.functional.cross_entropy(torch.from_numpy(z), torch.from_numpy(y)).item()
+    assert ev.loss == pytest.approx(ce, rel=1e-5)
     assert ev.dataset is not None and ev.dataset.checksum_matches_run is True
     assert ev.inference is not None and (ev.inference.images_per_second or 0) > 0
+    assert ev.inference.tta == tta and ev.inference.dtype == "float32"
 
 
 def test_evaluate_run_val_split_is_the_runs_split(tmp_path: Path):
@@ -358,21 +415,68 @@ def test_evaluate_prints_results_when_the_disk_is_full(tmp_path: Path, monkeypat
     assert json.loads(out)["n"] == len(ds.y_test) and err.startswith("error: results not saved")
 
 
-def test_evaluate_in_a_read_only_folder(tmp_path: Path, monkeypatch, capsys):
-    import os
+def _mount_tmpfs(folder: Path) -> bool:
+    """Mount a small tmpfs on `folder`; False where that is not allowed (not root) or there is no `mount`."""
+    if shutil.which("mount") is None:
+        return False
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True).returncode
+        == 0
+    )
 
-    run_dir, ds = make_report_run(tmp_path)
+
+@pytest.fixture
+def read_only_copy(tmp_path: Path):
+    """copy(folder) -> (a read-only copy of it, the reason writing there fails).
+
+    The copy goes on a tmpfs remounted read-only, which stops root too (chmod does not, and tests often run as
+    root); where mounting is not allowed (not root), a chmod 555 copy does the job instead."""
+    mounts: list[Path] = []
+    chmodded: list[Path] = []
+
+    def copy(src: Path) -> tuple[Path, str]:
+        mnt = tmp_path / f"ro{len(mounts) + len(chmodded)}"
+        mnt.mkdir()
+        mounted = _mount_tmpfs(mnt)
+        if mounted:
+            mounts.append(mnt)
+        dest = mnt / src.name
+        shutil.copytree(src, dest)
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
+            reason = "Read-only file system"
+        else:
+            dest.chmod(0o555)
+            chmodded.append(dest)
+            if os.access(dest, os.W_OK):
+                pytest.skip("cannot mount a read-only tmpfs here, and chmod does not stop this user (root)")
+            reason = "Permission denied"
+        assert not os.access(dest, os.W_OK)
+        return dest, reason
+
+    yield copy
+    for mnt in mounts:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+    for d in chmodded:
+        d.chmod(0o755)
+
+
+def test_evaluate_in_a_read_only_folder(tmp_path: Path, monkeypatch, capsys, read_only_copy):
+    run_dir, ds = make_report_run(tmp_path / "src")
+    ro_run, reason = read_only_copy(run_dir)
+    before = sorted(p.name for p in ro_run.iterdir())
     _patch_data(monkeypatch, ds)
-    run_dir.chmod(0o555)
-    try:
-        if os.access(run_dir, os.W_OK):
-            pytest.skip("running as root: chmod does not make the folder read-only")
-        assert cli.main(["evaluate", str(run_dir)]) == 1
-    finally:
-        run_dir.chmod(0o755)
+    assert cli.main(["evaluate", str(ro_run)]) == 1
     out, err = capsys.readouterr()
-    assert "macro avg" in out and "Traceback" not in err
-    assert err.count("\n") == 1 and "cannot write" in err and "eval_test.json" in err and "ermission" in err
+    assert "macro avg" in out and "Traceback" not in err  # the numbers are shown, the file is lost
+    assert err == f"error: results not saved: cannot write {ro_run / 'eval_test.json'}: {reason}\n"
+    # the same for --corruptions, on a real read-only folder rather than a patched writer
+    argv = ["evaluate", str(ro_run), "--corruptions", "--corruption-names", "contrast", "--severities", "1"]
+    assert cli.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "mean corruption accuracy" in out
+    assert err.endswith(f"error: results not saved: cannot write {ro_run / 'eval_corruptions.json'}: {reason}\n")
+    assert sorted(p.name for p in ro_run.iterdir()) == before
 
 
 def test_evaluate_warns_first_when_the_data_is_not_the_runs(tmp_path: Path, monkeypatch, capsys):

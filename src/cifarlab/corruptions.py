@@ -148,9 +148,9 @@ def brightness(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.nda
 
 @CORRUPTIONS.register("contrast")
 def contrast(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """lower contrast: pixels pulled towards the image mean (factor 0.75 .. 0.15)"""
+    """lower contrast: pixels pulled towards each channel's mean (factor 0.75 .. 0.15)"""
     c = _param((0.75, 0.5, 0.4, 0.3, 0.15), severity)
-    means = x.mean(axis=(1, 2, 3), keepdims=True)
+    means = x.mean(axis=(2, 3), keepdims=True)  # per image and channel, as CIFAR-10-C (HWC axes 0, 1)
     return np.clip((x - means) * c + means, 0, 1)
 
 
