@@ -551,3 +551,23 @@ def test_onnx_backend(run_dir: Path):
             for t in ref:  # the reference recipe has no TTA: the export computes the same function
                 assert got[t["class"]] == pytest.approx(t["probability"], abs=tolerance)
         assert c.post("/v1/predict", content=SVG).status_code == 415
+
+
+def test_onnx_backend_never_serves_a_stale_export(tmp_path: Path):
+    """A model.onnx left in the run folder from other weights (exported, then the run resumed or retrained) has the
+    same classes: the weights' digest in its metadata tells it apart, and the service exports afresh."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from cifarlab.export import export_onnx
+    from cifarlab.serve import _onnx_forward
+
+    run = make_run(tmp_path / "20260101-120000-reference", tiny_recipe(), seed=0)
+    export_onnx(run, run / "model.onnx")  # an export of seed 0's weights, kept in the folder
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8))
+    before = _onnx_forward(load_run(run), torch.device("cpu"))(x)  # the export matches the weights: used as is
+    other = make_run(tmp_path / "other", tiny_recipe(), seed=5)
+    (run / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())  # the run's weights change
+    served = _onnx_forward(load_run(run), torch.device("cpu"))(x)
+    expected = _onnx_forward(load_run(other), torch.device("cpu"))(x)
+    assert not torch.allclose(before, expected, atol=1e-3)  # the stale file would answer differently
+    assert torch.allclose(served, expected, atol=1e-6)

@@ -13,6 +13,7 @@ the cifarlab version in the file's metadata (ONNX `metadata_props`, TorchScript 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from torch import nn
 from cifarlab import __version__
 from cifarlab.errors import UserError
 from cifarlab.files import atomic_write_bytes
-from cifarlab.runs import load_run
+from cifarlab.runs import WEIGHTS, load_run
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -56,6 +57,12 @@ class Preprocessed(nn.Module):
         return torch.softmax(self.model(x), dim=1)
 
 
+def weights_digest(run: Any) -> str:
+    """SHA-256 of the run's model.safetensors: tells an export of these weights from a stale one (say, exported
+    before the run was resumed)."""
+    return hashlib.sha256((run.path / WEIGHTS).read_bytes()).hexdigest()
+
+
 def metadata(run: Any, fmt: str) -> dict[str, str]:
     """String key/value metadata for the exported file (JSON for structured values)."""
     mean, std = run.normalization
@@ -66,6 +73,7 @@ def metadata(run: Any, fmt: str) -> dict[str, str]:
         "recipe": run.recipe.name,
         "model": run.recipe.model,
         "run": run.path.name,
+        "weights_sha256": weights_digest(run),
         "class_names": json.dumps(run.classes),
         "input": json.dumps(
             {

@@ -291,7 +291,7 @@ def _onnx_forward(run: Any, device: torch.device) -> Callable[[torch.Tensor], to
         import onnxruntime as ort
     except ImportError:
         raise UserError("--backend onnx needs onnxruntime: pip install 'cifarlab[export]' onnxruntime") from None
-    from cifarlab.export import INPUT_NAME, export_onnx
+    from cifarlab.export import INPUT_NAME, export_onnx, weights_digest
 
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -301,8 +301,8 @@ def _onnx_forward(run: Any, device: torch.device) -> Callable[[torch.Tensor], to
     if path.is_file():
         session = ort.InferenceSession(str(path), providers=providers)
         meta = session.get_modelmeta().custom_metadata_map
-        if meta.get("class_names") != json.dumps(run.classes):
-            session = None  # a foreign or stale file: export a fresh one
+        if meta.get("class_names") != json.dumps(run.classes) or meta.get("weights_sha256") != weights_digest(run):
+            session = None  # a foreign or stale file (other weights, or exported before): export a fresh one
     if session is None:
         with tempfile.TemporaryDirectory(prefix="cifarlab-serve-") as tmp:
             onnx_path = export_onnx(run.path, Path(tmp) / "model.onnx")
