@@ -417,3 +417,16 @@ def test_ctrl_c_during_the_test_evaluation_is_a_stopped_run_that_resumes(tmp_pat
     resumed = run_experiment(resume=run, dataset=ds, **RUN)
     assert resumed.status == "finished" and resumed.metrics["epochs_run"] == 2
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, ds, capsys):
+    """--resume of a run that finished (a requeued job, a second click): it says so and leaves every file as it
+    was, instead of evaluating again and adding a session to its wall time."""
+    recipe = get_recipe("reference").replace(**TINY, epochs=1, early_stopping_patience=0)
+    res = run_experiment(recipe, dataset=ds, runs_root=tmp_path, **RUN)
+    run = Path(res.run_dir)
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    again = run_experiment(resume=run, dataset=ds, report=False)
+    assert again.status == "finished" and again.metrics == res.metrics
+    assert "already finished" in capsys.readouterr().out
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before

@@ -44,6 +44,7 @@ from cifarlab.runs import (
     CHECKPOINT,
     CONFIG,
     METRICS,
+    STATUS,
     WEIGHTS,
     RunLock,
     load_checkpoint,
@@ -621,6 +622,17 @@ def write_report(plan: Plan, result: RunResult, say: Log) -> str | None:
     return None
 
 
+def _finished_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """metrics.json of a finished run folder; None when the run has not finished (or says nothing readable)."""
+    try:
+        if read_json(run_dir / STATUS).get("status") != "finished":
+            return None
+        metrics = read_json(run_dir / METRICS)
+    except (UserError, AttributeError):
+        return None  # resuming reports what is wrong with the folder
+    return metrics if isinstance(metrics, dict) else None
+
+
 def run_experiment(
     recipe: Recipe | None = None,
     *,
@@ -649,6 +661,12 @@ def run_experiment(
     one of several processes under torchrun; rank 0 alone prints and writes."""
     main = dist is None or dist.is_main
     say: Log = (lambda s: None) if quiet or not main else (log or (lambda s: print(s, flush=True)))
+    if resume is not None and (done := _finished_metrics(Path(resume))) is not None:
+        # Nothing to continue: touching nothing keeps a re-run job (say, a requeued batch job) harmless.
+        acc = done.get("test_accuracy")
+        said = f" (test accuracy {acc:.2%})" if isinstance(acc, float) else ""
+        say(f"{resume} already finished{said}; nothing to do")
+        return RunResult(Path(resume), done, "finished")
     plan = prepare(
         recipe,
         dataset=dataset,
