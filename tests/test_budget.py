@@ -44,7 +44,7 @@ def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "abc", "10x", "5s5x", "-5s", "2", "nan"])
+@pytest.mark.parametrize("text", ["", "abc", "10x", "5s5x", "-5s", "2", "nan", "1.5.2m", "30 30", "1m1m", "30s2m"])
 def test_bad_durations_are_refused_with_examples(text):
     with pytest.raises(ConfigError, match="--budget"):
         parse_duration(text)

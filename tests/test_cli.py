@@ -78,3 +78,37 @@ def test_user_errors_are_one_line_with_control_characters_escaped(capsys):
 
     with pytest.raises(RuntimeError):
         run_command(bug, None)
+
+
+def test_train_refuses_before_any_work(tmp_path, capsys, monkeypatch):
+    """Combinations that cannot work are refused on the command line: no data read (none exists here), no
+    torchrun started, no folder written."""
+    monkeypatch.setattr("os.execv", lambda *a: pytest.fail("torchrun was started"))
+    cases = [
+        (["--resume", str(tmp_path), "--recipe", "fast"], "--recipe/--set/--config cannot change it"),
+        (["--nproc", "3", "--set", "batch_size=16"], "batch_size=16 is not a multiple of --nproc 3"),
+    ]
+    for extra, needle in cases:
+        assert cli.main(["train", "--data-dir", str(tmp_path / "none"), "--runs-dir", str(tmp_path / "r"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_relative_dataset_path_is_recorded_absolute(tmp_path, monkeypatch):
+    """`--set dataset=imgs` from one folder: the run must find its data later from any other folder."""
+    from cifarlab.config import resolve_recipe
+
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe("reference", sets=["dataset=imgs"]).dataset == str(tmp_path / "imgs")
+    assert resolve_recipe("reference", sets=["dataset=CIFAR-10"]).dataset == "cifar10"  # a name stays a name
+
+
+def test_data_preview_output_checks(tmp_path, capsys):
+    """The suffix picks the format (a .txt is refused before the data is read); --per-class is bounded."""
+    assert cli.main(["data", "preview", "--out", str(tmp_path / "grid.txt"), "--data-dir", str(tmp_path)]) == 2
+    assert "write a .png, .jpg, .pdf or .svg file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["data", "preview", "--per-class", "100000"])
+    assert "must be from 1 to 64" in capsys.readouterr().err

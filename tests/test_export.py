@@ -107,6 +107,30 @@ def test_cli_default_and_explicit_paths(tmp_path: Path, capsys):
     assert (tmp_path / "new" / "model.onnx").is_file()
 
 
+def test_cli_never_writes_over_the_runs_own_files_or_a_device(tmp_path: Path, capsys):
+    """--out naming the run's weights or config would destroy the run; a device or a folder in the way is not a
+    file to replace. Each is one error line and leaves everything as it was; an ordinary file is replaced, saying so."""
+    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe())
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    (tmp_path / "afile").write_text("x")
+    for out, needle in (
+        (run_dir / "model.safetensors", "is one of the run's own files"),
+        (run_dir / "config.json", "is one of the run's own files"),
+        (Path("/dev/null"), "is not a regular file"),
+        (tmp_path / "afile" / "x.onnx", "cannot create the folder"),
+    ):
+        assert cli.main(["export", str(run_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    assert Path("/dev/null").is_char_device()
+    mine = tmp_path / "mine.onnx"
+    mine.write_text("an older export")
+    assert cli.main(["export", str(run_dir), "--out", str(mine)]) == 0
+    assert capsys.readouterr().out.startswith(f"replaced {mine}")
+    assert mine.read_bytes()[:4] != b"an o"
+
+
 def test_cli_missing_weights_is_a_user_error(tmp_path: Path, capsys):
     run_dir = make_run(tmp_path / "run", tiny_recipe())
     (run_dir / "model.safetensors").unlink()

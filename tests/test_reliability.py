@@ -32,6 +32,7 @@ from cifarlab.config import load_config_file
 from cifarlab.errors import ConfigError, UserError
 from cifarlab.experiment import run_callbacks, run_experiment
 from cifarlab.recipes import get_recipe
+from cifarlab.registry import CALLBACKS
 from cifarlab.runs import RunLock, load_checkpoint, save_weights
 from cifarlab.train import EpochLog, ProgressBar, Trainer
 from cifarlab.train.callbacks import Callback
@@ -267,6 +268,30 @@ def stopped_run(tmp_path_factory, data_a):
     assert json.loads((run / "status.json").read_text())["status"] == "stopped"
     assert 1 <= load_checkpoint(run / "checkpoint.pt")["epoch"] < 4  # the checkpoint of a whole epoch
     return types.SimpleNamespace(run=run, out=out, base=base)
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, folder, capsys):
+    """`timeout`, `docker stop` and batch schedulers send SIGTERM: the run stops as with Ctrl-C (checkpoint kept,
+    status stopped, the resume command printed, exit 130) instead of dying with its status still 'running'."""
+
+    class SigtermAtEpoch2(Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    CALLBACKS.register("sigterm_at_epoch_2")(lambda recipe: SigtermAtEpoch2())
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        argv = [*TINY, "--set", "epochs=3", "--set", f"dataset={folder}", "--set", "callbacks=sigterm_at_epoch_2"]
+        rc, out, _ = _main(capsys, "train", *argv, "--runs-dir", str(tmp_path), "--no-report")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        CALLBACKS.unregister("sigterm_at_epoch_2")
+    (run,) = tmp_path.iterdir()
+    assert rc == 130
+    assert json.loads((run / "status.json").read_text())["status"] == "stopped"
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+    assert f"resume with: cifarlab train --resume {run}" in out
 
 
 def test_stopped_run_says_how_to_resume_and_stores_what_that_needs(stopped_run, data_a):
@@ -618,6 +643,25 @@ def test_tampered_run_folder_is_one_line_naming_the_file(tmp_path, finished_run,
     _one_error_line(err, str(run), *needles)
 
 
+@pytest.mark.parametrize("name", ["metrics.json", "history.json"])
+def test_a_damaged_side_file_blocks_nothing_that_does_not_need_it(
+    tmp_path, finished_run, capsys, undrawn_figures, name
+):
+    """predict and export need config and weights only; report rebuilds metrics.json, so a truncated
+    metrics.json or history.json is set aside (kept, renamed) with a warning instead of stopping it."""
+    run = _copy(finished_run, tmp_path / "run")
+    damaged = (run / name).read_bytes()[:40]
+    (run / name).write_bytes(damaged)
+    for command in ("predict", "export"):
+        rc, _, err = _main(capsys, *_command(command, run, tmp_path))
+        assert rc == 0, err
+    rc, _, err = _main(capsys, "report", str(run))
+    assert rc == 0, err
+    assert f"{name} is not valid JSON" in err and f"kept as {name}.damaged" in err
+    assert (run / f"{name}.damaged").read_bytes() == damaged  # nothing lost
+    assert json.loads((run / "metrics.json").read_text())["test_accuracy"] >= 0  # rebuilt from the evaluation
+
+
 # (A damaged dataset cache file is rebuilt with one warning: tests/test_data_reliability.py::
 # test_damaged_cache_is_rebuilt_with_one_warning.)
 
@@ -634,7 +678,10 @@ class _System:
 
 
 def test_tampered_checkpoint_is_refused_by_resume(tmp_path, finished_run, capsys):
+    from cifarlab.runs import write_status
+
     run = _copy(finished_run, tmp_path / "run")
+    write_status(run, "stopped")  # a run to resume (a finished one is left alone without reading its checkpoint)
     marker = tmp_path / "pwned"
     (run / "checkpoint.pt").write_bytes(pickle.dumps({"epoch": 1, "model": _System(f"touch {marker}")}))
     before = _snapshot(run)

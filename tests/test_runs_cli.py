@@ -126,6 +126,17 @@ def test_list_runs_statuses_newest_first(runs_root: Path):
     assert rows["20260108-100000-fast"]["recipe"] == "damaged"
 
 
+def test_a_resumed_runs_wall_time_counts_every_session(tmp_path: Path):
+    """metrics.json's total_seconds is the last process's; a run resumed after 40 s of training and finished in a
+    short second process took the sessions' sum."""
+    timings = {"total_seconds": 3.1, "session_seconds": [40.0, 2.4], "sessions_total_seconds": 42.4}
+    _run(
+        tmp_path, "20260101-100000-fast", "fast", {"status": "finished", "pid": 1, "time": _now()}, {"timings": timings}
+    )
+    (row,) = runs_cli.list_runs(tmp_path)
+    assert row["wall_seconds"] == 42.4
+
+
 def test_cli_table_and_json(runs_root: Path, capsys):
     assert _main(["runs", "--root", str(runs_root)]) == 0
     lines = capsys.readouterr().out.splitlines()

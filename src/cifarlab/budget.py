@@ -82,11 +82,17 @@ def parse_duration(text: str | float, name: str = "--budget") -> float:
         seconds = float(text)
     else:
         s = text.strip().lower()
-        pos, seconds = 0, 0.0
+        pos, seconds, last = 0, 0.0, math.inf
         for m in _PART.finditer(s):
-            if m.start() != pos or m.group(2) not in _UNITS:
+            unit = _UNITS.get(m.group(2))
+            if m.group(2) == "" and pos > 0:  # '1m30', '1h30': the unit below the last one
+                unit = {3600.0: 60.0, 60.0: 1.0}.get(last)
+            # Parts from hours down to seconds, each once ('1m1m', '30 30', '1.5.2m' are typos, not sums).
+            if m.start() != pos or unit is None or unit >= last:
+                pos = -1
                 break
-            seconds += float(m.group(1)) * _UNITS[m.group(2)]
+            seconds += float(m.group(1)) * unit
+            last = unit
             pos = m.end()
         if not s or pos != len(s):
             raise ConfigError(f"{name} {text!r} is not a duration; write e.g. 90s, 2m, 1.5min, 1h30m or 600")

@@ -291,7 +291,8 @@ def _canonical_dataset(value: str, data_dir: Path | None) -> str:
         return named
     path = Path(value).expanduser()
     if path.exists() or path.is_absolute() or data_dir is None:
-        return str(path) if path.exists() else value
+        # Absolute, so the run's evaluate/report/--resume find it from any working directory.
+        return str(path.resolve()) if path.exists() else value
     for suffix in ("", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz"):
         candidate = Path(data_dir).expanduser() / f"{value}{suffix}"
         if candidate.exists():

@@ -106,13 +106,33 @@ def _wrapped(run_dir: Path | str) -> tuple[Any, nn.Module]:
     return run, wrapped
 
 
-def _out_path(run_dir: Path | str, out_path: Path | str | None, fmt: str) -> Path:
+def output_path(run_dir: Path | str, out_path: Path | str | None, fmt: str) -> Path:
+    """Where `export` writes: `out_path`, a folder's default file name, or the run's own default; refused (one
+    line) when it would replace one of the run's own files or something that is not a regular file."""
     out = Path(out_path) if out_path is not None else Path(run_dir) / DEFAULT_NAMES[fmt]
     # A folder, existing or named with a trailing slash (`--out exports/`), gets the default file name.
     if out.is_dir() or str(out_path).endswith(("/", os.sep)):
         out = out / DEFAULT_NAMES[fmt]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() or out.is_symlink():
+        if not out.is_file():
+            raise UserError(f"--out {out} exists and is not a regular file; give a file path")
+        if out.resolve().parent == Path(run_dir).resolve() and out.name not in DEFAULT_NAMES.values():
+            raise UserError(
+                f"--out {out} is one of the run's own files; exporting over it would damage the run. Give another "
+                f"path (default: {Path(run_dir) / DEFAULT_NAMES[fmt]})"
+            )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder for --out {out}: {e.strerror or e}") from None
     return out
+
+
+def _write(out: Path, data: bytes) -> None:
+    try:
+        atomic_write_bytes(out, data)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def export_onnx(run_dir: Path | str, out_path: Path | str | None = None, opset: int = 17) -> Path:
@@ -122,7 +142,7 @@ def export_onnx(run_dir: Path | str, out_path: Path | str | None = None, opset: 
     except ImportError:
         raise UserError("ONNX export needs onnx: pip install 'cifarlab[export]'") from None
     run, wrapped = _wrapped(run_dir)
-    out = _out_path(run_dir, out_path, "onnx")
+    out = output_path(run_dir, out_path, "onnx")
     buf = io.BytesIO()
     dummy = torch.zeros(2, *run.input_shape, dtype=torch.uint8)
     with warnings.catch_warnings(), torch.no_grad():
@@ -148,7 +168,7 @@ def export_onnx(run_dir: Path | str, out_path: Path | str | None = None, opset: 
         entry.key, entry.value = key, value
     proto.doc_string = f"cifarlab {__version__} export of run {run.path.name} (recipe {run.recipe.name})"
     onnx.checker.check_model(proto)
-    atomic_write_bytes(out, proto.SerializeToString())
+    _write(out, proto.SerializeToString())
     return out
 
 
@@ -158,14 +178,14 @@ def export_torchscript(run_dir: Path | str, out_path: Path | str | None = None) 
     Load it with `torch.jit.load(path, _extra_files={"cifarlab.json": ""})` to read the metadata.
     """
     run, wrapped = _wrapped(run_dir)
-    out = _out_path(run_dir, out_path, "torchscript")
+    out = output_path(run_dir, out_path, "torchscript")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated for torch.export
         scripted = torch.jit.script(wrapped)
         buf = io.BytesIO()
         extra = {METADATA_FILE: json.dumps(metadata(run, "torchscript"), indent=2)}
         torch.jit.save(scripted, buf, _extra_files=extra)
-    atomic_write_bytes(out, buf.getvalue())
+    _write(out, buf.getvalue())
     return out
 
 

@@ -7,6 +7,7 @@ Nothing here unpickles arbitrary objects: weights are safetensors, checkpoints a
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -231,8 +232,22 @@ class Run:
     path: Path
     config: dict[str, Any]
     recipe: Recipe
-    history: list[dict[str, Any]]
-    metrics: dict[str, Any]
+
+    # history.json and metrics.json are read when first asked for: predict, export and serve need neither, so a
+    # damaged one does not block them (the report, which rebuilds metrics.json, sets a damaged one aside).
+    @functools.cached_property
+    def history(self) -> list[dict[str, Any]]:
+        history = read_json(self.path / HISTORY_JSON) if (self.path / HISTORY_JSON).exists() else []
+        if not isinstance(history, list):
+            raise UserError(f"{self.path / HISTORY_JSON} is not a list of epochs; the file is damaged")
+        return history
+
+    @functools.cached_property
+    def metrics(self) -> dict[str, Any]:
+        metrics = read_json(self.path / METRICS) if (self.path / METRICS).exists() else {}
+        if not isinstance(metrics, dict):
+            raise UserError(f"{self.path / METRICS} is not a mapping; the file is damaged")
+        return metrics
 
     @property
     def classes(self) -> list[str]:
@@ -302,10 +317,4 @@ def load_run(run_dir: Path | str) -> Run:
     config = read_json(path / CONFIG)
     _check_config(path, config)
     recipe = recipe_from_config(path, config)
-    history = read_json(path / HISTORY_JSON) if (path / HISTORY_JSON).exists() else []
-    metrics = read_json(path / METRICS) if (path / METRICS).exists() else {}
-    if not isinstance(history, list):
-        raise UserError(f"{path / HISTORY_JSON} is not a list of epochs; the file is damaged")
-    if not isinstance(metrics, dict):
-        raise UserError(f"{path / METRICS} is not a mapping; the file is damaged")
-    return Run(path=path, config=config, recipe=recipe, history=history, metrics=metrics)
+    return Run(path=path, config=config, recipe=recipe)

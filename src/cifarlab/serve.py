@@ -252,7 +252,10 @@ def _finite(v: Any) -> float | None:
 
 def model_card(run: Any, model_id: str, backend: str, tta: str) -> dict[str, Any]:
     """What /v1/models says about a run: from config.json, metrics.json and eval_test.json when present."""
-    metrics = run.metrics if isinstance(run.metrics, dict) else {}
+    try:
+        metrics = run.metrics
+    except UserError:  # a damaged metrics.json costs the card its figures, not the service
+        metrics = {}
     ev = _read_json(run.path / "eval_test.json")
     if not isinstance(ev, dict):
         ev = metrics.get("evaluation") if isinstance(metrics.get("evaluation"), dict) else {}

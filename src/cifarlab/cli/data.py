@@ -55,17 +55,22 @@ def add_parser(sub: Any) -> None:
         ),
     )
     _common_args(p)
-    p.add_argument("--out", type=Path, default=Path("preview.png"), help="PNG to write (default preview.png)")
-    p.add_argument("--per-class", type=_positive_int, default=8, help="images per class (default 8)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("preview.png"),
+        help="image to write: .png, .jpg, .pdf or .svg (default preview.png)",
+    )
+    p.add_argument("--per-class", type=_per_class, default=8, help="images per class, 1 to 64 (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing the images (default 0)")
     p.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
     p.set_defaults(func=cmd_preview)
 
 
-def _positive_int(text: str) -> int:
+def _per_class(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if not 1 <= value <= 64:  # a wider grid is unreadable, and its figure grows without bound
+        raise argparse.ArgumentTypeError(f"must be from 1 to 64, got {value}")
     return value
 
 
@@ -190,17 +195,30 @@ def cmd_preview(args: argparse.Namespace) -> int:
     from cifarlab.data import sample_grid_figure
     from cifarlab.errors import UserError
 
+    out: Path = args.out
+    kinds = {"png", "jpg", "jpeg", "pdf", "svg"}
+    kind = out.suffix.lower().lstrip(".") or "png"
+    if kind not in kinds:
+        raise UserError(f"--out {out}: write a .png, .jpg, .pdf or .svg file (the suffix picks the format)")
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {out} exists and is not a regular file; give a file path")
     with _cli_logging():
         ds = _load(args)
     x, y = (ds.x_train, ds.y_train) if args.split == "train" else (ds.x_test, ds.y_test)
-    fig = sample_grid_figure(x, y, ds.classes, per_class=args.per_class, seed=args.seed)
-    fig.suptitle(f"{ds.name} ({args.split}): {args.per_class} random images per class (seed {args.seed})")
-    out: Path = args.out
+    smallest = min(int((y == c).sum()) for c in range(len(ds.classes)))
+    per_class = min(args.per_class, smallest)  # a class with fewer images would leave blank cells
+    fig = sample_grid_figure(x, y, ds.classes, per_class=per_class, seed=args.seed)
+    fig.suptitle(f"{ds.name} ({args.split}): {per_class} random images per class (seed {args.seed})")
+    existed = out.is_file()
     try:
         if out.parent != Path(""):
             out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png")
+        fig.savefig(out, format="jpg" if kind == "jpeg" else kind)
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}. Choose another --out.") from exc
-    print(f"wrote {out} ({len(ds.classes)} classes x {args.per_class} images, {args.split} split)")
+    note = f" (the smallest class has {smallest})" if per_class < args.per_class else ""
+    print(
+        f"{'replaced' if existed else 'wrote'} {out} ({len(ds.classes)} classes x {per_class} images{note}, "
+        f"{args.split} split)"
+    )
     return 0

@@ -39,15 +39,17 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cifarlab.export import export
+    from cifarlab.export import export, output_path
     from cifarlab.runs import load_run
 
+    c, h, w = load_run(args.run_dir).input_shape  # a damaged run folder fails here, before anything is written
+    replacing = output_path(args.run_dir, args.out, args.format).is_file()  # refuses a run's own files first
     out = export(args.run_dir, args.format, args.out)
     dtype = "uint8" if args.format == "onnx" else "uint8 or float"
-    c, h, w = load_run(args.run_dir).input_shape
     color = {1: "grayscale", 3: "RGB"}.get(c, f"{c}-channel")
     print(
-        f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {args.format}): input {dtype} NCHW {h}x{w} {color} "
-        "0..255, dynamic batch; output softmax probabilities; class names and preprocessing in metadata"
+        f"{'replaced' if replacing else 'wrote'} {out} ({out.stat().st_size / 1e6:.2f} MB, {args.format}): input "
+        f"{dtype} NCHW {h}x{w} {color} 0..255, dynamic batch; output softmax probabilities; class names and "
+        "preprocessing in metadata"
     )
     return 0

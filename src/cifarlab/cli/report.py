@@ -39,6 +39,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from cifarlab.report import report_paths, write_report
 
     set_threads()
+    _set_aside_damaged(args.run_dir)
     t0 = time.perf_counter()
     ev, preds = evaluate_run(args.run_dir, split=args.split, data_dir=args.data_dir)
     warning = dataset_warning(ev)
@@ -49,3 +50,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     for path in report_paths(args.run_dir):
         print(printable(path))
     return 0
+
+
+def _set_aside_damaged(run_dir: Path) -> None:
+    """A damaged metrics.json or history.json would stop the report that rebuilds metrics.json: keep it as
+    FILE.damaged (nothing is deleted) and report without it."""
+    from cifarlab.errors import UserError
+    from cifarlab.runs import load_run
+
+    for name, what in (("metrics", "training's timings and summary"), ("history", "training curves")):
+        run = load_run(run_dir)  # afresh each time: the properties are cached
+        try:
+            getattr(run, name)
+        except UserError as e:
+            damaged = Path(run_dir) / f"{name}.json"
+            kept = damaged.with_name(damaged.name + ".damaged")
+            damaged.replace(kept)
+            warn(f"{e}: kept as {kept.name}; the report goes on without the {what}")

@@ -124,7 +124,9 @@ def run_info(path: Path) -> dict[str, Any] | None:
         accuracy = DAMAGED
     epochs = m.get("epochs_run", len(h) if h else None)
     timings: dict[str, Any] = m["timings"] if isinstance(m.get("timings"), dict) else {}
-    wall = timings.get("total_seconds")
+    # A resumed run's total_seconds is its last process only; its sessions' sum covers every process.
+    walls = [t for t in (timings.get("total_seconds"), timings.get("sessions_total_seconds")) if t is not None]
+    wall = max(walls) if walls else None
     if wall is None and h:  # unfinished run: the epochs' own time is the best we know
         wall = sum(float(r.get("epoch_seconds") or 0) for r in h if isinstance(r, dict))
     return {

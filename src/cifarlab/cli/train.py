@@ -100,6 +100,19 @@ def _torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
     return [*run, "-m", "cifarlab.cli", *rest]
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`timeout`, `docker stop`, Slurm's time limit, `kill`) stops a run as Ctrl-C does: the last
+    checkpoint kept, the run marked stopped, the resume command printed (instead of dying mid-write)."""
+    import signal
+    import threading
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab import config
     from cifarlab.distributed import env_world
@@ -131,7 +144,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--nproc starts torchrun itself; under torchrun, leave it out")
         if args.nproc > 1:
             if args.resume is None:
-                config.recipe_from_args(args)  # a bad value fails here, not in N processes
+                r = config.recipe_from_args(args)  # a bad value fails here, not in N processes
+                if r.batch_size % args.nproc:
+                    raise UserError(
+                        f"batch_size={r.batch_size} is not a multiple of --nproc {args.nproc}: each process takes an "
+                        f"equal slice of every global batch; use a batch_size divisible by {args.nproc}"
+                    )
             argv = _torchrun_argv(args.nproc, sys.argv[1:])
             sys.stdout.flush()
             os.execv(sys.executable, argv)
@@ -148,8 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                     f"recipe {named} -> {variant}: this run trains in fp32 on a CPU, for which {named} names "
                     f"{variant} (--set cpu_fp32_variant= keeps {named})"
                 )
-    elif getattr(args, "set", None) or getattr(args, "config", None):
-        raise UserError("--resume continues a run with its saved config; --set/--config cannot change it")
+    elif getattr(args, "set", None) or getattr(args, "config", None) or getattr(args, "recipe", None):
+        raise UserError("--resume continues a run with its saved config; --recipe/--set/--config cannot change it")
     if args.resume is not None and args.init is not None:
         raise UserError("--resume continues a run with the weights it had; --init cannot be combined with it")
     # Optional trackers are checked before any work, so a missing extra never leaves an empty run folder.
@@ -159,6 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         require("mlflow", "mlflow", "--mlflow")
     from cifarlab.distributed import setup
 
+    _stop_on_sigterm()
     dist = setup(args.device, sync_bn=args.sync_bn)  # None without torchrun (or with one process)
     ended = False
     try:
