@@ -112,3 +112,32 @@ def test_data_preview_output_checks(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["data", "preview", "--per-class", "100000"])
     assert "must be from 1 to 64" in capsys.readouterr().err
+
+
+def test_out_of_range_options_are_usage_errors_not_tracebacks(tmp_path, capsys):
+    for argv, needle in (
+        (["explain", str(tmp_path), "x.png", "--steps", "0"], "--steps: must be from 1 to 1024"),
+        (["tune", "--seed", "-1"], "--seed: must be from 0 to"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_a_device_cifarlab_does_not_run_on_is_one_line():
+    from cifarlab.device import resolve_device
+    from cifarlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--device mps: cifarlab runs on cpu or cuda devices only"):
+        resolve_device("mps")
+
+
+def test_a_hand_edited_recipe_value_of_the_wrong_type_names_the_key():
+    from cifarlab.errors import ConfigError
+    from cifarlab.recipes import Recipe, get_recipe
+
+    d = get_recipe("fast").to_dict()
+    assert Recipe.from_dict(d) == get_recipe("fast")  # the saved form loads back as it was
+    for key, bad in (("epochs", "two"), ("lr", [1, 2]), ("widths", "a,b,c"), ("channels_last", "maybe")):
+        with pytest.raises(ConfigError, match=key):
+            Recipe.from_dict({**d, key: bad})

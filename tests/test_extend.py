@@ -239,15 +239,20 @@ def test_api_trains_on_64px_grayscale_images_without_resizing(tmp_path, undrawn_
     assert np.allclose(onnx_probs, run.predict(x_te).numpy(), atol=1e-4)
 
 
-def test_mlflow_logger_records_params_and_metrics(tmp_path):
+@pytest.mark.parametrize("store", ["default", "folder"])
+def test_mlflow_logger_records_params_and_metrics(tmp_path, monkeypatch, store):
+    """The default store (<runs>/mlruns) and a store folder given by plain path (MLflow 3 refuses a file store
+    unless MLFLOW_ALLOW_FILE_STORE is set: it must be set for both)."""
     mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
     x_tr, y_tr, x_te, y_te = _arrays(40, 10, (3, 32, 32))
     run = cifarlab.fit(
         "reference",
         data=(x_tr, y_tr, x_te, y_te),
         runs_dir=tmp_path / "runs",
         report=False,
-        mlflow=True,
+        mlflow=True if store == "default" else "my-store",
         epochs=2,
         batch_size=16,
         widths=(8, 8, 8),
@@ -255,13 +260,24 @@ def test_mlflow_logger_records_params_and_metrics(tmp_path):
         precision="fp32",
         early_stopping_patience=0,
     )
-    client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())
+    where = tmp_path / "runs" / "mlruns" if store == "default" else tmp_path / "my-store"
+    client = mlflow.tracking.MlflowClient(tracking_uri=where.as_uri())
     (found,) = client.search_runs([client.get_experiment_by_name("cifarlab").experiment_id])
     assert found.info.run_name == run.path.name and found.info.status == "FINISHED"
     assert found.data.params["lr"] == "0.001" and found.data.params["batch_size"] == "16"
     history = client.get_metric_history(found.info.run_id, "val_loss")
     assert [m.step for m in history] == [1, 2]
     assert [m.value for m in history] == pytest.approx([row["val_loss"] for row in run.history])
+
+
+def test_mlflow_location_mlflow_cannot_use_is_refused_before_any_folder(tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    from cifarlab import cli
+
+    argv = ["train", "--mlflow", "foo://bar", "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert "MLflow cannot store in a foo:// location" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_callbacks_registry_and_recipe_key():

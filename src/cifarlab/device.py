@@ -35,6 +35,8 @@ def resolve_device(device: str | None = None) -> torch.device:
         raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, ...: torch knows the name, cifarlab trains on CPUs and CUDA
+        raise ConfigError(f"--device {device}: cifarlab runs on cpu or cuda devices only; use --device cpu")
     return dev
 
 

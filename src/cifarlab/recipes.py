@@ -203,7 +203,11 @@ class Recipe:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ConfigError(f"unknown recipe keys {unknown}; accepted keys: {', '.join(sorted(names))}")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        from cifarlab.config import parse_value  # (config imports this module)
+
+        # Each value converted and type-checked as a config file's would be: a hand-edited "epochs": "two" is a
+        # one-line error naming the key, not a TypeError deep in training.
+        kw = {k: parse_value(k, v) for k, v in d.items()}
         # A saved run's dataset path may not exist on this machine; that must not stop loading the run.
         try:
             recipe = cls(**kw)  # type: ignore[arg-type]  # validated just below

@@ -13,6 +13,13 @@ from cifarlab.cli.common import fmt
 HELP = "saliency maps (Grad-CAM, integrated gradients): which pixels a run's prediction rests on"
 
 
+def _steps(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 1024, got {value}")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "explain",
@@ -43,7 +50,7 @@ def add_parser(sub: Any) -> None:
         metavar="CLASS",
         help="explain this class (a name or an index) instead of each image's predicted class",
     )
-    p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps (default: 32)")
+    p.add_argument("--steps", type=_steps, default=32, help="integrated-gradients steps, 1 to 1024 (default: 32)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     p.set_defaults(func=cmd_explain)
 

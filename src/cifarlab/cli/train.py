@@ -174,7 +174,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.tensorboard:
         require("tensorboard", "tensorboard", "--tensorboard")
     if args.mlflow:
+        from cifarlab.train.loggers import mlflow_uri
+
         require("mlflow", "mlflow", "--mlflow")
+        mlflow_uri(args.mlflow if isinstance(args.mlflow, str) else None, args.runs_dir)  # a bad URI fails here
     from cifarlab.distributed import setup
 
     _stop_on_sigterm()

@@ -15,6 +15,13 @@ from cifarlab.cli.common import data_dir_arg, fmt
 HELP = "search a recipe's hyperparameters with Optuna (TPE, pruning, resumable, many workers)"
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32 - 1024:  # numpy's seed range, with room for one seed per worker
+        raise argparse.ArgumentTypeError(f"must be from 0 to {2**32 - 1025}, got {value}")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     from cifarlab import config
 
@@ -84,7 +91,9 @@ def add_parser(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="a recipe key for trials only, e.g. --trial-set epochs=12 (the final run keeps the recipe's)",
     )
-    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed; local worker i uses seed+i (default: 0)")
+    p.add_argument(
+        "--seed", type=_seed, default=0, help="TPE sampler seed, >= 0; local worker i uses seed+i (default: 0)"
+    )
     p.add_argument(
         "--startup-trials", type=int, default=10, help="random trials before TPE models the results (default: 10)"
     )

@@ -9,7 +9,10 @@ from typing import Any
 from cifarlab.errors import UserError
 from cifarlab.train.callbacks import Callback
 
-__all__ = ["MLflowLogger", "TensorBoardLogger", "require"]
+__all__ = ["MLflowLogger", "TensorBoardLogger", "mlflow_uri", "require"]
+
+# Tracking URI schemes MLflow's stores understand (the SQL ones through SQLAlchemy dialects).
+_MLFLOW_SCHEMES = ("file", "http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql", "oracle")
 
 _SCALARS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
 
@@ -51,6 +54,22 @@ def _flat_params(recipe: Any) -> dict[str, str]:
     return {k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) for k, v in recipe.to_dict().items()}
 
 
+def mlflow_uri(value: str | None, runs_root: Path | str) -> str:
+    """The tracking URI `--mlflow [VALUE]` means: None, `<runs root>/mlruns`; a plain path, that folder (as a
+    file:// URI, absolute); a URI, itself once its scheme is one MLflow stores in (else a one-line error)."""
+    if value is None:
+        return (Path(runs_root).resolve() / "mlruns").as_uri()
+    scheme = value.split("://", 1)[0].split("+", 1)[0].lower() if "://" in value else ""
+    if not scheme and value != "databricks":
+        return Path(value).expanduser().resolve().as_uri()
+    if value != "databricks" and scheme not in _MLFLOW_SCHEMES:
+        raise UserError(
+            f"--mlflow {value}: MLflow cannot store in a {scheme}:// location; give a folder, or a file://, "
+            "sqlite:///, postgresql://, mysql:// or http(s):// tracking URI"
+        )
+    return value
+
+
 class MLflowLogger(Callback):
     """Logs the recipe as parameters and every epoch's metrics to MLflow (extra `mlflow`).
 
@@ -71,11 +90,10 @@ class MLflowLogger(Callback):
     ) -> None:
         self.mlflow = require("mlflow", "mlflow", "the MLflow logger (--mlflow)")
         self.run_dir = Path(run_dir)
-        if tracking_uri is None:
-            tracking_uri = (self.run_dir.resolve().parent / "mlruns").as_uri()
+        self.tracking_uri = mlflow_uri(tracking_uri, self.run_dir.resolve().parent)
+        if self.tracking_uri.startswith("file:"):
             # MLflow 3 keeps the file store only behind this opt-in; a local folder needs no database server.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_id: str | None = None
 
