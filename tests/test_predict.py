@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import zlib
@@ -287,3 +288,152 @@ def test_table_escapes_control_characters_json_keeps_them():
     assert len(table.splitlines()) == 4  # the newline in the name did not start a row
     assert table.splitlines()[3].endswith("  skipped: not a regular file")
     assert json.loads(json.dumps(results))[0]["path"] == name  # --json prints the real name
+
+
+# -- EXIF orientation, bit depth, big JPEGs ------------------------------------------------------------------
+
+
+def _stored_index(orientation: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For an upright h x w image: the stored image's (i, j) grid and the upright (row, col) each stored pixel
+    shows, read off the EXIF spec's table of where the stored 0th row and 0th column go (e.g. 6: the 0th row
+    is the visual right-hand side, the 0th column the visual top)."""
+    sh, sw = (h, w) if orientation <= 4 else (w, h)
+    i, j = np.mgrid[0:sh, 0:sw]
+    rc = {
+        1: (i, j),  # 0th row top, 0th column left
+        2: (i, w - 1 - j),  # top, right
+        3: (h - 1 - i, w - 1 - j),  # bottom, right
+        4: (h - 1 - i, j),  # bottom, left
+        5: (j, i),  # left, top
+        6: (j, w - 1 - i),  # right, top
+        7: (h - 1 - j, w - 1 - i),  # right, bottom
+        8: (h - 1 - j, i),  # left, bottom
+    }[orientation]
+    return i, j, rc[0], rc[1]
+
+
+def _blocks(h: int, w: int) -> np.ndarray:
+    """An asymmetric upright picture of flat 8x8 blocks, each its own colour (survives JPEG almost exactly)."""
+    rng = np.random.default_rng(7)
+    colours = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+    return colours.repeat(8, axis=0).repeat(8, axis=1)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("shape", [(24, 40), (32, 32)])  # 32x32 is the simplejpeg fast path's size
+def test_exif_orientation_is_applied_like_a_browser(tmp_path: Path, orientation: int, shape: tuple[int, int]):
+    from cifarlab.data.images import decode_image
+
+    h, w = shape
+    upright = _blocks(h, w)
+    i, j, r, c = _stored_index(orientation, h, w)
+    stored = np.empty((*i.shape, 3), dtype=np.uint8)
+    stored[i, j] = upright[r, c]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(Image.fromarray(stored), tmp_path / "phone.jpg", "JPEG", exif=exif, quality=95, subsampling=0)
+    with Image.open(path) as im:  # the stored pixels as decoded, orientation not applied
+        raw = np.asarray(im.convert("RGB"))
+    want = np.empty((h, w, 3), dtype=np.uint8)
+    want[r, c] = raw[i, j]
+    got = decode_image(path, "phone.jpg", None).transpose(1, 2, 0)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got.astype(int) - upright).max() <= 8  # and it is the upright picture (JPEG is lossy)
+    if shape == (32, 32):  # predict at the model's size: no resize, the fast path must not skip the rotation
+        x, _, errors = predict.load_images([path])
+        assert errors == [] and np.array_equal(x[0].permute(1, 2, 0).numpy(), want)
+
+
+def test_float_and_32bit_images_are_refused_16bit_ones_scaled(tmp_path: Path):
+    a = np.zeros((40, 40), dtype=np.float32)
+    a[:, 20:] = 1.0
+    floats = _save(Image.fromarray(a), tmp_path / "float.tif", "TIFF")  # mode F, values 0-1: decoded all black
+    int32 = _save(Image.fromarray(np.full((40, 40), 200, np.int32)), tmp_path / "int32.tif", "TIFF")  # mode I
+    tiff16 = _save(Image.fromarray(np.full((40, 40), 0x8000, np.uint16)), tmp_path / "deep16.tif", "TIFF")
+    pgm16 = _save(Image.fromarray(np.full((40, 40), 0x8000, np.uint16)), tmp_path / "deep16.pgm", "PPM")
+    with Image.open(pgm16) as im:
+        assert im.mode == "I"  # what Pillow makes of a 16-bit PGM: "I" is not always 32-bit data
+    x, ok, errors = predict.load_images([floats, int32, tiff16, pgm16])
+    assert ok == [str(tiff16), str(pgm16)] and int(x.min()) == int(x.max()) == 128
+    errs = dict(errors)
+    again = "no agreed 0-255 scale; save it as 8- or 16-bit first"
+    assert errs[str(floats)] == f"floating-point image (Pillow mode F): {again}"
+    assert errs[str(int32)] == f"32-bit integer image: {again}"
+    # An "I" image whose depth no tag gives is read as 16-bit, and refused when a value does not fit.
+    from cifarlab.data.images import UnsupportedImageError, _deep_to_8bit
+
+    assert _deep_to_8bit(Image.new("I", (4, 4), 0x8000)).getextrema() == (128, 128)
+    with pytest.raises(UnsupportedImageError, match=r"values 70000\.\.70000, outside the 16-bit range 0\.\.65535"):
+        _deep_to_8bit(Image.new("I", (4, 4), 70_000))
+
+
+def _jpeg_with_header_size(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header claims width x height (the scan data is the small image's)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_48_megapixel_jpeg_is_decoded_at_reduced_size(tmp_path: Path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("resource")  # peak RSS below: Linux and macOS
+    img = Image.new("RGB", (8000, 6000), (200, 30, 30))  # a 48 MP camera photo: red left, blue right, green top
+    img.paste((30, 30, 200), (4000, 0, 8000, 6000))
+    img.paste((30, 200, 30), (0, 0, 8000, 1500))
+    big = _save(img, tmp_path / "camera.jpg", "JPEG", quality=85)
+    x, ok, errors = predict.load_images([big])
+    assert errors == [] and ok == [str(big)]
+    corners = x[0, :, [0, 31, 31], [0, 0, 31]].T.int()  # top-left, bottom-left, bottom-right
+    assert (corners - torch.tensor([[30, 200, 30], [200, 30, 30], [30, 30, 200]])).abs().max() <= 3
+    # Memory: decoding it costs a few MB (1000x750 at 1/8 scale), not the ~150 MB of a full decode. Measured in a
+    # fresh interpreter (the peak RSS here is the test session's), loading images.py alone to start fast.
+    import cifarlab.data.images as images
+
+    code = (
+        "import importlib.util, resource, sys\n"
+        "spec = importlib.util.spec_from_file_location('images', sys.argv[1])\n"
+        "images = importlib.util.module_from_spec(spec); spec.loader.exec_module(images)\n"
+        "from PIL import Image, ImageOps, JpegImagePlugin\n"
+        "data = open(sys.argv[2], 'rb').read()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "images.decode_image(data, 'camera.jpg', 32)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, images.__file__, str(big)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    grown_mb = int(out.stdout) / 1024  # ru_maxrss is in KiB on Linux
+    assert grown_mb < 40, grown_mb
+
+
+def test_pixel_limit_still_refuses_bombs_per_format(tmp_path: Path):
+    jpeg_bomb = tmp_path / "bomb.jpg"
+    jpeg_bomb.write_bytes(_jpeg_with_header_size(12_000, 12_000))  # 144 MP: over even a JPEG's 3x header cap
+    png48 = bomb_png(tmp_path / "big.png", 8000, 6000)  # 48 MP PNG: no reduced decoding, the 40 MP limit holds
+    _, ok, errors = predict.load_images([jpeg_bomb, png48])
+    assert ok == [] and dict(errors) == {
+        str(jpeg_bomb): "refused: 144,000,000 pixels, over the 120,000,000-pixel limit for JPEGs "
+        "(possible decompression bomb)",
+        str(png48): "refused: 48,000,000 pixels, over the 40,000,000-pixel limit (possible decompression bomb)",
+    }
+    # At native size (no reduced decoding) a 48 MP JPEG is refused too: the limit is on the pixels decoded.
+    from cifarlab.data.images import decode_image
+    from cifarlab.errors import DataError
+
+    with pytest.raises(DataError, match=r"\(48000000 pixels\) exceeds limit of 40000000 pixels,"):
+        decode_image(_jpeg_with_header_size(8000, 6000), "big.jpg", None)
+
+
+def test_jpegs_below_the_draft_threshold_decode_exactly_as_before(tmp_path: Path):
+    # Reduced (draft) decoding only starts at 4x the model's side; smaller JPEGs are fully decoded, then BOX.
+    from cifarlab.data.images import decode_image
+
+    for size in [(100, 90), (127, 300)]:
+        data = _save(_noise(size, 3), tmp_path / f"{size[0]}.jpg", "JPEG", quality=90).read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            want = np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BOX)).transpose(2, 0, 1)
+        np.testing.assert_array_equal(decode_image(data, "x", 32), want)

@@ -340,7 +340,7 @@ def _chunks(total: int, produced: list[int], size: int = 64 * 1024, prefix: byte
 
 
 def test_50mb_body_is_refused_while_streaming(run_dir: Path):
-    """A 50 MB body (no Content-Length) is cut off at the 10 MiB limit: little is read, quickly."""
+    """A 50 MB body (no Content-Length) is cut off at the 32 MiB limit: no more is read, quickly."""
     app = create_app([run_dir])
 
     async def scenario() -> None:
@@ -353,8 +353,8 @@ def test_50mb_body_is_refused_while_streaming(run_dir: Path):
                 body = _chunks(50 * MiB, produced, prefix=prefix)
                 r = await c.post("/v1/predict", content=body, headers={"Content-Type": ctype})
                 assert r.status_code == 413, r.text
-                assert "10 MiB" in r.json()["error"]
-                assert produced[0] <= 10 * MiB + 128 * 1024, produced  # stopped reading right at the limit
+                assert "32 MiB" in r.json()["error"]
+                assert produced[0] <= 32 * MiB + 128 * 1024, produced  # stopped reading right at the limit
                 assert time.perf_counter() - t < 10
             # a declared length over the limit is refused before one byte is read
             produced = [0]

@@ -1,8 +1,9 @@
 """`cifarlab predict`: classify image files and folders with a trained run.
 
-Preprocessing is the training loader's own: every image goes through `cifarlab.data.images.decode_image` (any
-mode -> RGB with alpha dropped, 16-bit scaled to 8 bits, any size -> 32x32 with BOX when shrinking / bilinear
-when enlarging, no aspect ratio kept), then `inference.predict_proba` applies the run's scaling,
+Preprocessing is the training loader's own: every image goes through `cifarlab.data.images.decode_image` (EXIF
+orientation applied, any mode -> RGB with alpha dropped, 16-bit scaled to 8 bits, float and 32-bit images
+refused, any size -> 32x32 with BOX when shrinking / bilinear when enlarging, no aspect ratio kept; big JPEGs
+decoded at reduced size first), then `inference.predict_proba` applies the run's scaling,
 normalization and TTA. Alpha is dropped rather than composited on white because that is what the ImageFolder
 training data went through: a model only sees inputs prepared like the ones it learned from.
 """
@@ -21,6 +22,7 @@ import torch
 from cifarlab.data.images import (
     IMAGE_SUFFIXES,
     MAX_IMAGE_PIXELS,
+    UnsupportedImageError,
     bomb_guard,
     decode_image,
     is_image_name,
@@ -88,7 +90,12 @@ def _error_message(exc: BaseException, max_pixels: int) -> str:
     if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         m = re.search(r"\((\d+) pixels\)", str(cause))
         size = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
-        return f"refused: {size}, over the {max_pixels:,}-pixel limit (possible decompression bomb)"
+        # decode_image names the limit that applied (a JPEG's header may declare more than max_pixels)
+        lim = re.search(r"limit of (\d+) pixels( for JPEGs)?", str(cause))
+        limit = f"{int(lim.group(1)):,}-pixel limit{lim.group(2) or ''}" if lim else f"{max_pixels:,}-pixel limit"
+        return f"refused: {size}, over the {limit} (possible decompression bomb)"
+    if isinstance(cause, UnsupportedImageError):  # says what to do; not "refused": serve maps that to 413
+        return str(cause)
     if isinstance(cause, OSError) and "cannot identify image file" in str(cause):
         return "not an image Pillow can read (unknown format or damaged file)"
     return f"cannot read image ({type(cause).__name__}: {cause})"

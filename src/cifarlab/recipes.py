@@ -210,7 +210,7 @@ class Recipe:
         kw = {k: parse_value(k, v) for k, v in d.items()}
         # A saved run's dataset path may not exist on this machine; that must not stop loading the run.
         try:
-            recipe = cls(**kw)  # type: ignore[arg-type]  # validated just below
+            recipe = cls(**kw)  # values checked above, rules just below
         except TypeError as e:
             raise ConfigError(f"not a valid recipe ({e})") from None
         return validate(recipe, check_paths=False)

@@ -379,6 +379,8 @@ def sniff(data: bytes, name: str, max_pixels: int) -> str:
     """The image format of `data`, decided from the bytes only; ServeError (400/413/415) otherwise."""
     from PIL import Image, UnidentifiedImageError
 
+    from cifarlab.data.images import header_pixel_limit
+
     if not data:
         raise ServeError(400, f"{name}: empty: no image bytes were sent")
     head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -400,10 +402,12 @@ def sniff(data: bytes, name: str, max_pixels: int) -> str:
         raise ServeError(
             415, f"{name}: not an image this service reads (send PNG, JPEG, GIF, BMP, WebP or TIFF bytes)"
         ) from None
-    if pixels > max_pixels:
+    limit = header_pixel_limit(fmt, max_pixels)  # a big JPEG decodes at reduced size; decode_image checks the rest
+    if pixels > limit:
+        jpeg = " for JPEGs" if limit != max_pixels else ""
         raise ServeError(
             413,
-            f"{name}: refused: {pixels:,} pixels, over the {max_pixels:,}-pixel limit (possible decompression bomb)",
+            f"{name}: refused: {pixels:,} pixels, over the {limit:,}-pixel limit{jpeg} (possible decompression bomb)",
         )
     return fmt
 
@@ -587,7 +591,7 @@ def create_app(
     token: str | None = None,
     max_batch: int = 64,
     max_wait_ms: float = 5.0,
-    max_upload_bytes: int = 10 * 2**20,
+    max_upload_bytes: int = 32 * 2**20,  # a 48-61 MP phone or camera JPEG is 10-25 MB
     timeout_s: float = 10.0,
     backend: str = "torch",
     device: str | None = None,

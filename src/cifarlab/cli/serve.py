@@ -45,7 +45,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="torch (default) or onnx runtime")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default: 10)")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body in MiB (default: 32)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds a request may take (default: 10)")
     p.set_defaults(func=cmd_serve)
 

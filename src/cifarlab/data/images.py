@@ -4,6 +4,20 @@ Dataset loading (`imagefolder`) and `cifarlab predict` both decode through `deco
 images prepared exactly like the ones it was trained on. JPEGs that need no resizing are decoded by
 simplejpeg (libjpeg-turbo, ~8x faster than Pillow for small images, whose header parsing is Python: 60,000
 CIFAR-10 JPEGs in 1.4 s instead of 11 s), with the same pixels; everything else goes through Pillow.
+
+The rules `decode_image` applies to every file:
+
+- EXIF orientation (as phones and cameras write it) is applied, so the image is upright as browsers and
+  photo viewers show it.
+- Pixel limit (decompression bombs): at most `max_pixels` (default 40 MP) pixels are decoded, checked from the
+  header before any pixel is. A JPEG much larger than the model input is decoded at 1/2, 1/4 or 1/8 scale in
+  the DCT domain (Pillow's draft mode), so the limit applies to that reduced size, and its header may declare
+  up to `JPEG_HEADER_FACTOR` times the limit (120 MP by default: any camera up to 100 MP medium format).
+- Bit depth: 8-bit modes as they are; 16-bit grayscale (PNG, TIFF, PGM/PPM) scaled to 8 bits,
+  v -> round(v / 257). Pillow opens 32-bit TIFFs and a few rarer formats as mode "I" too: a TIFF is read by its
+  BitsPerSample tag (32 bits is refused), any other "I" image as 16-bit, refused if a value is outside
+  0-65535. Floating-point images (mode "F") are refused: their values have no agreed 0-255 scale. A refusal
+  is an `UnsupportedImageError` asking for the image as 8- or 16-bit.
 """
 
 from __future__ import annotations
@@ -15,7 +29,7 @@ import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import simplejpeg
@@ -27,9 +41,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "JPEG_HEADER_FACTOR",
     "MAX_IMAGE_PIXELS",
+    "UnsupportedImageError",
     "bomb_guard",
     "decode_image",
+    "header_pixel_limit",
     "is_image_name",
     "is_regular_file",
     "pil_to_array",
@@ -38,11 +55,27 @@ __all__ = [
 
 # Folders are searched for these (case-insensitive); a file named explicitly is tried whatever its suffix.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-# Pillow's own default is ~89 MP (error at twice that). 40 MP covers any camera photo and refuses a bomb
-# long before it can allocate gigabytes; the size is checked from the header before a pixel is decoded.
+# Pillow's own default is ~89 MP (error at twice that). 40 MP of decoded pixels refuses a bomb long before it
+# can allocate gigabytes; the size is checked from the header before a pixel is decoded.
 MAX_IMAGE_PIXELS = 40_000_000
+# A big JPEG is decoded at up to 1/8 scale (1/64 of its pixels), so its header may declare more than the limit:
+# 3x (120 MP by default) covers 100 MP cameras. A baseline JPEG (what cameras and phones write) then needs
+# only the reduced image in memory; a progressive one buffers its DCT coefficients, 3-6 bytes a header pixel.
+JPEG_HEADER_FACTOR = 3
+# Formats Pillow opens as JpegImageFile (MPO: phone photos with a depth map or gain map), where draft works.
+_JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+class UnsupportedImageError(ValueError):
+    """Pixel values with no agreed 8-bit meaning (floating point, 32-bit integer): the message says what to do."""
+
+
+def header_pixel_limit(fmt: str | None, max_pixels: int = MAX_IMAGE_PIXELS) -> int:
+    """The most pixels an image of format `fmt` (Pillow's name) may declare in its header: `max_pixels`, or
+    `JPEG_HEADER_FACTOR` times that for a JPEG, which is decoded at reduced size when it is that big."""
+    return max_pixels * JPEG_HEADER_FACTOR if fmt in _JPEG_FORMATS else max_pixels
 
 
 def skip_name(name: str) -> bool:
@@ -64,15 +97,16 @@ def is_regular_file(path: Path | str) -> bool:
 
 @contextlib.contextmanager
 def bomb_guard(max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[None]:
-    """Pillow's own decompression-bomb limit set to `max_pixels` (its warning band an error) for a block.
+    """Pillow's own decompression-bomb limit set for `max_pixels` (its warning band an error) for a block.
 
-    Changes process-wide Pillow state: use it around single-threaded decoding only. `decode_image` checks
-    `max_pixels` itself, so this is only needed to let Pillow accept images above its default limit.
+    Pillow's limit becomes the largest header `decode_image` accepts (a JPEG's, see `header_pixel_limit`);
+    `decode_image` checks each format's limit itself. Changes process-wide Pillow state: use it around
+    single-threaded decoding only; it is only needed to let Pillow accept images above its default limit.
     """
     from PIL import Image
 
     old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.MAX_IMAGE_PIXELS = header_pixel_limit("JPEG", max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -81,14 +115,63 @@ def bomb_guard(max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = old
 
 
-def _check_pixels(im: PILImage.Image, max_pixels: int) -> None:
+def _bomb_error(n: int, limit: int, jpeg: bool) -> Exception:
+    """Pillow's own error and wording (callers parse the two numbers), naming the JPEG limit when it applied."""
     from PIL import Image
 
+    what = " for JPEGs" if jpeg else ""
+    return Image.DecompressionBombError(
+        f"Image size ({n} pixels) exceeds limit of {limit} pixels{what}, could be decompression bomb DOS attack."
+    )
+
+
+def _check_pixels(im: PILImage.Image, max_pixels: int, jpeg: bool = False) -> None:
     n = im.width * im.height
     if n > max_pixels:
-        raise Image.DecompressionBombError(
-            f"Image size ({n} pixels) exceeds limit of {max_pixels} pixels, could be decompression bomb DOS attack."
-        )
+        raise _bomb_error(n, max_pixels, jpeg)
+
+
+def _open(src: bytes | Path | str, max_pixels: int) -> PILImage.Image:
+    """Image.open, with Pillow's own bomb refusal (under `bomb_guard` its limit is the JPEG one) reworded to
+    name the limit that applies to this file's format."""
+    import re
+
+    from PIL import Image
+
+    try:
+        return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        if m is None:
+            raise
+        jpeg = isinstance(src, bytes) and src.startswith(_JPEG_MAGIC)
+        raise _bomb_error(int(m.group(1)), header_pixel_limit("JPEG" if jpeg else None, max_pixels), jpeg) from None
+
+
+def _tiff_bits(im: PILImage.Image) -> int | None:
+    """A TIFF's BitsPerSample (the widest sample), None for other formats."""
+    tags = getattr(im, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None
+    if isinstance(bits, tuple):
+        return max(int(b) for b in bits) if bits else None
+    return int(bits) if bits is not None else None
+
+
+def _deep_to_8bit(im: PILImage.Image) -> PILImage.Image:
+    """16-bit modes scaled to 8 bits; float and 32-bit integer pixels refused (the rule in the module docstring)."""
+    again = "save it as 8- or 16-bit first"
+    if im.mode == "F":
+        raise UnsupportedImageError(f"floating-point image (Pillow mode F): no agreed 0-255 scale; {again}")
+    if im.mode == "I":
+        bits = _tiff_bits(im) if im.format == "TIFF" else None
+        if bits is not None and bits > 16:
+            raise UnsupportedImageError(f"{bits}-bit integer image: no agreed 0-255 scale; {again}")
+        lo, hi = cast("tuple[int, int]", im.getextrema())  # one band: (min, max)
+        if lo < 0 or hi > 65535:  # Pillow's "I" may hold 32-bit data: only 0-65535 can be read as 16-bit
+            raise UnsupportedImageError(
+                f"integer image with values {lo}..{hi}, outside the 16-bit range 0..65535 read here; {again}"
+            )
+    return _to_8bit(im) if im.mode in _SIXTEEN_BIT_MODES else im
 
 
 def _to_8bit(im: PILImage.Image) -> PILImage.Image:
@@ -131,15 +214,35 @@ def _read_if_jpeg(path: Path | str) -> bytes | None:
         return head + f.read() if head == _JPEG_MAGIC else None
 
 
+def _has_app1(data: bytes) -> bool:
+    """True when a JPEG's header (up to its first scan) has an APP1 segment (EXIF or XMP: where an orientation
+    lives), or cannot be walked; the fast path leaves those to Pillow, which applies the orientation."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return True
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker == 0xE1:
+            return True
+        elif marker == 0xDA:
+            return False
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return True
+
+
 def _decode_jpeg_as_is(data: bytes, size: int | None, max_pixels: int) -> np.ndarray | None:
     """A JPEG that needs no resizing, decoded by simplejpeg; None for anything else (Pillow's path decides).
 
-    Only plain YCbCr/greyscale images at their final size take this path: there both libraries run
+    Only plain YCbCr/greyscale images at their final size without EXIF/XMP (so without an orientation to
+    apply) take this path: there both libraries run
     libjpeg-turbo's default (accurate) IDCT and fancy upsampling, so the pixels are identical (checked on all
     60,000 CIFAR-10 images, and in tests/test_data_reliability.py). Any libjpeg warning or error (a truncated
     or damaged file) falls back to Pillow, whose message the user sees.
     """
-    if not data.startswith(_JPEG_MAGIC):
+    if not data.startswith(_JPEG_MAGIC) or _has_app1(data):
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -156,15 +259,17 @@ def _decode_jpeg_as_is(data: bytes, size: int | None, max_pixels: int) -> np.nda
 def decode_image(
     src: bytes | Path | str, where: str, size: int | None = 32, *, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> np.ndarray:
-    """Decode one image file to uint8 RGB ``(3, H, W)``.
+    """Decode one image file to uint8 RGB ``(3, H, W)``, upright by its EXIF orientation.
 
-    Any mode is converted to RGB (alpha dropped; 16-bit scaled to 8 bits). With `size` the image is resized
-    to ``size x size`` without keeping the aspect ratio: area averaging (Pillow BOX) when shrinking, bilinear
-    when enlarging; ``size=None`` keeps the native size. Images over `max_pixels` are refused before
-    decoding. A path that is not a regular file (a FIFO, device, folder) is refused without opening it.
-    Any failure raises `DataError` naming `where`.
+    Any mode is converted to RGB (alpha dropped; 16-bit scaled to 8 bits; float and 32-bit integer images
+    refused, see the module docstring). With `size` the image is resized to ``size x size`` without keeping
+    the aspect ratio: area averaging (Pillow BOX) when shrinking, bilinear when enlarging; ``size=None``
+    keeps the native size. A JPEG at least 4x `size` on each side is first decoded at reduced size (still
+    >= `size`). Images that would decode to more than `max_pixels` are refused before decoding (a JPEG's
+    header may declare up to `header_pixel_limit`). A path that is not a regular file (a FIFO, device,
+    folder) is refused without opening it. Any failure raises `DataError` naming `where`.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         if not isinstance(src, bytes) and not is_regular_file(src):
@@ -174,13 +279,16 @@ def decode_image(
         fast = _decode_jpeg_as_is(src, size, max_pixels) if isinstance(src, bytes) else None
         if fast is not None:
             return fast
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        with _open(src, max_pixels) as im:
+            jpeg = im.format in _JPEG_FORMATS
+            if size is not None and jpeg and min(im.size) >= 4 * size:
+                # DCT-domain downscale of big JPEGs (1/2..1/8, still >= size): much faster, and the limit
+                # applies to the pixels decoded, so 48 MP photos load; the header has its own, higher cap.
+                _check_pixels(im, header_pixel_limit(im.format, max_pixels), jpeg=True)
+                im.draft("RGB", (size, size))
             _check_pixels(im, max_pixels)
-            if size is not None and im.format == "JPEG" and min(im.size) >= 4 * size:
-                im.draft("RGB", (size, size))  # DCT-domain downscale of big JPEGs: much faster, still >= size
-            out: Any = im
-            if out.mode in _SIXTEEN_BIT_MODES:
-                out = _to_8bit(out)
+            ImageOps.exif_transpose(im, in_place=True)  # upright, as browsers and photo viewers show it
+            out: Any = _deep_to_8bit(im)
             if out.mode in ("P", "PA") and "transparency" in out.info:
                 out = out.convert("RGBA")
             rgb = out.convert("RGB")
