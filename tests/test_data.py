@@ -377,6 +377,7 @@ def _leftovers(d: Path) -> list[str]:
 def test_interrupted_download_leaves_nothing(tiny_cifar10, tmp_path, exc) -> None:
     payload = tiny_cifar10.path.read_bytes()
     target = tmp_path / "fresh"
+    target.mkdir()  # a named data folder must exist (only ~/.cache/cifarlab is created)
     responses = []
 
     def opener(url: str) -> _FakeResponse:
@@ -397,6 +398,7 @@ def test_download_then_load(tiny_cifar10, tmp_path, monkeypatch) -> None:
     payload = tiny_cifar10.path.read_bytes()
     monkeypatch.setitem(OFFICIAL, "cifar10", dataclasses.replace(OFFICIAL["cifar10"], md5=tiny_cifar10.md5))
     target = tmp_path / "fresh"
+    target.mkdir()
     ds = load_dataset("cifar10", target, opener=lambda url: _FakeResponse(payload))
     _assert_matches(ds, tiny_cifar10)
     assert _leftovers(target) == ["cifar-10-python.tar.gz"]
@@ -421,6 +423,7 @@ def test_download_md5_mismatch_keeps_nothing(tiny_cifar10, tmp_path) -> None:
 
 def test_default_download_failure_says_where_to_put_the_file(tmp_path) -> None:
     # The autouse fixture makes the default opener fail like a machine without network.
+    (tmp_path / "d").mkdir()
     with pytest.raises(DataError, match=r"network.*Without network: put cifar-10-python\.tar\.gz"):
         load_dataset("cifar10", tmp_path / "d")
     assert _leftovers(tmp_path / "d") == []
@@ -443,7 +446,8 @@ def _check_folder(ds: Dataset, t) -> None:
 def test_imagefolder_folder(tiny_imagefolder) -> None:
     ds = load_dataset(tiny_imagefolder.root)
     _check_folder(ds, tiny_imagefolder)
-    assert ds.name == "tinyfolder" and ds.checksum == "" and ds.source == str(tiny_imagefolder.root)
+    assert ds.name == "tinyfolder" and ds.source == str(tiny_imagefolder.root)
+    assert ds.checksum_kind == "md5 of image files (paths and contents)" and len(ds.checksum) == 32
     # Sorted by class then file name: the first train image is cat's a_big.png (64x48, resized).
     assert ds.x_train[0, :, 0, 0].tolist() == list(FOLDER_COLOURS["cat"])
 
@@ -466,10 +470,11 @@ def test_imagefolder_resize_keeps_colour_and_structure(tmp_path) -> None:
 
     root = tmp_path / "shapes"
     for split in ("train", "test"):
-        (root / split / "half").mkdir(parents=True)
-        img = Image.new("RGB", (64, 48), (255, 0, 0))  # left half red, right half blue
-        img.paste((0, 0, 255), (32, 0, 64, 48))
-        img.save(root / split / "half" / "x.png")
+        for cls in ("half", "other"):  # two classes: one is refused
+            (root / split / cls).mkdir(parents=True)
+            img = Image.new("RGB", (64, 48), (255, 0, 0))  # left half red, right half blue
+            img.paste((0, 0, 255), (32, 0, 64, 48))
+            img.save(root / split / cls / "x.png")
     ds = load_dataset(root)
     x = ds.x_train[0]
     assert tuple(x.shape) == (3, 32, 32)
@@ -488,8 +493,10 @@ def test_imagefolder_modes(tmp_path) -> None:
         pal = Image.new("RGB", (8, 8), (10, 20, 30)).convert("P", palette=Image.Palette.ADAPTIVE)
         pal.save(d / "pal.png")
         Image.new("RGBA", (32, 32), (1, 2, 3, 0)).save(d / "clear.png")
+        (root / split / "b").mkdir()  # two classes: one is refused
+        Image.new("L", (32, 32), 77).save(root / split / "b" / "gray.png")
     ds = load_dataset(root)
-    colours = {tuple(img[:, 5, 5].tolist()) for img in ds.x_train}
+    colours = {tuple(img[:, 5, 5].tolist()) for img in ds.x_train[ds.y_train == 0]}
     assert colours == {(77, 77, 77), (10, 20, 30), (1, 2, 3)}
 
 

@@ -539,7 +539,7 @@ def load_test_data(run: Any, path: Path | str) -> Any:
     c, h, w = run.input_shape
     if h != w:
         raise UserError(f"the run takes {c}x{h}x{w} images; --test-data is decoded to square images only")
-    ds = load_dataset(Path(path), image_size=h)
+    ds = load_dataset(Path(path), image_size=h, test_only=True)
     classes = list(run.classes)
     extra = [name for name in ds.classes if name not in classes]
     if extra:

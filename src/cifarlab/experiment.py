@@ -303,7 +303,8 @@ def _check_same_data(run_dir: Path, saved: dict[str, Any], ds: Dataset, tr: torc
     """A resume must train on the images the run started with: same dataset checksum, classes and split."""
     want = saved.get("dataset") or {}
     diffs = []
-    if want.get("checksum") != ds.checksum:
+    # An empty stored checksum is unknown (image-folder runs from before folder checksums): the split still counts.
+    if want.get("checksum") and want["checksum"] != ds.checksum:
         diffs.append(f"dataset checksum {ds.checksum or '(none)'} here, {want.get('checksum') or '(none)'} in the run")
     if list(want.get("classes") or []) != list(ds.classes):
         diffs.append("different classes")

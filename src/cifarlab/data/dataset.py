@@ -4,7 +4,9 @@ official-archive, extracted-batches or ImageFolder loader.
 Where ``load_dataset("cifar10", data_dir)`` looks, in order: ``cifar-10-batches-py/`` (extracted official
 batches), ``cifar-10-python.tar.gz`` (official archive), ``cifar10-jpeg.tar.gz`` / ``cifar10-jpeg/`` (JPEG
 ImageFolder copy), else it downloads the official archive (when ``download=True``) into `data_dir`
-(default ``$CIFARLAB_DATA``, else ``~/.cache/cifarlab``).
+(default ``$CIFARLAB_DATA``, else ``~/.cache/cifarlab``). Only that default location is created when missing:
+a data folder named by --data-dir or $CIFARLAB_DATA must exist, so a mistyped one is an error instead of a new
+folder that CIFAR-10 gets downloaded into.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ class Dataset:
     source: str
     checksum: str  # see checksum_kind
     cache_dir: str  # the cache folder it was read from or written to; "" when not cached
-    checksum_kind: str = ""  # "md5 of archive", "md5 of arrays", or "" (plain folder: checksum is "")
+    # "md5 of archive", "md5 of arrays", "md5 of image files (paths and contents)", "md5 of IDX contents", or ""
+    # (extracted official batches: checksum is "")
+    checksum_kind: str = ""
     expected_checksum: str = ""  # the official MD5 for this kind of source; "" when there is none
 
     def __post_init__(self) -> None:
@@ -105,10 +109,33 @@ class Dataset:
         )
 
 
+def _home_data_dir() -> Path:
+    return Path.home() / ".cache" / "cifarlab"
+
+
 def default_data_dir() -> Path:
     """``$CIFARLAB_DATA``, else ``~/.cache/cifarlab`` (where official archives are looked for and downloaded)."""
     env = os.environ.get("CIFARLAB_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cifarlab"
+    return Path(env).expanduser() if env else _home_data_dir()
+
+
+def _check_download_dir(spec: OfficialArchive, data_dir: Path, named_by: str) -> None:
+    """The folder a download goes into must be a folder that exists, unless it is the default
+    ~/.cache/cifarlab (created then): a mistyped --data-dir must not become a new folder holding a download."""
+    if data_dir.is_dir():
+        return
+    if data_dir.exists() or data_dir.is_symlink():
+        what = "a file" if data_dir.is_file() else "a broken link" if not data_dir.exists() else "a special file"
+        raise DataError(
+            f"the data folder {data_dir} ({named_by}) is {what}, not a folder: pass the folder that holds "
+            f"{spec.filename}, or an existing folder to download it into"
+        )
+    if data_dir.resolve() == _home_data_dir().resolve():  # resolved: a run stores its data folder resolved
+        return
+    raise DataError(
+        f"no such folder: {data_dir} ({named_by}); create it first to download {spec.name} into it, or pass the "
+        f"folder that holds {spec.filename}"
+    )
 
 
 def to_dataset(arrays: dict[str, Any], **fields: Any) -> Dataset:
@@ -148,9 +175,13 @@ def _load_official_folder(spec: OfficialArchive, folder: Path) -> Dataset:
 
 
 def _load_imagefolder(
-    path: Path, cache_dir: Path | str | None, name: str | None = None, image_size: int | None = DEFAULT_IMAGE_SIZE
+    path: Path,
+    cache_dir: Path | str | None,
+    name: str | None = None,
+    image_size: int | None = DEFAULT_IMAGE_SIZE,
+    test_only: bool = False,
 ) -> Dataset:
-    arrays, fields = load_imagefolder(path, cache_dir, name, image_size)
+    arrays, fields = load_imagefolder(path, cache_dir, name, image_size, test_only)
     return to_dataset(arrays, **fields)
 
 
@@ -169,6 +200,7 @@ def _load_official(
     cache_dir: Path | str | None,
     opener: Callable[[str], Any] | None,
     image_size: int | None = DEFAULT_IMAGE_SIZE,
+    named_by: str = "--data-dir",
 ) -> Dataset:
     folder = data_dir / spec.folder
     if folder.is_dir():
@@ -195,11 +227,12 @@ def _load_official(
     if spec.jpeg_names:
         where += f" or {spec.jpeg_names[0]}"
     if not download:
-        state = "is empty of it" if data_dir.is_dir() else "does not exist"
+        state = "is empty of it" if data_dir.is_dir() else "is not a folder" if data_dir.exists() else "does not exist"
         raise DataError(
             f"{spec.name} not found: {data_dir} {state}. {where[0].upper()}{where[1:]} in {data_dir}, pass "
             "--data-dir (or set $CIFARLAB_DATA) to where it is, or allow downloading (no --no-download)."
         )
+    _check_download_dir(spec, data_dir, named_by)
     if not writable_dir(data_dir):
         raise DataError(
             f"{spec.name} not found in {data_dir}, and that folder is not writable, so it cannot be "
@@ -248,7 +281,7 @@ def _load_idx(files: IdxFiles, cache_dir: Path | str | None, image_size: int | N
     )
 
 
-def _load_path(path: Path, cache_dir: Path | str | None, image_size: int | None) -> Dataset:
+def _load_path(path: Path, cache_dir: Path | str | None, image_size: int | None, test_only: bool = False) -> Dataset:
     if path.is_dir():
         idx_files = find_idx_files(path)
         if idx_files is not None:  # an MNIST-format folder (Fashion-MNIST's four IDX files, say)
@@ -264,14 +297,14 @@ def _load_path(path: Path, cache_dir: Path | str | None, image_size: int | None)
         for spec in OFFICIAL.values():  # a data dir passed as the dataset: use what it holds
             if (path / spec.folder).is_dir() or (path / spec.filename).exists():
                 return _load_official(spec, path, False, cache_dir, None, image_size)
-        return _load_imagefolder(path, cache_dir, image_size=image_size)
+        return _load_imagefolder(path, cache_dir, image_size=image_size, test_only=test_only)
     require_regular(path, "dataset file")
     if not path.name.endswith(TAR_SUFFIXES):
         raise DataError(
             f"{path} is neither a folder nor a tarball (.tar.gz, .tgz, .tar): pass an ImageFolder tree "
             "(root/train/<class>/*.png, root/test/<class>/*.png) or a tarball of one."
         )
-    return _load_imagefolder(path, cache_dir, image_size=image_size)
+    return _load_imagefolder(path, cache_dir, image_size=image_size, test_only=test_only)
 
 
 def load_dataset(
@@ -282,6 +315,7 @@ def load_dataset(
     cache_dir: Path | str | None = None,
     opener: Callable[[str], Any] | None = None,
     image_size: int | None = DEFAULT_IMAGE_SIZE,
+    test_only: bool = False,
 ) -> Dataset:
     """Load a dataset as uint8 tensors.
 
@@ -294,13 +328,21 @@ def load_dataset(
     square size (default 32), or None to keep their native size (it must be the same for all); official
     archives are 32x32 and accept only 32 or None. Decoded arrays are cached (see `cifarlab.data.cache`);
     `cache_dir` overrides where. Bad input raises `cifarlab.errors.DataError` with what to do.
+
+    An ImageFolder dataset needs at least two classes, each with train/ images. `test_only` (a test set to
+    evaluate on): only an ImageFolder tree's test/ (else val/) split is read, train/ may be missing, any
+    classes are accepted, and the train split is empty; other sources load whole.
+
+    `data_dir` (or $CIFARLAB_DATA) must be an existing folder for a download into it; only the default
+    ~/.cache/cifarlab is created.
     """
     image_size = check_image_size(image_size)
     data_path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     key = _canonical(os.fspath(name))
     if key in OFFICIAL and not isinstance(name, Path):
         spec = OFFICIAL[key]
-        return _load_official(spec, data_path, download, cache_dir, opener, image_size)
+        named_by = "--data-dir" if data_dir is not None else "$CIFARLAB_DATA" if os.environ.get("CIFARLAB_DATA") else ""
+        return _load_official(spec, data_path, download, cache_dir, opener, image_size, named_by or "default")
     if key == _canonical(FASHION_MNIST) and not isinstance(name, Path):
         return _load_idx(locate_fashion_mnist(data_path), cache_dir, image_size, fashion=True)
     path = Path(name).expanduser()
@@ -310,8 +352,9 @@ def load_dataset(
                 path = candidate
                 break
     if path.exists() or path.is_symlink():
-        return _load_path(path, cache_dir, image_size)
+        return _load_path(path, cache_dir, image_size, test_only)
+    missing = "" if data_path.is_dir() else " (which is not a folder)"
     raise DataError(
         f"unknown dataset {os.fspath(name)!r}: use cifar10, cifar100, fashion_mnist, or the path of an ImageFolder "
-        f"tree (folder or .tar.gz) or IDX folder; no such file or folder here or in {data_path}."
+        f"tree (folder or .tar.gz) or IDX folder; no such file or folder here or in {data_path}{missing}."
     )
