@@ -141,3 +141,8 @@ def test_a_hand_edited_recipe_value_of_the_wrong_type_names_the_key():
     for key, bad in (("epochs", "two"), ("lr", [1, 2]), ("widths", "a,b,c"), ("channels_last", "maybe")):
         with pytest.raises(ConfigError, match=key):
             Recipe.from_dict({**d, key: bad})
+
+
+def test_corruption_options_without_corruptions_are_refused(tmp_path, capsys):
+    assert cli.main(["evaluate", str(tmp_path), "--severities", "1", "--corruption-limit", "10"]) == 2
+    assert "--severities, --corruption-limit only apply with --corruptions" in capsys.readouterr().err

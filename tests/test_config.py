@@ -184,6 +184,7 @@ def test_empty_file_is_no_overrides(tmp_path: Path):
         ("j.yaml", "recipe: nope\n", ["unknown recipe 'nope'"]),
         ("k.yaml", "recipe: 3\n", ["recipe=3", "recipe name"]),
         ("l.yaml", "!!python/object/apply:os.system ['echo hi']\n", ["not valid YAML"]),
+        ("m.yaml", "lr: 0.1\nepochs: 3\nlr: 0.2\n", ["line 3", "'lr' appears twice"]),  # YAML would keep 0.2
     ],
 )
 def test_bad_config_files(tmp_path: Path, name, text, needles):
@@ -198,6 +199,8 @@ def test_bad_config_files(tmp_path: Path, name, text, needles):
 def test_missing_config_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="no such file"):
         config.resolve_recipe(None, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder"):
+        config.resolve_recipe(None, tmp_path)
 
 
 # -- datasets ------------------------------------------------------------------------------------------------

@@ -212,6 +212,18 @@ class _NoAliasLoader(yaml.SafeLoader):
             )
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        # YAML lets a later duplicate key win silently; `lr: 0.1` twice in a config is a mistake to report.
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
 
 def load_config_file(path: Path | str) -> dict[str, Any]:
     """A flat mapping of recipe keys (plus an optional `recipe: NAME`) from YAML (.yaml/.yml), TOML (.toml) or
@@ -219,6 +231,8 @@ def load_config_file(path: Path | str) -> dict[str, Any]:
     `--config runs/<run>/config.json` re-creates that run's recipe."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; give a .yaml, .toml or .json file")
     if suffix not in (".yaml", ".yml", ".toml", ".json"):
         raise ConfigError(f"--config {path}: unknown file type {suffix or '(none)'!r}; use .yaml, .yml, .toml or .json")
     try:
@@ -246,6 +260,9 @@ def load_config_file(path: Path | str) -> dict[str, Any]:
     else:
         try:
             data = yaml.load(text, Loader=_NoAliasLoader)  # plain data only: no tags, no aliases
+        except yaml.MarkedYAMLError as e:  # one line: where and what (str(e) spans several, with a caret)
+            where = f"line {e.problem_mark.line + 1}: " if e.problem_mark is not None else ""
+            raise ConfigError(f"--config {path}: not valid YAML ({where}{e.problem or e.context})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if data is None:

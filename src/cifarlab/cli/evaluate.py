@@ -125,6 +125,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cifarlab.evaluate import dataset_warning, evaluate_run, format_summary
     from cifarlab.inference import set_threads
 
+    given = [
+        flag
+        for flag, value, default in (
+            ("--severities", args.severities, "1,2,3,4,5"),
+            ("--corruption-names", args.corruption_names, None),
+            ("--corruption-limit", args.corruption_limit, None),
+            ("--corruption-seed", args.corruption_seed, 0),
+        )
+        if value != default
+    ]
+    if given and not args.corruptions:  # silently evaluating without them would look like they were used
+        raise UserError(f"{', '.join(given)} only apply with --corruptions")
     set_threads()
     dataset = None
     if args.test_data is not None:
