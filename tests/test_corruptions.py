@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from _runfolder import make_run, tiny_recipe
-from _synth import make_images
+from _synth import fit_tiny, make_images
 from cifarlab import cli
 from cifarlab.corruptions import CORRUPTIONS, corrupt, evaluate_corruptions, parse_severities
 from cifarlab.data import Dataset
@@ -289,8 +289,6 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory):
     """(run folder, the trained model, its 4-class synthetic data, mean, std): a tiny reference CNN trained for a
     second on bright-square classes with standardize scaling, saved as a run that evaluates with flip TTA in
     fp32, so corrupted accuracies can be recomputed exactly by hand."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: one thread is fastest on a busy machine
     classes = tuple(f"class{k}" for k in range(4))
     recipe = tiny_recipe().replace(scaling="standardize", tta="flip", precision="fp32", dropout=(0.0, 0.0))
     run_dir = make_run(tmp_path_factory.mktemp("trained") / "20260101-120000-reference", recipe, classes=classes)
@@ -301,21 +299,8 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory):
     x_te, y_te = make_images(8, 4, seed=1)
     torch.manual_seed(1)
     model = build_model(recipe, num_classes=4)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     xf = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    model.train()
-    try:
-        for _ in range(5):
-            perm = torch.randperm(len(y))
-            for i in range(0, len(y), 16):
-                idx = perm[i : i + 16]
-                loss = torch.nn.functional.cross_entropy(model(xf[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(n_threads)
-    model.eval()
+    fit_tiny(model, xf, y)
     save_weights(model, run_dir / WEIGHTS)  # the run evaluates the weights it learned
     ds = Dataset(
         name="synthetic",

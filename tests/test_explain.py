@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from _runfolder import make_run, tiny_recipe
-from _synth import make_images
+from _synth import fit_tiny, make_images
 from cifarlab import cli
 from cifarlab.errors import UserError
 from cifarlab.explain import overlay, overlay_png, saliency, saliency_layer
@@ -30,26 +30,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """A tiny reference CNN trained for a second on 4 learnable synthetic classes (bright squares), and
     held-out images and labels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module-scoped, so outside the tests' one_thread fixture; restored below
     x, y = make_images(24, 4, seed=0)
     x_te, y_te = make_images(4, 4, seed=1)
     torch.manual_seed(1)
-    recipe = tiny_recipe().replace(dropout=(0.0, 0.0))
-    model = build_model(recipe, num_classes=4)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xf = x.float() / 255
-    model.train()
-    for _ in range(5):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 16):
-            idx = perm[i : i + 16]
-            loss = torch.nn.functional.cross_entropy(model(xf[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    torch.set_num_threads(threads)
+    model = build_model(tiny_recipe().replace(dropout=(0.0, 0.0)), num_classes=4)
+    fit_tiny(model, x.float() / 255, y)
     with torch.no_grad():
         assert (model(x_te.float() / 255).argmax(1) == y_te).float().mean() >= 0.75  # it did learn
     return model, x_te, y_te
