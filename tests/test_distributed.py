@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -109,23 +108,14 @@ def _all_cores() -> None:
             pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _torchrun(*args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # its rendezvous binds a free port itself: no port picked here that another may take
         "--nproc-per-node",
         "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
         "-m",
         "cifarlab.cli",
         *args,

@@ -365,9 +365,9 @@ def test_resume_needs_only_the_run_folder_and_ends_bit_identical(tmp_path, stopp
     module's affinity), so with the same thread count."""
     monkeypatch.setenv("CIFARLAB_CACHE", str(stopped_run.base / "cache"))
     monkeypatch.setenv("CIFARLAB_DATA", str(tmp_path / "empty"))
-    rc, out, err = _main(capsys, "train", "--resume", str(stopped_run.run), "--no-report")
+    run = _copy(stopped_run.run, tmp_path / "stopped")  # the fixture stays stopped for the other tests
+    rc, out, err = _main(capsys, "train", "--resume", str(run), "--no-report")
     assert rc == 0, out + err
-    run = stopped_run.run
     metrics = json.loads((run / "metrics.json").read_text())
     sessions = metrics["timings"]["session_seconds"]
     assert len(sessions) == 2 and all(s > 0 for s in sessions)
