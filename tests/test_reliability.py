@@ -323,6 +323,30 @@ def test_resume_on_other_data_is_refused_and_leaves_the_run_alone(tmp_path, stop
     assert _snapshot(run) == before
 
 
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (lambda d: d.update(classes=d["classes"][::-1]), "different classes"),  # same images, labels renamed
+        (lambda d: d.update(split_digest="0" * len(d["split_digest"])), "a different train/validation split"),
+    ],
+    ids=["classes", "split"],
+)
+def test_resume_refuses_other_classes_or_another_split_of_the_same_images(
+    tmp_path, stopped_run, capsys, change, needle
+):
+    """The same data files but other class names, or the same sizes but other images in train and validation:
+    either would continue a run on a task it did not start on."""
+    run = _copy(stopped_run.run, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    change(config["dataset"])
+    (run / "config.json").write_text(json.dumps(config))
+    before = _snapshot(run)
+    monkeypatch.setenv("CIFARLAB_CACHE", str(stopped_run.base / "cache"))
+    rc, _, err = _main(capsys, "train", "--resume", str(run))
+    assert rc == 2 and f"cannot resume {run} on this data: {needle}" in err, err
+    assert _snapshot(run) == before
+
+
 def test_resume_of_a_run_still_training_is_refused_then_works_once_its_process_is_gone(tmp_path, stopped_run, capsys):
     run = _copy(stopped_run.run, tmp_path / "run")
     before = _snapshot(run)
