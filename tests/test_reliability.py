@@ -331,9 +331,7 @@ def test_resume_on_other_data_is_refused_and_leaves_the_run_alone(tmp_path, stop
     ],
     ids=["classes", "split"],
 )
-def test_resume_refuses_other_classes_or_another_split_of_the_same_images(
-    tmp_path, stopped_run, capsys, change, needle
-):
+def test_resume_refuses_other_classes_or_another_split(tmp_path, stopped_run, capsys, monkeypatch, change, needle):
     """The same data files but other class names, or the same sizes but other images in train and validation:
     either would continue a run on a task it did not start on."""
     run = _copy(stopped_run.run, tmp_path / "run")
