@@ -189,6 +189,21 @@ def test_predict_paths_matches_the_models_probabilities(tmp_path: Path, request,
         assert top[0]["probability"] == pytest.approx(float(p.max()), abs=1e-6)
 
 
+def test_a_cuda_fp16_run_predicts_on_a_cpu_as_auto(tmp_path: Path):
+    """A run trained in fp16 on a GPU, copied to a laptop: fp16 autocast does not exist on a CPU, so predict
+    computes as `precision=auto` there (bf16 where the CPU has it, else fp32) instead of failing."""
+    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe().replace(precision="fp16"))
+    files = write_formats(tmp_path / "imgs")
+    results = predict.predict_paths(run_dir, [tmp_path / "imgs"], top_k=1, device="cpu")
+    assert len(results) == len(files) and all("top_k" in r for r in results)
+    x, _, _ = predict.load_images([tmp_path / "imgs"])
+    run = load_run(run_dir)
+    mean, std = run.normalization
+    probs = predict_proba(run.build_model(), x, mean=mean, std=std, tta=run.recipe.tta, precision="auto")
+    for r, p in zip(results, probs, strict=True):  # the same computation: the same numbers
+        assert r["top_k"][0]["probability"] == pytest.approx(float(p.max()), abs=1e-6)
+
+
 def test_top_k_is_capped_at_the_number_of_classes(run_dir: Path, tmp_path: Path):
     img = _save(_noise((32, 32)), tmp_path / "a.png", "PNG")
     [r] = predict.predict_paths(run_dir, [img], top_k=50)
