@@ -81,7 +81,7 @@ def pair_sentences(ev: EvalResult) -> list[str]:
     return out
 
 
-def calibration_sentence(cal: Calibration) -> str:
+def calibration_sentence(cal: Calibration, label_smoothing: float = 0.0, n_classes: int = 10) -> str:
     if cal.ece < 0.02:
         cal_txt = "well calibrated"
     elif cal.overconfidence > 0:
@@ -97,6 +97,13 @@ def calibration_sentence(cal: Calibration) -> str:
         s += (
             f" Predictions made with at least {hc.threshold:.0%} confidence ({hc.share:.0%} of images) are "
             f"right {pct(hc.accuracy)} of the time."
+        )
+    if cal.ece >= 0.02 and cal.overconfidence <= 0 and label_smoothing > 0:
+        target = 1 - label_smoothing + label_smoothing / n_classes
+        s += (
+            f" Expected with label smoothing {label_smoothing:g}: training pulls the right class's probability towards "
+            f"{target:.0%}, never 100%; where calibrated probabilities matter, divide the logits by a temperature "
+            "below 1 fitted on held-out images."
         )
     return s
 
@@ -180,10 +187,16 @@ def robustness_sentence(rob: dict[str, Any] | None) -> str | None:
 
 
 def plain_reading(
-    ev: EvalResult, history: History, metrics: dict[str, Any], robustness: dict[str, Any] | None = None
+    ev: EvalResult,
+    history: History,
+    metrics: dict[str, Any],
+    robustness: dict[str, Any] | None = None,
+    label_smoothing: float = 0.0,
 ) -> list[str]:
-    """A short reading of the results, derived from the numbers only (no class is named in advance)."""
-    out = [headline(ev), *class_sentences(ev), *pair_sentences(ev), calibration_sentence(ev.calibration)]
+    """A short reading of the results, derived from the numbers only (no class is named in advance).
+    `label_smoothing`: the recipe's, which explains an under-confident model."""
+    cal = calibration_sentence(ev.calibration, label_smoothing, len(ev.classes))
+    out = [headline(ev), *class_sentences(ev), *pair_sentences(ev), cal]
     rob = robustness_sentence(robustness)
     if rob:
         out.append(rob)
