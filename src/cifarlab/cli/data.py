@@ -119,13 +119,13 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _checksum_line(ds: Any) -> str:
     if not ds.checksum:
-        return "none (a plain folder has no archive checksum)"
+        return "none (data given in memory)"
     status = ds.checksum_status
     if status == "official":
         return f"md5 {ds.checksum} (the official one)"
     if status == "not official":
         return f"md5 {ds.checksum} (NOT the official {ds.expected_checksum}: a re-packed or modified copy)"
-    return f"md5 {ds.checksum} (no official checksum for this kind of source)"
+    return f"md5 {ds.checksum} ({ds.checksum_kind}; no official checksum for this kind of source)"
 
 
 def info_facts(ds: Any) -> dict[str, Any]:

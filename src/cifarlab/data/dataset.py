@@ -11,12 +11,14 @@ folder that CIFAR-10 gets downloaded into.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cifarlab.data.archives import TAR_SUFFIXES, require_regular
@@ -67,8 +69,8 @@ class Dataset:
     source: str
     checksum: str  # see checksum_kind
     cache_dir: str  # the cache folder it was read from or written to; "" when not cached
-    # "md5 of archive", "md5 of arrays", "md5 of image files (paths and contents)", "md5 of IDX contents", or ""
-    # (extracted official batches: checksum is "")
+    # "md5 of archive", "md5 of arrays", "md5 of image files (paths and contents)", "md5 of IDX contents",
+    # "md5 of the decoded images, labels and class names" (extracted official batches), or ""
     checksum_kind: str = ""
     expected_checksum: str = ""  # the official MD5 for this kind of source; "" when there is none
 
@@ -171,7 +173,19 @@ def _load_official_archive(spec: OfficialArchive, archive: Path, cache_dir: Path
 
 def _load_official_folder(spec: OfficialArchive, folder: Path) -> Dataset:
     arrays = read_official_folder(spec, folder)  # plain pickles load in well under a second: no cache needed
-    return to_dataset(arrays, name=spec.name, source=str(folder), checksum="", cache_dir=str(folder))
+    # No archive to take the MD5 of: hash what is trained and tested on, so a resumed run notices edited batches.
+    h = hashlib.md5()
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    h.update("\0".join(arrays["classes"]).encode())
+    return to_dataset(
+        arrays,
+        name=spec.name,
+        source=str(folder),
+        checksum=h.hexdigest(),
+        checksum_kind="md5 of the decoded images, labels and class names",
+        cache_dir=str(folder),
+    )
 
 
 def _load_imagefolder(
