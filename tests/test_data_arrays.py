@@ -178,6 +178,12 @@ def test_from_torch_dataset_shape_mismatch_names_the_item() -> None:
         from_torch_dataset(_Items([(torch.zeros(3, 8, 8), "cat")]), _Items(items[:1]))
     with pytest.raises(DataError, match=r"test item 0: float pixels must be in \[0, 1\]"):
         from_torch_dataset(_Items(items[:1]), _Items([(torch.full((3, 8, 8), 2.0), 0)]))
+    # A float PIL image (mode F) has no agreed 0-255 scale: refused by name, not turned black.
+    from PIL import Image
+
+    float_image = Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), "F")
+    with pytest.raises(DataError, match=r"train item 1: floating-point image \(Pillow mode F\)"):
+        from_torch_dataset(_Items([items[0], (float_image, 0)]), _Items(items[:1]))
 
 
 # -- loader and statistics on other shapes ---------------------------------------------------------

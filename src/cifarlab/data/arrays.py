@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cifarlab.data.dataset import Dataset, to_dataset
-from cifarlab.data.images import pil_to_array
+from cifarlab.data.images import UnsupportedImageError, pil_to_array
 from cifarlab.data.loader import split_indices
 from cifarlab.errors import DataError
 
@@ -193,7 +193,10 @@ def _item_image(img: Any, where: str) -> np.ndarray:
     except ImportError:  # pragma: no cover (Pillow is a dependency)
         Image = None  # type: ignore[assignment]  # noqa: N806
     if Image is not None and isinstance(img, Image.Image):
-        return pil_to_array(img, channels="keep")
+        try:
+            return pil_to_array(img, channels="keep")
+        except UnsupportedImageError as e:  # a float or 32-bit image: no agreed 8-bit meaning
+            raise DataError(f"{where}: {e}") from None
     if isinstance(img, torch.Tensor):
         a = img.detach().cpu().numpy()
         if a.ndim == 2:

@@ -187,10 +187,10 @@ def pil_to_array(im: PILImage.Image, channels: str = "RGB") -> np.ndarray:
 
     `channels="RGB"`: any mode to 3 channels (alpha dropped, like torchvision's loader). `channels="keep"`:
     L stays 1 channel, LA/RGBA keep alpha, everything else becomes RGB (palette images with transparency
-    become RGBA). 16-bit images are scaled to 8 bits in both cases.
+    become RGBA). 16-bit images are scaled to 8 bits in both cases; float and 32-bit ones are refused
+    (UnsupportedImageError), as `decode_image` refuses them.
     """
-    if im.mode in _SIXTEEN_BIT_MODES:
-        im = _to_8bit(im)
+    im = _deep_to_8bit(im)
     if im.mode in ("P", "PA"):
         im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
     if channels == "keep":
