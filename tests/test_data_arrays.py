@@ -166,8 +166,23 @@ def test_from_torch_dataset_tensors_arrays_and_pil() -> None:
     assert ds.classes == ("a", "b", "c") and ds.input_shape == (3, 10, 12) and ds.name == "_Items"
     np.testing.assert_array_equal(ds.x_train.numpy(), np.stack([rgb[0], rgb[1], rgb[2], rgb[0]]))
     assert ds.y_train.tolist() == [0, 1, 2, 0] and ds.x_test[0].numpy().tolist() == rgb[1].tolist()
-    gray = from_torch_dataset(_Items([(Image.new("L", (5, 5), 9), 0)] * 2), _Items([(Image.new("L", (5, 5), 1), 0)]))
-    assert gray.input_shape == (1, 5, 5) and gray.classes == ("0",)
+    grays = [(Image.new("L", (5, 5), 9), 0), (Image.new("L", (5, 5), 7), 1)]
+    gray = from_torch_dataset(_Items(grays), _Items([(Image.new("L", (5, 5), 1), 0)]))
+    assert gray.input_shape == (1, 5, 5) and gray.classes == ("0", "1")
+
+
+def test_a_task_with_one_class_a_class_never_trained_or_no_test_images_is_refused() -> None:
+    """Each would train to the end and then fail, or never learn a class: refused before any work."""
+    x = np.zeros((10, 3, 8, 8), dtype=np.uint8)
+    y = np.arange(10) % 2
+    with pytest.raises(DataError, match=r"has 1 class \(0\): a classifier needs labels of at least 2 classes"):
+        from_arrays(x, np.zeros(10, dtype=np.int64), x[:2], np.zeros(2, dtype=np.int64))
+    with pytest.raises(DataError, match=r"class 0 has no training images"):  # labels 1..2: class 0 empty
+        from_arrays(x, y + 1, x[:2], np.array([1, 2]))
+    with pytest.raises(DataError, match=r"class 2 has no training images"):  # a class in the test set only
+        from_arrays(x, y, x[:2], np.array([0, 2]))
+    with pytest.raises(DataError, match=r"the test set holds no images"):
+        from_arrays(x, y, x[:0], y[:0])
 
 
 def test_from_torch_dataset_shape_mismatch_names_the_item() -> None:

@@ -295,3 +295,42 @@ def test_callbacks_registry_and_recipe_key():
         assert type(recipe_callbacks(r, has_val=False)[-1]) is Callback and calls == ["fast"]
     finally:
         CALLBACKS.unregister("probe_cb")
+
+
+class _Logits(nn.Module):
+    def __init__(self, channels: int = 3, outputs: int = 2, wrap: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 4, 3, padding=1)
+        self.fc = nn.Linear(4, outputs)
+        self.wrap = wrap
+
+    def forward(self, x):
+        out = self.fc(self.conv(x).mean((2, 3)))
+        return (out,) if self.wrap else out
+
+
+@pytest.mark.parametrize(
+    "model,needle",
+    [
+        (_Logits(outputs=10), r"returns shape \(2, 10\) for 2 images; it must return float logits of shape \(N, 2\)"),
+        (_Logits(wrap=True), r"returns a tuple for 2 images"),
+        (_Logits(channels=1), r"cannot take 3x16x16 images: Given groups=1"),
+        (nn.Identity(), r"has no trainable parameters"),
+    ],
+    ids=["ten-logits-for-two-classes", "tuple", "wrong-channels", "no-parameters"],
+)
+def test_a_user_model_of_the_wrong_shape_is_one_line_before_any_folder(tmp_path, model, needle):
+    """Ten logits for two classes trained silently to 0% before; the others failed after the run folder existed."""
+    with pytest.raises(UserError, match=needle):
+        cifarlab.fit("reference", data=_arrays(32, 8, (3, 16, 16)), model=model, runs_dir=tmp_path, epochs=1)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_last_batch_of_one_image_is_refused_for_a_batchnorm1d_head(tmp_path):
+    """reference's dense head has a BatchNorm1d, and drop_last is off (as Keras): 17 training images at batch 16
+    leave a batch of one, which BatchNorm1d cannot train on — refused before any work, with the way out."""
+    kw = dict(runs_dir=tmp_path, epochs=1, batch_size=16, widths=(8, 8, 8), dense_width=16, val_fraction=0.0)
+    kw |= dict(schedule="onecycle", early_stopping_patience=0)  # no validation split: nothing to watch
+    with pytest.raises(UserError, match=r"leaves a last batch of 1 of the 17 training images.*drop_last=true"):
+        cifarlab.fit("reference", data=_arrays(17, 4, (3, 16, 16)), **kw)
+    assert not any(tmp_path.iterdir())

@@ -180,6 +180,41 @@ def _check_fits_data(recipe: Recipe, n_train: int, input_shape: tuple[int, int, 
         raise UserError(f"translate_pad={recipe.translate_pad} must be smaller than the {h}x{w} images")
 
 
+def _check_model(net: nn.Module, recipe: Recipe, ds: Dataset, n_train: int, world: int) -> None:
+    """Before anything is written: one forward of two images in eval mode (no statistics change) must give
+    (2, classes) logits, so a model of the wrong shape (your own nn.Module, say) fails here in one line, not after
+    a folder exists or, silently, with logits for another number of classes. A BatchNorm1d cannot train on a last
+    batch of one image: the batch size is refused then."""
+    k = len(ds.classes)
+    c, h, w = ds.input_shape
+    if not any(p.requires_grad for p in net.parameters()):
+        raise UserError(f"model {recipe.model!r} has no trainable parameters")
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(2, c, h, w, device=next(net.parameters()).device))
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"model {recipe.model!r} cannot take {c}x{h}x{w} images: {why}") from None
+    finally:
+        net.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, k) or not out.is_floating_point():
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise UserError(
+            f"model {recipe.model!r} returns {got} for 2 images; it must return float logits of shape (N, {k}), one "
+            f"per class ({k} classes)"
+        )
+    last = n_train % recipe.batch_size if not recipe.drop_last else 0
+    smallest = (last // world if last >= world else 1) if last else 0
+    if smallest == 1 and any(isinstance(m, nn.BatchNorm1d) for m in net.modules()):
+        raise UserError(
+            f"batch_size={recipe.batch_size} leaves a last batch of {last} of the {n_train:,} training images"
+            + (f" ({world} processes: 1 image for one of them)" if world > 1 else "")
+            + "; the model's BatchNorm1d cannot train on one image. Use another batch_size, or drop_last=true"
+        )
+
+
 def _check_takes_train_scales(net: nn.Module, recipe: Recipe, input_shape: tuple[int, int, int]) -> None:
     """With progressive resizing, the model must take the smallest training images: one forward, in eval mode
     (no BatchNorm statistics change), before anything is written."""
@@ -276,6 +311,7 @@ def prepare(
     elif resume is not None and isinstance(saved.get("init"), dict):
         mark_pretrained(net, saved["init"].get("pretrained") or [])  # the same optimizer param groups as before
     apply_freeze(net, recipe.freeze_stages, recipe.model)
+    _check_model(net, recipe, ds, len(tr_idx), dist.world if dist is not None else 1)
     _check_takes_train_scales(net, recipe, ds.input_shape)
     if dist is not None and dist.sync_bn:
         net = dist.convert_sync_bn(net)

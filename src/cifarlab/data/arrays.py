@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cifarlab.data.dataset import Dataset, to_dataset
+from cifarlab.data.imagefolder import check_classes
 from cifarlab.data.images import UnsupportedImageError, pil_to_array
 from cifarlab.data.loader import split_indices
 from cifarlab.errors import DataError
@@ -164,6 +165,8 @@ def _from_uint8(
         raise DataError(f"train and test images differ in shape (C, H, W): {x_tr.shape[1:]} vs {x_te.shape[1:]}")
     if len(x_tr) == 0:
         raise DataError("x_train holds no images")
+    if len(x_te) == 0:
+        raise DataError("the test set holds no images: pass x_test and y_test with images, or test_fraction=0.1")
     top = int(max(y_tr.max(initial=-1), y_te.max(initial=-1)))
     if classes is None:
         names = tuple(str(i) for i in range(top + 1))
@@ -176,6 +179,7 @@ def _from_uint8(
     if not names:
         raise DataError("no classes: give at least one label")
     arrays = {"classes": names, "x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}
+    check_classes(arrays, name, folder=False)  # two classes at least, each with training images, as for an image folder
     return to_dataset(
         arrays,
         name=name,

@@ -139,23 +139,27 @@ def _test_split(splits: set[str], where: str, test_only: bool) -> str:
     return test_split
 
 
-def check_classes(arrays: dict[str, Any], where: str) -> None:
-    """A dataset to train on needs at least two classes, each with training images: a class seen only in
-    test/ would never be learned and would silently cost test accuracy."""
+def check_classes(arrays: dict[str, Any], where: str, folder: bool = True) -> None:
+    """A dataset to train on needs at least two classes, each with training images: a class with none would never
+    be learned and would silently cost test accuracy. `folder`: word the advice for an image folder, else for
+    arrays (labels 0..K-1)."""
     classes = list(arrays["classes"])
     counts = torch.bincount(torch.as_tensor(arrays["y_train"]), minlength=len(classes)).tolist()
     untrained = [c for c, n in zip(classes, counts) if n == 0]
     if untrained:
+        many = len(untrained) > 1
+        fix = (
+            "add train/<class>/ images, or remove that class from the test split"
+            if folder
+            else "each label 0..K-1 must occur in the training labels (and `classes` name only those)"
+        )
         raise DataError(
-            f"{where}: {'classes' if len(untrained) > 1 else 'class'} {', '.join(untrained)} "
-            f"{'have' if len(untrained) > 1 else 'has'} test images but no train/ images; every class needs "
-            "training images (add train/<class>/ images, or remove that class from the test split)."
+            f"{where}: {'classes' if many else 'class'} {', '.join(untrained)} {'have' if many else 'has'} no "
+            f"training images; every class needs some ({fix})."
         )
     if len(classes) < 2:
-        raise DataError(
-            f"{where} has {len(classes)} class ({', '.join(classes)}): a classifier needs at least 2 class "
-            f"folders: {_layout_help(where)}."
-        )
+        fix = f"at least 2 class folders: {_layout_help(where)}" if folder else "labels of at least 2 classes"
+        raise DataError(f"{where} has {len(classes)} class ({', '.join(classes)}): a classifier needs {fix}.")
 
 
 def _assemble(decoded: list[_Decoded], where: str, test_only: bool = False) -> dict[str, Any]:
