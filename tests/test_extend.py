@@ -334,3 +334,47 @@ def test_a_last_batch_of_one_image_is_refused_for_a_batchnorm1d_head(tmp_path):
     with pytest.raises(UserError, match=r"leaves a last batch of 1 of the 17 training images.*drop_last=true"):
         cifarlab.fit("reference", data=_arrays(17, 4, (3, 16, 16)), **kw)
     assert not any(tmp_path.iterdir())
+
+
+def test_api_refuses_callbacks_that_are_not_callback_instances(tmp_path):
+    data = _arrays(32, 8, (3, 16, 16))
+    for bad, needle in (
+        (Callback(), "pass a list of cifarlab.Callback instances, not a Callback"),
+        ([Callback], r"is not a cifarlab.Callback instance \(a class: call it"),
+        ([lambda *a: None], "is not a cifarlab.Callback instance"),
+    ):
+        with pytest.raises(UserError, match=needle):
+            cifarlab.fit("reference", data=data, callbacks=bad, runs_dir=tmp_path, epochs=1)
+    assert not any(tmp_path.iterdir())
+
+
+def test_api_holds_out_a_test_set_from_a_mapping_and_predicts_edge_cases(tmp_path):
+    """{'x_train', 'y_train', 'test_fraction'} holds a test set out (the error for (x, y) says so); predicting
+    no images gives no rows, a generator of paths is read once, one image without a batch axis is named."""
+    x, y, _, _ = _arrays(48, 0, (3, 16, 16))
+    with pytest.raises(UserError, match="'test_fraction': 0.1"):
+        cifarlab.fit("reference", data=(x, y), runs_dir=tmp_path)
+    kw = dict(runs_dir=tmp_path, epochs=1, batch_size=16, widths=(8, 8, 8), dense_width=16, precision="fp32")
+    run = cifarlab.fit("reference", data={"x_train": x, "y_train": y, "test_fraction": 0.25}, **kw)
+    assert run.metrics["test_accuracy"] >= 0 and len(run.dataset.y_test) == 12  # a quarter of 48, stratified
+    assert tuple(run.predict(x[:0]).shape) == (0, 2)
+    with pytest.raises(UserError, match=r"add a batch dimension"):
+        run.predict(x[0].transpose(1, 2, 0))  # one HWC image: read as 16 images of (1, 16, 3) otherwise
+    png = tmp_path / "one.png"
+    from PIL import Image
+
+    Image.fromarray(x[0].transpose(1, 2, 0)).save(png)
+    results = run.predict(p for p in [png])  # a generator: consumed once, still classified
+    assert len(results) == 1 and "top_k" in results[0]
+
+
+def test_test_accuracy_of_a_run_that_did_not_finish_names_its_status(tmp_path):
+    from cifarlab.runs import write_status
+
+    data = _arrays(32, 8, (3, 16, 16))
+    kw = dict(runs_dir=tmp_path, epochs=1, batch_size=16, widths=(8, 8, 8), dense_width=16, precision="fp32")
+    run = cifarlab.fit("reference", data=data, report=False, **kw)
+    (run.path / "metrics.json").unlink()
+    write_status(run.path, "crashed")
+    with pytest.raises(UserError, match=r"has no test accuracy: the run's status is 'crashed'"):
+        _ = cifarlab.load(run.path).test_accuracy

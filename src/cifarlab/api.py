@@ -22,16 +22,18 @@ from cifarlab.budget import Clock, parse_duration
 from cifarlab.config import apply_overrides, machine_variant
 from cifarlab.data import Dataset, as_images, from_arrays, from_torch_dataset, load_dataset
 from cifarlab.data.dataset import NAMED_DATASETS
+from cifarlab.device import resolve_device
 from cifarlab.errors import ConfigError, UserError
 from cifarlab.evaluate import EvalResult, evaluate_run
 from cifarlab.experiment import run_experiment
 from cifarlab.export import export as export_run
+from cifarlab.files import read_json
 from cifarlab.inference import predict_proba, recipe_options
 from cifarlab.predict import predict_paths
 from cifarlab.recipes import Recipe, get_recipe, validate
 from cifarlab.registry import MODELS
 from cifarlab.report import build_report
-from cifarlab.runs import WEIGHTS, Run, load_run, load_weights
+from cifarlab.runs import STATUS, WEIGHTS, Run, load_run, load_weights
 from cifarlab.train import Callback
 
 __all__ = ["TrainedRun", "as_dataset", "fit", "load"]
@@ -46,16 +48,36 @@ def as_dataset(data: Any, classes: Sequence[str] | None = None) -> Dataset | Non
     if isinstance(data, (str, Path)):
         return None  # resolved by the recipe's `dataset` key (see fit)
     if isinstance(data, dict):
-        keys = ("x_train", "y_train", "x_test", "y_test")
-        missing = [k for k in keys if k not in data]
+        # x_test/y_test may be left out when test_fraction says how much of the training set to hold out.
+        need = ("x_train", "y_train") + (() if data.get("test_fraction") is not None else ("x_test", "y_test"))
+        missing = [k for k in need if k not in data]
         if missing:
-            raise UserError(f"data: a mapping needs the keys {', '.join(keys)} (missing {', '.join(missing)})")
-        return from_arrays(*(data[k] for k in keys), classes=data.get("classes", classes))
+            raise UserError(
+                f"data: a mapping needs the keys {', '.join(need)} (missing {', '.join(missing)}); or x_train, "
+                "y_train and test_fraction (e.g. 0.1) to hold out a test set"
+            )
+        unknown = sorted(set(data) - {"x_train", "y_train", "x_test", "y_test", "classes", "test_fraction", "seed"})
+        if unknown:
+            raise UserError(f"data: unknown keys {unknown} in the mapping")
+        return from_arrays(
+            data["x_train"],
+            data["y_train"],
+            data.get("x_test"),
+            data.get("y_test"),
+            classes=data.get("classes", classes),
+            test_fraction=data.get("test_fraction"),
+            seed=data.get("seed", 0),
+        )
     if isinstance(data, (tuple, list)):
         if len(data) == 4:
             return from_arrays(*data, classes=classes)
         if len(data) == 2 and all(isinstance(d, torch.utils.data.Dataset) for d in data):
             return from_torch_dataset(data[0], data[1], classes=classes)
+        if len(data) == 2:
+            raise UserError(
+                "data: (images, labels) has no test set; pass {'x_train': images, 'y_train': labels, "
+                "'test_fraction': 0.1} to hold one out, or (x_train, y_train, x_test, y_test)"
+            )
     raise UserError(
         f"data: cannot use a {type(data).__name__}; pass (x_train, y_train, x_test, y_test) arrays, "
         "(train, test) torch Datasets, a cifarlab Dataset, or a dataset name / image-folder path"
@@ -69,6 +91,19 @@ def _register_user_model(model: nn.Module) -> str:
         lambda recipe, num_classes, input_shape: model
     )
     return name
+
+
+def _check_callbacks(callbacks: Any) -> list[Callback]:
+    """`callbacks` as a list of Callback instances, else one line saying what to pass (before any work)."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
+        raise UserError(f"callbacks: pass a list of cifarlab.Callback instances, not a {type(callbacks).__name__}")
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            hint = " (a class: call it, MyCallback())" if isinstance(cb, type) else ""
+            raise UserError(f"callbacks: {cb!r} is not a cifarlab.Callback instance{hint}")
+    return list(callbacks)
 
 
 def fit(
@@ -99,6 +134,7 @@ def fit(
     built-in recipe names one: `fast` serves both kinds of CPU), unless a budget or your own nn.Module is given;
     pass `cpu_fp32_variant=""` to keep it."""
     clock = Clock.from_now("the fit() call")  # before any work: the budget covers data loading and the probe
+    callbacks = _check_callbacks(callbacks)
     seconds = parse_duration(budget, "budget=") if budget is not None else None
     base = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if isinstance(data, (str, Path)):
@@ -177,7 +213,11 @@ class TrainedRun:
 
     @property
     def test_accuracy(self) -> float:
-        return float(self.run.metrics["test_accuracy"])
+        acc = self.run.metrics.get("test_accuracy")
+        if acc is None:  # a stopped, crashed or diverged run has no test result
+            status = read_json(self.path / STATUS).get("status") if (self.path / STATUS).exists() else "unknown"
+            raise UserError(f"{self.path} has no test accuracy: the run's status is {status!r}, not 'finished'")
+        return float(acc)
 
     def get_model(self) -> nn.Module:
         """The trained model in eval mode, from `model.safetensors`."""
@@ -190,19 +230,23 @@ class TrainedRun:
     def predict(self, images: Any, *, device: str | None = None) -> torch.Tensor | list[dict[str, Any]]:
         """Class probabilities. `images`: uint8 (or [0, 1] float) arrays/tensors, NCHW or NHWC, of the run's
         input size -> an (N, classes) tensor; or file/folder paths -> one dict per file (top-5 classes)."""
+        if isinstance(images, Iterable) and not isinstance(images, (str, Path, np.ndarray, torch.Tensor)):
+            images = list(images)  # a generator can be looked at only once
         if isinstance(images, (str, Path)) or (
-            isinstance(images, Iterable)
-            and not isinstance(images, (np.ndarray, torch.Tensor))
-            and all(isinstance(p, (str, Path)) for p in images)
+            isinstance(images, list) and images and all(isinstance(p, (str, Path)) for p in images)
         ):
-            paths = [images] if isinstance(images, (str, Path)) else list(images)
+            paths = [images] if isinstance(images, (str, Path)) else images
             return predict_paths(self.path, paths, top_k=min(5, len(self.classes)), device=device)
+        single = getattr(images, "ndim", None) == 3  # (C, H, W) or (H, W, C): read as a batch of 2-D images
         x = as_images(images)
         if tuple(x.shape[1:]) != self.run.input_shape:
-            raise UserError(f"images are {tuple(x.shape[1:])} (C, H, W); this model takes {self.run.input_shape}")
+            one = " (one image? add a batch dimension: images[None])" if single else ""
+            raise UserError(f"images are {tuple(x.shape[1:])} (C, H, W); this model takes {self.run.input_shape}{one}")
+        if len(x) == 0:
+            return torch.zeros(0, len(self.classes))
         model = self.get_model()
         mean, std = self.run.normalization
-        dev = torch.device(device) if device else None
+        dev = resolve_device(device) if device else None
         return predict_proba(model, x, mean=mean, std=std, device=dev, **recipe_options(self.recipe))
 
     def evaluate(self, split: str = "test", data: Any = None, data_dir: str | Path | None = None) -> EvalResult:
