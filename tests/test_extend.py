@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import cifarlab
@@ -378,3 +379,36 @@ def test_test_accuracy_of_a_run_that_did_not_finish_names_its_status(tmp_path):
     write_status(run.path, "crashed")
     with pytest.raises(UserError, match=r"has no test accuracy: the run's status is 'crashed'"):
         _ = cifarlab.load(run.path).test_accuracy
+
+
+def test_runs_of_two_user_models_of_one_class_each_load_their_own(tmp_path):
+    """Two fits with instances of one class (other widths, then the same widths): loading the first run gives a
+    model of its own architecture with its own weights, never the second run's object."""
+    data = _arrays(32, 8, (3, 16, 16))
+    kw = dict(runs_dir=tmp_path, epochs=1, batch_size=16, precision="fp32", report=False, train_scales=())
+    try:
+        torch.manual_seed(0)
+        ra = cifarlab.fit("reference", data=data, model=_Logits(), **kw)
+        torch.manual_seed(1)
+        rb = cifarlab.fit("reference", data=data, model=_Logits(), **kw)  # same shapes, other weights
+        rc = cifarlab.fit("reference", data=data, model=_Wider(), **kw)  # same class name, other shapes
+        a_again = cifarlab.load(ra.path)
+        wa, wb = a_again.get_model().conv.weight, rb.get_model().conv.weight
+        assert a_again.get_model() is not rb.get_model()
+        assert torch.equal(wa, load_file(ra.path / "model.safetensors")["conv.weight"]) and not torch.equal(wa, wb)
+        assert torch.equal(rb.get_model().conv.weight, load_file(rb.path / "model.safetensors")["conv.weight"])
+        assert rc.recipe.model != ra.recipe.model and cifarlab.load(rc.path).predict(data[2]).shape == (8, 2)
+        assert cifarlab.load(ra.path).predict(data[2]).shape == (8, 2)  # still loads after the wider one
+    finally:
+        for name in {r.recipe.model for r in (ra, rb, rc)}:
+            MODELS.unregister(name)
+
+
+class _Wider(_Logits):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 2)
+
+
+_Wider.__qualname__ = "_Logits"  # the same class name, as a second definition in a notebook would have

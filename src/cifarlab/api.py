@@ -9,6 +9,7 @@ run back to evaluate, predict with, report on and export. `docs/API.md` shows it
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +85,30 @@ def as_dataset(data: Any, classes: Sequence[str] | None = None) -> Dataset | Non
     )
 
 
+_USER_MODELS: dict[str, tuple[tuple[str, tuple[int, ...]], ...]] = {}  # name -> its template's tensor shapes
+
+
 def _register_user_model(model: nn.Module) -> str:
-    """A model instance gets a registry entry for this process, so the run it trains can be loaded again."""
-    name = f"user.{type(model).__qualname__}"
-    MODELS.register(name, description=f"user model {type(model).__qualname__}", replace=True)(
-        lambda recipe, num_classes, input_shape: model
-    )
+    """A model instance gets a registry entry for this process, so the run it trains can be loaded again.
+
+    The entry builds a copy of the instance as it was given (before training), so loading one run never hands
+    out the object another run trained (whose weights `get_model` would then overwrite). Another architecture
+    of the same class gets its own name (`user.Net.2`), so the first run still loads."""
+    base = f"user.{type(model).__qualname__}"
+    shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    name, k = base, 2
+    while name in MODELS and _USER_MODELS.get(name, shapes) != shapes:
+        name, k = f"{base}.{k}", k + 1
+    try:
+        template = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 (a module that cannot be copied: share the instance, as before)
+        template = None
+
+    def build(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+        return copy.deepcopy(template) if template is not None else model
+
+    _USER_MODELS[name] = shapes
+    MODELS.register(name, description=f"user model {type(model).__qualname__}", replace=True)(build)
     return name
 
 
