@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from cifarlab.budget import Clock, parse_duration
 from cifarlab.config import apply_overrides, machine_variant
@@ -95,7 +96,8 @@ def _register_user_model(model: nn.Module) -> str:
     out the object another run trained (whose weights `get_model` would then overwrite). Another architecture
     of the same class gets its own name (`user.Net.2`), so the first run still loads."""
     base = f"user.{type(model).__qualname__}"
-    shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    # (A lazy module's parameters have no shape until its first forward.)
+    shapes = tuple((k, (-1,) if is_lazy(v) else tuple(v.shape)) for k, v in model.state_dict().items())
     name, k = base, 2
     while name in MODELS and _USER_MODELS.get(name, shapes) != shapes:
         name, k = f"{base}.{k}", k + 1
