@@ -412,3 +412,11 @@ class _Wider(_Logits):
 
 
 _Wider.__qualname__ = "_Logits"  # the same class name, as a second definition in a notebook would have
+
+
+def test_fit_gives_the_session_its_determinism_setting_back(tmp_path):
+    """deterministic=True is for the run: a notebook's later work keeps torch's own (faster) algorithms."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    kw = dict(runs_dir=tmp_path, epochs=1, batch_size=16, precision="fp32", report=False, widths=(8, 8, 8))
+    cifarlab.fit("reference", data=_arrays(32, 8, (3, 16, 16)), deterministic=True, dense_width=16, **kw)
+    assert not torch.are_deterministic_algorithms_enabled()

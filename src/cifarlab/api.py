@@ -177,23 +177,30 @@ def fit(
     if ds is not None and r.dataset in NAMED_DATASETS:
         r = r.replace(dataset=ds.name if ds.name not in NAMED_DATASETS else r.dataset)
     r = validate(r, check_paths=ds is None)
-    result = run_experiment(
-        r,
-        dataset=ds,
-        data_dir=Path(data_dir) if data_dir is not None else None,
-        runs_root=runs_dir,
-        device=device,
-        deterministic=deterministic,
-        report=report,
-        quiet=quiet,
-        model=module,
-        callbacks=callbacks,
-        command="cifarlab.fit(...)",
-        mlflow=mlflow,
-        init=Path(init) if init is not None else None,
-        budget=seconds,
-        budget_clock=clock,
-    )
+    # `deterministic=True` switches torch's deterministic algorithms on for the run; the caller's session gets
+    # its own settings back afterwards (the CLI's process simply ends).
+    was_deterministic, was_benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        result = run_experiment(
+            r,
+            dataset=ds,
+            data_dir=Path(data_dir) if data_dir is not None else None,
+            runs_root=runs_dir,
+            device=device,
+            deterministic=deterministic,
+            report=report,
+            quiet=quiet,
+            model=module,
+            callbacks=callbacks,
+            command="cifarlab.fit(...)",
+            mlflow=mlflow,
+            init=Path(init) if init is not None else None,
+            budget=seconds,
+            budget_clock=clock,
+        )
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.backends.cudnn.benchmark = was_benchmark
     if result.status != "finished":
         raise UserError(f"training did not finish ({result.status}): {result.metrics.get('message', '')}")
     return TrainedRun(load_run(result.run_dir), dataset=ds, model=module)
