@@ -354,6 +354,15 @@ def _worker_processes_spread(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture
+def cpu_inference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`device="auto"` resolves to the CPU: for tests that compare cifarlab's inference with a computation done
+    here on the CPU to 1e-4 (on a GPU, fp32 convolutions run in TF32, ~1e-3 apart)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
 def one_thread():
     """Torch on one thread for the test: on 2 busy cores two threads made tiny models ~10x slower."""
     import torch

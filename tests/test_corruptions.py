@@ -324,6 +324,7 @@ def direct_accuracy(trained_run, images: torch.Tensor) -> tuple[float, int]:
     return float((z.argmax(1) == ds.y_test.numpy()).mean()), int((~unambiguous(z)).sum())
 
 
+@pytest.mark.usefixtures("cpu_inference")
 def test_corrupted_accuracies_match_a_direct_prediction_on_corrupted_images(trained_run):
     run_dir, _, ds, _, _ = trained_run
     n = len(ds.y_test)
@@ -345,6 +346,7 @@ def test_corrupted_accuracies_match_a_direct_prediction_on_corrupted_images(trai
     assert r["per_corruption"]["contrast"] == pytest.approx(np.mean(list(r["results"]["contrast"].values())))
 
 
+@pytest.mark.usefixtures("cpu_inference")
 def test_evaluate_command_corruptions_match_a_direct_prediction(trained_run, monkeypatch, capsys):
     run_dir, _, ds, _, _ = trained_run
     monkeypatch.setattr("cifarlab.evaluate.load_run_dataset", lambda run, data_dir=None: ds)

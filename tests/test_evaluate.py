@@ -218,6 +218,7 @@ def unambiguous(z: np.ndarray) -> np.ndarray:
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("tta", ["flip", "flip_translate"])
+@pytest.mark.usefixtures("cpu_inference")
 def test_evaluate_run_matches_direct_prediction(tmp_path: Path, tta: str):
     import dataclasses
 

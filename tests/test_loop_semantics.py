@@ -39,7 +39,7 @@ TINY = dict(
     val_fraction=0.375,
     bn_momentum=0.1,
 )
-RUN = dict(quiet=True, report=False)
+RUN = dict(quiet=True, report=False, device="cpu")  # the hand computations here are on the CPU
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +426,7 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, ds, capsys):
     res = run_experiment(recipe, dataset=ds, runs_root=tmp_path, **RUN)
     run = Path(res.run_dir)
     before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
-    again = run_experiment(resume=run, dataset=ds, report=False)
+    again = run_experiment(resume=run, dataset=ds, report=False, device="cpu")
     assert again.status == "finished" and again.metrics == res.metrics
     assert "already finished" in capsys.readouterr().out
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
