@@ -373,7 +373,7 @@ _AIR = Recipe(
 # evaluation batches of 256 (1000 images overflow the CPU's cache: 2x slower). One recipe for both kinds of CPU.
 FAST = _AIR.replace(
     name="fast",
-    description="Default of `cifarlab train`: reaches the reference's test accuracy in the least wall time.",
+    description="The default recipe: reaches the reference's test accuracy in the least wall time.",
     widths=(32, 64, 128),
     epochs=2,
     batch_size=256,
