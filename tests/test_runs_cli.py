@@ -252,3 +252,11 @@ def test_printable():
 
     assert printable("plain ünïcode ↔ name") == "plain ünïcode ↔ name"
     assert printable("a\x1b[0mb\nc\u202ed") == "a\\x1b[0mb\\nc\\u202ed"
+
+
+def test_cli_given_one_run_folder_lists_the_folder_holding_it(runs_root: Path, capsys):
+    run = runs_root / "20260101-100000-reference"
+    assert _main(["runs", "--root", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{run} is a run folder; its runs folder is {runs_root}:")
+    assert "20260101-100000-reference" in out and "20260102-100000-fast" in out

@@ -203,6 +203,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
     rows = list_runs(args.root)
     if args.json:
         print(json.dumps(rows, indent=2))
+    elif not rows and (Path(args.root) / "config.json").is_file():
+        # The folder of one run, not the folder holding runs: list its parent, which holds it.
+        print(f"{printable(args.root)} is a run folder; its runs folder is {printable(Path(args.root).parent)}:")
+        print(format_runs(list_runs(Path(args.root).parent)))
     elif not rows:
         print(f"no runs in {printable(args.root)}")
     else:
