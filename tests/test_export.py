@@ -129,6 +129,9 @@ def test_cli_never_writes_over_the_runs_own_files_or_a_device(tmp_path: Path, ca
     assert cli.main(["export", str(run_dir), "--out", str(mine)]) == 0
     assert capsys.readouterr().out.startswith(f"replaced {mine}")
     assert mine.read_bytes()[:4] != b"an o"
+    # The format is what --format says; a name that says otherwise gets a warning, not a silent surprise.
+    assert cli.main(["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "ts.onnx")]) == 0
+    assert "holds a torchscript model, though its name ends in '.onnx'" in capsys.readouterr().err
 
 
 def test_cli_missing_weights_is_a_user_error(tmp_path: Path, capsys):

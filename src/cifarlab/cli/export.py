@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cifarlab.cli.common import fmt
+from cifarlab.cli.common import fmt, warn
 
 # The one-line help `cifarlab --help` lists (read without building this command's parser).
 HELP = "export a run's model to ONNX or TorchScript"
@@ -45,6 +45,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     c, h, w = load_run(args.run_dir).input_shape  # a damaged run folder fails here, before anything is written
     replacing = output_path(args.run_dir, args.out, args.format).is_file()  # refuses a run's own files first
     out = export(args.run_dir, args.format, args.out)
+    expected = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript")}[args.format]
+    if out.suffix.lower() not in expected:  # written as asked; a tool that goes by the suffix would misread it
+        warn(f"{out} holds a {args.format} model, though its name ends in {out.suffix or 'no suffix'!r}")
     dtype = "uint8" if args.format == "onnx" else "uint8 or float"
     color = {1: "grayscale", 3: "RGB"}.get(c, f"{c}-channel")
     print(
