@@ -430,3 +430,16 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, ds, capsys):
     assert again.status == "finished" and again.metrics == res.metrics
     assert "already finished" in capsys.readouterr().out
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
+
+
+def test_resuming_a_finished_run_whose_weights_are_lost_writes_them_again(tmp_path, ds):
+    """model.safetensors deleted or overwritten after the run finished: --resume is the repair (it evaluates
+    from the checkpoint again and writes the weights), not "nothing to do"."""
+    recipe = get_recipe("reference").replace(**TINY, epochs=1, early_stopping_patience=0)
+    res = run_experiment(recipe, dataset=ds, runs_root=tmp_path, **RUN)
+    run = Path(res.run_dir)
+    good = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(b"not a safetensors file")
+    again = run_experiment(resume=run, dataset=ds, **RUN)
+    assert again.status == "finished" and again.metrics["test_accuracy"] == res.metrics["test_accuracy"]
+    assert (run / "model.safetensors").read_bytes() == good

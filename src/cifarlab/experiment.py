@@ -660,13 +660,18 @@ def write_report(plan: Plan, result: RunResult, say: Log) -> str | None:
 
 
 def _finished_metrics(run_dir: Path) -> dict[str, Any] | None:
-    """metrics.json of a finished run folder; None when the run has not finished (or says nothing readable)."""
+    """metrics.json of a finished run folder; None when the run has not finished (or says nothing readable), or
+    when its weights file is missing or unreadable: resuming then evaluates again and writes it anew."""
+    from safetensors import safe_open
+
     try:
         if read_json(run_dir / STATUS).get("status") != "finished":
             return None
         metrics = read_json(run_dir / METRICS)
-    except (UserError, AttributeError):
-        return None  # resuming reports what is wrong with the folder
+        with safe_open(str(run_dir / WEIGHTS), framework="pt") as f:
+            f.keys()
+    except Exception:  # noqa: BLE001 (a damaged file of any kind: safetensors has its own error types)
+        return None  # resuming reports what is wrong with the folder, or repairs it
     return metrics if isinstance(metrics, dict) else None
 
 
