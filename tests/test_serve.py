@@ -403,8 +403,29 @@ def test_loopback_and_bind_check():
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.com", ""))
     check_bind("127.0.0.1", None)
     check_bind("0.0.0.0", "token")
-    with pytest.raises(UserError, match="without a token"):
-        check_bind("0.0.0.0", None)
+    for blank in (None, "", "   "):  # a token of spaces is no token
+        with pytest.raises(UserError, match="without a token"):
+            check_bind("0.0.0.0", blank)
+
+
+def test_a_token_with_spaces_around_it_works_as_the_client_sends_it(run_dir: Path):
+    """Clients' tokens are stripped; the service's must be too, or "abc " would refuse everyone."""
+    with TestClient(create_app([run_dir], token=" s3cret-token\n")) as c:
+        assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+        assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_head_probes_an_empty_model_and_non_finite_settings(run_dir: Path):
+    """Monitoring probes with HEAD; `?model=` left empty is the default model; nan settings are refused (a nan
+    timeout answered every request with 504 at once)."""
+    with TestClient(create_app([run_dir])) as c:
+        for path in ("/", "/healthz", "/v1/models"):
+            assert c.head(path).status_code == 200, path
+        r = c.post("/v1/predict?model=&preview=false", content=png_bytes(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 200 and r.json()["model"] == run_dir.name
+    for kw in ({"timeout_s": float("nan")}, {"max_wait_ms": float("nan")}, {"timeout_s": float("inf")}):
+        with pytest.raises(UserError, match="all finite numbers"):
+            create_app([run_dir], **kw)
 
 
 def test_cli_serve(run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
@@ -571,3 +592,12 @@ def test_onnx_backend_never_serves_a_stale_export(tmp_path: Path):
     expected = _onnx_forward(load_run(other), torch.device("cpu"))(x)
     assert not torch.allclose(before, expected, atol=1e-3)  # the stale file would answer differently
     assert torch.allclose(served, expected, atol=1e-6)
+
+
+def test_cli_refuses_a_non_finite_upload_limit(run_dir: Path, capsys: pytest.CaptureFixture[str]):
+    from cifarlab.cli import main
+
+    for value in ("nan", "inf", "0"):
+        assert main(["serve", str(run_dir), "--max-upload-mb", value]) == 2
+        err = capsys.readouterr().err
+        assert "--max-upload-mb" in err and "Traceback" not in err

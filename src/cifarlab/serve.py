@@ -104,8 +104,8 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, token: str | None) -> None:
-    """Refuse to expose the service beyond this machine without a bearer token."""
-    if not is_loopback(host) and not token:
+    """Refuse to expose the service beyond this machine without a bearer token (a blank one is none)."""
+    if not is_loopback(host) and not (token or "").strip():
         raise UserError(
             f"refusing to listen on {host} without a token: anyone who can reach this address could use the "
             f"service. Set ${TOKEN_ENV} (or --token) to require 'Authorization: Bearer <token>', or bind "
@@ -526,6 +526,7 @@ class _Guard:
 
     def __init__(self, app: ASGIApp, token: str | None) -> None:
         self.app = app
+        token = token.strip() if token else None  # as the client's is: "abc " must not lock everyone out
         self.token = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -605,8 +606,11 @@ def create_app(
 
     if not run_dirs:
         raise UserError("give at least one run folder to serve")
-    if max_batch < 1 or max_wait_ms < 0 or max_upload_bytes < 1 or timeout_s <= 0:
-        raise UserError("--max-batch must be >= 1, --max-wait-ms >= 0, the upload limit and timeout > 0")
+    finite = all(math.isfinite(v) for v in (max_wait_ms, timeout_s))  # nan would time out every request at once
+    if max_batch < 1 or max_wait_ms < 0 or max_upload_bytes < 1 or timeout_s <= 0 or not finite:
+        raise UserError(
+            "--max-batch must be >= 1, --max-wait-ms >= 0, the upload limit and timeout > 0, all finite numbers"
+        )
     pixel_limit = max_pixels or MAX_IMAGE_PIXELS
     models: dict[str, ServedModel] = {}
     for d in run_dirs:
@@ -657,12 +661,12 @@ def create_app(
         return JSONResponse({"error": f"internal error ({type(exc).__name__}: {exc})"}, status_code=500)
 
     def get_model(model_id: str | None) -> ServedModel:
-        mid = default_id if model_id is None else model_id
+        mid = model_id or default_id  # `?model=` left empty means the default, as leaving it out does
         if mid not in models:
             raise ServeError(404, f"unknown model {mid!r}; served: {', '.join(models)}")
         return models[mid]
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(index_page(), headers={"Content-Security-Policy": PAGE_CSP})
 
@@ -670,11 +674,11 @@ def create_app(
     async def docs() -> HTMLResponse:
         return HTMLResponse(docs_page(), headers={"Content-Security-Policy": PAGE_CSP})
 
-    @app.get("/healthz", summary="liveness: the service is up")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="liveness: the service is up")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "models": len(models), "auth": token is not None}
 
-    @app.get("/v1/models", summary="the served models and their cards")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"], summary="the served models and their cards")
     async def list_models() -> dict[str, Any]:
         return {"default": default_id, "models": [m.card for m in models.values()]}
 

@@ -50,6 +50,14 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _upload_bytes(mb: float) -> int:
+    from cifarlab.errors import UserError
+
+    if not 0 < mb < 2**20:  # nan and inf fail this too
+        raise UserError(f"--max-upload-mb {mb}: give a number of MiB above 0 (and below 2**20)")
+    return int(mb * 2**20)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from cifarlab.errors import UserError
 
@@ -66,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=args.token or os.environ.get(TOKEN_ENV) or None,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_upload_bytes=_upload_bytes(args.max_upload_mb),
         timeout_s=args.timeout,
         backend=args.backend,
         device=args.device,
