@@ -36,7 +36,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     server = uvicorn.Server(
-        uvicorn.Config(create_app([args.run_dir]), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(create_app([args.run_dir], local_only=True), host="127.0.0.1", port=port, log_level="warning")
     )
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:

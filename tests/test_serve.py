@@ -601,3 +601,30 @@ def test_cli_refuses_a_non_finite_upload_limit(run_dir: Path, capsys: pytest.Cap
         assert main(["serve", str(run_dir), "--max-upload-mb", value]) == 2
         err = capsys.readouterr().err
         assert "--max-upload-mb" in err and "Traceback" not in err
+
+
+def test_a_service_without_a_token_answers_only_this_machine_and_its_own_pages(run_dir: Path):
+    """Without a token (so on loopback only): a Host that is not a loopback name is DNS rebinding (a page whose
+    name resolves to 127.0.0.1 reading the service); an Origin of another site is that site using the service
+    through a visitor's browser. Both are refused; the service's own page, curl and scripts are not."""
+    from cifarlab.serve import _host_name
+
+    assert [_host_name(a) for a in ("localhost:8000", "[::1]:8000", "http://127.0.0.1:8000", "::1")] == [
+        "localhost",
+        "::1",
+        "127.0.0.1",
+        "::1",
+    ]
+    for base in ("http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000"):
+        with TestClient(create_app([run_dir], local_only=True), base_url=base) as c:
+            assert c.get("/v1/models").status_code == 200, base
+            own = {"Origin": base, "Content-Type": "image/png"}
+            assert c.post("/v1/predict?preview=false", content=png_bytes(), headers=own).status_code == 200
+            for origin in ("https://evil.example", "null"):
+                r = c.post("/v1/predict", content=png_bytes(), headers={**own, "Origin": origin})
+                assert r.status_code == 403 and "other sites" in r.json()["error"], origin
+    with TestClient(create_app([run_dir], local_only=True), base_url="http://rebound.example:8000") as c:
+        r = c.get("/v1/models")
+        assert r.status_code == 403 and "localhost or 127.0.0.1 only" in r.json()["error"]
+    with TestClient(create_app([run_dir], token="t0ken"), base_url="http://my-host.example") as c:  # a token: any name
+        assert c.get("/v1/models", headers={"Authorization": "Bearer t0ken"}).status_code == 200

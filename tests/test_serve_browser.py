@@ -61,7 +61,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (runs[0] / "metrics.json").write_text('{"test_accuracy": 0.7312}')
     (runs[0] / "report.html").write_text("<!doctype html><title>The report</title><h1>Report</h1>")
     port = free_port()
-    config = uvicorn.Config(create_app(runs), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(create_app(runs, local_only=True), host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

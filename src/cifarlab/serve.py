@@ -521,18 +521,45 @@ async def read_images(request: Request, limit: int, max_files: int) -> list[tupl
 # -- the app -------------------------------------------------------------------------------------------------
 
 
-class _Guard:
-    """Pure ASGI middleware: bearer token on /v1/* (when set) and security headers on every response."""
+def _host_name(authority: str) -> str:
+    """'localhost:8000' -> 'localhost', '[::1]:8000' -> '::1', 'http://127.0.0.1:8000' -> '127.0.0.1'."""
+    authority = authority.split("://", 1)[-1].split("/", 1)[0]
+    if authority.startswith("["):
+        return authority[1 : authority.find("]")]
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+
+class _Guard:
+    """Pure ASGI middleware: bearer token on /v1/* (when set) and security headers on every response.
+
+    `local_only` (a service without a token, on this machine only): a request must name this machine by a
+    loopback name in its Host header, which stops DNS rebinding (a page elsewhere whose name resolves to
+    127.0.0.1 reading the service), and a browser request from another origin (its Origin header) is refused,
+    which stops other sites from using the service through a visitor's browser."""
+
+    def __init__(self, app: ASGIApp, token: str | None, local_only: bool = False) -> None:
         self.app = app
         token = token.strip() if token else None  # as the client's is: "abc " must not lock everyone out
         self.token = token.encode() if token else None
+        self.local_only = local_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.local_only:
+            headers = dict(scope["headers"])
+            host = headers.get(b"host", b"").decode("latin-1")
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            why = None
+            if host and not is_loopback(_host_name(host)):
+                why = f"this service answers requests to localhost or 127.0.0.1 only, not to {host!r}"
+            elif origin and not is_loopback(_host_name(origin)):  # "null" too: sandboxed frames, file:// pages
+                why = f"requests from other sites' pages ({origin}) are refused"
+            if why:
+                resp = JSONResponse({"error": f"{why}; to serve other names, set a token"}, status_code=403)
+                await resp(scope, receive, send)
+                return
         if self.token is not None and scope["path"].startswith("/v1/"):
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, given = auth.partition(b" ")
@@ -597,9 +624,11 @@ def create_app(
     backend: str = "torch",
     device: str | None = None,
     max_pixels: int | None = None,
+    local_only: bool = False,
 ) -> FastAPI:
     """The service for `run_dirs` (the first is the default model). Models load now: a bad run is a
-    UserError before anything listens."""
+    UserError before anything listens. `local_only` (what `serve` sets without a token): answer only requests
+    addressed to this machine by a loopback name, and no cross-site browser requests (see `_Guard`)."""
     from cifarlab import __version__
     from cifarlab.data.images import MAX_IMAGE_PIXELS
     from cifarlab.serve_page import docs_page, index_page
@@ -637,7 +666,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.models = models
-    app.add_middleware(_Guard, token=token)
+    app.add_middleware(_Guard, token=token, local_only=local_only)
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
@@ -784,5 +813,5 @@ def serve(
 
     token = token or os.environ.get(TOKEN_ENV) or None
     check_bind(host, token)
-    app = create_app(run_dirs, token=token, **kw)
+    app = create_app(run_dirs, token=token, local_only=token is None, **kw)
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
