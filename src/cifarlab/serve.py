@@ -695,7 +695,7 @@ def create_app(
             raise ServeError(404, f"unknown model {mid!r}; served: {', '.join(models)}")
         return models[mid]
 
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(index_page(), headers={"Content-Security-Policy": PAGE_CSP})
 
@@ -703,13 +703,17 @@ def create_app(
     async def docs() -> HTMLResponse:
         return HTMLResponse(docs_page(), headers={"Content-Security-Policy": PAGE_CSP})
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="liveness: the service is up")
+    @app.get("/healthz", summary="liveness: the service is up")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "models": len(models), "auth": token is not None}
 
-    @app.api_route("/v1/models", methods=["GET", "HEAD"], summary="the served models and their cards")
+    @app.get("/v1/models", summary="the served models and their cards")
     async def list_models() -> dict[str, Any]:
         return {"default": default_id, "models": [m.card for m in models.values()]}
+
+    # HEAD too (monitoring probes with it), kept out of the OpenAPI schema, which lists each operation once.
+    for path, endpoint in (("/", index), ("/healthz", healthz), ("/v1/models", list_models)):
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/v1/models/{model_id}", summary="one model's card")
     async def one_model(model_id: str) -> dict[str, Any]:
