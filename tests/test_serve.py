@@ -493,6 +493,7 @@ def test_timeout_is_504(run_dir: Path, monkeypatch: pytest.MonkeyPatch):
     with TestClient(create_app([run_dir], timeout_s=0.3)) as c:
         r = post_file(c, png_bytes())
         assert r.status_code == 504 and "longer than 0.3 s" in r.json()["error"]
+        assert r.headers["connection"] == "close"  # what is left of the body is not read as the next request
         slow["on"] = False
         time.sleep(1.0)  # the abandoned pass finishes in its thread
         assert_ok(c)

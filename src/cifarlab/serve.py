@@ -670,7 +670,9 @@ def create_app(
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        # A body too large or too slow is left unread: close the connection rather than parse the rest as a request.
+        close = {"Connection": "close"} if exc.status in (413, 504) else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=close)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
