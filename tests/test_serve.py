@@ -629,3 +629,17 @@ def test_a_service_without_a_token_answers_only_this_machine_and_its_own_pages(r
         assert r.status_code == 403 and "localhost or 127.0.0.1 only" in r.json()["error"]
     with TestClient(create_app([run_dir], token="t0ken"), base_url="http://my-host.example") as c:  # a token: any name
         assert c.get("/v1/models", headers={"Authorization": "Bearer t0ken"}).status_code == 200
+
+
+def test_multipart_errors_say_what_to_change(run_dir: Path):
+    with TestClient(create_app([run_dir], max_batch=2)) as c:
+        files = [("files", (f"{i}.png", png_bytes(), "image/png")) for i in range(3)]
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 413 and "at most 2 file parts per request" in r.json()["error"]
+        # RFC 5987 `filename*=` only (as older urllib3 writes non-ASCII names): Starlette reads such a part as text
+        body = (
+            b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename*=utf-8''%C3%A9.png\r\n"
+            b"Content-Type: image/png\r\n\r\n" + png_bytes() + b"\r\n--xyz--\r\n"
+        )
+        r = c.post("/v1/predict", content=body, headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+        assert r.status_code == 400 and "filename*= alone is read as text" in r.json()["error"]

@@ -497,7 +497,9 @@ async def read_images(request: Request, limit: int, max_files: int) -> list[tupl
                 form = await parser.parse()
             except MultiPartException as e:
                 if "too many files" in str(e).lower():
-                    raise ServeError(413, f"too many files: at most {max_files} images per request") from None
+                    raise ServeError(
+                        413, f"too many files: at most {max_files} file parts per request, in any field"
+                    ) from None
                 raise ServeError(400, f"malformed multipart body ({e})") from None
             try:
                 out: list[tuple[str, bytes]] = []
@@ -505,7 +507,11 @@ async def read_images(request: Request, limit: int, max_files: int) -> list[tupl
                     if key not in ("file", "files"):
                         continue
                     if isinstance(value, str):
-                        raise ServeError(400, f"form field {key!r} must be a file upload, not text")
+                        raise ServeError(
+                            400,
+                            f"form field {key!r} must be a file upload, not text (a file part needs "
+                            "Content-Disposition: form-data; name=...; filename=...; filename*= alone is read as text)",
+                        )
                     out.append((value.filename or f"file {len(out) + 1}", await value.read()))
             finally:
                 await form.close()
