@@ -420,3 +420,13 @@ def test_fit_gives_the_session_its_determinism_setting_back(tmp_path):
     kw = dict(runs_dir=tmp_path, epochs=1, batch_size=16, precision="fp32", report=False, widths=(8, 8, 8))
     cifarlab.fit("reference", data=_arrays(32, 8, (3, 16, 16)), deterministic=True, dense_width=16, **kw)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_classes_given_where_the_data_names_its_own_is_refused(tmp_path):
+    x, y, xt, yt = _arrays(32, 8, (3, 16, 16))
+    with pytest.raises(UserError, match="this data already has its own"):
+        cifarlab.fit("reference", data="cifar10", classes=["a", "b"], runs_dir=tmp_path)
+    mapping = {"x_train": x, "y_train": y, "x_test": xt, "y_test": yt, "classes": ["dark", "bright"]}
+    with pytest.raises(UserError, match="name different classes"):
+        cifarlab.fit("reference", data=mapping, classes=["a", "b"], runs_dir=tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -61,6 +61,8 @@ def as_dataset(data: Any, classes: Sequence[str] | None = None) -> Dataset | Non
         unknown = sorted(set(data) - {"x_train", "y_train", "x_test", "y_test", "classes", "test_fraction", "seed"})
         if unknown:
             raise UserError(f"data: unknown keys {unknown} in the mapping")
+        if classes is not None and data.get("classes") is not None and list(classes) != list(data["classes"]):
+            raise UserError("classes= and the mapping's 'classes' name different classes; give one of them")
         return from_arrays(
             data["x_train"],
             data["y_train"],
@@ -173,6 +175,9 @@ def fit(
         r = r.replace(model=_register_user_model(model))
     elif model is not None and not isinstance(model, str):
         raise ConfigError(f"model: pass a registered model name or an nn.Module, not a {type(model).__name__}")
+    if classes is not None and (data is None or isinstance(data, (str, Path, Dataset))):
+        # A named dataset, an image folder or a Dataset already has its class names: `classes` would be ignored.
+        raise UserError("classes= names the classes of arrays or torch datasets; this data already has its own")
     ds = as_dataset(data, classes)
     if ds is not None and r.dataset in NAMED_DATASETS:
         r = r.replace(dataset=ds.name if ds.name not in NAMED_DATASETS else r.dataset)
