@@ -39,8 +39,9 @@ class ReferenceCNN(nn.Module):
         layers: list[nn.Module] = []
         c_in, height, width = input_shape
         if min(height, width) < 2 ** len(widths):
-            raise ValueError(
-                f"{len(widths)} pooling blocks need images of at least {2 ** len(widths)} px; got {height}x{width}"
+            raise ConfigError(
+                f"{len(widths)} pooling blocks need images of at least {2 ** len(widths)} px; got {height}x{width} "
+                "(NHWC arrays are read as channels-last only with 1, 3 or 4 channels)"
             )
         for s, w in enumerate(widths):
             pool: nn.Module = nn.MaxPool2d(2)
