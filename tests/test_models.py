@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -87,3 +88,10 @@ def test_whitening_init_gives_identity_covariance():
     flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
     cov = flat.T @ flat / len(flat)
     assert torch.allclose(cov, torch.eye(12), atol=1e-3)
+
+
+def test_images_too_small_for_the_reference_cnn_are_a_config_error():
+    from cifarlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"3 pooling blocks need images of at least 8 px; got 4x4"):
+        build_model(get_recipe("reference"), input_shape=(3, 4, 4))
