@@ -261,3 +261,17 @@ def test_official_archives_refuse_other_sizes(tmp_path) -> None:
     with pytest.raises(ConfigError, match="32x32"):
         load_dataset("cifar10", t.data_dir, image_size=64)
     assert load_dataset("cifar10", t.data_dir, image_size=None).input_shape == (3, 32, 32)
+
+
+def test_as_images_of_a_read_only_array_warns_nothing_and_copies() -> None:
+    import warnings
+
+    from cifarlab.data import as_images
+
+    a = np.zeros((2, 3, 8, 8), dtype=np.uint8)
+    a.setflags(write=False)  # as a PIL image's buffer or a memory map is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = as_images(a)
+    x[0, 0, 0, 0] = 1  # writable, and the caller's array is untouched
+    assert a[0, 0, 0, 0] == 0

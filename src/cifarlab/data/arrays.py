@@ -50,7 +50,9 @@ def _images(a: Any, what: str) -> np.ndarray:
 def as_images(x: Any, what: str = "images") -> torch.Tensor:
     """Images in any layout `from_arrays` accepts as a uint8 ``(N, C, H, W)`` tensor, with the same checks
     (for prediction, where there are no labels and no test set)."""
-    return torch.from_numpy(_images(x, what))
+    a = _images(x, what)
+    # A read-only array (a PIL image's buffer, a memory map) would make torch warn: copy it, as torch would need to.
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 def _to_uint8(x: np.ndarray, what: str) -> np.ndarray:
