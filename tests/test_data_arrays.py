@@ -266,8 +266,6 @@ def test_official_archives_refuse_other_sizes(tmp_path) -> None:
 def test_as_images_of_a_read_only_array_warns_nothing_and_copies() -> None:
     import warnings
 
-    from cifarlab.data import as_images
-
     a = np.zeros((2, 3, 8, 8), dtype=np.uint8)
     a.setflags(write=False)  # as a PIL image's buffer or a memory map is
     with warnings.catch_warnings():
