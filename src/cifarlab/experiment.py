@@ -180,6 +180,18 @@ def _check_fits_data(recipe: Recipe, n_train: int, input_shape: tuple[int, int, 
         raise UserError(f"translate_pad={recipe.translate_pad} must be smaller than the {h}x{w} images")
 
 
+def _probe(net: nn.Module, c: int, h: int, w: int) -> Any:
+    """The model's output for two black c x h x w images, in eval mode (no BatchNorm statistics change, no
+    dropout draws) and without gradients; the model's mode is restored."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            return net(torch.zeros(2, c, h, w, device=next(net.parameters()).device))
+    finally:
+        net.train(was_training)
+
+
 def _check_model(net: nn.Module, recipe: Recipe, ds: Dataset, n_train: int, world: int) -> None:
     """Before anything is written: one forward of two images in eval mode (no statistics change) must give
     (2, classes) logits, so a model of the wrong shape (your own nn.Module, say) fails here in one line, not after
@@ -189,16 +201,11 @@ def _check_model(net: nn.Module, recipe: Recipe, ds: Dataset, n_train: int, worl
     c, h, w = ds.input_shape
     if not any(p.requires_grad for p in net.parameters()):
         raise UserError(f"model {recipe.model!r} has no trainable parameters")
-    was_training = net.training
-    net.eval()
     try:
-        with torch.no_grad():
-            out = net(torch.zeros(2, c, h, w, device=next(net.parameters()).device))
+        out = _probe(net, c, h, w)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"model {recipe.model!r} cannot take {c}x{h}x{w} images: {why}") from None
-    finally:
-        net.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, k) or not out.is_floating_point():
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise UserError(
@@ -223,11 +230,8 @@ def _check_takes_train_scales(net: nn.Module, recipe: Recipe, input_shape: tuple
     c, h, w = input_shape
     s = min(recipe.train_scales)
     size = (max(1, round(h * s)), max(1, round(w * s)))
-    was_training = net.training
-    net.eval()
     try:
-        with torch.no_grad():
-            net(torch.zeros(2, c, *size, device=next(net.parameters()).device))
+        _probe(net, c, *size)
     except RuntimeError as e:
         raise UserError(
             f"model {recipe.model!r} cannot train on {size[0]}x{size[1]} images "
@@ -235,8 +239,6 @@ def _check_takes_train_scales(net: nn.Module, recipe: Recipe, input_shape: tuple
             "a model with global pooling (airnet, preact_resnet18, wrn, efficientnet_b0), or full size throughout: "
             "--set train_scales= (cifarlab.fit: train_scales=())"
         ) from None
-    finally:
-        net.train(was_training)
 
 
 def prepare(

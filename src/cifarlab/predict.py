@@ -11,7 +11,6 @@ training data went through: a model only sees inputs prepared like the ones it l
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from cifarlab.data.images import (
     MAX_IMAGE_PIXELS,
     UnsupportedImageError,
     bomb_guard,
+    bomb_numbers,
     decode_image,
     is_image_name,
     is_regular_file,
@@ -88,12 +88,10 @@ def _error_message(exc: BaseException, max_pixels: int) -> str:
 
     cause = exc.__cause__ if isinstance(exc, DataError) and exc.__cause__ is not None else exc
     if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        m = re.search(r"\((\d+) pixels\)", str(cause))
-        size = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
-        # decode_image names the limit that applied (a JPEG's header may declare more than max_pixels)
-        lim = re.search(r"limit of (\d+) pixels( for JPEGs)?", str(cause))
-        limit = f"{int(lim.group(1)):,}-pixel limit{lim.group(2) or ''}" if lim else f"{max_pixels:,}-pixel limit"
-        return f"refused: {size}, over the {limit} (possible decompression bomb)"
+        pixels, limit, jpeg = bomb_numbers(cause)  # decode_image names the limit that applied (JPEG's or not)
+        size = f"{pixels:,} pixels" if pixels is not None else "too many pixels"
+        over = f"{limit:,}-pixel limit{' for JPEGs' if jpeg else ''}" if limit else f"{max_pixels:,}-pixel limit"
+        return f"refused: {size}, over the {over} (possible decompression bomb)"
     if isinstance(cause, UnsupportedImageError):  # says what to do; not "refused": serve maps that to 413
         return str(cause)
     if isinstance(cause, OSError) and "cannot identify image file" in str(cause):

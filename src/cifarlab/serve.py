@@ -379,7 +379,7 @@ def sniff(data: bytes, name: str, max_pixels: int) -> str:
     """The image format of `data`, decided from the bytes only; ServeError (400/413/415) otherwise."""
     from PIL import Image, UnidentifiedImageError
 
-    from cifarlab.data.images import header_pixel_limit
+    from cifarlab.data.images import bomb_numbers, header_pixel_limit
 
     if not data:
         raise ServeError(400, f"{name}: empty: no image bytes were sent")
@@ -393,8 +393,8 @@ def sniff(data: bytes, name: str, max_pixels: int) -> str:
             pixels = im.width * im.height
             fmt = str(im.format)
     except Image.DecompressionBombError as e:  # Pillow's own limit, checked from the header
-        m = re.search(r"\((\d+) pixels\)", str(e))
-        size = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
+        pixels = bomb_numbers(e)[0]
+        size = f"{pixels:,} pixels" if pixels is not None else "too many pixels"
         raise ServeError(
             413, f"{name}: refused: {size}, over the {max_pixels:,}-pixel limit (possible decompression bomb)"
         ) from None

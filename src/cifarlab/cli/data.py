@@ -192,6 +192,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
+    import torch
+
     from cifarlab.data import sample_grid_figure
     from cifarlab.errors import UserError
 
@@ -205,7 +207,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     with _cli_logging():
         ds = _load(args)
     x, y = (ds.x_train, ds.y_train) if args.split == "train" else (ds.x_test, ds.y_test)
-    smallest = min(int((y == c).sum()) for c in range(len(ds.classes)))
+    smallest = int(torch.bincount(y, minlength=len(ds.classes)).min())
     per_class = min(args.per_class, smallest)  # a class with fewer images would leave blank cells
     fig = sample_grid_figure(x, y, ds.classes, per_class=per_class, seed=args.seed)
     fig.suptitle(f"{ds.name} ({args.split}): {per_class} random images per class (seed {args.seed})")

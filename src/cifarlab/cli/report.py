@@ -58,8 +58,8 @@ def _set_aside_damaged(run_dir: Path) -> None:
     from cifarlab.errors import UserError
     from cifarlab.runs import load_run
 
+    run = load_run(run_dir)  # a property that fails to read caches nothing: each is read once here
     for name, what in (("metrics", "training's timings and summary"), ("history", "training curves")):
-        run = load_run(run_dir)  # afresh each time: the properties are cached
         try:
             getattr(run, name)
         except UserError as e:

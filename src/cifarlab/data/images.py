@@ -45,6 +45,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "UnsupportedImageError",
     "bomb_guard",
+    "bomb_numbers",
     "decode_image",
     "header_pixel_limit",
     "is_image_name",
@@ -125,6 +126,21 @@ def _bomb_error(n: int, limit: int, jpeg: bool) -> Exception:
     )
 
 
+def bomb_numbers(exc: BaseException) -> tuple[int | None, int | None, bool]:
+    """(pixels, limit, whether the limit was the JPEG one) from a decompression-bomb error's message, Pillow's or
+    `_bomb_error`'s (both say "Image size (N pixels) exceeds limit of L pixels"); None where it does not say."""
+    import re
+
+    text = str(exc)
+    size = re.search(r"\((\d+) pixels\)", text)
+    limit = re.search(r"limit of (\d+) pixels( for JPEGs)?", text)
+    return (
+        int(size.group(1)) if size else None,
+        int(limit.group(1)) if limit else None,
+        bool(limit and limit.group(2)),
+    )
+
+
 def _check_pixels(im: PILImage.Image, max_pixels: int, jpeg: bool = False) -> None:
     n = im.width * im.height
     if n > max_pixels:
@@ -134,18 +150,16 @@ def _check_pixels(im: PILImage.Image, max_pixels: int, jpeg: bool = False) -> No
 def _open(src: bytes | Path | str, max_pixels: int) -> PILImage.Image:
     """Image.open, with Pillow's own bomb refusal (under `bomb_guard` its limit is the JPEG one) reworded to
     name the limit that applies to this file's format."""
-    import re
-
     from PIL import Image
 
     try:
         return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        m = re.search(r"\((\d+) pixels\)", str(exc))
-        if m is None:
+        pixels = bomb_numbers(exc)[0]
+        if pixels is None:
             raise
         jpeg = isinstance(src, bytes) and src.startswith(_JPEG_MAGIC)
-        raise _bomb_error(int(m.group(1)), header_pixel_limit("JPEG" if jpeg else None, max_pixels), jpeg) from None
+        raise _bomb_error(pixels, header_pixel_limit("JPEG" if jpeg else None, max_pixels), jpeg) from None
 
 
 def _tiff_bits(im: PILImage.Image) -> int | None:
