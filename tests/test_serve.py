@@ -643,3 +643,17 @@ def test_multipart_errors_say_what_to_change(run_dir: Path):
         )
         r = c.post("/v1/predict", content=body, headers={"Content-Type": "multipart/form-data; boundary=xyz"})
         assert r.status_code == 400 and "filename*= alone is read as text" in r.json()["error"]
+
+
+def test_a_blank_token_on_loopback_still_guards_the_service(run_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """`--token " "` is no token: the service must keep its loopback-only guard (a blank token used to switch the
+    guard off while checking no token either)."""
+    import uvicorn
+
+    from cifarlab.serve import serve
+
+    calls: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(app))
+    serve([run_dir], token="  ")
+    with TestClient(calls[-1], base_url="http://rebound.example:8000") as c:
+        assert c.get("/v1/models").status_code == 403

@@ -103,9 +103,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def clean_token(token: str | None) -> str | None:
+    """The bearer token as compared: stripped as the client's is ("abc " must not lock everyone out); a blank
+    one is none."""
+    return (token or "").strip() or None
+
+
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to expose the service beyond this machine without a bearer token (a blank one is none)."""
-    if not is_loopback(host) and not (token or "").strip():
+    if not is_loopback(host) and clean_token(token) is None:
         raise UserError(
             f"refusing to listen on {host} without a token: anyone who can reach this address could use the "
             f"service. Set ${TOKEN_ENV} (or --token) to require 'Authorization: Bearer <token>', or bind "
@@ -545,7 +551,7 @@ class _Guard:
 
     def __init__(self, app: ASGIApp, token: str | None, local_only: bool = False) -> None:
         self.app = app
-        token = token.strip() if token else None  # as the client's is: "abc " must not lock everyone out
+        token = clean_token(token)
         self.token = token.encode() if token else None
         self.local_only = local_only
 
@@ -823,7 +829,7 @@ def serve(
     """Check the binding, load the runs, and run uvicorn until Ctrl-C."""
     import uvicorn
 
-    token = token or os.environ.get(TOKEN_ENV) or None
+    token = clean_token(token or os.environ.get(TOKEN_ENV))  # a blank token is none: then local_only guards
     check_bind(host, token)
     app = create_app(run_dirs, token=token, local_only=token is None, **kw)
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
