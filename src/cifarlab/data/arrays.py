@@ -7,14 +7,13 @@ The checksum is the MD5 of the arrays (shapes and bytes), so a run records exact
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from cifarlab.data.dataset import Dataset, to_dataset
+from cifarlab.data.dataset import Dataset, arrays_md5, to_dataset
 from cifarlab.data.imagefolder import check_classes
 from cifarlab.data.images import UnsupportedImageError, pil_to_array
 from cifarlab.data.loader import split_indices
@@ -92,15 +91,6 @@ def _labels(a: Any, n: int, what: str) -> np.ndarray:
     if len(y) and y.min() < 0:
         raise DataError(f"{what}: labels must be >= 0, but item {int(np.argmin(y))} is {int(y.min())}")
     return y
-
-
-def arrays_md5(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> str:
-    """MD5 of the four arrays' shapes and bytes (uint8 images, int64 labels)."""
-    h = hashlib.md5()
-    for a in (x_train, y_train, x_test, y_test):
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).data)
-    return h.hexdigest()
 
 
 def from_arrays(

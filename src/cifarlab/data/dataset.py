@@ -46,7 +46,7 @@ from cifarlab.data.official import (
 )
 from cifarlab.errors import ConfigError, DataError
 
-__all__ = ["NAMED_DATASETS", "Dataset", "canonical_dataset_name", "default_data_dir", "load_dataset"]
+__all__ = ["NAMED_DATASETS", "Dataset", "arrays_md5", "canonical_dataset_name", "default_data_dir", "load_dataset"]
 
 # Official archives: bump when their decoded layout changes (old cache files are then ignored).
 _OFFICIAL_CACHE_VERSION = 1
@@ -69,8 +69,8 @@ class Dataset:
     source: str
     checksum: str  # see checksum_kind
     cache_dir: str  # the cache folder it was read from or written to; "" when not cached
-    # "md5 of archive", "md5 of arrays", "md5 of image files (paths and contents)", "md5 of IDX contents",
-    # "md5 of the decoded images, labels and class names" (extracted official batches), or ""
+    # "md5 of archive", "md5 of arrays" (data in memory, extracted official batches), "md5 of image files (paths
+    # and contents)", "md5 of IDX contents", or ""
     checksum_kind: str = ""
     expected_checksum: str = ""  # the official MD5 for this kind of source; "" when there is none
 
@@ -171,20 +171,22 @@ def _load_official_archive(spec: OfficialArchive, archive: Path, cache_dir: Path
     )
 
 
+def arrays_md5(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> str:
+    """MD5 of the four arrays' shapes and bytes (uint8 images, int64 labels)."""
+    h = hashlib.md5()
+    for a in (x_train, y_train, x_test, y_test):
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
+
+
 def _load_official_folder(spec: OfficialArchive, folder: Path) -> Dataset:
     arrays = read_official_folder(spec, folder)  # plain pickles load in well under a second: no cache needed
     # No archive to take the MD5 of: hash what is trained and tested on, so a resumed run notices edited batches.
-    h = hashlib.md5()
-    for key in ("x_train", "y_train", "x_test", "y_test"):
-        h.update(np.ascontiguousarray(arrays[key]).tobytes())
-    h.update("\0".join(arrays["classes"]).encode())
+    checksum = arrays_md5(*(arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")))
+    kind = "md5 of arrays"
     return to_dataset(
-        arrays,
-        name=spec.name,
-        source=str(folder),
-        checksum=h.hexdigest(),
-        checksum_kind="md5 of the decoded images, labels and class names",
-        cache_dir=str(folder),
+        arrays, name=spec.name, source=str(folder), checksum=checksum, checksum_kind=kind, cache_dir=str(folder)
     )
 
 
