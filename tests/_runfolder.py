@@ -8,7 +8,7 @@ import torch
 
 from cifarlab.models import build_model, init_whitening
 from cifarlab.recipes import Recipe, get_recipe
-from cifarlab.runs import CONFIG, WEIGHTS, save_weights, write_json
+from cifarlab.runs import CONFIG, TEMPERATURE, WEIGHTS, save_weights, write_json
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -20,9 +20,12 @@ def tiny_recipe(model: str = "reference_cnn") -> Recipe:
     return get_recipe("reference").replace(widths=(8, 16, 16), dense_width=32)
 
 
-def make_run(run_dir: Path, recipe: Recipe, classes: tuple[str, ...] = CLASSES, seed: int = 0) -> Path:
+def make_run(
+    run_dir: Path, recipe: Recipe, classes: tuple[str, ...] = CLASSES, seed: int = 0, temperature: float | None = None
+) -> Path:
     """config.json + model.safetensors for `recipe`, with non-trivial BN statistics (and whitening filters
-    for the airnet) so probabilities are far from uniform."""
+    for the airnet) so probabilities are far from uniform; `temperature`: a softmax temperature in the weights'
+    metadata, as a calibrated run has one."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = build_model(recipe, num_classes=len(classes))
@@ -53,5 +56,6 @@ def make_run(run_dir: Path, recipe: Recipe, classes: tuple[str, ...] = CLASSES, 
             "versions": {"cifarlab": "test"},
         },
     )
-    save_weights(model, run_dir / WEIGHTS)
+    meta = None if temperature is None else {TEMPERATURE: repr(temperature)}
+    save_weights(model, run_dir / WEIGHTS, metadata=meta)
     return run_dir

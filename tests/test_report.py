@@ -889,4 +889,11 @@ def test_the_reading_explains_under_confidence_by_label_smoothing():
     assert cal.accuracy == 1.0 and cal.mean_confidence < 0.4
     smoothed = calibration_sentence(cal, label_smoothing=0.2, n_classes=10)
     assert "under-confident" in smoothed and "label smoothing 0.2" in smoothed and "towards 82%" in smoothed
+    assert "calibrate=true" in smoothed  # the way out
     assert "label smoothing" not in calibration_sentence(cal)
+    # A run with a fitted temperature: the reading names it and the plain softmax's ECE, and sends nobody to
+    # --set calibrate=true (it is on).
+    sharp = evaluate_predictions(y, z / 0.2, [f"c{i}" for i in range(10)]).calibration
+    at_t = calibration_sentence(sharp, 0.2, 10, temperature=0.2, uncalibrated_ece=cal.ece)
+    assert "temperature 0.2 " in at_t and f"{cal.ece * 100:.1f}% without it" in at_t
+    assert "fitted after training" in at_t and "calibrate=true" not in at_t

@@ -245,6 +245,11 @@ class TrainedRun:
         return self.run.metrics
 
     @property
+    def temperature(self) -> float:
+        """The softmax temperature `predict` applies (fitted after training; 1.0 when the run has none)."""
+        return self.run.temperature
+
+    @property
     def test_accuracy(self) -> float:
         acc = self.run.metrics.get("test_accuracy")
         if acc is None:  # a stopped, crashed or diverged run has no test result
@@ -280,7 +285,8 @@ class TrainedRun:
         model = self.get_model()
         mean, std = self.run.normalization
         dev = resolve_device(device) if device else None
-        return predict_proba(model, x, mean=mean, std=std, device=dev, **recipe_options(self.recipe))
+        opts = recipe_options(self.recipe)
+        return predict_proba(model, x, mean=mean, std=std, device=dev, temperature=self.temperature, **opts)
 
     def evaluate(self, split: str = "test", data: Any = None, data_dir: str | Path | None = None) -> EvalResult:
         ds = as_dataset(data) if data is not None else self.dataset

@@ -1,8 +1,8 @@
 """Training to a wall-clock budget: `cifarlab train --budget 60s`.
 
 The budget covers the run from process start to the test accuracy: interpreter start and imports, data
-loading, the probe below, training and the final test evaluation. The report, written afterwards, is timed
-separately (`report_seconds` in metrics.json).
+loading, the probe below, training, the softmax temperature fit and the final test evaluation. The report,
+written afterwards, is timed separately (`report_seconds` in metrics.json).
 
 1. **Probe.** A few real training steps (the recipe's loop, loader and augmentation) and one inference batch
    are timed at the recipe's width and at one other width, on this machine, now. Step time is modelled as
@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifarlab.calibrate import CALIBRATION_IMAGES
 from cifarlab.errors import ConfigError
 from cifarlab.inference import predict_logits, recipe_options
 from cifarlab.train.callbacks import Callback
@@ -356,7 +357,11 @@ def plan_budget(
     probes = []
     for scale in WIDTH_SCALES:
         probes.append(Probe(scale, scaled_widths(recipe.widths, scale), scale**2))
-    n = {"test": n_test, "val": n_val, "steps": steps_per_epoch}
+    # The temperature fit (`cifarlab.calibrate`) runs inference on up to 1,000 more images before the test.
+    n_cal = (
+        (min(CALIBRATION_IMAGES, n_val) if n_val else CALIBRATION_IMAGES) if getattr(recipe, "calibrate", False) else 0
+    )
+    n = {"test": n_test + n_cal, "val": n_val, "steps": steps_per_epoch}
 
     def measure(scale: float) -> Probe:
         i = WIDTH_SCALES.index(scale)

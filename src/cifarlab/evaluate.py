@@ -207,6 +207,8 @@ class InferenceInfo:
     images_per_second: float | None
     logits_from: str  # "training" or "this evaluation"
     metrics_seconds: float
+    temperature: float = 1.0  # the run's softmax temperature, applied to every probability (`cifarlab.calibrate`)
+    uncalibrated_ece: float | None = None  # the ECE of the plain softmax, when the temperature is not 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -220,6 +222,8 @@ class InferenceInfo:
             "images_per_second": self.images_per_second,
             "logits_from": self.logits_from,
             "metrics_seconds": self.metrics_seconds,
+            "temperature": self.temperature,
+            "uncalibrated_ece": self.uncalibrated_ece,
         }
 
 
@@ -321,7 +325,8 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class Predictions:
-    """The arrays behind an evaluation, for the report's figures: logits, softmax probabilities, true and
+    """The arrays behind an evaluation, for the report's figures: logits (divided by the run's softmax
+    temperature, so that their softmax is `probs`), softmax probabilities, true and
     predicted labels, the images (uint8 tensor), their indices into the split's source array, the dataset
     and the loaded run."""
 
@@ -635,9 +640,15 @@ def evaluate_run(
         logits = predict_logits(model, x, mean=mean, std=std, device=device, **recipe_options(recipe))
     predict_seconds = None if reused else time.perf_counter() - t0
     y_np = y.numpy() if hasattr(y, "numpy") else np.asarray(y)
-    z = logits.numpy()
+    temperature = run.temperature
+    # Every probability is the one predict and serve give: the logits divided by the fitted temperature.
+    z = logits.numpy().astype(np.float64) / temperature
     t0 = time.perf_counter()
     ev = evaluate_predictions(y_np, z, run.classes)
+    uncalibrated_ece = None
+    if temperature != 1.0:
+        raw = softmax(logits.numpy())
+        uncalibrated_ece = calibration(raw.max(axis=1), raw.argmax(axis=1) == y_np).ece
     inference = InferenceInfo(
         device=str(device),
         tta=recipe.tta,
@@ -650,6 +661,8 @@ def evaluate_run(
         images_per_second=len(y_np) / predict_seconds if predict_seconds else None,
         logits_from="training" if reused else "this evaluation",
         metrics_seconds=time.perf_counter() - t0,
+        temperature=temperature,
+        uncalibrated_ece=uncalibrated_ece,
     )
     ev = ev.with_run_info(split, data_info, inference)
     probs = softmax(z)

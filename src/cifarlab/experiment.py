@@ -32,6 +32,7 @@ from torch import nn
 from cifarlab import __version__
 from cifarlab.augment import make_augment
 from cifarlab.budget import PROCESS_START, BudgetPlan, Clock, TimeBudget, plan_budget, usable_seconds
+from cifarlab.calibrate import calibration_split, fit_temperature
 from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, split_indices
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads
 from cifarlab.distributed import Distributed, threads_per_process
@@ -45,6 +46,7 @@ from cifarlab.runs import (
     CONFIG,
     METRICS,
     STATUS,
+    TEMPERATURE,
     WEIGHTS,
     RunLock,
     load_checkpoint,
@@ -593,6 +595,7 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         # A diverged run keeps whatever model file it had.
         return RunResult(run_dir, {"status": fit.status, "message": fit.message}, fit.status)
 
+    calibration = calibrate(plan) if r.calibrate else None  # before the test: a --budget counts it
     t0 = time.perf_counter()
     logits = predict_logits(
         plan.model, ds.x_test, mean=plan.mean, std=plan.std, device=plan.device, **recipe_options(r)
@@ -600,7 +603,11 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
     test_acc = (logits.argmax(1) == ds.y_test).float().mean().item()
     test_loss = F.cross_entropy(logits, ds.y_test).item()
     eval_seconds = time.perf_counter() - t0
-    save_weights(plan.model, run_dir / WEIGHTS, metadata={"recipe": r.name})
+    meta = {"recipe": r.name}
+    if calibration is not None:
+        meta[TEMPERATURE] = repr(calibration["temperature"])
+        calibration["test_loss"] = F.cross_entropy(logits / calibration["temperature"], ds.y_test).item()
+    save_weights(plan.model, run_dir / WEIGHTS, metadata=meta)
     last = fit.history[-1] if fit.history else {}
     best_row = fit.history[fit.best_epoch - 1] if fit.best_epoch else last
     metrics = {
@@ -617,10 +624,12 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         "train_accuracy": last.get("accuracy"),
         "best_val_accuracy": best_row.get("val_accuracy"),
         "best_val_loss": best_row.get("val_loss"),
+        "calibration": calibration,
         "timings": {
             **plan.timings,
             "train_seconds": fit.train_seconds,
             "eval_seconds": eval_seconds,
+            "calibration_seconds": calibration["seconds"] if calibration else 0.0,
             "total_seconds": time.perf_counter() - plan.t_start,
             "seconds_per_epoch": fit.train_seconds / max(1, len(fit.history)),
             "session_seconds": sessions,
@@ -639,7 +648,29 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
     if fit.restored_epoch:
         say(f"best weights restored from epoch {fit.restored_epoch}")
     say(f"test accuracy {test_acc:.2%}  (loss {test_loss:.4f}, TTA {r.tta}, evaluated in {eval_seconds:.1f} s)")
+    if calibration is not None:
+        say(
+            f"softmax temperature {calibration['temperature']:.3f}, fitted on {calibration['fitted_on']} "
+            f"(test loss {test_loss:.4f} -> {calibration['test_loss']:.4f}; predict, serve and export apply it)"
+        )
     return RunResult(run_dir, metrics, "finished", logits)
+
+
+def calibrate(plan: Plan) -> dict[str, Any]:
+    """Fit the softmax temperature of the trained model (`cifarlab.calibrate`) on held-out images where the run
+    has a validation split, else on training images, through the same inference path as the test."""
+    r, ds = plan.recipe, plan.dataset
+    t0 = time.perf_counter()
+    x, y, what = calibration_split(ds.x_train, ds.y_train, plan.train_idx, plan.val_idx, r.seed)
+    z = predict_logits(plan.model, x, mean=plan.mean, std=plan.std, device=plan.device, **recipe_options(r))
+    t = fit_temperature(z, y)
+    return {
+        "temperature": t,
+        "fitted_on": what,
+        "fit_loss_before": F.cross_entropy(z, y).item(),
+        "fit_loss_after": F.cross_entropy(z / t, y).item(),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def write_report(plan: Plan, result: RunResult, say: Log) -> str | None:

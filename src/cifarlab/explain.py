@@ -277,7 +277,7 @@ def explain_paths(
     if decoded:
         x = _stack([a for _, a in decoded])
         with torch.no_grad():
-            probs = torch.softmax(model(to_float(x, mean, std, dev)).float(), dim=1).cpu()
+            probs = torch.softmax(model(to_float(x, mean, std, dev)).float() / run.temperature, dim=1).cpu()
         cls = torch.full((len(x),), tgt) if tgt is not None else probs.argmax(dim=1)
         maps = {
             m: saliency(model, x, method=m, target=cls, mean=mean, std=std, device=dev, steps=steps) for m in methods

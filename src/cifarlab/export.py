@@ -2,8 +2,9 @@
 
 The exported model takes images as they come out of an image decoder, NCHW with values 0..255 (ONNX: uint8;
 TorchScript: uint8 or float), scales them to [0, 1], applies the run's per-channel normalization and returns
-softmax probabilities. Preprocessing travels with the model, so a consumer cannot get it subtly wrong; a uint8
-ONNX input also makes the classic mistake (feeding 0..1 floats) a type error instead of silent garbage.
+softmax probabilities (at the run's fitted temperature, `cifarlab.calibrate`). Preprocessing travels with the
+model, so a consumer cannot get it subtly wrong; a uint8 ONNX input also makes the classic mistake (feeding
+0..1 floats) a type error instead of silent garbage.
 Images must already have the run's input size (32x32 RGB for CIFAR): resizing is left to the caller (see
 `cifarlab.predict` for the rule).
 
@@ -38,11 +39,15 @@ METADATA_FILE = "cifarlab.json"  # TorchScript _extra_files entry
 
 
 class Preprocessed(nn.Module):
-    """images (N, C, H, W), 0..255 -> softmax probabilities, with the exact ops of inference.to_float."""
+    """images (N, C, H, W), 0..255 -> softmax probabilities, with the exact ops of inference.to_float and the
+    run's softmax temperature (`cifarlab.calibrate`; 1: none, and no division in the graph)."""
 
-    def __init__(self, model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+    def __init__(
+        self, model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None, temperature: float = 1.0
+    ) -> None:
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)
         self.normalize = mean is not None and std is not None
         self.mean: torch.Tensor
         self.std: torch.Tensor
@@ -54,7 +59,8 @@ class Preprocessed(nn.Module):
         x = images.to(torch.float32) / 255.0
         if self.normalize:
             x = (x - self.mean) / self.std
-        return torch.softmax(self.model(x), dim=1)
+        logits = self.model(x)
+        return torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=1)
 
 
 def weights_digest(run: Any) -> str:
@@ -92,6 +98,7 @@ def metadata(run: Any, fmt: str) -> dict[str, str]:
         ),
         "output": json.dumps({"name": OUTPUT_NAME, "shape": ["batch", len(run.classes)], "kind": "softmax"}),
         "tta": "none",
+        "temperature": repr(run.temperature),
     }
 
 
@@ -100,7 +107,7 @@ def _wrapped(run_dir: Path | str) -> tuple[Any, nn.Module]:
     model = run.build_model().float().eval()  # fp32, eval mode (BN running stats, no dropout), no autocast
     model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # missing in torch's stubs
     mean, std = run.normalization
-    wrapped = Preprocessed(model, mean, std).eval()
+    wrapped = Preprocessed(model, mean, std, run.temperature).eval()
     for p in wrapped.parameters():
         p.requires_grad_(False)
     return run, wrapped

@@ -95,6 +95,8 @@ def predict_logits(
     return torch.cat(out) if out else torch.empty(0)
 
 
-def predict_proba(model: nn.Module, x: torch.Tensor, **kw: Any) -> torch.Tensor:
-    """Softmax probabilities (the reference's output layer) for uint8 images."""
-    return torch.softmax(predict_logits(model, x, **kw), dim=1)
+def predict_proba(model: nn.Module, x: torch.Tensor, *, temperature: float = 1.0, **kw: Any) -> torch.Tensor:
+    """Softmax probabilities (the reference's output layer) for uint8 images; `temperature`: the run's fitted one
+    (`Run.temperature`), which divides the logits first (the predicted class stays the same)."""
+    logits = predict_logits(model, x, **kw)
+    return torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=1)

@@ -165,9 +165,8 @@ def predict_paths(
     for i, msg in failed.items():
         results[i]["error"] = msg
     if len(x):
-        probs = predict_proba(
-            model, x, mean=mean, std=std, device=dev, **{**recipe_options(run.recipe), "precision": prec}
-        )
+        opts = {**recipe_options(run.recipe), "precision": prec}
+        probs = predict_proba(model, x, mean=mean, std=std, device=dev, temperature=run.temperature, **opts)
         top_p, top_i = probs.topk(min(top_k, len(classes)), dim=1)
         for row, (i, _) in enumerate(decoded):
             results[i]["top_k"] = [

@@ -58,6 +58,7 @@ HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"
 METRICS = "metrics.json"
 WEIGHTS = "model.safetensors"
+TEMPERATURE = "temperature"  # model.safetensors metadata key: the softmax temperature (`cifarlab.calibrate`)
 CHECKPOINT = "checkpoint.pt"
 STATUS = "status.json"
 LOCK = ".lock"
@@ -170,6 +171,21 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
     atomic_write_bytes(path, save(state, metadata=metadata))
 
 
+def read_temperature(path: Path) -> float:
+    """The `temperature` entry of a weights file's metadata; 1.0 when the file has none (or is missing or damaged:
+    loading the weights reports that)."""
+    from safetensors import safe_open
+
+    from cifarlab.calibrate import check_temperature
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            value = (f.metadata() or {}).get(TEMPERATURE)
+    except Exception:  # noqa: BLE001 (safetensors has its own error types; load_weights words them)
+        return 1.0
+    return 1.0 if value is None else check_temperature(value, str(path))
+
+
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load `path` into `model`; every way it can be wrong is a one-line error naming the file."""
     try:
@@ -262,6 +278,12 @@ class Run:
     def normalization(self) -> tuple[list[float] | None, list[float] | None]:
         n = self.config.get("normalization") or {}
         return n.get("mean"), n.get("std")
+
+    @functools.cached_property
+    def temperature(self) -> float:
+        """The softmax temperature fitted after training (`cifarlab.calibrate`), from model.safetensors' metadata;
+        1.0 for a run that fitted none (its recipe said calibrate=false, it stopped early, or it predates them)."""
+        return read_temperature(self.path / WEIGHTS)
 
     def build_model(self, weights: bool = True) -> nn.Module:
         model = build_model(self.recipe, num_classes=len(self.classes), input_shape=self.input_shape)

@@ -349,7 +349,7 @@ def load_model(
     if prec == "fp16" and dev.type != "cuda":
         prec = "auto"  # exactly what `cifarlab predict` does
     mean, std = run.normalization
-    opts = {**recipe_options(run.recipe), "precision": prec}
+    opts = {**recipe_options(run.recipe), "precision": prec, "temperature": run.temperature}
     saliency_model = copy.deepcopy(model).eval()
     mid = model_id or run.path.name
 

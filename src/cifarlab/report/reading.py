@@ -81,15 +81,25 @@ def pair_sentences(ev: EvalResult) -> list[str]:
     return out
 
 
-def calibration_sentence(cal: Calibration, label_smoothing: float = 0.0, n_classes: int = 10) -> str:
+def calibration_sentence(
+    cal: Calibration,
+    label_smoothing: float = 0.0,
+    n_classes: int = 10,
+    temperature: float = 1.0,
+    uncalibrated_ece: float | None = None,
+) -> str:
+    """How far the probabilities can be trusted. `temperature`: the run's fitted softmax temperature (the
+    probabilities are those of the logits divided by it); `uncalibrated_ece`: the plain softmax's ECE."""
     if cal.ece < 0.02:
         cal_txt = "well calibrated"
     elif cal.overconfidence > 0:
         cal_txt = "over-confident"
     else:
         cal_txt = "under-confident"
+    what = "the softmax output" if temperature == 1.0 else f"the softmax at the run's temperature {temperature:.3g}"
+    before = f"; {pct(uncalibrated_ece)} without it" if uncalibrated_ece is not None else ""
     s = (
-        f"Calibration: the softmax output read as a probability is {cal_txt} (ECE {pct(cal.ece)}; mean "
+        f"Calibration: {what} read as a probability is {cal_txt} (ECE {pct(cal.ece)}{before}; mean "
         f"confidence {pct(cal.mean_confidence)} against accuracy {pct(cal.accuracy)})."
     )
     hc = cal.high_confidence
@@ -98,12 +108,17 @@ def calibration_sentence(cal: Calibration, label_smoothing: float = 0.0, n_class
             f" Predictions made with at least {hc.threshold:.0%} confidence ({hc.share:.0%} of images) are "
             f"right {pct(hc.accuracy)} of the time."
         )
-    if cal.ece >= 0.02 and cal.overconfidence <= 0 and label_smoothing > 0:
+    if temperature != 1.0 and uncalibrated_ece is not None and uncalibrated_ece > cal.ece:
+        s += (
+            " The temperature was fitted after training (cifarlab.calibrate); predict, serve and export apply it, "
+            "and it changes no prediction, only how sure each one claims to be."
+        )
+    elif cal.ece >= 0.02 and cal.overconfidence <= 0 and label_smoothing > 0:
         target = 1 - label_smoothing + label_smoothing / n_classes
         s += (
             f" Expected with label smoothing {label_smoothing:g}: training pulls the right class's probability towards "
-            f"{target:.0%}, never 100%; where calibrated probabilities matter, divide the logits by a temperature "
-            "below 1 fitted on held-out images."
+            f"{target:.0%}, never 100%; where calibrated probabilities matter, train with --set calibrate=true "
+            "(a softmax temperature fitted after training, which predict, serve and export apply)."
         )
     return s
 
@@ -195,7 +210,14 @@ def plain_reading(
 ) -> list[str]:
     """A short reading of the results, derived from the numbers only (no class is named in advance).
     `label_smoothing`: the recipe's, which explains an under-confident model."""
-    cal = calibration_sentence(ev.calibration, label_smoothing, len(ev.classes))
+    inf = ev.inference
+    cal = calibration_sentence(
+        ev.calibration,
+        label_smoothing,
+        len(ev.classes),
+        temperature=inf.temperature if inf else 1.0,
+        uncalibrated_ece=inf.uncalibrated_ece if inf else None,
+    )
     out = [headline(ev), *class_sentences(ev), *pair_sentences(ev), cal]
     rob = robustness_sentence(robustness)
     if rob:

@@ -141,6 +141,7 @@ def summary_section(run: Any, ev: EvalResult, reading: list[str], timings: dict[
         [f"{split} loss", f"{ev.loss:.4f}"],
         ["macro F1", f"{ev.macro_avg.f1:.4f}"],
         ["expected calibration error", pct(ev.calibration.ece, 2)],
+        *_temperature_rows(ev),
     ]
     if kept_row:
         rows.append([f"train accuracy (epoch {kept})", pct(kept_row.get("accuracy"), 2)])
@@ -246,6 +247,7 @@ def results_section(run: Any, ev: EvalResult) -> Section:
         ["macro precision / recall / F1", " / ".join(f"{getattr(ev.macro_avg, m):.4f}" for m in prf)],
         ["weighted precision / recall / F1", " / ".join(f"{getattr(ev.weighted_avg, m):.4f}" for m in prf)],
         ["expected calibration error", pct(ev.calibration.ece, 2)],
+        *_temperature_rows(ev),
         ["test-time augmentation", str(inf.tta if inf else run.recipe.tta)],
         [
             "inference",
@@ -313,6 +315,24 @@ def confusions_section(ev: EvalResult) -> Section:
     return section("confusions", "Confusions", *blocks)
 
 
+def _at_temperature(ev: EvalResult) -> str:
+    t = ev.inference.temperature if ev.inference else 1.0
+    return (
+        "" if t == 1.0 else f" (of the logits divided by the run's temperature {t:.4g}, as predict and serve give it)"
+    )
+
+
+def _temperature_rows(ev: EvalResult) -> list[list[str]]:
+    """The softmax temperature and the ECE without it, for a run that fitted one (`cifarlab.calibrate`)."""
+    inf = ev.inference
+    if inf is None or inf.temperature == 1.0:
+        return []
+    rows = [["softmax temperature (fitted after training)", f"{inf.temperature:.4g}"]]
+    if inf.uncalibrated_ece is not None:
+        rows.append(["expected calibration error without it", pct(inf.uncalibrated_ece, 2)])
+    return rows
+
+
 def calibration_section(ev: EvalResult) -> Section:
     cal = ev.calibration
     pc = ev.probability_check
@@ -331,7 +351,8 @@ def calibration_section(ev: EvalResult) -> Section:
         "calibration",
         "Calibration",
         Paragraph(
-            "The softmax output is read as a probability. It is a distribution (each row in [0, 1], "
+            f"The softmax output{_at_temperature(ev)} is read as a probability. It is a distribution "
+            "(each row in [0, 1], "
             f"summing to 1 within {pc.max_abs_sum_error:.1e}: "
             f"{'yes' if pc.is_distribution else 'NO'}); whether it is a calibrated probability is what "
             "the reliability diagram shows: of the predictions made with confidence p, a share p should "
@@ -345,6 +366,7 @@ def calibration_section(ev: EvalResult) -> Section:
                 ["mean confidence", pct(cal.mean_confidence, 2)],
                 ["accuracy", pct(cal.accuracy, 2)],
                 ["bins", str(cal.n_bins)],
+                *_temperature_rows(ev),
             ],
         ),
         Figure("reliability", "Reliability diagram: bars below the diagonal are over-confident bins."),

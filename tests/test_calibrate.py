@@ -1,0 +1,178 @@
+"""The softmax temperature (`cifarlab.calibrate`): fitted after training, stored with the weights, applied by every
+path that gives probabilities (API, predict, serve, ONNX/TorchScript export, evaluate and the report)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _runfolder import make_run, tiny_recipe
+from _synth import make_dataset, make_images
+from cifarlab import api, export
+from cifarlab.calibrate import CALIBRATION_IMAGES, calibration_split, fit_temperature
+from cifarlab.errors import UserError
+from cifarlab.evaluate import calibration, evaluate_run, softmax
+from cifarlab.experiment import run_experiment
+from cifarlab.inference import predict_logits, recipe_options
+from cifarlab.predict import predict_paths
+from cifarlab.recipes import get_recipe
+from cifarlab.runs import TEMPERATURE, WEIGHTS, load_run, read_json, save_weights
+
+
+def _sampled(t_true: float, n: int = 20000, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits z and labels drawn from softmax(z / t_true): the temperature that fits them best is t_true."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, k, generator=g) * 4
+    y = torch.multinomial(torch.softmax(z / t_true, dim=1), 1, generator=g).squeeze(1)
+    return z, y
+
+
+@pytest.mark.parametrize("t_true", [0.5, 1.0, 2.5])
+def test_fit_recovers_the_temperature_the_labels_were_drawn_with(t_true: float):
+    z, y = _sampled(t_true)
+    t = fit_temperature(z, y)
+    assert abs(t - t_true) / t_true < 0.05, (t, t_true)
+    nll = [F.cross_entropy(z / s, y).item() for s in (t / 1.02, t, t * 1.02)]
+    assert nll[1] <= min(nll[0], nll[2])  # a minimum, not a point beside it
+
+
+def test_fit_ends_of_the_range_and_bad_shapes():
+    z = torch.tensor([[3.0, 0.0], [0.0, 3.0]] * 50)
+    assert fit_temperature(z, torch.tensor([0, 1] * 50)) < 0.05  # always right: as sure as allowed
+    assert fit_temperature(z, torch.tensor([1, 0] * 50)) > 20  # always wrong: as unsure as allowed
+    with pytest.raises(ValueError, match="labels"):
+        fit_temperature(torch.zeros(4, 3), torch.zeros(5, dtype=torch.long))
+
+
+def test_calibration_split_prefers_the_validation_split():
+    x = torch.arange(5000).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).to(torch.uint8)
+    y = torch.arange(5000) % 7
+    tr, va = torch.arange(0, 4000), torch.arange(4000, 5000)
+    xc, yc, what = calibration_split(x, y, tr, va[:300], seed=0)
+    assert what == "300 validation images" and torch.equal(yc, y[4000:4300])
+    xc, yc, what = calibration_split(x, y, tr, va[:0], seed=0)
+    assert what == f"{CALIBRATION_IMAGES} training images" and len(yc) == CALIBRATION_IMAGES
+    xc2, yc2, _ = calibration_split(x, y, tr, va[:0], seed=0)
+    assert torch.equal(xc, xc2) and torch.equal(yc, yc2)  # the run's seed picks them: a resume picks the same
+    assert not torch.equal(yc, calibration_split(x, y, tr, va[:0], seed=1)[1])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """A tiny airnet trained by the real loop, with label smoothing as `fast` has it (so under-confident)."""
+    ds = make_dataset(40, 10)
+    recipe = get_recipe("fast").replace(widths=(8, 16, 16), epochs=3, batch_size=16, precision="fp32")
+    res = run_experiment(recipe, dataset=ds, runs_root=tmp_path_factory.mktemp("runs"), quiet=True, report=False)
+    assert res.status == "finished"
+    return res.run_dir, ds
+
+
+def test_a_trained_run_stores_the_temperature_its_calibration_images_give(trained):
+    run_dir, ds = trained
+    run = load_run(run_dir)
+    cal = read_json(run_dir / "metrics.json")["calibration"]
+    assert cal["fitted_on"] == f"{len(ds.y_train)} training images"  # fewer than CALIBRATION_IMAGES: all of them
+    assert run.temperature == cal["temperature"] != 1.0
+    # Recomputed independently: the logits of the same images through the same inference path.
+    mean, std = run.normalization
+    z = predict_logits(run.build_model(), ds.x_train, mean=mean, std=std, **recipe_options(run.recipe))
+    assert math.isclose(fit_temperature(z, ds.y_train), run.temperature, rel_tol=1e-3)
+    assert cal["fit_loss_after"] <= cal["fit_loss_before"]
+    # ...and the test loss at the temperature is what metrics.json says.
+    zt = predict_logits(run.build_model(), ds.x_test, mean=mean, std=std, **recipe_options(run.recipe))
+    assert math.isclose(F.cross_entropy(zt / run.temperature, ds.y_test).item(), cal["test_loss"], rel_tol=1e-3)
+
+
+def test_every_probability_path_applies_it(trained, tmp_path: Path):
+    run_dir, ds = trained
+    run = load_run(run_dir)
+    t = run.temperature
+    mean, std = run.normalization
+    x = ds.x_test[:12]
+    z = predict_logits(run.build_model(), x, mean=mean, std=std, **recipe_options(run.recipe))
+    expected = torch.softmax(z / t, dim=1)
+    assert not torch.allclose(expected, torch.softmax(z, dim=1), atol=1e-3)  # the temperature matters here
+    loaded = api.load(run_dir)
+    assert loaded.temperature == t
+    torch.testing.assert_close(loaded.predict(x), expected, atol=1e-5, rtol=0)
+    # Files through `cifarlab predict`.
+    from PIL import Image
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(p)
+        paths.append(p)
+    for i, r in enumerate(predict_paths(run_dir, paths, top_k=1)):
+        assert r["top_k"][0]["probability"] == pytest.approx(expected[i].max().item(), abs=1e-5)
+    # TorchScript export (ONNX below, where onnxruntime is installed).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load: still how TorchScript loads
+        ts = torch.jit.load(str(export.export_torchscript(run_dir, tmp_path / "m.pt")))
+    torch.testing.assert_close(ts(x), run_probs_fp32(run_dir, x), atol=1e-4, rtol=0)
+
+
+def run_probs_fp32(run_dir: Path, x: torch.Tensor) -> torch.Tensor:
+    """What an export must give: fp32, no TTA, at the run's temperature."""
+    run = load_run(run_dir)
+    mean, std = run.normalization
+    z = predict_logits(run.build_model(), x, mean=mean, std=std, tta="none", precision="fp32")
+    return torch.softmax(z / run.temperature, dim=1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs the export extra (onnxruntime)")
+def test_onnx_export_carries_the_temperature(tmp_path: Path):
+    import onnx
+    import onnxruntime as ort
+
+    run_dir = make_run(tmp_path / "20260101-120000-fast", tiny_recipe("airnet"), temperature=0.4)
+    path = export.export_onnx(run_dir, tmp_path / "m.onnx")
+    x, _ = make_images(4, n_classes=4, seed=5)
+    [got] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), run_probs_fp32(run_dir, x), atol=1e-4, rtol=0)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert float(meta["temperature"]) == 0.4
+
+
+def test_evaluate_and_the_report_use_it(trained):
+    run_dir, ds = trained
+    run = load_run(run_dir)
+    ev, preds = evaluate_run(run_dir, dataset=ds)
+    mean, std = run.normalization
+    z = predict_logits(run.build_model(), ds.x_test, mean=mean, std=std, **recipe_options(run.recipe)).double()
+    y = ds.y_test.numpy()
+    p = softmax((z / run.temperature).numpy())
+    assert ev.inference is not None and ev.inference.temperature == run.temperature
+    assert ev.calibration.ece == pytest.approx(calibration(p.max(1), p.argmax(1) == y).ece, abs=1e-6)
+    raw = softmax(z.numpy())
+    assert ev.inference.uncalibrated_ece == pytest.approx(calibration(raw.max(1), raw.argmax(1) == y).ece, abs=1e-6)
+    assert ev.loss == pytest.approx(F.cross_entropy(z / run.temperature, ds.y_test.long()).item(), abs=1e-5)
+    np.testing.assert_allclose(preds.probs, p, atol=1e-6)
+    assert ev.to_dict()["inference"]["temperature"] == run.temperature
+
+
+def test_recipes_without_calibration_and_old_runs_keep_the_plain_softmax(tmp_path: Path):
+    assert get_recipe("reference").calibrate is False  # the reference is Keras's softmax, as pinned
+    assert get_recipe("fast").calibrate and get_recipe("air94").calibrate
+    run_dir = make_run(tmp_path / "20260101-120000-fast", tiny_recipe("airnet"))  # no temperature stored
+    assert load_run(run_dir).temperature == 1.0
+    ds = make_dataset(8, 4, n_classes=10)
+    recipe = tiny_recipe("airnet").replace(epochs=1, batch_size=16, calibrate=False, precision="fp32", tta="none")
+    res = run_experiment(recipe, dataset=ds, runs_root=tmp_path, quiet=True, report=False)
+    assert res.metrics["calibration"] is None and load_run(res.run_dir).temperature == 1.0
+
+
+@pytest.mark.parametrize("bad", ["nan", "-1", "0", "abc", "inf"])
+def test_a_damaged_temperature_is_one_clear_error(tmp_path: Path, bad: str):
+    run_dir = make_run(tmp_path / "20260101-120000-fast", tiny_recipe("airnet"))
+    run = load_run(run_dir)
+    save_weights(run.build_model(), run_dir / WEIGHTS, metadata={TEMPERATURE: bad})
+    with pytest.raises(UserError, match="temperature .* is not a positive number; the file is damaged"):
+        load_run(run_dir).temperature  # noqa: B018
