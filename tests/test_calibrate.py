@@ -15,15 +15,16 @@ import torch.nn.functional as F
 
 from _runfolder import make_run, tiny_recipe
 from _synth import make_dataset, make_images
-from cifarlab import api, export
-from cifarlab.calibrate import CALIBRATION_IMAGES, calibration_split, fit_temperature
+from cifarlab import api, cli, export
+from cifarlab.api import TrainedRun
+from cifarlab.calibrate import CALIBRATION_IMAGES, calibrate_run, calibration_split, fit_temperature
 from cifarlab.errors import UserError
-from cifarlab.evaluate import calibration, evaluate_run, softmax
+from cifarlab.evaluate import calibration, evaluate_run, softmax, split_images
 from cifarlab.experiment import run_experiment
 from cifarlab.inference import predict_logits, recipe_options
 from cifarlab.predict import predict_paths
 from cifarlab.recipes import get_recipe
-from cifarlab.runs import TEMPERATURE, WEIGHTS, load_run, read_json, save_weights
+from cifarlab.runs import TEMPERATURE, WEIGHTS, RunLock, load_run, read_json, save_weights, write_status
 
 
 def _sampled(t_true: float, n: int = 20000, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,3 +177,80 @@ def test_a_damaged_temperature_is_one_clear_error(tmp_path: Path, bad: str):
     save_weights(run.build_model(), run_dir / WEIGHTS, metadata={TEMPERATURE: bad})
     with pytest.raises(UserError, match="temperature .* is not a positive number; the file is damaged"):
         load_run(run_dir).temperature  # noqa: B018
+
+
+# -- calibrating a run afterwards: `cifarlab calibrate`, TrainedRun.calibrate --------------------------------------
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_calibrate_run_fits_on_the_reproduced_validation_split_and_keeps_the_weights(tmp_path: Path):
+    ds = make_dataset(30, 10)
+    recipe = tiny_recipe("reference_cnn").replace(epochs=2, batch_size=16, precision="fp32", val_fraction=0.25)
+    res = run_experiment(recipe, dataset=ds, runs_root=tmp_path, quiet=True, report=False)
+    run_dir = res.run_dir
+    assert res.metrics["calibration"] is None and load_run(run_dir).temperature == 1.0
+    before = _tensors(run_dir / WEIGHTS)
+    result = calibrate_run(run_dir, dataset=ds)
+    assert result is not None and result["fitted_on"] == "30 validation images"  # 25% of 120
+    run = load_run(run_dir)
+    assert run.temperature == result["temperature"] and read_json(run_dir / "metrics.json")["calibration"] == result
+    after = _tensors(run_dir / WEIGHTS)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / WEIGHTS), framework="pt") as f:
+        assert f.metadata()["recipe"] == recipe.name  # the other metadata is kept
+    # Independently: the validation split as `evaluate --split val` reproduces it, through the run's inference.
+    x, y, _ = split_images(run, ds, "val")
+    mean, std = run.normalization
+    z = predict_logits(run.build_model(), x, mean=mean, std=std, **recipe_options(run.recipe))
+    assert math.isclose(fit_temperature(z, y), run.temperature, rel_tol=1e-3)
+    # --off: the plain softmax again, the same tensors.
+    assert calibrate_run(run_dir, off=True) is None
+    assert load_run(run_dir).temperature == 1.0 and read_json(run_dir / "metrics.json")["calibration"] is None
+    assert all(torch.equal(before[k], v) for k, v in _tensors(run_dir / WEIGHTS).items())
+    # The API: fit again, and predict applies it.
+    trained = TrainedRun(load_run(run_dir), dataset=ds)
+    t = trained.calibrate()
+    assert t == pytest.approx(result["temperature"], rel=1e-6) and trained.temperature == t
+    probs = trained.predict(ds.x_test[:4])
+    zt = predict_logits(run.build_model(), ds.x_test[:4], mean=mean, std=std, **recipe_options(run.recipe))
+    torch.testing.assert_close(probs, torch.softmax(zt / t, dim=1), atol=1e-5, rtol=0)
+
+
+def test_calibrate_run_refuses_unfinished_runs_other_data_and_a_busy_folder(tmp_path: Path):
+    import dataclasses
+
+    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe())  # no status.json: not finished
+    with pytest.raises(UserError, match="has not finished"):
+        calibrate_run(run_dir, dataset=make_dataset(4, 2, n_classes=10))
+    ds = dataclasses.replace(make_dataset(30, 10), checksum="aaa")
+    recipe = tiny_recipe("reference_cnn").replace(epochs=1, batch_size=16, precision="fp32")
+    run_dir = run_experiment(recipe, dataset=ds, runs_root=tmp_path, quiet=True, report=False).run_dir
+    before = (run_dir / WEIGHTS).read_bytes()
+    with pytest.raises(UserError, match="not the data .* was trained on"):
+        calibrate_run(run_dir, dataset=dataclasses.replace(ds, checksum="bbb"))
+    with RunLock(run_dir), pytest.raises(UserError, match="in use"):
+        calibrate_run(run_dir, dataset=ds)
+    assert (run_dir / WEIGHTS).read_bytes() == before  # nothing was written by the refusals
+
+
+def test_cli_calibrate(tmp_path: Path, tiny_cifar10, capsys: pytest.CaptureFixture[str]):
+    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe())
+    write_status(run_dir, "finished")
+    data = str(tiny_cifar10.data_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny archive's MD5 is not the official one
+        assert cli.main(["calibrate", str(run_dir), "--data-dir", data]) == 0
+    out = capsys.readouterr().out
+    t = load_run(run_dir).temperature
+    assert t != 1.0 and f"softmax temperature {t:.4g}, fitted on 10 validation images" in out  # 20% of 50
+    assert "cifarlab report" in out
+    assert cli.main(["calibrate", str(run_dir), "--off"]) == 0
+    assert "temperature removed" in capsys.readouterr().out and load_run(run_dir).temperature == 1.0
+    assert cli.main(["calibrate", str(tmp_path / "nope")]) == 2

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from cifarlab.budget import Clock, parse_duration
+from cifarlab.calibrate import calibrate_run
 from cifarlab.config import apply_overrides, machine_variant
 from cifarlab.data import Dataset, as_images, from_arrays, from_torch_dataset, load_dataset
 from cifarlab.data.dataset import NAMED_DATASETS
@@ -294,6 +295,13 @@ class TrainedRun:
             ds = load_dataset(self.recipe.dataset, data_dir)
         ev, _ = evaluate_run(self.path, split=split, dataset=ds)
         return ev
+
+    def calibrate(self, data_dir: str | Path | None = None, off: bool = False) -> float:
+        """Fit (again) the run's softmax temperature on its own images (`cifarlab calibrate`), or with `off`
+        remove it; returns the temperature `predict` now applies."""
+        calibrate_run(self.path, dataset=self.dataset, data_dir=Path(data_dir) if data_dir else None, off=off)
+        self.run = load_run(self.path)  # Run caches what it read: the temperature, metrics.json
+        return self.temperature
 
     def report(self, data_dir: str | Path | None = None) -> Path:
         """(Re)write report.html / report.md; returns the HTML path."""

@@ -12,6 +12,9 @@ weights and T travel together; predict, serve, export and the report apply it (`
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,3 +78,85 @@ def check_temperature(value: Any, where: str) -> float:
     if not (math.isfinite(t) and t > 0):
         raise UserError(f"{where}: temperature {value!r} is not a positive number; the file is damaged")
     return t
+
+
+def fit_on_split(
+    model: torch.nn.Module,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    seed: int,
+    *,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    device: torch.device | str | None,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """Fit a trained model's temperature on its `calibration_split`, through the inference path `options` names
+    (`inference.recipe_options`: TTA, precision, batch, memory format); what metrics.json keeps as "calibration"."""
+    from cifarlab.inference import predict_logits
+
+    t0 = time.perf_counter()
+    x, y, what = calibration_split(x_train, y_train, train_idx, val_idx, seed)
+    z = predict_logits(model, x, mean=mean, std=std, device=device, **options)
+    t = fit_temperature(z, y)
+    return {
+        "temperature": t,
+        "fitted_on": what,
+        "fit_loss_before": F.cross_entropy(z, y).item(),
+        "fit_loss_after": F.cross_entropy(z / t, y).item(),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def calibrate_run(
+    run_dir: Path | str, dataset: Any = None, data_dir: Path | None = None, off: bool = False
+) -> dict[str, Any] | None:
+    """Fit (again) the softmax temperature of a finished run, or with `off` remove it; `cifarlab calibrate`.
+
+    For runs trained with calibrate=false (`reference`) or before temperatures existed. The images are the
+    run's own: its reproduced validation split, else its training images, so the data must be the run's
+    (checksum). model.safetensors is rewritten with the same tensors and the new metadata, atomically, under
+    the run's lock; metrics.json's "calibration" entry follows. Returns that entry (None with `off`)."""
+    from cifarlab.data import split_indices
+    from cifarlab.evaluate import check_dataset, load_run_dataset
+    from cifarlab.inference import recipe_options, resolve_device
+    from cifarlab.runs import METRICS, STATUS, WEIGHTS, RunLock, load_run, read_json, write_json, write_temperature
+
+    run = load_run(run_dir)
+    status = read_json(run.path / STATUS).get("status") if (run.path / STATUS).exists() else None
+    if status != "finished":
+        raise UserError(
+            f"{run.path} has not finished (status {status!r}): train or resume it first (cifarlab train --resume)"
+        )
+    with RunLock(run.path):
+        result = None
+        if not off:
+            ds = dataset if dataset is not None else load_run_dataset(run, data_dir)
+            check = check_dataset(run, ds)
+            if check.mismatch:
+                raise UserError(
+                    f"the data given is not the data {run.path.name} was trained on (checksum {check.checksum} "
+                    f"!= the run's): its temperature must be fitted on the run's own images; pass its --data-dir"
+                )
+            r = run.recipe
+            labels = ds.y_train if r.stratified_split else None
+            tr, va = split_indices(len(ds.y_train), r.val_fraction, r.seed, labels=labels)
+            device = resolve_device("auto")
+            model = run.build_model().to(device)
+            if r.channels_last:
+                model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            opts = recipe_options(r)
+            result = fit_on_split(
+                model, ds.x_train, ds.y_train, tr, va, r.seed, mean=run.normalization[0], std=run.normalization[1],
+                device=device, options=opts,
+            )  # fmt: skip
+        write_temperature(run.path / WEIGHTS, None if result is None else result["temperature"])
+        try:
+            metrics = run.metrics
+        except UserError:
+            metrics = None  # damaged: `cifarlab report` sets it aside and rebuilds it
+        if metrics:
+            write_json(run.path / METRICS, {**metrics, "calibration": result})
+    return result

@@ -32,7 +32,7 @@ from torch import nn
 from cifarlab import __version__
 from cifarlab.augment import make_augment
 from cifarlab.budget import PROCESS_START, BudgetPlan, Clock, TimeBudget, plan_budget, usable_seconds
-from cifarlab.calibrate import calibration_split, fit_temperature
+from cifarlab.calibrate import fit_on_split
 from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, split_indices
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads
 from cifarlab.distributed import Distributed, threads_per_process
@@ -660,17 +660,10 @@ def calibrate(plan: Plan) -> dict[str, Any]:
     """Fit the softmax temperature of the trained model (`cifarlab.calibrate`) on held-out images where the run
     has a validation split, else on training images, through the same inference path as the test."""
     r, ds = plan.recipe, plan.dataset
-    t0 = time.perf_counter()
-    x, y, what = calibration_split(ds.x_train, ds.y_train, plan.train_idx, plan.val_idx, r.seed)
-    z = predict_logits(plan.model, x, mean=plan.mean, std=plan.std, device=plan.device, **recipe_options(r))
-    t = fit_temperature(z, y)
-    return {
-        "temperature": t,
-        "fitted_on": what,
-        "fit_loss_before": F.cross_entropy(z, y).item(),
-        "fit_loss_after": F.cross_entropy(z / t, y).item(),
-        "seconds": time.perf_counter() - t0,
-    }
+    return fit_on_split(
+        plan.model, ds.x_train, ds.y_train, plan.train_idx, plan.val_idx, r.seed,
+        mean=plan.mean, std=plan.std, device=plan.device, options=recipe_options(r),
+    )  # fmt: skip
 
 
 def write_report(plan: Plan, result: RunResult, say: Log) -> str | None:

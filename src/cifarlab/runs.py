@@ -186,6 +186,26 @@ def read_temperature(path: Path) -> float:
     return 1.0 if value is None else check_temperature(value, str(path))
 
 
+def write_temperature(path: Path, temperature: float | None) -> None:
+    """Rewrite a weights file with the same tensors and its metadata's temperature set (None: removed),
+    atomically: a failure leaves the old file whole."""
+    from safetensors import safe_open
+
+    try:
+        require_regular_file(path, "weights file")
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    except UserError:
+        raise UserError(f"{path} is missing: the run has no saved weights (did training finish?)") from None
+    except Exception as e:  # noqa: BLE001 (safetensors has its own error types)
+        raise UserError(f"{path} is not a valid safetensors file ({e}); the run folder is damaged") from None
+    meta.pop(TEMPERATURE, None)
+    if temperature is not None:
+        meta[TEMPERATURE] = repr(float(temperature))
+    atomic_write_bytes(path, save(state, metadata=meta or None))
+
+
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load `path` into `model`; every way it can be wrong is a one-line error naming the file."""
     try:

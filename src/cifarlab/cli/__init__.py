@@ -25,6 +25,7 @@ COMMANDS: tuple[str, ...] = (
     "tune",
     "evaluate",
     "report",
+    "calibrate",
     "runs",
     "predict",
     "explain",
