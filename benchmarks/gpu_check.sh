@@ -6,8 +6,9 @@
 #
 # Writes into $OUT (default gpu-out/): env.txt, gpu_tests.txt, gpu_fast.json/.txt (5 seeds), gpu_air94.json/.txt
 # (3 seeds), suite.txt; the run folders (checkpoints: megabytes each) go to $RUNS (default /tmp/cifarlab-gpu-runs),
-# not into $OUT, which the device tool copies back. It runs from the checkout without installing it (PYTHONPATH=src); WHEELS=DIR installs the
-# test extras from a folder of wheels first (a GPU machine without internet may lack some of them). Each step has
+# not into $OUT, which the device tool copies back. It runs from the checkout without installing it (PYTHONPATH=src);
+# WHEELS=DIR (default .whl when it exists; benchmarks/gpu_wheels.sh fills it) first installs pytest, simplejpeg and
+# the serve stack from a folder of wheels: the lent GPU machines have no internet and none of them. Each step has
 # its own time limit, so one that hangs cannot eat the others' time; a failing step does not stop the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +20,18 @@ RUNS=${RUNS:-/tmp/cifarlab-gpu-runs}
 mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 [ -e "$DATA" ] || { echo "error: DATA=$DATA does not exist (a folder with cifar10-jpeg.tar.gz)" >&2; exit 2; }
-if [ -n "${WHEELS:-}" ]; then
-  $PY -m pip install -q --no-index --find-links "$WHEELS" -e '.[test]' >"$OUT/pip.txt" 2>&1 || echo "pip failed: $OUT/pip.txt"
+WHEELS=${WHEELS:-$([ -d .whl ] && echo .whl)}  # benchmarks/gpu_wheels.sh fills .whl
+if [ -n "$WHEELS" ]; then
+  # Three installs, so that a group that cannot install (another Python) does not stop the others.
+  {
+    $PY -m pip install --no-index --find-links "$WHEELS" pytest pytest-xdist || echo "pytest: not installed"
+    $PY -m pip install --no-index --find-links "$WHEELS" simplejpeg || echo "simplejpeg: not installed (Pillow decodes)"
+    $PY -m pip install --no-index --find-links "$WHEELS" fastapi uvicorn python-multipart httpx ||
+      echo "serve stack: not installed (its tests skip)"
+  } >"$OUT/pip.txt" 2>&1
+  grep 'not installed' "$OUT/pip.txt" || echo "wheels from $WHEELS installed ($OUT/pip.txt)"
 fi
+$PY -c 'import pytest' 2>/dev/null || echo "pytest is missing: the tests and suite steps will fail (benchmarks/gpu_wheels.sh, then WHEELS=.whl)"
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1

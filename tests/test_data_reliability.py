@@ -241,6 +241,33 @@ def test_jpeg_decodes_to_pillows_pixels(tmp_path, mode, options, shape) -> None:
         np.testing.assert_array_equal(decode_image(path, "x", size), want)
 
 
+def test_without_simplejpeg_pillow_decodes_the_same_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """simplejpeg is a speed-up, not a requirement: a machine without its wheel (the GPU hosts of this project
+    have no internet) decodes every JPEG with Pillow, to the same pixels."""
+    import io
+
+    from PIL import Image
+
+    from cifarlab.data import images
+
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = buf.getvalue()
+    fast = decode_image(data, "x", 32)
+    assert images._decode_jpeg_as_is(data, size=32, max_pixels=10**6) is not None
+    monkeypatch.setattr(images, "simplejpeg", None)
+    assert images._decode_jpeg_as_is(data, size=32, max_pixels=10**6) is None
+    np.testing.assert_array_equal(decode_image(data, "x", 32), fast)
+    # And the module imports where the package is missing altogether.
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['simplejpeg'] = None; import cifarlab.data.images as m; print(m.simplejpeg)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "None"
+
+
 def test_damaged_jpeg_is_pillows_clear_error_not_garbage(tmp_path) -> None:
     import io
 

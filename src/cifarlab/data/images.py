@@ -32,7 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import simplejpeg
+
+try:
+    import simplejpeg
+except ImportError:  # pragma: no cover - a machine without its wheel (a GPU host without internet): Pillow
+    simplejpeg = None  # decodes the same pixels, ~5x slower (the first load of the JPEG copy, then the cache)
 
 from cifarlab.errors import DataError
 
@@ -256,7 +260,7 @@ def _decode_jpeg_as_is(data: bytes, size: int | None, max_pixels: int) -> np.nda
     60,000 CIFAR-10 images, and in tests/test_data_reliability.py). Any libjpeg warning or error (a truncated
     or damaged file) falls back to Pillow, whose message the user sees.
     """
-    if not data.startswith(_JPEG_MAGIC) or _has_app1(data):
+    if simplejpeg is None or not data.startswith(_JPEG_MAGIC) or _has_app1(data):
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
