@@ -254,3 +254,17 @@ def test_cli_calibrate(tmp_path: Path, tiny_cifar10, capsys: pytest.CaptureFixtu
     assert cli.main(["calibrate", str(run_dir), "--off"]) == 0
     assert "temperature removed" in capsys.readouterr().out and load_run(run_dir).temperature == 1.0
     assert cli.main(["calibrate", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs the export extra (onnxruntime)")
+def test_a_new_temperature_makes_an_earlier_onnx_export_stale_for_serve(tmp_path: Path):
+    """The weights' digest covers the file's metadata: `serve --backend onnx` exports again after `calibrate`."""
+    from cifarlab.runs import write_temperature
+    from cifarlab.serve import _onnx_forward
+
+    run_dir = make_run(tmp_path / "20260101-120000-fast", tiny_recipe("airnet"))
+    export.export_onnx(run_dir, run_dir / "model.onnx")  # at temperature 1, kept in the folder
+    write_temperature(run_dir / WEIGHTS, 0.4)  # what `cifarlab calibrate` writes
+    x, _ = make_images(2, n_classes=4, seed=7)
+    served = _onnx_forward(load_run(run_dir), torch.device("cpu"))(x)
+    torch.testing.assert_close(served, run_probs_fp32(run_dir, x), atol=1e-4, rtol=0)

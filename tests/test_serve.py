@@ -108,8 +108,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def air_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """airnet: standardization and flip_translate TTA, so parity with `predict` covers the run's options."""
-    return make_run(tmp_path_factory.mktemp("runs") / "20260101-130000-fast", tiny_recipe("airnet"), seed=1)
+    """airnet: standardization, flip_translate TTA and a softmax temperature, so parity with `predict` (which
+    test_calibrate checks against the logits) covers the run's options."""
+    root = tmp_path_factory.mktemp("runs")
+    return make_run(root / "20260101-130000-fast", tiny_recipe("airnet"), seed=1, temperature=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +145,8 @@ def test_healthz_models_and_pages(client: TestClient, run_dir: Path, air_run_dir
     card = m["models"][1]
     assert card["recipe"] == "fast" and card["architecture"] == "airnet" and card["dataset"] == "synthetic"
     assert card["classes"] == list(CLASSES) and card["input_shape"] == [3, 32, 32]
-    assert card["backend"] == "torch" and card["tta"] == "flip_translate"
+    assert card["backend"] == "torch" and card["tta"] == "flip_translate" and card["temperature"] == 0.5
+    assert m["models"][0]["temperature"] == 1.0  # the reference run has none
     assert card["test_accuracy"] is None and card["report"] is None  # no metrics.json / report.html here
     assert client.get(f"/v1/models/{air_run_dir.name}").json() == card
     assert client.get("/v1/models/nope").status_code == 404

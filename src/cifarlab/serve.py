@@ -285,6 +285,7 @@ def model_card(run: Any, model_id: str, backend: str, tta: str) -> dict[str, Any
         "input_shape": list(run.input_shape),
         "backend": backend,
         "tta": tta,
+        "temperature": run.temperature,  # the softmax temperature the probabilities are at (`cifarlab.calibrate`)
         "test_accuracy": acc,
         "test_loss": _finite(metrics.get("test_loss")),
         "per_class_recall": recall or None,
