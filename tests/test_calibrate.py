@@ -157,6 +157,7 @@ def test_evaluate_and_the_report_use_it(trained):
     assert ev.loss == pytest.approx(F.cross_entropy(z / run.temperature, ds.y_test.long()).item(), abs=1e-5)
     np.testing.assert_allclose(preds.probs, p, atol=1e-6)
     assert ev.to_dict()["inference"]["temperature"] == run.temperature
+    assert ev.inference.temperature_fitted_on == f"{len(ds.y_train)} training images"
 
 
 def test_recipes_without_calibration_and_old_runs_keep_the_plain_softmax(tmp_path: Path):
@@ -210,6 +211,13 @@ def test_calibrate_run_fits_on_the_reproduced_validation_split_and_keeps_the_wei
     mean, std = run.normalization
     z = predict_logits(run.build_model(), x, mean=mean, std=std, **recipe_options(run.recipe))
     assert math.isclose(fit_temperature(z, y), run.temperature, rel_tol=1e-3)
+    # The report says what the temperature was fitted on, and that the validation split's ECE is then in-sample.
+    from cifarlab.report.sections import _temperature_rows
+
+    [[label, value], _] = _temperature_rows(evaluate_run(run_dir, split="val", dataset=ds)[0])
+    assert "on 30 validation images: these images, so the ECE here is optimistic" in label
+    assert value == f"{run.temperature:.4g}"
+    assert "optimistic" not in _temperature_rows(evaluate_run(run_dir, dataset=ds)[0])[0][0]
     # --off: the plain softmax again, the same tensors.
     assert calibrate_run(run_dir, off=True) is None
     assert load_run(run_dir).temperature == 1.0 and read_json(run_dir / "metrics.json")["calibration"] is None

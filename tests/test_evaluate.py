@@ -353,6 +353,7 @@ def test_evaluate_run_result_dict_has_the_run_keys(tmp_path: Path):
     assert set(d["inference"]) == {
         "device", "tta", "precision", "dtype", "channels_last", "batch_size", "predict_seconds",
         "images_per_second", "logits_from", "metrics_seconds", "temperature", "uncalibrated_ece",
+        "temperature_fitted_on",
     }  # fmt: skip
     assert ev.tta == d["inference"]["tta"] and ev.split_name == "test" and not ev.dataset_mismatch
     assert ev.seconds == d["inference"]["predict_seconds"]

@@ -209,6 +209,7 @@ class InferenceInfo:
     metrics_seconds: float
     temperature: float = 1.0  # the run's softmax temperature, applied to every probability (`cifarlab.calibrate`)
     uncalibrated_ece: float | None = None  # the ECE of the plain softmax, when the temperature is not 1
+    temperature_fitted_on: str | None = None  # e.g. "1000 validation images" (metrics.json "calibration")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -224,6 +225,7 @@ class InferenceInfo:
             "metrics_seconds": self.metrics_seconds,
             "temperature": self.temperature,
             "uncalibrated_ece": self.uncalibrated_ece,
+            "temperature_fitted_on": self.temperature_fitted_on,
         }
 
 
@@ -525,6 +527,15 @@ def split_images(run: Any, dataset: Any, split: str) -> tuple[Any, Any, Any]:
     return dataset.x_train[va_idx], dataset.y_train[va_idx], va_idx
 
 
+def _fitted_on(run: Any) -> str | None:
+    """What the run's temperature was fitted on, from metrics.json (None when it does not say, or is damaged)."""
+    try:
+        cal = run.metrics.get("calibration")
+    except UserError:
+        return None
+    return str(cal["fitted_on"]) if isinstance(cal, dict) and cal.get("fitted_on") else None
+
+
 def load_run_dataset(run: Any, data_dir: Path | None = None) -> Any:
     from cifarlab.data import load_dataset
 
@@ -645,10 +656,11 @@ def evaluate_run(
     z = logits.numpy().astype(np.float64) / temperature
     t0 = time.perf_counter()
     ev = evaluate_predictions(y_np, z, run.classes)
-    uncalibrated_ece = None
+    uncalibrated_ece = fitted_on = None
     if temperature != 1.0:
         raw = softmax(logits.numpy())
         uncalibrated_ece = calibration(raw.max(axis=1), raw.argmax(axis=1) == y_np).ece
+        fitted_on = _fitted_on(run)
     inference = InferenceInfo(
         device=str(device),
         tta=recipe.tta,
@@ -663,6 +675,7 @@ def evaluate_run(
         metrics_seconds=time.perf_counter() - t0,
         temperature=temperature,
         uncalibrated_ece=uncalibrated_ece,
+        temperature_fitted_on=fitted_on,
     )
     ev = ev.with_run_info(split, data_info, inference)
     probs = softmax(z)

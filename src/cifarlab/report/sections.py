@@ -327,7 +327,10 @@ def _temperature_rows(ev: EvalResult) -> list[list[str]]:
     inf = ev.inference
     if inf is None or inf.temperature == 1.0:
         return []
-    rows = [["softmax temperature (fitted after training)", f"{inf.temperature:.4g}"]]
+    where = f", on {inf.temperature_fitted_on}" if inf.temperature_fitted_on else ""
+    if ev.split == "val" and "validation" in (inf.temperature_fitted_on or ""):
+        where += ": these images, so the ECE here is optimistic"
+    rows = [[f"softmax temperature (fitted after training{where})", f"{inf.temperature:.4g}"]]
     if inf.uncalibrated_ece is not None:
         rows.append(["expected calibration error without it", pct(inf.uncalibrated_ece, 2)])
     return rows
