@@ -261,6 +261,8 @@ def test_cli_calibrate(tmp_path: Path, tiny_cifar10, capsys: pytest.CaptureFixtu
     assert "cifarlab report" in out
     assert cli.main(["calibrate", str(run_dir), "--off"]) == 0
     assert "temperature removed" in capsys.readouterr().out and load_run(run_dir).temperature == 1.0
+    assert cli.main(["calibrate", str(run_dir), "--off"]) == 0
+    assert "nothing to remove" in capsys.readouterr().out
     assert cli.main(["calibrate", str(tmp_path / "nope")]) == 2
 
 

@@ -132,6 +132,8 @@ def calibrate_run(
         )
     with RunLock(run.path):
         result = None
+        if off and run.temperature == 1.0:
+            return None  # nothing to remove: the file stays as it is
         if not off:
             ds = dataset if dataset is not None else load_run_dataset(run, data_dir)
             check = check_dataset(run, ds)

@@ -35,10 +35,14 @@ def add_parser(sub: Any) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from cifarlab.calibrate import calibrate_run
     from cifarlab.inference import set_threads
+    from cifarlab.runs import load_run
 
     set_threads()
-    result = calibrate_run(args.run_dir, data_dir=args.data_dir, off=args.off)
     run = printable(args.run_dir)
+    if args.off and load_run(args.run_dir).temperature == 1.0:
+        print(f"{run} has no softmax temperature: nothing to remove")
+        return 0
+    result = calibrate_run(args.run_dir, data_dir=args.data_dir, off=args.off)
     if result is None:
         print(f"{run}: temperature removed; predict, serve and export give the plain softmax")
     else:
