@@ -896,4 +896,12 @@ def test_the_reading_explains_under_confidence_by_label_smoothing():
     sharp = evaluate_predictions(y, z / 0.2, [f"c{i}" for i in range(10)]).calibration
     at_t = calibration_sentence(sharp, 0.2, 10, temperature=0.2, uncalibrated_ece=cal.ece)
     assert "temperature 0.2 " in at_t and f"{cal.ece * 100:.1f}% without it" in at_t
-    assert "fitted after training" in at_t and "calibrate=true" not in at_t
+    assert "fitted after training" in at_t and "calibrate=true" not in at_t and "val_fraction" not in at_t
+    # Fitted on training images of a model that knows them too well: over-confident, and the reading says why.
+    z_wrong = z.copy()
+    z_wrong[:100] = z_wrong[:100][:, ::-1]  # a fifth of the answers wrong, as sure as the rest
+    sure = evaluate_predictions(y, z_wrong / 0.05, [f"c{i}" for i in range(10)]).calibration
+    assert sure.overconfidence > 0.02
+    told = calibration_sentence(sure, 0.2, 10, 0.05, cal.ece, fitted_on="1000 training images")
+    assert "over-confident" in told and "fitted on 1000 training images" in told and "val_fraction=0.02" in told
+    assert "val_fraction" not in calibration_sentence(sure, 0.2, 10, 0.05, cal.ece, fitted_on="1000 validation images")
