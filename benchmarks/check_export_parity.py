@@ -4,7 +4,8 @@
 
 Takes --n (default 1,000) test images of the run's dataset, evenly spaced over the test set, exports the
 run to a temporary folder, and prints the max abs difference of the probabilities from
-`inference.predict_proba(tta="none", precision="fp32")` (the exports hold no TTA), plus top-1 agreement.
+`inference.predict_proba(tta="none", precision="fp32")` at the run's softmax temperature (the exports hold no TTA),
+plus top-1 agreement.
 The exports are fed in batches of --batch (default 250, not the export's dummy batch of 2) to exercise the
 dynamic batch axis. Exit status 1 when a difference exceeds --tol (default 1e-4).
 """
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     x, y = ds.x_test[idx].contiguous(), ds.y_test[idx]
     mean, std = run.normalization
     t0 = time.perf_counter()
-    ref = predict_proba(run.build_model(), x, mean=mean, std=std, tta="none", precision="fp32", channels_last=False)
+    ref = predict_proba(
+        run.build_model(), x, mean=mean, std=std, tta="none", precision="fp32", channels_last=False,
+        temperature=run.temperature,  # the exports divide by it too
+    )  # fmt: skip
     print(
         f"run {run.path.name} (recipe {run.recipe.name}, model {run.recipe.model}); "
         f"{len(x)} test images of {ds.name}; PyTorch fp32 in {time.perf_counter() - t0:.1f} s"

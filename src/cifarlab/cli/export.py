@@ -42,7 +42,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cifarlab.export import export, output_path
     from cifarlab.runs import load_run
 
-    c, h, w = load_run(args.run_dir).input_shape  # a damaged run folder fails here, before anything is written
+    run = load_run(args.run_dir)  # a damaged run folder fails here, before anything is written
+    c, h, w = run.input_shape
+    at = f" at the run's temperature {run.temperature:.3g}" if run.temperature != 1.0 else ""
     replacing = output_path(args.run_dir, args.out, args.format).is_file()  # refuses a run's own files first
     out = export(args.run_dir, args.format, args.out)
     expected = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript")}[args.format]
@@ -52,7 +54,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     color = {1: "grayscale", 3: "RGB"}.get(c, f"{c}-channel")
     print(
         f"{'replaced' if replacing else 'wrote'} {out} ({out.stat().st_size / 1e6:.2f} MB, {args.format}): input "
-        f"{dtype} NCHW {h}x{w} {color} 0..255, dynamic batch; output softmax probabilities; class names and "
+        f"{dtype} NCHW {h}x{w} {color} 0..255, dynamic batch; output softmax probabilities{at}; class names and "
         "preprocessing in metadata"
     )
     return 0
