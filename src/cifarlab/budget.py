@@ -358,9 +358,7 @@ def plan_budget(
     for scale in WIDTH_SCALES:
         probes.append(Probe(scale, scaled_widths(recipe.widths, scale), scale**2))
     # The temperature fit (`cifarlab.calibrate`) runs inference on up to 1,000 more images before the test.
-    n_cal = (
-        (min(CALIBRATION_IMAGES, n_val) if n_val else CALIBRATION_IMAGES) if getattr(recipe, "calibrate", False) else 0
-    )
+    n_cal = min(CALIBRATION_IMAGES, n_val or CALIBRATION_IMAGES) if recipe.calibrate else 0
     n = {"test": n_test + n_cal, "val": n_val, "steps": steps_per_epoch}
 
     def measure(scale: float) -> Probe:

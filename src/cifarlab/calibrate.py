@@ -71,17 +71,6 @@ def calibration_split(
     return x_train[idx], y_train[idx], f"{len(idx)} {what} images"
 
 
-def check_temperature(value: Any, where: str) -> float:
-    """A stored temperature as a float; anything but a positive finite number is a damaged file."""
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        t = float("nan")
-    if not (math.isfinite(t) and t > 0):
-        raise UserError(f"{where}: temperature {value!r} is not a positive number; the file is damaged")
-    return t
-
-
 def fit_on_split(
     model: torch.nn.Module,
     x_train: torch.Tensor,
@@ -121,7 +110,7 @@ def calibrate_run(
     run's own: its reproduced validation split, else its training images, so the data must be the run's
     (checksum). model.safetensors is rewritten with the same tensors and the new metadata, atomically, under
     the run's lock; metrics.json's "calibration" entry follows. Returns that entry (None with `off`)."""
-    from cifarlab.data import split_indices
+    from cifarlab.data import recipe_split
     from cifarlab.evaluate import check_dataset, load_run_dataset
     from cifarlab.inference import recipe_options, resolve_device
     from cifarlab.runs import METRICS, STATUS, WEIGHTS, RunLock, load_run, read_json, write_json, write_temperature
@@ -144,17 +133,12 @@ def calibrate_run(
                     f"the data given is not the data {run.path.name} was trained on (checksum {check.checksum} "
                     f"!= the run's): its temperature must be fitted on the run's own images; pass its --data-dir"
                 )
-            r = run.recipe
-            labels = ds.y_train if r.stratified_split else None
-            tr, va = split_indices(len(ds.y_train), r.val_fraction, r.seed, labels=labels)
+            tr, va = recipe_split(run.recipe, ds.y_train)
             device = resolve_device("auto")
-            model = run.build_model().to(device)
-            if r.channels_last:
-                model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            opts = recipe_options(r)
+            mean, std = run.normalization
             result = fit_on_split(
-                model, ds.x_train, ds.y_train, tr, va, r.seed, mean=run.normalization[0], std=run.normalization[1],
-                device=device, options=opts,
+                run.inference_model(device), ds.x_train, ds.y_train, tr, va, run.recipe.seed,
+                mean=mean, std=std, device=device, options=recipe_options(run.recipe),
             )  # fmt: skip
         write_temperature(run.path / WEIGHTS, None if result is None else result["temperature"])
         try:

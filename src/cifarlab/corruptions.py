@@ -315,9 +315,7 @@ def evaluate_corruptions(
     y_np = y.numpy() if hasattr(y, "numpy") else np.asarray(y)
     mean, std = run.normalization
     device = resolve_device("auto")
-    model = run.build_model().to(device)
-    if run.recipe.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model = run.inference_model(device)
     opts = recipe_options(run.recipe)
 
     def accuracy(images: torch.Tensor) -> float:

@@ -514,7 +514,7 @@ def split_images(run: Any, dataset: Any, split: str) -> tuple[Any, Any, Any]:
         return dataset.x_test, dataset.y_test, torch.arange(len(dataset.y_test))
     if split != "val":
         raise UserError(f"unknown split {split!r}; use test or val")
-    from cifarlab.data import split_indices
+    from cifarlab.data import recipe_split
 
     recipe = run.recipe
     if recipe.val_fraction <= 0:
@@ -522,8 +522,7 @@ def split_images(run: Any, dataset: Any, split: str) -> tuple[Any, Any, Any]:
             f"run {run.path} trained on all training images (val_fraction=0): it has no validation split; "
             "use --split test"
         )
-    labels = dataset.y_train if recipe.stratified_split else None
-    _, va_idx = split_indices(len(dataset.y_train), recipe.val_fraction, recipe.seed, labels=labels)
+    _, va_idx = recipe_split(recipe, dataset.y_train)
     return dataset.x_train[va_idx], dataset.y_train[va_idx], va_idx
 
 
@@ -645,10 +644,9 @@ def evaluate_run(
     t0 = time.perf_counter()
     reused = logits is not None and len(logits) == len(y)
     if logits is None or not reused:
-        model = run.build_model().to(device)
-        if recipe.channels_last:  # as training evaluates it
-            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        logits = predict_logits(model, x, mean=mean, std=std, device=device, **recipe_options(recipe))
+        logits = predict_logits(
+            run.inference_model(device), x, mean=mean, std=std, device=device, **recipe_options(recipe)
+        )
     predict_seconds = None if reused else time.perf_counter() - t0
     y_np = y.numpy() if hasattr(y, "numpy") else np.asarray(y)
     temperature = run.temperature

@@ -33,7 +33,7 @@ from cifarlab import __version__
 from cifarlab.augment import make_augment
 from cifarlab.budget import PROCESS_START, BudgetPlan, Clock, TimeBudget, plan_budget, usable_seconds
 from cifarlab.calibrate import fit_on_split
-from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, split_indices
+from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, recipe_split
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads
 from cifarlab.distributed import Distributed, threads_per_process
 from cifarlab.errors import UserError
@@ -291,8 +291,7 @@ def prepare(
         torch.backends.cudnn.benchmark = not deterministic
 
     ds = dataset if dataset is not None else load_dataset(recipe.dataset, data_dir)
-    labels = ds.y_train if recipe.stratified_split else None
-    tr_idx, va_idx = split_indices(len(ds.y_train), recipe.val_fraction, recipe.seed, labels=labels)
+    tr_idx, va_idx = recipe_split(recipe, ds.y_train)
     mean = std = None
     if recipe.scaling == "standardize":
         mean, std = channel_stats(ds.x_train[tr_idx])

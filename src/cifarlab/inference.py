@@ -98,5 +98,4 @@ def predict_logits(
 def predict_proba(model: nn.Module, x: torch.Tensor, *, temperature: float = 1.0, **kw: Any) -> torch.Tensor:
     """Softmax probabilities (the reference's output layer) for uint8 images; `temperature`: the run's fitted one
     (`Run.temperature`), which divides the logits first (the predicted class stays the same)."""
-    logits = predict_logits(model, x, **kw)
-    return torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=1)
+    return torch.softmax(predict_logits(model, x, **kw) / temperature, dim=1)

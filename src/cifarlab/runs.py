@@ -176,14 +176,20 @@ def read_temperature(path: Path) -> float:
     loading the weights reports that)."""
     from safetensors import safe_open
 
-    from cifarlab.calibrate import check_temperature
-
     try:
         with safe_open(str(path), framework="pt") as f:
             value = (f.metadata() or {}).get(TEMPERATURE)
     except Exception:  # noqa: BLE001 (safetensors has its own error types; load_weights words them)
         return 1.0
-    return 1.0 if value is None else check_temperature(value, str(path))
+    if value is None:
+        return 1.0
+    try:
+        t = float(value)
+    except ValueError:
+        t = math.nan
+    if not (math.isfinite(t) and t > 0):
+        raise UserError(f"{path}: temperature {value!r} is not a positive number; the file is damaged")
+    return t
 
 
 def write_temperature(path: Path, temperature: float | None) -> None:
@@ -304,6 +310,14 @@ class Run:
         """The softmax temperature fitted after training (`cifarlab.calibrate`), from model.safetensors' metadata;
         1.0 for a run that fitted none (its recipe said calibrate=false, it stopped early, or it predates them)."""
         return read_temperature(self.path / WEIGHTS)
+
+    def inference_model(self, device: torch.device) -> nn.Module:
+        """The trained model on `device`, in the memory format training evaluated it in (evaluate, calibrate,
+        corruptions)."""
+        model = self.build_model().to(device)
+        if self.recipe.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return model
 
     def build_model(self, weights: bool = True) -> nn.Module:
         model = build_model(self.recipe, num_classes=len(self.classes), input_shape=self.input_shape)

@@ -11,7 +11,7 @@ Where things live:
 - `arrays`: `from_arrays` and `from_torch_dataset` for data already in memory.
 - `cache`: the decoded-data cache and where it lives.
 - `dataset`: the `Dataset` dataclass and `load_dataset`.
-- `loader`: `split_indices`, `channel_stats`, scaling, `BatchLoader`.
+- `loader`: `split_indices`, `recipe_split`, `channel_stats`, scaling, `BatchLoader`.
 - `figures`: `sample_grid_figure`.
 """
 
@@ -23,7 +23,14 @@ from cifarlab.data.dataset import Dataset, default_data_dir, load_dataset
 from cifarlab.data.figures import sample_grid_figure
 from cifarlab.data.imagefolder import DEFAULT_IMAGE_SIZE
 from cifarlab.data.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, decode_image
-from cifarlab.data.loader import BatchLoader, channel_stats, scale_images, scaling_constants, split_indices
+from cifarlab.data.loader import (
+    BatchLoader,
+    channel_stats,
+    recipe_split,
+    scale_images,
+    scaling_constants,
+    split_indices,
+)
 from cifarlab.data.official import (
     CIFAR10_CLASSES,
     OFFICIAL,
@@ -57,5 +64,6 @@ __all__ = [
     "sample_grid_figure",
     "scale_images",
     "scaling_constants",
+    "recipe_split",
     "split_indices",
 ]

@@ -8,13 +8,21 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from cifarlab.errors import ConfigError
 
-__all__ = ["BatchLoader", "channel_stats", "scale_images", "scaling_constants", "split_indices"]
+__all__ = ["BatchLoader", "channel_stats", "recipe_split", "scale_images", "scaling_constants", "split_indices"]
+
+
+def recipe_split(recipe: Any, y_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A recipe's (train_idx, val_idx) of `y_train`: its val_fraction, seed and stratification. Training,
+    `evaluate --split val` and `cifarlab calibrate` all reproduce a run's split through this one call."""
+    labels = y_train if recipe.stratified_split else None
+    return split_indices(len(y_train), recipe.val_fraction, recipe.seed, labels=labels)
 
 
 def split_indices(
