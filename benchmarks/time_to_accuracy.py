@@ -128,6 +128,8 @@ def run_seed(args: argparse.Namespace, seed: int, runs_dir: Path) -> dict:
         "best_epoch": metrics.get("best_epoch"),
         "lr_drops_after_epochs": metrics.get("lr_drops_after_epochs"),
         "peak_rss_mib": usage.ru_maxrss / 1024,
+        "training_step": metrics.get("training_step"),  # a CUDA graph or eager, and why
+        "timings": metrics["timings"],  # where the wall time went: data, model, training, evaluation, ...
     }
 
 
@@ -161,7 +163,7 @@ def main() -> None:
             f"seed {seed}: test {row['test_accuracy']:.2%}  wall {row['wall_seconds']:.1f} s  "
             f"train {row['train_seconds']:.1f} s  epochs {row['epochs_run']}  "
             f"{row['seconds_per_epoch']:.1f} s/epoch  LR drops after {row['lr_drops_after_epochs']}  "
-            f"peak RSS {row['peak_rss_mib']:.0f} MiB",
+            f"peak RSS {row['peak_rss_mib']:.0f} MiB  step: {row['training_step']}",
             flush=True,
         )
 

@@ -78,13 +78,46 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def test_deterministic_resume_after_sigkill_on_cuda(tmp_path):
+def _graph_run(tmp_path, cuda_graph: bool) -> tuple[dict, dict]:
+    """A tiny `fast` in fp32 whose step changes once: a 3/4-size first epoch with the whitening bias trained, then
+    full size with it frozen (a new capture), 6 steps per epoch (2 eager warm-up steps, then the graph)."""
+    recipe = get_recipe("fast").replace(
+        widths=(8, 16, 16), batch_size=16, epochs=3, precision="fp32", cuda_graph=cuda_graph
+    )
+    res = run_experiment(
+        recipe,
+        dataset=make_dataset(24, 5),
+        runs_root=tmp_path / str(cuda_graph),
+        device="cuda",
+        quiet=True,
+        report=False,
+    )
+    assert res.status == "finished"
+    return res.metrics, load_file(res.run_dir / "model.safetensors")
+
+
+def test_cuda_graph_step_trains_like_the_eager_step(tmp_path):
+    m_graph, w_graph = _graph_run(tmp_path, True)
+    m_eager, w_eager = _graph_run(tmp_path, False)
+    assert m_eager["training_step"] == "eager (cuda_graph=false)"
+    assert m_graph["training_step"] == "CUDA graph (2 captures)"
+    # the same update to rounding (lr * step instead of a fused add), through 18 steps
+    for k, v in w_eager.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(w_graph[k], v, rtol=1e-2, atol=1e-3, msg=k)
+    assert m_graph["test_accuracy"] == pytest.approx(m_eager["test_accuracy"], abs=0.051)
+
+
+@pytest.mark.parametrize("recipe", ["reference", "fast"])  # eager (Adam) and CUDA-graph steps
+def test_deterministic_resume_after_sigkill_on_cuda(tmp_path, recipe):
     root = tmp_path / "synth"
     write_image_folder(root, 60, 10)
     env = {**os.environ, "CIFARLAB_CACHE": str(tmp_path / "cache")}
-    base = [sys.executable, "-m", "cifarlab.cli", "train", "--recipe", "reference"]
+    base = [sys.executable, "-m", "cifarlab.cli", "train", "--recipe", recipe]
     # 20 epochs: a GPU runs these in well under a second each, so the kill below lands mid-run, not after it
-    sets = ["--set", "widths=8,16,16", "--set", "dense_width=32", "--set", "batch_size=16", "--set", "epochs=20"]
+    sets = ["--set", "widths=8,16,16", "--set", "batch_size=16", "--set", "epochs=20"]
+    if recipe == "reference":
+        sets += ["--set", "dense_width=32"]
     common = [*sets, "--set", f"dataset={root}", "--device", "cuda", "--no-report", "--deterministic"]
     full = subprocess.run([*base, *common, "--runs-dir", str(tmp_path / "a")], env=env, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr

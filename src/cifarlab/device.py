@@ -124,10 +124,12 @@ def precision_reason(precision: str, device: torch.device) -> str:
     return "bf16 autocast + channels_last: this CPU has native bf16"
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast(
+    device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True
+) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def set_threads(n: int | None = None) -> int:

@@ -624,6 +624,7 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         "best_val_accuracy": best_row.get("val_accuracy"),
         "best_val_loss": best_row.get("val_loss"),
         "calibration": calibration,
+        "training_step": fit.step_mode,
         "timings": {
             **plan.timings,
             "train_seconds": fit.train_seconds,
@@ -646,6 +647,8 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         say(f"wall time over {len(sessions)} sessions (resumed): {parts} = {sum(sessions):.1f} s")
     if fit.restored_epoch:
         say(f"best weights restored from epoch {fit.restored_epoch}")
+    if plan.device.type == "cuda":
+        say(f"training step: {fit.step_mode}")
     say(f"test accuracy {test_acc:.2%}  (loss {test_loss:.4f}, TTA {r.tta}, evaluated in {eval_seconds:.1f} s)")
     if calibration is not None:
         say(

@@ -82,17 +82,22 @@ def predict_logits(
     model.eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = []
+    if device.type == "cuda" and x.numel() <= 1 << 28:
+        # One copy up front (uint8, up to 256 MB): a copy per batch from pageable memory would wait for the GPU.
+        x = x.to(device)
     try:
         for i in range(0, len(x), batch_size):
             xb = to_float(x[i : i + batch_size], mean, std, device, channels_last)
-            acc = torch.zeros(())
+            acc: torch.Tensor | None = None
             with autocast(device, dtype):
                 for w, view in tta_views(xb, tta):
-                    acc = acc.to(view.device) + model(view.contiguous(memory_format=fmt)).float() * w
-            out.append(acc.cpu())
+                    y = model(view.contiguous(memory_format=fmt)).float() * w
+                    acc = y if acc is None else acc + y
+            assert acc is not None  # every TTA mode has at least one view
+            out.append(acc)  # on the device until the end: one read-back, not one per batch
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out).cpu() if out else torch.empty(0)
 
 
 def predict_proba(model: nn.Module, x: torch.Tensor, *, temperature: float = 1.0, **kw: Any) -> torch.Tensor:

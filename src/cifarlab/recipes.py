@@ -186,6 +186,9 @@ class Recipe:
     cpu_fp32_variant: str = param(
         "", "performance", help="the recipe `cifarlab train` uses instead where this one would train in fp32 on a CPU"
     )
+    cuda_graph: bool = param(
+        True, "performance", help="on a GPU, replay the training step from one CUDA graph (no per-step launches)"
+    )
     compile: bool = param(False, "performance", help="reserved: torch.compile does not pay back yet (refused)")
 
     def replace(self, **changes: Any) -> Recipe:

@@ -21,6 +21,7 @@ from torch import nn
 from cifarlab.device import autocast, autocast_dtype
 from cifarlab.errors import UserError
 from cifarlab.train.callbacks import Callback, CallbackList
+from cifarlab.train.graphs import GraphedStep, unsupported_reason
 from cifarlab.train.optim import build_optimizer
 
 __all__ = ["FitResult", "History", "NaNGuard", "Trainer", "TrainingDiverged"]
@@ -96,6 +97,7 @@ class FitResult:
     stopped_epoch: int | None = None
     restored_epoch: int | None = None
     message: str = ""
+    step_mode: str = ""  # Trainer.step_mode: a CUDA graph, or eager and why
 
 
 class Trainer:
@@ -140,6 +142,8 @@ class Trainer:
         self.steps_per_epoch = len(train_loader)
         self.total_steps = recipe.epochs * self.steps_per_epoch
         self.max_epochs = recipe.epochs  # a callback may change it (the time budget runs until its deadline)
+        self._graph: GraphedStep | None = None  # made by fit() where the step can be a CUDA graph
+        self.eager_reason: str | None = None  # why not, where it cannot
 
     # -- what callbacks use --------------------------------------------------------------------------------
     def get_lr(self) -> float:
@@ -210,7 +214,6 @@ class Trainer:
 
     # -- epochs --------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        r = self.recipe
         self.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -218,44 +221,15 @@ class Trainer:
         lrs = []
         for i, (xb, yb) in enumerate(self.train_loader.epoch(epoch)):
             self.callbacks.on_train_batch_begin(i, {"step": self.step})
-            forward = self._forward_model()  # after the callbacks: one may have frozen a parameter (DDP re-wraps)
             lrs.append(self.get_lr())
-            with autocast(self.device, self.dtype):
-                logits = forward(xb)
-            ce = F.cross_entropy(logits.float(), yb, label_smoothing=r.label_smoothing)
-            if self.dist is None:
-                loss = ce + self.l2_term()
+            if self._graph is not None:  # the whole step replayed from a CUDA graph
+                step_loss, logits = self._graph(xb, yb)
+                n, step_correct = len(yb), (logits.argmax(1) == yb).sum()
             else:
-                l2 = self.l2_term()
-                weight = self.train_loader.shard_weight(i)  # 1.0 but for a last partial batch split unevenly
-                loss = (ce * weight if weight != 1.0 else ce) + l2
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
+                step_loss, n, step_correct = self._eager_step(i, xb, yb)
             self.step += 1
-            if self.dist is None:
-                n = len(yb)
-                step_loss = loss.detach()
-                loss_sum += step_loss.double() * n
-                correct += (logits.detach().argmax(1) == yb).sum()
-            else:  # the global batch's numbers, the same on every rank: (sum of CE, correct, images) over ranks
-                part = torch.stack(
-                    [
-                        ce.detach().double() * len(yb),
-                        (logits.detach().argmax(1) == yb).sum().double(),
-                        torch.full((), float(len(yb)), dtype=torch.float64, device=ce.device),  # no copy: no sync
-                    ]
-                )
-                total = self.dist.all_reduce_sum(part)
-                n = self.train_loader.global_batch_size(i)
-                step_loss = (total[0] / total[2] + l2.detach().double()).float()
-                loss_sum += step_loss.double() * n
-                correct += total[1].round().long()
+            loss_sum += step_loss.double() * n
+            correct += step_correct
             seen += n
             logs = {"step": self.step, "loss": step_loss, "size": n, "loss_sum": loss_sum, "correct": correct}
             self.callbacks.on_train_batch_end(i, {**logs, "seen": seen})
@@ -265,25 +239,74 @@ class Trainer:
         # The LR column: the epoch's mean LR (constant within an epoch for the plateau schedule).
         return {"loss": loss_sum.item() / max(1, seen), "accuracy": correct.item() / max(1, seen), "lr": _mean_lr(lrs)}
 
+    def _eager_step(self, i: int, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """One training step op by op: (the step's loss, images, correct predictions), over all ranks under DDP."""
+        r = self.recipe
+        forward = self._forward_model()  # after the callbacks: one may have frozen a parameter (DDP re-wraps)
+        with autocast(self.device, self.dtype):
+            logits = forward(xb)
+        ce = F.cross_entropy(logits.float(), yb, label_smoothing=r.label_smoothing)
+        if self.dist is None:
+            loss = ce + self.l2_term()
+        else:
+            l2 = self.l2_term()
+            weight = self.train_loader.shard_weight(i)  # 1.0 but for a last partial batch split unevenly
+            loss = (ce * weight if weight != 1.0 else ce) + l2
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        if self.dist is None:
+            return loss.detach(), len(yb), (logits.detach().argmax(1) == yb).sum()
+        # the global batch's numbers, the same on every rank: (sum of CE, correct, images) over ranks
+        part = torch.stack(
+            [
+                ce.detach().double() * len(yb),
+                (logits.detach().argmax(1) == yb).sum().double(),
+                torch.full((), float(len(yb)), dtype=torch.float64, device=ce.device),  # no copy: no sync
+            ]
+        )
+        total = self.dist.all_reduce_sum(part)
+        step_loss = (total[0] / total[2] + l2.detach().double()).float()
+        return step_loss, self.train_loader.global_batch_size(i), total[1].round().long()
+
     @torch.no_grad()
     def validate(self) -> dict[str, float | None]:
         if self.val_loader is None:
             return {"val_loss": None, "val_accuracy": None}
         self.model.eval()
-        loss_sum, correct, seen = 0.0, 0, 0
+        # Summed on the device, read once (float64, in batch order: the same sum as adding Python floats).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = 0
         for xb, yb in self.val_loader.epoch(0):
             with autocast(self.device, self.dtype):
                 logits = self.model(xb)
             loss_sum += F.cross_entropy(
                 logits.float(), yb, label_smoothing=self.recipe.label_smoothing, reduction="sum"
-            ).item()
-            correct += (logits.argmax(1) == yb).sum().item()
+            ).double()
+            correct += (logits.argmax(1) == yb).sum()
             seen += len(yb)
         # Keras' val_loss includes the regularisation penalty, like the training loss.
-        return {"val_loss": loss_sum / max(1, seen) + float(self.l2_term()), "val_accuracy": correct / max(1, seen)}
+        return {
+            "val_loss": loss_sum.item() / max(1, seen) + float(self.l2_term()),
+            "val_accuracy": correct.item() / max(1, seen),
+        }
+
+    @property
+    def step_mode(self) -> str:
+        """How the training step ran: a CUDA graph (and how often it was captured), or eagerly and why."""
+        return self._graph.describe() if self._graph is not None else f"eager ({self.eager_reason or 'not started'})"
 
     def fit(self) -> FitResult:
         status, message = "finished", ""
+        self.eager_reason = unsupported_reason(self)
+        if self.eager_reason is None and self._graph is None:
+            self._graph = GraphedStep(self)
         if self.start_epoch == 0:
             self.callbacks.on_train_begin({})
         try:
@@ -311,7 +334,13 @@ class Trainer:
             status, message = "diverged", str(e)
         if status == "finished":
             self.callbacks.on_train_end({})
-        result = FitResult(history=self.history, status=status, train_seconds=self.train_seconds, message=message)
+        result = FitResult(
+            history=self.history,
+            status=status,
+            train_seconds=self.train_seconds,
+            message=message,
+            step_mode=self.step_mode,
+        )
         for cb in self.callbacks:
             if getattr(cb, "best_epoch", None) is not None and self.history:
                 result.best_epoch = int(cb.best_epoch) + 1  # type: ignore[attr-defined]

@@ -31,6 +31,8 @@ __all__ = [
     "pretrained_names",
     "schedule_callbacks",
     "split_pretrained_groups",
+    "step_with_device_lr",
+    "supports_device_lr",
 ]
 
 # model -> names of its parameters loaded from pretrained weights (`cifarlab.finetune`); weak, so a model that
@@ -183,7 +185,15 @@ class Muon(torch.optim.Optimizer):
                             self.state[p]["momentum_buffer"] = buf
         return loss
 
-    def _muon_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def _muon_step(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        lr: float | torch.Tensor | None = None,
+    ) -> None:
+        # lr: the group's, or a 0-dim device tensor (`step_with_device_lr`: no host value, so a CUDA graph holds it)
+        lr = group["lr"] if lr is None else lr
         momentum = group["momentum"]
         for p, g in zip(params, grads):
             state = self.state[p]
@@ -195,7 +205,67 @@ class Muon(torch.optim.Optimizer):
             g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
             p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
             g = orthogonalize(g.reshape(len(g), -1), dtype=self.ns_dtype).view_as(p).to(p.dtype)
-            p.add_(g, alpha=-group["lr"])
+            if isinstance(lr, torch.Tensor):
+                p.sub_(g.mul_(lr))
+            else:
+                p.add_(g, alpha=-lr)
+
+
+def supports_device_lr(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `step_with_device_lr` can step this optimizer (Muon and torch's SGD; others step themselves)."""
+    if isinstance(optimizer, Muon):
+        return True
+    return isinstance(optimizer, torch.optim.SGD) and not any(
+        g.get("maximize") or g.get("dampening") for g in optimizer.param_groups
+    )
+
+
+@torch.no_grad()
+def step_with_device_lr(optimizer: torch.optim.Optimizer, lrs: list[torch.Tensor]) -> None:
+    """One step of a Muon or SGD optimizer with each group's LR read from a 0-dim tensor on the parameters'
+    device: the same update as `optimizer.step()`, with no host value that changes from step to step and no
+    host synchronisation, so a CUDA graph can capture it once and replay it with new LRs (`cifarlab.train.graphs`).
+    """
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        grads = [p.grad for p in params if p.grad is not None]
+        if group.get("orthogonalize"):
+            assert isinstance(optimizer, Muon)
+            optimizer._muon_step(group, params, grads, lr=lr)
+        else:
+            _sgd_device_lr(optimizer, group, params, grads, lr)
+
+
+def _sgd_device_lr(
+    optimizer: torch.optim.Optimizer,
+    group: dict[str, Any],
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    lr: torch.Tensor,
+) -> None:
+    """torch.optim.sgd's update (weight decay added to the gradient, momentum, Nesterov; no dampening) with a
+    tensor LR (torch's own foreach SGD reads a tensor LR back to the host)."""
+    if group["weight_decay"]:
+        grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+    momentum = group["momentum"]
+    if momentum:
+        state = optimizer.state
+        fresh = [i for i, p in enumerate(params) if state[p].get("momentum_buffer") is None]
+        for i in fresh:  # torch's first step: the buffer starts as the gradient
+            state[params[i]]["momentum_buffer"] = grads[i].detach().clone()
+        old = [i for i in range(len(params)) if i not in set(fresh)]
+        if old:
+            bufs_old = [state[params[i]]["momentum_buffer"] for i in old]
+            torch._foreach_mul_(bufs_old, momentum)
+            torch._foreach_add_(bufs_old, [grads[i] for i in old])
+        bufs = [state[p]["momentum_buffer"] for p in params]
+        update = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+    else:
+        update = grads
+    for p, u in zip(params, update):  # plain ops: a 0-dim device LR broadcasts on the device, never read back
+        p.sub_(u * lr)
 
 
 @OPTIMIZERS.register("muon")

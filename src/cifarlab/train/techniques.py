@@ -44,9 +44,11 @@ class Lookahead(Callback):
     def _update(self, decay: float) -> None:
         assert self.ema is not None
         current = self._float_state(self.trainer.model)
-        for k, ema in self.ema.items():
-            ema.lerp_(current[k], 1 - decay)
-            current[k].copy_(ema)
+        emas = list(self.ema.values())
+        weights = [current[k] for k in self.ema]
+        # One foreach call each (the same arithmetic as per-tensor lerp_/copy_): two launches on a GPU, not ~80.
+        torch._foreach_lerp_(emas, weights, 1 - decay)
+        torch._foreach_copy_(weights, emas)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         t = self.trainer

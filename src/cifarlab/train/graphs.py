@@ -1,0 +1,113 @@
+"""The training step as one CUDA graph (recipe key `cuda_graph`, on by default; GPUs only).
+
+On a GPU a small network's step is a few hundred small kernels (forward, backward, and Muon's per-filter
+orthogonalization), and launching them from Python costs more than running them: `fast` on an H200 spent ~5 ms
+per step of which ~2.6 ms kept the GPU busy (benchmarks/RESULTS.md). Captured once as a CUDA graph, the whole step
+(forward, loss, backward, optimizer step) is one launch; the loop copies the batch into the graph's input and
+the step's learning rates into device tensors, then replays it.
+
+What a graph cannot follow is refused up front (`unsupported_reason`), and the step runs eagerly as before:
+a CPU, torchrun (DDP), fp16's gradient scaler (it reads the scale back to the host), optimizers other than
+Muon and SGD (whose steps read a Python LR), and DropBlock (its drop rate changes in Python every step). A new
+input shape (the first epoch at a smaller scale) or a change of which parameters train (the whitening bias
+frozen after its epochs) is captured anew, after `WARMUP` eager steps of the same code; the warm-up steps and
+the replays compute the same kernels, so a run stays deterministic where the eager step was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarlab.device import autocast
+from cifarlab.models.dropblock import DropBlock2d
+from cifarlab.train.optim import step_with_device_lr, supports_device_lr
+
+__all__ = ["GraphedStep", "unsupported_reason"]
+
+WARMUP = 2  # eager steps before each capture: lazy initialisations (cuBLAS, cuDNN autotuning, optimizer state)
+
+
+def unsupported_reason(trainer: Any) -> str | None:
+    """Why the trainer's step cannot be a CUDA graph, or None when it can."""
+    if trainer.device.type != "cuda":
+        return "not a GPU"
+    if not getattr(trainer.recipe, "cuda_graph", False):
+        return "cuda_graph=false"
+    if trainer.dist is not None:
+        return "torchrun (DistributedDataParallel)"
+    if trainer.scaler is not None:
+        return "fp16's gradient scaler"
+    if not supports_device_lr(trainer.optimizer):
+        return f"optimizer {type(trainer.optimizer).__name__} (Muon and SGD only)"
+    if any(isinstance(m, DropBlock2d) for m in trainer.model.modules()):
+        return "DropBlock (its rate changes every step)"
+    return None
+
+
+class GraphedStep:
+    """Forward, loss, backward and optimizer step of `trainer`, replayed from a CUDA graph."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.lrs = [torch.zeros((), device=trainer.device) for _ in trainer.optimizer.param_groups]
+        self.stream = torch.cuda.Stream(trainer.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None
+        self.warm = 0
+        self.captures = 0
+        self._static: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
+        self._out: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step itself: the same code warms up eagerly and is captured."""
+        t = self.trainer
+        # No autocast weight cache: cached bf16 copies made during capture would be freed after it.
+        with autocast(t.device, t.dtype, cache_enabled=False):
+            logits = t.model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=t.recipe.label_smoothing) + t.l2_term()
+        loss.backward()
+        step_with_device_lr(t.optimizer, self.lrs)
+        return loss.detach(), logits.detach()
+
+    def _key(self, x: torch.Tensor, model: nn.Module) -> tuple:
+        trainable = tuple(i for i, p in enumerate(model.parameters()) if p.requires_grad)
+        modes = tuple(m.training for m in model.modules())
+        return (tuple(x.shape), x.stride(), x.dtype, trainable, modes)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train on (x, y); returns the step's loss (a copy) and logits (valid until the next step)."""
+        t = self.trainer
+        for lr, group in zip(self.lrs, t.optimizer.param_groups, strict=True):
+            lr.fill_(group["lr"])  # a kernel argument: no host synchronisation
+        key = self._key(x, t.model)
+        if key != self.key:
+            self.key, self.warm, self.graph = key, 0, None
+        if self.warm < WARMUP:
+            self.warm += 1
+            # Eagerly, on a side stream, as PyTorch's capture recipe does before capturing.
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                t.optimizer.zero_grad(set_to_none=True)
+                out = self._step(x, y)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return out
+        if self.graph is None:
+            self._static = (x.clone(), y.clone())
+            # Gradients allocated inside the capture: each replay writes them afresh, nothing zeroes them.
+            t.optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self._out = self._step(*self._static)
+            self.captures += 1
+        else:
+            self._static[0].copy_(x)
+            self._static[1].copy_(y)
+        self.graph.replay()
+        return self._out[0].clone(), self._out[1]
+
+    def describe(self) -> str:
+        return f"CUDA graph ({self.captures} capture{'s' if self.captures != 1 else ''})"

@@ -1,0 +1,187 @@
+"""The parts of the CUDA-graph training step a CPU can check: the optimizer step with device-tensor learning
+rates (what the graph captures) updates as the optimizer's own step does, and the trainer says when and why
+its step stays eager. The capture itself is checked by tests/test_gpu.py on a GPU."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from _synth import make_dataset
+from cifarlab.data import BatchLoader
+from cifarlab.experiment import run_experiment
+from cifarlab.models import build_model
+from cifarlab.models.dropblock import DropBlock2d
+from cifarlab.recipes import get_recipe
+from cifarlab.train import Trainer
+from cifarlab.train.graphs import unsupported_reason
+from cifarlab.train.optim import Muon, build_optimizer, step_with_device_lr, supports_device_lr
+from cifarlab.train.techniques import recipe_callbacks
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    )
+
+
+def _run(optimizer_name: str, device_lr: bool, steps: int = 6) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """`steps` steps of the recipe's optimizer with an LR that changes every step, one layer frozen midway."""
+    model = _model()
+    recipe = get_recipe("fast").replace(optimizer=optimizer_name, batch_size=8)
+    opt = build_optimizer(model, recipe)
+    base = [g["lr"] for g in opt.param_groups]
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for group, lr in zip(opt.param_groups, base):
+            group["lr"] = lr * (1 + step) / steps
+        if step == steps // 2:
+            model[0].bias.requires_grad_(False)  # a parameter without a gradient is skipped, as torch skips it
+        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y, label_smoothing=0.2).backward()
+        if device_lr:
+            step_with_device_lr(opt, [torch.tensor(group["lr"]) for group in opt.param_groups])
+        else:
+            opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "muon"])
+def test_device_lr_step_updates_as_the_optimizer_does(optimizer_name):
+    ref_model, ref_opt = _run(optimizer_name, device_lr=False)
+    model, opt = _run(optimizer_name, device_lr=True)
+    assert supports_device_lr(opt)
+    assert isinstance(opt, Muon) == (optimizer_name == "muon")
+    # lr * update instead of an alpha=-lr fused add: equal to rounding, over steps that move every weight
+    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    moved = _model().state_dict()
+    assert all(not torch.equal(moved[k], v) for k, v in model.state_dict().items() if v.is_floating_point())
+    # the same momentum buffers, so a checkpoint taken in either mode resumes in the other
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        a, b = ref_opt.state[p].get("momentum_buffer"), opt.state[q].get("momentum_buffer")
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_adam_has_no_device_lr_step():
+    opt = build_optimizer(_model(), get_recipe("reference"))
+    assert not supports_device_lr(opt)
+
+
+def _trainer(recipe_name: str = "fast", **changes) -> Trainer:
+    ds = make_dataset(16, 5)
+    recipe = get_recipe(recipe_name).replace(widths=(8, 16, 16), batch_size=8, epochs=1, **changes)
+    model = build_model(recipe, len(ds.classes))
+    return Trainer(model, recipe, BatchLoader(ds.x_train, ds.y_train, 8, shuffle=True, seed=0))
+
+
+def test_the_step_says_why_it_is_not_a_cuda_graph():
+    assert unsupported_reason(_trainer()) == "not a GPU"
+    cases = [
+        (_trainer(cuda_graph=False), "cuda_graph=false"),
+        (_trainer("reference", dense_width=16), "optimizer Adam (Muon and SGD only)"),
+        (_trainer(), None),
+    ]
+    for trainer, reason in cases:
+        trainer.device = torch.device("cuda")  # only the decision: nothing runs on it
+        assert unsupported_reason(trainer) == reason
+    trainer = _trainer()
+    trainer.device = torch.device("cuda")
+    trainer.model.add_module("extra", DropBlock2d(3, 0.1))
+    assert unsupported_reason(trainer) == "DropBlock (its rate changes every step)"
+    trainer.dist = object()
+    assert unsupported_reason(trainer) == "torchrun (DistributedDataParallel)"
+
+
+def test_a_run_records_how_its_step_ran(tmp_path):
+    recipe = get_recipe("fast").replace(widths=(8, 16, 16), batch_size=8, epochs=1)
+    res = run_experiment(recipe, dataset=make_dataset(16, 5), runs_root=tmp_path, quiet=True, report=False)
+    assert res.metrics["training_step"] == "eager (not a GPU)"
+
+
+class _StandInGraph:
+    """A CPU stand-in for torch.cuda.CUDAGraph with its semantics: capturing runs nothing on a GPU (here the
+    capture runs the step once, so the first replay is skipped), a replay reruns the captured step on the static
+    inputs, writing its static outputs in place, with the gradients it allocated written afresh."""
+
+    owner: Any = None
+
+    def __init__(self) -> None:
+        self.fresh = True
+
+    def replay(self) -> None:
+        if self.fresh:
+            self.fresh = False
+            return
+        step = self.owner
+        step.trainer.optimizer.zero_grad(set_to_none=True)
+        loss, logits = step._step(*step._static)
+        step._out[0].copy_(loss)
+        step._out[1].copy_(logits)
+
+
+class _Stream:
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+
+def _fit_tiny_fast(monkeypatch, graphed: bool) -> tuple[Trainer, dict]:
+    ds = make_dataset(24, 5)
+    recipe = get_recipe("fast").replace(widths=(8, 16, 16), batch_size=16, epochs=3, precision="fp32")
+    torch.manual_seed(0)
+    model = build_model(recipe, len(ds.classes)).to(memory_format=torch.channels_last)
+    loader = BatchLoader(
+        ds.x_train, ds.y_train, 16, shuffle=True, seed=0, drop_last=True, channels_last=True, scales=recipe.train_scales
+    )
+    with monkeypatch.context() as m:
+        if graphed:
+            import cifarlab.train.graphs as graphs
+            import cifarlab.train.loop as loop
+
+            m.setattr(loop, "unsupported_reason", lambda trainer: None)
+            m.setattr(torch.cuda, "Stream", lambda device: _Stream())
+            m.setattr(torch.cuda, "current_stream", lambda: _Stream())
+            m.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+            m.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
+            m.setattr(torch.cuda, "graph", lambda g, **kw: contextlib.nullcontext())
+            init = graphs.GraphedStep.__init__
+
+            def remember(self: Any, trainer: Any) -> None:
+                init(self, trainer)
+                _StandInGraph.owner = self
+
+            m.setattr(graphs.GraphedStep, "__init__", remember)
+        # the device-LR step in both runs, so that only the graph's bookkeeping differs
+        opt_step = step_with_device_lr
+        trainer = Trainer(model, recipe, loader, callbacks=recipe_callbacks(recipe, False))
+        if not graphed:
+            m.setattr(
+                trainer.optimizer,
+                "step",
+                lambda: opt_step(trainer.optimizer, [torch.tensor(g["lr"]) for g in trainer.optimizer.param_groups]),
+            )
+        trainer.fit()
+    return trainer, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_graph_bookkeeping_warms_up_captures_and_replays_each_step_once(monkeypatch):
+    """The sequence a CUDA graph needs, checked on the CPU with a stand-in graph: two eager warm-up steps per
+    new step shape, a capture, then replays on the static inputs; a 3/4-size first epoch with the whitening
+    bias trained, then full size with it frozen, is two captures; every batch trains once."""
+    graphed, w_graph = _fit_tiny_fast(monkeypatch, graphed=True)
+    eager, w_eager = _fit_tiny_fast(monkeypatch, graphed=False)
+    assert graphed.step_mode == "CUDA graph (2 captures)"
+    assert eager.step_mode == "eager (not a GPU)"
+    assert graphed.step == eager.step == 18
+    for k, v in w_eager.items():
+        torch.testing.assert_close(w_graph[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    for a, b in zip(graphed.history, eager.history):  # the loss and accuracy the loop read from each step
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["accuracy"] == b["accuracy"]
