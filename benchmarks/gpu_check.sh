@@ -11,7 +11,7 @@
 # Writes into $OUT (default gpu-out/): env.txt, gpu_fast.json/.txt, gpu_air94.json/.txt, eager_*.json, eager.txt,
 # suite.txt; the run folders (checkpoints: megabytes each) go to $RUNS (default /tmp/cifarlab-gpu-runs), not into
 # $OUT, which the device tool copies back. It runs from the checkout without installing it (PYTHONPATH=src);
-# WHEELS=DIR (default .whl when it exists; benchmarks/gpu_wheels.sh fills it) first installs pytest, simplejpeg and
+# WHEELS=DIR (default .whl when it exists, WHEELS= for none; benchmarks/gpu_wheels.sh fills it) first installs pytest, simplejpeg and
 # the serve stack from a folder of wheels: the lent GPU machines have no internet and none of them. Each step has
 # its own time limit, cut to what is left of DEADLINE (default 540 s from the start), so one that hangs cannot eat
 # the others' time; a failing step does not stop the next.
@@ -26,7 +26,7 @@ RUNS=${RUNS:-/tmp/cifarlab-gpu-runs}
 mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 [ -e "$DATA" ] || { echo "error: DATA=$DATA does not exist (a folder with cifar10-jpeg.tar.gz)" >&2; exit 2; }
-WHEELS=${WHEELS:-$([ -d .whl ] && echo .whl)}  # benchmarks/gpu_wheels.sh fills .whl
+WHEELS=${WHEELS-$([ -d .whl ] && echo .whl)}  # benchmarks/gpu_wheels.sh fills .whl; WHEELS= installs nothing
 if [ -n "$WHEELS" ]; then
   # Three installs, so that a group that cannot install (another Python) does not stop the others.
   {
