@@ -81,13 +81,15 @@ def test_a_trained_run_stores_the_temperature_its_calibration_images_give(traine
     cal = read_json(run_dir / "metrics.json")["calibration"]
     assert cal["fitted_on"] == f"{len(ds.y_train)} training images"  # fewer than CALIBRATION_IMAGES: all of them
     assert run.temperature == cal["temperature"] != 1.0
-    # Recomputed independently: the logits of the same images through the same inference path.
+    # Recomputed independently: the logits of the same images through the same inference path, on the device the
+    # run trained on (the fitted temperature can be small here, which magnifies a CPU/GPU difference in logits).
     mean, std = run.normalization
-    z = predict_logits(run.build_model(), ds.x_train, mean=mean, std=std, **recipe_options(run.recipe))
+    model = run.build_model().to(run.config["machine"]["device"])
+    z = predict_logits(model, ds.x_train, mean=mean, std=std, **recipe_options(run.recipe))
     assert math.isclose(fit_temperature(z, ds.y_train), run.temperature, rel_tol=1e-3)
     assert cal["fit_loss_after"] <= cal["fit_loss_before"]
     # ...and the test loss at the temperature is what metrics.json says.
-    zt = predict_logits(run.build_model(), ds.x_test, mean=mean, std=std, **recipe_options(run.recipe))
+    zt = predict_logits(model, ds.x_test, mean=mean, std=std, **recipe_options(run.recipe))
     assert math.isclose(F.cross_entropy(zt / run.temperature, ds.y_test).item(), cal["test_loss"], rel_tol=1e-3)
 
 

@@ -170,7 +170,7 @@ def _train_here(s: dict, runs: Path) -> None:
     try:
         with determinism_restored(), pytest.MonkeyPatch.context() as mp:
             mp.setenv("CIFARLAB_CACHE", s["env"]["CIFARLAB_CACHE"])
-            assert cli.main(_train_args(s, runs)) == 0
+            assert cli.main(_train_args(s, runs, "--device", "cpu")) == 0  # as the ranks (no GPU for them)
     finally:
         MODELS.unregister("tiny_nobn")
         CALLBACKS.unregister("test_crash")

@@ -103,7 +103,9 @@ def test_the_step_says_why_it_is_not_a_cuda_graph():
 
 def test_a_run_records_how_its_step_ran(tmp_path):
     recipe = get_recipe("fast").replace(widths=(8, 16, 16), batch_size=8, epochs=1)
-    res = run_experiment(recipe, dataset=make_dataset(16, 5), runs_root=tmp_path, quiet=True, report=False)
+    res = run_experiment(
+        recipe, dataset=make_dataset(16, 5), runs_root=tmp_path, quiet=True, report=False, device="cpu"
+    )
     assert res.metrics["training_step"] == "eager (not a GPU)"
 
 
@@ -133,16 +135,29 @@ class _Stream:
         pass
 
 
-def _fit_tiny_fast(monkeypatch, graphed: bool) -> tuple[Trainer, dict]:
+def _fit_tiny_fast(monkeypatch, graphed: bool, device: str = "cpu") -> tuple[Trainer, dict]:
+    """A tiny `fast` (fp32), 3 epochs of 6 steps: the first at 3/4 size with the whitening bias trained, then
+    full size with it frozen. Both runs step with device-tensor LRs, so only the graph differs: on the CPU a
+    stand-in graph, on a GPU a real one."""
     ds = make_dataset(24, 5)
-    recipe = get_recipe("fast").replace(widths=(8, 16, 16), batch_size=16, epochs=3, precision="fp32")
+    recipe = get_recipe("fast").replace(
+        widths=(8, 16, 16), batch_size=16, epochs=3, precision="fp32", cuda_graph=graphed
+    )
     torch.manual_seed(0)
-    model = build_model(recipe, len(ds.classes)).to(memory_format=torch.channels_last)
+    model = build_model(recipe, len(ds.classes)).to(device, memory_format=torch.channels_last)
     loader = BatchLoader(
-        ds.x_train, ds.y_train, 16, shuffle=True, seed=0, drop_last=True, channels_last=True, scales=recipe.train_scales
+        ds.x_train,
+        ds.y_train,
+        16,
+        shuffle=True,
+        seed=0,
+        drop_last=True,
+        channels_last=True,
+        scales=recipe.train_scales,
+        device=device,
     )
     with monkeypatch.context() as m:
-        if graphed:
+        if graphed and device == "cpu":
             import cifarlab.train.graphs as graphs
             import cifarlab.train.loop as loop
 
@@ -159,17 +174,13 @@ def _fit_tiny_fast(monkeypatch, graphed: bool) -> tuple[Trainer, dict]:
                 _StandInGraph.owner = self
 
             m.setattr(graphs.GraphedStep, "__init__", remember)
-        # the device-LR step in both runs, so that only the graph's bookkeeping differs
-        opt_step = step_with_device_lr
-        trainer = Trainer(model, recipe, loader, callbacks=recipe_callbacks(recipe, False))
+        trainer = Trainer(model, recipe, loader, callbacks=recipe_callbacks(recipe, False), device=device)
         if not graphed:
-            m.setattr(
-                trainer.optimizer,
-                "step",
-                lambda: opt_step(trainer.optimizer, [torch.tensor(g["lr"]) for g in trainer.optimizer.param_groups]),
-            )
+            opt = trainer.optimizer
+            lrs = lambda: [torch.tensor(g["lr"], device=device) for g in opt.param_groups]  # noqa: E731
+            m.setattr(opt, "step", lambda: step_with_device_lr(opt, lrs()))
         trainer.fit()
-    return trainer, {k: v.clone() for k, v in model.state_dict().items()}
+    return trainer, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def test_graph_bookkeeping_warms_up_captures_and_replays_each_step_once(monkeypatch):
@@ -185,3 +196,22 @@ def test_graph_bookkeeping_warms_up_captures_and_replays_each_step_once(monkeypa
         torch.testing.assert_close(w_graph[k], v, rtol=1e-6, atol=1e-7, msg=k)
     for a, b in zip(graphed.history, eager.history):  # the loss and accuracy the loop read from each step
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["accuracy"] == b["accuracy"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replays_compute_what_the_eager_step_computes(monkeypatch):
+    """The real CUDA graph against the same step run op by op, with cuDNN's choice of algorithms fixed."""
+    was = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        graphed, w_graph = _fit_tiny_fast(monkeypatch, graphed=True, device="cuda")
+        eager, w_eager = _fit_tiny_fast(monkeypatch, graphed=False, device="cuda")
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = was
+    assert graphed.step_mode == "CUDA graph (2 captures)"
+    assert eager.step_mode == "eager (cuda_graph=false)"
+    for k, v in w_eager.items():
+        torch.testing.assert_close(w_graph[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for a, b in zip(graphed.history, eager.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["accuracy"] == b["accuracy"]

@@ -1,7 +1,8 @@
 """Batched data augmentation as tensor ops (no per-image Python).
 
 Two augmenters share one call signature, `aug(x, *, generator, indices=None, epoch=0)`, on a float
-batch `(B, C, H, W)` (the loader scales before augmenting):
+batch `(B, C, H, W)` (the loader scales before augmenting); `generator` is a CPU generator and `indices` (the
+batch's dataset indices) are on the batch's device:
 
 - `KerasAugment`: Keras 3 `ImageDataGenerator(rotation_range, width_shift_range,
   height_shift_range, horizontal_flip)` with fill_mode="nearest" and order-1 interpolation. Every
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cifarlab.device import to_device_async
 from cifarlab.registry import AUGMENTS
 
 __all__ = ["FlipTranslate", "KerasAugment", "describe_augment", "flip_bits", "make_augment"]
@@ -251,6 +253,9 @@ class FlipTranslate:
         if self.padding_mode == "reflect" and self.pad > min(h, w) - 1:
             raise ValueError(f"reflect padding needs pad < image size, got pad={self.pad} for {h}x{w}")
         dev = x.device
+        if dy.device.type == "cpu":  # on a GPU: one queued copy for both, not two that may wait
+            dy, dx = to_device_async(torch.stack([dy, dx]), dev)
+        flip = to_device_async(flip, dev)
         dy, dx, flip = dy.to(dev), dx.to(dev), flip.to(device=dev, dtype=torch.bool)
         ar_h = torch.arange(h, device=dev)
         ar_w = torch.arange(w, device=dev)

@@ -132,6 +132,14 @@ def autocast(
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; from the CPU to a GPU through pinned memory, so the copy is queued like a kernel and the
+    host does not wait for the GPU to drain its queue (a copy from pageable memory may)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def set_threads(n: int | None = None) -> int:
     """Use one thread per core we may run on: oversubscription costs more than it gains on 2 cores."""
     if n is None:

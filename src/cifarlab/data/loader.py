@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cifarlab.device import to_device_async
 from cifarlab.errors import ConfigError
 
 __all__ = ["BatchLoader", "channel_stats", "recipe_split", "scale_images", "scaling_constants", "split_indices"]
@@ -245,16 +246,16 @@ class BatchLoader:
         size = self.image_size(epoch)
         resize = size != tuple(self.x.shape[-2:])
         order = self._order(g)
-        on_cpu = self.device.type == "cpu"
+        # On a GPU, the epoch's order is copied once and sliced there: no copy (and no wait) per batch.
+        dev_order = to_device_async(order, self.device)
         for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            dev_idx = idx if on_cpu else idx.to(self.device, non_blocking=True)
-            xb = scale_images(self.x.index_select(0, dev_idx).to(self.dtype), self._scale, self._shift)
+            idx = dev_order[b * self.batch_size : (b + 1) * self.batch_size]
+            xb = scale_images(self.x.index_select(0, idx).to(self.dtype), self._scale, self._shift)
             if self.transform is not None:
                 xb = self.transform(xb, generator=g, indices=idx, epoch=epoch)
             if resize:  # after augmenting, so crops and flips keep their meaning in full-size pixels
                 xb = F.interpolate(xb, size=size, mode="area")
-            yb = self.y.index_select(0, dev_idx)
+            yb = self.y.index_select(0, idx)
             if self.world > 1:
                 start, stop = self._shard(len(idx))
                 xb, yb = xb[start:stop], yb[start:stop]

@@ -6,9 +6,11 @@ per step of which ~2.6 ms kept the GPU busy (benchmarks/RESULTS.md). Captured on
 (forward, loss, backward, optimizer step) is one launch; the loop copies the batch into the graph's input and
 the step's learning rates into device tensors, then replays it.
 
-What a graph cannot follow is refused up front (`unsupported_reason`), and the step runs eagerly as before:
-a CPU, torchrun (DDP), fp16's gradient scaler (it reads the scale back to the host), optimizers other than
-Muon and SGD (whose steps read a Python LR), and DropBlock (its drop rate changes in Python every step). A new
+What a graph cannot follow is refused when training starts (`unsupported_reason`), and the step runs eagerly
+as before: a CPU, torchrun (DDP), fp16's gradient scaler (it reads the scale back to the host), optimizers
+other than Muon and SGD (whose steps read a Python LR), DropBlock (its drop rate changes in Python every step),
+and Python hooks on the model's modules (a replay runs no Python; hooks added after training started are not
+seen). Callbacks run as ever, between steps. A new
 input shape (the first epoch at a smaller scale) or a change of which parameters train (the whitening bias
 frozen after its epochs) is captured anew, after `WARMUP` eager steps of the same code; the warm-up steps and
 the replays compute the same kernels, so a run stays deterministic where the eager step was.
@@ -43,8 +45,11 @@ def unsupported_reason(trainer: Any) -> str | None:
         return "fp16's gradient scaler"
     if not supports_device_lr(trainer.optimizer):
         return f"optimizer {type(trainer.optimizer).__name__} (Muon and SGD only)"
-    if any(isinstance(m, DropBlock2d) for m in trainer.model.modules()):
+    modules = list(trainer.model.modules())
+    if any(isinstance(m, DropBlock2d) for m in modules):
         return "DropBlock (its rate changes every step)"
+    if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules):
+        return "hooks on the model (a replay runs no Python)"
     return None
 
 

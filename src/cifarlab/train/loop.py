@@ -304,11 +304,11 @@ class Trainer:
 
     def fit(self) -> FitResult:
         status, message = "finished", ""
-        self.eager_reason = unsupported_reason(self)
-        if self.eager_reason is None and self._graph is None:
-            self._graph = GraphedStep(self)
         if self.start_epoch == 0:
             self.callbacks.on_train_begin({})
+        self.eager_reason = unsupported_reason(self)  # after on_train_begin: a callback may have added a hook
+        if self.eager_reason is None and self._graph is None:
+            self._graph = GraphedStep(self)
         try:
             epoch = self.start_epoch
             while epoch < self.max_epochs and not self.stop_training:

@@ -44,6 +44,9 @@ class Lookahead(Callback):
     def _update(self, decay: float) -> None:
         assert self.ema is not None
         current = self._float_state(self.trainer.model)
+        first = next(iter(self.ema))
+        if self.ema[first].device != current[first].device:  # loaded from a checkpoint, which is read on the CPU
+            self.ema = {k: v.to(current[k].device) for k, v in self.ema.items()}
         emas = list(self.ema.values())
         weights = [current[k] for k in self.ema]
         # One foreach call each (the same arithmetic as per-tensor lerp_/copy_): two launches on a GPU, not ~80.
