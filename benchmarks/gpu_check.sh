@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Everything issue 12 asks of a GPU, in one run that fits a 15-minute GPU loan (~5 min on an H200):
+# Everything issue 12 asks of a GPU, in one run that fits a 15-minute GPU loan (~7 min on an H200):
 #
 #   DATA=data OUT=out benchmarks/gpu_check.sh          # DATA: a folder holding cifar10-jpeg.tar.gz (or the official archive)
-#   STEPS="fast suite" benchmarks/gpu_check.sh         # a subset of: fast air94 eager suite tests (default: the first four)
+#   STEPS="fast suite" benchmarks/gpu_check.sh         # a subset of: fast air94 eager autotune profile suite tests
+#   OUT=/tmp/gpu-out ARCHIVE=$OUT/gpu-out.tgz benchmarks/gpu_check.sh   # everything in one file (the device tool
+#                                                      # brings back only a few files per command)
 #
-# Steps: `fast` (5 seeds) and `air94` (3 seeds) as the recipes are (the training step a CUDA graph), `eager` one
-# seed of each with cuda_graph=false (the same GPU, minutes apart: what the graph buys), then `suite` (the whole
-# test suite, the `gpu` tests included, one line per test so a cut-off run still says what passed); `tests`
-# runs the `gpu` tests alone. The timing steps come first, with the GPU to themselves.
+# Steps (default: all but `tests`): `fast` (5 seeds) and `air94` (3 seeds) as the recipes are (the training step a
+# CUDA graph), `eager` one seed of each with cuda_graph=false (the same GPU, minutes apart: what the graph buys),
+# `autotune` fast (3 seeds) with cudnn_benchmark=false (cuDNN's timing of each new shape costs ~0.8 s of a ~3 s
+# run), `profile` (benchmarks/gpu_profile.py: per-epoch and first-step times, torch.profiler tables), then `suite`
+# (the whole test suite, the `gpu` tests included, one line per test so a cut-off run still says what passed);
+# `tests` runs the `gpu` tests alone. The timing steps come first, with the GPU to themselves.
 # Writes into $OUT (default gpu-out/): env.txt, gpu_fast.json/.txt, gpu_air94.json/.txt, eager_*.json, eager.txt,
 # suite.txt; the run folders (checkpoints: megabytes each) go to $RUNS (default /tmp/cifarlab-gpu-runs), not into
 # $OUT, which the device tool copies back. It runs from the checkout without installing it (PYTHONPATH=src);
@@ -19,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data}
 OUT=${OUT:-gpu-out}
-STEPS=${STEPS:-fast air94 eager suite}
+STEPS=${STEPS:-fast air94 eager autotune profile suite}
 DEADLINE=${DEADLINE:-540}
 PY=${PY:-python}
 RUNS=${RUNS:-/tmp/cifarlab-gpu-runs}
@@ -76,8 +80,13 @@ for s in $STEPS; do
     fast) step gpu_fast 150 tta fast 5 gpu_fast.json ;;
     air94) step gpu_air94 150 tta air94 3 gpu_air94.json ;;
     eager) step eager 120 eager ;;
+    autotune) step autotune 90 tta fast 3 autotune_fast.json --set cudnn_benchmark=false ;;
+    profile) step profile 60 $PY benchmarks/gpu_profile.py --recipe fast --data-dir "$DATA" ;;
     tests) step gpu_tests 240 $PY -m pytest -v -m gpu tests/test_gpu.py -p no:cacheprovider ;;
     suite) step suite 420 $PY -m pytest -v -n "${WORKERS:-12}" -p no:cacheprovider --durations=20 ;;
-    *) echo "unknown step $s (fast air94 eager suite tests)" >&2 ;;
+    *) echo "unknown step $s (fast air94 eager autotune profile suite tests)" >&2 ;;
   esac
 done
+if [ -n "${ARCHIVE:-}" ]; then
+  tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "all outputs in $ARCHIVE"
+fi

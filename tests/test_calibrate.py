@@ -149,10 +149,12 @@ def test_evaluate_and_the_report_use_it(trained):
     run = load_run(run_dir)
     ev, preds = evaluate_run(run_dir, dataset=ds)
     mean, std = run.normalization
-    z = predict_logits(run.build_model(), ds.x_test, mean=mean, std=std, **recipe_options(run.recipe)).double()
+    assert ev.inference is not None
+    model = run.build_model().to(ev.inference.device)  # where evaluate ran: a GPU's logits differ in the last bits
+    z = predict_logits(model, ds.x_test, mean=mean, std=std, **recipe_options(run.recipe)).double()
     y = ds.y_test.numpy()
     p = softmax((z / run.temperature).numpy())
-    assert ev.inference is not None and ev.inference.temperature == run.temperature
+    assert ev.inference.temperature == run.temperature
     assert ev.calibration.ece == pytest.approx(calibration(p.max(1), p.argmax(1) == y).ece, abs=1e-6)
     raw = softmax(z.numpy())
     assert ev.inference.uncalibrated_ece == pytest.approx(calibration(raw.max(1), raw.argmax(1) == y).ece, abs=1e-6)

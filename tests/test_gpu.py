@@ -154,5 +154,7 @@ def test_cudnn_autotunes_unless_deterministic():
             assert torch.backends.cudnn.benchmark
             prepare(recipe, dataset=make_dataset(20, 5), device="cuda", deterministic=True)
             assert not torch.backends.cudnn.benchmark
+            prepare(recipe.replace(cudnn_benchmark=False), dataset=make_dataset(20, 5), device="cuda")
+            assert not torch.backends.cudnn.benchmark
     finally:
         torch.backends.cudnn.benchmark = was

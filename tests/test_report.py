@@ -135,6 +135,7 @@ def make_report_run(
                 "stopped_epoch": 5 if val_fraction else None,
                 "restored_epoch": 3 if val_fraction else None,
                 "timings": {"data_seconds": 1.5, "train_seconds": 307.5, "eval_seconds": 2.0},
+                "training_step": "CUDA graph (2 captures)",
             },
         )
     if steps:
@@ -433,6 +434,7 @@ def test_run_without_validation(noval_airnet):
     html_text = (run_dir / "report.html").read_text()
     assert 'id="robustness"' not in html_text and "Robustness" not in (run_dir / "report.md").read_text()
     assert "Robustness:" not in " ".join(metrics["report"]["reading"])
+    assert "| training step | CUDA graph (2 captures) |" in (run_dir / "report.md").read_text()  # training's record
 
 
 def test_run_without_history(nohist_noaug_val):

@@ -287,8 +287,9 @@ def prepare(
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if dev.type == "cuda":
         # cuDNN times the algorithms for each new convolution shape once and keeps the fastest (a run's shapes are
-        # fixed, as airbench relies on); a deterministic run keeps one fixed choice instead.
-        torch.backends.cudnn.benchmark = not deterministic
+        # fixed, as airbench relies on); a deterministic run keeps one fixed choice instead. The timing costs
+        # ~0.8 s per set of shapes on an H200 (RESULTS.md): `cudnn_benchmark=false` uses cuDNN's heuristics.
+        torch.backends.cudnn.benchmark = recipe.cudnn_benchmark and not deterministic
 
     ds = dataset if dataset is not None else load_dataset(recipe.dataset, data_dir)
     tr_idx, va_idx = recipe_split(recipe, ds.y_train)

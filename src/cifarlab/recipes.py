@@ -189,6 +189,9 @@ class Recipe:
     cuda_graph: bool = param(
         True, "performance", help="on a GPU, replay the training step from one CUDA graph (no per-step launches)"
     )
+    cudnn_benchmark: bool = param(
+        True, "performance", help="on a GPU, time cuDNN's algorithms for each new shape (false: its heuristics)"
+    )
     compile: bool = param(False, "performance", help="reserved: torch.compile does not pay back yet (refused)")
 
     def replace(self, **changes: Any) -> Recipe:

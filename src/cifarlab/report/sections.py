@@ -614,6 +614,8 @@ def config_section(run: Any) -> Section:
 def machine_section(run: Any, timings: dict[str, Any]) -> Section:
     config = run.config
     mach_rows = [[k, num(v)] for k, v in (config.get("machine") or {}).items()]
+    if run.metrics.get("training_step"):  # a CUDA graph, or op by op and why (older runs: absent)
+        mach_rows.append(["training step", str(run.metrics["training_step"])])
     mach_rows += [[f"version: {k}", str(v)] for k, v in (config.get("versions") or {}).items()]
     time_rows = [
         [PHASES.get(k, k.replace("_seconds", "").replace("_", " ")), seconds(v)]
