@@ -8,8 +8,8 @@
 #
 # Steps (default: all but `tests`): `fast` (5 seeds) and `air94` (3 seeds) as the recipes are (the training step a
 # CUDA graph), `eager` one seed of each with cuda_graph=false (the same GPU, minutes apart: what the graph buys),
-# `autotune` fast (3 seeds) with cudnn_benchmark=false (cuDNN's timing of each new shape costs ~0.8 s of a ~3 s
-# run), `profile` (benchmarks/gpu_profile.py: per-epoch and first-step times, torch.profiler tables), then `suite`
+# `autotune` fast (2 seeds each) without cuDNN's timing of new shapes (~0.8-1.3 s per image size of a ~3 s run),
+# without the 3/4-size first epoch (one image size: one timing), and without both, `profile` (benchmarks/gpu_profile.py: per-epoch and first-step times, torch.profiler tables), then `suite`
 # (the whole test suite, the `gpu` tests included, one line per test so a cut-off run still says what passed);
 # `tests` runs the `gpu` tests alone. The timing steps come first, with the GPU to themselves.
 # Writes into $OUT (default gpu-out/): env.txt, gpu_fast.json/.txt, gpu_air94.json/.txt, eager_*.json, eager.txt,
@@ -73,14 +73,19 @@ tta() {  # tta RECIPE SEEDS JSON [--set ...]: time-to-accuracy runs, each a fres
 eager() {
   tta fast 1 eager_fast.json --set cuda_graph=false && tta air94 1 eager_air94.json --set cuda_graph=false
 }
-export -f tta eager
+autotune() {
+  tta fast 2 autotune_off.json --set cudnn_benchmark=false
+  tta fast 2 autotune_fullsize.json --set train_scales=
+  tta fast 2 autotune_off_fullsize.json --set cudnn_benchmark=false --set train_scales=
+}
+export -f tta eager autotune
 export PY DATA RUNS OUT
 for s in $STEPS; do
   case $s in
     fast) step gpu_fast 150 tta fast 5 gpu_fast.json ;;
     air94) step gpu_air94 150 tta air94 3 gpu_air94.json ;;
     eager) step eager 120 eager ;;
-    autotune) step autotune 90 tta fast 3 autotune_fast.json --set cudnn_benchmark=false ;;
+    autotune) step autotune 100 autotune ;;
     profile) step profile 60 $PY benchmarks/gpu_profile.py --recipe fast --data-dir "$DATA" ;;
     tests) step gpu_tests 240 $PY -m pytest -v -m gpu tests/test_gpu.py -p no:cacheprovider ;;
     suite) step suite 420 $PY -m pytest -v -n "${WORKERS:-12}" -p no:cacheprovider --durations=20 ;;

@@ -414,12 +414,17 @@ class _Wider(_Logits):
 _Wider.__qualname__ = "_Logits"  # the same class name, as a second definition in a notebook would have
 
 
-def test_fit_gives_the_session_its_determinism_setting_back(tmp_path):
-    """deterministic=True is for the run: a notebook's later work keeps torch's own (faster) algorithms."""
+def test_fit_gives_the_session_its_determinism_setting_and_random_state_back(tmp_path):
+    """deterministic=True is for the run: a notebook's later work keeps torch's own (faster) algorithms; the run's
+    seed is for the run: the notebook's random numbers go on where they were."""
     assert not torch.are_deterministic_algorithms_enabled()
+    torch.manual_seed(1234)
+    torch.rand(3)
+    expected = torch.rand(5, generator=torch.Generator().set_state(torch.get_rng_state()))
     kw = dict(runs_dir=tmp_path, epochs=1, batch_size=16, precision="fp32", report=False, widths=(8, 8, 8))
     cifarlab.fit("reference", data=_arrays(32, 8, (3, 16, 16)), deterministic=True, dense_width=16, **kw)
     assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(torch.rand(5), expected)
 
 
 def test_classes_given_where_the_data_names_its_own_is_refused(tmp_path):

@@ -183,27 +183,30 @@ def fit(
     if ds is not None and r.dataset in NAMED_DATASETS:
         r = r.replace(dataset=ds.name if ds.name not in NAMED_DATASETS else r.dataset)
     r = validate(r, check_paths=ds is None)
-    # `deterministic=True` switches torch's deterministic algorithms on for the run; the caller's session gets
-    # its own settings back afterwards (the CLI's process simply ends).
+    # `deterministic=True` switches torch's deterministic algorithms on for the run, and the run seeds torch's
+    # random generators with the recipe's seed; the caller's session gets its own settings and random state back
+    # afterwards (the CLI's process simply ends).
     was_deterministic, was_benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
-        result = run_experiment(
-            r,
-            dataset=ds,
-            data_dir=Path(data_dir) if data_dir is not None else None,
-            runs_root=runs_dir,
-            device=device,
-            deterministic=deterministic,
-            report=report,
-            quiet=quiet,
-            model=module,
-            callbacks=callbacks,
-            command="cifarlab.fit(...)",
-            mlflow=mlflow,
-            init=Path(init) if init is not None else None,
-            budget=seconds,
-            budget_clock=clock,
-        )
+        with torch.random.fork_rng(devices=gpus):
+            result = run_experiment(
+                r,
+                dataset=ds,
+                data_dir=Path(data_dir) if data_dir is not None else None,
+                runs_root=runs_dir,
+                device=device,
+                deterministic=deterministic,
+                report=report,
+                quiet=quiet,
+                model=module,
+                callbacks=callbacks,
+                command="cifarlab.fit(...)",
+                mlflow=mlflow,
+                init=Path(init) if init is not None else None,
+                budget=seconds,
+                budget_clock=clock,
+            )
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.backends.cudnn.benchmark = was_benchmark

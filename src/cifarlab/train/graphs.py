@@ -1,19 +1,19 @@
 """The training step as one CUDA graph (recipe key `cuda_graph`, on by default; GPUs only).
 
 On a GPU a small network's step is a few hundred small kernels (forward, backward, and Muon's per-filter
-orthogonalization), and launching them from Python costs more than running them: `fast` on an H200 spent ~5 ms
-per step of which ~2.6 ms kept the GPU busy (benchmarks/RESULTS.md). Captured once as a CUDA graph, the whole step
-(forward, loss, backward, optimizer step) is one launch; the loop copies the batch into the graph's input and
-the step's learning rates into device tensors, then replays it.
+orthogonalization), and launching them from Python costs more than running them: op by op, `fast` on an H200
+took ~20 ms per step; replayed from a graph, 2.06 ms, the GPU busy 72% of it (benchmarks/RESULTS.md, session 12).
+The whole step (forward, loss, backward, optimizer step) is captured once and replayed: the loop copies the
+batch into the graph's input and the step's learning rates into device tensors, then launches the graph.
 
 What a graph cannot follow is refused when training starts (`unsupported_reason`), and the step runs eagerly
 as before: a CPU, torchrun (DDP), fp16's gradient scaler (it reads the scale back to the host), optimizers
 other than Muon and SGD (whose steps read a Python LR), DropBlock (its drop rate changes in Python every step),
 and Python hooks on the model's modules (a replay runs no Python; hooks added after training started are not
-seen). Callbacks run as ever, between steps. A new
-input shape (the first epoch at a smaller scale) or a change of which parameters train (the whitening bias
-frozen after its epochs) is captured anew, after `WARMUP` eager steps of the same code; the warm-up steps and
-the replays compute the same kernels, so a run stays deterministic where the eager step was.
+seen). Callbacks run as ever, between steps. A new input shape (the first epoch at a smaller scale) or a change
+of which parameters train (the whitening bias frozen after its epochs) is captured anew, after `WARMUP` eager
+steps of the same code; the warm-up steps and the replays compute the same kernels, so a run stays
+deterministic where the eager step was.
 """
 
 from __future__ import annotations

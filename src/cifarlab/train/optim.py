@@ -252,10 +252,10 @@ def _sgd_device_lr(
     momentum = group["momentum"]
     if momentum:
         state = optimizer.state
-        fresh = [i for i, p in enumerate(params) if state[p].get("momentum_buffer") is None]
+        fresh = {i for i, p in enumerate(params) if state[p].get("momentum_buffer") is None}
         for i in fresh:  # torch's first step: the buffer starts as the gradient
             state[params[i]]["momentum_buffer"] = grads[i].detach().clone()
-        old = [i for i in range(len(params)) if i not in set(fresh)]
+        old = [i for i in range(len(params)) if i not in fresh]
         if old:
             bufs_old = [state[params[i]]["momentum_buffer"] for i in old]
             torch._foreach_mul_(bufs_old, momentum)
