@@ -192,6 +192,7 @@ def test_graph_bookkeeping_warms_up_captures_and_replays_each_step_once(monkeypa
     assert graphed.step_mode == "CUDA graph (2 captures)"
     assert eager.step_mode == "eager (not a GPU)"
     assert graphed.step == eager.step == 18
+    assert (graphed.warmup_steps, eager.warmup_steps) == (3, 1)  # what the --budget probe leaves out of its timing
     for k, v in w_eager.items():
         torch.testing.assert_close(w_graph[k], v, rtol=1e-6, atol=1e-7, msg=k)
     for a, b in zip(graphed.history, eager.history):  # the loss and accuracy the loop read from each step

@@ -219,10 +219,13 @@ def _probe(
 
     r = recipe.replace(widths=scaled_widths(recipe.widths, scale))
     model = build(r)
-    timer = _StepTimes(steps + 1, device)  # the first step warms up (allocator, kernels): not counted
+    timer = _StepTimes(0, device)
     trainer = Trainer(model, r, loader(r), None, callbacks=[timer], device=device)
+    trainer.prepare_step()  # the step the run will take: on a GPU, replayed from a CUDA graph
+    skip = trainer.warmup_steps  # not counted: allocator, kernel loading, cuDNN's timing, a graph's capture
+    timer.steps = steps + skip
     trainer.train_epoch(0)
-    step = (timer.times[-1] - timer.times[1]) / max(1, len(timer.times) - 2)
+    step = (timer.times[-1] - timer.times[skip]) / max(1, len(timer.times) - 1 - skip)
     per_img = _eval_seconds_per_image(model, r, x_eval, device) if x_eval is not None else None
     return Probe(scale, r.widths, scale**2, step, per_img)
 

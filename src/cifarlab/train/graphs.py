@@ -114,5 +114,10 @@ class GraphedStep:
         self.graph.replay()
         return self._out[0].clone(), self._out[1]
 
+    @property
+    def steps_before_replay(self) -> int:
+        """The warm-up steps and the capture, before the first replay of a new step shape."""
+        return WARMUP + 1
+
     def describe(self) -> str:
         return f"CUDA graph ({self.captures} capture{'s' if self.captures != 1 else ''})"

@@ -297,6 +297,20 @@ class Trainer:
             "val_accuracy": correct.item() / max(1, seen),
         }
 
+    def prepare_step(self) -> None:
+        """Decide how the training step runs: replayed from a CUDA graph where it can be, else op by op (and
+        why). `fit` calls it after `on_train_begin` (a callback may add a hook there); call it before
+        `train_epoch` when training without `fit` (the --budget probe), to time the step the run will take."""
+        self.eager_reason = unsupported_reason(self)
+        if self.eager_reason is None and self._graph is None:
+            self._graph = GraphedStep(self)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps before the step's steady pace: the first (allocator, kernel loading, cuDNN's timing), and on a
+        CUDA graph its eager warm-up steps and the capture."""
+        return self._graph.steps_before_replay if self._graph is not None else 1
+
     @property
     def step_mode(self) -> str:
         """How the training step ran: a CUDA graph (and how often it was captured), or eagerly and why."""
@@ -306,9 +320,7 @@ class Trainer:
         status, message = "finished", ""
         if self.start_epoch == 0:
             self.callbacks.on_train_begin({})
-        self.eager_reason = unsupported_reason(self)  # after on_train_begin: a callback may have added a hook
-        if self.eager_reason is None and self._graph is None:
-            self._graph = GraphedStep(self)
+        self.prepare_step()  # after on_train_begin: a callback may have added a hook
         try:
             epoch = self.start_epoch
             while epoch < self.max_epochs and not self.stop_training:
