@@ -163,7 +163,8 @@ def main() -> None:
             f"seed {seed}: test {row['test_accuracy']:.2%}  wall {row['wall_seconds']:.1f} s  "
             f"train {row['train_seconds']:.1f} s  epochs {row['epochs_run']}  "
             f"{row['seconds_per_epoch']:.1f} s/epoch  LR drops after {row['lr_drops_after_epochs']}  "
-            f"peak RSS {row['peak_rss_mib']:.0f} MiB  step: {row['training_step']}",
+            f"peak RSS {row['peak_rss_mib']:.0f} MiB  step: {row['training_step']}  "
+            f"process start to test accuracy {row['timings'].get('process_seconds', float('nan')):.1f} s",
             flush=True,
         )
 

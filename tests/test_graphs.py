@@ -107,6 +107,8 @@ def test_a_run_records_how_its_step_ran(tmp_path):
         recipe, dataset=make_dataset(16, 5), runs_root=tmp_path, quiet=True, report=False, device="cpu"
     )
     assert res.metrics["training_step"] == "eager (not a GPU)"
+    t = res.metrics["timings"]  # and how long it took from the process's start (here: pytest's) to its accuracy
+    assert t["process_seconds"] >= t["total_seconds"] > 0
 
 
 class _StandInGraph:

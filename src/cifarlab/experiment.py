@@ -31,7 +31,7 @@ from torch import nn
 
 from cifarlab import __version__
 from cifarlab.augment import make_augment
-from cifarlab.budget import PROCESS_START, BudgetPlan, Clock, TimeBudget, plan_budget, usable_seconds
+from cifarlab.budget import PROCESS_START, BudgetPlan, Clock, TimeBudget, plan_budget, process_age, usable_seconds
 from cifarlab.calibrate import fit_on_split
 from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, recipe_split
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads
@@ -603,6 +603,7 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
     test_acc = (logits.argmax(1) == ds.y_test).float().mean().item()
     test_loss = F.cross_entropy(logits, ds.y_test).item()
     eval_seconds = time.perf_counter() - t0
+    process_seconds = process_age()  # from the process's start (interpreter, imports, CUDA included) to here
     meta = {"recipe": r.name}
     if calibration is not None:
         meta[TEMPERATURE] = repr(calibration["temperature"])
@@ -632,6 +633,7 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
             "eval_seconds": eval_seconds,
             "calibration_seconds": calibration["seconds"] if calibration else 0.0,
             "total_seconds": time.perf_counter() - plan.t_start,
+            "process_seconds": process_seconds,
             "seconds_per_epoch": fit.train_seconds / max(1, len(fit.history)),
             "session_seconds": sessions,
             "sessions_total_seconds": sum(sessions),

@@ -86,6 +86,8 @@ PHASES = {
     "seconds_per_epoch": "training, per epoch (mean)",
     "eval_seconds": "test evaluation after training",
     "total_seconds": "training command, total",
+    "process_seconds": "process start to test accuracy (imports included)",
+    "calibration_seconds": "softmax temperature fit",
     "report_evaluate_seconds": "report: evaluation",
     "report_plots_seconds": "report: figures",
     "report_saliency_seconds": "report: saliency maps",
