@@ -158,3 +158,29 @@ def test_cudnn_autotunes_unless_deterministic():
             assert not torch.backends.cudnn.benchmark
     finally:
         torch.backends.cudnn.benchmark = was
+
+
+def test_inference_does_not_time_cudnn_algorithms_and_restores_the_setting():
+    """Every new batch size would be timed afresh (a last partial batch, each serve request): inference on a GPU
+    runs on cuDNN's heuristics, and training's setting comes back afterwards."""
+    from cifarlab.inference import predict_logits
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 2, 3)
+
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.benchmark)
+            return self.conv(x).mean((2, 3))
+
+    was = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        out = predict_logits(Probe().cuda(), torch.zeros(5, 3, 8, 8, dtype=torch.uint8), batch_size=2)
+        assert out.shape == (5, 2) and out.device.type == "cpu"
+        assert seen == [False, False, False] and torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = was

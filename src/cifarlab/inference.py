@@ -85,6 +85,10 @@ def predict_logits(
     if device.type == "cuda" and x.numel() <= 1 << 28:
         # One copy up front (uint8, up to 256 MB): a copy per batch from pageable memory would wait for the GPU.
         x = x.to(device)
+    # No cuDNN timing for inference: every new batch size (a last partial batch, a serve request) would be timed
+    # afresh, which costs more than a few dozen batches can win back.
+    was_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = was_benchmark and device.type != "cuda"
     try:
         for i in range(0, len(x), batch_size):
             xb = to_float(x[i : i + batch_size], mean, std, device, channels_last)
@@ -97,6 +101,7 @@ def predict_logits(
             out.append(acc)  # on the device until the end: one read-back, not one per batch
     finally:
         model.train(was_training)
+        torch.backends.cudnn.benchmark = was_benchmark
     return torch.cat(out).cpu() if out else torch.empty(0)
 
 
