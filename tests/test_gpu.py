@@ -184,3 +184,29 @@ def test_inference_does_not_time_cudnn_algorithms_and_restores_the_setting():
         assert seen == [False, False, False] and torch.backends.cudnn.benchmark
     finally:
         torch.backends.cudnn.benchmark = was
+
+
+def test_a_model_that_reads_values_back_trains_op_by_op_after_a_failed_capture():
+    """A forward with `.item()` cannot be captured: the real capture fails, nothing of it ran, and the run
+    goes on op by op with every batch trained once."""
+
+    class ReadsBack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.head = torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            x = self.conv(x).mean((2, 3))
+            if x.abs().sum().item() > 1e9:  # a data-dependent branch: a host read inside the step
+                x = x / 2
+            return self.head(x)
+
+    ds = make_dataset(20, 5)
+    recipe = get_recipe("fast").replace(optimizer="sgd", batch_size=16, epochs=2, precision="fp32")
+    loader = BatchLoader(ds.x_train, ds.y_train, 16, shuffle=True, seed=0, device="cuda", drop_last=True)
+    trainer = Trainer(ReadsBack().cuda(), recipe, loader, device="cuda")
+    result = trainer.fit()
+    assert result.status == "finished" and trainer.step == 2 * len(loader)
+    assert result.step_mode.startswith("eager (the step could not be captured as a CUDA graph")
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

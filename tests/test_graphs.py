@@ -137,7 +137,13 @@ class _Stream:
         pass
 
 
-def _fit_tiny_fast(monkeypatch, graphed: bool, device: str = "cpu") -> tuple[Trainer, dict]:
+def _failing_capture(g: Any, **kw: Any) -> Any:
+    raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+
+def _fit_tiny_fast(
+    monkeypatch, graphed: bool, device: str = "cpu", capture_fails: bool = False
+) -> tuple[Trainer, dict]:
     """A tiny `fast` (fp32), 3 epochs of 6 steps: the first at 3/4 size with the whitening bias trained, then
     full size with it frozen. Both runs step with device-tensor LRs, so only the graph differs: on the CPU a
     stand-in graph, on a GPU a real one."""
@@ -168,7 +174,9 @@ def _fit_tiny_fast(monkeypatch, graphed: bool, device: str = "cpu") -> tuple[Tra
             m.setattr(torch.cuda, "current_stream", lambda: _Stream())
             m.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
             m.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
-            m.setattr(torch.cuda, "graph", lambda g, **kw: contextlib.nullcontext())
+            m.setattr(
+                torch.cuda, "graph", _failing_capture if capture_fails else lambda g, **kw: contextlib.nullcontext()
+            )
             init = graphs.GraphedStep.__init__
 
             def remember(self: Any, trainer: Any) -> None:
@@ -199,6 +207,18 @@ def test_graph_bookkeeping_warms_up_captures_and_replays_each_step_once(monkeypa
         torch.testing.assert_close(w_graph[k], v, rtol=1e-6, atol=1e-7, msg=k)
     for a, b in zip(graphed.history, eager.history):  # the loss and accuracy the loop read from each step
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["accuracy"] == b["accuracy"]
+
+
+def test_a_step_that_cannot_be_captured_trains_on_op_by_op(monkeypatch, caplog):
+    """A failed capture (on a GPU: a forward that reads a value back) ran nothing: that batch and the rest train
+    op by op, and the run says why."""
+    trainer, _ = _fit_tiny_fast(monkeypatch, graphed=True, capture_fails=True)
+    assert trainer.step == 18 and len(trainer.history) == 3  # every batch trained once, none lost or repeated
+    assert trainer.step_mode == (
+        "eager (the step could not be captured as a CUDA graph (operation not permitted when stream is capturing))"
+    )
+    assert "it runs op by op from now on" in caplog.text
+    assert trainer.history[-1]["loss"] < trainer.history[0]["loss"]
 
 
 @pytest.mark.gpu

@@ -10,10 +10,12 @@ What a graph cannot follow is refused when training starts (`unsupported_reason`
 as before: a CPU, torchrun (DDP), fp16's gradient scaler (it reads the scale back to the host), optimizers
 other than Muon and SGD (whose steps read a Python LR), DropBlock (its drop rate changes in Python every step),
 and Python hooks on the model's modules (a replay runs no Python; hooks added after training started are not
-seen). Callbacks run as ever, between steps. A new input shape (the first epoch at a smaller scale) or a change
-of which parameters train (the whitening bias frozen after its epochs) is captured anew, after `WARMUP` eager
-steps of the same code; the warm-up steps and the replays compute the same kernels, so a run stays
-deterministic where the eager step was.
+seen). A step that fails to capture (a forward that reads a value back to the host) runs op by op from then
+on, with a warning. A forward whose Python branches on something other than tensors (a random draw, a counter)
+is captured with the branch it took: set `cuda_graph=false` for such a model. Callbacks run as ever, between
+steps. A new input shape (the first epoch at a smaller scale) or a change of which parameters train (the
+whitening bias frozen after its epochs) is captured anew, after `WARMUP` eager steps of the same code; the
+warm-up steps and the replays compute the same kernels, so a run stays deterministic where the eager step was.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ from cifarlab.device import autocast
 from cifarlab.models.dropblock import DropBlock2d
 from cifarlab.train.optim import step_with_device_lr, supports_device_lr
 
-__all__ = ["GraphedStep", "unsupported_reason"]
+__all__ = ["GraphCaptureError", "GraphedStep", "unsupported_reason"]
 
 WARMUP = 2  # eager steps before each capture: lazy initialisations (cuBLAS, cuDNN autotuning, optimizer state)
+
+
+class GraphCaptureError(RuntimeError):
+    """The step could not be captured (its message says why); nothing of it ran."""
 
 
 def unsupported_reason(trainer: Any) -> str | None:
@@ -105,8 +111,14 @@ class GraphedStep:
             # Gradients allocated inside the capture: each replay writes them afresh, nothing zeroes them.
             t.optimizer.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self._out = self._step(*self._static)
+            try:
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                    self._out = self._step(*self._static)
+            except RuntimeError as e:  # e.g. a forward that reads a tensor back (.item(), a data-dependent branch)
+                self.graph = None
+                t.optimizer.zero_grad(set_to_none=True)  # the capture's gradients were never computed
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise GraphCaptureError(f"the step could not be captured as a CUDA graph ({first})") from e
             self.captures += 1
         else:
             self._static[0].copy_(x)

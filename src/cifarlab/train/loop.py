@@ -7,6 +7,7 @@ progress, TensorBoard, MLflow) is a callback. It stops cleanly on Ctrl-C or a no
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -21,10 +22,12 @@ from torch import nn
 from cifarlab.device import autocast, autocast_dtype
 from cifarlab.errors import UserError
 from cifarlab.train.callbacks import Callback, CallbackList
-from cifarlab.train.graphs import GraphedStep, unsupported_reason
+from cifarlab.train.graphs import GraphCaptureError, GraphedStep, unsupported_reason
 from cifarlab.train.optim import build_optimizer
 
 __all__ = ["FitResult", "History", "NaNGuard", "Trainer", "TrainingDiverged"]
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(UserError):
@@ -222,8 +225,9 @@ class Trainer:
         for i, (xb, yb) in enumerate(self.train_loader.epoch(epoch)):
             self.callbacks.on_train_batch_begin(i, {"step": self.step})
             lrs.append(self.get_lr())
-            if self._graph is not None:  # the whole step replayed from a CUDA graph
-                step_loss, logits = self._graph(xb, yb)
+            graphed = self._graph_step(xb, yb) if self._graph is not None else None
+            if graphed is not None:  # the whole step replayed from a CUDA graph
+                step_loss, logits = graphed
                 n, step_correct = len(yb), (logits.argmax(1) == yb).sum()
             else:
                 step_loss, n, step_correct = self._eager_step(i, xb, yb)
@@ -238,6 +242,17 @@ class Trainer:
         self.callbacks.on_validation_begin(epoch, {})
         # The LR column: the epoch's mean LR (constant within an epoch for the plateau schedule).
         return {"loss": loss_sum.item() / max(1, seen), "accuracy": correct.item() / max(1, seen), "lr": _mean_lr(lrs)}
+
+    def _graph_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step from the CUDA graph; None (and op by op from now on) when the step cannot be captured, e.g. a
+        model whose forward reads a value back to the host. A failed capture ran nothing: the batch is not lost."""
+        assert self._graph is not None
+        try:
+            return self._graph(xb, yb)
+        except GraphCaptureError as e:
+            self._graph, self.eager_reason = None, str(e)
+            log.warning("training step: %s; it runs op by op from now on (cuda_graph=false skips the attempt)", e)
+            return None
 
     def _eager_step(self, i: int, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
         """One training step op by op: (the step's loss, images, correct predictions), over all ranks under DDP."""
