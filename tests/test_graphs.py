@@ -126,10 +126,11 @@ class _StandInGraph:
             self.fresh = False
             return
         step = self.owner
+        captured = step.current
         step.trainer.optimizer.zero_grad(set_to_none=True)
-        loss, logits = step._step(*step._static)
-        step._out[0].copy_(loss)
-        step._out[1].copy_(logits)
+        loss, logits = step._step(*captured.static)
+        captured.out[0].copy_(loss)
+        captured.out[1].copy_(logits)
 
 
 class _Stream:
@@ -142,24 +143,30 @@ def _failing_capture(g: Any, **kw: Any) -> Any:
 
 
 def _fit_tiny_fast(
-    monkeypatch, graphed: bool, device: str = "cpu", capture_fails: bool = False
+    monkeypatch,
+    graphed: bool,
+    device: str = "cpu",
+    capture_fails: bool = False,
+    drop_last: bool = True,
+    **changes: Any,
 ) -> tuple[Trainer, dict]:
-    """A tiny `fast` (fp32), 3 epochs of 6 steps: the first at 3/4 size with the whitening bias trained, then
-    full size with it frozen. Both runs step with device-tensor LRs, so only the graph differs: on the CPU a
-    stand-in graph, on a GPU a real one."""
+    """A tiny `fast` (fp32), by default 3 epochs of 6 steps: the first at 3/4 size with the whitening bias
+    trained, then full size with it frozen. Both runs step with device-tensor LRs, so only the graph differs: on
+    the CPU a stand-in graph, on a GPU a real one."""
     ds = make_dataset(24, 5)
     recipe = get_recipe("fast").replace(
-        widths=(8, 16, 16), batch_size=16, epochs=3, precision="fp32", cuda_graph=graphed
+        **{"widths": (8, 16, 16), "batch_size": 16, "epochs": 3, "precision": "fp32", **changes},
+        cuda_graph=graphed,
     )
     torch.manual_seed(0)
     model = build_model(recipe, len(ds.classes)).to(device, memory_format=torch.channels_last)
     loader = BatchLoader(
         ds.x_train,
         ds.y_train,
-        16,
+        recipe.batch_size,
         shuffle=True,
         seed=0,
-        drop_last=True,
+        drop_last=drop_last,
         channels_last=True,
         scales=recipe.train_scales,
         device=device,
@@ -203,10 +210,25 @@ def test_graph_bookkeeping_warms_up_captures_and_replays_each_step_once(monkeypa
     assert eager.step_mode == "eager (not a GPU)"
     assert graphed.step == eager.step == 18
     assert (graphed.warmup_steps, eager.warmup_steps) == (3, 1)  # what the --budget probe leaves out of its timing
+    assert graphed._graph is not None and len(graphed._graph.graphs) == 1  # epoch 1's shape does not come back
     for k, v in w_eager.items():
         torch.testing.assert_close(w_graph[k], v, rtol=1e-6, atol=1e-7, msg=k)
     for a, b in zip(graphed.history, eager.history):  # the loss and accuracy the loop read from each step
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["accuracy"] == b["accuracy"]
+
+
+def test_a_smaller_last_batch_gets_its_own_graph_and_the_full_one_is_kept(monkeypatch):
+    """4 epochs of 4 batches of 20 and a last one of 16 (96 images, drop_last off), one image size: the full
+    batches warm up twice and are captured once, in epoch 1; the last batch warms up in epochs 1 and 2 and is
+    captured in epoch 3; nothing is captured again."""
+    kw = dict(drop_last=False, batch_size=20, epochs=4, train_scales=(), whiten_bias_epochs=0.0)
+    graphed, w_graph = _fit_tiny_fast(monkeypatch, graphed=True, **kw)
+    eager, w_eager = _fit_tiny_fast(monkeypatch, graphed=False, **kw)
+    assert graphed.step_mode == "CUDA graph (2 captures)" and graphed.step == eager.step == 20
+    assert graphed._graph is not None and len(graphed._graph.graphs) == 2  # batches of 20 and of 16
+    for k, v in w_eager.items():
+        torch.testing.assert_close(w_graph[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert [a["loss"] for a in graphed.history] == pytest.approx([b["loss"] for b in eager.history], rel=1e-6)
 
 
 def test_a_step_that_cannot_be_captured_trains_on_op_by_op(monkeypatch, caplog):

@@ -20,6 +20,8 @@ warm-up steps and the replays compute the same kernels, so a run stays determini
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,19 +61,34 @@ def unsupported_reason(trainer: Any) -> str | None:
     return None
 
 
+@dataclass
+class _Captured:
+    """One captured step: the graph, its input buffers (copied into before each replay) and its outputs."""
+
+    graph: torch.cuda.CUDAGraph
+    static: tuple[torch.Tensor, torch.Tensor]
+    out: tuple[torch.Tensor, torch.Tensor]
+
+
 class GraphedStep:
-    """Forward, loss, backward and optimizer step of `trainer`, replayed from a CUDA graph."""
+    """Forward, loss, backward and optimizer step of `trainer`, replayed from a CUDA graph.
+
+    A graph is kept per step shape (input size, trained parameters, train/eval modes) while only the batch size
+    varies: a recipe whose epochs end with a smaller last batch replays its graph again at the next epoch, and
+    the last batch gets its own once it has been warmed up. A change of image size or of the trained parameters
+    does not go back, so the graphs of the old shape are dropped (each graph holds its own memory: its
+    activations and gradients)."""
+
+    MAX_GRAPHS = 2
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
         self.lrs = [torch.zeros((), device=trainer.device) for _ in trainer.optimizer.param_groups]
         self.stream = torch.cuda.Stream(trainer.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.key: tuple | None = None
-        self.warm = 0
+        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.warm: dict[tuple, int] = {}
+        self.current: _Captured | None = None  # the graph of the step being replayed
         self.captures = 0
-        self._static: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
-        self._out: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step itself: the same code warms up eagerly and is captured."""
@@ -89,42 +106,58 @@ class GraphedStep:
         modes = tuple(m.training for m in model.modules())
         return (tuple(x.shape), x.stride(), x.dtype, trainable, modes)
 
+    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A warm-up step: eagerly, on a side stream, as PyTorch's capture recipe does before capturing."""
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            self.trainer.optimizer.zero_grad(set_to_none=True)
+            out = self._step(x, y)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out
+
+    def _capture(self, key: tuple, x: torch.Tensor, y: torch.Tensor) -> _Captured:
+        t = self.trainer
+        static = (x.clone(), y.clone())
+        # Gradients allocated inside the capture: each replay writes them afresh, nothing zeroes them. (Each graph
+        # has its own; `p.grad` shows the last captured one's.)
+        t.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = self._step(*static)
+        except RuntimeError as e:  # e.g. a forward that reads a tensor back (.item(), a data-dependent branch)
+            t.optimizer.zero_grad(set_to_none=True)  # the capture's gradients were never computed
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GraphCaptureError(f"the step could not be captured as a CUDA graph ({first})") from e
+        self.captures += 1
+        # A graph that differs in more than its batch size (another image size, other trained parameters) does
+        # not come back: its memory goes now. Of the rest, the most recently replayed are kept.
+        for old in [k for k in self.graphs if k[0][1:] != key[0][1:] or k[1:] != key[1:]]:
+            del self.graphs[old]
+        while len(self.graphs) >= self.MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        self.graphs[key] = captured = _Captured(graph, static, out)
+        return captured
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on (x, y); returns the step's loss (a copy) and logits (valid until the next step)."""
         t = self.trainer
         for lr, group in zip(self.lrs, t.optimizer.param_groups, strict=True):
             lr.fill_(group["lr"])  # a kernel argument: no host synchronisation
         key = self._key(x, t.model)
-        if key != self.key:
-            self.key, self.warm, self.graph = key, 0, None
-        if self.warm < WARMUP:
-            self.warm += 1
-            # Eagerly, on a side stream, as PyTorch's capture recipe does before capturing.
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                t.optimizer.zero_grad(set_to_none=True)
-                out = self._step(x, y)
-            torch.cuda.current_stream().wait_stream(self.stream)
-            return out
-        if self.graph is None:
-            self._static = (x.clone(), y.clone())
-            # Gradients allocated inside the capture: each replay writes them afresh, nothing zeroes them.
-            t.optimizer.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                    self._out = self._step(*self._static)
-            except RuntimeError as e:  # e.g. a forward that reads a tensor back (.item(), a data-dependent branch)
-                self.graph = None
-                t.optimizer.zero_grad(set_to_none=True)  # the capture's gradients were never computed
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise GraphCaptureError(f"the step could not be captured as a CUDA graph ({first})") from e
-            self.captures += 1
+        captured = self.graphs.get(key)
+        if captured is None:
+            if self.warm.get(key, 0) < WARMUP:
+                self.warm[key] = self.warm.get(key, 0) + 1
+                return self._eager(x, y)
+            captured = self._capture(key, x, y)  # holds (x, y) already
         else:
-            self._static[0].copy_(x)
-            self._static[1].copy_(y)
-        self.graph.replay()
-        return self._out[0].clone(), self._out[1]
+            self.graphs.move_to_end(key)
+            captured.static[0].copy_(x)
+            captured.static[1].copy_(y)
+        self.current = captured
+        captured.graph.replay()
+        return captured.out[0].clone(), captured.out[1]
 
     @property
     def steps_before_replay(self) -> int:
