@@ -250,8 +250,13 @@ def test_budget_refuses_resume_and_a_too_small_budget(tmp_path, monkeypatch, one
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err
     monkeypatch.setattr("cifarlab.budget.process_age", lambda: 100.0)  # as if start-up had eaten the budget
-    with pytest.raises(ConfigError, match="no time to train"):
+    with pytest.raises(ConfigError, match="no time to train.*give a larger --budget"):
         run_experiment(
             get_recipe("fast").replace(batch_size=32), dataset=make_dataset(48, 8), runs_root=tmp_path, budget=30.0
         )
     assert not any(tmp_path.iterdir())  # nothing written
+    # fit()'s budget counts from the call, and the message names fit()'s argument
+    monkeypatch.setattr("cifarlab.budget.Clock.elapsed", lambda self: 100.0)
+    with pytest.raises(ConfigError, match="no time to train.*give a larger budget="):
+        cifarlab.fit("fast", make_dataset(48, 8), batch_size=32, runs_dir=tmp_path, budget=30.0, device="cpu")
+    assert not any(tmp_path.iterdir())

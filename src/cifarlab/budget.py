@@ -409,7 +409,7 @@ def plan_budget(
             raise ConfigError(
                 f"a budget of {budget_seconds:g} s leaves no time to train on this machine: {now:.1f} s went to "
                 f"start-up, data loading and the probe, and evaluating takes ~{o.eval_seconds:.1f} s; give a "
-                "larger --budget"
+                f"larger {'--budget' if clock.started is None else 'budget='}"  # the CLI's clock, or fit()'s
             )
     chosen = recipe.replace(widths=o.probe.widths, epochs=max(1, math.ceil(o.epochs)), tta=o.tta)
     if o.probe.eval_seconds_per_image is None:

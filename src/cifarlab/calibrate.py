@@ -131,7 +131,8 @@ def calibrate_run(
             if check.mismatch:
                 raise UserError(
                     f"the data given is not the data {run.path.name} was trained on (checksum {check.checksum} "
-                    f"!= the run's): its temperature must be fitted on the run's own images; pass its --data-dir"
+                    f"!= the run's): its temperature must be fitted on the run's own images; pass its data folder "
+                    "(--data-dir; data_dir= in Python)"
                 )
             tr, va = recipe_split(run.recipe, ds.y_train)
             device = resolve_device("auto")

@@ -252,7 +252,8 @@ def _load_official(
     if not writable_dir(data_dir):
         raise DataError(
             f"{spec.name} not found in {data_dir}, and that folder is not writable, so it cannot be "
-            f"downloaded there: {where} in it, or pass a writable --data-dir (or set $CIFARLAB_DATA)."
+            f"downloaded there: {where} in it, or pass a writable --data-dir (data_dir= in Python) or set "
+            "$CIFARLAB_DATA."
         )
     _check_official_size(spec, image_size)
     try:

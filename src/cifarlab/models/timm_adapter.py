@@ -61,5 +61,5 @@ def _check(r: Any) -> None:
 def timm_model(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> TimmModel:
     """A timm model named by timm_name (needs the optional timm package; random init)."""
     if not recipe.timm_name:
-        raise ConfigError("model=timm needs timm_name, e.g. --set timm_name=resnet18")
+        raise ConfigError("model=timm needs timm_name, e.g. --set timm_name=resnet18 (timm_name='resnet18' in Python)")
     return TimmModel(recipe.timm_name, num_classes, input_shape[0])
