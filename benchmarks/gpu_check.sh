@@ -3,8 +3,8 @@
 #
 #   DATA=data OUT=out benchmarks/gpu_check.sh          # DATA: a folder holding cifar10-jpeg.tar.gz (or the official archive)
 #   STEPS="fast suite" benchmarks/gpu_check.sh         # a subset of: fast air94 eager autotune profile suite tests
-#   OUT=/tmp/gpu-out ARCHIVE=$OUT/gpu-out.tgz benchmarks/gpu_check.sh   # everything in one file (the device tool
-#                                                      # brings back only a few files per command)
+#   ARCHIVE=$OUT/gpu-out.tgz OUT=/tmp/gpu-out benchmarks/gpu_check.sh   # on the device tool (its $OUT expanded
+#                                                      # first): everything in one file, as it brings back few files
 #
 # Steps (default: all but `tests`): `fast` (5 seeds) and `air94` (3 seeds) as the recipes are (the training step a
 # CUDA graph), `eager` one seed of each with cuda_graph=false (the same GPU, minutes apart: what the graph buys),
