@@ -179,6 +179,7 @@ def _fit_tiny_fast(
             m.setattr(loop, "unsupported_reason", lambda trainer: None)
             m.setattr(torch.cuda, "Stream", lambda device: _Stream())
             m.setattr(torch.cuda, "current_stream", lambda: _Stream())
+            m.setattr(torch.cuda, "set_stream", lambda s: None)
             m.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
             m.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
             m.setattr(

@@ -122,10 +122,12 @@ class GraphedStep:
         # has its own; `p.grad` shows the last captured one's.)
         t.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = self._step(*static)
         except RuntimeError as e:  # e.g. a forward that reads a tensor back (.item(), a data-dependent branch)
+            torch.cuda.set_stream(stream)  # where the capture's end failed, its stream would stay the current one
             t.optimizer.zero_grad(set_to_none=True)  # the capture's gradients were never computed
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GraphCaptureError(f"the step could not be captured as a CUDA graph ({first})") from e
