@@ -79,16 +79,21 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _graph_run(tmp_path, cuda_graph: bool) -> tuple[dict, Path]:
-    """A tiny `fast` in fp32 whose step changes once: a 3/4-size first epoch with the whitening bias trained, then
-    full size with it frozen (a new capture), 6 steps per epoch (2 eager warm-up steps, then the graph)."""
-    recipe = get_recipe("fast").replace(
-        widths=(8, 16, 16), batch_size=16, epochs=3, precision="fp32", cuda_graph=cuda_graph
-    )
+# Tiny versions, fp32. `fast`: its step changes once (a 3/4-size first epoch with the whitening bias trained, then
+# full size with it frozen: a new capture), 6 steps per epoch. `reference` (Adam, dropout, Keras augmentation,
+# a validation split): 4 full batches and a smaller last one per epoch, each size its own graph.
+TINY_RUNS = {
+    "fast": dict(widths=(8, 16, 16), batch_size=16, epochs=3),
+    "reference": dict(widths=(8, 16, 16), dense_width=32, batch_size=16, epochs=3),
+}
+
+
+def _graph_run(tmp_path, name: str, cuda_graph: bool) -> tuple[dict, Path]:
+    recipe = get_recipe(name).replace(**TINY_RUNS[name], precision="fp32", cuda_graph=cuda_graph)
     res = run_experiment(
         recipe,
         dataset=make_dataset(24, 5),
-        runs_root=tmp_path / str(cuda_graph),
+        runs_root=tmp_path / f"{name}-{cuda_graph}",
         device="cuda",
         quiet=True,
         report=False,
@@ -97,18 +102,19 @@ def _graph_run(tmp_path, cuda_graph: bool) -> tuple[dict, Path]:
     return res.metrics, res.run_dir
 
 
-def test_cuda_graph_step_trains_like_the_eager_step(tmp_path):
-    m_graph, _ = _graph_run(tmp_path, True)
-    m_eager, _ = _graph_run(tmp_path, False)
+@pytest.mark.parametrize("name", ["fast", "reference"])
+def test_cuda_graph_step_trains_like_the_eager_step(tmp_path, name):
+    m_graph, _ = _graph_run(tmp_path, name, True)
+    m_eager, _ = _graph_run(tmp_path, name, False)
     assert m_eager["training_step"] == "eager (cuda_graph=false)"
-    assert m_graph["training_step"] == "CUDA graph (2 captures)"
+    assert m_graph["training_step"] == "CUDA graph (2 captures)"  # two image sizes / two batch sizes
     # Different update code (lr * step, fused add) and cuDNN's own choices: close, not equal (tests/test_graphs.py
     # compares a graph with the same step op by op, exactly).
     assert m_graph["train_accuracy"] == pytest.approx(m_eager["train_accuracy"], abs=0.1)
     assert m_graph["test_accuracy"] == pytest.approx(m_eager["test_accuracy"], abs=0.1)
 
 
-@pytest.mark.parametrize("recipe", ["reference", "fast"])  # eager (Adam) and CUDA-graph steps
+@pytest.mark.parametrize("recipe", ["reference", "fast"])  # Adam and Muon, both replayed from CUDA graphs
 def test_deterministic_resume_after_sigkill_on_cuda(tmp_path, recipe):
     root = tmp_path / "synth"
     write_image_folder(root, 60, 10)

@@ -8,7 +8,7 @@ batch into the graph's input and the step's learning rates into device tensors, 
 
 What a graph cannot follow is refused when training starts (`unsupported_reason`), and the step runs eagerly
 as before: a CPU, torchrun (DDP), fp16's gradient scaler (it reads the scale back to the host), optimizers
-other than Muon and SGD (whose steps read a Python LR), DropBlock (its drop rate changes in Python every step),
+other than Muon, SGD and Adam (whose steps read a Python LR), DropBlock (its drop rate changes in Python every step),
 and Python hooks on the model's modules (a replay runs no Python; hooks added after training started are not
 seen). A step that fails to capture (a forward that reads a value back to the host) runs op by op from then
 on, with a warning. A forward whose Python branches on something other than tensors (a random draw, a counter)
@@ -52,7 +52,7 @@ def unsupported_reason(trainer: Any) -> str | None:
     if trainer.scaler is not None:
         return "fp16's gradient scaler"
     if not supports_device_lr(trainer.optimizer):
-        return f"optimizer {type(trainer.optimizer).__name__} (Muon and SGD only)"
+        return f"optimizer {type(trainer.optimizer).__name__} (Muon, SGD and Adam only)"
     modules = list(trainer.model.modules())
     if any(isinstance(m, DropBlock2d) for m in modules):
         return "DropBlock (its rate changes every step)"

@@ -212,17 +212,20 @@ class Muon(torch.optim.Optimizer):
 
 
 def supports_device_lr(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether `step_with_device_lr` can step this optimizer (Muon and torch's SGD; others step themselves)."""
+    """Whether `step_with_device_lr` can step this optimizer (Muon, torch's SGD and Adam; others step themselves)."""
     if isinstance(optimizer, Muon):
         return True
-    return isinstance(optimizer, torch.optim.SGD) and not any(
-        g.get("maximize") or g.get("dampening") for g in optimizer.param_groups
-    )
+    groups = optimizer.param_groups
+    if isinstance(optimizer, torch.optim.SGD):
+        return not any(g.get("maximize") or g.get("dampening") for g in groups)
+    if isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW):
+        return not any(g.get("maximize") or g.get("amsgrad") or g.get("fused") for g in groups)
+    return False
 
 
 @torch.no_grad()
 def step_with_device_lr(optimizer: torch.optim.Optimizer, lrs: list[torch.Tensor]) -> None:
-    """One step of a Muon or SGD optimizer with each group's LR read from a 0-dim tensor on the parameters'
+    """One step of a Muon, SGD or Adam optimizer with each group's LR read from a 0-dim tensor on the parameters'
     device: the same update as `optimizer.step()`, with no host value that changes from step to step and no
     host synchronisation, so a CUDA graph can capture it once and replay it with new LRs (`cifarlab.train.graphs`).
     """
@@ -234,6 +237,8 @@ def step_with_device_lr(optimizer: torch.optim.Optimizer, lrs: list[torch.Tensor
         if group.get("orthogonalize"):
             assert isinstance(optimizer, Muon)
             optimizer._muon_step(group, params, grads, lr=lr)
+        elif isinstance(optimizer, torch.optim.Adam):
+            _adam_device_lr(optimizer, group, params, grads, lr)
         else:
             _sgd_device_lr(optimizer, group, params, grads, lr)
 
@@ -266,6 +271,40 @@ def _sgd_device_lr(
         update = grads
     for p, u in zip(params, update):  # plain ops: a 0-dim device LR broadcasts on the device, never read back
         p.sub_(u * lr)
+
+
+def _adam_device_lr(
+    optimizer: torch.optim.Optimizer,
+    group: dict[str, Any],
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    lr: torch.Tensor,
+) -> None:
+    """torch.optim.adam's update (weight decay added to the gradient; no amsgrad) with a tensor LR and the step
+    count kept as a tensor on the parameter's device, as torch's capturable Adam keeps it: the bias corrections
+    are computed there, so nothing is read back. The state has torch's names and shapes, so a checkpoint taken
+    either way resumes the other way."""
+    beta1, beta2 = group["betas"]
+    if group["weight_decay"]:
+        grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+    for p, g in zip(params, grads):
+        state = optimizer.state[p]
+        if not state:  # torch's first step: zero moments
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device != p.device:  # torch keeps it on the CPU; a checkpoint is read there
+            state["step"] = state["step"].to(p.device, torch.float32)
+        step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        step.add_(1)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        # The bias corrections in float64, as torch computes them on the host: in float32, 1 - 0.999**1 is
+        # 1.3e-5 off (torch's own capturable Adam has that error).
+        t = step.double()
+        bias_correction2_sqrt = (1 - beta2**t).sqrt()
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        p.sub_(m / denom * (lr / (1 - beta1**t)))
 
 
 @OPTIMIZERS.register("muon")
