@@ -2,28 +2,31 @@
 # Everything issue 12 asks of a GPU, in one run that fits a 15-minute GPU loan (~7 min on an H200):
 #
 #   DATA=data OUT=out benchmarks/gpu_check.sh          # DATA: a folder holding cifar10-jpeg.tar.gz (or the official archive)
-#   STEPS="fast suite" benchmarks/gpu_check.sh         # a subset of: fast air94 eager autotune profile suite tests
+#   STEPS="fast suite" benchmarks/gpu_check.sh         # a subset of: fast air94 eager autotune reference profile
+#                                                      # suite tests
 #   ARCHIVE=$OUT/gpu-out.tgz OUT=/tmp/gpu-out benchmarks/gpu_check.sh   # on the device tool (its $OUT expanded
 #                                                      # first): everything in one file, as it brings back few files
 #
 # Steps (default: all but `tests`): `fast` (5 seeds) and `air94` (3 seeds) as the recipes are (the training step a
 # CUDA graph), `eager` one seed of each with cuda_graph=false (the same GPU, minutes apart: what the graph buys),
 # `autotune` fast (2 seeds each) without cuDNN's timing of new shapes (~0.8-1.3 s per image size of a ~3 s run),
-# without the 3/4-size first epoch (one image size: one timing), and without both, `profile` (benchmarks/gpu_profile.py: per-epoch and first-step times, torch.profiler tables), then `suite`
-# (the whole test suite, the `gpu` tests included, one line per test so a cut-off run still says what passed);
-# `tests` runs the `gpu` tests alone. The timing steps come first, with the GPU to themselves.
+# without the 3/4-size first epoch (one image size: one timing), and without both, `reference` one seed with its
+# step replayed and one op by op, `profile` (benchmarks/gpu_profile.py: per-epoch and first-step times,
+# torch.profiler tables), then `suite` (the whole test suite, the `gpu` tests included, one line per test so a
+# cut-off run still says what passed); `tests` runs the `gpu` tests alone. The timing steps come first, with the
+# GPU to themselves.
 # Writes into $OUT (default gpu-out/): env.txt, gpu_fast.json/.txt, gpu_air94.json/.txt, eager_*.json, eager.txt,
 # suite.txt; the run folders (checkpoints: megabytes each) go to $RUNS (default /tmp/cifarlab-gpu-runs), not into
 # $OUT, which the device tool copies back. It runs from the checkout without installing it (PYTHONPATH=src);
-# WHEELS=DIR (default .whl when it exists, WHEELS= for none; benchmarks/gpu_wheels.sh fills it) first installs pytest, simplejpeg and
-# the serve stack from a folder of wheels: the lent GPU machines have no internet and none of them. Each step has
+# WHEELS=DIR (default .whl when it exists, WHEELS= for none; benchmarks/gpu_wheels.sh fills it) first installs
+# pytest, simplejpeg and the serve stack from a folder of wheels: the lent GPU machines have no internet and none of them. Each step has
 # its own time limit, cut to what is left of DEADLINE (default 540 s from the start), so one that hangs cannot eat
 # the others' time; a failing step does not stop the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data}
 OUT=${OUT:-gpu-out}
-STEPS=${STEPS:-fast air94 eager autotune profile suite}
+STEPS=${STEPS:-fast air94 eager autotune reference profile suite}
 DEADLINE=${DEADLINE:-540}
 PY=${PY:-python}
 RUNS=${RUNS:-/tmp/cifarlab-gpu-runs}
@@ -78,7 +81,10 @@ autotune() {
   tta fast 2 autotune_fullsize.json --set train_scales=
   tta fast 2 autotune_off_fullsize.json --set cudnn_benchmark=false --set train_scales=
 }
-export -f tta eager autotune
+reference() {  # the pinned Keras recipe (Adam, dropout, a validation split): one seed replayed, one op by op
+  tta reference 1 gpu_reference.json && tta reference 1 eager_reference.json --set cuda_graph=false
+}
+export -f tta eager autotune reference
 export PY DATA RUNS OUT
 for s in $STEPS; do
   case $s in
@@ -86,10 +92,11 @@ for s in $STEPS; do
     air94) step gpu_air94 150 tta air94 3 gpu_air94.json ;;
     eager) step eager 120 eager ;;
     autotune) step autotune 100 autotune ;;
+    reference) step reference 120 reference ;;
     profile) step profile 60 $PY benchmarks/gpu_profile.py --recipe fast --data-dir "$DATA" ;;
     tests) step gpu_tests 240 $PY -m pytest -v -m gpu tests/test_gpu.py -p no:cacheprovider ;;
     suite) step suite 420 $PY -m pytest -v -n "${WORKERS:-12}" -p no:cacheprovider --durations=20 ;;
-    *) echo "unknown step $s (fast air94 eager autotune profile suite tests)" >&2 ;;
+    *) echo "unknown step $s (fast air94 eager autotune reference profile suite tests)" >&2 ;;
   esac
 done
 if [ -n "${ARCHIVE:-}" ]; then
