@@ -11,8 +11,8 @@
 # CUDA graph), `eager` one seed of each with cuda_graph=false (the same GPU, minutes apart: what the graph buys),
 # `autotune` fast (2 seeds each) without cuDNN's timing of new shapes (~0.8-1.3 s per image size of a ~3 s run),
 # without the 3/4-size first epoch (one image size: one timing), and without both, `reference` one seed with its
-# step replayed and one op by op, `profile` (benchmarks/gpu_profile.py: per-epoch and first-step times,
-# torch.profiler tables), then `suite` (the whole test suite, the `gpu` tests included, one line per test so a
+# step replayed and one op by op, `profile` (benchmarks/gpu_profile.py on fast and air94: per-epoch and first-step
+# times, torch.profiler tables), then `suite` (the whole test suite, the `gpu` tests included, one line per test so a
 # cut-off run still says what passed); `tests` runs the `gpu` tests alone. The timing steps come first, with the
 # GPU to themselves.
 # Writes into $OUT (default gpu-out/): env.txt, gpu_fast.json/.txt, gpu_air94.json/.txt, eager_*.json, eager.txt,
@@ -84,7 +84,10 @@ autotune() {
 reference() {  # the pinned Keras recipe (Adam, dropout, a validation split): one seed replayed, one op by op
   tta reference 1 gpu_reference.json && tta reference 1 eager_reference.json --set cuda_graph=false
 }
-export -f tta eager autotune reference
+profile() {  # per-epoch times with the GPU drained (air94's steady epochs against airbench94's 0.20 s), profiles
+  $PY benchmarks/gpu_profile.py --recipe fast --data-dir "$DATA" && $PY benchmarks/gpu_profile.py --recipe air94 --data-dir "$DATA"
+}
+export -f tta eager autotune reference profile
 export PY DATA RUNS OUT
 for s in $STEPS; do
   case $s in
@@ -93,7 +96,7 @@ for s in $STEPS; do
     eager) step eager 120 eager ;;
     autotune) step autotune 100 autotune ;;
     reference) step reference 120 reference ;;
-    profile) step profile 60 $PY benchmarks/gpu_profile.py --recipe fast --data-dir "$DATA" ;;
+    profile) step profile 100 profile ;;
     tests) step gpu_tests 240 $PY -m pytest -v -m gpu tests/test_gpu.py -p no:cacheprovider ;;
     suite) step suite 420 $PY -m pytest -v -n "${WORKERS:-12}" -p no:cacheprovider --durations=20 ;;
     *) echo "unknown step $s (fast air94 eager autotune reference profile suite tests)" >&2 ;;
