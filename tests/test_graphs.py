@@ -140,7 +140,7 @@ class _StandInGraph:
             self.fresh = False
             return
         step = self.owner
-        captured = step.current
+        captured = next(c for c in step.graphs.values() if c.graph is self)
         step.trainer.optimizer.zero_grad(set_to_none=True)
         loss, logits = step._step(*captured.static)
         captured.out[0].copy_(loss)

@@ -253,10 +253,8 @@ class FlipTranslate:
         if self.padding_mode == "reflect" and self.pad > min(h, w) - 1:
             raise ValueError(f"reflect padding needs pad < image size, got pad={self.pad} for {h}x{w}")
         dev = x.device
-        if dy.device.type == "cpu":  # on a GPU: one queued copy for both, not two that may wait
-            dy, dx = to_device_async(torch.stack([dy, dx]), dev)
-        flip = to_device_async(flip, dev)
-        dy, dx, flip = dy.to(dev), dx.to(dev), flip.to(device=dev, dtype=torch.bool)
+        dy, dx = to_device_async(torch.stack([dy, dx]), dev)  # on a GPU: one queued copy, not two that may wait
+        flip = to_device_async(flip, dev).to(torch.bool)
         ar_h = torch.arange(h, device=dev)
         ar_w = torch.arange(w, device=dev)
         rows = dy[:, None] + ar_h  # (B, H) source rows, unpadded coordinates

@@ -87,7 +87,6 @@ class GraphedStep:
         self.stream = torch.cuda.Stream(trainer.device)
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self.warm: dict[tuple, int] = {}
-        self.current: _Captured | None = None  # the graph of the step being replayed
         self.captures = 0
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +156,6 @@ class GraphedStep:
             self.graphs.move_to_end(key)
             captured.static[0].copy_(x)
             captured.static[1].copy_(y)
-        self.current = captured
         captured.graph.replay()
         return captured.out[0].clone(), captured.out[1]
 

@@ -228,6 +228,7 @@ def step_with_device_lr(optimizer: torch.optim.Optimizer, lrs: list[torch.Tensor
     """One step of a Muon, SGD or Adam optimizer with each group's LR read from a 0-dim tensor on the parameters'
     device: the same update as `optimizer.step()`, with no host value that changes from step to step and no
     host synchronisation, so a CUDA graph can capture it once and replay it with new LRs (`cifarlab.train.graphs`).
+    Plain per-parameter ops: inside a graph their launches cost nothing, and a 0-dim device LR broadcasts there.
     """
     for group, lr in zip(optimizer.param_groups, lrs, strict=True):
         params = [p for p in group["params"] if p.grad is not None]
@@ -237,74 +238,53 @@ def step_with_device_lr(optimizer: torch.optim.Optimizer, lrs: list[torch.Tensor
         if group.get("orthogonalize"):
             assert isinstance(optimizer, Muon)
             optimizer._muon_step(group, params, grads, lr=lr)
-        elif isinstance(optimizer, torch.optim.Adam):
-            _adam_device_lr(optimizer, group, params, grads, lr)
-        else:
-            _sgd_device_lr(optimizer, group, params, grads, lr)
+            continue
+        if group["weight_decay"]:  # torch's SGD and Adam both add it to the gradient
+            grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+        update = _adam_update if isinstance(optimizer, torch.optim.Adam) else _sgd_update
+        for p, g in zip(params, grads):
+            update(optimizer.state[p], group, p, g, lr)
 
 
-def _sgd_device_lr(
-    optimizer: torch.optim.Optimizer,
-    group: dict[str, Any],
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    lr: torch.Tensor,
+def _sgd_update(
+    state: dict[str, Any], group: dict[str, Any], p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor
 ) -> None:
-    """torch.optim.sgd's update (weight decay added to the gradient, momentum, Nesterov; no dampening) with a
-    tensor LR (torch's own foreach SGD reads a tensor LR back to the host)."""
-    if group["weight_decay"]:
-        grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+    """torch.optim.sgd's update (momentum, Nesterov; no dampening) with a tensor LR (torch's own foreach SGD
+    reads a tensor LR back to the host)."""
     momentum = group["momentum"]
     if momentum:
-        state = optimizer.state
-        fresh = {i for i, p in enumerate(params) if state[p].get("momentum_buffer") is None}
-        for i in fresh:  # torch's first step: the buffer starts as the gradient
-            state[params[i]]["momentum_buffer"] = grads[i].detach().clone()
-        old = [i for i in range(len(params)) if i not in fresh]
-        if old:
-            bufs_old = [state[params[i]]["momentum_buffer"] for i in old]
-            torch._foreach_mul_(bufs_old, momentum)
-            torch._foreach_add_(bufs_old, [grads[i] for i in old])
-        bufs = [state[p]["momentum_buffer"] for p in params]
-        update = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
-    else:
-        update = grads
-    for p, u in zip(params, update):  # plain ops: a 0-dim device LR broadcasts on the device, never read back
-        p.sub_(u * lr)
+        buf = state.get("momentum_buffer")
+        if buf is None:  # torch's first step: the buffer starts as the gradient
+            buf = state["momentum_buffer"] = g.detach().clone()
+        else:
+            buf.mul_(momentum).add_(g)
+        g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
+    p.sub_(g * lr)
 
 
-def _adam_device_lr(
-    optimizer: torch.optim.Optimizer,
-    group: dict[str, Any],
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    lr: torch.Tensor,
+def _adam_update(
+    state: dict[str, Any], group: dict[str, Any], p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor
 ) -> None:
-    """torch.optim.adam's update (weight decay added to the gradient; no amsgrad) with a tensor LR and the step
-    count kept as a tensor on the parameter's device, as torch's capturable Adam keeps it: the bias corrections
-    are computed there, so nothing is read back. The state has torch's names and shapes, so a checkpoint taken
-    either way resumes the other way."""
+    """torch.optim.adam's update (no amsgrad) with a tensor LR and the step count kept as a tensor on the
+    parameter's device, as torch's capturable Adam keeps it: the bias corrections are computed there, so nothing
+    is read back. The state has torch's names and shapes, so a checkpoint taken either way resumes the other way."""
     beta1, beta2 = group["betas"]
-    if group["weight_decay"]:
-        grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
-    for p, g in zip(params, grads):
-        state = optimizer.state[p]
-        if not state:  # torch's first step: zero moments
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        elif state["step"].device != p.device:  # torch keeps it on the CPU; a checkpoint is read there
-            state["step"] = state["step"].to(p.device, torch.float32)
-        step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-        step.add_(1)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        # The bias corrections in float64, as torch computes them on the host: in float32, 1 - 0.999**1 is
-        # 1.3e-5 off (torch's own capturable Adam has that error).
-        t = step.double()
-        bias_correction2_sqrt = (1 - beta2**t).sqrt()
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-        p.sub_(m / denom * (lr / (1 - beta1**t)))
+    if not state:  # torch's first step: zero moments
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    elif state["step"].device != p.device:  # torch keeps it on the CPU; a checkpoint is read there
+        state["step"] = state["step"].to(p.device, torch.float32)
+    step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+    step.add_(1)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    # The bias corrections in float64, as torch computes them on the host: in float32, 1 - 0.999**1 is 1.3e-5
+    # off (torch's own capturable Adam has that error).
+    t = step.double()
+    bias_correction2_sqrt = (1 - beta2**t).sqrt()
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+    p.sub_(m / denom * (lr / (1 - beta1**t)))
 
 
 @OPTIMIZERS.register("muon")

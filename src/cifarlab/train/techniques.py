@@ -44,9 +44,6 @@ class Lookahead(Callback):
     def _update(self, decay: float) -> None:
         assert self.ema is not None
         current = self._float_state(self.trainer.model)
-        first = next(iter(self.ema))
-        if self.ema[first].device != current[first].device:  # loaded from a checkpoint, which is read on the CPU
-            self.ema = {k: v.to(current[k].device) for k, v in self.ema.items()}
         emas = list(self.ema.values())
         weights = [current[k] for k in self.ema]
         # One foreach call each (the same arithmetic as per-tensor lerp_/copy_): two launches on a GPU, not ~80.
@@ -71,7 +68,11 @@ class Lookahead(Callback):
         return {"ema": self.ema}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ema = state["ema"]
+        ema = state["ema"]
+        if ema is not None:  # a checkpoint is read on the CPU: the average lives beside the weights
+            current = self._float_state(self.trainer.model)
+            ema = {k: v.to(current[k].device) for k, v in ema.items()}
+        self.ema = ema
 
 
 class WhitenBiasFreeze(Callback):
