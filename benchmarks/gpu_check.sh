@@ -2,12 +2,13 @@
 # Everything issue 12 asks of a GPU, in one run that fits a 15-minute GPU loan (~7 min on an H200):
 #
 #   DATA=data OUT=out benchmarks/gpu_check.sh          # DATA: a folder holding cifar10-jpeg.tar.gz (or the official archive)
-#   STEPS="fast suite" benchmarks/gpu_check.sh         # a subset of: fast air94 eager autotune reference profile
-#                                                      # suite tests
+#   STEPS="fast suite" benchmarks/gpu_check.sh         # a subset of: startup fast air94 eager autotune reference
+#                                                      # profile suite tests
 #   ARCHIVE=$OUT/gpu-out.tgz OUT=/tmp/gpu-out benchmarks/gpu_check.sh   # on the device tool (its $OUT expanded
 #                                                      # first): everything in one file, as it brings back few files
 #
-# Steps (default: all but `tests`): `fast` (5 seeds) and `air94` (3 seeds) as the recipes are (the training step a
+# Steps (default: all but `tests`): `startup` (benchmarks/startup.py twice: the seconds of import torch, the CUDA
+# context, the first cuBLAS and cuDNN calls and the exit, which come before or after a run's own clock), `fast` (5 seeds) and `air94` (3 seeds) as the recipes are (the training step a
 # CUDA graph), `eager` one seed of each with cuda_graph=false (the same GPU, minutes apart: what the graph buys),
 # `autotune` fast (2 seeds each) without cuDNN's timing of new shapes (~0.8-1.3 s per image size of a ~3 s run),
 # without the 3/4-size first epoch (one image size: one timing), and without both, `reference` one seed with its
@@ -26,7 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data}
 OUT=${OUT:-gpu-out}
-STEPS=${STEPS:-fast air94 eager autotune reference profile suite}
+STEPS=${STEPS:-startup fast air94 eager autotune reference profile suite}
 DEADLINE=${DEADLINE:-540}
 PY=${PY:-python}
 RUNS=${RUNS:-/tmp/cifarlab-gpu-runs}
@@ -87,10 +88,14 @@ reference() {  # the pinned Keras recipe (Adam, dropout, a validation split): on
 profile() {  # per-epoch times with the GPU drained (air94's steady epochs against airbench94's 0.20 s), profiles
   $PY benchmarks/gpu_profile.py --recipe fast --data-dir "$DATA" && $PY benchmarks/gpu_profile.py --recipe air94 --data-dir "$DATA"
 }
-export -f tta eager autotune reference profile
+startup() {  # twice: the first after the data step's process, the second with every file cached
+  $PY benchmarks/startup.py --json "$OUT/startup_1.json" && $PY benchmarks/startup.py --json "$OUT/startup_2.json"
+}
+export -f tta eager autotune reference profile startup
 export PY DATA RUNS OUT
 for s in $STEPS; do
   case $s in
+    startup) step startup 60 startup ;;
     fast) step gpu_fast 150 tta fast 5 gpu_fast.json ;;
     air94) step gpu_air94 150 tta air94 3 gpu_air94.json ;;
     eager) step eager 120 eager ;;
@@ -99,7 +104,7 @@ for s in $STEPS; do
     profile) step profile 100 profile ;;
     tests) step gpu_tests 240 $PY -m pytest -v -m gpu tests/test_gpu.py -p no:cacheprovider ;;
     suite) step suite 420 $PY -m pytest -v -n "${WORKERS:-12}" -p no:cacheprovider --durations=20 ;;
-    *) echo "unknown step $s (fast air94 eager autotune reference profile suite tests)" >&2 ;;
+    *) echo "unknown step $s (startup fast air94 eager autotune reference profile suite tests)" >&2 ;;
   esac
 done
 if [ -n "${ARCHIVE:-}" ]; then

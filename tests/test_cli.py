@@ -4,6 +4,7 @@ the shared error handling."""
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 
@@ -27,6 +28,47 @@ def test_python_dash_m_and_version():
     assert proc.returncode == 0 and proc.stdout.startswith("cifarlab ")
 
 
+def test_the_command_exits_with_its_status_without_tearing_the_interpreter_down():
+    # A usage error (argparse's SystemExit) and a user error keep their status and their one message.
+    bad = subprocess.run([sys.executable, "-m", "cifarlab.cli", "nosuchcommand"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    err = subprocess.run(
+        [sys.executable, "-m", "cifarlab.cli", "config", "--recipe", "nosuchrecipe"], capture_output=True, text=True
+    )
+    assert err.returncode == 2 and err.stderr.count("\n") == 1 and "nosuchrecipe" in err.stderr
+    # exit_now does what a normal exit does that matters, in its order: waits for a thread that is not a daemon,
+    # then runs the exit handlers, flushes buffered output; and skips the rest (a __del__ at teardown).
+    code = """
+import atexit, sys, threading, time
+from cifarlab.cli import exit_now
+class Teardown:
+    def __del__(self): print("teardown ran")
+keep = Teardown()
+atexit.register(lambda: print("exit handler ran"))
+threading.Thread(target=lambda: (time.sleep(0.2), print("thread finished"))).start()
+sys.stdout.write("buffered, no newline")
+exit_now(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 3
+    assert proc.stdout == "buffered, no newlinethread finished\nexit handler ran\n"
+    # A reader that went away (`cifarlab ... | head`) does not turn the exit into a traceback.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # so that the line waits in a buffer
+    pipe = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from cifarlab.cli import exit_now; print('x' * 99); time.sleep(1); exit_now(0)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert pipe.stdout is not None and pipe.stderr is not None
+    pipe.stdout.close()  # before the child flushes its buffered line
+    assert pipe.wait(timeout=60) == 0 and pipe.stderr.read() == b""
+
+
 def test_help_and_runs_build_only_what_they_need(tmp_path):
     """`cifarlab --help` and `cifarlab runs` built every command's parser, whose recipe and model choices import
     torch (~1 s); now only the named command's parser is built, the others list their one line."""
@@ -45,6 +87,19 @@ def test_help_and_runs_build_only_what_they_need(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_training_imports_no_evaluation_or_report_library():
+    """scikit-learn (~0.8 s), matplotlib and captum are for evaluation and reports: the train command and
+    `cifarlab.fit` import them only once a run is evaluated, not before their first training step."""
+    code = (
+        "import sys\n"
+        "import cifarlab.api, cifarlab.cli.train, cifarlab.experiment, cifarlab.train.loop\n"
+        "print(sorted(m for m in ('sklearn', 'matplotlib', 'captum') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_the_named_command_gets_its_whole_parser(capsys):

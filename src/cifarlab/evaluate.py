@@ -17,13 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    top_k_accuracy_score,
-)
 
 from cifarlab.errors import UserError
 from cifarlab.text import terminal_safe
@@ -448,6 +441,16 @@ def evaluate_predictions(
     The confusion matrix has rows = true class, columns = predicted; per-class rows, macro and weighted
     averages come from scikit-learn (`zero_division=0`); calibration from `calibration`.
     """
+    # Here, not at the top: scikit-learn takes ~0.8 s to import, and `cifarlab.fit` imports this module for its
+    # types long before a run is evaluated.
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        top_k_accuracy_score,
+    )
+
     classes = list(classes)
     y = np.asarray(y_true).astype(np.int64).reshape(-1)
     z = np.asarray(logits, dtype=np.float64)

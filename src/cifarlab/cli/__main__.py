@@ -1,7 +1,5 @@
 """`python -m cifarlab.cli`: the `cifarlab` command."""
 
-import sys
+from cifarlab.cli import entry
 
-from cifarlab.cli import main
-
-sys.exit(main())
+entry()
