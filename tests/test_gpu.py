@@ -166,6 +166,32 @@ def test_cudnn_autotunes_unless_deterministic():
         torch.backends.cudnn.benchmark = was
 
 
+def test_the_model_checks_do_not_time_cudnn_algorithms():
+    """prepare()'s 2-image forwards (the output check, the smallest training size) run on cuDNN's heuristics; the
+    training's timing is on afterwards."""
+    from cifarlab.experiment import prepare
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)  # make_dataset's 4 classes
+
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.benchmark)
+            return self.conv(x).mean((2, 3))
+
+    recipe = get_recipe("fast").replace(batch_size=16, epochs=1)
+    was = torch.backends.cudnn.benchmark
+    try:
+        plan = prepare(recipe, dataset=make_dataset(20, 5), device="cuda", model=Probe())
+        assert plan.model is not None and seen == [False, False]  # 32 x 32, then the 3/4-size first epoch
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+
 def test_inference_does_not_time_cudnn_algorithms_and_restores_the_setting():
     """Every new batch size would be timed afresh (a last partial batch, each serve request): inference on a GPU
     runs on cuDNN's heuristics, and training's setting comes back afterwards."""

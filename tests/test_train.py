@@ -167,3 +167,36 @@ def test_progressive_resizing_resumes_at_the_size_of_its_epoch(tmp_path, synth):
     wa, wb = load_file(whole.run_dir / "model.safetensors"), load_file(cut.run_dir / "model.safetensors")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k  # epochs 2 and 3 ran at 0.75 and 1.0 after the resume too
+
+
+def test_without_cudnn_timing_switches_it_off_for_a_gpu_only_and_restores_it():
+    """The model checks' 2-image forwards and inference run without cuDNN's timing on a GPU (shapes that never or
+    rarely come back); the training's setting is back afterwards, also after an error."""
+    from cifarlab.device import without_cudnn_timing
+
+    was = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        with without_cudnn_timing(torch.device("cuda")):
+            assert not torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.benchmark
+        with without_cudnn_timing(torch.device("cpu")):
+            assert torch.backends.cudnn.benchmark  # no cuDNN there: nothing to change
+        with pytest.raises(RuntimeError), without_cudnn_timing(torch.device("cuda")):
+            raise RuntimeError("a forward that fails")
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+
+def test_whitening_init_is_the_same_on_the_weights_device():
+    """The eigendecomposition runs on the CPU wherever the images are (a GPU would load a solver library for it):
+    the filters land on the conv's device and dtype, equal to an all-CPU init."""
+    from cifarlab.models.airnet import init_whitening
+
+    images = torch.randn(64, 3, 8, 8)
+    a, b = torch.nn.Conv2d(3, 24, 2), torch.nn.Conv2d(3, 24, 2).double()
+    init_whitening(a, images)
+    init_whitening(b, images)
+    assert b.weight.dtype == torch.float64 and torch.allclose(a.weight.double(), b.weight, atol=1e-6)
+    assert not torch.equal(a.weight, torch.nn.Conv2d(3, 24, 2).weight)

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import platform
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ __all__ = [
     "precision_reason",
     "resolve_device",
     "set_threads",
+    "without_cudnn_timing",
 ]
 
 
@@ -130,6 +132,19 @@ def autocast(
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+@contextlib.contextmanager
+def without_cudnn_timing(device: torch.device) -> Iterator[None]:
+    """cuDNN's heuristics instead of its timing (`cudnn.benchmark` off) on a GPU inside the block, the setting
+    restored after: for shapes met once or a few times (the model checks' 2-image forwards, inference's last
+    partial batch, each serve request), timing every algorithm costs more than the fastest one wins back."""
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = was and device.type != "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = was
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -34,7 +34,7 @@ from cifarlab.augment import make_augment
 from cifarlab.budget import PROCESS_START, BudgetPlan, Clock, TimeBudget, plan_budget, process_age, usable_seconds
 from cifarlab.calibrate import fit_on_split
 from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, recipe_split
-from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads
+from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads, without_cudnn_timing
 from cifarlab.distributed import Distributed, threads_per_process
 from cifarlab.errors import UserError
 from cifarlab.finetune import InitResult, apply_freeze, apply_init, check_init_args, read_init_source
@@ -184,12 +184,14 @@ def _check_fits_data(recipe: Recipe, n_train: int, input_shape: tuple[int, int, 
 
 def _probe(net: nn.Module, c: int, h: int, w: int) -> Any:
     """The model's output for two black c x h x w images, in eval mode (no BatchNorm statistics change, no
-    dropout draws) and without gradients; the model's mode is restored."""
+    dropout draws) and without gradients; the model's mode is restored. On a GPU without cuDNN's timing: these
+    2-image shapes never come back, and timing them cost each run's start-up a round of autotuning."""
     was_training = net.training
+    device = next(net.parameters()).device
     net.eval()
     try:
-        with torch.no_grad():
-            return net(torch.zeros(2, c, h, w, device=next(net.parameters()).device))
+        with torch.no_grad(), without_cudnn_timing(device):
+            return net(torch.zeros(2, c, h, w, device=device))
     finally:
         net.train(was_training)
 

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.data import scale_images, scaling_constants
-from cifarlab.device import autocast, autocast_dtype, model_device, resolve_device, set_threads  # noqa: F401
+from cifarlab.device import (  # noqa: F401
+    autocast,
+    autocast_dtype,
+    model_device,
+    resolve_device,
+    set_threads,
+    without_cudnn_timing,
+)
 
 
 def to_float(
@@ -87,21 +94,19 @@ def predict_logits(
         x = x.to(device)
     # No cuDNN timing for inference: every new batch size (a last partial batch, a serve request) would be timed
     # afresh, which costs more than a few dozen batches can win back.
-    was_benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = was_benchmark and device.type != "cuda"
     try:
-        for i in range(0, len(x), batch_size):
-            xb = to_float(x[i : i + batch_size], mean, std, device, channels_last)
-            acc: torch.Tensor | None = None
-            with autocast(device, dtype):
-                for w, view in tta_views(xb, tta):
-                    y = model(view.contiguous(memory_format=fmt)).float() * w
-                    acc = y if acc is None else acc + y
-            assert acc is not None  # every TTA mode has at least one view
-            out.append(acc)  # on the device until the end: one read-back, not one per batch
+        with without_cudnn_timing(device):
+            for i in range(0, len(x), batch_size):
+                xb = to_float(x[i : i + batch_size], mean, std, device, channels_last)
+                acc: torch.Tensor | None = None
+                with autocast(device, dtype):
+                    for w, view in tta_views(xb, tta):
+                        y = model(view.contiguous(memory_format=fmt)).float() * w
+                        acc = y if acc is None else acc + y
+                assert acc is not None  # every TTA mode has at least one view
+                out.append(acc)  # on the device until the end: one read-back, not one per batch
     finally:
         model.train(was_training)
-        torch.backends.cudnn.benchmark = was_benchmark
     return torch.cat(out).cpu() if out else torch.empty(0)
 
 

@@ -117,7 +117,9 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
     patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
     patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
     cov = patches.T @ patches / len(patches)
-    evals, evecs = torch.linalg.eigh(cov)
+    # The 12 x 12 (for RGB) eigendecomposition on the CPU: on a GPU the first call initializes a solver library,
+    # a one-time cost far above the microseconds this takes on the CPU.
+    evals, evecs = torch.linalg.eigh(cov.cpu())
     filters = (evecs.T / torch.sqrt(evals.clamp_min(0) + eps)[:, None]).reshape(c * k * k, c, k, k)
     filters = filters.flip(0)  # largest eigenvalue first
     width = conv.out_channels
@@ -126,7 +128,7 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
     # A wider conv repeats the filters: a zero filter would give a constant channel, which the BatchNorm after
     # the next conv (eps 1e-12) turns into a division of rounding noise by ~0.
     out = out.repeat(-(-width // len(out)), 1, 1, 1)[:width]
-    conv.weight.copy_(out.to(conv.weight.dtype))
+    conv.weight.copy_(out.to(conv.weight.device, conv.weight.dtype))
 
 
 def _check(r: Any) -> None:
