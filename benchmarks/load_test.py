@@ -34,9 +34,12 @@ import numpy as np
 SERVER = """
 import sys, uvicorn
 from cifarlab.serve import create_app
+from cifarlab.serve_protocol import header_deadline_protocol
 app = create_app([sys.argv[1]], backend=sys.argv[2], max_batch=int(sys.argv[4]), max_wait_ms=float(sys.argv[5]),
                  device=sys.argv[6])
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[3]), log_level="warning", backlog=1024)
+header_timeout = float(sys.argv[7])  # as `cifarlab serve --header-timeout`; 0: uvicorn's own protocol
+http = header_deadline_protocol(header_timeout) if header_timeout > 0 else "auto"
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[3]), log_level="warning", backlog=1024, http=http)
 """
 
 
@@ -141,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--images", type=Path, default=None, help="a folder of test images (default: generated)")
     ap.add_argument("--timeout", type=float, default=60.0, help="client timeout per request (s)")
+    ap.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="the server's header deadline, as `cifarlab serve` (10); 0 runs uvicorn's own protocol, to compare",
+    )
     ap.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the results as JSON")
     args = ap.parse_args(argv)
 
@@ -151,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     with tempfile.TemporaryFile() as log:
         cmd = [sys.executable, "-c", SERVER, args.run_dir, args.backend, str(port), str(args.max_batch)]
-        cmd += [str(args.max_wait_ms), args.device]
+        cmd += [str(args.max_wait_ms), args.device, str(args.header_timeout)]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
         try:
             import httpx

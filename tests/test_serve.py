@@ -447,6 +447,12 @@ def test_cli_serve(run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytes
 
     assert main(["serve", str(run_dir), "--port", "8123", "--max-batch", "8", "--backend", "torch"]) == 0
     assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8123
+    assert calls[-1]["http"].header_timeout == 10.0  # idle or trickling connections are closed (serve_protocol)
+    assert main(["serve", str(run_dir), "--header-timeout", "2.5"]) == 0 and calls[-1]["http"].header_timeout == 2.5
+    n = len(calls)
+    for bad in ("0", "-1", "nan", "inf"):
+        assert main(["serve", str(run_dir), "--header-timeout", bad]) == 2
+        assert "--header-timeout" in capsys.readouterr().err and len(calls) == n
 
     monkeypatch.setenv("CIFARLAB_SERVE_TOKEN", "from-env")
     assert main(["serve", str(run_dir), "--host", "0.0.0.0"]) == 0

@@ -825,12 +825,26 @@ def serve(
     port: int = 8000,
     token: str | None = None,
     log_level: str = "info",
+    header_timeout_s: float = 10.0,
     **kw: Any,
 ) -> None:
-    """Check the binding, load the runs, and run uvicorn until Ctrl-C."""
+    """Check the binding, load the runs, and run uvicorn until Ctrl-C. `header_timeout_s`: a connection whose next
+    request has not sent all its headers this long after it opened (or after its last response) is closed
+    (`cifarlab.serve_protocol`: uvicorn alone would keep it open)."""
     import uvicorn
 
+    from cifarlab.serve_protocol import header_deadline_protocol
+
+    if not (math.isfinite(header_timeout_s) and header_timeout_s > 0):
+        raise UserError(f"--header-timeout {header_timeout_s}: give a number of seconds above 0")
     token = clean_token(token or os.environ.get(TOKEN_ENV))  # a blank token is none: then local_only guards
     check_bind(host, token)
     app = create_app(run_dirs, token=token, local_only=token is None, **kw)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        server_header=False,
+        http=header_deadline_protocol(header_timeout_s),
+    )

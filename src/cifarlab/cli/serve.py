@@ -47,6 +47,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body in MiB (default: 32)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds a request may take (default: 10)")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="close a connection that has not sent a whole request line and headers this many seconds after it "
+        "opened or after its last response (default: 10; idle and trickling clients cannot pile up)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -76,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_upload_bytes=_upload_bytes(args.max_upload_mb),
         timeout_s=args.timeout,
+        header_timeout_s=args.header_timeout,
         backend=args.backend,
         device=args.device,
     )
