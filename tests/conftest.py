@@ -76,6 +76,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
+def _listing(folder: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_data_untouched() -> Iterator[None]:
+    """The shared data folder beside the checkout is read, never written: no cache, no __pycache__, no change."""
+    if not SHARED_DATA.is_dir():
+        yield
+        return
+    before = _listing(SHARED_DATA)
+    yield
+    after = _listing(SHARED_DATA)
+    assert after == before, f"the tests changed {SHARED_DATA}: {sorted(set(after) ^ set(before))}"
+
+
 @pytest.fixture(autouse=True)
 def _cifarlab_isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     base = tmp_path_factory.mktemp("cifarlab-env")
