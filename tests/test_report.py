@@ -526,6 +526,10 @@ def test_training_writes_the_report(tmp_path: Path, undrawn_figures):
     assert saved["evaluation"]["accuracy"] == pytest.approx(saved["test_accuracy"], abs=1e-6)
     assert saved["evaluation"]["loss"] == pytest.approx(saved["test_loss"], rel=1e-4)
     assert saved["timings"]["report_seconds"] > 0 and saved["epochs_run"] == 2
+    # The report reuses the run's test logits: its inference row says so, with the evaluation's own time.
+    took = f"({saved['timings']['eval_seconds']:.1f} s)"
+    row = next(line for line in (res.run_dir / "report.md").read_text().splitlines() if line.startswith("| inference"))
+    assert "the logits of the run's evaluation at the end of training " + took in row, row
 
 
 # -- reliability: full disk, Markdown injection, data that is not the run's ------------------------------------

@@ -235,6 +235,20 @@ def _steps_caption(steps: Steps) -> str:
     )
 
 
+def _inference_cell(run: Any, inf: Any) -> str:
+    """Where and how the logits were computed, and how long it took: this report's own pass, or (logits reused)
+    the run's evaluation at the end of training, timed there."""
+    if inf is None:
+        return "?, precision ? (?), batch ?, –"
+    head = f"{inf.device}, precision {inf.precision} ({inf.dtype}), batch {inf.batch_size}"
+    if inf.predict_seconds is not None:
+        return f"{head}, {seconds(inf.predict_seconds)}"
+    took = (run.metrics.get("timings") or {}).get("eval_seconds")
+    return f"{head}; the logits of the run's evaluation at the end of training" + (
+        f" ({seconds(took)})" if isinstance(took, (int, float)) else ""
+    )
+
+
 def results_section(run: Any, ev: EvalResult) -> Section:
     split = ev.split_name
     inf = ev.inference
@@ -251,13 +265,7 @@ def results_section(run: Any, ev: EvalResult) -> Section:
         ["expected calibration error", pct(ev.calibration.ece, 2)],
         *_temperature_rows(ev),
         ["test-time augmentation", str(inf.tta if inf else run.recipe.tta)],
-        [
-            "inference",
-            f"{inf.device}, precision {inf.precision} ({inf.dtype}), batch {inf.batch_size}, "
-            f"{seconds(inf.predict_seconds)}"
-            if inf
-            else "?, precision ? (?), batch ?, –",
-        ],
+        ["inference", _inference_cell(run, inf)],
     ]
     return section(f"{split}-results", f"{split.capitalize()} results", table(["metric", "value"], rows))
 
