@@ -52,6 +52,17 @@ exit_now(3)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 3
     assert proc.stdout == "buffered, no newlinethread finished\nexit handler ran\n"
+    # A thread pool left open (a library's, a plugin's): its idle workers are stopped as at a normal exit, not
+    # waited for forever.
+    pool = (
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from cifarlab.cli import exit_now\n"
+        "pool = ThreadPoolExecutor(2)\n"
+        "print(pool.submit(lambda: 'pool ran').result())\n"
+        "exit_now(0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", pool], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "pool ran\n"
     # A reader that went away (`cifarlab ... | head`) does not turn the exit into a traceback.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # so that the line waits in a buffer
     pipe = subprocess.Popen(

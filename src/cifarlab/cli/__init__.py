@@ -118,12 +118,17 @@ def exit_now(code: int) -> NoReturn:
     """End the process with `code` without the interpreter's teardown: unloading torch's modules took ~0.4 s of
     every command on a 2-core CPU, and nothing of ours needs it (every file is written, closed and fsynced by
     then). What a normal exit does that matters still happens, in its order: other threads that are not daemons
-    are waited for, the exit handlers run (logging, multiprocessing, temporary folders, MLflow), stdout and
-    stderr are flushed."""
-    main_thread = threading.main_thread()
-    for t in threading.enumerate():
-        if t is not main_thread and not t.daemon:
-            t.join()
+    are waited for (a thread pool left open is shut down first, as at a normal exit), the exit handlers run
+    (logging, multiprocessing, temporary folders, MLflow), stdout and stderr are flushed."""
+    # The interpreter's own first step at exit: threading's exit hooks (they stop executors' idle workers), then
+    # every thread that is not a daemon is waited for.
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    else:  # pragma: no cover - every CPython has it; join by hand elsewhere
+        for t in threading.enumerate():
+            if t is not threading.main_thread() and not t.daemon:
+                t.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
