@@ -249,6 +249,11 @@ def test_calibrate_run_refuses_unfinished_runs_other_data_and_a_busy_folder(tmp_
         calibrate_run(run_dir, dataset=dataclasses.replace(ds, checksum="bbb"))
     with RunLock(run_dir), pytest.raises(UserError, match="in use"):
         calibrate_run(run_dir, dataset=ds)
+    # A folder it cannot write its lock into (read-only; here the lock's name is taken by a folder): one line.
+    (run_dir / ".lock").unlink()
+    (run_dir / ".lock").mkdir()
+    with pytest.raises(UserError, match="cannot lock .* must be writable"):
+        calibrate_run(run_dir, dataset=ds)
     assert (run_dir / WEIGHTS).read_bytes() == before  # nothing was written by the refusals
 
 

@@ -113,6 +113,26 @@ def test_training_imports_no_evaluation_or_report_library():
     assert proc.stdout.strip() == "[]"
 
 
+def test_submodules_are_reachable_from_a_plain_import_cifarlab():
+    """docs/API.md writes `cifarlab.errors.UserError`, `cifarlab.data.from_arrays`, `cifarlab.train.TrainingDiverged`
+    after a bare `import cifarlab`: the package imports its submodules on first use; other names stay errors."""
+    code = (
+        "import cifarlab\n"
+        "print(cifarlab.errors.UserError.__name__, cifarlab.data.from_arrays.__name__,"
+        " cifarlab.train.TrainingDiverged.__name__, cifarlab.finetune.apply_init.__name__)\n"
+        "try:\n"
+        "    cifarlab.nosuchmodule\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "UserError from_arrays TrainingDiverged apply_init",
+        "module 'cifarlab' has no attribute 'nosuchmodule'",
+    ]
+
+
 def test_the_named_command_gets_its_whole_parser(capsys):
     assert cli._command(["--plugin", "p.py", "train", "--set", "epochs=1"]) == "train"
     assert cli._command(["--plugin=p.py", "runs"]) == "runs" and cli._command(["-h"]) is None

@@ -100,7 +100,13 @@ class RunLock:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no advisory locks; status.json still tells
             return self
-        f = open(self.path, "a+")  # noqa: SIM115 - held for the whole run
+        try:
+            f = open(self.path, "a+")  # noqa: SIM115 - held for the whole run
+        except OSError as e:  # a read-only folder or disk, a folder of another user
+            raise UserError(
+                f"cannot lock {self.path.parent} ({e.strerror or e}): this command writes into the run folder, "
+                "so it must be writable; copy the run somewhere writable and run the command on the copy"
+            ) from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -121,6 +121,16 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else _home_data_dir()
 
 
+def _named_by(data_dir: Path | str | None) -> str:
+    """What named the data folder, for messages: the CLI passes $CIFARLAB_DATA on as its --data-dir."""
+    env = os.environ.get("CIFARLAB_DATA")
+    if data_dir is None:
+        return "$CIFARLAB_DATA" if env else "default"
+    if env and Path(data_dir).expanduser() == Path(env).expanduser():
+        return "--data-dir or $CIFARLAB_DATA"
+    return "--data-dir"
+
+
 def _check_download_dir(spec: OfficialArchive, data_dir: Path, named_by: str) -> None:
     """The folder a download goes into must be a folder that exists, unless it is the default
     ~/.cache/cifarlab (created then): a mistyped --data-dir must not become a new folder holding a download."""
@@ -358,8 +368,7 @@ def load_dataset(
     key = _canonical(os.fspath(name))
     if key in OFFICIAL and not isinstance(name, Path):
         spec = OFFICIAL[key]
-        named_by = "--data-dir" if data_dir is not None else "$CIFARLAB_DATA" if os.environ.get("CIFARLAB_DATA") else ""
-        return _load_official(spec, data_path, download, cache_dir, opener, image_size, named_by or "default")
+        return _load_official(spec, data_path, download, cache_dir, opener, image_size, _named_by(data_dir))
     if key == _canonical(FASHION_MNIST) and not isinstance(name, Path):
         return _load_idx(locate_fashion_mnist(data_path), cache_dir, image_size, fashion=True)
     path = Path(name).expanduser()
