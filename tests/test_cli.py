@@ -133,6 +133,15 @@ def test_submodules_are_reachable_from_a_plain_import_cifarlab():
     ]
 
 
+@pytest.mark.parametrize(
+    "argv", [["train", "--runs-dir", ""], ["data", "info", "--data-dir", " "], ["runs", "--root", ""]]
+)
+def test_an_empty_folder_option_is_a_usage_error_not_the_current_folder(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and "an empty path; give a folder" in capsys.readouterr().err
+
+
 def test_the_named_command_gets_its_whole_parser(capsys):
     assert cli._command(["--plugin", "p.py", "train", "--set", "epochs=1"]) == "train"
     assert cli._command(["--plugin=p.py", "runs"]) == "runs" and cli._command(["-h"]) is None

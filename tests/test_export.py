@@ -109,7 +109,9 @@ def test_cli_default_and_explicit_paths(tmp_path: Path, capsys):
 
 def test_cli_never_writes_over_the_runs_own_files_or_a_device(tmp_path: Path, capsys):
     """--out naming the run's weights or config would destroy the run; a device or a folder in the way is not a
-    file to replace. Each is one error line and leaves everything as it was; an ordinary file is replaced, saying so."""
+    file to replace; any other file that is not an earlier export (notes, a photo, another run's weights) is
+    someone's data. Each is one error line and leaves everything as it was; an earlier export is replaced, saying
+    so."""
     run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe())
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     (tmp_path / "afile").write_text("x")
@@ -124,11 +126,25 @@ def test_cli_never_writes_over_the_runs_own_files_or_a_device(tmp_path: Path, ca
         assert needle in err and "Traceback" not in err, err
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
     assert Path("/dev/null").is_char_device()
-    mine = tmp_path / "mine.onnx"
-    mine.write_text("an older export")
-    assert cli.main(["export", str(run_dir), "--out", str(mine)]) == 0
-    assert capsys.readouterr().out.startswith(f"replaced {mine}")
-    assert mine.read_bytes()[:4] != b"an o"
+    other = make_run(tmp_path / "20260101-130000-reference", tiny_recipe())
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("my notes")
+    kept = {p: p.read_bytes() for p in (notes, other / "model.safetensors", other / "config.json")}
+    for out, fmt in [(p, f) for p in kept for f in ("onnx", "torchscript")] + [(tmp_path / "afile", "onnx")]:
+        assert cli.main(["export", str(run_dir), "--format", fmt, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"is not a cifarlab {fmt} export" in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in kept} == kept and (tmp_path / "afile").read_text() == "x"
+    assert cli.main(["export", str(run_dir), "--out", ""]) == 2 and "--out is empty" in capsys.readouterr().err
+    for fmt, name in (("onnx", "mine.onnx"), ("torchscript", "mine.pt")):
+        mine = tmp_path / name
+        assert cli.main(["export", str(run_dir), "--format", fmt, "--out", str(mine)]) == 0
+        assert capsys.readouterr().out.startswith(f"wrote {mine}")
+        assert cli.main(["export", str(run_dir), "--format", fmt, "--out", str(mine)]) == 0  # its own earlier export
+        assert capsys.readouterr().out.startswith(f"replaced {mine}")
+        other_fmt = "torchscript" if fmt == "onnx" else "onnx"  # an export of the other format is not replaced
+        assert cli.main(["export", str(run_dir), "--format", other_fmt, "--out", str(mine)]) == 2
+        assert f"is not a cifarlab {other_fmt} export" in capsys.readouterr().err
     # The format is what --format says; a name that says otherwise gets a warning, not a silent surprise.
     assert cli.main(["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "ts.onnx")]) == 0
     assert "holds a torchscript model, though its name ends in '.onnx'" in capsys.readouterr().err

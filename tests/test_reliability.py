@@ -627,6 +627,66 @@ def test_really_full_disk_during_the_report(tmp_path, tmpfs, undrawn_figures):
     assert not list(res.run_dir.rglob(".*.tmp"))
 
 
+class _FillBeforeEpoch(_FillDisk):
+    """Fill the disk at the start of epoch `epoch` (0-based) but for 40 kB: room for that epoch's history, steps and
+    status files, none for its checkpoint."""
+
+    def __init__(self, root: Path, epoch: int) -> None:
+        super().__init__(root, leave=40_000)
+        self.epoch = epoch
+
+    def on_train_end(self, logs=None):
+        pass
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            super().on_train_end()
+
+
+def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_checkpoint(
+    tmp_path, folder, capsys, tmpfs, monkeypatch
+):
+    """A checkpoint that does not fit: the command ends with one line naming the file and what to do (torch.save
+    writing to the file itself used to end in a traceback about stream positions); the previous checkpoint is
+    whole and resumable, and status.json says what happened."""
+    import cifarlab.experiment as experiment
+
+    root = tmpfs("size=8m")
+    made = experiment.run_callbacks
+    monkeypatch.setattr(experiment, "run_callbacks", lambda *a, **k: [*made(*a, **k), _FillBeforeEpoch(root, 1)])
+    rc, _, err = _main(
+        capsys, "train", *TINY, "--set", "epochs=2", "--set", f"dataset={folder}", "--runs-dir", str(root / "runs"),
+        "--no-report",
+    )  # fmt: skip
+    assert rc == 1
+    _one_error_line(err, "checkpoint.pt", "No space left on device", "free some space")
+    (run,) = (root / "runs").iterdir()
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "crashed" and "No space left on device" in status["message"], status
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1  # epoch 1's, whole
+    assert not list(run.rglob(".*.tmp"))
+
+
+def test_a_closed_output_pipe_does_not_stop_training(tmp_path, folder):
+    """`cifarlab train | head -1`: the reader goes after the first line; the run trains on, finishes and says so
+    in status.json (it used to stop at its next line of output, leaving a 'running' folder of a dead process)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    cmd = [sys.executable, "-m", "cifarlab.cli", "train", *TINY, "--set", "epochs=3", "--set", f"dataset={folder}"]
+    proc = subprocess.Popen(
+        [*cmd, "--runs-dir", str(tmp_path / "runs"), "--no-report"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()  # the first line, then the reader is gone
+    proc.stdout.close()
+    assert proc.wait(timeout=240) == 0, proc.stderr.read().decode()
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 3
+
+
 # -- 9. tampered run folders -----------------------------------------------------------------------------------
 
 

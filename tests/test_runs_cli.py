@@ -126,6 +126,55 @@ def test_list_runs_statuses_newest_first(runs_root: Path):
     assert rows["20260108-100000-fast"]["recipe"] == "damaged"
 
 
+def test_values_of_the_wrong_type_show_as_damaged_cells_not_a_crash(tmp_path: Path, capsys):
+    """Hand-edited or foreign files: a PID beyond the C type, an accuracy that is a list, times that are strings.
+    Each bad value shows in its own cell; the listing of every other run goes on."""
+    ok = {"status": "finished", "pid": 1, "time": _now()}
+    _run(tmp_path, "20260101-100000-fast", "fast", {"status": "running", "pid": 10**30, "time": _now()})
+    _run(tmp_path, "20260102-100000-fast", "fast", ok, {"test_accuracy": [0.5], "epochs_run": "2"})
+    _run(tmp_path, "20260103-100000-fast", "fast", ok, {"test_accuracy": {"a": 1}, "timings": {"total_seconds": "x"}})
+    _run(tmp_path, "20260104-100000-fast", "fast", ok, {"timings": [1]}, [{"epoch": 1, "epoch_seconds": "x"}])
+    d = _run(tmp_path, "20260105-100000-fast", "fast", ok, {"test_accuracy": 0.8, "epochs_run": 2})
+    write_json(d / "config.json", {"recipe": {"name": ["not", "a", "name"]}})
+    rows = {r["name"][:8]: r for r in runs_cli.list_runs(tmp_path)}
+    assert rows["20260101"]["status"] == "crashed"  # that PID cannot be alive
+    assert (rows["20260102"]["test_accuracy"], rows["20260102"]["epochs"]) == ("damaged", "damaged")
+    assert (rows["20260103"]["test_accuracy"], rows["20260103"]["wall_seconds"]) == ("damaged", None)
+    assert rows["20260104"]["wall_seconds"] == 0 and rows["20260104"]["test_accuracy"] is None
+    assert rows["20260105"]["recipe"] == "damaged" and rows["20260105"]["test_accuracy"] == 0.8
+    assert _main(["runs", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 2 + 5 and "damaged" in out
+    assert _main(["runs", "--root", str(tmp_path), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 5
+
+
+@pytest.mark.parametrize(
+    "normalization,needle",
+    [
+        (None, "normalization.mean is missing"),
+        ({"mean": [0.5, 0.5, 0.5]}, "normalization.std is missing"),
+        ({"mean": [0.5, 0.5, 0.5], "std": [0.0, 0.2, 0.2]}, "normalization.std must be 3 positive numbers"),
+        ({"mean": [0.5], "std": [0.2, 0.2, 0.2]}, "normalization.mean must be a list of 3 numbers"),
+    ],
+)
+def test_a_standardizing_run_without_its_normalization_is_damaged(tmp_path: Path, normalization, needle, capsys):
+    """Without mean and std every command would feed unnormalized images (evaluate: chance accuracy, calibrate: a
+    wrong temperature written to the weights, export: NaN from a zero std). Refused, naming the file; the weights
+    stay as they were."""
+    run_dir = make_run(tmp_path / "20260101-120000-fast", tiny_recipe("airnet").replace(scaling="standardize"))
+    config = json.loads((run_dir / "config.json").read_text())
+    config["normalization"] = normalization
+    (run_dir / "config.json").write_text(json.dumps(config))
+    weights = (run_dir / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match=needle):
+        load_run(run_dir)
+    assert cli.main(["export", str(run_dir), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and needle in err and not (tmp_path / "m.onnx").exists()
+    assert (run_dir / "model.safetensors").read_bytes() == weights
+
+
 def test_a_resumed_runs_wall_time_counts_every_session(tmp_path: Path):
     """metrics.json's total_seconds is the last process's; a run resumed after 40 s of training and finished in a
     short second process took the sessions' sum."""

@@ -57,13 +57,17 @@ def accepted_keys() -> list[str]:
     return sorted(field_types())
 
 
+_PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is tuple:
         args = typing.get_args(tp)
+        plural = _PLURALS.get(args[0], f"{args[0]} values")
         if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}s (e.g. 64,128,128)"
-        return f"a list of {len(args)} {_type_name(args[0])}s"
+            return f"a list of {plural} (e.g. 64,128,128)"
+        return f"a list of {len(args)} {plural}"
     if origin is typing.Literal:
         return "one of " + ", ".join(typing.get_args(tp))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))

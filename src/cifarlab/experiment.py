@@ -573,6 +573,15 @@ def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, Se
     return trainer.fit(), clock
 
 
+def _status_if_possible(run_dir: Path, status: str, **extra: Any) -> None:
+    """status.json on the way out of a failed run; when even that cannot be written (the disk that failed the run
+    is full), the run's own error is the one to report, not this one."""
+    try:
+        write_status(run_dir, status, **extra)
+    except OSError:
+        pass
+
+
 def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResult:
     """Evaluate on the test set, save the weights and metrics.json, print Table 1. Under torchrun, on rank 0 only
     (the other ranks return the fit's status and write nothing)."""
@@ -810,12 +819,12 @@ def run_experiment(
             # end-of-training callbacks, the test evaluation or the report. The last checkpoint stands.
             if main:
                 resumable = (run_dir / CHECKPOINT).exists()
-                write_status(run_dir, "stopped", message="interrupted outside the training epochs")
+                _status_if_possible(run_dir, "stopped", message="interrupted outside the training epochs")
                 say(f"resume with: cifarlab train --resume {run_dir}" if resumable else "nothing to resume yet")
             raise
         except BaseException as e:
             if main:
-                write_status(run_dir, "crashed", message=f"{type(e).__name__}: {e}")
+                _status_if_possible(run_dir, "crashed", message=f"{type(e).__name__}: {e}")
             raise
     finally:
         if plan.lock is not None:

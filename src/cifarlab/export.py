@@ -116,6 +116,8 @@ def _wrapped(run_dir: Path | str) -> tuple[Any, nn.Module]:
 def output_path(run_dir: Path | str, out_path: Path | str | None, fmt: str) -> Path:
     """Where `export` writes: `out_path`, a folder's default file name, or the run's own default; refused (one
     line) when it would replace one of the run's own files or something that is not a regular file."""
+    if out_path is not None and not str(out_path).strip():
+        raise UserError("--out is empty; give a file or folder path")
     out = Path(out_path) if out_path is not None else Path(run_dir) / DEFAULT_NAMES[fmt]
     # A folder, existing or named with a trailing slash (`--out exports/`), gets the default file name.
     if out.is_dir() or str(out_path).endswith(("/", os.sep)):
@@ -128,11 +130,34 @@ def output_path(run_dir: Path | str, out_path: Path | str | None, fmt: str) -> P
                 f"--out {out} is one of the run's own files; exporting over it would damage the run. Give another "
                 f"path (default: {Path(run_dir) / DEFAULT_NAMES[fmt]})"
             )
+        if not is_cifarlab_export(out, fmt):
+            raise UserError(
+                f"--out {out} exists and is not a cifarlab {fmt} export; it is left as it is. Give another path, or "
+                "delete that file first"
+            )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the folder for --out {out}: {e.strerror or e}") from None
     return out
+
+
+def is_cifarlab_export(path: Path, fmt: str) -> bool:
+    """Whether `path` is a file an earlier `export` wrote in `fmt` (which a new export may replace): an ONNX model
+    with cifarlab's metadata, or a TorchScript archive holding cifarlab's metadata file. Read without running
+    anything from the file."""
+    if fmt == "onnx":
+        try:
+            return "cifarlab_version" in read_onnx_metadata(path)
+        except Exception:  # noqa: BLE001 - not parseable as ONNX (or onnx missing): not ours
+            return False
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith(f"/extra/{METADATA_FILE}") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _write(out: Path, data: bytes) -> None:

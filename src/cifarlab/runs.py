@@ -350,12 +350,25 @@ def _check_config(path: Path, config: Any) -> None:
     ):
         raise UserError(f"{where}: dataset.input_shape must be [channels, height, width]; the file is damaged")
     norm = config.get("normalization") or {}
+    channels = shape[0] if isinstance(shape, list) else 3
+    standardize = config["recipe"].get("scaling") == "standardize"
     for key in ("mean", "std"):
         v = norm.get(key) if isinstance(norm, dict) else None
-        if v is not None and (
-            not isinstance(v, list) or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+        if v is None:
+            if standardize:  # without them every image would go in unnormalized: wrong answers, no error
+                raise UserError(
+                    f"{where}: the recipe standardizes its inputs but normalization.{key} is missing; the file is "
+                    "damaged"
+                )
+            continue
+        if (
+            not isinstance(v, list)
+            or len(v) != channels
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            or (key == "std" and not all(x > 0 for x in v))
         ):
-            raise UserError(f"{where}: normalization.{key} must be a list of numbers; the file is damaged")
+            what = f"{channels} positive numbers" if key == "std" else f"a list of {channels} numbers"
+            raise UserError(f"{where}: normalization.{key} must be {what}; the file is damaged")
 
 
 def recipe_from_config(run_dir: Path, config: dict[str, Any]) -> Recipe:

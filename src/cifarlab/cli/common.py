@@ -4,9 +4,11 @@ and running a command with user errors, broken pipes and Ctrl-C turned into one 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,19 @@ def fmt(description: str, example: str) -> dict[str, Any]:
     }
 
 
+def folder_path(text: str) -> Path:
+    """An argparse type for a folder option: an empty string is a usage error, not the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a folder (use . for the current folder)")
+    return Path(text)
+
+
 def data_dir_arg(p: argparse.ArgumentParser) -> None:
     """`--data-dir`, and the help's note on where data is looked for (only commands that read data have both)."""
     p.epilog = f"{p.epilog}\n\n{EPILOG_DATA}" if p.epilog else EPILOG_DATA
     p.add_argument(
         "--data-dir",
-        type=Path,
+        type=folder_path,
         default=None,
         help="dataset folder (archives, extracted batches or an ImageFolder tree); default $CIFARLAB_DATA "
         "or ~/.cache/cifarlab",
@@ -56,9 +65,74 @@ def warn(message: Any) -> None:
     print(f"warning: {printable(message)}", file=sys.stderr, flush=True)
 
 
+_OS_ADVICE = {
+    errno.ENOSPC: "free some space, then run the command again (files written before are whole: every write is atomic)",
+    errno.EDQUOT: "your disk quota is used up: free some space, then run the command again",
+    errno.EROFS: "the file system is read-only: use a writable folder",
+    errno.EACCES: "check the permissions, or use a folder you can write to",
+    errno.EPERM: "check the permissions, or use a folder you can write to",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """An OSError as one line: what failed on which file, and what to do where that is clear."""
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    what = exc.strerror or str(exc)
+    advice = _OS_ADVICE.get(exc.errno or 0)
+    return f"{where}{what}" + (f"; {advice}" if advice else "")
+
+
+class _DropWhenClosed:
+    """stdout that, once its reader has gone (`cifarlab train | head`), sends what follows to /dev/null instead of
+    raising BrokenPipeError: a long command whose product is a run folder must not die of its console output."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _drop(self) -> None:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self._stream.fileno())
+        finally:
+            os.close(null)
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def output_may_close() -> Iterator[None]:
+    """Inside the block, a closed stdout drops the output, not the command (see `_DropWhenClosed`)."""
+    was = sys.stdout
+    try:
+        sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): nothing can close it
+        yield
+        return
+    sys.stdout = _DropWhenClosed(was)
+    try:
+        yield
+    finally:
+        sys.stdout = was
+
+
 def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run a command's function: its return value is the exit status; a `UserError` prints one line and
-    exits 2, Ctrl-C exits 130, a closed output pipe (`| head`) exits 0. Other errors keep their traceback."""
+    exits 2, an `OSError` (full disk, read-only folder) one line and exits 1, Ctrl-C exits 130, a closed output
+    pipe (`| head`) exits 0. Other errors keep their traceback."""
     from cifarlab.errors import UserError
 
     try:
@@ -73,3 +147,6 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
     except UserError as exc:  # user-facing errors carry their own advice
         print_error(exc)
         return 2
+    except OSError as exc:  # a full disk, a read-only folder, a vanished file: one line, not a traceback
+        print_error(os_error_message(exc))
+        return 1

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
-from cifarlab.cli.common import fmt, printable
+from cifarlab.cli.common import fmt, folder_path, printable
 from cifarlab.errors import UserError
 
 DAMAGED = "damaged"
@@ -37,7 +38,7 @@ def add_parser(sub: Any) -> None:
         "--root",
         "--runs-dir",  # the name `cifarlab train` gives the same folder
         dest="root",
-        type=Path,
+        type=folder_path,
         default=Path("runs"),
         help="folder of run folders, as given to train --runs-dir (default: runs)",
     )
@@ -79,7 +80,7 @@ def pid_alive(pid: Any, since: str | None = None) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
-    except OSError:
+    except (OSError, OverflowError):  # OverflowError: a pid beyond the C type (a hand-edited status.json)
         return False
     if since:
         try:
@@ -105,6 +106,10 @@ def _status(status: Any, metrics: Any) -> str:
     return "unknown"
 
 
+def _number(v: Any) -> TypeGuard[float]:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # (bool is an int)
+
+
 def run_info(path: Path) -> dict[str, Any] | None:
     """One row of `cifarlab runs`; None when `path` is not a run folder (no config.json nor status.json)."""
     if not path.is_dir() or not ((path / "config.json").exists() or (path / "status.json").exists()):
@@ -117,18 +122,23 @@ def run_info(path: Path) -> dict[str, Any] | None:
     elif isinstance(config, dict):
         r = config.get("recipe")
         recipe = r.get("name") if isinstance(r, dict) else DAMAGED
+    if recipe is not None and not isinstance(recipe, str):
+        recipe = DAMAGED
     m = metrics if isinstance(metrics, dict) else {}
     h = history if isinstance(history, list) else []
+    # A value of the wrong type (a hand-edited or foreign file) shows as damaged in its own cell, not a crash.
     accuracy: Any = m.get("test_accuracy")
-    if metrics == DAMAGED:
+    if metrics == DAMAGED or (accuracy is not None and not _number(accuracy)):
         accuracy = DAMAGED
     epochs = m.get("epochs_run", len(h) if h else None)
+    if epochs is not None and not (isinstance(epochs, int) and not isinstance(epochs, bool)):
+        epochs = DAMAGED
     timings: dict[str, Any] = m["timings"] if isinstance(m.get("timings"), dict) else {}
     # A resumed run's total_seconds is its last process only; its sessions' sum covers every process.
-    walls = [t for t in (timings.get("total_seconds"), timings.get("sessions_total_seconds")) if t is not None]
-    wall = max(walls) if walls else None
+    walls = [float(t) for t in (timings.get("total_seconds"), timings.get("sessions_total_seconds")) if _number(t)]
+    wall: float | None = max(walls) if walls else None
     if wall is None and h:  # unfinished run: the epochs' own time is the best we know
-        wall = sum(float(r.get("epoch_seconds") or 0) for r in h if isinstance(r, dict))
+        wall = sum(float(r["epoch_seconds"]) for r in h if isinstance(r, dict) and _number(r.get("epoch_seconds")))
     return {
         "name": path.name,
         "path": str(path),

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cifarlab.cli.common import data_dir_arg, fmt
+from cifarlab.cli.common import data_dir_arg, fmt, folder_path, output_may_close
 from cifarlab.errors import UserError
 
 # The one-line help `cifarlab --help` lists (read without building this command's parser).
@@ -32,7 +32,7 @@ def add_parser(sub: Any) -> None:
     )
     config.add_recipe_args(p)
     data_dir_arg(p)
-    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
+    p.add_argument("--runs-dir", type=folder_path, default=Path("runs"), help="where run folders go (default: runs)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     p.add_argument(
         "--init",
@@ -184,7 +184,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     dist = setup(args.device, sync_bn=args.sync_bn)  # None without torchrun (or with one process)
     ended = False
     try:
-        result = _run(args, recipe, budget, dist, run_experiment)
+        with output_may_close():  # `cifarlab train | head`: the run goes on, its output is dropped
+            result = _run(args, recipe, budget, dist, run_experiment)
         ended = True
     finally:
         if dist is not None:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cifarlab.cli.common import data_dir_arg, fmt
+from cifarlab.cli.common import data_dir_arg, fmt, folder_path
 
 # The one-line help `cifarlab --help` lists (read without building this command's parser).
 HELP = "search a recipe's hyperparameters with Optuna (TPE, pruning, resumable, many workers)"
@@ -59,7 +59,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--runs-dir",
-        type=Path,
+        type=folder_path,
         default=Path("runs"),
         help="the study folder is <runs-dir>/tune/<study> (default: runs)",
     )

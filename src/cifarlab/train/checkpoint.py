@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cifarlab.files import atomic_write, atomic_write_bytes, write_json
+from cifarlab.files import atomic_write_bytes, write_json
 from cifarlab.train.callbacks import Callback
 
 __all__ = ["HISTORY_COLUMNS", "Checkpoint", "StepLog", "save_checkpoint", "write_history"]
@@ -29,8 +29,12 @@ def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save into a temp file beside `path`, then rename: a kill mid-write leaves the previous checkpoint."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """torch.save into memory, then into a temp file beside `path` and renamed: a kill mid-write leaves the previous
+    checkpoint, and a full disk is an OSError naming the file (torch.save writing to the file itself turns it into
+    a RuntimeError about stream positions)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 class Checkpoint(Callback):
