@@ -687,6 +687,42 @@ def test_a_closed_output_pipe_does_not_stop_training(tmp_path, folder):
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 3
 
 
+class _StopAtEpoch(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt  # as Ctrl-C: the run stops, resumable from its last checkpoint
+
+
+def test_resuming_a_checkpoint_that_no_longer_fits_its_config_is_one_readable_line(
+    tmp_path, folder, capsys, monkeypatch
+):
+    """config.json's widths edited after a stop: torch's multi-line mismatch report becomes one line (it showed its
+    newlines as literal \\n\\t), and the folder is left as it was."""
+    import cifarlab.experiment as experiment
+
+    made = experiment.run_callbacks
+    with monkeypatch.context() as m:
+        m.setattr(experiment, "run_callbacks", lambda *a, **k: [*made(*a, **k), _StopAtEpoch(1)])
+        rc, _, _ = _main(
+            capsys, "train", *TINY, "--set", "epochs=2", "--set", f"dataset={folder}", "--runs-dir",
+            str(tmp_path / "runs"), "--no-report",
+        )  # fmt: skip
+    assert rc == 130
+    (run,) = (tmp_path / "runs").iterdir()
+    config = json.loads((run / "config.json").read_text())
+    config["recipe"]["widths"] = [8, 16, 24]
+    (run / "config.json").write_text(json.dumps(config))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    rc, _, err = _main(capsys, "train", "--resume", str(run))
+    assert rc == 2
+    line = _one_error_line(err, "checkpoint.pt does not fit this run", "size mismatch", "was config.json edited?")
+    assert "\\n" not in line and "\\t" not in line
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
 # -- 9. tampered run folders -----------------------------------------------------------------------------------
 
 
@@ -707,6 +743,13 @@ def _wrong_shape(run: Path) -> None:
     save_file(state, run / "model.safetensors")
 
 
+def _integer_weights(run: Path) -> None:
+    state = load_file(run / "model.safetensors")
+    save_file(
+        {k: v.to(torch.int32) if v.is_floating_point() else v for k, v in state.items()}, run / "model.safetensors"
+    )
+
+
 @pytest.mark.parametrize("command", ["evaluate", "predict", "export", "report"])
 @pytest.mark.parametrize(
     "damage,needles",
@@ -714,8 +757,9 @@ def _wrong_shape(run: Path) -> None:
         (_empty_config, ["config.json", "no recipe"]),
         (_no_classes, ["config.json", "dataset.classes"]),
         (_wrong_shape, ["model.safetensors", "(3, 3)", "does not match"]),
+        (_integer_weights, ["model.safetensors", "torch.int32, the model needs torch.float32", "does not match"]),
     ],
-    ids=["config-empty", "config-no-classes", "weights-wrong-shape"],
+    ids=["config-empty", "config-no-classes", "weights-wrong-shape", "weights-integer"],
 )
 def test_tampered_run_folder_is_one_line_naming_the_file(tmp_path, finished_run, capsys, command, damage, needles):
     run = _copy(finished_run, tmp_path / "run")

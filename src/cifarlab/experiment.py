@@ -182,6 +182,15 @@ def _check_fits_data(recipe: Recipe, n_train: int, input_shape: tuple[int, int, 
         raise UserError(f"translate_pad={recipe.translate_pad} must be smaller than the {h}x{w} images")
 
 
+def _unfit_checkpoint(run_dir: Path, e: Exception) -> UserError:
+    # torch's message spans lines (one per mismatched tensor): joined, and cut, to stay one line
+    why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    why = why if len(why) <= 400 else why[:400] + " ..."
+    return UserError(
+        f"{run_dir}/{CHECKPOINT} does not fit this run ({why}); it cannot be resumed (was config.json edited?)"
+    )
+
+
 def _probe(net: nn.Module, c: int, h: int, w: int) -> Any:
     """The model's output for two black c x h x w images, in eval mode (no BatchNorm statistics change, no
     dropout draws) and without gradients; the model's mode is restored. On a GPU without cuDNN's timing: these
@@ -317,6 +326,11 @@ def prepare(
     elif resume is not None and isinstance(saved.get("init"), dict):
         mark_pretrained(net, saved["init"].get("pretrained") or [])  # the same optimizer param groups as before
     apply_freeze(net, recipe.freeze_stages, recipe.model)
+    if resume_state is not None:  # before anything is written: a refused resume leaves the run's status as it was
+        try:
+            net.load_state_dict(resume_state["model"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise _unfit_checkpoint(Path(str(resume)), e) from None
     _check_model(net, recipe, ds, len(tr_idx), dist.world if dist is not None else 1)
     _check_takes_train_scales(net, recipe, ds.input_shape)
     if dist is not None and dist.sync_bn:
@@ -569,7 +583,7 @@ def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, Se
         try:
             trainer.load_state_dict(plan.resume_state)
         except (KeyError, ValueError, RuntimeError) as e:
-            raise UserError(f"{plan.run_dir}/{CHECKPOINT} does not fit this run ({e}); it cannot be resumed") from None
+            raise _unfit_checkpoint(Path(str(plan.run_dir)), e) from None
     return trainer.fit(), clock
 
 

@@ -231,7 +231,9 @@ def load_weights(model: nn.Module, path: Path) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
+    # Integer tensors where the model has floating-point ones (a foreign or hand-made file) would load, rounded.
+    kinds = [k for k in expected if k in state and state[k].is_floating_point() != expected[k].is_floating_point()]
+    if missing or unexpected or wrong or kinds:
         detail = "; ".join(
             part
             for part in (
@@ -240,10 +242,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
                 ", ".join(
                     f"{k} is {tuple(state[k].shape)}, the model needs {tuple(expected[k].shape)}" for k in wrong[:5]
                 ),
+                ", ".join(f"{k} is {state[k].dtype}, the model needs {expected[k].dtype}" for k in kinds[:5]),
             )
             if part
         )
-        raise UserError(f"{path} does not match the run's model ({detail}); the run folder is damaged")
+        raise UserError(
+            f"{path} does not match the run's model ({detail}); the run folder is damaged (the weights, or a "
+            "config.json edited since training)"
+        )
     bad = _non_finite(state)
     if bad:
         raise UserError(
