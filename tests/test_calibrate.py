@@ -273,6 +273,14 @@ def test_cli_calibrate(tmp_path: Path, tiny_cifar10, capsys: pytest.CaptureFixtu
     assert cli.main(["calibrate", str(run_dir), "--off"]) == 0
     assert "nothing to remove" in capsys.readouterr().out
     assert cli.main(["calibrate", str(tmp_path / "nope")]) == 2
+    # A damaged metrics.json cannot record the new temperature: said, not silently skipped; the file stays as it is.
+    (run_dir / "metrics.json").write_text("{damaged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["calibrate", str(run_dir), "--data-dir", data]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the temperature is in model.safetensors, but" in err and "cifarlab report" in err
+    assert (run_dir / "metrics.json").read_text() == "{damaged" and load_run(run_dir).temperature != 1.0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs the export extra (onnxruntime)")

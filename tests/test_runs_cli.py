@@ -309,3 +309,11 @@ def test_cli_given_one_run_folder_lists_the_folder_holding_it(runs_root: Path, c
     out = capsys.readouterr().out
     assert out.startswith(f"{run} is a run folder; its runs folder is {runs_root}:")
     assert "20260101-100000-reference" in out and "20260102-100000-fast" in out
+
+
+def test_a_recipe_name_too_long_for_a_folder_name_says_so(tmp_path: Path):
+    from cifarlab.runs import new_run_dir
+
+    with pytest.raises(UserError, match=r"too long for this file system; give the recipe a shorter name"):
+        new_run_dir(tmp_path, "x" * 300)
+    assert list(tmp_path.iterdir()) == []

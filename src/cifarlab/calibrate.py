@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +103,19 @@ def fit_on_split(
 
 
 def calibrate_run(
-    run_dir: Path | str, dataset: Any = None, data_dir: Path | None = None, off: bool = False
+    run_dir: Path | str,
+    dataset: Any = None,
+    data_dir: Path | None = None,
+    off: bool = False,
+    on_warning: Callable[[str], Any] | None = None,
 ) -> dict[str, Any] | None:
     """Fit (again) the softmax temperature of a finished run, or with `off` remove it; `cifarlab calibrate`.
 
     For runs trained with calibrate=false (`reference`) or before temperatures existed. The images are the
     run's own: its reproduced validation split, else its training images, so the data must be the run's
     (checksum). model.safetensors is rewritten with the same tensors and the new metadata, atomically, under
-    the run's lock; metrics.json's "calibration" entry follows. Returns that entry (None with `off`)."""
+    the run's lock; metrics.json's "calibration" entry follows. Returns that entry (None with `off`).
+    `on_warning(line)` (default: `warnings.warn`) hears when metrics.json is damaged and cannot record it."""
     from cifarlab.data import recipe_split
     from cifarlab.evaluate import check_dataset, load_run_dataset
     from cifarlab.inference import recipe_options, resolve_device
@@ -144,8 +150,10 @@ def calibrate_run(
         write_temperature(run.path / WEIGHTS, None if result is None else result["temperature"])
         try:
             metrics = run.metrics
-        except UserError:
-            metrics = None  # damaged: `cifarlab report` sets it aside and rebuilds it
+        except UserError as e:  # damaged: `cifarlab report` sets it aside and rebuilds it
+            message = f"the temperature is in {WEIGHTS}, but {e}; `cifarlab report {run.path}` rebuilds it"
+            (on_warning or (lambda m: warnings.warn(m, stacklevel=3)))(message)
+            metrics = None
         if metrics:
             write_json(run.path / METRICS, {**metrics, "calibration": result})
     return result

@@ -7,6 +7,7 @@ Nothing here unpickles arbitrary objects: weights are safetensors, checkpoints a
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import os
@@ -77,6 +78,11 @@ def new_run_dir(root: Path | str, recipe_name: str) -> Path:
         except FileExistsError:
             continue
         except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # the recipe's name makes the folder's name
+                raise UserError(
+                    f"the run folder's name ({len(path.name)} characters, from the recipe's name) is too long for "
+                    "this file system; give the recipe a shorter name (--set name=...)"
+                ) from None
             raise UserError(f"cannot create a run folder under {root} ({e.strerror or e}); pick --runs-dir") from None
     raise UserError(f"could not create a new run folder under {root}")
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cifarlab.cli.common import data_dir_arg, fmt, printable
+from cifarlab.cli.common import data_dir_arg, fmt, printable, warn
 
 # The one-line help `cifarlab --help` lists (read without building this command's parser).
 HELP = "fit a run's softmax temperature, so its probabilities are calibrated"
@@ -42,7 +42,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.off and load_run(args.run_dir).temperature == 1.0:
         print(f"{run} has no softmax temperature: nothing to remove")
         return 0
-    result = calibrate_run(args.run_dir, data_dir=args.data_dir, off=args.off)
+    result = calibrate_run(args.run_dir, data_dir=args.data_dir, off=args.off, on_warning=warn)
     if result is None:
         print(f"{run}: temperature removed; predict, serve and export give the plain softmax")
     else:
