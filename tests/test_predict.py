@@ -282,6 +282,18 @@ def test_fifo_in_a_folder_is_skipped_and_named_fifo_refused(tmp_path: Path):
     assert ok == [] and "not a regular file" in errors[0][1]
 
 
+def test_links_that_lead_nowhere_are_named_as_such(tmp_path: Path):
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")  # a loop
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    _, ok, errors = predict.load_images([tmp_path / "a.png", tmp_path / "gone.png", tmp_path / "nothere.png"])
+    assert ok == [] and [e for _, e in errors] == [
+        "a link that leads nowhere (its target is missing, or it loops)",
+        "a link that leads nowhere (its target is missing, or it loops)",
+        "no such file or folder",
+    ]
+
+
 def test_16bit_png_is_scaled_like_the_training_loader(tmp_path: Path):
     a = np.full((40, 40), 0x8000, dtype=np.uint16)
     path = tmp_path / "deep.png"

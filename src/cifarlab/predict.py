@@ -62,6 +62,8 @@ def expand_paths(paths: Iterable[Path | str]) -> list[tuple[Path, str | None]]:
             out.append((p, None))
         elif p.exists():
             out.append((p, "not a regular file or folder (a FIFO, device or socket): refused"))
+        elif p.is_symlink():  # exists() follows links: a dangling or looping link lands here
+            out.append((p, "a link that leads nowhere (its target is missing, or it loops)"))
         else:
             out.append((p, "no such file or folder"))
     return out
