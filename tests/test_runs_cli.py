@@ -317,3 +317,14 @@ def test_a_recipe_name_too_long_for_a_folder_name_says_so(tmp_path: Path):
     with pytest.raises(UserError, match=r"too long for this file system; give the recipe a shorter name"):
         new_run_dir(tmp_path, "x" * 300)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_from_a_newer_cifarlab_says_so(tmp_path: Path):
+    """A recipe key this version does not know, in a run another version wrote: the error names both versions."""
+    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe())
+    config = json.loads((run_dir / "config.json").read_text())
+    config["recipe"]["future_key"] = 1
+    config["versions"] = {"cifarlab": "9.9.0"}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"future_key.*written by cifarlab 9\.9\.0, this is "):
+        load_run(run_dir)

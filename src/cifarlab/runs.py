@@ -394,7 +394,15 @@ def recipe_from_config(run_dir: Path, config: dict[str, Any]) -> Recipe:
     try:
         return Recipe.from_dict(config["recipe"])
     except UserError as e:
-        raise UserError(f"{run_dir / CONFIG}: {e}") from None
+        from cifarlab import __version__
+
+        wrote = (config.get("versions") or {}).get("cifarlab") if isinstance(config.get("versions"), dict) else None
+        hint = (
+            f" (the run was written by cifarlab {wrote}, this is {__version__}: a newer version may know its keys)"
+            if isinstance(wrote, str) and wrote != __version__
+            else ""
+        )
+        raise UserError(f"{run_dir / CONFIG}: {e}{hint}") from None
 
 
 def load_run(run_dir: Path | str) -> Run:
