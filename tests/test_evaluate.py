@@ -304,6 +304,25 @@ def test_evaluate_command_on_an_official_archive(tmp_path: Path, tiny_cifar10, c
     assert json.loads(capsys.readouterr().out)["split"] == "test"
 
 
+def test_a_run_finds_the_data_it_trained_on_without_being_told(tmp_path: Path, tiny_cifar10, capsys, monkeypatch):
+    """No --data-dir and no $CIFARLAB_DATA: the folder config.json records (where it still exists) is used, not the
+    empty default cache; --data-dir and $CIFARLAB_DATA still come first."""
+    run_dir, _ = make_report_run(tmp_path / "run", dataset_name="cifar10")
+    config = json.loads((run_dir / "config.json").read_text())
+    config["data_dir"] = str(tiny_cifar10.data_dir)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    monkeypatch.delenv("CIFARLAB_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default cache: empty (and offline in tests)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny archive's MD5 is not the official one
+        assert cli.main(["evaluate", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == len(tiny_cifar10.y_test)
+    monkeypatch.setenv("CIFARLAB_DATA", str(tmp_path / "elsewhere"))  # named: it wins, and holds nothing
+    (tmp_path / "elsewhere").mkdir()
+    assert cli.main(["evaluate", str(run_dir)]) == 2
+    assert "elsewhere" in capsys.readouterr().err
+
+
 def test_evaluate_command_user_errors(tmp_path: Path, capsys):
     assert cli.main(["evaluate", str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err

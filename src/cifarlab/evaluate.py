@@ -8,6 +8,7 @@ JSON-serialisable form written to `eval_<split>.json` and into `metrics.json` un
 
 from __future__ import annotations
 
+import os
 import time
 import types
 from collections.abc import Mapping, Sequence
@@ -539,8 +540,15 @@ def _fitted_on(run: Any) -> str | None:
 
 
 def load_run_dataset(run: Any, data_dir: Path | None = None) -> Any:
+    """The run's dataset, from `data_dir`, else $CIFARLAB_DATA, else the folder the run trained from (config.json's
+    `data_dir`, where it still exists), else the default ~/.cache/cifarlab: on the machine it trained on, a run's
+    data needs naming only once."""
     from cifarlab.data import load_dataset
 
+    if data_dir is None and not os.environ.get("CIFARLAB_DATA"):
+        recorded = run.config.get("data_dir")
+        if isinstance(recorded, str) and recorded and Path(recorded).is_dir():
+            data_dir = Path(recorded)
     return load_dataset(run.recipe.dataset, data_dir)
 
 

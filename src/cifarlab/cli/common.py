@@ -17,8 +17,8 @@ from cifarlab.text import terminal_safe
 __all__ = ["EPILOG_DATA", "data_dir_arg", "fmt", "print_error", "printable", "run_command", "warn"]
 
 EPILOG_DATA = (
-    "Data lookup: --data-dir, else $CIFARLAB_DATA, else ~/.cache/cifarlab (where the official archive is\n"
-    "downloaded if it is missing)."
+    "Data lookup: --data-dir, else $CIFARLAB_DATA, else (for a command on a finished run) the folder the run\n"
+    "trained from, else ~/.cache/cifarlab (where the official archive is downloaded if it is missing)."
 )
 
 
