@@ -463,6 +463,14 @@ def test_cli_serve(run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytes
     assert main(["serve", str(run_dir / "nope")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
+    def cannot_bind(app: Any, **kw: Any) -> None:  # what uvicorn does after logging "address already in use"
+        raise SystemExit(1)
+
+    monkeypatch.setattr(uvicorn, "run", cannot_bind)
+    monkeypatch.delenv("CIFARLAB_SERVE_TOKEN")
+    assert main(["serve", str(run_dir), "--port", "8124"]) == 2
+    assert "the server could not start on 127.0.0.1:8124" in capsys.readouterr().err
+
 
 def test_non_finite_weights_are_refused(tmp_path: Path):
     from safetensors.torch import load_file, save_file

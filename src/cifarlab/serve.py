@@ -840,11 +840,19 @@ def serve(
     token = clean_token(token or os.environ.get(TOKEN_ENV))  # a blank token is none: then local_only guards
     check_bind(host, token)
     app = create_app(run_dirs, token=token, local_only=token is None, **kw)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        server_header=False,
-        http=header_deadline_protocol(header_timeout_s),
-    )
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            server_header=False,
+            http=header_deadline_protocol(header_timeout_s),
+        )
+    except SystemExit as e:  # uvicorn exits when it cannot start, after logging why (a port in use, mostly)
+        if e.code not in (0, None):
+            raise UserError(
+                f"the server could not start on {host}:{port} (uvicorn's ERROR line above says why; a port in use: "
+                "pick another --port)"
+            ) from None
+        raise
