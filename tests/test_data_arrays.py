@@ -61,7 +61,9 @@ def test_as_images_for_prediction() -> None:
 def test_nhwc_nchw_and_tensors_give_the_same_dataset() -> None:
     x_tr, x_te = _rgb(8, 16, 20), _rgb(4, 16, 20, seed=1)
     a = from_arrays(x_tr, _labels(8), x_te, _labels(4), classes=["a", "b", "c"])
-    b = from_arrays(x_tr.transpose(0, 2, 3, 1), _labels(8), x_te.transpose(0, 2, 3, 1), _labels(4), classes="abc")
+    b = from_arrays(
+        x_tr.transpose(0, 2, 3, 1), _labels(8), x_te.transpose(0, 2, 3, 1), _labels(4), classes=("a", "b", "c")
+    )
     c = from_arrays(torch.from_numpy(x_tr), torch.tensor(_labels(8)), torch.from_numpy(x_te), list(_labels(4)))
     for other in (b, c):
         assert torch.equal(a.x_train, other.x_train) and torch.equal(a.x_test, other.x_test)
@@ -185,6 +187,26 @@ def test_a_task_with_one_class_a_class_never_trained_or_no_test_images_is_refuse
         from_arrays(x, y, x[:0], y[:0])
 
 
+@pytest.mark.parametrize(
+    "label,message",
+    [
+        (100_000_000, "item 0 is 100000000: far beyond any class"),
+        (np.uint64(2**63 + 5), "item 0 is 9223372036854775813: far beyond any class"),  # not wrapped negative
+        (5000, "labels go up to 5000, but only 4 distinct labels are used (0, 1, 2, 5000)"),
+    ],
+)
+def test_a_stray_label_is_one_short_error_at_once(label, message) -> None:
+    """One mistaken label must not build a class list up to it (5.5 GB and a MemoryError at 1e8, an 8 MB message
+    listing the empty classes at 1e6): a short error, right away."""
+    rng = np.random.default_rng(0)
+    x, xt = rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8), rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
+    y = (np.arange(60) % 3).astype(np.uint64 if isinstance(label, np.uint64) else np.int64)
+    y[0] = label
+    with pytest.raises(DataError) as e:
+        from_arrays(x, y, xt, np.arange(30) % 3)
+    assert message in str(e.value) and len(str(e.value)) < 300
+
+
 def test_from_torch_dataset_shape_mismatch_names_the_item() -> None:
     items = [(torch.zeros(3, 8, 8), 0)] * 3 + [(torch.zeros(3, 9, 8), 1)]
     with pytest.raises(DataError, match=r"train item 3 has image shape \(3, 9, 8\).*item 0 has \(3, 8, 8\)"):
@@ -273,3 +295,16 @@ def test_as_images_of_a_read_only_array_warns_nothing_and_copies() -> None:
         x = as_images(a)
     x[0, 0, 0, 0] = 1  # writable, and the caller's array is untouched
     assert a[0, 0, 0, 0] == 0
+
+
+def test_bfloat16_images_and_a_string_of_classes() -> None:
+    """bf16 tensors (numpy has no bfloat16) are read like float32 ones; classes="cat" is not three classes."""
+    rng = np.random.default_rng(1)
+    x, xt = rng.integers(0, 256, (30, 3, 8, 8), dtype=np.uint8), rng.integers(0, 256, (9, 3, 8, 8), dtype=np.uint8)
+    y, yt = np.arange(30) % 3, np.arange(9) % 3
+    half = from_arrays(torch.tensor(x / 255.0, dtype=torch.bfloat16), y, xt, yt)
+    full = from_arrays(torch.tensor(x / 255.0, dtype=torch.bfloat16).float(), y, xt, yt)
+    assert torch.equal(half.x_train, full.x_train)
+    assert (half.x_train.int() - torch.from_numpy(x).int()).abs().max() <= 1  # bf16 keeps 8 bits of each pixel
+    with pytest.raises(DataError, match="classes must be a list of names, got the string 'abc'"):
+        from_arrays(x, y, xt, yt, classes="abc")

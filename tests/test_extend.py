@@ -343,6 +343,7 @@ def test_api_refuses_callbacks_that_are_not_callback_instances(tmp_path):
         (Callback(), "pass a list of cifarlab.Callback instances, not a Callback"),
         ([Callback], r"is not a cifarlab.Callback instance \(a class: call it"),
         ([lambda *a: None], "is not a cifarlab.Callback instance"),
+        ([type("Odd", (Callback,), {"order": "x"})()], r"Odd.order must be a number \(callbacks run by it\), not 'x'"),
     ):
         with pytest.raises(UserError, match=needle):
             cifarlab.fit("reference", data=data, callbacks=bad, runs_dir=tmp_path, epochs=1)
@@ -376,6 +377,8 @@ def test_test_accuracy_of_a_run_that_did_not_finish_names_its_status(tmp_path):
     kw = dict(runs_dir=tmp_path, epochs=1, batch_size=16, widths=(8, 8, 8), dense_width=16, precision="fp32")
     run = cifarlab.fit("reference", data=data, report=False, **kw)
     (run.path / "metrics.json").unlink()
+    with pytest.raises(UserError, match=r"finished, but its metrics.json holds no test accuracy .*`cifarlab report"):
+        _ = cifarlab.load(run.path).test_accuracy  # (it said: "the run's status is 'finished', not 'finished'")
     write_status(run.path, "crashed")
     with pytest.raises(UserError, match=r"has no test accuracy: the run's status is 'crashed'"):
         _ = cifarlab.load(run.path).test_accuracy
@@ -435,3 +438,18 @@ def test_classes_given_where_the_data_names_its_own_is_refused(tmp_path):
     with pytest.raises(UserError, match="name different classes"):
         cifarlab.fit("reference", data=mapping, classes=["a", "b"], runs_dir=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_evaluating_a_run_of_in_memory_data_asks_for_the_data_and_checks_its_shape(tmp_path):
+    """Such a run has no folder to reload its data from: evaluate says to pass it (it said "unknown dataset
+    'arrays' ... no such file or folder"); images of another shape are refused by name, not by torch."""
+    data = _arrays(32, 8, (3, 16, 16))
+    kw = dict(runs_dir=tmp_path, epochs=1, batch_size=16, widths=(8, 8, 8), dense_width=16, precision="fp32")
+    run = cifarlab.fit("reference", data=data, report=False, **kw)
+    loaded = cifarlab.load(run.path)
+    with pytest.raises(UserError, match=r"trained on data given in memory \('arrays'.*evaluate\(data="):
+        loaded.evaluate()
+    grey = tuple(a[:, :1] if a.ndim == 4 else a for a in data)  # one channel where the run takes three
+    with pytest.raises(UserError, match=r"images are 1x16x16 .*the run takes 3x16x16"):
+        loaded.evaluate(data=grey)
+    assert loaded.evaluate(data=data).n == len(data[3])  # the same data: its test images

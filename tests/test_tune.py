@@ -386,3 +386,39 @@ def test_two_workers_killed_mid_study_resume_without_losing_or_repeating_a_trial
     assert len(set(run_dirs)) == len(run_dirs) == len(list((out / "trials").iterdir()))
     assert len(_read_csv(out / "trials.csv")) == len(trials)
     assert result.counts["complete"] + result.counts["pruned"] == settings.n_trials
+
+
+def test_a_resumed_study_draws_new_points_not_the_seeds_first_ones(tmp_path):
+    """Running the command again (or after Ctrl-C) reopens the study: its sampler is reseeded past the trials the
+    study holds, so the new trials are not copies of the first ones (they were, point for point)."""
+    recipe = TINY_RECIPE.replace(epochs=1)
+    space = space_from_dict({"params": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}}}, recipe)
+    settings = TuneSettings(recipe=recipe, space=space, study_name="again", out_dir=tmp_path, n_trials=3, report=False)
+
+    def objective(trial):
+        return trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+
+    first = open_study(settings)
+    first.optimize(objective, n_trials=3)
+    again = open_study(settings)
+    again.optimize(objective, n_trials=3)
+    lrs = [t.params["lr"] for t in again.get_trials()]
+    assert len(lrs) == 6 and not set(lrs[:3]) & set(lrs[3:])
+    fresh = open_study(TuneSettings(**{**vars(settings), "study_name": "fresh"}))  # a new study: the seed's points
+    fresh.optimize(objective, n_trials=3)
+    assert [t.params["lr"] for t in fresh.get_trials()] == lrs[:3]
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"workers": 10_000}, "--workers=10000 on a machine with"),
+        ({"storage": "sqlite:///"}, "in-memory SQLite database cannot be shared"),
+        ({"storage": "sqlite:///:memory:"}, "in-memory SQLite database cannot be shared"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(tmp_path, change, needle):
+    recipe = TINY_RECIPE.replace(epochs=1)
+    space = space_from_dict({"params": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}}}, recipe)
+    with pytest.raises(ConfigError, match=needle):
+        TuneSettings(recipe=recipe, space=space, study_name="x", out_dir=tmp_path, **change)

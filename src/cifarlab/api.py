@@ -23,11 +23,11 @@ from torch.nn.parameter import is_lazy
 from cifarlab.budget import Clock, parse_duration
 from cifarlab.calibrate import calibrate_run
 from cifarlab.config import apply_overrides, machine_variant
-from cifarlab.data import Dataset, as_images, from_arrays, from_torch_dataset, load_dataset
+from cifarlab.data import Dataset, as_images, from_arrays, from_torch_dataset
 from cifarlab.data.dataset import NAMED_DATASETS
 from cifarlab.device import resolve_device
 from cifarlab.errors import ConfigError, UserError
-from cifarlab.evaluate import EvalResult, evaluate_run
+from cifarlab.evaluate import EvalResult, evaluate_run, load_run_dataset
 from cifarlab.experiment import run_experiment
 from cifarlab.export import export as export_run
 from cifarlab.files import read_json
@@ -127,6 +127,11 @@ def _check_callbacks(callbacks: Any) -> list[Callback]:
         if not isinstance(cb, Callback):
             hint = " (a class: call it, MyCallback())" if isinstance(cb, type) else ""
             raise UserError(f"callbacks: {cb!r} is not a cifarlab.Callback instance{hint}")
+        order = getattr(cb, "order", 0)
+        if not isinstance(order, (int, float)) or isinstance(order, bool) or order != order:
+            raise UserError(
+                f"callbacks: {type(cb).__name__}.order must be a number (callbacks run by it), not {order!r}"
+            )
     return list(callbacks)
 
 
@@ -258,6 +263,11 @@ class TrainedRun:
         acc = self.run.metrics.get("test_accuracy")
         if acc is None:  # a stopped, crashed or diverged run has no test result
             status = read_json(self.path / STATUS).get("status") if (self.path / STATUS).exists() else "unknown"
+            if status == "finished":  # finished, but its metrics.json is gone or was cut
+                raise UserError(
+                    f"{self.path} finished, but its metrics.json holds no test accuracy (missing or damaged): "
+                    f"`cifarlab report {self.path}` evaluates it again"
+                )
             raise UserError(f"{self.path} has no test accuracy: the run's status is {status!r}, not 'finished'")
         return float(acc)
 
@@ -295,7 +305,7 @@ class TrainedRun:
     def evaluate(self, split: str = "test", data: Any = None, data_dir: str | Path | None = None) -> EvalResult:
         ds = as_dataset(data) if data is not None else self.dataset
         if ds is None:
-            ds = load_dataset(self.recipe.dataset, data_dir)
+            ds = load_run_dataset(self.run, Path(data_dir) if data_dir else None)
         ev, _ = evaluate_run(self.path, split=split, dataset=ds)
         return ev
 

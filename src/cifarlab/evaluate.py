@@ -544,7 +544,16 @@ def load_run_dataset(run: Any, data_dir: Path | None = None) -> Any:
     `data_dir`, where it still exists), else the default ~/.cache/cifarlab: on the machine it trained on, a run's
     data needs naming only once."""
     from cifarlab.data import load_dataset
+    from cifarlab.data.dataset import NAMED_DATASETS
 
+    name = run.recipe.dataset
+    source = (run.config.get("dataset") or {}).get("source")
+    if name not in NAMED_DATASETS and source == name and not Path(name).expanduser().exists():
+        raise UserError(
+            f"{run.path.name} was trained on data given in memory ({name!r}: arrays or a torch dataset), which no "
+            "folder holds: pass the same data, e.g. cifarlab.load(run).evaluate(data=(x_train, y_train, x_test, "
+            "y_test))"
+        )
     if data_dir is None and not os.environ.get("CIFARLAB_DATA"):
         recorded = run.config.get("data_dir")
         if isinstance(recorded, str) and recorded and Path(recorded).is_dir():
@@ -604,6 +613,13 @@ def check_dataset(run: Any, dataset: Any) -> DatasetCheck:
         raise UserError(
             f"the dataset's classes {list(dataset.classes)} are not the run's {run.classes}; "
             "pass the data the run was trained on (--data-dir)"
+        )
+    shape = tuple(int(v) for v in dataset.x_test.shape[1:])
+    if shape != tuple(run.input_shape):
+        c, h, w = run.input_shape
+        raise UserError(
+            f"the dataset's images are {'x'.join(map(str, shape))} (channels x height x width); the run takes "
+            f"{c}x{h}x{w}: pass the data the run was trained on (--data-dir)"
         )
     saved = (run.config.get("dataset") or {}).get("checksum") or ""
     return DatasetCheck(

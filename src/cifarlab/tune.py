@@ -443,6 +443,19 @@ class TuneSettings:
                 raise ConfigError(f"{name}={value} must be >= {low}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"--timeout={self.timeout} must be > 0 seconds")
+        most = max(4, 4 * (os.cpu_count() or 1))
+        if self.workers > most:  # each worker is a process of its own that trains with its own threads
+            raise ConfigError(
+                f"--workers={self.workers} on a machine with {os.cpu_count()} CPUs: at most {most} (each worker is a "
+                "training process; more than the cores only slows every trial)"
+            )
+        if self.storage and (
+            self.storage.rstrip("/") in ("sqlite:", "sqlite:/", "sqlite://") or ":memory:" in self.storage
+        ):
+            raise ConfigError(
+                f"--storage {self.storage}: an in-memory SQLite database cannot be shared by workers or resumed; give "
+                "a file (sqlite:///path/study.db) or leave --storage out"
+            )
 
     @property
     def direction(self) -> str:
@@ -616,10 +629,12 @@ def requeue(study: Any, trial: Any, reason: str) -> int | None:
     return waiting[-1].number if waiting else None
 
 
-def _make_sampler(settings: TuneSettings, index: int) -> Any:
+def _make_sampler(settings: TuneSettings, index: int, done: int = 0) -> Any:
+    """TPE seeded by --seed, the worker's index and the trials the study already has (`done`): a resumed study
+    draws new points instead of replaying the seed's first ones."""
     with quiet_optuna() as optuna:
         return optuna.samplers.TPESampler(
-            seed=settings.seed + index,
+            seed=settings.seed + index + 100_003 * done,
             n_startup_trials=settings.startup_trials,
             multivariate=True,
             constant_liar=True,  # parallel workers avoid drawing what another worker is running
@@ -655,6 +670,9 @@ def open_study(settings: TuneSettings, index: int = 0, pruner: Any = None, creat
             )
         else:
             study = optuna.load_study(study_name=settings.study_name, storage=storage, sampler=sampler, pruner=pruner)
+        done = len(study.get_trials(deepcopy=False))
+        if done:  # resumed (or joined late): reseeded past the points the seed has already drawn
+            study.sampler = _make_sampler(settings, index, done)
     want = settings.identity()
     have = study.user_attrs.get("cifarlab")
     if have is None:

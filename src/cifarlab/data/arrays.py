@@ -26,7 +26,11 @@ _CHANNELS = (1, 3, 4)
 
 def _numpy(a: Any, what: str) -> np.ndarray:
     if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
+        t = a.detach().cpu()
+        # numpy has no bfloat16 (nor float8): such floats widen to float32, which holds every value exactly
+        return (
+            t.float() if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64) else t
+        ).numpy()
     try:
         return np.asarray(a)
     except Exception as exc:  # noqa: BLE001 (anything that is not array-like)
@@ -77,6 +81,14 @@ def _to_uint8(x: np.ndarray, what: str) -> np.ndarray:
     return np.rint(x.astype(np.float64) * 255.0).astype(np.uint8)
 
 
+MAX_LABEL = 1_000_000  # class indices beyond this are a mistake (or a label column of other numbers)
+
+
+def _few(values: np.ndarray, n: int = 6) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:n])
+    return shown + (f", ... {int(values[-1])}" if len(values) > n else "")
+
+
 def _labels(a: Any, n: int, what: str) -> np.ndarray:
     y = _numpy(a, what)
     if y.ndim != 1 or len(y) != n:
@@ -87,6 +99,9 @@ def _labels(a: Any, n: int, what: str) -> np.ndarray:
         bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
         if len(bad):
             raise DataError(f"{what} must be integer class indices 0..K-1, but item {bad[0]} is {y[bad[0]].item()!r}")
+    if len(y) and np.issubdtype(y.dtype, np.number) and y.max() > MAX_LABEL:
+        i = int(np.argmax(y))
+        raise DataError(f"{what} must be class indices 0..K-1, but item {i} is {y[i].item()!r}: far beyond any class")
     y = y.astype(np.int64)
     if len(y) and y.min() < 0:
         raise DataError(f"{what}: labels must be >= 0, but item {int(np.argmin(y))} is {int(y.min())}")
@@ -161,8 +176,16 @@ def _from_uint8(
         raise DataError("the test set holds no images: pass x_test and y_test with images, or test_fraction=0.1")
     top = int(max(y_tr.max(initial=-1), y_te.max(initial=-1)))
     if classes is None:
+        used = np.union1d(np.unique(y_tr), np.unique(y_te))
+        if top + 1 > 2 * len(used) + 100:  # a stray label: do not name a million empty classes
+            raise DataError(
+                f"labels go up to {top}, but only {len(used)} distinct labels are used ({_few(used)}): labels are "
+                "class indices 0..K-1, each class with training images"
+            )
         names = tuple(str(i) for i in range(top + 1))
     else:
+        if isinstance(classes, (str, bytes)):  # "cat" would be three classes, c, a and t
+            raise DataError(f"classes must be a list of names, got the string {classes!r}")
         names = tuple(str(c) for c in classes)
         if len(set(names)) != len(names):
             raise DataError(f"classes must be distinct, got {list(names)}")
