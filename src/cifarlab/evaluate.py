@@ -548,7 +548,8 @@ def load_run_dataset(run: Any, data_dir: Path | None = None) -> Any:
 
     name = run.recipe.dataset
     source = (run.config.get("dataset") or {}).get("source")
-    if name not in NAMED_DATASETS and source == name and not Path(name).expanduser().exists():
+    in_memory = source == name and "/" not in name and os.sep not in name  # a folder's source is its path
+    if name not in NAMED_DATASETS and in_memory and not Path(name).expanduser().exists():
         raise UserError(
             f"{run.path.name} was trained on data given in memory ({name!r}: arrays or a torch dataset), which no "
             "folder holds: pass the same data, e.g. cifarlab.load(run).evaluate(data=(x_train, y_train, x_test, "
