@@ -55,13 +55,10 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if e.filename is None:  # a failed write names no file: name the one being written
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the one being written
             raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
         raise
 
 

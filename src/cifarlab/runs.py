@@ -396,7 +396,8 @@ def recipe_from_config(run_dir: Path, config: dict[str, Any]) -> Recipe:
     except UserError as e:
         from cifarlab import __version__
 
-        wrote = (config.get("versions") or {}).get("cifarlab") if isinstance(config.get("versions"), dict) else None
+        versions = config.get("versions")
+        wrote = versions.get("cifarlab") if isinstance(versions, dict) else None
         hint = (
             f" (the run was written by cifarlab {wrote}, this is {__version__}: a newer version may know its keys)"
             if isinstance(wrote, str) and wrote != __version__

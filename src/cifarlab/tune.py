@@ -449,9 +449,7 @@ class TuneSettings:
                 f"--workers={self.workers} on a machine with {os.cpu_count()} CPUs: at most {most} (each worker is a "
                 "training process; more than the cores only slows every trial)"
             )
-        if self.storage and (
-            self.storage.rstrip("/") in ("sqlite:", "sqlite:/", "sqlite://") or ":memory:" in self.storage
-        ):
+        if self.storage and self.storage.startswith("sqlite:") and _sqlite_path(self.storage) is None:
             raise ConfigError(
                 f"--storage {self.storage}: an in-memory SQLite database cannot be shared by workers or resumed; give "
                 "a file (sqlite:///path/study.db) or leave --storage out"

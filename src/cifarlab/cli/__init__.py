@@ -122,13 +122,7 @@ def exit_now(code: int) -> NoReturn:
     (logging, multiprocessing, temporary folders, MLflow), stdout and stderr are flushed."""
     # The interpreter's own first step at exit: threading's exit hooks (they stop executors' idle workers), then
     # every thread that is not a daemon is waited for.
-    shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is not None:
-        shutdown()
-    else:  # pragma: no cover - every CPython has it; join by hand elsewhere
-        for t in threading.enumerate():
-            if t is not threading.main_thread() and not t.daemon:
-                t.join()
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -82,6 +82,15 @@ def os_error_message(exc: OSError) -> str:
     return f"{where}{what}" + (f"; {advice}" if advice else "")
 
 
+def to_devnull(fd: int) -> None:
+    """Point file descriptor `fd` (stdout whose reader has gone) at /dev/null: later writes and flushes succeed."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
 class _DropWhenClosed:
     """stdout that, once its reader has gone (`cifarlab train | head`), sends what follows to /dev/null instead of
     raising BrokenPipeError: a long command whose product is a run folder must not die of its console output."""
@@ -90,11 +99,7 @@ class _DropWhenClosed:
         self._stream = stream
 
     def _drop(self) -> None:
-        null = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(null, self._stream.fileno())
-        finally:
-            os.close(null)
+        to_devnull(self._stream.fileno())
 
     def write(self, text: str) -> int:
         try:
@@ -142,7 +147,7 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
         return 130
     except BrokenPipeError:
         # Output piped into `head` and closed early: not an error worth a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        to_devnull(sys.stdout.fileno())
         return 0
     except UserError as exc:  # user-facing errors carry their own advice
         print_error(exc)
