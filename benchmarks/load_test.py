@@ -2,7 +2,7 @@
 
 Starts the service (uvicorn in a subprocess on 127.0.0.1, a free port) for RUN_DIR with the given backend,
 sends a fixed number of single-image requests (raw PNG bytes, ``preview=false``) at each concurrency level
-from a bounded pool of client threads (httpx, one connection per thread), stops the server, and reports
+from a bounded pool of client threads (httpx2, one connection per thread), stops the server, and reports
 throughput (images/s), p50/p95/p99 latency and the error count per level, next to the bare batched predict
 loop (`inference.predict_proba` on the same decoded images at batch 64) in this process.
 
@@ -89,7 +89,7 @@ def bare_loop(run_dir: str, images: list[bytes], backend: str, device: str, repe
 
 
 def run_level(url: str, images: list[bytes], n_requests: int, concurrency: int, timeout: float) -> dict[str, Any]:
-    import httpx
+    import httpx2 as httpx
 
     local = threading.local()
     clients: list[httpx.Client] = []
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += [str(args.max_wait_ms), args.device, str(args.header_timeout)]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
         try:
-            import httpx
+            import httpx2 as httpx
 
             base = f"http://127.0.0.1:{port}"
             deadline = time.time() + 60

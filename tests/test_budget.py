@@ -145,8 +145,10 @@ class SizedSlow(nn.Module):
         return self.fc(x.float().mean((2, 3)))
 
 
-@pytest.mark.parametrize(("budget", "kept"), [(5.0, True), (1.42, False)])
-def test_budget_keeps_progressive_resizing_while_the_final_size_gets_half_an_epoch(one_thread, budget, kept):
+# The budgets that leave 3.9 s and 0.4 s to train, whatever the margin and the exit's reserve
+@pytest.mark.parametrize(("train_s", "kept"), [(3.9, True), (0.4, False)])
+def test_budget_keeps_progressive_resizing_while_the_final_size_gets_half_an_epoch(one_thread, train_s, kept):
+    budget = (train_s + EXIT_SECONDS) / (1 - MARGIN)
     ds = make_dataset(16, 4)  # 64 images, batch 8: 8 steps per epoch; a full-size epoch takes 0.8 s
     recipe = get_recipe("fast").replace(batch_size=8, epochs=2, train_scales=(0.5, 1.0), tta="none")
 
@@ -168,11 +170,11 @@ def test_budget_keeps_progressive_resizing_while_the_final_size_gets_half_an_epo
     if kept:  # 3.9 s to train: epoch 1 at 16 x 16 (~0.2 s), then full-size epochs
         assert chosen.train_scales == (0.5, 1.0) and "kept" in plan.reason
         assert plan.epoch_costs[1] == 1.0 and 0.2 < plan.epoch_costs[0] < 0.4
-        assert plan.predicted_epochs == pytest.approx(1 + (3.925 - 0.8 * plan.epoch_costs[0]) / 0.8, rel=0.1)
+        assert plan.predicted_epochs == pytest.approx(1 + (train_s - 0.8 * plan.epoch_costs[0]) / 0.8, rel=0.1)
     else:  # 0.4 s: 16 x 16 for 0.2 s, then only a quarter epoch at full size; so full size throughout
         assert chosen.train_scales == () and plan.epoch_costs == []
         assert "left out" in plan.reason
-        assert plan.predicted_epochs == pytest.approx(0.4 / 0.8, rel=0.15)
+        assert plan.predicted_epochs == pytest.approx(train_s / 0.8, rel=0.15)
 
 
 class Slow(nn.Module):

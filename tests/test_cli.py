@@ -227,6 +227,22 @@ def test_a_device_cifarlab_does_not_run_on_is_one_line():
         resolve_device("mps")
 
 
+def test_a_device_index_that_is_not_there_is_one_line(monkeypatch):
+    import torch
+
+    from cifarlab.device import resolve_device
+    from cifarlab.errors import ConfigError
+
+    assert resolve_device("cpu:0") == torch.device("cpu:0")
+    with pytest.raises(ConfigError, match="--device cpu:5: there is one CPU device"):
+        resolve_device("cpu:5")  # torch would accept it and train on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match="--device cuda:2: this machine has 2 CUDA device\\(s\\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+
+
 def test_a_hand_edited_recipe_value_of_the_wrong_type_names_the_key():
     from cifarlab.errors import ConfigError
     from cifarlab.recipes import Recipe, get_recipe

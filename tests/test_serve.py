@@ -21,9 +21,8 @@ import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="cifarlab serve needs fastapi (pip install 'cifarlab[serve]')")
-pytest.importorskip("httpx", reason="the serve tests need httpx")
-
-import httpx  # noqa: E402
+# httpx2: what starlette's test client uses (with plain httpx it warns that httpx is deprecated there)
+httpx = pytest.importorskip("httpx2", reason="the serve tests need httpx2 (pip install -e '.[dev]')")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from _runfolder import CLASSES, make_run, tiny_recipe  # noqa: E402

@@ -59,9 +59,10 @@ WIDTH_SCALES = (2.0, 1.5, 1.0, 0.75, 0.5, 0.375, 0.25)
 EVAL_SHARE = 0.1  # the most of the budget the final evaluation may take before TTA views are dropped
 MARGIN = 0.015  # of the budget, kept free for the epoch-end work that is not timed (history, weights file)
 # After the test result: writing metrics/status files and the interpreter's exit, which a budget (for the whole
-# command) must leave room for. Measured 1.3-1.7 s on a 2-core Zen 3, 0.4 s on a 2-core Zen 4, where a 1.5 s
-# reserve ended 30 s budgets 6.8% early; 1.0 s keeps both within ~3% of a 30 s budget.
-EXIT_SECONDS = 1.0
+# command) must leave room for. It was 1.3-1.7 s on a 2-core Zen 3 and 0.4 s on a Zen 4, mostly unloading torch;
+# since the CLI ends with os._exit (`cli.exit_now`) it is 0.06 s on the Zen 4, where a 1.0 s reserve ended 30 s
+# budgets 5.2% early (benchmarks/RESULTS.md, session 14). 0.25 s leaves room for a slower disk or CPU.
+EXIT_SECONDS = 0.25
 MIN_BUDGET = 5.0
 _TTA_FALLBACK = {"flip_translate": "flip", "flip": "none"}
 _TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}

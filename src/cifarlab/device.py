@@ -39,6 +39,11 @@ def resolve_device(device: str | None = None) -> torch.device:
         raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     if dev.type not in ("cpu", "cuda"):  # mps, xpu, ...: torch knows the name, cifarlab trains on CPUs and CUDA
         raise ConfigError(f"--device {device}: cifarlab runs on cpu or cuda devices only; use --device cpu")
+    if dev.type == "cpu" and dev.index not in (None, 0):  # torch accepts and ignores it: a typo for cuda:N?
+        raise ConfigError(f"--device {device}: there is one CPU device; use --device cpu (or cuda:N for a GPU)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
     return dev
 
 
