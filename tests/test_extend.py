@@ -335,6 +335,10 @@ def test_a_last_batch_of_one_image_is_refused_for_a_batchnorm1d_head(tmp_path):
     with pytest.raises(UserError, match=r"leaves a last batch of 1 of the 17 training images.*drop_last=true"):
         cifarlab.fit("reference", data=_arrays(17, 4, (3, 16, 16)), **kw)
     assert not any(tmp_path.iterdir())
+    # batch_size=1 leaves no last batch, but every batch is one image
+    with pytest.raises(UserError, match=r"batch_size=1 trains on one image at a time.*at least 2"):
+        cifarlab.fit("reference", data=_arrays(17, 4, (3, 16, 16)), **{**kw, "batch_size": 1})
+    assert not any(tmp_path.iterdir())
 
 
 def test_api_refuses_callbacks_that_are_not_callback_instances(tmp_path):

@@ -464,3 +464,15 @@ def test_jpegs_below_the_draft_threshold_decode_exactly_as_before(tmp_path: Path
         with Image.open(io.BytesIO(data)) as im:
             want = np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BOX)).transpose(2, 0, 1)
         np.testing.assert_array_equal(decode_image(data, "x", 32), want)
+
+
+def test_a_model_predict_cannot_read_files_for_is_said_once_not_per_file(tmp_path: Path):
+    """A model of non-square (or 2-channel) images: the model is the problem, not the files, so loading
+    stops with one error instead of marking every (readable) file as unreadable."""
+    files = [_save(_noise((32, 32), seed=i), tmp_path / f"{i}.png", "PNG") for i in range(3)]
+    entries = predict.expand_paths(files)
+    for shape in ((3, 30, 40), (2, 32, 32)):
+        with pytest.raises(predict.DataError, match=r"this model takes .* images; predict reads files for square"):
+            predict._load(entries, predict.MAX_IMAGE_PIXELS, shape)
+    decoded, failed = predict._load(entries, predict.MAX_IMAGE_PIXELS, (3, 32, 32))
+    assert len(decoded) == 3 and not failed

@@ -189,7 +189,7 @@ def test_a_resumed_runs_wall_time_counts_every_session(tmp_path: Path):
 def test_cli_table_and_json(runs_root: Path, capsys):
     assert _main(["runs", "--root", str(runs_root)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["run", "recipe", "status", "test", "acc", "epochs", "wall", "time"]
+    assert lines[0].split() == ["run", "recipe", "data", "status", "test", "acc", "epochs", "wall", "time"]
     assert len(lines) == 2 + 8 and lines[2].startswith("20260108-100000-fast")
     ref = next(line for line in lines if line.startswith("20260101"))
     assert "79.91%" in ref and "22m42s" in ref and "finished" in ref
@@ -328,3 +328,20 @@ def test_a_run_from_a_newer_cifarlab_says_so(tmp_path: Path):
     (run_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=r"future_key.*written by cifarlab 9\.9\.0, this is "):
         load_run(run_dir)
+
+
+def test_the_data_column_tells_runs_of_different_datasets_apart(tmp_path: Path, capsys):
+    for name, dataset in (("20260101-100000-fast", "cifar10"), ("20260102-100000-fast", "flowers")):
+        d = _run(tmp_path, name, "fast", {"status": "finished", "pid": 1, "time": _now()}, {"test_accuracy": 0.8})
+        write_json(d / "config.json", {"recipe": {"name": "fast"}, "dataset": {"name": dataset, "classes": ["a", "b"]}})
+    bad = _run(tmp_path, "20260103-100000-fast", "fast", {"status": "finished", "pid": 1, "time": _now()})
+    write_json(bad / "config.json", {"recipe": {"name": "fast"}, "dataset": {"name": ["not", "a", "name"]}})
+    rows = {r["name"]: r["dataset"] for r in runs_cli.list_runs(tmp_path)}
+    assert rows == {
+        "20260101-100000-fast": "cifar10",
+        "20260102-100000-fast": "flowers",
+        "20260103-100000-fast": "damaged",
+    }
+    assert _main(["runs", "--root", str(tmp_path)]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert [lines[n][2] for n in sorted(lines)] == ["cifar10", "flowers", "damaged"]

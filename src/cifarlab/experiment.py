@@ -225,9 +225,18 @@ def _check_model(net: nn.Module, recipe: Recipe, ds: Dataset, n_train: int, worl
             f"model {recipe.model!r} returns {got} for 2 images; it must return float logits of shape (N, {k}), one "
             f"per class ({k} classes)"
         )
+    if not any(isinstance(m, nn.BatchNorm1d) for m in net.modules()):
+        return
+    if recipe.batch_size // world <= 1:  # every batch holds one image (per process)
+        raise UserError(
+            f"batch_size={recipe.batch_size}"
+            + (f" over {world} processes" if world > 1 else "")
+            + " trains on one image at a time; the model's BatchNorm1d cannot train on one image. "
+            "Use a batch_size of at least 2" + (f" per process ({2 * world})" if world > 1 else "")
+        )
     last = n_train % recipe.batch_size if not recipe.drop_last else 0
     smallest = (last // world if last >= world else 1) if last else 0
-    if smallest == 1 and any(isinstance(m, nn.BatchNorm1d) for m in net.modules()):
+    if smallest == 1:
         raise UserError(
             f"batch_size={recipe.batch_size} leaves a last batch of {last} of the {n_train:,} training images"
             + (f" ({world} processes: 1 image for one of them)" if world > 1 else "")

@@ -69,6 +69,12 @@ def expand_paths(paths: Iterable[Path | str]) -> list[tuple[Path, str | None]]:
     return out
 
 
+def _check_reads_files_for(shape: tuple[int, int, int]) -> None:
+    c, h, w = shape
+    if h != w or c not in (1, 3):
+        raise DataError(f"this model takes {c}x{h}x{w} images; predict reads files for square 1- or 3-channel models")
+
+
 def _decode(
     path: Path | bytes, max_pixels: int, shape: tuple[int, int, int] = (3, 32, 32), where: str | None = None
 ) -> np.ndarray:
@@ -76,8 +82,7 @@ def _decode(
     ITU-R 601 luma of the RGB image. `path` may be the file's bytes (`cifarlab serve`); `where` names it in
     errors (default: the path)."""
     c, h, w = shape
-    if h != w or c not in (1, 3):
-        raise DataError(f"this model takes {c}x{h}x{w} images; predict reads files for square 1- or 3-channel models")
+    _check_reads_files_for(shape)
     rgb = decode_image(path, where if where is not None else str(path), h, max_pixels=max_pixels)
     if c == 1:
         luma = rgb.astype(np.float32).transpose(1, 2, 0) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -105,6 +110,7 @@ def _load(
     entries: Sequence[tuple[Path, str | None]], max_pixels: int, shape: tuple[int, int, int] = (3, 32, 32)
 ) -> tuple[list[tuple[int, np.ndarray]], dict[int, str]]:
     """Decode every entry without an error: ([(index, (3, 32, 32) array)], {index: error message})."""
+    _check_reads_files_for(shape)  # the model, not any file: said once, not as every file's error
     decoded: list[tuple[int, np.ndarray]] = []
     failed = {i: err for i, (_, err) in enumerate(entries) if err is not None}
     with bomb_guard(max_pixels):

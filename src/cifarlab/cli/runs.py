@@ -124,6 +124,15 @@ def run_info(path: Path) -> dict[str, Any] | None:
         recipe = r.get("name") if isinstance(r, dict) else DAMAGED
     if recipe is not None and not isinstance(recipe, str):
         recipe = DAMAGED
+    # The data it trained on: runs of several image folders (or datasets) are told apart by it.
+    dataset: Any = None
+    if config == DAMAGED:
+        dataset = DAMAGED
+    elif isinstance(config, dict) and "dataset" in config:
+        d = config["dataset"]
+        dataset = d.get("name") if isinstance(d, dict) else DAMAGED
+        if dataset is not None and not isinstance(dataset, str):
+            dataset = DAMAGED
     m = metrics if isinstance(metrics, dict) else {}
     h = history if isinstance(history, list) else []
     # A value of the wrong type (a hand-edited or foreign file) shows as damaged in its own cell, not a crash.
@@ -143,6 +152,7 @@ def run_info(path: Path) -> dict[str, Any] | None:
         "name": path.name,
         "path": str(path),
         "recipe": recipe,
+        "dataset": dataset,
         "status": _status(status, metrics),
         "test_accuracy": accuracy,
         "epochs": epochs,
@@ -186,12 +196,13 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
     def acc(v: Any) -> str:
         return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else (v or "-")
 
-    table = [("run", "recipe", "status", "test acc", "epochs", "wall time")]
+    table = [("run", "recipe", "data", "status", "test acc", "epochs", "wall time")]
     for r in rows:
         table.append(
             (
                 printable(r["name"]),  # folder names and recipe names are data: no escape sequences
                 printable(r["recipe"] or "-"),
+                printable(r.get("dataset") or "-"),
                 printable(r["status"]),
                 acc(r["test_accuracy"]),
                 str(r["epochs"]) if r["epochs"] is not None else "-",
@@ -199,7 +210,7 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    right = {3, 4, 5}
+    right = {4, 5, 6}
     lines = []
     for row in table:
         pairs = enumerate(zip(row, widths, strict=True))
