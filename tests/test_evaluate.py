@@ -101,9 +101,13 @@ def test_confusion_matrix_hand_made():
     assert ev.top_k == 3 and ev.top5 == 1.0  # every class is in the top 3 of 3
 
 
-def test_absent_class_gets_zeros_not_nan():
+def test_absent_class_is_not_applicable():
+    # Not zeros: a class with no image is not one the model fails on (NaN in memory, null in JSON).
     ev = evaluate_predictions(np.array([0, 0, 1]), logits_for([0, 1, 1], 3), NAMES)
-    assert ev.per_class["c"] == ClassMetrics(precision=0.0, recall=0.0, f1=0.0, support=0)
+    c = ev.per_class["c"]
+    assert isinstance(c, ClassMetrics) and c.support == 0 and not c.applicable
+    assert all(np.isnan([c.precision, c.recall, c.f1]))
+    assert ev.to_dict()["per_class"]["c"] == {"precision": None, "recall": None, "f1": None, "support": 0}
     assert ev.confusion_normalized[2].tolist() == [0.0, 0.0, 0.0]
     assert ev.top_confusions["c"] == ()
 
@@ -372,7 +376,7 @@ def test_evaluate_run_result_dict_has_the_run_keys(tmp_path: Path):
     assert set(d["inference"]) == {
         "device", "tta", "precision", "dtype", "channels_last", "batch_size", "predict_seconds",
         "images_per_second", "logits_from", "metrics_seconds", "temperature", "uncalibrated_ece",
-        "temperature_fitted_on",
+        "temperature_fitted_on", "uncalibrated_loss",
     }  # fmt: skip
     assert ev.tta == d["inference"]["tta"] and ev.split_name == "test" and not ev.dataset_mismatch
     assert ev.seconds == d["inference"]["predict_seconds"]

@@ -335,7 +335,7 @@ def test_cli_init_records_the_source_and_the_report_shows_it(tmp_path, one_threa
     assert init["new_head"] == ["head.6.weight", "head.6.bias"] and init["adapted"] == ["features.0.weight"]
     assert init["reinitialized"] == ["head.2.weight"] and init["channels"] == [3, 1]
     html = (run / "report.html").read_text()
-    assert "initialized from" in html and str(src_run) in html and "first 1 stages frozen" in html
+    assert "initialized from" in html and str(src_run) in html and "the first stage frozen" in html
     # --init with --resume is refused before anything runs.
     assert cli.main(["train", "--resume", str(run), "--init", str(src_run)]) == 2
 

@@ -90,6 +90,35 @@ def test_whitening_init_gives_identity_covariance():
     assert torch.allclose(cov, torch.eye(12), atol=1e-3)
 
 
+def test_whitening_drops_directions_without_variance_and_fast_trains_on_a_constant_channel(tmp_path):
+    """Red-only images (G = B = 0 everywhere): 8 of the 12 patch directions have no variance. Their filters
+    would give channels constant across images, which the next BatchNorm (eps 1e-12) turned into NaN weights
+    in the first epoch; the 4 useful directions (and negatives) fill the 24 filters instead."""
+    import cifarlab
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, 3, 12, 12)
+    x[:, 0] = torch.randn(64, 12, 12, generator=g)
+    conv = nn.Conv2d(3, 24, 2, padding=0, bias=False)
+    init_whitening(conv, x)
+    with torch.no_grad():
+        out = conv(x)
+    assert (out.std(dim=(0, 2, 3)) > 0.1).all()  # every filter sees the images' variation
+    flat = out[:, :4].permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.allclose(flat.T @ flat / len(flat), torch.eye(4), atol=0.05)  # still whitened
+    assert torch.equal(conv.weight[:4], conv.weight[8:12]) and torch.equal(conv.weight[:4], -conv.weight[4:8])
+
+    gen = torch.Generator().manual_seed(1)
+    y = torch.arange(48) % 2
+    red = (torch.rand(48, 1, 16, 16, generator=gen) * 100 + 100 + 40 * y.view(-1, 1, 1, 1)).to(torch.uint8)
+    imgs = torch.cat([red, torch.zeros(48, 2, 16, 16, dtype=torch.uint8)], dim=1)
+    data = {"x_train": imgs[:32], "y_train": y[:32], "x_test": imgs[32:], "y_test": y[32:]}
+    kw = dict(runs_dir=tmp_path, epochs=2, batch_size=8, widths=(8, 8, 8), precision="fp32", train_scales=())
+    run = cifarlab.fit("fast", data=data, **kw)
+    assert all(torch.isfinite(p).all() for p in run.get_model().parameters())
+    assert run.test_accuracy > 0.5
+
+
 def test_images_too_small_for_the_reference_cnn_are_a_config_error():
     from cifarlab.errors import ConfigError
 

@@ -256,7 +256,8 @@ def test_report_contains_every_class_and_metric(built):
 def test_metrics_json_keeps_training_keys_and_adds_every_number(built):
     run_dir, metrics = built
     saved = json.loads((run_dir / METRICS).read_text())
-    assert saved["test_accuracy"] == 0.123 and saved["test_loss"] == 2.5  # training's keys untouched
+    assert saved["test_accuracy"] == 0.123  # training's keys untouched
+    assert saved["test_loss"] == saved["evaluation"]["loss"]  # but the loss is the report's (at its temperature)
     assert saved["timings"]["train_seconds"] == 307.5 and saved["restored_epoch"] == 3
     ev = saved["evaluation"]
     for key in (
@@ -872,12 +873,15 @@ def test_budget_rows_show_the_budget_the_time_taken_and_the_plan():
         "predicted_epochs": 2.06,
         "clock": "process start",
     }
-    (k1, v1), (k2, v2) = _budget_rows(budget)
-    assert k1 == "time budget" and v1 == "30 s from process start to the test result; taken 28.5 s (-5.0%)"
+    (k1, v1), (k3, v3), (k2, v2) = _budget_rows(budget)
+    assert (
+        k1 == "time budget" and v1 == "30 s from process start to the test result; taken 28.5 s: 5.0% under the budget"
+    )
+    assert k3 == "budget epochs" and v3 == "~2.1 planned"
     assert k2 == "budget chose"
-    assert v2.startswith("widths [32, 64, 128] (1x the recipe's), ~2.1 epochs planned, TTA flip:")
+    assert v2.startswith("widths [32, 64, 128] (1x the recipe's), TTA flip:")
     del budget["predicted_epochs"]  # a run from before the plan recorded it
-    assert "epochs planned" not in _budget_rows(budget)[1][1]
+    assert "planned" not in str(_budget_rows(budget))
     assert _budget_rows(None) == [] and _budget_rows({"budget_seconds": 0}) == []
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "InferenceInfo",
     "Predictions",
     "ProbabilityCheck",
+    "TrainingState",
     "calibration",
     "check_dataset",
     "confused_pairs",
@@ -57,17 +58,35 @@ HIGH_CONFIDENCE = 0.9
 # -- the typed result ----------------------------------------------------------------------------------------
 
 
+def _json_number(v: float) -> float | None:
+    """NaN (not applicable) as JSON null: json.dumps would write NaN, which is not JSON."""
+    return None if v != v else v
+
+
 @dataclass(frozen=True)
 class ClassMetrics:
-    """Precision, recall, F1 and support of one class (or an average over the classes)."""
+    """Precision, recall, F1 and support of one class (or an average over the classes present).
+
+    A class with no image in the evaluated labels (support 0) has NaN precision, recall and F1: not
+    applicable, rather than a 0 that would read as a class the model fails on (JSON: null)."""
 
     precision: float
     recall: float
     f1: float
     support: int
 
+    @property
+    def applicable(self) -> bool:
+        """False for a class absent from the evaluated labels (its scores are NaN)."""
+        return self.support > 0
+
     def to_dict(self) -> dict[str, Any]:
-        return {"precision": self.precision, "recall": self.recall, "f1": self.f1, "support": self.support}
+        return {
+            "precision": _json_number(self.precision),
+            "recall": _json_number(self.recall),
+            "f1": _json_number(self.f1),
+            "support": self.support,
+        }
 
 
 @dataclass(frozen=True)
@@ -204,6 +223,7 @@ class InferenceInfo:
     temperature: float = 1.0  # the run's softmax temperature, applied to every probability (`cifarlab.calibrate`)
     uncalibrated_ece: float | None = None  # the ECE of the plain softmax, when the temperature is not 1
     temperature_fitted_on: str | None = None  # e.g. "1000 validation images" (metrics.json "calibration")
+    uncalibrated_loss: float | None = None  # the plain softmax's cross-entropy, when the temperature is not 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -220,7 +240,21 @@ class InferenceInfo:
             "temperature": self.temperature,
             "uncalibrated_ece": self.uncalibrated_ece,
             "temperature_fitted_on": self.temperature_fitted_on,
+            "uncalibrated_loss": self.uncalibrated_loss,
         }
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """How the run's training ended, from its files (status.json, config.json, steps.csv), for the report's
+    reading: a stopped run must not read like a finished one. Not part of the evaluation's JSON (the run's
+    own files hold it)."""
+
+    run_dir: str
+    status: str | None  # status.json: "finished", "stopped" (Ctrl-C), "crashed", ...; None when absent
+    planned_epochs: int | None  # the recipe's epochs
+    calibrate: bool  # the recipe fits a softmax temperature after training
+    last_epoch_steps: int | None = None  # optimizer steps logged in the last epoch (steps.csv), when known
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -254,6 +288,7 @@ class EvalResult:
     split: str | None = None
     dataset: DatasetCheck | None = None
     inference: InferenceInfo | None = None
+    training: TrainingState | None = field(default=None, compare=False)  # not in to_dict(): the run's files
 
     def __post_init__(self) -> None:
         # Frozen all the way down: read-only arrays and mappings.
@@ -284,10 +319,26 @@ class EvalResult:
         """True when the data evaluated is known not to be the data the run was trained on."""
         return self.dataset is not None and self.dataset.mismatch
 
-    def with_run_info(self, split: str, dataset: DatasetCheck, inference: InferenceInfo) -> EvalResult:
+    @property
+    def present_classes(self) -> tuple[str, ...]:
+        """The classes with at least one image in the evaluated labels (the others' scores are NaN)."""
+        return tuple(c for c in self.classes if self.per_class[c].support > 0)
+
+    @property
+    def top_k_informative(self) -> bool:
+        """False when k >= the number of classes: every label is then among the top k, so top-k is 100%."""
+        return self.top_k < len(self.classes)
+
+    def with_run_info(
+        self,
+        split: str,
+        dataset: DatasetCheck,
+        inference: InferenceInfo,
+        training: TrainingState | None = None,
+    ) -> EvalResult:
         from dataclasses import replace
 
-        return replace(self, split=split, dataset=dataset, inference=inference)
+        return replace(self, split=split, dataset=dataset, inference=inference, training=training)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (eval_<split>.json, metrics.json["evaluation"]); keys in their historical order."""
@@ -440,7 +491,9 @@ def evaluate_predictions(
     """All metrics of a classifier from its logits on labelled images, as an `EvalResult`.
 
     The confusion matrix has rows = true class, columns = predicted; per-class rows, macro and weighted
-    averages come from scikit-learn (`zero_division=0`); calibration from `calibration`.
+    averages come from scikit-learn (`zero_division=0`); calibration from `calibration`. A class absent from
+    `y_true` gets NaN scores (not applicable), and the averages are over the classes present: counted as 0 it
+    would drag the macro F1 of a perfect model below 1 and contradict the balanced accuracy.
     """
     # Here, not at the top: scikit-learn takes ~0.8 s to import, and `cifarlab.fit` imports this module for its
     # types long before a run is evaluated.
@@ -470,10 +523,12 @@ def evaluate_predictions(
     cm = confusion_matrix(y, pred, labels=labels)
     cm_norm = confusion_matrix(y, pred, labels=labels, normalize="true")  # empty rows come back as zeros
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    present = sorted(set(y.tolist()))
     averages = {}
     for avg in ("macro", "weighted"):
-        pa, ra, fa, _ = precision_recall_fscore_support(y, pred, labels=labels, average=avg, zero_division=0)
+        pa, ra, fa, _ = precision_recall_fscore_support(y, pred, labels=present, average=avg, zero_division=0)
         averages[avg] = ClassMetrics(float(pa), float(ra), float(fa), int(len(y)))
+    nan = float("nan")
     top_k = min(5, k_cls)
     # scikit-learn refuses k >= n_classes (and 2-column scores); every label is then in the top k anyway.
     top5 = float(top_k_accuracy_score(y, probs, k=top_k, labels=labels)) if top_k < k_cls else 1.0
@@ -492,7 +547,10 @@ def evaluate_predictions(
         confusion=cm.astype(np.int64),
         confusion_normalized=cm_norm.astype(np.float64),
         per_class={
-            name: ClassMetrics(float(p[i]), float(r[i]), float(f[i]), int(s[i])) for i, name in enumerate(classes)
+            name: ClassMetrics(float(p[i]), float(r[i]), float(f[i]), int(s[i]))
+            if s[i]
+            else ClassMetrics(nan, nan, nan, 0)
+            for i, name in enumerate(classes)
         },
         macro_avg=averages["macro"],
         weighted_avg=averages["weighted"],
@@ -539,21 +597,74 @@ def _fitted_on(run: Any) -> str | None:
     return str(cal["fitted_on"]) if isinstance(cal, dict) and cal.get("fitted_on") else None
 
 
+def training_state(run: Any) -> TrainingState | None:
+    """What the run's files say about how its training ended (None when its config cannot say)."""
+    from cifarlab.runs import STATUS, read_json
+
+    try:
+        status_file = run.path / STATUS
+        status = read_json(status_file).get("status") if status_file.exists() else None
+    except (UserError, OSError, AttributeError):
+        status = None  # a damaged status.json: the reading then says nothing about it
+    try:
+        recipe = run.recipe
+        planned, calibrate = int(recipe.epochs), bool(recipe.calibrate)
+    except (UserError, AttributeError, TypeError, ValueError):
+        return None
+    return TrainingState(
+        run_dir=str(run.path),
+        status=str(status) if status is not None else None,
+        planned_epochs=planned,
+        calibrate=calibrate,
+        last_epoch_steps=_last_epoch_steps(Path(run.path)),
+    )
+
+
+def _last_epoch_steps(run_dir: Path) -> int | None:
+    """Optimizer steps steps.csv logged in the last epoch (a run stopped at its time budget mid-epoch has fewer
+    than an epoch's); None without a readable steps.csv."""
+    from cifarlab.report.common import read_steps
+
+    steps = read_steps(run_dir)
+    if not steps:
+        return None
+    last = max(steps["epoch"])
+    return len({s for s, e in zip(steps["step"], steps["epoch"], strict=True) if e == last})
+
+
+def _image_folder_tree(path: Path) -> bool:
+    """An ImageFolder tree: a folder with train/ and/or test/ inside."""
+    return path.is_dir() and ((path / "train").is_dir() or (path / "test").is_dir())
+
+
 def load_run_dataset(run: Any, data_dir: Path | None = None) -> Any:
     """The run's dataset, from `data_dir`, else $CIFARLAB_DATA, else the folder the run trained from (config.json's
     `data_dir`, where it still exists), else the default ~/.cache/cifarlab: on the machine it trained on, a run's
-    data needs naming only once."""
+    data needs naming only once.
+
+    A run trained on an image folder that has since moved: `data_dir` (or $CIFARLAB_DATA) may name the folder's
+    new location, an ImageFolder tree itself; `check_dataset` then compares its checksum with the run's."""
     from cifarlab.data import load_dataset
     from cifarlab.data.dataset import NAMED_DATASETS
 
     name = run.recipe.dataset
     source = (run.config.get("dataset") or {}).get("source")
-    in_memory = source == name and "/" not in name and os.sep not in name  # a folder's source is its path
+    is_path = "/" in name or os.sep in name
+    in_memory = source == name and not is_path  # a folder's source is its path
     if name not in NAMED_DATASETS and in_memory and not Path(name).expanduser().exists():
         raise UserError(
             f"{run.path.name} was trained on data given in memory ({name!r}: arrays or a torch dataset), which no "
             "folder holds: pass the same data, e.g. cifarlab.load(run).evaluate(data=(x_train, y_train, x_test, "
             "y_test))"
+        )
+    if name not in NAMED_DATASETS and is_path and Path(name).is_absolute() and not Path(name).expanduser().exists():
+        given = data_dir if data_dir is not None else os.environ.get("CIFARLAB_DATA") or None
+        if given is not None and _image_folder_tree(Path(given).expanduser()):
+            return load_dataset(Path(given).expanduser())
+        where = f" ({given} is not one: it has no train/ or test/ folder)" if given is not None else ""
+        raise UserError(
+            f"{run.path.name} was trained on the image folder {name}, which is gone (moved or deleted): pass its "
+            f"new location (the folder with train/ and test/ inside) with --data-dir{where}"
         )
     if data_dir is None and not os.environ.get("CIFARLAB_DATA"):
         recorded = run.config.get("data_dir")
@@ -682,10 +793,11 @@ def evaluate_run(
     z = logits.numpy().astype(np.float64) / temperature
     t0 = time.perf_counter()
     ev = evaluate_predictions(y_np, z, run.classes)
-    uncalibrated_ece = fitted_on = None
+    uncalibrated_ece = uncalibrated_loss = fitted_on = None
     if temperature != 1.0:
         raw = softmax(logits.numpy())
         uncalibrated_ece = calibration(raw.max(axis=1), raw.argmax(axis=1) == y_np).ece
+        uncalibrated_loss = cross_entropy(y_np, logits.numpy())
         fitted_on = _fitted_on(run)
     inference = InferenceInfo(
         device=str(device),
@@ -702,8 +814,9 @@ def evaluate_run(
         temperature=temperature,
         uncalibrated_ece=uncalibrated_ece,
         temperature_fitted_on=fitted_on,
+        uncalibrated_loss=uncalibrated_loss,
     )
-    ev = ev.with_run_info(split, data_info, inference)
+    ev = ev.with_run_info(split, data_info, inference, training_state(run))
     probs = softmax(z)
     preds = Predictions(
         logits=z,
@@ -732,7 +845,10 @@ def format_summary(ev: EvalResult) -> str:
     lines = [
         f"{ev.split_name} split: {ev.n:,} images"
         + (f" (TTA {terminal_safe(inf.tta)}, {inf.predict_seconds or 0:.1f} s)" if inf is not None else ""),
-        f"accuracy {ev.accuracy:.2%}   top-{ev.top_k} {ev.top5:.2%}   loss {ev.loss:.4f}   "
+        f"accuracy {ev.accuracy:.2%}   "
+        # top-k with k >= the number of classes is 100% by construction: not shown
+        + (f"top-{ev.top_k} {ev.top5:.2%}   " if ev.top_k_informative else "")
+        + f"loss {ev.loss:.4f}   "
         f"ECE {cal.ece:.2%} (mean confidence {cal.mean_confidence:.2%})",
         "",
     ]
@@ -742,6 +858,8 @@ def format_summary(ev: EvalResult) -> str:
     lines.append(f"{'class':<{width}}  precision  recall     f1  support  most confused with")
 
     def row(label: str, m: ClassMetrics) -> str:
+        if not m.applicable:  # a class with no image here: its scores do not exist (NaN)
+            return f"{label:<{width}}  {'n/a':>9}  {'n/a':>6}  {'n/a':>5}  {m.support:>7}"
         return f"{label:<{width}}  {m.precision:>9.3f}  {m.recall:>6.3f}  {m.f1:>5.3f}  {m.support:>7}"
 
     for name, m in ev.per_class.items():
@@ -749,6 +867,11 @@ def format_summary(ev: EvalResult) -> str:
         lines.append(f"{row(names[name], m)}  {conf}".rstrip())
     lines.append(row("macro avg", ev.macro_avg))
     lines.append(row("weighted avg", ev.weighted_avg))
+    absent = [names[c] for c in ev.classes if not ev.per_class[c].applicable]
+    if absent:
+        lines.append(
+            f"(no {ev.split_name} image of {', '.join(absent)}: n/a, left out of the macro and weighted averages)"
+        )
     if ev.confused_pairs:
         lines.append("")
         lines.append(

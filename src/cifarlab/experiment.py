@@ -59,6 +59,7 @@ from cifarlab.runs import (
     write_json,
     write_status,
 )
+from cifarlab.text import plural
 from cifarlab.train import (
     Callback,
     Checkpoint,
@@ -312,7 +313,7 @@ def prepare(
         torch.backends.cudnn.benchmark = recipe.cudnn_benchmark and not deterministic
 
     ds = dataset if dataset is not None else load_dataset(recipe.dataset, data_dir)
-    tr_idx, va_idx = recipe_split(recipe, ds.y_train)
+    tr_idx, va_idx = recipe_split(recipe, ds.y_train, ds.classes)  # a class left untrained is an error
     mean = std = None
     if recipe.scaling == "standardize":
         mean, std = channel_stats(ds.x_train[tr_idx])
@@ -649,7 +650,9 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         "status": "finished",
         "recipe": r.name,
         "test_accuracy": test_acc,
-        "test_loss": test_loss,
+        # at the softmax temperature, as predict, serve and the report give the probabilities; the plain one apart
+        "test_loss": calibration["test_loss"] if calibration is not None else test_loss,
+        "test_loss_uncalibrated": test_loss if calibration is not None else None,
         "tta": r.tta,
         "epochs_run": len(fit.history),
         "best_epoch": fit.best_epoch,
@@ -810,10 +813,8 @@ def run_experiment(
         for line in plan.init.lines() if plan.init is not None else []:
             say(line)
         if r.freeze_stages or (plan.init is not None and r.pretrained_lr_scale != 1.0):
-            say(
-                f"finetune: first {r.freeze_stages} stages frozen, pretrained weights at "
-                f"{r.pretrained_lr_scale:g}x the LR"
-            )
+            frozen = "no stage" if not r.freeze_stages else f"the first {plural(r.freeze_stages, 'stage')}"
+            say(f"finetune: {frozen} frozen, pretrained weights at {r.pretrained_lr_scale:g}x the LR")
         show_progress = (sys.stderr.isatty() and not quiet) if progress is None else progress
         machinery = (
             run_callbacks(

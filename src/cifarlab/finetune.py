@@ -107,8 +107,8 @@ class InitResult:
         if self.new_head:
             why = "the classes differ"
             if self.source_classes:
-                shown = ", ".join(self.source_classes[:4])
-                why = f"the source's {len(self.source_classes)} classes ({shown}, ...) differ"
+                shown = ", ".join(self.source_classes[:4]) + (", ..." if len(self.source_classes) > 4 else "")
+                why = f"the source's {len(self.source_classes)} classes ({shown}) differ"
             out.append(f"init: new head {', '.join(_layers(self.new_head))} ({why})")
         if self.adapted and self.channels:
             a, b = self.channels

@@ -256,6 +256,20 @@ def _finite(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
+def _card_loss(metrics: dict[str, Any], ev: dict[str, Any], temperature: float) -> float | None:
+    """The test loss at the temperature the service applies: the evaluation's when it was made at that
+    temperature, else training's when it says it was (an older metrics.json's `test_loss` is the plain
+    softmax's; its calibrated one is in "calibration"); None when no file knows it."""
+    inference: dict[str, Any] = ev["inference"] if isinstance(ev.get("inference"), dict) else {}
+    if inference.get("temperature", 1.0) == temperature and _finite(ev.get("loss")) is not None:
+        return _finite(ev.get("loss"))
+    cal: dict[str, Any] = metrics["calibration"] if isinstance(metrics.get("calibration"), dict) else {}
+    if temperature != 1.0:
+        return _finite(cal.get("test_loss")) if cal.get("temperature") == temperature else None
+    plain = metrics.get("test_loss_uncalibrated")  # None or absent: training had no temperature either
+    return _finite(plain if plain is not None else metrics.get("test_loss"))
+
+
 def model_card(run: Any, model_id: str, backend: str, tta: str) -> dict[str, Any]:
     """What /v1/models says about a run: from config.json, metrics.json and eval_test.json when present."""
     try:
@@ -287,7 +301,7 @@ def model_card(run: Any, model_id: str, backend: str, tta: str) -> dict[str, Any
         "tta": tta,
         "temperature": run.temperature,  # the softmax temperature the probabilities are at (`cifarlab.calibrate`)
         "test_accuracy": acc,
-        "test_loss": _finite(metrics.get("test_loss")),
+        "test_loss": _card_loss(metrics, ev, run.temperature),
         "per_class_recall": recall or None,
         "confused_pairs": pairs[:5],
         "report": f"/v1/models/{model_id}/report" if has_report else None,

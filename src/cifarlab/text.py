@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Any
 
-__all__ = ["terminal_safe"]
+__all__ = ["plural", "terminal_safe"]
 
 _ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
@@ -23,3 +23,8 @@ def terminal_safe(text: Any) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 mistake', '2 mistakes', '1,000 images': the count and the noun in the form it takes."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"

@@ -937,6 +937,7 @@ class _Objective:
                 raise
             write_history(run_dir, fit.history)
             seconds = time.perf_counter() - t0
+            trial.set_user_attr("seconds", seconds)  # the time printed below: trials.md shows the same
             trial.set_user_attr("epochs", len(fit.history))
             trial.set_user_attr("train_seconds", round(fit.train_seconds, 3))
             if fit.status == "stopped":

@@ -58,10 +58,51 @@ SLICES_PER_FIGURE = 4
 _STATE = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
 
+IMPORTANCE_TRIALS = 10  # fewer complete trials than this: fANOVA's importances are a rough hint, and say so
+
+
 def _seconds(t: Any) -> float | None:
+    """The trial's seconds: the ones its console line printed (`seconds`, recorded by the trial), else Optuna's
+    start-to-end time (a trial that failed before timing itself)."""
+    own = t.user_attrs.get("seconds")
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and math.isfinite(own):
+        return float(own)
     if t.datetime_start is None or t.datetime_complete is None:
         return None
     return (t.datetime_complete - t.datetime_start).total_seconds()
+
+
+def _seconds_text(x: float | None) -> str:
+    """A trial's seconds as the console prints them (one decimal)."""
+    return "–" if x is None else f"{x:.1f}"
+
+
+def sampler_counts(study: Any, startup_trials: int) -> dict[str, int]:
+    """How the started trials got their parameters: "random" (TPE draws at random until `startup_trials` trials
+    are complete or pruned), "tpe" (modelled on the finished ones), "queued" (fixed ahead: a re-queued trial)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start is not None]
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    done = [t.datetime_complete for t in finished if t.datetime_complete is not None]
+    out = {"random": 0, "tpe": 0, "queued": 0}
+    for t in trials:
+        if "fixed_params" in t.system_attrs:
+            out["queued"] += 1
+        elif sum(1 for d in done if d <= t.datetime_start) < startup_trials:
+            out["random"] += 1
+        else:
+            out["tpe"] += 1
+    return out
+
+
+def _sampler_text(settings: TuneSettings, summary: Mapping[str, Any]) -> str:
+    sc = summary.get("sampler_counts") or {}
+    head = f"TPE (seed {settings.seed}; its first {settings.startup_trials} trials are drawn at random)"
+    if not sc:
+        return f"{head} / {summary['pruner']}"
+    parts = [f"{sc.get('random', 0)} random", f"{sc.get('tpe', 0)} by TPE"]
+    if sc.get("queued"):
+        parts.append(f"{sc['queued']} re-queued")
+    return f"{head}: trials so far {', '.join(parts)} / {summary['pruner']}"
 
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:
@@ -117,6 +158,11 @@ def _best_number(study: Any) -> int | None:
         return None
 
 
+def _pct(v: Any) -> str:
+    """An accuracy as the run reports show it (a percentage, 2 decimals)."""
+    return "–" if v is None else f"{float(v) * 100:.2f}%"
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"
@@ -165,7 +211,7 @@ def _trials_table(rows: Sequence[Mapping[str, Any]], names: Sequence[str], metri
             r["state"],
             _fmt(r["value"]),
             _fmt(r["epochs"]),
-            _fmt(None if r["seconds"] is None else round(r["seconds"], 1)),
+            _seconds_text(r["seconds"]),
             *(_fmt(r["params"].get(n)) for n in names),
             r["note"],
         ]
@@ -329,10 +375,7 @@ def build_document(
             ["running / queued", f"{c['running']} / {c['waiting']}"],
             ["study wall time", "–" if wall is None else f"{wall:.1f} s (first trial start to last trial end)"],
             ["trial time, total", f"{summary['trial_seconds_total']:.1f} s"],
-            [
-                "sampler / pruner",
-                f"TPE (seed {settings.seed}, {settings.startup_trials} random startup trials) / {summary['pruner']}",
-            ],
+            ["sampler / pruner", _sampler_text(settings, summary)],
             ["trial epochs (max)", str(summary["trial_epochs"])],
             ["storage", summary["storage"]],
         ],
@@ -364,19 +407,19 @@ def build_document(
             [
                 str(r["seed"]),
                 r.get("status", ""),
-                _fmt(r.get("test_accuracy")),
+                _pct(r.get("test_accuracy")),
                 _fmt(r.get("epochs_run")),
                 str(r.get("run_dir")),
             ]
             for r in final
         ]
         text = (
-            f"The best trial's full run, evaluated once on the test set: mean test accuracy {mean:.4f}"
+            f"The best trial's full run, evaluated once on the test set: mean test accuracy {_pct(mean)}"
             if mean is not None
             else "No final run finished."
         )
         if sd is not None:
-            text += f" (sd {sd:.4f} over {len(final)} seeds)"
+            text += f" (sd {sd * 100:.2f} points over {len(final)} seeds)"
         sections.append(
             section(
                 "final",
@@ -411,6 +454,15 @@ def build_document(
         blocks: list[Any] = [table(["parameter", "importance (fANOVA)"], [[k, f"{v:.3f}"] for k, v in imp.items()])]
         if "importances" in figs:
             blocks.insert(0, Figure("importances", "Parameter importances (fANOVA on the complete trials)"))
+        if c["complete"] < IMPORTANCE_TRIALS:
+            blocks.insert(
+                0,
+                Paragraph(
+                    f"Caveat: only {c['complete']} complete trials. fANOVA fits a random forest to them; below about "
+                    f"{IMPORTANCE_TRIALS} complete trials these importances are a rough hint, not a measurement: run "
+                    "more trials (--n-trials) before trusting them."
+                ),
+            )
         sections.append(section("importances", "Parameter importances", *blocks))
     else:
         sections.append(
@@ -497,8 +549,10 @@ def write_outputs(
         "trial_epochs": settings.trial_recipe().epochs,
         "space": settings.space.raw,
         "trial_overrides": [list(kv) for kv in settings.trial_overrides],
+        "sampler_counts": sampler_counts(study, settings.startup_trials),
         "importances": imp,
         "importances_note": imp_note,
+        "importances_caveat": c["complete"] < IMPORTANCE_TRIALS if imp else None,
         "final_runs": final,
         "final_mean_test_accuracy": mean,
         "final_sd_test_accuracy": sd,

@@ -137,7 +137,7 @@ def info_facts(ds: Any) -> dict[str, Any]:
     n_cls = len(ds.classes)
     train_counts = torch.bincount(ds.y_train, minlength=n_cls).tolist()
     test_counts = torch.bincount(ds.y_test, minlength=n_cls).tolist()
-    mean, std = channel_stats(ds.x_train)
+    mean, std = channel_stats(ds.x_train, for_scaling=False)  # the data as it is (a constant channel: std 0)
     return {
         "name": ds.name,
         "source": ds.source,
@@ -149,6 +149,7 @@ def info_facts(ds: Any) -> dict[str, Any]:
         "classes": list(ds.classes),
         "x_train_shape": list(ds.x_train.shape),
         "x_test_shape": list(ds.x_test.shape),
+        "native_sizes": ds.native_sizes,  # an image folder's images by their own size, {"WxH": count}
         "train_counts": dict(zip(ds.classes, train_counts, strict=True)),
         "test_counts": dict(zip(ds.classes, test_counts, strict=True)),
         "pixel_mean": list(mean),
@@ -171,6 +172,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"cache     {ds.cache_dir or 'none (not cached)'}",
         f"train     {len(ds.x_train):>6} images  uint8 {tuple(ds.x_train.shape)}",
         f"test      {len(ds.x_test):>6} images  uint8 {tuple(ds.x_test.shape)}",
+        *_sizes_lines(ds),
         "",
         f"{'class':<{width}}  {'train':>6}  {'test':>6}",
         f"{'-' * width}  {'-' * 6}  {'-' * 6}",
@@ -189,6 +191,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     ]
     print("\n".join(lines))
     return 0
+
+
+def _sizes_lines(ds: Any) -> list[str]:
+    """An image folder's own image sizes (most common first, up to 6) and what loading made of them."""
+    if not ds.native_sizes:
+        return []
+    ranked = sorted(ds.native_sizes.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{k} ({n})" for k, n in ranked[:6]) + (f", {len(ranked) - 6} more" if len(ranked) > 6 else "")
+    _, _, h, w = ds.x_train.shape if len(ds.x_train) else ds.x_test.shape
+    same = len(ranked) == 1 and ranked[0][0] == f"{w}x{h}"
+    return [f"files     {shown}" + ("" if same else f"; loaded as {w}x{h}")]
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

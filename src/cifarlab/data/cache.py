@@ -30,6 +30,9 @@ __all__ = ["ARRAY_KEYS", "cached", "read_cache", "resolve_cache_dir", "writable_
 log = logging.getLogger(__name__)
 
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# Facts about the source stored beside the arrays (JSON in the file's metadata), when a loader gives them:
+# native_sizes, {"WxH": count} of an image folder's own sizes (so a cached load can say what was resized).
+META_KEYS = ("native_sizes",)
 _WARNED_UNWRITABLE: set[str] = set()
 
 
@@ -81,6 +84,9 @@ def read_cache(path: Path) -> dict[str, Any] | None:
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or not classes:
             raise ValueError("bad class list")
         arrays["classes"] = tuple(classes)
+        for key in META_KEYS:
+            if key in meta:
+                arrays[key] = json.loads(meta[key])
         for split in ("train", "test"):
             x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
             if x.dtype != torch.uint8 or x.ndim != 4 or y.dtype != torch.int64 or y.ndim != 1 or len(x) != len(y):
@@ -115,7 +121,9 @@ def write_cache(path: Path, arrays: dict[str, Any]) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
         tensors = {k: torch.as_tensor(arrays[k]).contiguous() for k in ARRAY_KEYS}
-        atomic_write_bytes(path, save(tensors, metadata={"classes": json.dumps(list(arrays["classes"]))}))
+        meta = {"classes": json.dumps(list(arrays["classes"]))}
+        meta.update({k: json.dumps(arrays[k]) for k in META_KEYS if arrays.get(k) is not None})
+        atomic_write_bytes(path, save(tensors, metadata=meta))
     except Exception as exc:  # noqa: BLE001 (a cache we cannot write only costs time next run)
         log.warning("could not write the cache %s (%s); the next load will decode again", path, _one_line(exc))
         return False

@@ -73,6 +73,8 @@ class Dataset:
     # and contents)", "md5 of IDX contents", or ""
     checksum_kind: str = ""
     expected_checksum: str = ""  # the official MD5 for this kind of source; "" when there is none
+    # An image folder's images by their own size before resizing, {"WxH": count}; None for other sources.
+    native_sizes: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):

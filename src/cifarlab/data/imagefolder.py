@@ -1,9 +1,13 @@
 """ImageFolder trees (``root/{train,test}/<class>/<image>``) and tarballs of them, decoded to uint8 arrays.
 
-Images are decoded with `images.decode_image` (RGB, resized to ``image_size`` squares, or kept at their native
-size when ``image_size=None``), big ones in a small thread pool. A tarball's checksum is its MD5; a folder's is
-an MD5 over every image it uses (its path under the tree, so its label, and its contents), so a run can tell
-when the images changed. The checksum keys the decoded-array cache. Tarballs are read to the end of their
+A class folder is read recursively, as torchvision's ImageFolder reads it (``train/cat/indoor/1.png`` is a cat),
+skipping hidden entries and ``__MACOSX``; the image suffixes are `images.IMAGE_SUFFIXES`, the list `cifarlab
+predict` searches folders for. Other files are skipped with one warning that counts them. Images are decoded
+with `images.decode_image` (RGB, resized to ``image_size`` squares, or kept at their native size when
+``image_size=None``), big ones in a small thread pool; when any image was resized, one warning says from which
+sizes (their count is stored with the cached arrays, so a cached load says it too). A tarball's checksum is its
+MD5; a folder's is an MD5 over every image it uses (its path under the tree, so its label, and its contents), so
+a run can tell when the images changed. The checksum keys the decoded-array cache. Tarballs are read to the end of their
 compressed stream so a damaged one is reported instead of cached.
 
 Every class must have training images, and there must be at least two classes; with ``test_only`` (a test
@@ -16,7 +20,7 @@ import hashlib
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -39,12 +43,16 @@ DEFAULT_IMAGE_SIZE = 32
 # Bump when the decoded layout or the decode/resize rule changes: old cache files are then ignored.
 # v2: 16-bit images scaled (not clipped) to 8 bits; FIFOs and other non-regular files skipped.
 # v3: EXIF orientation applied; float and 32-bit images refused (they decoded black).
-_CACHE_VERSION = 3
+# v4: class folders read recursively, the suffixes predict reads, the images' native sizes stored with the arrays.
+_CACHE_VERSION = 4
 _SPLITS = ("train", "test", "val")
 TAR_ADVICE = "Delete it and re-create (or re-download) it, or put a good copy there."
 
 _Entry = tuple[str, str, str, "bytes | Path", str]  # split, class, key (sort/report name), source, where
-_Decoded = tuple[str, str, str, np.ndarray, str]  # split, class, key, (3, H, W) uint8, where
+# split, class, key, (3, H, W) uint8, where, the file's own (width, height)
+_Decoded = tuple[str, str, str, np.ndarray, str, tuple[int, int]]
+# split, class, name under the class folder ("x.png", "sub/x.png"), file
+_File = tuple[str, str, str, Path]
 
 
 def check_image_size(image_size: int | None) -> int | None:
@@ -84,7 +92,11 @@ def _decode_entries(entries: Iterable[_Entry], total: int | None, desc: str, siz
     from tqdm.auto import tqdm
 
     def work(chunk: list[_Entry]) -> list[_Decoded]:
-        return [(s, c, k, decode_image(src, where, size), where) for s, c, k, src, where in chunk]
+        out: list[_Decoded] = []
+        for s, c, k, src, where in chunk:
+            native: list[tuple[int, int]] = []
+            out.append((s, c, k, decode_image(src, where, size, native=native), where, native[0]))
+        return out
 
     workers = _decode_workers()
     chunks = _chunks(entries, CHUNK)
@@ -120,10 +132,28 @@ def _in_pool(work: Callable[[list[_Entry]], list[_Decoded]], chunks: Iterator[li
 
 
 def _layout_help(root: str) -> str:
-    return (
-        f"expected {root}/train/<class>/*.png|jpg|jpeg|bmp|webp|gif|tif|tiff and {root}/test/<class>/... "
-        "(or val/ instead of test/)"
-    )
+    return f"expected {root}/train/<class>/*.png|jpg|... and {root}/test/<class>/... (or val/ instead of test/)"
+
+
+def size_note(native_sizes: dict[str, int], image_size: int | None) -> str | None:
+    """One line on the resizing a load did ("images of 5 sizes from 16x16 to 100x20 resized to 32x32 (aspect
+    ratio not kept)"), from {"WxH": count} of the images' own sizes; None when nothing was resized."""
+    if image_size is None or not native_sizes:
+        return None
+    target = f"{image_size}x{image_size}"
+    resized = {k: n for k, n in native_sizes.items() if k != target}
+    if not resized:
+        return None
+    dims = sorted((tuple(int(v) for v in k.split("x")) for k in resized), key=lambda wh: (wh[0] * wh[1], wh))
+    sizes = _wh(dims[0]) if len(dims) == 1 else f"{len(dims)} sizes from {_wh(dims[0])} to {_wh(dims[-1])}"
+    n = sum(resized.values())
+    of = f"{n} of {sum(native_sizes.values())} images" if n < sum(native_sizes.values()) else f"{n} images"
+    kept = " (aspect ratio not kept)" if any(w != h for w, h in dims) else ""
+    return f"{of} ({sizes}) resized to {target}{kept}; image_size=None keeps native sizes"
+
+
+def _wh(wh: tuple[int, ...]) -> str:
+    return f"{wh[0]}x{wh[1]}"
 
 
 def _test_split(splits: set[str], where: str, test_only: bool) -> str:
@@ -135,7 +165,8 @@ def _test_split(splits: set[str], where: str, test_only: bool) -> str:
         have = "train/ but no" if "train" in splits else "no"
         raise DataError(f"{where} has {have} test/ (or val/) images: {_layout_help(where)}.")
     if test_split == "test" and "val" in splits:
-        log.info("%s: using test/ as the test split; val/ is ignored", where)
+        # A warning, so `cifarlab train` (which shows warnings only) says it as `data info` does.
+        log.warning("%s: using test/ as the test split; val/ is ignored", where)
     return test_split
 
 
@@ -177,10 +208,11 @@ def _assemble(decoded: list[_Decoded], where: str, test_only: bool = False) -> d
             )
     classes = tuple(sorted({c for s, c, *_ in used}))
     index = {c: i for i, c in enumerate(classes)}
-    out: dict[str, Any] = {"classes": classes}
+    native = Counter(f"{w}x{h}" for *_, (w, h) in used)
+    out: dict[str, Any] = {"classes": classes, "native_sizes": dict(sorted(native.items()))}
     for split, key in (("train", "train"), (test_split, "test")):
         # Deterministic order: by class, then file name (never by the arrays themselves).
-        items = sorted(((index[c], k, a) for s, c, k, a, _ in used if s == split), key=lambda t: t[:2])
+        items = sorted(((index[c], k, a) for s, c, k, a, *_ in used if s == split), key=lambda t: t[:2])
         # A test-only load has no train images: an empty train split shaped like the test images.
         x = np.stack([a for *_, a in items]) if items else np.zeros((0, *first[3].shape), dtype=np.uint8)
         out[f"x_{key}"] = np.ascontiguousarray(x)
@@ -188,16 +220,75 @@ def _assemble(decoded: list[_Decoded], where: str, test_only: bool = False) -> d
     return out
 
 
-def _scan_folder(root: Path, test_only: bool = False) -> tuple[Path, list[tuple[str, str, Path]]]:
-    """(tree root, [(split, class, file)]) for root/<split>/<class>/<image>, only of the splits used (train/,
-    and test/ else val/; with `test_only` no train/); descends into a lone subfolder that holds the splits (an
-    extracted tarball's top folder). Skips anything that is not a regular file (a FIFO named x.png would block
-    the decoder forever)."""
+def _class_files(cls_dir: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
+    """([(name under `cls_dir`, image file)], [other files skipped]) of a class folder and every folder below it
+    (sorted; hidden entries and __MACOSX skipped; a linked folder is followed once, so a link loop ends). An
+    image-named path that is not a regular file (a FIFO named x.png would block the decoder forever) is
+    skipped."""
+    images: list[tuple[str, Path]] = []
+    others: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+
+    def walk(folder: Path, prefix: str) -> None:
+        try:
+            st = folder.stat()
+            entries = sorted(folder.iterdir(), key=lambda p: p.name)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) in seen:
+            return
+        seen.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            if skip_name(entry.name):
+                continue
+            if entry.is_dir():
+                walk(entry, f"{prefix}{entry.name}/")
+            elif entry.suffix.lower() in IMAGE_SUFFIXES:
+                if is_regular_file(entry):
+                    images.append((prefix + entry.name, entry))
+            elif is_regular_file(entry):
+                others.append(entry)
+
+    walk(cls_dir, "")
+    return images, others
+
+
+def _holds_images(folder: Path) -> bool:
+    return bool(_class_files(folder)[0])
+
+
+def _nothing_found(root: Path, test_only: bool) -> DataError:
+    """The error for a tree where no image was found, saying what is wrong with its layout."""
+    layout = _layout_help(str(root))
+    present = [s for s in _SPLITS if (root / s).is_dir()]
+    if test_only and "train" in present and not any(s in present for s in _SPLITS[1:]):
+        return DataError(
+            f"{root} has train/ but no test/ (or val/) folder: a test set is read from {root}/test/<class>/... "
+            "(or val/); pass a tree that has one."
+        )
+    if not present:
+        flat = [p.name for p in sorted(root.iterdir()) if p.is_dir() and not skip_name(p.name) and _holds_images(p)]
+        if flat:
+            shown = ", ".join(f"{n}/" for n in flat[:3]) + (", ..." if len(flat) > 3 else "")
+            return DataError(
+                f"{root} has no train/ or test/ folder: its images seem to be directly in class folders ({shown}). "
+                f"Move them to {root}/train/<class>/ and hold some out in {root}/test/<class>/ ({layout})."
+            )
+        return DataError(f"{root} has no train/ or test/ folder and no images: {layout}.")
+    return DataError(f"no images found in {', '.join(f'{root}/{s}/' for s in present)}: {layout}.")
+
+
+def _scan_folder(root: Path, test_only: bool = False) -> tuple[Path, list[_File]]:
+    """(tree root, [(split, class, name under the class folder, file)]) for root/<split>/<class>/.../<image>, only
+    of the splits used (train/, and test/ else val/; with `test_only` no train/); descends into a lone subfolder
+    that holds the splits (an extracted tarball's top folder). Files of other suffixes in the splits used are
+    counted in one warning."""
     if not any((root / s).is_dir() for s in _SPLITS):
         subdirs = [p for p in root.iterdir() if p.is_dir() and not skip_name(p.name)]
         if len(subdirs) == 1 and any((subdirs[0] / s).is_dir() for s in _SPLITS):
             root = subdirs[0]
-    files: list[tuple[str, str, Path]] = []
+    files: list[_File] = []
+    skipped: dict[str, list[Path]] = {}
     for split in _SPLITS[1:] if test_only else _SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
@@ -205,13 +296,26 @@ def _scan_folder(root: Path, test_only: bool = False) -> tuple[Path, list[tuple[
         for cls_dir in sorted(split_dir.iterdir()):
             if not cls_dir.is_dir() or skip_name(cls_dir.name):
                 continue
-            for f in sorted(cls_dir.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES and not skip_name(f.name) and is_regular_file(f):
-                    files.append((split, cls_dir.name, f))
+            images, others = _class_files(cls_dir)
+            files += [(split, cls_dir.name, name, f) for name, f in images]
+            skipped.setdefault(split, []).extend(others)
     if not files:
-        raise DataError(f"no images found in {root}: {_layout_help(str(root))}.")
+        raise _nothing_found(root, test_only)
     # Only the splits used are decoded and fingerprinted: an ignored val/ changing does not change the data.
     wanted = ("train", _test_split({s for s, *_ in files}, str(root), test_only))
+    others = [f for split in wanted for f in skipped.get(split, [])]
+    if others:
+        kinds = Counter(f.suffix.lower() or "(no suffix)" for f in others)
+        one = len(others) == 1
+        log.warning(
+            "%s: skipped %s not %s of a known type (%s; e.g. %s); images are %s",
+            root,
+            "1 file that is" if one else f"{len(others)} files that are",
+            "an image" if one else "images",
+            ", ".join(f"{k} {n}" for k, n in kinds.most_common()),
+            others[0],
+            " ".join(sorted(IMAGE_SUFFIXES)),
+        )
     return root, [entry for entry in files if entry[0] in wanted]
 
 
@@ -225,13 +329,13 @@ def _file_digest(path: Path) -> tuple[int, bytes]:
     return len(data), hashlib.md5(data).digest()
 
 
-def folder_fingerprint(files: list[tuple[str, str, Path]]) -> str:
+def folder_fingerprint(files: list[_File]) -> str:
     """MD5 over every image's path under the tree (split/class/name, sorted: so its label) with its size and
     content MD5: renaming, moving between classes or editing any image changes it; moving the tree does not.
 
     Costs one read of every file (60,000 CIFAR-sized PNGs, 190 MB: ~0.7-1 s warm on 2 busy cores, beside ~0.7 s for
     the scan); reads release the GIL, so a few threads help where there are cores."""
-    by_name = sorted((f"{s}/{c}/{f.name}", f) for s, c, f in files)
+    by_name = sorted((f"{s}/{c}/{name}", f) for s, c, name, f in files)
     paths = [f for _, f in by_name]
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     workers = min(_decode_workers(), len(chunks))
@@ -247,30 +351,50 @@ def folder_fingerprint(files: list[tuple[str, str, Path]]) -> str:
     return h.hexdigest()
 
 
+def _split_at(parts: list[str], splits: tuple[str, ...], prefix: list[str] | None) -> int | None:
+    """Where the split folder is in an image member's path parts ([<top>/]<split>/<class>/.../<image>), else
+    None. Once the tree's top (`prefix`) is known it decides; before that, the shallowest split-named folder
+    whose next folder is not also split-named (so a tree whose top folder is called test/ still reads right)."""
+    if prefix is not None:
+        i = len(prefix)
+        return i if len(parts) >= i + 3 and parts[:i] == prefix and parts[i] in splits else None
+    found = [i for i in range(len(parts) - 2) if parts[i] in splits]
+    if not found:
+        return None
+    return next((i for i in found if parts[i + 1] not in _SPLITS), found[0])
+
+
 def _tar_entries(archive: Path, test_only: bool = False) -> Iterator[_Entry]:
-    """Image members laid out as [<top>/]<split>/<class>/<image>, streamed from a tarball (whose compressed
-    stream is then checked to its end by `iter_tar`)."""
-    prefixes: set[str] = set()
+    """Image members laid out as [<top>/]<split>/<class>/.../<image> (class folders read recursively, as on
+    disk), streamed from a tarball (whose compressed stream is then checked to its end by `iter_tar`)."""
     splits = _SPLITS[1:] if test_only else _SPLITS  # test_only: train members are read past, not decoded
     member_of = f"{archive} (member "  # formatted once: 60,000 members made this loop's cost visible
+    top: list[list[str]] = []  # the tree's top folder's parts, once the first image member set it
 
-    def image_parts(m: Any) -> tuple[list[str], str] | None:
-        """(the name's parts, the name) of an image member, else None."""
+    def image_parts(m: Any) -> tuple[list[str], int, str] | None:
+        """(the name's parts, where its split is, the name) of an image member, else None."""
         parts = [p for p in m.name.split("/") if p not in ("", ".")]
-        if len(parts) < 3 or parts[-3] not in splits or any(skip_name(p) for p in parts):
+        if len(parts) < 3 or any(skip_name(p) for p in parts):
             return None
-        return (parts, m.name) if os.path.splitext(parts[-1])[1].lower() in IMAGE_SUFFIXES else None
-
-    for (parts, name), raw in iter_tar(archive, TAR_ADVICE, image_parts):
-        prefix = "/".join(parts[:-3])
-        if prefix not in prefixes:
-            prefixes.add(prefix)
-            if len(prefixes) > 1:
+        if os.path.splitext(parts[-1])[1].lower() not in IMAGE_SUFFIXES:
+            return None
+        at = _split_at(parts, _SPLITS, top[0] if top else None)
+        if at is None and top:
+            other = _split_at(parts, _SPLITS, None)
+            if other is not None:
+                where = sorted({"/".join(top[0]) + "/", "/".join(parts[:other]) + "/"})
                 raise DataError(
-                    f"{archive} holds more than one image tree "
-                    f"({', '.join(sorted(p + '/' for p in prefixes))}): {_layout_help('<top>')}, once."
+                    f"{archive} holds more than one image tree ({', '.join(where)}): {_layout_help('<top>')}, once."
                 )
-        yield parts[-3], parts[-2], "/".join(parts[-3:]), raw, member_of + name + ")"
+            return None
+        if at is None:
+            return None
+        if not top:
+            top.append(parts[:at])
+        return (parts, at, m.name) if parts[at] in splits else None
+
+    for (parts, at, name), raw in iter_tar(archive, TAR_ADVICE, image_parts):
+        yield parts[at], parts[at + 1], "/".join(parts[at:]), raw, member_of + name + ")"
 
 
 def load_imagefolder(
@@ -292,7 +416,7 @@ def load_imagefolder(
         root, files = _scan_folder(path, test_only)
         ds_name = name or root.name
         checksum, kind = folder_fingerprint(files), "md5 of image files (paths and contents)"
-        entries: Iterable[_Entry] = ((s, c, f"{s}/{c}/{f.name}", f, str(f)) for s, c, f in files)
+        entries: Iterable[_Entry] = ((s, c, f"{s}/{c}/{name}", f, str(f)) for s, c, name, f in files)
         total: int | None = len(files)
     else:
         ds_name = name or tar_stem(path)
@@ -306,7 +430,8 @@ def load_imagefolder(
         log.info("decoding images in %s (first time only)", path)
         decoded = _decode_entries(entries, total, f"decoding {path.name}", size)
         if not decoded:
-            raise DataError(f"no images found in {path}: {_layout_help('<top>')}.")
+            what = "test/ (or val/) images" if test_only else "images"
+            raise DataError(f"no {what} found in {path}: {_layout_help('<top>')}.")
         arrays = _assemble(decoded, str(path), test_only)
         if not test_only:
             check_classes(arrays, str(path))  # before caching: nothing is left behind
@@ -315,5 +440,10 @@ def load_imagefolder(
     arrays, used_dir = cached(cache_file, build)
     if not test_only:
         check_classes(arrays, str(path))  # again: a cache file written before this rule existed
+    native_sizes = dict(arrays.pop("native_sizes", None) or {})
+    note = size_note(native_sizes, size)
+    if note:
+        # A warning, so `cifarlab train` (which shows warnings only) says it; the sizes come with a cached load too.
+        log.warning("%s: %s", path, note)
     fields = {"name": ds_name, "source": str(path), "checksum": checksum, "checksum_kind": kind}
-    return arrays, {**fields, "cache_dir": used_dir}
+    return arrays, {**fields, "cache_dir": used_dir, "native_sizes": native_sizes}

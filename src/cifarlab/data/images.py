@@ -58,8 +58,12 @@ __all__ = [
     "skip_name",
 ]
 
-# Folders are searched for these (case-insensitive); a file named explicitly is tried whatever its suffix.
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+# Folders are searched for these (case-insensitive), by dataset loading and `cifarlab predict` alike; a file
+# named explicitly is tried whatever its suffix. All are formats Pillow decodes: JPEG's other suffixes (.jfif,
+# .jpe) and the Netpbm family (.ppm, .pgm, .pbm, .pnm) included.
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
 # Pillow's own default is ~89 MP (error at twice that). 40 MP of decoded pixels refuses a bomb long before it
 # can allocate gigabytes; the size is checked from the header before a pixel is decoded.
 MAX_IMAGE_PIXELS = 40_000_000
@@ -275,7 +279,12 @@ def _decode_jpeg_as_is(data: bytes, size: int | None, max_pixels: int) -> np.nda
 
 
 def decode_image(
-    src: bytes | Path | str, where: str, size: int | None = 32, *, max_pixels: int = MAX_IMAGE_PIXELS
+    src: bytes | Path | str,
+    where: str,
+    size: int | None = 32,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    native: list[tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Decode one image file to uint8 RGB ``(3, H, W)``, upright by its EXIF orientation.
 
@@ -285,7 +294,9 @@ def decode_image(
     keeps the native size. A JPEG at least 4x `size` on each side is first decoded at reduced size (still
     >= `size`). Images that would decode to more than `max_pixels` are refused before decoding (a JPEG's
     header may declare up to `header_pixel_limit`). A path that is not a regular file (a FIFO, device,
-    folder) is refused without opening it. Any failure raises `DataError` naming `where`.
+    folder) is refused without opening it. Any failure raises `DataError` naming `where`. `native`: a list the
+    image's upright size before any resizing, (width, height), is appended to (so a loader can say what it
+    resized).
     """
     from PIL import Image, ImageOps
 
@@ -296,16 +307,22 @@ def decode_image(
             src = _read_if_jpeg(src) or src  # a JPEG file is read once, for whichever decoder takes it
         fast = _decode_jpeg_as_is(src, size, max_pixels) if isinstance(src, bytes) else None
         if fast is not None:
+            if native is not None:
+                native.append((fast.shape[2], fast.shape[1]))
             return fast
         with _open(src, max_pixels) as im:
             jpeg = im.format in _JPEG_FORMATS
+            header = im.size  # before a JPEG draft reduces it
             if size is not None and jpeg and min(im.size) >= 4 * size:
                 # DCT-domain downscale of big JPEGs (1/2..1/8, still >= size): much faster, and the limit
                 # applies to the pixels decoded, so 48 MP photos load; the header has its own, higher cap.
                 _check_pixels(im, header_pixel_limit(im.format, max_pixels), jpeg=True)
                 im.draft("RGB", (size, size))
             _check_pixels(im, max_pixels)
+            pre = im.size
             ImageOps.exif_transpose(im, in_place=True)  # upright, as browsers and photo viewers show it
+            if native is not None:  # the file's size, upright (a quarter turn swaps width and height)
+                native.append(header if im.size == pre else (header[1], header[0]))
             out: Any = _deep_to_8bit(im)
             if out.mode in ("P", "PA") and "transparency" in out.info:
                 out = out.convert("RGBA")

@@ -6,6 +6,7 @@ Everything here works for any channel count and image size: images are uint8 ``(
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -14,16 +15,59 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab.device import to_device_async
-from cifarlab.errors import ConfigError
+from cifarlab.errors import ConfigError, DataError
 
 __all__ = ["BatchLoader", "channel_stats", "recipe_split", "scale_images", "scaling_constants", "split_indices"]
 
+log = logging.getLogger(__name__)
 
-def recipe_split(recipe: Any, y_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# A channel whose std (in [0, 1] units) is below this is constant: standardizing divides by 1.0 instead, so it
+# becomes 0 rather than inf/NaN (one pixel level is 1/255 ~ 0.004, so a real channel is far above it).
+CONSTANT_STD = 1e-6
+
+
+def recipe_split(
+    recipe: Any, y_train: torch.Tensor, classes: Sequence[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A recipe's (train_idx, val_idx) of `y_train`: its val_fraction, seed and stratification. Training,
-    `evaluate --split val` and `cifarlab calibrate` all reproduce a run's split through this one call."""
+    `evaluate --split val` and `cifarlab calibrate` all reproduce a run's split through this one call.
+
+    `classes` (training passes them): a class with training images that the split moves wholly into the
+    validation set is a `DataError` naming it, as a class without training images is before the split (it
+    would never be learned)."""
     labels = y_train if recipe.stratified_split else None
-    return split_indices(len(y_train), recipe.val_fraction, recipe.seed, labels=labels)
+    tr_idx, va_idx = split_indices(len(y_train), recipe.val_fraction, recipe.seed, labels=labels)
+    if classes is not None and len(va_idx):
+        _check_split_keeps_classes(recipe, y_train, tr_idx, classes)
+    return tr_idx, va_idx
+
+
+def _check_split_keeps_classes(
+    recipe: Any, y_train: torch.Tensor, tr_idx: torch.Tensor, classes: Sequence[str]
+) -> None:
+    y = torch.as_tensor(y_train).long()
+    before = torch.bincount(y, minlength=len(classes))
+    after = torch.bincount(y[tr_idx], minlength=len(classes))
+    lost = [i for i in range(len(classes)) if before[i] > 0 and after[i] == 0]
+    if not lost:
+        return
+    held = ", ".join(f"{classes[i]} ({int(before[i])} image{'s' * (int(before[i]) != 1)})" for i in lost)
+    fixes = []
+    if not recipe.stratified_split:  # suggested only where it does keep every class in training
+        strat, _ = split_indices(len(y), recipe.val_fraction, recipe.seed, labels=y)
+        if bool((torch.bincount(y[strat], minlength=len(classes))[before > 0] > 0).all()):
+            fixes.append("--set stratified_split=true (each class keeps its share in training)")
+    no_val = "--set val_fraction=0 (no validation split"
+    if getattr(recipe, "schedule", "") == "plateau":  # it monitors a validation metric: refused without one
+        no_val += " and schedule=onecycle"
+    fixes += ["add training images", no_val + ")"]
+    many = len(lost) > 1
+    raise DataError(
+        f"the {recipe.val_fraction:g} validation split (seed {recipe.seed}) holds out every training image of "
+        f"{'classes' if many else 'class'} {held}: {'they' if many else 'it'} would never be learned. Use "
+        + ", or ".join(fixes)
+        + "."
+    )
 
 
 def split_indices(
@@ -64,11 +108,14 @@ def split_indices(
     return mask.nonzero().flatten(), val.sort().values
 
 
-def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(x: torch.Tensor, *, for_scaling: bool = True) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) std of uint8 images ``(N, C, H, W)``, in [0, 1] units: two tuples of
     length C.
 
-    Exact, from a 256-bin histogram per channel (no float copy of the whole set).
+    Exact, from a 256-bin histogram per channel (no float copy of the whole set). `for_scaling` (the
+    standardize constants training uses): a constant channel (std below `CONSTANT_STD`: a blank alpha, an
+    unused colour) gets std 1.0, so it standardizes to 0 instead of dividing by zero, with a warning naming
+    it; `for_scaling=False` gives the plain statistics.
     """
     x = torch.as_tensor(x)
     if x.dtype != torch.uint8 or x.ndim != 4:
@@ -82,7 +129,26 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
         var = (hist * values.square()).sum() / total - mean.square()
         means.append(float(mean))
         stds.append(float(var.clamp_min(0).sqrt()))
+    constant = [c for c, s in enumerate(stds) if s < CONSTANT_STD] if for_scaling else []
+    if constant:
+        names = _channel_names(len(stds))
+        for c in constant:
+            stds[c] = 1.0
+        log.warning(
+            "channel%s %s of the training images %s constant (value %s): standardized with std 1.0, so it is 0 "
+            "for the model",
+            "s" * (len(constant) > 1),
+            ", ".join(names[c] for c in constant),
+            "are" if len(constant) > 1 else "is",
+            ", ".join(f"{means[c]:.4f}" for c in constant),
+        )
     return tuple(means), tuple(stds)
+
+
+def _channel_names(n: int) -> list[str]:
+    return {1: ["grey"], 2: ["grey", "alpha"], 3: ["R", "G", "B"], 4: ["R", "G", "B", "A"]}.get(
+        n, [str(i) for i in range(n)]
+    )
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

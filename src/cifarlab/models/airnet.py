@@ -121,9 +121,14 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
     # a one-time cost far above the microseconds this takes on the CPU.
     evals, evecs = torch.linalg.eigh(cov.cpu())
     filters = (evecs.T / torch.sqrt(evals.clamp_min(0) + eps)[:, None]).reshape(c * k * k, c, k, k)
+    # Directions without variance (a colour channel constant in every image, say) give the same output for every
+    # image: a constant channel that the BatchNorm after the next conv (eps 1e-12) turns into rounding noise / ~0,
+    # NaN weights within an epoch. They are dropped; the others fill the width (repeated below).
+    useful = evals > 1e-6 * evals.max().clamp_min(1e-30)
+    filters = filters[useful] if useful.any() else filters
     filters = filters.flip(0)  # largest eigenvalue first
     width = conv.out_channels
-    half = min(len(filters), -(-width // 2))
+    half = min(len(filters), -(-width // 2))  # (fewer than 12 when directions were dropped)
     out = torch.cat([filters[:half], -filters[:half]])
     # A wider conv repeats the filters: a zero filter would give a constant channel, which the BatchNorm after
     # the next conv (eps 1e-12) turns into a division of rounding noise by ~0.

@@ -51,6 +51,17 @@ def _write_json(path: Path, obj: Any) -> None:
         raise ReportWriteError(path, exc) from exc
 
 
+def _uncalibrated_loss(split: str, ev: EvalResult, preds: Predictions) -> dict[str, float | None]:
+    """`{split}_loss_uncalibrated`: the loss of the plain softmax (the logits before the run's temperature);
+    None when the run has no temperature (the loss is then the plain one)."""
+    from cifarlab.evaluate import cross_entropy
+
+    t = ev.inference.temperature if ev.inference else 1.0
+    if t == 1.0:
+        return {f"{split}_loss_uncalibrated": None}
+    return {f"{split}_loss_uncalibrated": cross_entropy(preds.y_true, preds.logits * t)}
+
+
 def write_report(ev: EvalResult, preds: Predictions, evaluate_seconds: float = 0.0) -> dict[str, Any]:
     """Draw the figures and write the report of an evaluation (`evaluate_run`'s result) into its run folder;
     return the merged metrics (as written to metrics.json)."""
@@ -85,8 +96,12 @@ def write_report(ev: EvalResult, preds: Predictions, evaluate_seconds: float = 0
     ev_dict = ev.to_dict()
     metrics = dict(run.metrics)
     metrics["evaluation"] = ev_dict
-    metrics.setdefault(f"{split}_accuracy", ev.accuracy)
-    metrics.setdefault(f"{split}_loss", ev.loss)
+    metrics.setdefault(f"{split}_accuracy", ev.accuracy)  # the argmax: the same with or without a temperature
+    # The loss is the report's: at the run's softmax temperature, as predict and serve give the probabilities
+    # (training's own may predate the temperature, or a later `cifarlab calibrate`); the plain softmax's is kept
+    # under its own key.
+    metrics[f"{split}_loss"] = ev.loss
+    metrics.update(_uncalibrated_loss(split, ev, preds))
     metrics[f"{split}_top5_accuracy"] = ev.top5
     metrics[f"{split}_ece"] = ev.calibration.ece
     metrics[f"{split}_macro_f1"] = ev.macro_avg.f1

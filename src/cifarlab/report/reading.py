@@ -3,58 +3,128 @@ advance, so the text follows the data (renaming the classes renames the reading)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from fractions import Fraction
 from typing import Any
 
-from cifarlab.evaluate import Calibration, EvalResult
+from cifarlab.evaluate import TOP_CONFUSIONS, Calibration, EvalResult, TrainingState
 from cifarlab.report.common import History, events, join_list, kept_epoch, most_damaging, pct, row
+from cifarlab.text import plural
+
+# A class is called weak when its F1 is at least WEAK_MARGIN below the macro F1 over the classes present
+# (strongest: at least WEAK_MARGIN above it): the ranking alone would call the last of ten 0.99-F1 classes weak.
+WEAK_MARGIN = 0.05
+# When every class present reaches this F1, none is singled out: the reading says they all do.
+NEAR_PERFECT_F1 = 0.95
+# Overfitting is claimed only with the losses to show it (training accuracy is measured in training mode, on
+# augmented images, so its gap to the test accuracy alone proves nothing): the validation loss rose at least
+# VAL_RISE above its lowest, two or more epochs later, while the training loss kept falling; or, after at least
+# MIN_EPOCHS epochs, the validation loss is LOSS_RATIO times the training loss or more.
+VAL_RISE = 1.05
+LOSS_RATIO = 1.2
+MIN_EPOCHS = 3
 
 
-def _conf_list(pairs: Sequence[tuple[str, float]]) -> str:
-    return join_list([f"{o} ({s:.0%})" for o, s in pairs])
+def share(count: int, total: int) -> str:
+    """`count` of `total` as a percentage, rounded half up from the counts themselves (so that two shares of
+    the same counts always read alike): one decimal under 10% ('2.5%', '5.0%'), none above ('63%')."""
+    if total <= 0:
+        return "–"
+    v = Fraction(100 * count, total)
+    if 0 < v < 10:
+        tenths = math.floor(v * 10 + Fraction(1, 2))
+        return f"{tenths // 10}.{tenths % 10}%"
+    return f"{math.floor(v + Fraction(1, 2))}%"
 
 
 def headline(ev: EvalResult) -> str:
     wrong_per_100 = round(ev.error_rate * 100)
-    return (
-        f"The model labels {pct(ev.accuracy, 2)} of the {ev.n:,} {ev.split_name} images correctly "
-        f"(about {100 - wrong_per_100} in 100; the right class is among its top {ev.top_k} guesses for "
-        f"{pct(ev.top5)})."
+    s = (
+        f"The model labels {pct(ev.accuracy, 2)} of the {plural(ev.n, f'{ev.split_name} image')} correctly "
+        f"(about {100 - wrong_per_100} in 100"
     )
+    if ev.top_k_informative:  # with k >= the number of classes every label is in the top k: 100% says nothing
+        s += f"; the right class is among its top {ev.top_k} guesses for {pct(ev.top5)}"
+    return s + ")."
+
+
+def _confusions_of(ev: EvalResult, c: str) -> list[tuple[str, int]]:
+    """The classes `c`'s images are most often taken for, with their counts (ties: class order)."""
+    classes = list(ev.classes)
+    i = classes.index(c)
+    cm = ev.confusion
+    others = [(classes[j], int(cm[i, j])) for j in range(len(classes)) if j != i and cm[i, j]]
+    others.sort(key=lambda t: -t[1])  # stable: ties keep class order
+    return others[:TOP_CONFUSIONS]
 
 
 def class_sentences(ev: EvalResult) -> list[str]:
-    """The strongest classes, the most common mistake on them, and the weakest classes with why."""
+    """The strongest classes, the most common mistake on them, and the weakest classes with why; classes with
+    no image in the split are named as such and left out."""
     classes = list(ev.classes)
     k = len(classes)
     cm = ev.confusion
     out = []
-    n_show = max(1, min(3, k // 4))
-    by_f1 = sorted(classes, key=lambda c: (-ev.per_class[c].f1, classes.index(c)))
-    strong, weak = by_f1[:n_show], by_f1[::-1][:n_show]
-    strong_txt = join_list([f"{c} (F1 {ev.per_class[c].f1:.2f})" for c in strong])
-    out.append(f"Strongest {'class' if n_show == 1 else 'classes'}: {strong_txt}.")
-    for c in strong:
-        if ev.top_confusions[c]:
-            o, share = ev.top_confusions[c][0]
+    present = list(ev.present_classes)
+    absent = [c for c in classes if c not in present]
+    if absent:
+        out.append(
+            f"The {ev.split_name} images include no {join_list(absent)}: "
+            f"{'its' if len(absent) == 1 else 'their'} precision, recall and F1 are not applicable, and the macro "
+            f"averages are over the {plural(len(present), 'class', 'classes')} present."
+        )
+    if not present:
+        return out
+    f1 = {c: ev.per_class[c].f1 for c in present}
+    lowest = min(present, key=lambda c: (f1[c], classes.index(c)))
+    if f1[lowest] >= NEAR_PERFECT_F1:
+        if f1[lowest] == 1.0:
+            out.append("Every class is recognised perfectly (F1 1.00).")
+        else:
             out.append(
-                f"The most common mistake on {c}, the strongest class: taken for {o} ({share:.0%} of the {c} images)."
+                f"Every class has an F1 of at least {NEAR_PERFECT_F1:.2f} (the lowest: {lowest}, "
+                f"{f1[lowest]:.2f}), so none is singled out as weak."
             )
-            break
+        return out
+    macro = ev.macro_avg.f1
+    n_show = max(1, min(3, len(present) // 4))
+    by_f1 = sorted(present, key=lambda c: (-f1[c], classes.index(c)))
+    strong = [c for c in by_f1[:n_show] if f1[c] >= macro + WEAK_MARGIN]
+    weak = [c for c in by_f1[::-1][:n_show] if f1[c] <= macro - WEAK_MARGIN]
+    if strong:
+        strong_txt = join_list([f"{c} (F1 {f1[c]:.2f})" for c in strong])
+        out.append(f"Strongest {'class' if len(strong) == 1 else 'classes'}: {strong_txt}.")
+        for c in strong:
+            confs = _confusions_of(ev, c)
+            if confs:
+                o, n = confs[0]
+                support = ev.per_class[c].support
+                out.append(
+                    f"The most common mistake on {c}, the strongest class: taken for {o} ({n:,} of the "
+                    f"{plural(support, f'{c} image')}, {share(n, support)})."
+                )
+                break
     for c in weak:
         m = ev.per_class[c]
         i = classes.index(c)
         s = f"Weak: {c} (F1 {m.f1:.2f}, precision {m.precision:.2f}, recall {m.recall:.2f})."
-        if ev.top_confusions[c]:
+        missed = m.support - int(cm[i, i])
+        confs = _confusions_of(ev, c)
+        if missed and confs:
+            # Both the missed share and each confusion's come from the counts, rounded alike.
             s += (
-                f" {pct(1 - m.recall, 0)} of the {c} images are missed, mostly taken for "
-                f"{_conf_list(ev.top_confusions[c])}."
+                f" {missed:,} of the {plural(m.support, f'{c} image')} ({share(missed, m.support)}) "
+                f"{'is' if missed == 1 else 'are'} missed, {'mostly ' if len(confs) > 1 else ''}taken for "
+                f"{join_list([f'{o} ({share(n, m.support)})' for o, n in confs])}."
             )
         col = [(classes[j], int(cm[j, i])) for j in range(k) if j != i and cm[j, i]]
         col.sort(key=lambda t: -t[1])
-        if col:
+        total = sum(n for _, n in col)
+        if total == 1:
+            s += f" 1 image of another class ({col[0][0]}) is called {c}."
+        elif col:
             s += (
-                f" {sum(n for _, n in col):,} images of other classes are called {c}, most often "
+                f" {total:,} images of other classes are called {c}, {'most often ' if len(col) > 1 else ''}"
                 f"{join_list([f'{o} ({n})' for o, n in col[:2]])}."
             )
         if m.recall < m.precision - 0.05:
@@ -62,6 +132,11 @@ def class_sentences(ev: EvalResult) -> list[str]:
         elif m.precision < m.recall - 0.05:
             s += " Low precision more than low recall: the model over-predicts this class."
         out.append(s)
+    if not weak:
+        out.append(
+            f"No class is far below the others: the F1 of every class is within {WEAK_MARGIN:.2f} of the macro F1 "
+            f"({macro:.2f}) or above it (the lowest: {lowest}, {f1[lowest]:.2f})."
+        )
     return out
 
 
@@ -71,14 +146,32 @@ def pair_sentences(ev: EvalResult) -> list[str]:
         return []
     n_wrong = int(ev.confusion.sum() - ev.confusion.trace())
     p = pairs[0]
+    if n_wrong == 1:
+        of_all = "the only mistake"
+    elif p.count == n_wrong:
+        of_all = f"all {n_wrong:,} mistakes"
+    else:
+        of_all = f"{share(p.count, n_wrong)} of all {n_wrong:,} mistakes"
     out = [
-        f"The most confused pair is {p.a} ↔ {p.b}: {p.count:,} mistakes ({p.a} → {p.b} "
-        f"{p.a_to_b:,}, {p.b} → {p.a} {p.b_to_a:,}), {p.count / max(1, n_wrong):.0%} of all "
-        f"{n_wrong:,} mistakes."
+        f"The most confused pair is {p.a} ↔ {p.b}: {plural(p.count, 'mistake')} ({p.a} → {p.b} "
+        f"{p.a_to_b:,}, {p.b} → {p.a} {p.b_to_a:,}), {of_all}."
     ]
     if len(pairs) > 1:
         out.append("Next: " + "; ".join(f"{q.a} ↔ {q.b} ({q.count:,})" for q in pairs[1:4]) + ".")
     return out
+
+
+def _at_bound(temperature: float) -> str | None:
+    """'lower' or 'upper' when the fitted temperature sits at an end of the fit's range (a degenerate fit)."""
+    from cifarlab.calibrate import T_RANGE
+
+    if temperature <= 0 or temperature == 1.0:
+        return None
+    if abs(math.log(temperature / T_RANGE[0])) < 1e-3:
+        return "lower"
+    if abs(math.log(temperature / T_RANGE[1])) < 1e-3:
+        return "upper"
+    return None
 
 
 def calibration_sentence(
@@ -88,10 +181,39 @@ def calibration_sentence(
     temperature: float = 1.0,
     uncalibrated_ece: float | None = None,
     fitted_on: str | None = None,
+    *,
+    loss: float | None = None,
+    uncalibrated_loss: float | None = None,
+    fit_loss: float | None = None,
+    state: str | None = None,
+    run_dir: str = "RUN_DIR",
 ) -> str:
     """How far the probabilities can be trusted. `temperature`: the run's fitted softmax temperature (the
-    probabilities are those of the logits divided by it); `uncalibrated_ece`: the plain softmax's ECE;
-    `fitted_on`: what the temperature was fitted on ("1000 training images")."""
+    probabilities are those of the logits divided by it); `uncalibrated_ece`/`uncalibrated_loss`: the plain
+    softmax's ECE and loss (`loss`: at the temperature); `fitted_on`: what the temperature was fitted on ("1000
+    training images"), `fit_loss`: the loss it reached there. `state`: where the run's temperature stands, so the
+    advice matches it: "off" (switched off with cifarlab calibrate --off), "pending" (the recipe fits one when
+    training finishes, and it has not finished), "no" (the recipe fits none), None (not known)."""
+    from cifarlab.calibrate import T_RANGE
+
+    before = f"; {pct(uncalibrated_ece)} without it" if uncalibrated_ece is not None else ""
+    bound = _at_bound(temperature)
+    undo = f"cifarlab calibrate {run_dir} --off removes it"
+    held_out = "retrain with --set val_fraction=0.02 so that it is fitted on held-out images"
+    if bound:
+        why = (
+            f"the {fitted_on or 'images it was fitted on'} are all right with full confidence"
+            + (f" (fit loss {fit_loss:.4f})" if fit_loss is not None else "")
+            + ", so a sharper softmax always looked better"
+            if bound == "lower"
+            else f"the model is so often wrong on the {fitted_on or 'images it was fitted on'} that the fit "
+            "flattened every probability"
+        )
+        return (
+            f"Calibration: the run's softmax temperature {temperature:.3g} is at the {bound} bound of its fit range "
+            f"({T_RANGE[0]:g} to {T_RANGE[1]:g}): the fit is degenerate ({why}), and the temperature should not be "
+            f"trusted, whatever its ECE here ({pct(cal.ece)}{before}); {held_out}, or {undo}."
+        )
     if cal.ece < 0.02:
         cal_txt = "well calibrated"
     elif cal.overconfidence > 0:
@@ -99,7 +221,6 @@ def calibration_sentence(
     else:
         cal_txt = "under-confident"
     what = "the softmax output" if temperature == 1.0 else f"the softmax at the run's temperature {temperature:.3g}"
-    before = f"; {pct(uncalibrated_ece)} without it" if uncalibrated_ece is not None else ""
     s = (
         f"Calibration: {what} read as a probability is {cal_txt} (ECE {pct(cal.ece)}{before}; mean "
         f"confidence {pct(cal.mean_confidence)} against accuracy {pct(cal.accuracy)})."
@@ -110,7 +231,21 @@ def calibration_sentence(
             f" Predictions made with at least {hc.threshold:.0%} confidence ({hc.share:.0%} of images) are "
             f"right {pct(hc.accuracy)} of the time."
         )
-    if temperature != 1.0 and uncalibrated_ece is not None and uncalibrated_ece > cal.ece:
+    worse_ece = temperature != 1.0 and uncalibrated_ece is not None and cal.ece > uncalibrated_ece + 0.005
+    worse_loss = (
+        temperature != 1.0 and loss is not None and uncalibrated_loss is not None and loss > uncalibrated_loss + 0.005
+    )
+    if worse_ece or worse_loss:
+        measures = []
+        if uncalibrated_ece is not None:
+            measures.append(f"ECE {pct(uncalibrated_ece)} without it, {pct(cal.ece)} with it")
+        if loss is not None and uncalibrated_loss is not None:
+            measures.append(f"loss {uncalibrated_loss:.3f} without it, {loss:.3f} with it")
+        s += f" The fitted temperature made the probabilities worse, not better ({'; '.join(measures)})."
+        if "training" in (fitted_on or ""):
+            s += f" It was fitted on {fitted_on}, which the model knows better than new ones."
+        s += f" Do not rely on it: {held_out}, or {undo}."
+    elif temperature != 1.0 and uncalibrated_ece is not None and uncalibrated_ece > cal.ece:
         s += (
             " The temperature was fitted after training (cifarlab.calibrate); predict, serve and export apply it, "
             "and it changes no prediction, only how sure each one claims to be."
@@ -121,18 +256,62 @@ def calibration_sentence(
                 "validation split), so it came out too low and the probabilities are a little too sure; for an "
                 "unbiased fit hold out images with --set val_fraction=0.02 (1,000 of CIFAR-10's)."
             )
+    elif state == "off" and temperature == 1.0:
+        s += (
+            f" The run's fitted temperature was switched off (cifarlab calibrate --off); cifarlab calibrate "
+            f"{run_dir} fits it again."
+        )
+    elif state == "pending" and temperature == 1.0:
+        s += (
+            " The recipe fits a softmax temperature (calibrate=true) when training finishes, and this run has not "
+            f"finished: resume it (cifarlab train --resume {run_dir}) to get one."
+        )
     elif cal.ece >= 0.02 and cal.overconfidence <= 0 and label_smoothing > 0:
         target = 1 - label_smoothing + label_smoothing / n_classes
         s += (
             f" Expected with label smoothing {label_smoothing:g}: training pulls the right class's probability towards "
             f"{target:.0%}, never 100%; where calibrated probabilities matter, train with --set calibrate=true "
-            "(a softmax temperature fitted after training, which predict, serve and export apply)."
+            "(a softmax temperature fitted after training, which predict, serve and export apply)"
+            + (f", or fit one to this run: cifarlab calibrate {run_dir}." if state == "no" else ".")
         )
     return s
 
 
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def overfitting_evidence(history: History, kept: int | None) -> str | None:
+    """What in the losses shows overfitting (the rule: see VAL_RISE, LOSS_RATIO), or None when nothing does."""
+    rows = [r for r in history if _num(r.get("val_loss")) is not None and _num(r.get("loss")) is not None]
+    if len(rows) >= MIN_EPOCHS:
+        best = min(rows, key=lambda r: float(r["val_loss"]))
+        last = rows[-1]
+        if (
+            int(last["epoch"]) - int(best["epoch"]) >= 2
+            and float(last["val_loss"]) >= VAL_RISE * float(best["val_loss"])
+            and float(last["loss"]) < float(best["loss"])
+        ):
+            s = (
+                f"the validation loss rose from {float(best['val_loss']):.3f} (epoch {best['epoch']}) to "
+                f"{float(last['val_loss']):.3f} (epoch {last['epoch']}) while the training loss kept falling "
+                f"({float(best['loss']):.3f} to {float(last['loss']):.3f}): overfitting"
+            )
+            if kept is not None and kept <= int(best["epoch"]):
+                s += f", after the weights kept (epoch {kept}) were trained"
+            return s
+    r = row(history, kept)
+    val_loss, train_loss = _num(r.get("val_loss")), _num(r.get("loss"))
+    if len(history) >= MIN_EPOCHS and val_loss is not None and train_loss and val_loss >= LOSS_RATIO * train_loss:
+        return (
+            f"the validation loss ({val_loss:.3f}) is well above the training loss ({train_loss:.3f}) after "
+            f"{plural(len(history), 'epoch')}: a sign of overfitting"
+        )
+    return None
+
+
 def generalisation_sentence(ev: EvalResult, history: History, metrics: dict[str, Any]) -> str | None:
-    """Train vs validation vs evaluated-split accuracy at the kept epoch, and what the gap says.
+    """Train vs validation vs evaluated-split accuracy at the kept epoch, and what the losses say about it.
 
     No conclusion is drawn when the data evaluated is not the run's (checksum mismatch): its accuracy
     says nothing about how this run generalises."""
@@ -154,26 +333,62 @@ def generalisation_sentence(ev: EvalResult, history: History, metrics: dict[str,
     s = f"Generalisation (epoch {kept}, the weights kept): train {pct(train_acc)}"
     s += f", validation {pct(val_acc)}" if val_acc is not None else ""
     s += f", {split} {pct(ev.accuracy)}: "
-    if gap < 0.01:
-        s += (
-            f"the {split} accuracy is not below the training accuracy (training accuracy is measured on "
-            "augmented images, in training mode), so there is no sign of overfitting."
-            if gap <= 0
-            else f"a gap of {gap * 100:.1f} points: almost no overfitting."
-        )
-    elif gap < 0.03:
-        s += f"a gap of {gap * 100:.1f} points: slight overfitting."
-    elif gap < 0.06:
-        s += f"a gap of {gap * 100:.1f} points: moderate overfitting."
-    else:
-        s += f"a gap of {gap * 100:.1f} points: clear overfitting."
-    return s
+    mode = "training accuracy is measured on augmented images, in training mode"
+    evidence = overfitting_evidence(history, kept)
+    if evidence:
+        return s + (f"a gap of {gap * 100:.1f} points, and {evidence}." if gap > 0 else f"{evidence}.")
+    if gap <= 0:
+        return s + f"the {split} accuracy is not below the training accuracy ({mode}): no sign of overfitting."
+    s += f"a gap of {gap * 100:.1f} points, but {mode}, so the gap alone does not show overfitting"
+    val_loss, train_loss = _num(r.get("val_loss")), _num(r.get("loss"))
+    if val_loss is not None and train_loss is not None and val_loss <= train_loss:
+        s += f"; the validation loss ({val_loss:.3f}) is not above the training loss ({train_loss:.3f})"
+    elif val_loss is None:
+        s += "; without a validation split the losses cannot tell (--set val_fraction=0.1 adds one)"
+    return s + "."
 
 
-def training_sentence(history: History, metrics: dict[str, Any]) -> str:
+def training_sentence(history: History, metrics: dict[str, Any], state: TrainingState | None = None) -> str:
+    """How training ran and ended: finished, stopped (Ctrl-C), cut at a time budget, resumed; the learning-rate
+    drops, early stopping and restored weights. `state`: what the run's files say (`EvalResult.training`)."""
+    n = len(history)
     drops = events(history, "lr_reduced")
     stops = events(history, "early_stop")
-    parts = [f"Training ran {len(history)} epochs"]
+    status = state.status if state is not None else metrics.get("status")
+    planned = state.planned_epochs if state is not None else None
+    budget = metrics.get("budget") if isinstance(metrics.get("budget"), dict) else None
+    run_dir = state.run_dir if state is not None else "RUN_DIR"
+    resume = ""
+    if status == "stopped":
+        first = f"Training was stopped (interrupted) after {plural(n, 'epoch')}" + (
+            f" of the {planned} planned" if planned else ""
+        )
+        resume = f"continue it with cifarlab train --resume {run_dir}"
+    elif status not in (None, "finished"):
+        first = f"Training did not finish (status {status}) after {plural(n, 'epoch')}" + (
+            f" of the {planned} planned" if planned else ""
+        )
+    elif budget and _num(budget.get("budget_seconds")):
+        per_epoch = budget.get("steps_per_epoch")
+        last_steps = state.last_epoch_steps if state is not None else None
+        first = f"Training stopped at its time budget ({float(budget['budget_seconds']):g} s)"
+        if isinstance(per_epoch, int) and last_steps is not None and last_steps < per_epoch:
+            first += f" partway through epoch {n} ({last_steps} of its {per_epoch} steps ran)"
+        else:
+            first += f" after {plural(n, 'epoch')}"
+        planned_b = budget.get("epochs") or planned
+        if planned_b:
+            first += f", against {plural(int(planned_b), 'epoch')} planned"
+    elif planned and n < planned and not stops:
+        first = f"Training ran {n} of the {planned} planned epochs"
+    else:
+        first = f"Training ran {plural(n, 'epoch')}" + (f" of the {planned} planned" if planned and n < planned else "")
+    parts = [first]
+    sessions = (
+        (metrics.get("timings") or {}).get("session_seconds") if isinstance(metrics.get("timings"), dict) else None
+    )
+    if isinstance(sessions, list) and len(sessions) > 1:
+        parts.append(f"it was resumed: {len(sessions)} training sessions")
     if drops:
         parts.append(
             f"the learning rate was reduced after epoch{'s' if len(drops) > 1 else ''} "
@@ -181,9 +396,13 @@ def training_sentence(history: History, metrics: dict[str, Any]) -> str:
         )
     if stops:
         parts.append(f"early stopping ended it after epoch {stops[-1]}")
-    if metrics.get("restored_epoch"):
-        parts.append(f"the weights of epoch {metrics['restored_epoch']} were restored")
-    return ", ".join(parts) + "."
+    restored = metrics.get("restored_epoch")
+    if restored and history and restored == history[-1].get("epoch"):
+        parts.append(f"its last epoch, {restored}, was also its best: the weights kept are the last ones")
+    elif restored:
+        parts.append(f"the weights of epoch {restored} were restored")
+    s = ", ".join(parts)
+    return s + (f"; {resume}." if resume else ".")
 
 
 def robustness_sentence(rob: dict[str, Any] | None) -> str | None:
@@ -209,6 +428,20 @@ def robustness_sentence(rob: dict[str, Any] | None) -> str | None:
     return s
 
 
+def calibration_state(ev: EvalResult, metrics: dict[str, Any]) -> str | None:
+    """Where the run's temperature stands, for `calibration_sentence`'s `state` (None when not known)."""
+    st = ev.training
+    if st is None:
+        return None
+    if not st.calibrate:
+        return "no"
+    if st.status not in (None, "finished"):
+        return "pending"  # the fit runs when training finishes
+    if "calibration" in metrics and metrics["calibration"] is None:
+        return "off"  # cifarlab calibrate --off sets the entry to null; training with calibrate=true fills it
+    return None
+
+
 def plain_reading(
     ev: EvalResult,
     history: History,
@@ -219,6 +452,8 @@ def plain_reading(
     """A short reading of the results, derived from the numbers only (no class is named in advance).
     `label_smoothing`: the recipe's, which explains an under-confident model."""
     inf = ev.inference
+    entry = metrics.get("calibration")
+    fit: dict[str, Any] = entry if isinstance(entry, dict) else {}
     cal = calibration_sentence(
         ev.calibration,
         label_smoothing,
@@ -226,6 +461,11 @@ def plain_reading(
         temperature=inf.temperature if inf else 1.0,
         uncalibrated_ece=inf.uncalibrated_ece if inf else None,
         fitted_on=inf.temperature_fitted_on if inf else None,
+        loss=ev.loss,
+        uncalibrated_loss=inf.uncalibrated_loss if inf else None,
+        fit_loss=_num(fit.get("fit_loss_after")),
+        state=calibration_state(ev, metrics),
+        run_dir=ev.training.run_dir if ev.training else "RUN_DIR",
     )
     out = [headline(ev), *class_sentences(ev), *pair_sentences(ev), cal]
     rob = robustness_sentence(robustness)
@@ -235,5 +475,5 @@ def plain_reading(
         gen = generalisation_sentence(ev, history, metrics)
         if gen:
             out.append(gen)
-        out.append(training_sentence(history, metrics))
+        out.append(training_sentence(history, metrics, ev.training))
     return out

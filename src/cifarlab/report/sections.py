@@ -12,6 +12,7 @@ from typing import Any
 from cifarlab.evaluate import EvalResult, dataset_warning
 from cifarlab.report.common import History, Steps, has_val, kept_epoch, most_damaging, num, pct, row, seconds
 from cifarlab.report.insights import N_TOP_LOSSES, N_UNCERTAIN, PER_DIRECTION, Insights, Item
+from cifarlab.text import plural
 
 # -- the document model ------------------------------------------------------------------------------------
 
@@ -93,7 +94,77 @@ PHASES = {
     "report_saliency_seconds": "report: saliency maps",
     "report_model_seconds": "report: model FLOPs and latency",
 }
+# A resumed run (several training sessions): which rows time the last process only, and which all sessions.
+RESUMED_PHASES = {
+    "data_seconds": "data loading and split (last session only)",
+    "setup_seconds": "model setup (last session only)",
+    "eval_seconds": "test evaluation after training (last session only)",
+    "calibration_seconds": "softmax temperature fit (last session only)",
+    "total_seconds": "training command, total (last session only)",
+    "process_seconds": "process start to test accuracy (last session only, imports included)",
+    "train_seconds": "training (all {n} sessions)",
+    "seconds_per_epoch": "training, per epoch (mean over all {n} sessions)",
+    "sessions_total_seconds": "training sessions, all {n} together",
+}
 FOLD_EPOCHS = 12  # a per-epoch table longer than this is folded away in HTML
+# Keys that say where and how often a recipe ran, not how it trains: changing them keeps a recipe "as pinned".
+NOT_THE_METHOD = ("name", "description", "seed", "dataset")
+
+
+def base_recipe(recipe: Any, config: dict[str, Any]) -> Any:
+    """The registered recipe `recipe` derives from: the one config.json names as its base when it does, else the
+    registered recipe of that name, else the longest registered name it starts with ("reference-tuned",
+    "reference-trial3": `cifarlab tune` names its recipes so); None when there is none."""
+    from cifarlab.recipes import RECIPES
+
+    for key in ("base_recipe", "base"):
+        name = config.get(key)
+        if isinstance(name, str) and name in RECIPES:
+            return RECIPES[name]
+    if recipe.name in RECIPES:
+        return RECIPES[recipe.name]
+    prefixes = [n for n in RECIPES if recipe.name.startswith(n + "-")]
+    return RECIPES[max(prefixes, key=len)] if prefixes else None
+
+
+def changed_keys(recipe: Any, base: Any) -> list[str]:
+    """The recipe fields whose value differs from `base`'s (all of them but `NOT_THE_METHOD`)."""
+    if base is None:
+        return []
+    mine, theirs = recipe.to_dict(), base.to_dict()
+    return [k for k, v in mine.items() if k not in NOT_THE_METHOD and k in theirs and theirs[k] != v]
+
+
+def run_status(run: Any) -> tuple[str, str]:
+    """(status, message) of the run: status.json's finished / stopped / crashed / running (a "running" run whose
+    process is gone is crashed; the training process's own report, written just before it marks the folder
+    finished, is finished); metrics.json's status for a folder without status.json."""
+    import os
+
+    from cifarlab.files import read_json
+    from cifarlab.runs import STATUS
+
+    try:
+        st = read_json(run.path / STATUS) if (run.path / STATUS).exists() else {}
+    except Exception:  # noqa: BLE001 - a damaged status file: fall back to metrics.json
+        st = {}
+    st = st if isinstance(st, dict) else {}
+    try:
+        m_status = run.metrics.get("status")
+    except Exception:  # noqa: BLE001
+        m_status = None
+    status = str(st.get("status") or m_status or "unknown")
+    message = str(st.get("message") or "")
+    if status == "running":
+        from cifarlab.cli.runs import pid_alive
+
+        own = st.get("pid") == os.getpid()
+        alive = own or pid_alive(st.get("pid"), st.get("time"))
+        if m_status == "finished" and (own or not alive):
+            status = "finished"
+        elif not alive:
+            status, message = "crashed", "its process ended without recording why (killed, or the machine stopped)"
+    return status, message
 
 
 def _init_rows(init: Any, recipe: Any) -> list[list[str]]:
@@ -108,38 +179,162 @@ def _init_rows(init: Any, recipe: Any) -> list[list[str]]:
         text = str(init["source"])
     rows = [["initialized from", text]]
     if recipe.freeze_stages or recipe.pretrained_lr_scale != 1.0:
-        how = f"first {recipe.freeze_stages} stages frozen; pretrained LR x{recipe.pretrained_lr_scale:g}"
+        n = recipe.freeze_stages
+        frozen = "no stage frozen" if n == 0 else "the first stage frozen" if n == 1 else f"the first {n} stages frozen"
+        how = f"{frozen}; pretrained LR x{recipe.pretrained_lr_scale:g}"
         rows.append(["fine-tuning", how])
     return rows
 
 
-def _budget_rows(budget: Any) -> list[list[str]]:
-    """A `--budget` run shows the budget against the time taken, and what the probe chose (cifarlab.budget)."""
+def budget_stop(budget: Any, history: History, steps: Steps | None) -> dict[str, Any] | None:
+    """Where the `--budget` deadline stopped training: {"epoch", "steps", "of"} (steps of that epoch run, of its
+    steps; from steps.csv, None when the run has none). The deadline, not the epoch count, ends such a run
+    (`cifarlab.budget.TimeBudget`), so its last epoch is where it stopped."""
+    if not isinstance(budget, dict) or not budget.get("budget_seconds") or not history:
+        return None
+    last = int(history[-1]["epoch"])
+    per_epoch = budget.get("steps_per_epoch")
+    done = sum(1 for e in steps["epoch"] if int(e) == last) if steps else None
+    return {"epoch": last, "steps": done, "of": per_epoch if isinstance(per_epoch, int) else None}
+
+
+def _stop_text(stop: dict[str, Any]) -> str:
+    if stop.get("steps") is not None and stop.get("of"):
+        if stop["steps"] < stop["of"]:
+            return f"stopped at the time budget ({stop['steps']} of {stop['of']} steps)"
+        return f"stopped at the time budget (after all {stop['of']} steps)"
+    return "stopped at the time budget"
+
+
+def _budget_rows(budget: Any, history: History | None = None, steps: Steps | None = None) -> list[list[str]]:
+    """A `--budget` run shows the budget against the time taken, the epochs planned against those run, and what
+    the probe chose (cifarlab.budget)."""
     if not isinstance(budget, dict) or not budget.get("budget_seconds"):
         return []
     total, taken = float(budget["budget_seconds"]), budget.get("taken_seconds")
-    took = f"; taken {taken:.1f} s ({taken / total - 1:+.1%})" if isinstance(taken, (int, float)) else ""
+    took = ""
+    if isinstance(taken, (int, float)):
+        off = taken / total - 1
+        side = "over" if off > 0 else "under"
+        took = f"; taken {taken:.1f} s: " + ("exactly the budget" if off == 0 else f"{abs(off):.1%} {side} the budget")
     epochs = budget.get("predicted_epochs")  # absent in runs from before session 9
-    planned = f", ~{epochs:.1f} epochs planned" if isinstance(epochs, (int, float)) and epochs > 0 else ""
+    planned = f"~{epochs:.1f} planned" if isinstance(epochs, (int, float)) and epochs > 0 else ""
+    rows = [["time budget", f"{total:g} s from {budget.get('clock', 'process start')} to the test result{took}"]]
+    history = history or []
+    stop = budget_stop(budget, history, steps)
+    if planned or stop:
+        ran = ""
+        if stop:
+            part = stop["steps"] is not None and stop["of"] and stop["steps"] < stop["of"]
+            ran = f"{len(history)} run" + (
+                f" (the last, epoch {stop['epoch']}, {stop['steps']} of its {stop['of']} steps: the deadline)"
+                if part
+                else ""
+            )
+        rows.append(["budget epochs", ", ".join(x for x in (planned, ran) if x)])
     chose = (
-        f"widths {budget.get('widths')} ({budget.get('scale', 1):g}x the recipe's){planned}, TTA {budget.get('tta')}: "
+        f"widths {budget.get('widths')} ({budget.get('scale', 1):g}x the recipe's), TTA {budget.get('tta')}: "
         f"{budget.get('reason', '')}"
     )
-    origin = budget.get("clock", "process start")
-    return [["time budget", f"{total:g} s from {origin} to the test result{took}"], ["budget chose", chose]]
+    rows.append(["budget chose", chose])
+    return rows
 
 
-def summary_section(run: Any, ev: EvalResult, reading: list[str], timings: dict[str, Any]) -> Section:
+def _summary_text(run: Any) -> str:
+    """The recipe's description, unless the run changed it: a recipe derived from a registered one (by `--set`,
+    `--config` or `cifarlab tune`) says so and names what changed, instead of the base's description."""
+    recipe = run.recipe
+    base = base_recipe(recipe, run.config)
+    changed = changed_keys(recipe, base)
+    if base is None or not changed:
+        return recipe.description or (base.description if base is not None else "") or f"Recipe {recipe.name}."
+    own = recipe.description if recipe.description and recipe.description != base.description else ""
+    keys = ", ".join(changed)
+    name = f"{base.name}" if recipe.name == base.name else f"{recipe.name}, derived from {base.name},"
+    derived = (
+        f"Recipe {name} with {plural(len(changed), 'setting')} changed from the registered {base.name} ({keys}; "
+        "the Config section marks them)."
+    )
+    return f"{own} {derived}" if own else derived
+
+
+def _status_rows(run: Any, status: str, message: str) -> list[list[str]]:
+    """A run that has not finished says so first: how far it got, and how to continue it."""
+    from cifarlab.runs import CHECKPOINT
+
+    if status == "finished":
+        return []
+    done, planned = len(run.history), run.recipe.epochs
+    text = f"{status}"
+    if status in ("stopped", "crashed", "running"):
+        text += f" after epoch {done} of {planned}" if done else f" before its first epoch ended ({planned} planned)"
+    if message:
+        text += f": {message.rstrip('.')}"
+    rows = [["status", text]]
+    if status in ("stopped", "crashed") and (run.path / CHECKPOINT).exists():
+        rows.append(["to continue it", f"cifarlab train --resume {run.path}"])
+    elif status in ("stopped", "crashed"):
+        rows.append(["to continue it", "no checkpoint was kept: train it again"])
+    return rows
+
+
+def _wall_time_row(run: Any, timings: dict[str, Any], status: str) -> list[list[str]]:
+    """Training's wall time; a run without it (stopped, crashed) shows the sum of its finished epochs' times."""
+    sessions = [s for s in timings.get("session_seconds") or [] if isinstance(s, (int, float))]
+    if isinstance(timings.get("train_seconds"), (int, float)):
+        text = seconds(timings["train_seconds"])
+        if len(sessions) > 1:
+            text += f" (all {len(sessions)} sessions: the run was resumed)"
+        return [["training wall time", text]]
+    epochs = [float(r["epoch_seconds"]) for r in run.history if isinstance(r.get("epoch_seconds"), (int, float))]
+    if not epochs:
+        return []
+    return [
+        [
+            "training wall time",
+            f"{seconds(sum(epochs))} (the sum of the times of its {plural(len(epochs), 'finished epoch')}; the run "
+            f"{status} before recording its total)",
+        ]
+    ]
+
+
+def _top_k_shown(ev: EvalResult) -> bool:
+    """A top-k accuracy with k at least the number of classes is 100% by definition: not worth a row."""
+    return ev.top5 is not None and ev.top_k_informative
+
+
+def _epochs_text(run: Any, status: str, stop: dict[str, Any] | None) -> str:
+    """Epochs run of planned, and why they differ (early stopping, the time budget, a stop)."""
+    history, metrics = run.history, run.metrics
+    done = len(history)
+    planned = run.recipe.epochs
+    if stop is not None:  # --budget: the deadline, not the epoch count, ends training
+        return f"{done} (the time budget ended training)"
+    text = f"{done} of {planned} planned"
+    if status == "finished" and done < planned and metrics.get("stopped_epoch"):
+        text += " (early stopping)"
+    elif status != "finished" and done < planned:
+        text += f" (the run {status})"
+    return text
+
+
+def summary_section(
+    run: Any, ev: EvalResult, reading: list[str], timings: dict[str, Any], steps: Steps | None = None
+) -> Section:
     recipe, history, metrics = run.recipe, run.history, run.metrics
     split = ev.split_name
     kept = kept_epoch(history, metrics)
     kept_row = row(history, kept)
+    status, message = run_status(run)
+    stop = budget_stop(metrics.get("budget"), history, steps)
+    status_rows = _status_rows(run, status, message)
     rows = [
         ["recipe", recipe.name],
+        *status_rows,
         *_init_rows(run.config.get("init"), recipe),
-        *_budget_rows(metrics.get("budget")),
+        *_budget_rows(metrics.get("budget"), history, steps),
         [f"{split} accuracy", pct(ev.accuracy, 2)],
-        [f"{split} top-{ev.top_k} accuracy", pct(ev.top5, 2)],
+        *([[f"{split} top-{ev.top_k} accuracy", pct(ev.top5, 2)]] if _top_k_shown(ev) else []),
         [f"{split} loss", f"{ev.loss:.4f}"],
         ["macro F1", f"{ev.macro_avg.f1:.4f}"],
         ["expected calibration error", pct(ev.calibration.ece, 2)],
@@ -150,39 +345,80 @@ def summary_section(run: Any, ev: EvalResult, reading: list[str], timings: dict[
         if kept_row.get("val_accuracy") is not None:
             rows.append([f"validation accuracy (epoch {kept})", pct(kept_row.get("val_accuracy"), 2)])
     if history:
-        rows.append(["epochs run", str(len(history))])
-    if timings.get("train_seconds") is not None:
-        rows.append(["training wall time", seconds(timings["train_seconds"])])
+        rows.append(["epochs run", _epochs_text(run, status, stop)])
+    rows += _wall_time_row(run, timings, status)
     trained = metrics.get(f"{split}_accuracy")
     if isinstance(trained, float) and abs(trained - ev.accuracy) > 5e-4:
         rows.append([f"{split} accuracy measured at the end of training", pct(trained, 2)])
+    blocks: list[Block] = []
+    if status != "finished":
+        how = "is still running" if status == "running" else status
+        resume = any(r[0] == "to continue it" and "--resume" in r[1] for r in status_rows)
+        blocks.append(
+            Paragraph(
+                f"This run has not finished: it {how} after {plural(len(history), 'epoch')} of {recipe.epochs}; "
+                "the numbers below are those of its last saved weights."
+                + (f" Continue it with: cifarlab train --resume {run.path}" if resume else "")
+            )
+        )
     return section(
         "summary",
         "Summary",
-        Paragraph(recipe.description or f"Recipe {recipe.name}."),
+        *blocks,
+        Paragraph(_summary_text(run)),
         table(["", "value"], rows),
         Paragraph("Reading of the results (computed from the numbers below):"),
         Bullets(tuple(reading)),
     )
 
 
-def _event_text(r: dict[str, Any]) -> str:
+def _event_text(r: dict[str, Any], restored_noop: bool = False) -> str:
     names = {"best": "best", "early_stop": "early stop", "restored_best": "best weights restored"}
     out = []
     for e in r.get("events") or []:
         if e == "lr_reduced":
             out.append(f"LR → {r['new_lr']:.3g} after this epoch" if r.get("new_lr") else "LR reduced after this epoch")
+        elif e == "restored_best" and restored_noop:
+            out.append("the last epoch was also the best: nothing to restore")
         else:
             out.append(names.get(e, e))
     return ", ".join(out)
 
 
-def _epoch_row_class(r: dict[str, Any]) -> str:
+def _epoch_row_class(r: dict[str, Any], stopped: bool = False) -> str:
     css = {"lr_reduced": "drop", "early_stop": "stop", "best": "best"}
-    return " ".join(sorted(css[e] for e in set(r.get("events") or []) if e in css))
+    return " ".join(sorted({css[e] for e in set(r.get("events") or []) if e in css} | ({"stop"} if stopped else set())))
 
 
-def training_section(history: History, steps: Steps | None = None) -> Section:
+def lr_meaning(recipe: Any) -> str:
+    """What Table 1's learning rate is: the trainer logs the LR of the optimizer's last param group (`Trainer.get_lr`),
+    averaged over the epoch's steps; with several groups, which one that is."""
+    if recipe is None:
+        return "the mean over the epoch's steps of the learning rate of the optimizer's last parameter group"
+    sgd_units = "in PyTorch units: lr × batch_size / 1024 / (1 + 1 / (1 − momentum))"
+    if recipe.optimizer == "muon":
+        what = (
+            f"the SGD group's LR (the weights that are neither conv filters nor BatchNorm; {sgd_units}); the "
+            "conv filters step with Muon at muon_lr and BatchNorm at bias_lr_scale × this, on the same schedule"
+        )
+    elif recipe.optimizer == "sgd":
+        what = f"the LR of the weights other than BatchNorm ({sgd_units}); BatchNorm's is bias_lr_scale × this"
+    else:
+        what = f"the {recipe.optimizer} optimizer's learning rate"
+    if recipe.pretrained_lr_scale != 1.0:
+        what += f", of the new layers (a fine-tuned run's pretrained ones are at × {recipe.pretrained_lr_scale:g})"
+    return "the mean over the epoch's steps of " + what
+
+
+def training_section(
+    history: History,
+    steps: Steps | None = None,
+    recipe: Any = None,
+    stop: dict[str, Any] | None = None,
+    restored_epoch: int | None = None,
+) -> Section:
+    """Table 1 and the curves; `stop` (`budget_stop`) marks the epoch where the time budget ended training,
+    `restored_epoch` (metrics.json) tells a restore of the last epoch's own weights (a no-op) as such."""
     if not history:
         blocks: list[Block] = [Paragraph("This run has no training history (history.json is missing).")]
         if steps:
@@ -190,19 +426,25 @@ def training_section(history: History, steps: Steps | None = None) -> Section:
         return section("training", "Training", *blocks)
     val = has_val(history)
     header = ["epoch", "loss", "accuracy"] + (["val_loss", "val_accuracy"] if val else [])
-    header += ["learning rate", "time", "events"]
-    rows = []
+    header += ["learning rate (mean over the epoch)", "time", "events"]
+    last = int(history[-1]["epoch"])
+    rows, classes = [], []
     for r in history:
         cells = [str(r["epoch"]), num(r.get("loss"), "loss"), num(r.get("accuracy"), "accuracy")]
         if val:
             cells += [num(r.get("val_loss"), "val_loss"), num(r.get("val_accuracy"), "val_accuracy")]
-        cells += [f"{float(r['lr']):.3g}", f"{float(r.get('epoch_seconds') or 0):.1f} s", _event_text(r)]
+        events = _event_text(r, restored_noop=restored_epoch == last and int(r["epoch"]) == last)
+        stopped_here = stop is not None and int(r["epoch"]) == stop["epoch"]
+        if stopped_here:
+            events = ", ".join(x for x in (events, (stop or {}).get("text") or _stop_text(stop or {})) if x)
+        cells += [f"{float(r['lr']):.3g}", f"{float(r.get('epoch_seconds') or 0):.1f} s", events]
         rows.append(cells)
+        classes.append(_epoch_row_class(r, stopped_here))
     intro = Paragraph(
         "Table 1: one row per epoch; rows where the LR was reduced, where training stopped and "
-        "the best epochs are marked."
+        f"the best epochs are marked. Learning rate: {lr_meaning(recipe)}."
     )
-    t1 = table(header, rows, [_epoch_row_class(r) for r in history])
+    t1 = table(header, rows, classes)
     epoch_blocks: tuple[Block, ...] = (
         (details(f"Table 1: per-epoch history ({len(history)} epochs)", intro, t1),)
         if len(history) > FOLD_EPOCHS
@@ -257,7 +499,7 @@ def results_section(run: Any, ev: EvalResult) -> Section:
         ["images", f"{ev.n:,}"],
         ["accuracy", pct(ev.accuracy, 2)],
         ["error rate", pct(ev.error_rate, 2)],
-        [f"top-{ev.top_k} accuracy", pct(ev.top5, 2)],
+        *([[f"top-{ev.top_k} accuracy", pct(ev.top5, 2)]] if _top_k_shown(ev) else []),
         ["balanced accuracy", pct(ev.balanced_accuracy, 2)],
         ["loss (cross-entropy)", f"{ev.loss:.4f}"],
         ["macro precision / recall / F1", " / ".join(f"{getattr(ev.macro_avg, m):.4f}" for m in prf)],
@@ -272,6 +514,8 @@ def results_section(run: Any, ev: EvalResult) -> Section:
 
 def per_class_section(ev: EvalResult) -> Section:
     def cells(label: str, m: Any) -> list[str]:
+        if not m.applicable:  # no test image of the class: its scores do not exist, and the averages leave it out
+            return [label, "n/a", "n/a", "n/a", f"{m.support:,}"]
         return [label, f"{m.precision:.4f}", f"{m.recall:.4f}", f"{m.f1:.4f}", f"{m.support:,}"]
 
     rows = [cells(c, m) for c, m in ev.per_class.items()]
@@ -295,6 +539,8 @@ def confusions_section(ev: EvalResult) -> Section:
     classes = list(ev.classes)
     conf_rows = [
         [c, f"{ev.per_class[c].recall:.0%}", ", ".join(f"{o} {s:.0%}" for o, s in ev.top_confusions[c]) or "–"]
+        if ev.per_class[c].applicable
+        else [c, "n/a", "no test image of this class"]
         for c in classes
     ]
     blocks: list[Block] = [
@@ -548,6 +794,16 @@ def robustness_section(rob: dict[str, Any]) -> Section:
     )
 
 
+def _val_split_text(split_cfg: dict[str, Any], recipe: Any, n_val: Any) -> str:
+    fraction = split_cfg.get("val_fraction", recipe.val_fraction)
+    if not fraction or n_val == 0:
+        return "none (every training image trains)"
+    return (
+        f"{pct(fraction, 0)} of the training set, seed {split_cfg.get('seed', recipe.seed)}, "
+        f"{'stratified' if split_cfg.get('stratified', recipe.stratified_split) else 'random'}"
+    )
+
+
 def data_section(run: Any, ev: EvalResult) -> Section:
     from cifarlab.augment import describe_augment
 
@@ -562,12 +818,7 @@ def data_section(run: Any, ev: EvalResult) -> Section:
         ["checksum (data evaluated)", (dinfo.checksum if dinfo else "") or "–"],
         ["classes", ", ".join(ev.classes)],
         ["train / validation / test images", " / ".join(num(ds.get(k)) for k in ("n_train", "n_val", "n_test"))],
-        [
-            "validation split",
-            f"{pct(split_cfg.get('val_fraction', recipe.val_fraction), 0)} of the training set, "
-            f"seed {split_cfg.get('seed', recipe.seed)}, "
-            f"{'stratified' if split_cfg.get('stratified', recipe.stratified_split) else 'random'}",
-        ],
+        ["validation split", _val_split_text(split_cfg, recipe, ds.get("n_val"))],
         ["evaluated split", f"{ev.split_name} ({ev.n:,} images)"],
         [
             "scaling",
@@ -590,17 +841,17 @@ def data_section(run: Any, ev: EvalResult) -> Section:
     )
 
 
-def _config_rows(recipe: Any) -> list[list[str]]:
-    """Every recipe field; values changed from the named recipe's defaults are marked."""
-    from cifarlab.recipes import RECIPES
-
-    base = RECIPES.get(recipe.name)
+def _config_rows(recipe: Any, config: dict[str, Any] | None = None) -> list[list[str]]:
+    """Every recipe field; values changed from the recipe it derives from (`base_recipe`: the registered one of
+    its name, or the one a tuned or renamed recipe was made from) are marked."""
+    base = base_recipe(recipe, config or {})
     base_d = base.to_dict() if base is not None else {}
+    what = "recipe default" if base is None or base.name == recipe.name else f"{base.name}'s"
     rows = []
     for key, value in recipe.to_dict().items():
         note = ""
-        if base_d and key in base_d and base_d[key] != value:
-            note = f"changed (recipe default {json.dumps(base_d[key])})"
+        if base_d and key in base_d and base_d[key] != value and key != "name":
+            note = f"changed ({what} {json.dumps(base_d[key])})"
         rows.append([key, value if isinstance(value, str) else json.dumps(value), note])
     return rows
 
@@ -616,29 +867,66 @@ def config_section(run: Any) -> Section:
         ),
         details(
             f"Full config ({len(recipe.to_dict())} recipe fields)",
-            table(["key", "value", "note"], _config_rows(recipe)),
+            table(["key", "value", "note"], _config_rows(recipe, config)),
         ),
     )
 
 
-def machine_section(run: Any, timings: dict[str, Any]) -> Section:
+def _phase_rows(timings: dict[str, Any], temperature: float) -> tuple[list[list[str]], str | None]:
+    """The wall-time rows, and for a resumed run a note on them: each session's time, and which rows time the
+    last process only (data loading, setup, evaluation, the command's total) and which all sessions (training)."""
+    sessions = [float(s) for s in timings.get("session_seconds") or [] if isinstance(s, (int, float))]
+    resumed = len(sessions) > 1
+    rows = []
+    session_rows = [[f"training session {i} of {len(sessions)}", seconds(t)] for i, t in enumerate(sessions, start=1)]
+    for k, v in timings.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if k == "calibration_seconds" and temperature == 1.0:
+            continue  # no temperature applies now (never fitted, or removed by `cifarlab calibrate --off`)
+        if k == "sessions_total_seconds" and not resumed:
+            continue  # one session: the training command's own time
+        label = PHASES.get(k, k.replace("_seconds", "").replace("_", " "))
+        if resumed and k in RESUMED_PHASES:
+            label = RESUMED_PHASES[k].format(n=len(sessions))
+        rows.append([label, seconds(v)])
+        if resumed and k == "sessions_total_seconds":
+            rows += session_rows  # each session beside their sum
+            session_rows = []
+    if not resumed:
+        return rows, None
+    rows += session_rows
+    parts = " + ".join(f"{t:.1f}" for t in sessions)
+    note = (
+        f"This run was resumed: it trained in {len(sessions)} sessions ({parts} = {sum(sessions):.1f} s). Rows "
+        'marked "last session only" time the process that finished the run; training covers every session.'
+    )
+    return rows, note
+
+
+def machine_section(run: Any, timings: dict[str, Any], temperature: float = 1.0) -> Section:
     config = run.config
     mach_rows = [[k, num(v)] for k, v in (config.get("machine") or {}).items()]
     if run.metrics.get("training_step"):  # a CUDA graph, or op by op and why (older runs: absent)
         mach_rows.append(["training step", str(run.metrics["training_step"])])
     mach_rows += [[f"version: {k}", str(v)] for k, v in (config.get("versions") or {}).items()]
-    time_rows = [
-        [PHASES.get(k, k.replace("_seconds", "").replace("_", " ")), seconds(v)]
-        for k, v in timings.items()
-        if isinstance(v, (int, float))
-    ]
+    time_rows, note = _phase_rows(timings, temperature)
     return section(
         "machine",
         "Machine and wall time",
         table(["", "value"], mach_rows or [["machine", "not recorded"]]),
-        Paragraph("Wall time per phase:"),
+        Paragraph("Wall time per phase:" + (f" {note}" if note else "")),
         table(["phase", "time"], time_rows or [["–", "not recorded"]]),
     )
+
+
+def _stop_mark(run: Any, status: str, steps: Steps | None) -> dict[str, Any] | None:
+    """Table 1's mark of where training stopped early: the time budget's deadline, or a stop or crash."""
+    stop = budget_stop(run.metrics.get("budget"), run.history, steps)
+    if stop is not None or not run.history or status in ("finished", "running"):
+        return stop
+    what = "was interrupted" if status == "stopped" else status
+    return {"epoch": int(run.history[-1]["epoch"]), "text": f"the run {what} after this epoch"}
 
 
 def build_document(
@@ -655,9 +943,11 @@ def build_document(
     """The whole report; a dataset mismatch is the first thing it says. `insights` adds the why/top
     losses/least certain/model sections, `robustness` (eval_corruptions.json) the robustness section."""
     warning = dataset_warning(ev)
+    temperature = ev.inference.temperature if ev.inference else 1.0
+    stop = _stop_mark(run, run_status(run)[0], steps)
     sections = [
-        summary_section(run, ev, reading, timings),
-        training_section(run.history, steps),
+        summary_section(run, ev, reading, timings, steps),
+        training_section(run.history, steps, run.recipe, stop, run.metrics.get("restored_epoch")),
         results_section(run, ev),
         per_class_section(ev),
         confusions_section(ev),
@@ -669,7 +959,7 @@ def build_document(
         sections.append(robustness_section(robustness))
     if insights is not None:
         sections.append(model_section(insights))
-    sections += [data_section(run, ev), config_section(run), machine_section(run, timings)]
+    sections += [data_section(run, ev), config_section(run), machine_section(run, timings, temperature)]
     return Document(
         title=f"cifarlab run report: {run.path.name}",
         meta=meta,
