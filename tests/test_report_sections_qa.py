@@ -185,9 +185,12 @@ def test_the_model_section_counts_the_runs_frozen_stages_as_non_trainable(tmp_pa
     frozen = sum(p.numel() for p in model.stages()[0].parameters() if p.requires_grad)
     trainable_unfrozen = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert frozen > 0
+    flags = [p.requires_grad for p in model.parameters()]
     counts = model_info(model, run, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))["parameters"]
     assert counts["trainable"] == trainable_unfrozen - frozen
     assert counts["total"] == counts["trainable"] + counts["non_trainable"]
+    # counted, not changed: the report's Grad-CAM after it needs gradients through every stage
+    assert [p.requires_grad for p in model.parameters()] == flags
 
 
 # -- 5. the epoch the time budget cut ------------------------------------------------------------------------------

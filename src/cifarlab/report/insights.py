@@ -266,24 +266,28 @@ def measure_latency(model: torch.nn.Module, images: torch.Tensor, run: Any, budg
     return out
 
 
-def trained_as(model: torch.nn.Module, recipe: Any) -> torch.nn.Module:
-    """`model` with the parameters its run froze taken out of training, as training did (`apply_freeze`: the
-    recipe's `freeze_stages`), so trainable/non-trainable counts are the run's; a model without stages (a
-    recipe that froze none) stays as it is."""
+def trained_counts(model: torch.nn.Module, recipe: Any) -> dict[str, int]:
+    """`count_parameters` of `model` with the parameters its run froze taken out of training, as training did
+    (`apply_freeze`: the recipe's `freeze_stages`), so trainable/non-trainable counts are the run's. The
+    model's own flags are put back: the report's saliency maps still need gradients through it."""
     from cifarlab.errors import ConfigError
     from cifarlab.finetune import apply_freeze
+    from cifarlab.models import count_parameters
 
+    flags = [p.requires_grad for p in model.parameters()]
     try:
         apply_freeze(model, getattr(recipe, "freeze_stages", 0), getattr(recipe, "model", ""))
     except ConfigError:  # the run could not have trained so: count the model as it is
         pass
-    return model
+    try:
+        return count_parameters(model)
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
 
 
 def model_info(model: torch.nn.Module, run: Any, images: torch.Tensor) -> dict[str, Any]:
-    from cifarlab.models import count_parameters
-
-    counts = count_parameters(trained_as(model, run.recipe))
+    counts = trained_counts(model, run.recipe)
     return {
         "name": run.recipe.model,
         "parameters": counts,
