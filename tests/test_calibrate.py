@@ -199,9 +199,13 @@ def test_calibrate_run_fits_on_the_reproduced_validation_split_and_keeps_the_wei
     res = run_experiment(recipe, dataset=ds, runs_root=tmp_path, quiet=True, report=False)
     run_dir = res.run_dir
     assert res.metrics["calibration"] is None and load_run(run_dir).temperature == 1.0
+    plain_loss = res.metrics["test_loss"]
     before = _tensors(run_dir / WEIGHTS)
     result = calibrate_run(run_dir, dataset=ds)
     assert result is not None and result["fitted_on"] == "30 validation images"  # 25% of 120
+    # metrics.json's loss was the plain softmax's: unknown at the new temperature until `report`, the plain one kept
+    m = read_json(run_dir / "metrics.json")
+    assert m["test_loss"] is None and m["test_loss_uncalibrated"] == plain_loss
     run = load_run(run_dir)
     assert run.temperature == result["temperature"] and read_json(run_dir / "metrics.json")["calibration"] == result
     after = _tensors(run_dir / WEIGHTS)
@@ -225,6 +229,8 @@ def test_calibrate_run_fits_on_the_reproduced_validation_split_and_keeps_the_wei
     # --off: the plain softmax again, the same tensors.
     assert calibrate_run(run_dir, off=True) is None
     assert load_run(run_dir).temperature == 1.0 and read_json(run_dir / "metrics.json")["calibration"] is None
+    m = read_json(run_dir / "metrics.json")
+    assert m["test_loss"] == plain_loss and m["test_loss_uncalibrated"] is None  # the plain softmax's again
     assert all(torch.equal(before[k], v) for k, v in _tensors(run_dir / WEIGHTS).items())
     # The API: fit again, and predict applies it.
     trained = TrainedRun(load_run(run_dir), dataset=ds)

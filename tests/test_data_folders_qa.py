@@ -82,9 +82,12 @@ def test_class_folders_are_read_recursively_with_predicts_suffixes(tmp_path: Pat
     # The loader reads exactly the files predict finds in each class folder.
     for c, n in _counts(ds).items():
         assert sum(err is None for _, err in expand_paths([root / "train" / c])) == n
-    # A tarball of the tree reads the same images.
-    tarred = load_dataset(tar_tree(root, tmp_path / "nested.tar.gz"))
+    # A tarball of the tree reads the same images, and says what it skipped too.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cifarlab"):
+        tarred = load_dataset(tar_tree(root, tmp_path / "nested.tar.gz"))
     assert torch.equal(tarred.x_train, ds.x_train) and torch.equal(tarred.y_train, ds.y_train)
+    assert "nested.tar.gz: skipped 1 file that is not an image" in caplog.text and "notes.txt" in caplog.text
 
     # The checksum covers sub-folder images: editing one is a new checksum and a fresh decode, not the old cache.
     _img(root / "train" / "blue" / "sub" / "000.png", COLOURS["red"], seed=7)
@@ -235,7 +238,13 @@ def test_a_split_that_holds_out_a_whole_class_is_refused_before_any_folder(tmp_p
     assert 85 in va.tolist()  # this seed does hold the one blue image out
     with pytest.raises(DataError, match=r"holds out every training image of class blue \(1 image\)") as info:
         recipe_split(recipe, torch.as_tensor(y), ("red", "green", "blue"))
-    assert "stratified_split=true" in str(info.value) and "val_fraction=0" in str(info.value)
+    assert str(info.value).endswith(
+        "would never be learned. Use --set stratified_split=true (each class keeps its share in training), add "
+        "training images, or use --set val_fraction=0 (no validation split, and schedule=onecycle)."
+    )
+    with pytest.raises(DataError) as info:  # tune's trials need their validation split
+        recipe_split(recipe, torch.as_tensor(y), ("red", "green", "blue"), needs_validation=True)
+    assert "val_fraction=0" not in str(info.value) and "add training images." in str(info.value)
     # evaluate and calibrate reproduce a run's split without classes: not refused there.
     assert len(recipe_split(recipe, torch.as_tensor(y))[1]) == 17
 

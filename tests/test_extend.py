@@ -225,6 +225,9 @@ def test_api_trains_on_64px_grayscale_images_without_resizing(tmp_path, undrawn_
     assert run.predict(x_te).shape == (16, 2)
     assert run.test_accuracy > 0.8
     assert (run.path / "report.html").exists()
+    # written by training itself, just before status.json says finished: it reads as a finished run
+    md = (run.path / "report.md").read_text()
+    assert "- Training ran 2 epochs" in md and "not finish" not in md and "status | running" not in md
     with pytest.raises(UserError, match="this model takes"):
         run.predict(np.zeros((2, 1, 32, 32), dtype=np.uint8))
     # Files are decoded to the model's input (64x64, one channel); the export takes that shape too.

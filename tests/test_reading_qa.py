@@ -226,6 +226,9 @@ def test_shares_come_from_the_same_counts_and_round_alike():
     assert "Weak: cyan" in text
     assert "1 of the 40 cyan images (2.5%) is missed, taken for orange (2.5%)." in text
     assert "12 images of other classes are called cyan, most often c2 (3) and c3 (3)" in text
+    from cifarlab.report.sections import _confusion_cell
+
+    assert _confusion_cell(ev, "cyan") == "orange 2.5%"  # the confusions table rounds as the reading does
 
 
 def test_plurals_for_a_single_mistake():

@@ -252,6 +252,8 @@ def test_only_the_pinned_reference_is_described_as_pinned():
     assert "exactly as pinned" not in overridden and "bn_momentum" in overridden
     notes = {r[0]: r[2] for r in _config_rows(tuned, {})}
     assert notes["lr"] == f"changed (reference's {json.dumps(ref.lr)})" and notes["epochs"] == ""
+    assert notes["description"] == "reference's description; this run changed 3 settings"  # "exactly as pinned": no
+    assert {r[0]: r[2] for r in _config_rows(ref, {})}["description"] == ""
     # a base recorded in config.json wins over the name
     named = {r[0]: r[2] for r in _config_rows(get_recipe("fast").replace(name="reference-x"), {"base_recipe": "fast"})}
     assert not any(named.values())
@@ -388,3 +390,16 @@ def test_a_trial_console_line_and_trials_md_show_the_same_seconds(tmp_path: Path
     assert console is not None
     row = next(r for r in (tmp_path / "trials.md").read_text().splitlines() if r.startswith("| 0 |"))
     assert f"| {console.group(1)} |" in row
+
+
+def test_one_confused_pair_and_one_image_read_in_the_singular():
+    from cifarlab.text import plural, stages_frozen
+
+    assert (
+        plural(1, "image") == "1 image" and plural(0, "image") == "0 images" and plural(1200, "epoch") == "1,200 epochs"
+    )
+    assert [stages_frozen(n) for n in (0, 1, 3)] == [
+        "no stage frozen",
+        "the first stage frozen",
+        "the first 3 stages frozen",
+    ]

@@ -422,3 +422,34 @@ def test_settings_that_cannot_work_are_refused(tmp_path, change, needle):
     space = space_from_dict({"params": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}}}, recipe)
     with pytest.raises(ConfigError, match=needle):
         TuneSettings(recipe=recipe, space=space, study_name="x", out_dir=tmp_path, **change)
+
+
+def test_a_split_that_holds_out_a_whole_class_is_refused_before_the_study(tmp_path):
+    """Every trial would fail alike (5 failed trials, then 'run the command again', which could not help): the
+    split is checked once, with the data, before the study or its folder exists; no val_fraction=0 advice."""
+    import numpy as np
+
+    from cifarlab.data import from_arrays
+    from cifarlab.errors import DataError
+
+    y = np.array([0] * 40 + [1] * 40 + [2])
+    x = np.zeros((len(y), 8, 8, 3), np.uint8) + (y * 80)[:, None, None, None].astype(np.uint8)
+    ds = from_arrays(x, y, x[:6], y[:6], classes=["red", "green", "blue"])
+    recipe = TINY_RECIPE.replace(epochs=1, val_fraction=0.5)
+    held = next(s for s in range(50) if 80 not in recipe_split_train(recipe.replace(seed=s), y))
+    space = space_from_dict({"params": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}}}, recipe)
+    settings = TuneSettings(
+        recipe=recipe.replace(seed=held), space=space, study_name="s", out_dir=tmp_path / "study", n_trials=2
+    )
+    with pytest.raises(DataError, match="holds out every training image of class blue") as info:
+        tune(settings, dataset=ds, say=lambda s: None)
+    assert "val_fraction=0" not in str(info.value)
+    assert not (tmp_path / "study").exists()
+
+
+def recipe_split_train(recipe, y):
+    import torch
+
+    from cifarlab.data import recipe_split
+
+    return recipe_split(recipe, torch.as_tensor(y))[0].tolist()

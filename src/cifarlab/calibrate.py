@@ -155,5 +155,26 @@ def calibrate_run(
             (on_warning or (lambda m: warnings.warn(m, stacklevel=3)))(message)
             metrics = None
         if metrics:
-            write_json(run.path / METRICS, {**metrics, "calibration": result})
+            write_json(run.path / METRICS, {**metrics, **_at_new_temperature(metrics, off), "calibration": result})
     return result
+
+
+def _at_new_temperature(metrics: dict[str, Any], off: bool) -> dict[str, Any]:
+    """metrics.json's numbers that depend on the temperature (the loss and ECE; accuracy and top-k do not), made
+    to match the new one: with `off` the plain softmax's, where the file knows them; after a new fit unknown
+    (None) until `cifarlab report` evaluates again, rather than the old temperature's. The plain loss is kept."""
+    had_temperature = isinstance(metrics.get("calibration"), dict)
+    out: dict[str, Any] = {}
+    for split in ("test", "val"):
+        if f"{split}_loss" not in metrics:
+            continue
+        plain = metrics.get(f"{split}_loss_uncalibrated") if had_temperature else metrics.get(f"{split}_loss")
+        out[f"{split}_loss"] = plain if off else None
+        out[f"{split}_loss_uncalibrated"] = None if off else plain
+        if f"{split}_ece" in metrics:
+            ev = metrics.get("evaluation")
+            inference = ev.get("inference") if isinstance(ev, dict) and ev.get("split") == split else None
+            plain_ece = inference.get("uncalibrated_ece") if isinstance(inference, dict) else None
+            plain_ece = plain_ece if had_temperature else metrics.get(f"{split}_ece")
+            out[f"{split}_ece"] = plain_ece if off else None
+    return out

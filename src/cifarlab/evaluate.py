@@ -599,13 +599,15 @@ def _fitted_on(run: Any) -> str | None:
 
 def training_state(run: Any) -> TrainingState | None:
     """What the run's files say about how its training ended (None when its config cannot say)."""
-    from cifarlab.runs import STATUS, read_json
+    from cifarlab.runs import run_status
 
     try:
-        status_file = run.path / STATUS
-        status = read_json(status_file).get("status") if status_file.exists() else None
+        # as the report's summary reads it: the training process's own report, written just before it marks the
+        # folder finished, is of a finished run
+        status: str | None = run_status(run)[0]
     except (UserError, OSError, AttributeError):
-        status = None  # a damaged status.json: the reading then says nothing about it
+        status = None
+    status = None if status == "unknown" else status  # no file says: the reading then says nothing about it
     try:
         recipe = run.recipe
         planned, calibrate = int(recipe.epochs), bool(recipe.calibrate)

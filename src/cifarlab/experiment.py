@@ -59,7 +59,7 @@ from cifarlab.runs import (
     write_json,
     write_status,
 )
-from cifarlab.text import plural
+from cifarlab.text import plural, stages_frozen
 from cifarlab.train import (
     Callback,
     Checkpoint,
@@ -798,7 +798,7 @@ def run_experiment(
         say(f"run folder: {run_dir}")
         say(
             f"recipe {r.name}: {len(plan.train_idx):,} train / {len(plan.val_idx):,} val / "
-            f"{len(plan.dataset.y_test):,} test images, {r.epochs} epochs max, batch {r.batch_size}, "
+            f"{len(plan.dataset.y_test):,} test images, {plural(r.epochs, 'epoch')} max, batch {r.batch_size}, "
             f"device {plan.device}, {plan.threads} threads"
         )
         say(f"precision: {precision_reason(r.precision, plan.device)}")
@@ -813,8 +813,7 @@ def run_experiment(
         for line in plan.init.lines() if plan.init is not None else []:
             say(line)
         if r.freeze_stages or (plan.init is not None and r.pretrained_lr_scale != 1.0):
-            frozen = "no stage" if not r.freeze_stages else f"the first {plural(r.freeze_stages, 'stage')}"
-            say(f"finetune: {frozen} frozen, pretrained weights at {r.pretrained_lr_scale:g}x the LR")
+            say(f"finetune: {stages_frozen(r.freeze_stages)}, pretrained weights at {r.pretrained_lr_scale:g}x the LR")
         show_progress = (sys.stderr.isatty() and not quiet) if progress is None else progress
         machinery = (
             run_callbacks(

@@ -142,6 +142,33 @@ class RunLock:
         self.release()
 
 
+def run_status(run: Any) -> tuple[str, str]:
+    """(status, message) of the run: status.json's finished / stopped / crashed / running (a "running" run whose
+    process is gone is crashed; the training process's own report, written just before it marks the folder
+    finished, is finished); metrics.json's status for a folder without status.json."""
+    try:
+        st = read_json(run.path / STATUS) if (run.path / STATUS).exists() else {}
+    except Exception:  # noqa: BLE001 - a damaged status file: fall back to metrics.json
+        st = {}
+    st = st if isinstance(st, dict) else {}
+    try:
+        m_status = run.metrics.get("status")
+    except Exception:  # noqa: BLE001
+        m_status = None
+    status = str(st.get("status") or m_status or "unknown")
+    message = str(st.get("message") or "")
+    if status == "running":
+        from cifarlab.cli.runs import pid_alive
+
+        own = st.get("pid") == os.getpid()
+        alive = own or pid_alive(st.get("pid"), st.get("time"))
+        if m_status == "finished" and (own or not alive):
+            status = "finished"
+        elif not alive:
+            status, message = "crashed", "its process ended without recording why (killed, or the machine stopped)"
+    return status, message
+
+
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Any
 
-__all__ = ["plural", "terminal_safe"]
+__all__ = ["plural", "stages_frozen", "terminal_safe"]
 
 _ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
@@ -28,3 +28,8 @@ def terminal_safe(text: Any) -> str:
 def plural(n: int, word: str, many: str | None = None) -> str:
     """'1 mistake', '2 mistakes', '1,000 images': the count and the noun in the form it takes."""
     return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
+def stages_frozen(n: int) -> str:
+    """'no stage frozen', 'the first stage frozen', 'the first 2 stages frozen' (a fine-tuned run's freeze_stages)."""
+    return "no stage frozen" if n <= 0 else "the first stage frozen" if n == 1 else f"the first {n} stages frozen"

@@ -1147,6 +1147,11 @@ def tune(
         from cifarlab.data import load_dataset
 
         dataset = load_dataset(settings.recipe.dataset, settings.data_dir)
+    # A split that holds out every image of a class fails every trial alike: refused once, before the study.
+    from cifarlab.data import recipe_split
+
+    recipe_split(trial_recipe, dataset.y_train, dataset.classes, needs_validation=True)
+    recipe_split(settings.recipe, dataset.y_train, dataset.classes)  # the final runs' own split
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(settings, 0, pruner=pruner, create=True)
     say(f"study {settings.study_name!r}: {redact(settings.storage_url)}; folder {settings.out_dir}")

@@ -149,7 +149,7 @@ def size_note(native_sizes: dict[str, int], image_size: int | None) -> str | Non
     n = sum(resized.values())
     of = f"{n} of {sum(native_sizes.values())} images" if n < sum(native_sizes.values()) else f"{n} images"
     kept = " (aspect ratio not kept)" if any(w != h for w, h in dims) else ""
-    return f"{of} ({sizes}) resized to {target}{kept}; image_size=None keeps native sizes"
+    return f"{of} ({sizes}) resized to {target}{kept}; in Python, load_dataset(path, image_size=None) keeps their size"
 
 
 def _wh(wh: tuple[int, ...]) -> str:
@@ -303,20 +303,25 @@ def _scan_folder(root: Path, test_only: bool = False) -> tuple[Path, list[_File]
         raise _nothing_found(root, test_only)
     # Only the splits used are decoded and fingerprinted: an ignored val/ changing does not change the data.
     wanted = ("train", _test_split({s for s, *_ in files}, str(root), test_only))
-    others = [f for split in wanted for f in skipped.get(split, [])]
-    if others:
-        kinds = Counter(f.suffix.lower() or "(no suffix)" for f in others)
-        one = len(others) == 1
-        log.warning(
-            "%s: skipped %s not %s of a known type (%s; e.g. %s); images are %s",
-            root,
-            "1 file that is" if one else f"{len(others)} files that are",
-            "an image" if one else "images",
-            ", ".join(f"{k} {n}" for k, n in kinds.most_common()),
-            others[0],
-            " ".join(sorted(IMAGE_SUFFIXES)),
-        )
+    _warn_skipped(str(root), [str(f) for split in wanted for f in skipped.get(split, [])])
     return root, [entry for entry in files if entry[0] in wanted]
+
+
+def _warn_skipped(root: str, others: list[str]) -> None:
+    """One warning for the files in the splits used that are not images of a known suffix (folder or tarball)."""
+    if not others:
+        return
+    kinds = Counter(os.path.splitext(f)[1].lower() or "(no suffix)" for f in others)
+    one = len(others) == 1
+    log.warning(
+        "%s: skipped %s not %s of a known type (%s; e.g. %s); images are %s",
+        root,
+        "1 file that is" if one else f"{len(others)} files that are",
+        "an image" if one else "images",
+        ", ".join(f"{k} {n}" for k, n in kinds.most_common()),
+        others[0],
+        " ".join(sorted(IMAGE_SUFFIXES)),
+    )
 
 
 def _file_digest(path: Path) -> tuple[int, bytes]:
@@ -370,6 +375,8 @@ def _tar_entries(archive: Path, test_only: bool = False) -> Iterator[_Entry]:
     splits = _SPLITS[1:] if test_only else _SPLITS  # test_only: train members are read past, not decoded
     member_of = f"{archive} (member "  # formatted once: 60,000 members made this loop's cost visible
     top: list[list[str]] = []  # the tree's top folder's parts, once the first image member set it
+    others: list[tuple[str, str]] = []  # (split, name) of files in class folders that are not images
+    seen: set[str] = set()  # the splits images came from
 
     def image_parts(m: Any) -> tuple[list[str], int, str] | None:
         """(the name's parts, where its split is, the name) of an image member, else None."""
@@ -377,6 +384,9 @@ def _tar_entries(archive: Path, test_only: bool = False) -> Iterator[_Entry]:
         if len(parts) < 3 or any(skip_name(p) for p in parts):
             return None
         if os.path.splitext(parts[-1])[1].lower() not in IMAGE_SUFFIXES:
+            at = _split_at(parts, _SPLITS, top[0] if top else None)
+            if at is not None and parts[at] in splits and len(parts) > at + 2:
+                others.append((parts[at], m.name))
             return None
         at = _split_at(parts, _SPLITS, top[0] if top else None)
         if at is None and top:
@@ -394,7 +404,10 @@ def _tar_entries(archive: Path, test_only: bool = False) -> Iterator[_Entry]:
         return (parts, at, m.name) if parts[at] in splits else None
 
     for (parts, at, name), raw in iter_tar(archive, TAR_ADVICE, image_parts):
+        seen.add(parts[at])
         yield parts[at], parts[at + 1], "/".join(parts[at:]), raw, member_of + name + ")"
+    ignored = "val" if "test" in seen else ""  # val/ is not read when test/ is there (`_test_split`)
+    _warn_skipped(str(archive), [name for split, name in others if split != ignored])
 
 
 def load_imagefolder(

@@ -27,23 +27,23 @@ CONSTANT_STD = 1e-6
 
 
 def recipe_split(
-    recipe: Any, y_train: torch.Tensor, classes: Sequence[str] | None = None
+    recipe: Any, y_train: torch.Tensor, classes: Sequence[str] | None = None, *, needs_validation: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A recipe's (train_idx, val_idx) of `y_train`: its val_fraction, seed and stratification. Training,
     `evaluate --split val` and `cifarlab calibrate` all reproduce a run's split through this one call.
 
     `classes` (training passes them): a class with training images that the split moves wholly into the
     validation set is a `DataError` naming it, as a class without training images is before the split (it
-    would never be learned)."""
+    would never be learned). `needs_validation` (tune's trials): the advice leaves out val_fraction=0."""
     labels = y_train if recipe.stratified_split else None
     tr_idx, va_idx = split_indices(len(y_train), recipe.val_fraction, recipe.seed, labels=labels)
     if classes is not None and len(va_idx):
-        _check_split_keeps_classes(recipe, y_train, tr_idx, classes)
+        _check_split_keeps_classes(recipe, y_train, tr_idx, classes, needs_validation)
     return tr_idx, va_idx
 
 
 def _check_split_keeps_classes(
-    recipe: Any, y_train: torch.Tensor, tr_idx: torch.Tensor, classes: Sequence[str]
+    recipe: Any, y_train: torch.Tensor, tr_idx: torch.Tensor, classes: Sequence[str], needs_validation: bool
 ) -> None:
     y = torch.as_tensor(y_train).long()
     before = torch.bincount(y, minlength=len(classes))
@@ -56,17 +56,19 @@ def _check_split_keeps_classes(
     if not recipe.stratified_split:  # suggested only where it does keep every class in training
         strat, _ = split_indices(len(y), recipe.val_fraction, recipe.seed, labels=y)
         if bool((torch.bincount(y[strat], minlength=len(classes))[before > 0] > 0).all()):
-            fixes.append("--set stratified_split=true (each class keeps its share in training)")
-    no_val = "--set val_fraction=0 (no validation split"
-    if getattr(recipe, "schedule", "") == "plateau":  # it monitors a validation metric: refused without one
-        no_val += " and schedule=onecycle"
-    fixes += ["add training images", no_val + ")"]
+            fixes.append("use --set stratified_split=true (each class keeps its share in training)")
+    fixes.append("add training images")
+    if not needs_validation:
+        no_val = "use --set val_fraction=0 (no validation split"
+        if getattr(recipe, "schedule", "") == "plateau":  # it monitors a validation metric: refused without one
+            no_val += ", and schedule=onecycle"
+        fixes.append(no_val + ")")
     many = len(lost) > 1
+    how = ", ".join(fixes[:-1]) + (", or " if len(fixes) > 2 else " or ") + fixes[-1] if len(fixes) > 1 else fixes[0]
     raise DataError(
         f"the {recipe.val_fraction:g} validation split (seed {recipe.seed}) holds out every training image of "
-        f"{'classes' if many else 'class'} {held}: {'they' if many else 'it'} would never be learned. Use "
-        + ", or ".join(fixes)
-        + "."
+        f"{'classes' if many else 'class'} {held}: {'they' if many else 'it'} would never be learned. "
+        f"{how[0].upper()}{how[1:]}."
     )
 
 

@@ -20,6 +20,7 @@ import torch
 from cifarlab.evaluate import EvalResult, Predictions
 from cifarlab.report.common import History, Steps, events, has_val, most_damaging, num, row
 from cifarlab.report.insights import Insights, Item
+from cifarlab.text import plural
 
 FIGURES = {
     "curves": "curves.png",
@@ -421,7 +422,8 @@ def plot_pair(pair: Any, images: Any, overlays: dict[int, np.ndarray], note: str
             for it in items
         ]
         shown = f"{len(items)} most confident shown" if total > len(items) else "all shown"
-        rows.append((f"{src} shown as {dst}: {total:,} images ({shown})", cells))
+        count = "none" if not total else f"{plural(total, 'image')} ({shown})"
+        rows.append((f"{src} shown as {dst}: {count}", cells))
     cols = max(1, max(len(r[1]) for r in rows))
     wide = any(it.pos in overlays for it in (*pair.a_as_b, *pair.b_as_a))
     sub = "image | Grad-CAM for the predicted class" if wide else "image"

@@ -12,7 +12,8 @@ from typing import Any
 from cifarlab.evaluate import EvalResult, dataset_warning
 from cifarlab.report.common import History, Steps, has_val, kept_epoch, most_damaging, num, pct, row, seconds
 from cifarlab.report.insights import N_TOP_LOSSES, N_UNCERTAIN, PER_DIRECTION, Insights, Item
-from cifarlab.text import plural
+from cifarlab.runs import run_status
+from cifarlab.text import plural, stages_frozen
 
 # -- the document model ------------------------------------------------------------------------------------
 
@@ -135,38 +136,6 @@ def changed_keys(recipe: Any, base: Any) -> list[str]:
     return [k for k, v in mine.items() if k not in NOT_THE_METHOD and k in theirs and theirs[k] != v]
 
 
-def run_status(run: Any) -> tuple[str, str]:
-    """(status, message) of the run: status.json's finished / stopped / crashed / running (a "running" run whose
-    process is gone is crashed; the training process's own report, written just before it marks the folder
-    finished, is finished); metrics.json's status for a folder without status.json."""
-    import os
-
-    from cifarlab.files import read_json
-    from cifarlab.runs import STATUS
-
-    try:
-        st = read_json(run.path / STATUS) if (run.path / STATUS).exists() else {}
-    except Exception:  # noqa: BLE001 - a damaged status file: fall back to metrics.json
-        st = {}
-    st = st if isinstance(st, dict) else {}
-    try:
-        m_status = run.metrics.get("status")
-    except Exception:  # noqa: BLE001
-        m_status = None
-    status = str(st.get("status") or m_status or "unknown")
-    message = str(st.get("message") or "")
-    if status == "running":
-        from cifarlab.cli.runs import pid_alive
-
-        own = st.get("pid") == os.getpid()
-        alive = own or pid_alive(st.get("pid"), st.get("time"))
-        if m_status == "finished" and (own or not alive):
-            status = "finished"
-        elif not alive:
-            status, message = "crashed", "its process ended without recording why (killed, or the machine stopped)"
-    return status, message
-
-
 def _init_rows(init: Any, recipe: Any) -> list[list[str]]:
     """A fine-tuned run says what it started from (config.json's "init", written by `cifarlab.finetune`)."""
     if not isinstance(init, dict) or not init.get("source"):
@@ -180,7 +149,7 @@ def _init_rows(init: Any, recipe: Any) -> list[list[str]]:
     rows = [["initialized from", text]]
     if recipe.freeze_stages or recipe.pretrained_lr_scale != 1.0:
         n = recipe.freeze_stages
-        frozen = "no stage frozen" if n == 0 else "the first stage frozen" if n == 1 else f"the first {n} stages frozen"
+        frozen = stages_frozen(n)
         how = f"{frozen}; pretrained LR x{recipe.pretrained_lr_scale:g}"
         rows.append(["fine-tuning", how])
     return rows
@@ -535,10 +504,18 @@ def per_class_section(ev: EvalResult) -> Section:
     )
 
 
+def _confusion_cell(ev: EvalResult, c: str) -> str:
+    """'dog 13%, bird 5.1%, frog 5.0%': from the counts, rounded as the reading rounds them (`share`)."""
+    from cifarlab.report.reading import share
+
+    n = ev.per_class[c].support
+    return ", ".join(f"{o} {share(round(s * n), n)}" for o, s in ev.top_confusions[c]) or "–"
+
+
 def confusions_section(ev: EvalResult) -> Section:
     classes = list(ev.classes)
     conf_rows = [
-        [c, f"{ev.per_class[c].recall:.0%}", ", ".join(f"{o} {s:.0%}" for o, s in ev.top_confusions[c]) or "–"]
+        [c, f"{ev.per_class[c].recall:.0%}", _confusion_cell(ev, c)]
         if ev.per_class[c].applicable
         else [c, "n/a", "no test image of this class"]
         for c in classes
@@ -659,7 +636,12 @@ def why_section(ins: Insights) -> Section:
         return section("why", "Why: the most confused pairs", Paragraph("No mistakes: no class pair is confused."))
     blocks: list[Block] = [
         Paragraph(
-            f"For each of the {len(ins.pairs)} most confused class pairs: the images of one class the model "
+            (
+                "For the most confused class pair"
+                if len(ins.pairs) == 1
+                else f"For each of the {len(ins.pairs)} most confused class pairs"
+            )
+            + ": the images of one class the model "
             f"called the other (the most confident first, at most {PER_DIRECTION} per direction), with the "
             "probability of the true and of the predicted class. Beside each image, Grad-CAM (last "
             "convolution stage) shows where the evidence for the predicted class lies: red is where the "
@@ -672,7 +654,8 @@ def why_section(ins: Insights) -> Section:
         blocks.append(
             Figure(
                 f"pair_{k}",
-                f"{p.a} shown as {p.b} ({p.n_a_as_b:,} images) and {p.b} shown as {p.a} ({p.n_b_as_a:,}), and why.",
+                f"{p.a} shown as {p.b} ({plural(p.n_a_as_b, 'image')}) and {p.b} shown as {p.a} ({p.n_b_as_a:,}), "
+                "and why.",
             )
         )
         blocks.append(
@@ -847,11 +830,15 @@ def _config_rows(recipe: Any, config: dict[str, Any] | None = None) -> list[list
     base = base_recipe(recipe, config or {})
     base_d = base.to_dict() if base is not None else {}
     what = "recipe default" if base is None or base.name == recipe.name else f"{base.name}'s"
+    changed = changed_keys(recipe, base)
     rows = []
     for key, value in recipe.to_dict().items():
         note = ""
         if base_d and key in base_d and base_d[key] != value and key != "name":
             note = f"changed ({what} {json.dumps(base_d[key])})"
+        elif key == "description" and changed and base is not None and value == base.description:
+            # the base's own words ("exactly as pinned") no longer describe this run
+            note = f"{base.name}'s description; this run changed {plural(len(changed), 'setting')}"
         rows.append([key, value if isinstance(value, str) else json.dumps(value), note])
     return rows
 
