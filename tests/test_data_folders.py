@@ -219,6 +219,9 @@ def test_test_only_needs_no_train_folder_and_decodes_no_training_image(tmp_path:
     assert torch.equal(load_dataset(path, test_only=True).x_test, full.x_test)
     with pytest.raises(DataError, match="has no train/ images"):
         load_dataset(path)  # to train on, train/ is still needed
+    if source == "folder":  # the test folder itself, <class>/<image>, is a test set too
+        alone = load_dataset(root / "test", test_only=True)
+        assert alone.classes == full.classes and torch.equal(alone.x_test, full.x_test)
     shutil.rmtree(root / "test")
     if source == "folder":
         (root / "val" / "a").mkdir(parents=True)

@@ -150,13 +150,23 @@ def test_mismatched_files_are_clear_errors(tmp_path, no_debian):
     arrays = fake_arrays()
     arrays["test_labels"] = arrays["test_labels"].reshape(2, 10)  # an idx2 file where labels belong
     write_fashion(tmp_path / "b", arrays)
-    with pytest.raises(DataError, match="labels must be uint8 N"):
+    with pytest.raises(DataError, match=r"declares 2 dimensions of uint8; this file should hold uint8 values in 1"):
         load_dataset("fashion_mnist", tmp_path / "b")
     arrays = fake_arrays()
     arrays["test_labels"][0] = 12
     write_fashion(tmp_path / "c", arrays)
     with pytest.raises(DataError, match="label 12 is outside Fashion-MNIST's 0..9"):
         load_dataset("fashion_mnist", tmp_path / "c")
+    # A damaged dimension count (0x99) is named as such, not read as 153 dimensions of sizes from pixel bytes.
+    write_fashion(tmp_path / "d", fake_arrays())
+    images = next((tmp_path / "d").glob("t10k-images*"))
+    raw = bytearray(gzip.decompress(images.read_bytes()) if images.suffix == ".gz" else images.read_bytes())
+    raw[3] = 0x99
+    images.write_bytes(gzip.compress(bytes(raw)) if images.suffix == ".gz" else bytes(raw))
+    with pytest.raises(DataError) as info:
+        load_dataset("fashion_mnist", tmp_path / "d")
+    assert "declares 153 dimensions of uint8; this file should hold uint8 values in 3 dimensions" in str(info.value)
+    assert len(str(info.value)) < 400
 
 
 def test_checksums_accept_the_published_gz_and_raw_and_recompressed_copies(tmp_path, monkeypatch, no_debian, caplog):

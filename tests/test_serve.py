@@ -192,6 +192,22 @@ def test_model_card_report_and_plots(tmp_path: Path):
             assert r.status_code == 404 and "error" in r.json()
 
 
+def test_the_card_says_which_tta_its_test_figures_were_measured_with(tmp_path: Path):
+    """The ONNX graph runs no TTA; a `fast` run's figures are its flip-TTA evaluation: the card says so."""
+    from cifarlab.runs import load_run
+    from cifarlab.serve import model_card
+
+    run = load_run(make_run(tmp_path / "20260101-140000-fast", tiny_recipe("airnet").replace(tta="flip")))
+    (run.path / "metrics.json").write_text(
+        json.dumps({"test_accuracy": 0.8125, "evaluation": {"inference": {"tta": "flip"}}})
+    )
+    torch_card = model_card(run, "m", "torch", "flip")
+    assert torch_card["test_figures_tta"] == "flip" and torch_card["note"] is None
+    onnx_card = model_card(run, "m", "onnx", "none")
+    assert onnx_card["test_accuracy"] == 0.8125 and onnx_card["test_figures_tta"] == "flip"
+    assert onnx_card["note"].startswith("test figures measured with TTA flip; this backend runs TTA none")
+
+
 def test_report_missing_is_404(client: TestClient, run_dir: Path):
     r = client.get(f"/v1/models/{run_dir.name}/report")
     assert r.status_code == 404 and "cifarlab report" in r.json()["error"]

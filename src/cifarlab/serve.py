@@ -290,6 +290,16 @@ def model_card(run: Any, model_id: str, backend: str, tta: str) -> dict[str, Any
             pairs.append({k: p[k] for k in ("a", "b", "count", "a_to_b", "b_to_a") if k in p})
     dataset = run.config.get("dataset") or {}
     has_report = (run.path / "report.html").is_file()
+    inference = ev.get("inference") if isinstance(ev.get("inference"), dict) else {}
+    measured = str(inference.get("tta") or run.recipe.tta)
+    # The figures are the run's evaluation: with its TTA. A backend that runs other views (the ONNX graph has
+    # none) answers a little differently, so the card says which the figures are.
+    note = (
+        f"test figures measured with TTA {measured}; this backend runs TTA {tta}, so its own accuracy and "
+        "probabilities differ a little"
+        if measured != tta
+        else None
+    )
     return {
         "id": model_id,
         "recipe": run.recipe.name,
@@ -302,6 +312,8 @@ def model_card(run: Any, model_id: str, backend: str, tta: str) -> dict[str, Any
         "temperature": run.temperature,  # the softmax temperature the probabilities are at (`cifarlab.calibrate`)
         "test_accuracy": acc,
         "test_loss": _card_loss(metrics, ev, run.temperature),
+        "test_figures_tta": measured,
+        "note": note,
         "per_class_recall": recall or None,
         "confused_pairs": pairs[:5],
         "report": f"/v1/models/{model_id}/report" if has_report else None,

@@ -105,8 +105,10 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ADVICE = "Put a good copy there (on Debian: apt-get install --reinstall dataset-fashion-mnist)."
 
 
-def parse_idx(raw: bytes, where: str) -> np.ndarray:
-    """The array an IDX file's bytes hold; every way they can be wrong is a `DataError` naming `where`."""
+def parse_idx(raw: bytes, where: str, expect_ndim: int | None = None) -> np.ndarray:
+    """The array an IDX file's bytes hold; every way they can be wrong is a `DataError` naming `where`.
+    `expect_ndim`: a uint8 file of that many dimensions is expected (MNIST's images 3, labels 1): a header that
+    says otherwise is named as such, before its dimensions are read as sizes."""
     if len(raw) < 4:
         raise DataError(f"{where}: {len(raw)} bytes is too short for an IDX file (4-byte header). {_ADVICE}")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
@@ -117,6 +119,13 @@ def parse_idx(raw: bytes, where: str) -> np.ndarray:
     ndim = raw[3]
     if ndim == 0:
         raise DataError(f"{where}: the IDX header declares 0 dimensions. {_ADVICE}")
+    if expect_ndim is not None and (ndim != expect_ndim or raw[2] != 0x08):
+        kind = np.dtype(_IDX_TYPES[raw[2]]).name
+        raise DataError(
+            f"{where}: the IDX header declares {ndim} dimension{'s' * (ndim != 1)} of {kind}; this file should "
+            f"hold uint8 values in {expect_ndim} dimension{'s' * (expect_ndim != 1)} (idx{expect_ndim}-ubyte): it "
+            f"is damaged or another kind of IDX file. {_ADVICE}"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{where}: truncated in its header ({len(raw)} of {header} bytes). {_ADVICE}")
@@ -147,10 +156,10 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: damaged gzip file ({type(exc).__name__}: {exc}). {_ADVICE}") from exc
 
 
-def read_idx(path: Path | str) -> np.ndarray:
+def read_idx(path: Path | str, expect_ndim: int | None = None) -> np.ndarray:
     """An IDX file (``.gz`` or not) as a numpy array, validated (magic number, dimensions, size)."""
     path = Path(path)
-    return parse_idx(_read_bytes(path), str(path))
+    return parse_idx(_read_bytes(path), str(path), expect_ndim)
 
 
 @dataclass(frozen=True)
@@ -224,7 +233,8 @@ def read_idx_dataset(files: IdxFiles, preread: dict[str, bytes] | None = None) -
     arrays: dict[str, np.ndarray] = {}
     for role, path in files.paths.items():
         raw = preread.get(role)
-        arrays[role] = parse_idx(raw, str(path)) if raw is not None else read_idx(path)
+        ndim = 3 if role.endswith("images") else 1
+        arrays[role] = parse_idx(raw, str(path), ndim) if raw is not None else read_idx(path, ndim)
     out: dict[str, Any] = {}
     for split in ("train", "test"):
         x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]

@@ -289,6 +289,13 @@ def _scan_folder(root: Path, test_only: bool = False) -> tuple[Path, list[_File]
             root = subdirs[0]
     files: list[_File] = []
     skipped: dict[str, list[Path]] = {}
+    if test_only and not any((root / s).is_dir() for s in _SPLITS):
+        # A test set may be named by its own folder (`evaluate --test-data photos/`): <class>/<image> is test/.
+        for cls_dir in sorted(root.iterdir()):
+            if cls_dir.is_dir() and not skip_name(cls_dir.name):
+                images, others = _class_files(cls_dir)
+                files += [("test", cls_dir.name, name, f) for name, f in images]
+                skipped.setdefault("test", []).extend(others)
     for split in _SPLITS[1:] if test_only else _SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
