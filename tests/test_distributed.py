@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,8 @@ class Crash(Callback):
     order = 200  # after the checkpoint (100)
 
     def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == int(os.environ.get("TEST_SIGTERM_RANK1_AFTER_EPOCH", "0")) and os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGTERM)  # one rank only, as `kill PID` or a scheduler may do
         if epoch + 1 == int(os.environ.get("TEST_CRASH_AFTER_EPOCH", "0")):
             import torch.distributed as dist
 
@@ -219,6 +222,31 @@ def pair(setup: dict) -> dict:
         "status_killed": status_killed,
         "epoch_killed": epoch_killed,
     }
+
+
+@needs_gloo
+@pytest.mark.long
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(setup: dict) -> None:
+    """SIGTERM to rank 1 alone: it used to leave the training loop by itself while rank 0 waited in the next
+    step's all-reduce for gloo's 30-minute timeout. Now the ranks agree on the step: both stop, the run is
+    marked stopped with its checkpoint, and it resumes."""
+    s = setup
+    runs = s["base"] / "signalled"
+    t0 = time.monotonic()
+    done = subprocess.run(
+        _torchrun(*_train_args(s, runs)),
+        env={**s["env"], "TEST_SIGTERM_RANK1_AFTER_EPOCH": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,  # a hang would wait 30 minutes
+        preexec_fn=_all_cores,
+    )
+    run = _only_run(runs)
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "stopped", done.stdout + done.stderr
+    assert "interrupted during epoch 2" in status["message"] and (run / "checkpoint.pt").is_file()
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+    assert time.monotonic() - t0 < 200
 
 
 @needs_gloo

@@ -23,6 +23,7 @@ What the rest of cifarlab does with a `Distributed` (see the README, "Many GPUs 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,10 +34,36 @@ from torch import nn
 
 from cifarlab.errors import ConfigError, UserError
 
-__all__ = ["Distributed", "env_world", "setup", "threads_per_process"]
+__all__ = ["Distributed", "env_world", "install_agreed_stop", "setup", "stop_requested", "threads_per_process"]
 
 # torchrun's environment variables.
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+_STOP = threading.Event()  # this process was asked to stop (SIGINT/SIGTERM); the ranks agree on it per step
+STOP_CHECK_STEPS = 16  # on GPUs the flag is read every this many steps (a read is a host synchronisation)
+
+
+def install_agreed_stop() -> None:
+    """SIGINT and SIGTERM in a torchrun process: the first one sets a flag that every rank reads at the same
+    step (summed with the step's numbers), so all of them stop there together and the run is marked stopped;
+    raising at once in the signalled process alone left the others waiting in the next all-reduce for gloo's
+    30-minute timeout. A second signal stops this process at once."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        if _STOP.is_set():
+            raise KeyboardInterrupt
+        _STOP.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+
+
+def stop_requested() -> float:
+    """1.0 when this process was asked to stop (`install_agreed_stop`), else 0.0."""
+    return 1.0 if _STOP.is_set() else 0.0
 
 
 def env_world() -> tuple[int, int, int, int] | None:

@@ -106,6 +106,13 @@ def _stop_on_sigterm() -> None:
     import signal
     import threading
 
+    from cifarlab.distributed import env_world, install_agreed_stop
+
+    world = env_world()
+    if world is not None and world[1] > 1:  # under torchrun: the ranks agree on the step to stop at
+        install_agreed_stop()
+        return
+
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 

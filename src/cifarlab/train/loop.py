@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.device import autocast, autocast_dtype
+from cifarlab.distributed import STOP_CHECK_STEPS, stop_requested
 from cifarlab.errors import UserError
 from cifarlab.train.callbacks import Callback, CallbackList
 from cifarlab.train.graphs import GraphCaptureError, GraphedStep, unsupported_reason
@@ -277,15 +278,19 @@ class Trainer:
             self.optimizer.step()
         if self.dist is None:
             return loss.detach(), len(yb), (logits.detach().argmax(1) == yb).sum()
-        # the global batch's numbers, the same on every rank: (sum of CE, correct, images) over ranks
+        # the global batch's numbers, the same on every rank: (sum of CE, correct, images) over ranks, and how many
+        # ranks were asked to stop (a signal to one of them): all stop after the same step
         part = torch.stack(
             [
                 ce.detach().double() * len(yb),
                 (logits.detach().argmax(1) == yb).sum().double(),
                 torch.full((), float(len(yb)), dtype=torch.float64, device=ce.device),  # no copy: no sync
+                torch.full((), stop_requested(), dtype=torch.float64, device=ce.device),
             ]
         )
         total = self.dist.all_reduce_sum(part)
+        if (total.device.type == "cpu" or i % STOP_CHECK_STEPS == 0) and total[3].item() > 0:
+            raise KeyboardInterrupt  # every rank, here: the run stops as after Ctrl-C
         step_loss = (total[0] / total[2] + l2.detach().double()).float()
         return step_loss, self.train_loader.global_batch_size(i), total[1].round().long()
 
