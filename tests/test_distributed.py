@@ -375,3 +375,16 @@ def test_single_process_needs_no_torchrun(monkeypatch: pytest.MonkeyPatch) -> No
     assert setup("cpu") is None
     with pytest.raises(ConfigError, match="torchrun"):
         setup("cpu", sync_bn=True)
+
+
+def test_a_batch_that_does_not_split_names_the_process_counts_that_would() -> None:
+    """On --resume the batch size is the run's: the error also says which process counts divide it."""
+    from cifarlab.errors import UserError
+    from cifarlab.experiment import _check_fits_data
+    from cifarlab.recipes import get_recipe
+
+    with pytest.raises(
+        UserError, match=r"batch_size=8 is not a multiple of the 3 processes.*or start 2, 4, 8 processes"
+    ):
+        _check_fits_data(get_recipe("reference").replace(batch_size=8), 100, (3, 32, 32), world=3)
+    _check_fits_data(get_recipe("reference").replace(batch_size=8), 100, (3, 32, 32), world=2)

@@ -168,9 +168,12 @@ def check_fits_memory(
 
 def _check_fits_data(recipe: Recipe, n_train: int, input_shape: tuple[int, int, int], world: int = 1) -> None:
     if recipe.batch_size % world:
+        counts = [k for k in range(2, min(recipe.batch_size, 64) + 1) if recipe.batch_size % k == 0][:6]
+        fits = f"; or start {', '.join(map(str, counts))} processes" if counts else ""
         raise UserError(
             f"batch_size={recipe.batch_size} is not a multiple of the {world} processes: each process takes an "
-            f"equal slice of every global batch; use a batch_size divisible by {world} (--set batch_size=...)"
+            f"equal slice of every global batch; use a batch_size divisible by {world} (--set batch_size=..., "
+            f"not with --resume, which keeps the run's){fits}"
         )
     steps = n_train // recipe.batch_size if recipe.drop_last else -(-n_train // recipe.batch_size)
     if steps == 0:
