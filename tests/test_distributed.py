@@ -286,26 +286,31 @@ def test_ddp_killed_and_resumed_finishes_the_same_run(pair: dict) -> None:
 
 
 def test_nproc_runs_the_same_command_under_torchrun(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """`cifarlab train --nproc N ...` checks the recipe, then replaces itself with torchrun running the command
-    without --nproc (the DDP runs above start torchrun the same way)."""
+    """`cifarlab train --nproc N ...` checks the recipe, then runs torchrun's launcher on the command without
+    --nproc (the DDP runs above start torchrun the same way), its processes' failures mapped to exit statuses."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    class Exec(Exception):
-        pass
-
-    def execv(path: str, argv: list[str]) -> None:
-        raise Exec(path, argv)
-
-    monkeypatch.setattr(os, "execv", execv)
+    launched: list[list[str]] = []
+    monkeypatch.setattr(torchrun, "main", launched.append)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = ["train", "--recipe", "reference", "--set", "epochs=2", "--runs-dir", str(tmp_path / "runs")]
     for nproc in (["--nproc", "2"], ["--nproc=2"]):
         monkeypatch.setattr(sys, "argv", ["cifarlab", *args[:1], *nproc, *args[1:]])
-        with pytest.raises(Exec) as e:
-            cli.main(sys.argv[1:])
-        path, argv = e.value.args
-        assert path == sys.executable
-        assert argv == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        "-m", "cifarlab.cli", *args]  # fmt: skip
+        assert cli.main(sys.argv[1:]) == 0
+        assert launched.pop() == ["--standalone", "--nproc-per-node=2", "-m", "cifarlab.cli", *args]
+
+    def failing(*codes: int):
+        def run(argv: list[str]) -> None:
+            failures = {r: ProcessFailure(local_rank=r, pid=1, exitcode=c, error_file="") for r, c in enumerate(codes)}
+            raise ChildFailedError("cifarlab.cli", failures)
+
+        return run
+
+    # every process stopped (Ctrl-C) or refused its input: that status, no torchrun traceback
+    for codes, status in (((130, 130), 130), ((2, 2), 2), ((1, -9), 1)):
+        monkeypatch.setattr(torchrun, "main", failing(*codes))
+        assert cli.main(sys.argv[1:]) == status
     # A bad value fails here, once, not in N processes; nothing is started.
     monkeypatch.setattr(sys, "argv", ["cifarlab", "train", "--nproc", "2", "--set", "epochs=0"])
     assert cli.main(sys.argv[1:]) == 2

@@ -100,6 +100,30 @@ def _torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
     return [*run, "-m", "cifarlab.cli", *rest]
 
 
+def launch(torchrun_args: list[str]) -> int:
+    """torchrun's launcher in this process (what `python -m torch.distributed.run ARGS` runs), with its failures
+    as this command's exit status instead of its traceback: every process stopped (Ctrl-C, SIGTERM: 130) or
+    refused its input (2) gives that status, their own lines above saying why; other failures name each
+    process's exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    sys.stdout.flush()
+    try:
+        torchrun(torchrun_args)
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
+        if len(set(codes.values())) == 1 and next(iter(codes.values())) in (2, 130):
+            return next(iter(codes.values()))
+        each = ", ".join(f"process {rank}: exit {code}" for rank, code in codes.items())
+        print(f"error: training processes failed ({each}); their messages are above", file=sys.stderr)
+        return 1
+    except SignalException:  # Ctrl-C or SIGTERM to the launcher: it stopped the processes (they saved and marked)
+        return 130
+    return 0
+
+
 def _stop_on_sigterm() -> None:
     """SIGTERM (`timeout`, `docker stop`, Slurm's time limit, `kill`) stops a run as Ctrl-C does: the last
     checkpoint kept, the run marked stopped, the resume command printed (instead of dying mid-write)."""
@@ -143,8 +167,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "own moment; set epochs instead"
             )
     if args.nproc is not None:
-        import os
-
         if args.nproc < 1:
             raise UserError(f"--nproc must be >= 1, got {args.nproc}")
         if env_world() is not None:
@@ -157,9 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         f"batch_size={r.batch_size} is not a multiple of --nproc {args.nproc}: each process takes an "
                         f"equal slice of every global batch; use a batch_size divisible by {args.nproc}"
                     )
-            argv = _torchrun_argv(args.nproc, sys.argv[1:])
-            sys.stdout.flush()
-            os.execv(sys.executable, argv)
+            return launch(_torchrun_argv(args.nproc, sys.argv[1:])[3:])
 
     recipe = None
     if args.resume is None:
