@@ -48,6 +48,7 @@ __all__ = [
     "load_test_data",
     "softmax",
     "split_images",
+    "top_confusion_counts",
     "top_confusions",
 ]
 
@@ -322,7 +323,7 @@ class EvalResult:
     @property
     def present_classes(self) -> tuple[str, ...]:
         """The classes with at least one image in the evaluated labels (the others' scores are NaN)."""
-        return tuple(c for c in self.classes if self.per_class[c].support > 0)
+        return tuple(c for c in self.classes if self.per_class[c].applicable)
 
     @property
     def top_k_informative(self) -> bool:
@@ -410,21 +411,29 @@ def cross_entropy(y_true: np.ndarray, logits: np.ndarray) -> float:
     return float(np.mean(log_norm - z[np.arange(len(z)), y_true]))
 
 
-def top_confusions(
+def top_confusion_counts(
     cm: np.ndarray, classes: Sequence[str], k: int = TOP_CONFUSIONS
-) -> dict[str, list[tuple[str, float]]]:
-    """Each true class's `k` most frequent wrong predictions as (other class, share of the true class).
+) -> dict[str, list[tuple[str, int]]]:
+    """Each true class's `k` most frequent wrong predictions as (other class, images).
 
     Only confusions that happened are listed; ties go to the lower class index, so the ranking is stable.
     """
-    out: dict[str, list[tuple[str, float]]] = {}
+    out: dict[str, list[tuple[str, int]]] = {}
     for i, name in enumerate(classes):
         row = cm[i].astype(np.int64)
-        total = int(row.sum())
         others = [j for j in range(len(classes)) if j != i and row[j] > 0]
         others.sort(key=lambda j: (-int(row[j]), j))
-        out[name] = [(classes[j], float(row[j] / total)) for j in others[:k]]
+        out[name] = [(classes[j], int(row[j])) for j in others[:k]]
     return out
+
+
+def top_confusions(
+    cm: np.ndarray, classes: Sequence[str], k: int = TOP_CONFUSIONS
+) -> dict[str, list[tuple[str, float]]]:
+    """`top_confusion_counts` as (other class, share of the true class's images)."""
+    totals = cm.astype(np.int64).sum(axis=1)
+    counts = top_confusion_counts(cm, classes, k)
+    return {c: [(o, float(n / totals[i])) for o, n in counts[c]] for i, c in enumerate(classes)}
 
 
 def confused_pairs(cm: np.ndarray, classes: Sequence[str], k: int = 10) -> list[ConfusedPair]:
@@ -595,43 +604,6 @@ def _fitted_on(run: Any) -> str | None:
     except UserError:
         return None
     return str(cal["fitted_on"]) if isinstance(cal, dict) and cal.get("fitted_on") else None
-
-
-def training_state(run: Any) -> TrainingState | None:
-    """What the run's files say about how its training ended (None when its config cannot say)."""
-    from cifarlab.runs import run_status
-
-    try:
-        # as the report's summary reads it: the training process's own report, written just before it marks the
-        # folder finished, is of a finished run
-        status: str | None = run_status(run)[0]
-    except (UserError, OSError, AttributeError):
-        status = None
-    status = None if status == "unknown" else status  # no file says: the reading then says nothing about it
-    try:
-        recipe = run.recipe
-        planned, calibrate = int(recipe.epochs), bool(recipe.calibrate)
-    except (UserError, AttributeError, TypeError, ValueError):
-        return None
-    return TrainingState(
-        run_dir=str(run.path),
-        status=str(status) if status is not None else None,
-        planned_epochs=planned,
-        calibrate=calibrate,
-        last_epoch_steps=_last_epoch_steps(Path(run.path)),
-    )
-
-
-def _last_epoch_steps(run_dir: Path) -> int | None:
-    """Optimizer steps steps.csv logged in the last epoch (a run stopped at its time budget mid-epoch has fewer
-    than an epoch's); None without a readable steps.csv."""
-    from cifarlab.report.common import read_steps
-
-    steps = read_steps(run_dir)
-    if not steps:
-        return None
-    last = max(steps["epoch"])
-    return len({s for s, e in zip(steps["step"], steps["epoch"], strict=True) if e == last})
 
 
 def _image_folder_tree(path: Path) -> bool:
@@ -818,7 +790,7 @@ def evaluate_run(
         temperature_fitted_on=fitted_on,
         uncalibrated_loss=uncalibrated_loss,
     )
-    ev = ev.with_run_info(split, data_info, inference, training_state(run))
+    ev = ev.with_run_info(split, data_info, inference)
     probs = softmax(z)
     preds = Predictions(
         logits=z,

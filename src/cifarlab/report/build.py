@@ -4,6 +4,7 @@ metrics.json. Everything is computed in memory first, then each file is written 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from cifarlab.errors import UserError
 from cifarlab.evaluate import EvalResult, Predictions, dataset_warning
-from cifarlab.report.common import read_corruptions, read_steps
+from cifarlab.report.common import read_corruptions, read_steps, training_state
 from cifarlab.report.figures import FIGURES, SCALE, make_figures
 from cifarlab.report.insights import collect
 from cifarlab.report.reading import plain_reading
@@ -51,17 +52,6 @@ def _write_json(path: Path, obj: Any) -> None:
         raise ReportWriteError(path, exc) from exc
 
 
-def _uncalibrated_loss(split: str, ev: EvalResult, preds: Predictions) -> dict[str, float | None]:
-    """`{split}_loss_uncalibrated`: the loss of the plain softmax (the logits before the run's temperature);
-    None when the run has no temperature (the loss is then the plain one)."""
-    from cifarlab.evaluate import cross_entropy
-
-    t = ev.inference.temperature if ev.inference else 1.0
-    if t == 1.0:
-        return {f"{split}_loss_uncalibrated": None}
-    return {f"{split}_loss_uncalibrated": cross_entropy(preds.y_true, preds.logits * t)}
-
-
 def write_report(ev: EvalResult, preds: Predictions, evaluate_seconds: float = 0.0) -> dict[str, Any]:
     """Draw the figures and write the report of an evaluation (`evaluate_run`'s result) into its run folder;
     return the merged metrics (as written to metrics.json)."""
@@ -70,6 +60,7 @@ def write_report(ev: EvalResult, preds: Predictions, evaluate_seconds: float = 0
     split = ev.split_name
     t1 = time.perf_counter()
     steps = read_steps(run_dir)
+    ev = dataclasses.replace(ev, training=training_state(run, steps))  # how training ended, for the reading
     robustness = read_corruptions(run_dir)
     insights = collect(run, ev, preds)
     t_ins = time.perf_counter()
@@ -101,7 +92,7 @@ def write_report(ev: EvalResult, preds: Predictions, evaluate_seconds: float = 0
     # (training's own may predate the temperature, or a later `cifarlab calibrate`); the plain softmax's is kept
     # under its own key.
     metrics[f"{split}_loss"] = ev.loss
-    metrics.update(_uncalibrated_loss(split, ev, preds))
+    metrics[f"{split}_loss_uncalibrated"] = ev.inference.uncalibrated_loss if ev.inference else None
     metrics[f"{split}_top5_accuracy"] = ev.top5
     metrics[f"{split}_ece"] = ev.calibration.ece
     metrics[f"{split}_macro_f1"] = ev.macro_avg.f1

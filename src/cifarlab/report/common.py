@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cifarlab.evaluate import TrainingState
 
 History = list[dict[str, Any]]
 
@@ -165,3 +168,40 @@ def png_size(data: bytes) -> tuple[int, int]:
     if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24:
         raise ValueError("not a PNG")
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def last_epoch_steps(steps: Steps | None) -> int | None:
+    """Optimizer steps steps.csv logged in the last epoch (a run stopped at its time budget mid-epoch has fewer
+    than an epoch's); None without steps."""
+    if not steps:
+        return None
+    last = max(steps["epoch"])
+    return len({s for s, e in zip(steps["step"], steps["epoch"], strict=True) if e == last})
+
+
+def training_state(run: Any, steps: Steps | None) -> TrainingState | None:
+    """What the run's files say about how its training ended, for the reading (None when its config cannot
+    say). `steps`: the run's steps.csv, already read by the report."""
+    from cifarlab.errors import UserError
+    from cifarlab.evaluate import TrainingState
+    from cifarlab.runs import run_status
+
+    try:
+        # as the report's summary reads it: the training process's own report, written just before it marks the
+        # folder finished, is of a finished run
+        status: str | None = run_status(run)[0]
+    except (UserError, OSError, AttributeError):
+        status = None
+    status = None if status == "unknown" else status  # no file says: the reading then says nothing about it
+    try:
+        recipe = run.recipe
+        planned, calibrate = int(recipe.epochs), bool(recipe.calibrate)
+    except (UserError, AttributeError, TypeError, ValueError):
+        return None
+    return TrainingState(
+        run_dir=str(run.path),
+        status=status,
+        planned_epochs=planned,
+        calibrate=calibrate,
+        last_epoch_steps=last_epoch_steps(steps),
+    )

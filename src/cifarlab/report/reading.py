@@ -7,7 +7,7 @@ import math
 from fractions import Fraction
 from typing import Any
 
-from cifarlab.evaluate import TOP_CONFUSIONS, Calibration, EvalResult, TrainingState
+from cifarlab.evaluate import Calibration, EvalResult, TrainingState, top_confusion_counts
 from cifarlab.report.common import History, events, join_list, kept_epoch, most_damaging, pct, row
 from cifarlab.text import plural
 
@@ -48,22 +48,13 @@ def headline(ev: EvalResult) -> str:
     return s + ")."
 
 
-def _confusions_of(ev: EvalResult, c: str) -> list[tuple[str, int]]:
-    """The classes `c`'s images are most often taken for, with their counts (ties: class order)."""
-    classes = list(ev.classes)
-    i = classes.index(c)
-    cm = ev.confusion
-    others = [(classes[j], int(cm[i, j])) for j in range(len(classes)) if j != i and cm[i, j]]
-    others.sort(key=lambda t: -t[1])  # stable: ties keep class order
-    return others[:TOP_CONFUSIONS]
-
-
 def class_sentences(ev: EvalResult) -> list[str]:
     """The strongest classes, the most common mistake on them, and the weakest classes with why; classes with
     no image in the split are named as such and left out."""
     classes = list(ev.classes)
     k = len(classes)
     cm = ev.confusion
+    confusions = top_confusion_counts(cm, classes)
     out = []
     present = list(ev.present_classes)
     absent = [c for c in classes if c not in present]
@@ -95,7 +86,7 @@ def class_sentences(ev: EvalResult) -> list[str]:
         strong_txt = join_list([f"{c} (F1 {f1[c]:.2f})" for c in strong])
         out.append(f"Strongest {'class' if len(strong) == 1 else 'classes'}: {strong_txt}.")
         for c in strong:
-            confs = _confusions_of(ev, c)
+            confs = confusions[c]
             if confs:
                 o, n = confs[0]
                 support = ev.per_class[c].support
@@ -109,7 +100,7 @@ def class_sentences(ev: EvalResult) -> list[str]:
         i = classes.index(c)
         s = f"Weak: {c} (F1 {m.f1:.2f}, precision {m.precision:.2f}, recall {m.recall:.2f})."
         missed = m.support - int(cm[i, i])
-        confs = _confusions_of(ev, c)
+        confs = confusions[c]
         if missed and confs:
             # Both the missed share and each confusion's come from the counts, rounded alike.
             s += (

@@ -9,8 +9,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from cifarlab.evaluate import EvalResult, dataset_warning
-from cifarlab.report.common import History, Steps, has_val, kept_epoch, most_damaging, num, pct, row, seconds
+from cifarlab.evaluate import EvalResult, dataset_warning, top_confusion_counts
+from cifarlab.report.common import (
+    History,
+    Steps,
+    has_val,
+    kept_epoch,
+    last_epoch_steps,
+    most_damaging,
+    num,
+    pct,
+    row,
+    seconds,
+)
 from cifarlab.report.insights import N_TOP_LOSSES, N_UNCERTAIN, PER_DIRECTION, Insights, Item
 from cifarlab.runs import run_status
 from cifarlab.text import plural, stages_frozen
@@ -148,9 +159,7 @@ def _init_rows(init: Any, recipe: Any) -> list[list[str]]:
         text = str(init["source"])
     rows = [["initialized from", text]]
     if recipe.freeze_stages or recipe.pretrained_lr_scale != 1.0:
-        n = recipe.freeze_stages
-        frozen = stages_frozen(n)
-        how = f"{frozen}; pretrained LR x{recipe.pretrained_lr_scale:g}"
+        how = f"{stages_frozen(recipe.freeze_stages)}; pretrained LR x{recipe.pretrained_lr_scale:g}"
         rows.append(["fine-tuning", how])
     return rows
 
@@ -161,10 +170,12 @@ def budget_stop(budget: Any, history: History, steps: Steps | None) -> dict[str,
     (`cifarlab.budget.TimeBudget`), so its last epoch is where it stopped."""
     if not isinstance(budget, dict) or not budget.get("budget_seconds") or not history:
         return None
-    last = int(history[-1]["epoch"])
     per_epoch = budget.get("steps_per_epoch")
-    done = sum(1 for e in steps["epoch"] if int(e) == last) if steps else None
-    return {"epoch": last, "steps": done, "of": per_epoch if isinstance(per_epoch, int) else None}
+    return {
+        "epoch": int(history[-1]["epoch"]),
+        "steps": last_epoch_steps(steps),
+        "of": per_epoch if isinstance(per_epoch, int) else None,
+    }
 
 
 def _stop_text(stop: dict[str, Any]) -> str:
@@ -227,10 +238,15 @@ def _summary_text(run: Any) -> str:
     return f"{own} {derived}" if own else derived
 
 
-def _status_rows(run: Any, status: str, message: str) -> list[list[str]]:
-    """A run that has not finished says so first: how far it got, and how to continue it."""
+def _resumable(run: Any, status: str) -> bool:
+    """A stopped or crashed run with a checkpoint: `cifarlab train --resume` continues it."""
     from cifarlab.runs import CHECKPOINT
 
+    return status in ("stopped", "crashed") and (run.path / CHECKPOINT).exists()
+
+
+def _status_rows(run: Any, status: str, message: str) -> list[list[str]]:
+    """A run that has not finished says so first: how far it got, and how to continue it."""
     if status == "finished":
         return []
     done, planned = len(run.history), run.recipe.epochs
@@ -240,7 +256,7 @@ def _status_rows(run: Any, status: str, message: str) -> list[list[str]]:
     if message:
         text += f": {message.rstrip('.')}"
     rows = [["status", text]]
-    if status in ("stopped", "crashed") and (run.path / CHECKPOINT).exists():
+    if _resumable(run, status):
         rows.append(["to continue it", f"cifarlab train --resume {run.path}"])
     elif status in ("stopped", "crashed"):
         rows.append(["to continue it", "no checkpoint was kept: train it again"])
@@ -322,7 +338,7 @@ def summary_section(
     blocks: list[Block] = []
     if status != "finished":
         how = "is still running" if status == "running" else status
-        resume = any(r[0] == "to continue it" and "--resume" in r[1] for r in status_rows)
+        resume = _resumable(run, status)
         blocks.append(
             Paragraph(
                 f"This run has not finished: it {how} after {plural(len(history), 'epoch')} of {recipe.epochs}; "
@@ -404,8 +420,8 @@ def training_section(
             cells += [num(r.get("val_loss"), "val_loss"), num(r.get("val_accuracy"), "val_accuracy")]
         events = _event_text(r, restored_noop=restored_epoch == last and int(r["epoch"]) == last)
         stopped_here = stop is not None and int(r["epoch"]) == stop["epoch"]
-        if stopped_here:
-            events = ", ".join(x for x in (events, (stop or {}).get("text") or _stop_text(stop or {})) if x)
+        if stop is not None and stopped_here:
+            events = ", ".join(x for x in (events, stop.get("text") or _stop_text(stop)) if x)
         cells += [f"{float(r['lr']):.3g}", f"{float(r.get('epoch_seconds') or 0):.1f} s", events]
         rows.append(cells)
         classes.append(_epoch_row_class(r, stopped_here))
@@ -504,18 +520,21 @@ def per_class_section(ev: EvalResult) -> Section:
     )
 
 
-def _confusion_cell(ev: EvalResult, c: str) -> str:
-    """'dog 13%, bird 5.1%, frog 5.0%': from the counts, rounded as the reading rounds them (`share`)."""
+def _confusion_cell(ev: EvalResult, c: str, counts: dict[str, list[tuple[str, int]]] | None = None) -> str:
+    """'dog 13%, bird 5.1%, frog 5.0%': from the counts (`top_confusion_counts`, computed here unless given),
+    rounded as the reading rounds them (`share`)."""
     from cifarlab.report.reading import share
 
+    counts = counts if counts is not None else top_confusion_counts(ev.confusion, ev.classes)
     n = ev.per_class[c].support
-    return ", ".join(f"{o} {share(round(s * n), n)}" for o, s in ev.top_confusions[c]) or "–"
+    return ", ".join(f"{o} {share(k, n)}" for o, k in counts[c]) or "–"
 
 
 def confusions_section(ev: EvalResult) -> Section:
     classes = list(ev.classes)
+    counts = top_confusion_counts(ev.confusion, classes)
     conf_rows = [
-        [c, f"{ev.per_class[c].recall:.0%}", _confusion_cell(ev, c)]
+        [c, f"{ev.per_class[c].recall:.0%}", _confusion_cell(ev, c, counts)]
         if ev.per_class[c].applicable
         else [c, "n/a", "no test image of this class"]
         for c in classes
