@@ -152,6 +152,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.update(CPU_ISA_CAPS[args.cpu_isa])  # before the first kernel here; inherited by every run
 
+    from cifarlab.plugins import load_plugins
     from cifarlab.recipes import Recipe
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -169,6 +170,7 @@ def main() -> None:
         )
 
     cfg = json.loads((Path(rows[0]["run_dir"]) / "config.json").read_text())
+    load_plugins()  # the runs' recipe may name a plugin's pieces ($CIFARLAB_PLUGINS, as the runs loaded them)
     # What the runs trained (on a CPU without bf16, `fast` hands over to `fast_fp32`), as they recorded it.
     recipe = Recipe.from_dict(cfg["recipe"])
     # The peak of the device and precision the runs used (a bf16 peak on a CPU without bf16 would be emulated,

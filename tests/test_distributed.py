@@ -67,6 +67,8 @@ class Crash(Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch + 1 == int(os.environ.get("TEST_SIGTERM_RANK1_AFTER_EPOCH", "0")) and os.environ["RANK"] == "1":
             os.kill(os.getpid(), signal.SIGTERM)  # one rank only, as `kill PID` or a scheduler may do
+        if epoch + 1 == int(os.environ.get("TEST_KILL_RANK1_AFTER_EPOCH", "0")) and os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGKILL)  # one process dies (the OOM killer, a crash in native code)
         if epoch + 1 == int(os.environ.get("TEST_CRASH_AFTER_EPOCH", "0")):
             import torch.distributed as dist
 
@@ -251,6 +253,106 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(setup: dict) -> 
 
 @needs_gloo
 @pytest.mark.long
+def test_a_process_that_dies_is_reported_in_one_line_and_the_run_resumes(setup: dict) -> None:
+    """Rank 1 SIGKILLed mid-run: rank 0's next all-reduce fails. It used to print gloo's traceback and leave its
+    raw text (source path, "GLHF!") in status.json; now one line says another process ended and how to resume."""
+    s = setup
+    runs = s["base"] / "rank_died"
+    done = subprocess.run(
+        [sys.executable, "-m", "cifarlab.cli", *_train_args(s, runs, "--nproc", "2")],
+        env={**s["env"], "TEST_KILL_RANK1_AFTER_EPOCH": "2"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        preexec_fn=_all_cores,
+    )
+    run = _only_run(runs)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "killed by SIGKILL" in done.stderr, done.stderr
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "crashed" and status["message"].startswith(
+        "another process of this training ended during the run (gloo: "
+    ), status
+    assert "pair.cc" not in status["message"] and "GLHF" not in status["message"]
+    assert f"resume with: cifarlab train --nproc 2 --resume {run}" in done.stderr
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cifarlab.cli", "--plugin", s["plugin"], "train", "--resume", str(run), "--no-report"],
+        env=s["env"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        preexec_fn=_all_cores,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+
+
+def _processes_naming(text: str) -> list[int]:
+    """The pids of this machine's processes whose command line contains `text`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@needs_gloo
+@pytest.mark.long
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the processes through /proc")
+def test_ranks_stop_when_their_launcher_is_killed(setup: dict) -> None:
+    """SIGKILL to `--nproc`'s launcher (torchrun's agent in that process) used to leave both ranks training as
+    orphans (torchrun starts them in sessions of their own), holding the run's lock. Now they notice the launcher
+    is gone, agree on a step, mark the run stopped (resumable, as after Ctrl-C) and exit."""
+    s = setup
+    runs = s["base"] / "orphaned"
+    args = _train_args(s, runs)
+    train = args.index("train")
+    args[train + 1 : train + 1] = ["--nproc", "2"]
+    args.remove("--quiet")  # (for the resume line)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "cifarlab.cli", *args, "--set", "epochs=20000"],
+        env=s["env"],
+        stdout=(base_out := (s["base"] / "orphaned.out").open("wb")),
+        stderr=subprocess.PIPE,
+        preexec_fn=_all_cores,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not list(runs.glob("*/checkpoint.pt")):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read().decode()
+            time.sleep(0.2)
+        ranks = [p for p in _processes_naming(str(runs)) if p != launcher.pid]
+        assert len(ranks) == 2, ranks
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 60
+        while [p for p in ranks if p in _processes_naming(str(runs))] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in ranks if p in _processes_naming(str(runs))]
+        assert not left, f"ranks {left} still running 60 s after their launcher was killed"
+    finally:
+        launcher.kill()
+        for pid in _processes_naming(str(runs)):
+            os.kill(pid, 9)
+    run = _only_run(runs)
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "stopped", status
+    assert "interrupted during epoch" in status["message"]
+    err = launcher.stderr.read().decode() if launcher.stderr else ""
+    assert err.count("the launcher of this training") == 1, err  # said once (by local rank 0), not per rank
+    base_out.close()
+    # as many processes again (the processes' own command has no --nproc; the launcher passed it on)
+    assert f"resume with: cifarlab train --nproc 2 --resume {run}" in (s["base"] / "orphaned.out").read_text()
+    command = json.loads((run / "config.json").read_text())["command"]
+    assert command.startswith("cifarlab --plugin") and " train --nproc 2 --recipe reference " in command
+
+
+@needs_gloo
+@pytest.mark.long
 def test_ddp_global_batch_matches_one_process(pair: dict) -> None:
     single, ddp = pair["single"], pair["ddp"]
     ws, wd = _weights(single), _weights(ddp)
@@ -393,3 +495,14 @@ def test_a_batch_that_does_not_split_names_the_process_counts_that_would() -> No
     ):
         _check_fits_data(get_recipe("reference").replace(batch_size=8), 100, (3, 32, 32), world=3)
     _check_fits_data(get_recipe("reference").replace(batch_size=8), 100, (3, 32, 32), world=2)
+
+
+def test_the_resume_command_keeps_the_process_count() -> None:
+    from cifarlab.runs import resume_command
+
+    assert resume_command("runs/a") == "cifarlab train --resume runs/a"
+    assert resume_command("runs/a", {"world_size": 1, "nodes": 1}) == "cifarlab train --resume runs/a"
+    assert resume_command("runs/a", {"world_size": 4, "nodes": 1}) == "cifarlab train --nproc 4 --resume runs/a"
+    multi = resume_command("runs/a", {"world_size": 8, "nodes": 2})
+    assert multi.startswith("torchrun --nnodes 2 --nproc-per-node 4 ") and "train --resume runs/a" in multi
+    assert resume_command("runs/a", {"world_size": "bad"}) == "cifarlab train --resume runs/a"  # a damaged config

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,7 +35,17 @@ from torch import nn
 
 from cifarlab.errors import ConfigError, UserError
 
-__all__ = ["Distributed", "env_world", "install_agreed_stop", "setup", "stop_requested", "threads_per_process"]
+__all__ = [
+    "Distributed",
+    "env_world",
+    "install_agreed_stop",
+    "peer_lost",
+    "peer_lost_reason",
+    "setup",
+    "stop_requested",
+    "threads_per_process",
+    "watch_launcher",
+]
 
 # torchrun's environment variables.
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -44,11 +55,12 @@ _STOP = threading.Event()  # this process was asked to stop (SIGINT/SIGTERM); th
 STOP_CHECK_STEPS = 16  # on GPUs the flag is read every this many steps (a read is a host synchronisation)
 
 
-def install_agreed_stop() -> None:
+def install_agreed_stop(watch_parent: bool = True) -> None:
     """SIGINT and SIGTERM in a torchrun process: the first one sets a flag that every rank reads at the same
     step (summed with the step's numbers), so all of them stop there together and the run is marked stopped;
     raising at once in the signalled process alone left the others waiting in the next all-reduce for gloo's
-    30-minute timeout. A second signal stops this process at once."""
+    30-minute timeout. A second signal stops this process at once. With `watch_parent`, the death of the
+    process that started this one sets the flag too (`watch_launcher`)."""
     import signal
 
     def stop(signum: int, frame: Any) -> None:
@@ -59,11 +71,78 @@ def install_agreed_stop() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
+    if watch_parent:
+        watch_launcher()
+
+
+PARENT_CHECK_SECONDS = 1.0  # how often a rank looks for its launcher (one getppid() call)
+ORPHAN_EXIT_SECONDS = 600.0  # an orphaned rank that has not stopped by then (stuck outside training) exits
+
+
+def watch_launcher(
+    check_s: float = PARENT_CHECK_SECONDS, exit_after_s: float = ORPHAN_EXIT_SECONDS
+) -> threading.Thread:
+    """A daemon thread that asks for the agreed stop when this process's parent (torchrun's agent, or the
+    `--nproc` launcher) dies without stopping its workers: SIGKILL, the OOM killer, a closed session. torchrun
+    starts each worker in a session of its own, so they used to train on as orphans, holding the run's lock and
+    the cores, and nobody left to read their exit. The parent is polled (PR_SET_PDEATHSIG would fire when the
+    launcher's spawning *thread* ends, not only its process). An orphan still alive `exit_after_s` after the
+    request (stuck in a collective with a peer that died, say) ends itself; every file it writes is written
+    atomically, so nothing is left half-written."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not _STOP.wait(check_s):
+            if os.getppid() != parent:
+                break
+        else:
+            return  # a signal asked for the stop: the signal's path handles it
+        # Said before the flag is set: the stop that follows may end the process before this thread runs again.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            import sys
+
+            try:  # (whoever read our output may have gone with the launcher)
+                print(
+                    f"error: the launcher of this training (process {parent}) ended without stopping its "
+                    "processes; they stop after the current step, as for Ctrl-C",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            except (OSError, ValueError):
+                pass
+        _STOP.set()
+        time.sleep(exit_after_s)
+        os._exit(1)  # still here: the stop was never read
+
+    t = threading.Thread(target=watch, name="cifarlab-launcher-watch", daemon=True)
+    t.start()
+    return t
 
 
 def stop_requested() -> float:
     """1.0 when this process was asked to stop (`install_agreed_stop`), else 0.0."""
     return 1.0 if _STOP.is_set() else 0.0
+
+
+# What gloo and NCCL raise in a process whose peer died mid-collective (a plain RuntimeError from gloo).
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another process of the group is gone (killed, crashed)."""
+    import torch.distributed as dist
+
+    kinds = tuple(k for k in (getattr(dist, "DistNetworkError", None),) if isinstance(k, type))
+    return isinstance(e, kinds) or (isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_LOST))
+
+
+def peer_lost_reason(e: BaseException) -> str:
+    """`e`'s first line without gloo's source location and advice: "gloo: Connection closed by peer [addr]"."""
+    import re
+
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". This is typically")[0].strip()
+    return f"{'nccl' if 'NCCL' in str(e) else 'gloo'}: {text[:200]}"
 
 
 def env_world() -> tuple[int, int, int, int] | None:

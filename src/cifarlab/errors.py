@@ -11,3 +11,8 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """A recipe or config value is unknown or out of range."""
+
+
+class RunError(Exception):
+    """A run failed for a reason the message explains (not the user's input): the CLI prints it without a
+    traceback and exits 1."""

@@ -256,6 +256,11 @@ class TrainingState:
     planned_epochs: int | None  # the recipe's epochs
     calibrate: bool  # the recipe fits a softmax temperature after training
     last_epoch_steps: int | None = None  # optimizer steps logged in the last epoch (steps.csv), when known
+    resume: str = ""  # the command that continues it (`runs.resume_command`); "" when not known
+
+    @property
+    def resume_command(self) -> str:
+        return self.resume or f"cifarlab train --resume {self.run_dir}"
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

@@ -35,8 +35,8 @@ from cifarlab.budget import PROCESS_START, BudgetPlan, Clock, TimeBudget, plan_b
 from cifarlab.calibrate import fit_on_split
 from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, recipe_split
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads, without_cudnn_timing
-from cifarlab.distributed import Distributed, threads_per_process
-from cifarlab.errors import UserError
+from cifarlab.distributed import Distributed, peer_lost, peer_lost_reason, threads_per_process
+from cifarlab.errors import RunError, UserError
 from cifarlab.finetune import InitResult, apply_freeze, apply_init, check_init_args, read_init_source
 from cifarlab.inference import predict_logits, recipe_options, to_float
 from cifarlab.models import build_model
@@ -54,6 +54,7 @@ from cifarlab.runs import (
     machine_info,
     new_run_dir,
     read_json,
+    resume_command,
     save_weights,
     write_history,
     write_json,
@@ -623,7 +624,7 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         write_status(run_dir, status, message=fit.message)
         say(fit.message)
         if fit.status == "stopped" and (run_dir / CHECKPOINT).exists():
-            say(f"resume with: cifarlab train --resume {run_dir}")
+            say(f"resume with: {resume_command(run_dir, plan.config.get('distributed'))}")
             # A stopped run's weights are the last whole epoch's, as its checkpoint holds them (the model in memory
             # may be mid-epoch; finite: the NaN guard checks before every checkpoint).
             plan.model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT)["model"])
@@ -846,9 +847,19 @@ def run_experiment(
             if main:
                 resumable = (run_dir / CHECKPOINT).exists()
                 _status_if_possible(run_dir, "stopped", message="interrupted outside the training epochs")
-                say(f"resume with: cifarlab train --resume {run_dir}" if resumable else "nothing to resume yet")
+                resume = resume_command(run_dir, (plan.config or {}).get("distributed"))
+                say(f"resume with: {resume}" if resumable else "nothing to resume yet")
             raise
         except BaseException as e:
+            if plan.dist is not None and peer_lost(e):
+                # One line, not gloo's traceback: the process that died has its own messages, torchrun names it.
+                why = f"another process of this training ended during the run ({peer_lost_reason(e)})"
+                if main:
+                    _status_if_possible(run_dir, "crashed", message=why)
+                if (run_dir / CHECKPOINT).exists():
+                    resume = resume_command(run_dir, plan.config.get("distributed"))
+                    why += f"; the run's last checkpoint stands: resume with: {resume}"
+                raise RunError(why) from None
             if main:
                 _status_if_possible(run_dir, "crashed", message=f"{type(e).__name__}: {e}")
             raise

@@ -47,6 +47,7 @@ __all__ = [
     "machine_info",
     "new_run_dir",
     "read_json",
+    "resume_command",
     "save_checkpoint",
     "save_weights",
     "write_history",
@@ -140,6 +141,23 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def resume_command(run_dir: Path | str, distributed: Any = None) -> str:
+    """The command that continues a stopped run: with as many processes as it trained with (config.json's
+    `distributed`), since one process would resume it too, but slower and without saying so."""
+    d = distributed if isinstance(distributed, dict) else {}
+    try:
+        world, nodes = int(d.get("world_size") or 1), int(d.get("nodes") or 1)
+    except (TypeError, ValueError):
+        world, nodes = 1, 1
+    if world > 1 and nodes > 1:
+        per_node = world // nodes
+        return (
+            f"torchrun --nnodes {nodes} --nproc-per-node {per_node} <the first run's rendezvous options> "
+            f"-m cifarlab.cli train --resume {run_dir} (on each node)"
+        )
+    return f"cifarlab train --nproc {world} --resume {run_dir}" if world > 1 else f"cifarlab train --resume {run_dir}"
 
 
 def run_status(run: Any) -> tuple[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -134,14 +135,41 @@ def output_may_close() -> Iterator[None]:
         sys.stdout = was
 
 
+class _CliFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+@contextlib.contextmanager
+def cli_logging() -> Iterator[None]:
+    """cifarlab's log records on stderr while a command runs: warnings as `warning: ...` (without a handler,
+    Python printed the bare message), progress only where a command asks for it (`data`). Under torchrun only
+    the first process warns: the others read the same data and would repeat each line."""
+    logger = logging.getLogger("cifarlab")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CliFormatter())
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if os.environ.get("RANK", "0") == "0" else logging.ERROR)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
 def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run a command's function: its return value is the exit status; a `UserError` prints one line and
     exits 2, an `OSError` (full disk, read-only folder) one line and exits 1, Ctrl-C exits 130, a closed output
     pipe (`| head`) exits 0. Other errors keep their traceback."""
-    from cifarlab.errors import UserError
+    from cifarlab.errors import RunError, UserError
 
     try:
-        return int(func(args) or 0)
+        with cli_logging():
+            return int(func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -152,6 +180,9 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
     except UserError as exc:  # user-facing errors carry their own advice
         print_error(exc)
         return 2
+    except RunError as exc:  # a run that failed, its message saying why and what now
+        print_error(exc)
+        return 1
     except OSError as exc:  # a full disk, a read-only folder, a vanished file: one line, not a traceback
         print_error(os_error_message(exc))
         return 1

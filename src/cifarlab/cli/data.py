@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,31 +83,16 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-class _CliFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage()
-        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
-
-
 @contextlib.contextmanager
 def _cli_logging() -> Iterator[None]:
-    """Show cifarlab's progress and warnings on stderr while a command runs.
-
-    Checksum warnings reach the user as one log line.
-    """
+    """Also show cifarlab's progress (INFO) on stderr, not only its warnings (`cli.common.cli_logging`)."""
     logger = logging.getLogger("cifarlab")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_CliFormatter())
-    old_level, old_propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    old_level = logger.level
+    logger.setLevel(min(old_level or logging.INFO, logging.INFO))
     try:
         yield
     finally:
-        logger.removeHandler(handler)
         logger.setLevel(old_level)
-        logger.propagate = old_propagate
 
 
 def _load(args: argparse.Namespace) -> Any:

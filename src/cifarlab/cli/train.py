@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -100,6 +101,18 @@ def _torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
     return [*run, "-m", "cifarlab.cli", *rest]
 
 
+def _exit_text(code: int) -> str:
+    """torchrun's exit code of a process: "exit 1", or "killed by SIGKILL" for -9."""
+    import signal
+
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit {code}"
+
+
 def launch(torchrun_args: list[str]) -> int:
     """torchrun's launcher in this process (what `python -m torch.distributed.run ARGS` runs), with its failures
     as this command's exit status instead of its traceback: every process stopped (Ctrl-C, SIGTERM: 130) or
@@ -116,7 +129,7 @@ def launch(torchrun_args: list[str]) -> int:
         codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
         if len(set(codes.values())) == 1 and next(iter(codes.values())) in (2, 130):
             return next(iter(codes.values()))
-        each = ", ".join(f"process {rank}: exit {code}" for rank, code in codes.items())
+        each = ", ".join(f"process {rank}: {_exit_text(code)}" for rank, code in codes.items())
         print(f"error: training processes failed ({each}); their messages are above", file=sys.stderr)
         return 1
     except SignalException:  # Ctrl-C or SIGTERM to the launcher: it stopped the processes (they saved and marked)
@@ -179,6 +192,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         f"batch_size={r.batch_size} is not a multiple of --nproc {args.nproc}: each process takes an "
                         f"equal slice of every global batch; use a batch_size divisible by {args.nproc}"
                     )
+            # The processes record the command as typed (theirs lacks --nproc) in config.json.
+            os.environ[LAUNCH_COMMAND_ENV] = _typed_command()
             return launch(_torchrun_argv(args.nproc, sys.argv[1:])[3:])
 
     recipe = None
@@ -222,6 +237,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return {"finished": 0, "stopped": 130}.get(result.status, 1)
 
 
+LAUNCH_COMMAND_ENV = "CIFARLAB_LAUNCH_COMMAND"  # set by --nproc for the processes it starts
+
+
+def _typed_command() -> str:
+    return "cifarlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _recorded_command(dist: Any) -> str:
+    """config.json's command: as typed, also for a process torchrun started (`--nproc`'s launcher passes it on;
+    under torchrun itself, torchrun's own options cannot be read back, so its process counts stand for them)."""
+    if dist is None:
+        return _typed_command()
+    launched = os.environ.get(LAUNCH_COMMAND_ENV)
+    if launched:
+        return launched
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return f"torchrun --nnodes {dist.nodes} --nproc-per-node {dist.local_world} -m cifarlab.cli {args}"
+
+
 def _run(args: argparse.Namespace, recipe: Any, budget: float | None, dist: Any, run_experiment: Any) -> Any:
     return run_experiment(
         recipe,
@@ -232,7 +266,7 @@ def _run(args: argparse.Namespace, recipe: Any, budget: float | None, dist: Any,
         deterministic=args.deterministic,
         quiet=args.quiet,
         report=not args.no_report,
-        command="cifarlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=_recorded_command(dist),
         tensorboard=args.tensorboard,
         mlflow=args.mlflow,
         init=args.init,

@@ -184,7 +184,7 @@ def training_state(run: Any, steps: Steps | None) -> TrainingState | None:
     say). `steps`: the run's steps.csv, already read by the report."""
     from cifarlab.errors import UserError
     from cifarlab.evaluate import TrainingState
-    from cifarlab.runs import run_status
+    from cifarlab.runs import resume_command, run_status
 
     try:
         # as the report's summary reads it: the training process's own report, written just before it marks the
@@ -204,4 +204,5 @@ def training_state(run: Any, steps: Steps | None) -> TrainingState | None:
         planned_epochs=planned,
         calibrate=calibrate,
         last_epoch_steps=last_epoch_steps(steps),
+        resume=resume_command(run.path, (getattr(run, "config", None) or {}).get("distributed")),
     )

@@ -178,6 +178,7 @@ def calibration_sentence(
     fit_loss: float | None = None,
     state: str | None = None,
     run_dir: str = "RUN_DIR",
+    resume: str = "",
 ) -> str:
     """How far the probabilities can be trusted. `temperature`: the run's fitted softmax temperature (the
     probabilities are those of the logits divided by it); `uncalibrated_ece`/`uncalibrated_loss`: the plain
@@ -255,7 +256,7 @@ def calibration_sentence(
     elif state == "pending" and temperature == 1.0:
         s += (
             " The recipe fits a softmax temperature (calibrate=true) when training finishes, and this run has not "
-            f"finished: resume it (cifarlab train --resume {run_dir}) to get one."
+            f"finished: resume it ({resume or f'cifarlab train --resume {run_dir}'}) to get one."
         )
     elif cal.ece >= 0.02 and cal.overconfidence <= 0 and label_smoothing > 0:
         target = 1 - label_smoothing + label_smoothing / n_classes
@@ -348,13 +349,13 @@ def training_sentence(history: History, metrics: dict[str, Any], state: Training
     status = state.status if state is not None else metrics.get("status")
     planned = state.planned_epochs if state is not None else None
     budget = metrics.get("budget") if isinstance(metrics.get("budget"), dict) else None
-    run_dir = state.run_dir if state is not None else "RUN_DIR"
+    resume_with = state.resume_command if state is not None else "cifarlab train --resume RUN_DIR"
     resume = ""
     if status == "stopped":
         first = f"Training was stopped (interrupted) after {plural(n, 'epoch')}" + (
             f" of the {planned} planned" if planned else ""
         )
-        resume = f"continue it with cifarlab train --resume {run_dir}"
+        resume = f"continue it with {resume_with}"
     elif status not in (None, "finished"):
         first = f"Training did not finish (status {status}) after {plural(n, 'epoch')}" + (
             f" of the {planned} planned" if planned else ""
@@ -457,6 +458,7 @@ def plain_reading(
         fit_loss=_num(fit.get("fit_loss_after")),
         state=calibration_state(ev, metrics),
         run_dir=ev.training.run_dir if ev.training else "RUN_DIR",
+        resume=ev.training.resume_command if ev.training else "",
     )
     out = [headline(ev), *class_sentences(ev), *pair_sentences(ev), cal]
     rob = robustness_sentence(robustness)

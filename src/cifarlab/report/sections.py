@@ -245,6 +245,12 @@ def _resumable(run: Any, status: str) -> bool:
     return status in ("stopped", "crashed") and (run.path / CHECKPOINT).exists()
 
 
+def _resume(run: Any) -> str:
+    from cifarlab.runs import resume_command
+
+    return resume_command(run.path, (getattr(run, "config", None) or {}).get("distributed"))
+
+
 def _status_rows(run: Any, status: str, message: str) -> list[list[str]]:
     """A run that has not finished says so first: how far it got, and how to continue it."""
     if status == "finished":
@@ -257,7 +263,7 @@ def _status_rows(run: Any, status: str, message: str) -> list[list[str]]:
         text += f": {message.rstrip('.')}"
     rows = [["status", text]]
     if _resumable(run, status):
-        rows.append(["to continue it", f"cifarlab train --resume {run.path}"])
+        rows.append(["to continue it", _resume(run)])
     elif status in ("stopped", "crashed"):
         rows.append(["to continue it", "no checkpoint was kept: train it again"])
     return rows
@@ -343,7 +349,7 @@ def summary_section(
             Paragraph(
                 f"This run has not finished: it {how} after {plural(len(history), 'epoch')} of {recipe.epochs}; "
                 "the numbers below are those of its last saved weights."
-                + (f" Continue it with: cifarlab train --resume {run.path}" if resume else "")
+                + (f" Continue it with: {_resume(run)}" if resume else "")
             )
         )
     return section(
