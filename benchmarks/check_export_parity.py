@@ -3,9 +3,9 @@
     python benchmarks/check_export_parity.py runs/<run> --data-dir ../shared/data
 
 Takes --n (default 1,000) test images of the run's dataset, evenly spaced over the test set, exports the
-run to a temporary folder, and prints the max abs difference of the probabilities from
-`inference.predict_proba(tta="none", precision="fp32")` at the run's softmax temperature (the exports hold no TTA),
-plus top-1 agreement.
+run to a temporary folder with --tta (default: the run's recipe's, what `cifarlab export` puts in the graph),
+and prints the max abs difference of the probabilities from `inference.predict_proba(tta=..., precision="fp32")`
+at the run's softmax temperature, plus top-1 agreement.
 The exports are fed in batches of --batch (default 250, not the export's dummy batch of 2) to exercise the
 dynamic batch axis. Exit status 1 when a difference exceeds --tol (default 1e-4).
 """
@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=1000, help="test images to compare (default 1000)")
     ap.add_argument("--batch", type=int, default=250, help="batch size fed to the exports (default 250)")
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument(
+        "--tta", choices=("recipe", "none", "flip", "flip_translate"), default="recipe", help="default: the recipe's"
+    )
     args = ap.parse_args(argv)
 
     import onnxruntime as ort
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from cifarlab.runs import load_run
 
     run = load_run(args.run_dir)
+    tta = run.recipe.tta if args.tta == "recipe" else args.tta
     ds = load_dataset(run.recipe.dataset, args.data_dir)
     # Evenly spaced over the test set: ImageFolder copies are sorted by class, so the first 1,000 would all
     # be airplanes.
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = run.normalization
     t0 = time.perf_counter()
     ref = predict_proba(
-        run.build_model(), x, mean=mean, std=std, tta="none", precision="fp32", channels_last=False,
+        run.build_model(), x, mean=mean, std=std, tta=tta, precision="fp32", channels_last=False,
         temperature=run.temperature,  # the exports divide by it too
     )  # fmt: skip
     print(
@@ -55,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(x)} test images of {ds.name}; PyTorch fp32 in {time.perf_counter() - t0:.1f} s"
     )
     acc = (ref.argmax(1) == y).float().mean().item()
-    print(f"PyTorch top-1 accuracy on these images (no TTA): {acc:.2%}")
+    print(f"PyTorch top-1 accuracy on these images (TTA {tta}): {acc:.2%}")
 
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(run.path, Path(tmp) / "model.onnx")
-        ts_path = export_torchscript(run.path, Path(tmp) / "model.pt")
+        onnx_path = export_onnx(run.path, Path(tmp) / "model.onnx", tta=tta)
+        ts_path = export_torchscript(run.path, Path(tmp) / "model.pt", tta=tta)
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)

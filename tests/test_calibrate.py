@@ -123,10 +123,10 @@ def test_every_probability_path_applies_it(trained, tmp_path: Path):
 
 
 def run_probs_fp32(run_dir: Path, x: torch.Tensor) -> torch.Tensor:
-    """What an export must give: fp32, no TTA, at the run's temperature."""
+    """What an export must give: fp32, the recipe's TTA (in the graph), at the run's temperature."""
     run = load_run(run_dir)
     mean, std = run.normalization
-    z = predict_logits(run.build_model(), x, mean=mean, std=std, tta="none", precision="fp32")
+    z = predict_logits(run.build_model(), x, mean=mean, std=std, tta=run.recipe.tta, precision="fp32")
     return torch.softmax(z / run.temperature, dim=1)
 
 

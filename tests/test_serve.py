@@ -193,19 +193,25 @@ def test_model_card_report_and_plots(tmp_path: Path):
 
 
 def test_the_card_says_which_tta_its_test_figures_were_measured_with(tmp_path: Path):
-    """The ONNX graph runs no TTA; a `fast` run's figures are its flip-TTA evaluation: the card says so."""
+    """Both backends run the recipe's TTA (the ONNX graph holds it): no note. Figures measured with other views
+    than the backend runs get a note saying so."""
+    pytest.importorskip("onnxruntime")
     from cifarlab.runs import load_run
     from cifarlab.serve import model_card
 
-    run = load_run(make_run(tmp_path / "20260101-140000-fast", tiny_recipe("airnet").replace(tta="flip")))
+    run_dir = make_run(tmp_path / "20260101-140000-fast", tiny_recipe("airnet").replace(tta="flip"))
+    run = load_run(run_dir)
     (run.path / "metrics.json").write_text(
         json.dumps({"test_accuracy": 0.8125, "evaluation": {"inference": {"tta": "flip"}}})
     )
-    torch_card = model_card(run, "m", "torch", "flip")
-    assert torch_card["test_figures_tta"] == "flip" and torch_card["note"] is None
-    onnx_card = model_card(run, "m", "onnx", "none")
-    assert onnx_card["test_accuracy"] == 0.8125 and onnx_card["test_figures_tta"] == "flip"
-    assert onnx_card["note"].startswith("test figures measured with TTA flip; this backend runs TTA none")
+    for backend in ("torch", "onnx"):
+        with TestClient(create_app([run_dir], backend=backend)) as c:
+            card = c.get("/v1/models").json()["models"][0]
+        assert card["backend"] == backend and card["tta"] == "flip" and card["test_accuracy"] == 0.8125
+        assert card["test_figures_tta"] == "flip" and card["note"] is None
+    other = model_card(run, "m", "onnx", "none")  # a backend running other views than the evaluation's
+    assert other["test_accuracy"] == 0.8125 and other["test_figures_tta"] == "flip"
+    assert other["note"].startswith("test figures measured with TTA flip; this backend runs TTA none")
 
 
 def test_report_missing_is_404(client: TestClient, run_dir: Path):
@@ -317,6 +323,7 @@ HOSTILE = {
     "empty file": (lambda: b"", "multipart", 400, "empty"),
     "text named .png": (lambda: b"just some text\n" * 20, "multipart", 415, "not an image"),
     "truncated png": (lambda: png_bytes((64, 64))[:300], "multipart", 400, "truncated"),
+    "jpeg cut in its header": (lambda: jpeg_bytes()[:100], "raw", 400, "Truncated File Read"),
     "svg": (lambda: SVG, "multipart", 415, "SVG"),
     "svg raw": (lambda: SVG, "raw", 415, "SVG"),
     "html": (lambda: b"<html><script>alert(1)</script></html>", "raw", 415, "not a raster image"),
@@ -336,6 +343,28 @@ def test_hostile_upload(client: TestClient, case: str):
     assert r.status_code == status, r.text
     assert set(r.json()) == {"error"} and words in r.json()["error"], r.json()
     assert_ok(client)  # the service is still fine
+
+
+@pytest.mark.parametrize("cut", ["header", "data"])
+def test_a_truncated_jpeg_gets_predicts_words(client: TestClient, run_dir: Path, tmp_path: Path, cut: str):
+    """A JPEG cut short (an interrupted upload or copy) is damaged image data, not "not an image": the service says
+    what `cifarlab predict` says for the same bytes, with 400 (415 stays for bytes no image format claims)."""
+    whole = jpeg_bytes()
+    data = whole[:100] if cut == "header" else whole[: len(whole) // 2]  # in the markers, or in the scan
+    with Image.open(io.BytesIO(whole)) as im:
+        assert im.format == "JPEG" and im.size == (640, 480)  # a real JPEG, cut
+    f = tmp_path / "cut.jpg"
+    f.write_bytes(data)
+    [expected] = predict.predict_paths(run_dir, [f])
+    assert "truncated" in expected["error"].lower() and "top_k" not in expected, expected
+    for r in (
+        post_file(client, data, name="cut.jpg"),
+        client.post("/v1/predict", content=data, headers={"Content-Type": "image/jpeg"}),
+    ):
+        name = "cut.jpg" if r.request.headers["content-type"].startswith("multipart") else "body"
+        assert r.status_code == 400, r.text
+        assert r.json() == {"error": f"{name}: {expected['error']}"}
+    assert_ok(client)
 
 
 def test_bomb_refused_before_decoding(client: TestClient):
@@ -595,7 +624,7 @@ def test_onnx_backend(run_dir: Path):
     with TestClient(create_app([run_dir], backend="onnx")) as c, TestClient(create_app([run_dir], device="cpu")) as cpu:
         assert not (run_dir / "model.onnx").exists()  # exported to a temporary file, not into the run
         card = c.get("/v1/models").json()["models"][0]
-        assert card["backend"] == "onnx" and card["tta"] == "none"
+        assert card["backend"] == "onnx" and card["tta"] == "none"  # the reference recipe's
         for data in (png_bytes(), jpeg_bytes(), cifar_image()):
             r = post_file(c, data, query="?top_k=10&preview=false")
             assert r.status_code == 200, r.text
@@ -625,6 +654,54 @@ def test_onnx_backend_never_serves_a_stale_export(tmp_path: Path):
     expected = _onnx_forward(load_run(other), torch.device("cpu"))(x)
     assert not torch.allclose(before, expected, atol=1e-3)  # the stale file would answer differently
     assert torch.allclose(served, expected, atol=1e-6)
+
+
+def test_onnx_and_torch_backends_give_the_same_answers_with_the_recipes_tta(tmp_path: Path):
+    """The ONNX graph holds the recipe's TTA (6 views here), so both backends answer alike: the same classes and, in
+    fp32, the same probabilities to float rounding. A model.onnx in the run folder with other views (an export from
+    before, or `export --tta none`) would answer differently: the service exports afresh and leaves the file."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from cifarlab.export import export_onnx, read_onnx_metadata
+
+    recipe = tiny_recipe("airnet").replace(precision="fp32")  # bf16 on the torch side would blur the comparison
+    run = make_run(tmp_path / "20260101-120000-fast", recipe, seed=3, temperature=0.7)
+    export_onnx(run, run / "model.onnx", tta="none")  # what `cifarlab export` wrote before this fix
+    stale = (run / "model.onnx").read_bytes()
+    uploads = [png_bytes(seed=i) for i in range(8)] + [jpeg_bytes((90, 70), seed=i) for i in range(4)]
+    uploads.append(cifar_image())
+    files = [("files", (f"{i}.img", d)) for i, d in enumerate(uploads)]
+    answers = {}
+    for backend in ("onnx", "torch"):
+        with TestClient(create_app([run], backend=backend, max_batch=len(files))) as c:
+            card = c.get("/v1/models").json()["models"][0]
+            assert card["tta"] == "flip_translate" and card["note"] is None
+            r = c.post("/v1/predict?top_k=10&preview=false", files=files)
+            assert r.status_code == 200 and r.json()["backend"] == backend, r.text
+            answers[backend] = [{t["class"]: t["probability"] for t in x["top_k"]} for x in r.json()["results"]]
+    assert (run / "model.onnx").read_bytes() == stale and read_onnx_metadata(run / "model.onnx")["tta"] == "none"
+    onnx_top = [max(a, key=a.get) for a in answers["onnx"]]
+    assert onnx_top == [max(a, key=a.get) for a in answers["torch"]]
+    assert len(set(onnx_top)) > 1  # not one class for everything
+    worst = max(abs(o[k] - t[k]) for o, t in zip(answers["onnx"], answers["torch"]) for k in CLASSES)
+    assert worst < 1e-5, worst
+    # The bare-model file answers differently: what serving it used to cost.
+    session = ort_session(run / "model.onnx")
+    arrays = [serve_decode(d) for d in uploads]
+    [bare] = session.run(None, {"images": np.stack(arrays)})
+    assert max(abs(float(bare[i, CLASSES.index(k)]) - t[k]) for i, t in enumerate(answers["torch"]) for k in t) > 1e-3
+
+
+def ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def serve_decode(data: bytes) -> np.ndarray:
+    from cifarlab.serve import decode
+
+    return decode(data, "x", (3, 32, 32), 40_000_000)
 
 
 def test_cli_refuses_a_non_finite_upload_limit(run_dir: Path, capsys: pytest.CaptureFixture[str]):

@@ -12,10 +12,11 @@ Endpoints (every error is JSON ``{"error": "..."}`` with a 4xx/5xx status):
 - ``GET /docs``: a local page listing the OpenAPI operations (FastAPI's Swagger UI loads its assets from a
   CDN, which this service never relies on) and ``GET /openapi.json``.
 
-Uploads are decided by their bytes (Pillow must identify a raster format; SVG/XML/text are refused), never by
-name or declared type; size is capped while reading; decompression bombs are refused from the header. Images
-are decoded exactly like `cifarlab predict` (`cifarlab.predict._decode`) and classified with the same
-`inference.predict_proba` call, so a file gives the same probabilities through both.
+Uploads are decided by their bytes (Pillow must identify a raster format; SVG/XML/text are refused with 415),
+never by name or declared type; size is capped while reading; decompression bombs are refused from the header.
+Images are decoded exactly like `cifarlab predict` (`cifarlab.predict._decode`; a damaged or truncated one is 400
+with predict's message) and classified with the same `inference.predict_proba` call, so a file gives the same
+probabilities through both. The ONNX backend runs an export with the recipe's TTA in the graph: the same views.
 
 Concurrent requests are micro-batched: one asyncio queue per model, a worker gathers up to `max_batch`
 images or waits at most `max_wait_ms`, then runs one forward pass in a thread.
@@ -292,8 +293,8 @@ def model_card(run: Any, model_id: str, backend: str, tta: str) -> dict[str, Any
     has_report = (run.path / "report.html").is_file()
     inference = ev.get("inference") if isinstance(ev.get("inference"), dict) else {}
     measured = str(inference.get("tta") or run.recipe.tta)
-    # The figures are the run's evaluation: with its TTA. A backend that runs other views (the ONNX graph has
-    # none) answers a little differently, so the card says which the figures are.
+    # The figures are the run's evaluation: with its TTA. Both backends run the recipe's TTA (the ONNX graph holds
+    # it); where the evaluation was made with other views, the service answers a little differently: say so.
     note = (
         f"test figures measured with TTA {measured}; this backend runs TTA {tta}, so its own accuracy and "
         "probabilities differ a little"
@@ -321,8 +322,8 @@ def model_card(run: Any, model_id: str, backend: str, tta: str) -> dict[str, Any
 
 
 def _onnx_forward(run: Any, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An onnxruntime session on the run's model.onnx, exported to a temporary file first when it is absent
-    (or when it is not this run's export)."""
+    """An onnxruntime session on the run's model.onnx, exported to a temporary file first when it is absent, or
+    when it is not this run's export or not with the recipe's TTA (as the torch backend runs it)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -337,11 +338,19 @@ def _onnx_forward(run: Any, device: torch.device) -> Callable[[torch.Tensor], to
     if path.is_file():
         session = ort.InferenceSession(str(path), providers=providers)
         meta = session.get_modelmeta().custom_metadata_map
-        if meta.get("class_names") != json.dumps(run.classes) or meta.get("weights_sha256") != weights_digest(run):
-            session = None  # a foreign or stale file (other weights, or exported before): export a fresh one
+        # Exports before the TTA went into the graph say "none" (and have no other value).
+        if (
+            meta.get("class_names") != json.dumps(run.classes)
+            or meta.get("weights_sha256") != weights_digest(run)
+            or meta.get("tta", "none") != run.recipe.tta
+        ):
+            # A foreign or stale file (other weights, exported before; or `export --tta` with other views than
+            # the recipe's, which would answer differently from the torch backend): export a fresh one, the file
+            # is left as it is.
+            session = None
     if session is None:
         with tempfile.TemporaryDirectory(prefix="cifarlab-serve-") as tmp:
-            onnx_path = export_onnx(run.path, Path(tmp) / "model.onnx")
+            onnx_path = export_onnx(run.path, Path(tmp) / "model.onnx", tta=run.recipe.tta)
             session = ort.InferenceSession(str(onnx_path), providers=providers)  # reads the file: it may go
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -385,12 +394,9 @@ def load_model(
 
         return inference.predict_proba(model, x, mean=mean, std=std, device=dev, **opts)
 
-    forward: Callable[[torch.Tensor], torch.Tensor] = torch_forward
-    if backend == "torch":
-        tta = run.recipe.tta
-    else:
-        forward = _onnx_forward(run, dev)
-        tta = "none"  # the export has no test-time augmentation
+    # Both backends run the recipe's TTA: the ONNX one on an export with it in the graph (`_onnx_forward`).
+    forward = torch_forward if backend == "torch" else _onnx_forward(run, dev)
+    tta = run.recipe.tta
     return ServedModel(
         id=mid,
         path=run.path,
@@ -409,10 +415,13 @@ def load_model(
 
 
 def sniff(data: bytes, name: str, max_pixels: int) -> str:
-    """The image format of `data`, decided from the bytes only; ServeError (400/413/415) otherwise."""
+    """The image format of `data`, decided from the bytes only; ServeError otherwise: 415 for bytes no accepted
+    format claims, 400 for an image whose header is damaged or cut short (in `cifarlab predict`'s words), 413 for
+    too many pixels."""
     from PIL import Image, UnidentifiedImageError
 
     from cifarlab.data.images import bomb_numbers, header_pixel_limit
+    from cifarlab.predict import _error_message
 
     if not data:
         raise ServeError(400, f"{name}: empty: no image bytes were sent")
@@ -431,10 +440,14 @@ def sniff(data: bytes, name: str, max_pixels: int) -> str:
         raise ServeError(
             413, f"{name}: refused: {size}, over the {max_pixels:,}-pixel limit (possible decompression bomb)"
         ) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except UnidentifiedImageError:  # no accepted format's signature: not an image (at least not one we read)
         raise ServeError(
             415, f"{name}: not an image this service reads (send PNG, JPEG, GIF, BMP, WebP or TIFF bytes)"
         ) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        # A format's signature matched, then its header could not be read: a damaged or truncated file, as
+        # `cifarlab predict` says for the same bytes (its message, from the same exception).
+        raise ServeError(400, f"{name}: {_error_message(e, max_pixels)}") from None
     limit = header_pixel_limit(fmt, max_pixels)  # a big JPEG decodes at reduced size; decode_image checks the rest
     if pixels > limit:
         jpeg = " for JPEGs" if limit != max_pixels else ""
