@@ -367,3 +367,39 @@ def test_fit_trains_the_variant_like_the_cli(quick: Recipe, monkeypatch: pytest.
         with pytest.raises(Stop):
             cifarlab.fit("quick", device="cpu", precision="fp32", seed=2, **kw)
     assert [(r.name, r.seed) for r in seen] == [("quick_fp32", 2), ("quick", 2), ("quick", 2), ("quick", 2)]
+
+
+@pytest.mark.parametrize(
+    ("changes", "said"),
+    [
+        ({"lr": "0.1"}, "lr='0.1' must be a number, not str"),
+        ({"epochs": 2.5}, "epochs=2.5 must be a whole number, not float"),
+        ({"batch_size": True}, "batch_size=True must be a whole number, not bool"),
+        ({"widths": [8, 16, 32]}, "(a tuple, not a list: widths=(8, 16, 32))"),
+        ({"dropout": 0.5}, "dropout=(0.5,)"),
+        ({"tta": 3}, "tta=3 must be one of 'none', 'flip', 'flip_translate'"),
+        ({"train_scales": (0.5, "1")}, "train_scales=(0.5, '1') must be a tuple of numbers"),
+    ],
+)
+def test_a_recipe_built_in_python_is_type_checked(changes: dict, said: str) -> None:
+    """--set and config files parse their values; a Recipe made with replace() or given to register_recipe was
+    not checked, and its string or list failed deep in training, after the run folder existed."""
+    from cifarlab.recipes import get_recipe, register_recipe, validate
+
+    bad = get_recipe("fast").replace(name="typed_bad", **changes)
+    with pytest.raises(ConfigError) as e:
+        validate(bad)
+    assert said in str(e.value)
+    with pytest.raises(ConfigError):
+        register_recipe(bad)
+    assert validate(get_recipe("fast").replace(lr=1)).lr == 1  # a whole number is a number
+
+
+def test_a_json_config_with_a_key_twice_is_refused(tmp_path: Path) -> None:
+    """YAML refused duplicate keys while JSON let the later one win silently."""
+    path = tmp_path / "c.json"
+    path.write_text('{"epochs": 1, "epochs": 2}')
+    with pytest.raises(ConfigError, match="'epochs' appears twice"):
+        config.load_config_file(path)
+    path.write_text('{"epochs": 1, "lr": 2}')
+    assert config.load_config_file(path)["epochs"] == 1

@@ -229,6 +229,19 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def load_config_file(path: Path | str) -> dict[str, Any]:
     """A flat mapping of recipe keys (plus an optional `recipe: NAME`) from YAML (.yaml/.yml), TOML (.toml) or
     JSON (.json). A run's config.json (whose `recipe` is the full recipe mapping) is accepted too, so
@@ -258,9 +271,13 @@ def load_config_file(path: Path | str) -> dict[str, Any]:
             raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
     elif suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
+        except _DuplicateKey as e:  # as YAML's loader: a later duplicate silently won
+            raise ConfigError(
+                f"--config {path}: not valid as a config ({e.args[0]!r} appears twice in one mapping)"
+            ) from None
     else:
         try:
             data = yaml.load(text, Loader=_NoAliasLoader)  # plain data only: no tags, no aliases

@@ -275,10 +275,51 @@ def _check_bounds(key: str, v: Any, m: dict[str, Any]) -> None:
         raise ConfigError(f"{key}={v!r} must be >= {ge}")
 
 
+_TYPE_NAMES = {float: "a number", int: "a whole number", bool: "true or false", str: "a string"}
+
+
+def _type_ok(v: Any, tp: Any) -> bool:
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:  # an int is a float's value too (lr=1)
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is str or typing.get_origin(tp) is Literal:
+        return isinstance(v, str)
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(v, tuple):
+            return False
+        elems = [args[0]] * len(v) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        return len(elems) == len(v) and all(_type_ok(x, t) for x, t in zip(v, elems, strict=True))
+    return True
+
+
+def _check_type(key: str, v: Any, tp: Any) -> None:
+    """A Recipe built in Python (`Recipe.replace`, `register_recipe`) is not parsed as --set and config files are:
+    a string or list where a number or tuple belongs failed deep in training, after the run folder existed."""
+    if _type_ok(v, tp):
+        return
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        each = _TYPE_NAMES.get(args[0], str(args[0]))
+        want = f"a tuple of {each.removeprefix('a ')}s" if args[-1] is Ellipsis else f"a tuple of {len(args)} numbers"
+        hint = f" (a tuple, not a {type(v).__name__}: {key}={tuple(v)!r})" if isinstance(v, list) else ""
+        if isinstance(v, (int, float, str)) and args[-1] is Ellipsis:
+            hint = f" (one value is a tuple of one: {key}=({v!r},))"
+        raise ConfigError(f"{key}={v!r} must be {want}{hint}")
+    literal = typing.get_origin(tp) is Literal
+    want = "one of " + ", ".join(map(repr, typing.get_args(tp))) if literal else _TYPE_NAMES.get(tp, str(tp))
+    raise ConfigError(f"{key}={v!r} must be {want}, not {type(v).__name__}")
+
+
 def validate(r: Recipe, check_paths: bool = True) -> Recipe:
     """Reject values that would fail late or silently train something else."""
+    types = field_types()
     for f in fields(r):
         v = getattr(r, f.name)
+        _check_type(f.name, v, types[f.name])
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{f.name}={v!r} must be a finite number")
         allowed = choices(f.name)
