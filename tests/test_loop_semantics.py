@@ -443,3 +443,37 @@ def test_resuming_a_finished_run_whose_weights_are_lost_writes_them_again(tmp_pa
     again = run_experiment(resume=run, dataset=ds, **RUN)
     assert again.status == "finished" and again.metrics["test_accuracy"] == res.metrics["test_accuracy"]
     assert (run / "model.safetensors").read_bytes() == good
+
+
+# ------------------------------------------------------------------ a callback's stop_training
+
+
+class StopAt(Callback):
+    """Sets stop_training after global step `step` (0: in on_train_begin)."""
+
+    def __init__(self, step: int) -> None:
+        self.stop_step = step
+
+    def on_train_begin(self, logs=None):
+        if self.stop_step == 0:
+            self.trainer.stop_training = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.trainer.step == self.stop_step:
+            self.trainer.stop_training = True
+
+
+def test_stop_training_mid_epoch_ends_after_the_batch_and_marks_the_cut_epoch(tmp_path, ds, caplog):
+    """As Keras 3's fit: the loop ends after the batch that set it, the partial epoch is validated and recorded
+    (on_epoch_end runs), and its row says it was cut short; a stop before any epoch warns that nothing trained."""
+    recipe = get_recipe("reference").replace(**TINY, epochs=4, early_stopping_patience=0)
+    res = run_experiment(recipe, dataset=ds, runs_root=tmp_path / "a", callbacks=[StopAt(4)], **RUN)  # 3 steps/epoch
+    hist = json.loads((res.run_dir / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert "partial_epoch" not in hist[0]["events"] and "partial_epoch" in hist[1]["events"]
+    steps = (res.run_dir / "steps.csv").read_text().splitlines()
+    assert len(steps) == 1 + 4  # header, 3 steps of epoch 1, 1 of epoch 2
+    with caplog.at_level("WARNING", logger="cifarlab"):
+        none = run_experiment(recipe, dataset=ds, runs_root=tmp_path / "b", callbacks=[StopAt(0)], **RUN)
+    assert none.metrics["epochs_run"] == 0
+    assert "stop_training before the first epoch ended: the model was not trained" in caplog.text

@@ -364,7 +364,12 @@ def summary_section(
 
 
 def _event_text(r: dict[str, Any], restored_noop: bool = False) -> str:
-    names = {"best": "best", "early_stop": "early stop", "restored_best": "best weights restored"}
+    names = {
+        "best": "best",
+        "early_stop": "early stop",
+        "restored_best": "best weights restored",
+        "partial_epoch": "cut short",
+    }
     out = []
     for e in r.get("events") or []:
         if e == "lr_reduced":

@@ -139,6 +139,7 @@ class Trainer:
         guard = NaNGuard(every=1 if self.device.type == "cpu" else 50)
         self.callbacks = CallbackList([*callbacks, guard, History()], trainer=self)
         self.stop_training = False
+        self.partial_epoch = False  # the last epoch ended before its last batch (stop_training mid-epoch)
         self.history: list[dict[str, Any]] = []
         self.step = 0
         self.start_epoch = 0
@@ -239,6 +240,7 @@ class Trainer:
             logs = {"step": self.step, "loss": step_loss, "size": n, "loss_sum": loss_sum, "correct": correct}
             self.callbacks.on_train_batch_end(i, {**logs, "seen": seen})
             if self.stop_training:  # as in Keras, a callback may end training after any batch
+                self.partial_epoch = i + 1 < self.steps_per_epoch
                 break
         self.callbacks.on_validation_begin(epoch, {})
         # The LR column: the epoch's mean LR (constant within an epoch for the plateau schedule).
@@ -353,7 +355,8 @@ class Trainer:
                     keys = ("loss", "accuracy", "val_loss", "val_accuracy")
                     logs.update(zip(keys, self.dist.broadcast_floats([logs[k] for k in keys]), strict=True))
                 logs["epoch_seconds"] = time.perf_counter() - t0
-                logs["events"] = []
+                # an epoch a callback cut short is recorded, as in Keras, and says so
+                logs["events"] = ["partial_epoch"] if self.partial_epoch else []
                 self.train_seconds += logs["epoch_seconds"]
                 self.callbacks.on_epoch_end(epoch, logs)
                 epoch += 1
@@ -364,6 +367,8 @@ class Trainer:
             message = f"interrupted during epoch {done + 1}; {kept}"
         except TrainingDiverged as e:
             status, message = "diverged", str(e)
+        if status == "finished" and self.stop_training and not self.history:
+            log.warning("a callback set stop_training before the first epoch ended: the model was not trained")
         if status == "finished":
             self.callbacks.on_train_end({})
         result = FitResult(
