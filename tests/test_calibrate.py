@@ -57,7 +57,14 @@ def test_calibration_split_prefers_the_validation_split():
     y = torch.arange(5000) % 7
     tr, va = torch.arange(0, 4000), torch.arange(4000, 5000)
     xc, yc, what = calibration_split(x, y, tr, va[:300], seed=0)
-    assert what == "300 validation images" and torch.equal(yc, y[4000:4300])
+    assert what == "300 validation images" and torch.equal(yc.sort().values, y[4000:4300].sort().values)
+    # More validation images than it takes: a random draw of them, not the first ones (the split's indices are
+    # sorted, and files stored class by class made the first 1,000 of CIFAR-10's validation split all airplanes).
+    by_class = torch.arange(20000) // 2000  # 10 classes, stored in order
+    x20 = torch.zeros(20000, 1, 2, 2, dtype=torch.uint8)
+    _, yv, what = calibration_split(x20, by_class, torch.arange(0, 10000), torch.arange(10000, 20000), seed=0)
+    assert what == f"{CALIBRATION_IMAGES} validation images"
+    assert set(yv.tolist()) == set(range(5, 10)) and int(torch.bincount(yv)[5:].min()) > 150
     xc, yc, what = calibration_split(x, y, tr, va[:0], seed=0)
     assert what == f"{CALIBRATION_IMAGES} training images" and len(yc) == CALIBRATION_IMAGES
     xc2, yc2, _ = calibration_split(x, y, tr, va[:0], seed=0)

@@ -60,15 +60,16 @@ def calibration_split(
     x_train: torch.Tensor, y_train: torch.Tensor, train_idx: torch.Tensor, val_idx: torch.Tensor, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(images, labels, what they are) to fit the temperature on: up to CALIBRATION_IMAGES of the validation split
-    when the run has one (images the model never trained on), else as many training images drawn with the run's
-    seed, seen without augmentation: the model knows those better than new images, so T comes out a little low
-    after a short run (`fast`: 0.50 where the test set's best is 0.53) and too low after a long one (`air94`: 0.36
-    against 0.52); --set val_fraction=0.02 holds out 1,000 images for an unbiased fit (RESULTS.md)."""
-    if len(val_idx):
-        idx, what = val_idx[:CALIBRATION_IMAGES], "validation"
-    else:
-        g = torch.Generator().manual_seed(seed)
-        idx, what = train_idx[torch.randperm(len(train_idx), generator=g)[:CALIBRATION_IMAGES]], "training"
+    when the run has one (images the model never trained on), else as many training images, seen without
+    augmentation: the model knows those better than new images, so T comes out a little low after a short run
+    (`fast`: 0.50 where the test set's best is 0.53) and too low after a long one (`air94`: 0.36 against 0.52);
+    --set val_fraction=0.02 holds out 1,000 images for an unbiased fit (RESULTS.md).
+
+    Either way a random draw with the run's seed: the split's indices are sorted, and files stored class by class
+    (every image folder, the shared CIFAR-10 copy) made the first 1,000 validation images one class."""
+    pool, what = (val_idx, "validation") if len(val_idx) else (train_idx, "training")
+    g = torch.Generator().manual_seed(seed)
+    idx = pool[torch.randperm(len(pool), generator=g)[:CALIBRATION_IMAGES]]
     return x_train[idx], y_train[idx], f"{len(idx)} {what} images"
 
 

@@ -16,7 +16,6 @@ file's metadata (ONNX `metadata_props`, TorchScript `_extra_files`).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -35,7 +34,7 @@ from cifarlab.data import scaling_constants
 from cifarlab.errors import UserError
 from cifarlab.files import atomic_write_bytes
 from cifarlab.recipes import TTA
-from cifarlab.runs import CONFIG, WEIGHTS, load_run
+from cifarlab.runs import CONFIG, WEIGHTS, load_run, weights_sha256
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -107,7 +106,10 @@ def resolve_tta(run: Any, tta: str | None) -> str:
 def weights_digest(run: Any) -> str:
     """SHA-256 of the run's model.safetensors: tells an export of these weights from a stale one (say, exported
     before the run was resumed)."""
-    return hashlib.sha256((run.path / WEIGHTS).read_bytes()).hexdigest()
+    digest = weights_sha256(run.path)
+    if digest is None:
+        raise UserError(f"{run.path / WEIGHTS} cannot be read; the run has no weights to export")
+    return digest
 
 
 def metadata(run: Any, fmt: str, tta: str = "none") -> dict[str, str]:

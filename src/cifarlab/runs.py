@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import math
 import os
 import platform
@@ -48,6 +49,8 @@ __all__ = [
     "new_run_dir",
     "read_json",
     "resume_command",
+    "stale_result",
+    "weights_sha256",
     "save_checkpoint",
     "save_weights",
     "write_history",
@@ -141,6 +144,32 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def weights_sha256(run_dir: Path | str) -> str | None:
+    """SHA-256 of the run's model.safetensors (its tensors and its metadata, the softmax temperature included),
+    None without one: what a result computed from these weights records, to be told from a later run's."""
+    path = Path(run_dir) / WEIGHTS
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def stale_result(run_dir: Path | str, data: Any, path: Path | str) -> bool:
+    """Whether a result file of the run (`evaluate`'s eval_*.json, read as `data`) was computed from other weights
+    than the run has now: resumed and trained further, or recalibrated since. By the digest it records; a file
+    written before digests were recorded is stale when it is older than the weights."""
+    now = weights_sha256(run_dir)
+    if now is None:
+        return False
+    recorded = data.get("weights_sha256") if isinstance(data, dict) else None
+    if recorded:
+        return recorded != now
+    try:
+        return Path(path).stat().st_mtime < (Path(run_dir) / WEIGHTS).stat().st_mtime
+    except OSError:
+        return False
 
 
 def resume_command(run_dir: Path | str, distributed: Any = None) -> str:

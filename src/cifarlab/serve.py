@@ -53,6 +53,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cifarlab.errors import UserError
+from cifarlab.runs import stale_result
 
 __all__ = [
     "BACKENDS",
@@ -278,7 +279,7 @@ def model_card(run: Any, model_id: str, backend: str, tta: str) -> dict[str, Any
     except UserError:  # a damaged metrics.json costs the card its figures, not the service
         metrics = {}
     ev = _read_json(run.path / "eval_test.json")
-    if not isinstance(ev, dict):
+    if not isinstance(ev, dict) or stale_result(run.path, ev, run.path / "eval_test.json"):  # of earlier weights
         ev = metrics.get("evaluation") if isinstance(metrics.get("evaluation"), dict) else {}
     acc = _finite(metrics.get("test_accuracy"))
     if acc is None:

@@ -77,7 +77,10 @@ def add_parser(sub: Any) -> None:
 def _save(out: Path, data: Any, quiet: bool) -> int:
     """Write `data` to `out`; a folder that cannot be written costs the file, not the numbers printed before."""
     from cifarlab.files import write_json
+    from cifarlab.runs import weights_sha256
 
+    if isinstance(data, dict):  # the weights it was computed from: a resumed or recalibrated run's tell it stale
+        data = {**data, "weights_sha256": weights_sha256(out.parent)}
     try:
         write_json(out, data)
     except OSError as exc:
@@ -117,6 +120,24 @@ def cmd_corruptions(args: argparse.Namespace, dataset: Any) -> int:
     return _save(Path(args.run_dir) / "eval_corruptions.json", result, args.json)
 
 
+def _warn_unfinished(run_dir: Path) -> None:
+    """A stopped or crashed run evaluates its last saved weights: said, so its numbers are not read as final."""
+    from cifarlab.runs import load_run, resume_command, run_status
+    from cifarlab.text import plural
+
+    try:
+        run = load_run(run_dir)
+        status, _ = run_status(run)
+    except (UserError, OSError):
+        return  # evaluate_run says what is wrong with the folder
+    if status in ("finished", "unknown"):
+        return
+    done = len(run.history)
+    how = "is still training" if status == "running" else f"has not finished ({status} after {plural(done, 'epoch')})"
+    hint = "" if status == "running" else f"; {resume_command(run.path, run.config.get('distributed'))} continues it"
+    warn(f"{run.path.name} {how}: these are the numbers of its last saved weights{hint}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate, warn first when the data is not the run's, print, then save eval_<split>.json.
 
@@ -138,6 +159,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if given and not args.corruptions:  # silently evaluating without them would look like they were used
         raise UserError(f"{', '.join(given)} only apply with --corruptions")
     set_threads()
+    _warn_unfinished(args.run_dir)
     dataset = None
     if args.test_data is not None:
         from cifarlab.evaluate import load_test_data

@@ -120,12 +120,18 @@ def read_corruptions(run_dir: Path) -> dict[str, Any] | None:
     "relative_drop"}; a damaged file gives {"error": message}, so the report says so instead of failing."""
     from cifarlab.errors import UserError
     from cifarlab.files import read_json
+    from cifarlab.runs import stale_result
 
     path = Path(run_dir) / CORRUPTIONS_JSON
     if not path.exists():
         return None
     try:
         raw = read_json(path)
+        if stale_result(run_dir, raw, path):
+            return {
+                "error": f"{CORRUPTIONS_JSON} was computed from earlier weights of this run (before it was resumed "
+                f"or recalibrated); run cifarlab evaluate {run_dir} --corruptions again"
+            }
         results = {
             str(name): {int(s): float(a) for s, a in sorted(by_sev.items(), key=lambda t: int(t[0]))}
             for name, by_sev in raw["results"].items()
