@@ -277,7 +277,7 @@ class FlipTranslate:
         return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
 
-# -- registered augmentations: `--set augment=NAME` picks one; each returns the batch transform or None --------
+# -- registered augmentations: `--set augment=NAME` picks one; each returns the batch transform (none: None) --
 
 
 @AUGMENTS.register("keras")
@@ -307,7 +307,17 @@ def none(recipe: Any) -> None:
 
 def make_augment(recipe: Any) -> Callable | None:
     """The training-time augmentation the recipe names (an entry of `cifarlab.registry.AUGMENTS`)."""
-    return AUGMENTS.build(recipe.augment, recipe)
+    aug = AUGMENTS.build(recipe.augment, recipe)
+    # None means "no augmentation", which only `none` may mean: from any other entry it is a factory that forgot
+    # its `return`, and the run would train, silently, without the augmentation it names.
+    if (aug is None and recipe.augment != "none") or (aug is not None and (isinstance(aug, type) or not callable(aug))):
+        raise AUGMENTS.wrong_return(
+            recipe.augment,
+            aug,
+            "a batch transform: an object whose __call__(x, *, generator, indices=None, epoch=0) returns the "
+            "augmented float batch (only augment=none returns None)",
+        )
+    return aug
 
 
 def describe_augment(recipe: Any) -> str:

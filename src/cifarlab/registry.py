@@ -9,17 +9,33 @@ else needs editing:
     @AUGMENTS.register("cutout", description="random 8x8 square set to zero")
     def cutout(recipe):
         return MyCutout(size=8)
+
+The built-in entries register when their modules are imported (`load_builtins`). A registration from code
+outside cifarlab (a plugin, a script) loads them first, so its `replace=True` overrides a built-in whatever the
+import order, and a name it reuses without `replace=True` is refused right there, at the user's line.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from cifarlab.errors import ConfigError
 
-__all__ = ["AUGMENTS", "CALLBACKS", "MODELS", "OPTIMIZERS", "SCHEDULES", "Entry", "Registry"]
+__all__ = [
+    "AUGMENTS",
+    "CALLBACKS",
+    "MODELS",
+    "OPTIMIZERS",
+    "REGISTRIES",
+    "SCHEDULES",
+    "Entry",
+    "Registry",
+    "load_builtins",
+    "registered_description",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,9 +51,10 @@ class Entry(Generic[F]):
 class Registry(Generic[F]):
     """Named factories of one kind ("model", "augmentation", ...), in registration order."""
 
-    def __init__(self, kind: str, recipe_key: str) -> None:
+    def __init__(self, kind: str, recipe_key: str, var: str = "") -> None:
         self.kind = kind
         self.recipe_key = recipe_key  # the Recipe field whose value names an entry
+        self.var = var or f"{kind.upper()}S"  # the name users import it by, for messages
         self._entries: dict[str, Entry[F]] = {}
 
     def register(
@@ -55,8 +72,15 @@ class Registry(Generic[F]):
 
         def deco(fn: F) -> F:
             key = name or fn.__name__
+            if not _is_builtin(fn):
+                # User code: the built-ins first, else a built-in registering later would clash with (or silently
+                # undo) this entry, and the error would point into cifarlab instead of at the user's line.
+                load_builtins()
             if key in self._entries and not replace:
-                raise ValueError(f"{self.kind} {key!r} is already registered (pass replace=True to override it)")
+                raise ValueError(
+                    f"{self.kind} {key!r} is already registered (pass replace=True to override it: "
+                    f"@{self.var}.register({key!r}, replace=True))"
+                )
             doc = (fn.__doc__ or "").strip().splitlines()
             self._entries[key] = Entry(key, fn, description or (doc[0] if doc else key), check)
             return fn
@@ -92,12 +116,90 @@ class Registry(Generic[F]):
     def describe(self, name: str) -> str:
         return self.get(name).description
 
+    def wrong_return(self, name: str, value: Any, must: str) -> ConfigError:
+        """The error for a factory that returned `value` where it must return `must`: it names the entry, its
+        function and file, and what came back, so the user's bug is found before (or instead of) a late, foreign
+        error deep in training."""
+        fn = self.get(name).fn
+        code = getattr(fn, "__code__", None)
+        where = f" ({code.co_filename}, line {code.co_firstlineno})" if code is not None else ""
+        qualname = getattr(fn, "__qualname__", repr(fn))
+        return ConfigError(
+            f"{self.recipe_key}={name!r}: the registered {self.kind} factory {qualname}{where} returned "
+            f"{_returned(value)}; it must return {must}"
+        )
 
-# The registries. Their entries live beside what they build (models/, augment.py, train/optim.py); recipes.py
-# imports those modules, so the built-in entries are registered once any recipe is used.
-MODELS: Registry[Callable[..., Any]] = Registry("model", "model")
-AUGMENTS: Registry[Callable[..., Any]] = Registry("augmentation", "augment")
-OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer", "optimizer")
-SCHEDULES: Registry[Callable[..., Any]] = Registry("LR schedule", "schedule")
+
+def _returned(value: Any) -> str:
+    """What a factory returned, in words, with the likely fix for the common slips."""
+    if value is None:
+        return "None (is its `return` missing?)"
+    if isinstance(value, type):
+        return f"the class {value.__qualname__} itself (create one: return {value.__name__}(...))"
+    text = repr(value)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"a {type(value).__qualname__} ({text})"
+
+
+# The registries. Their entries live beside what they build (models/, augment.py, train/optim.py,
+# train/techniques.py); `load_builtins` imports those modules.
+MODELS: Registry[Callable[..., Any]] = Registry("model", "model", "MODELS")
+AUGMENTS: Registry[Callable[..., Any]] = Registry("augmentation", "augment", "AUGMENTS")
+OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer", "optimizer", "OPTIMIZERS")
+SCHEDULES: Registry[Callable[..., Any]] = Registry("LR schedule", "schedule", "SCHEDULES")
 # Callbacks a recipe switches on by name (`--set callbacks=name1,name2`): a factory `(recipe) -> Callback`.
-CALLBACKS: Registry[Callable[..., Any]] = Registry("callback", "callbacks")
+CALLBACKS: Registry[Callable[..., Any]] = Registry("callback", "callbacks", "CALLBACKS")
+REGISTRIES: tuple[Registry[Callable[..., Any]], ...] = (MODELS, AUGMENTS, OPTIMIZERS, SCHEDULES, CALLBACKS)
+
+# The modules whose import registers the built-in entries (recipes.py: the built-in recipes, and it imports
+# the others too).
+_BUILTIN_MODULES = (
+    "cifarlab.models",
+    "cifarlab.augment",
+    "cifarlab.train.optim",
+    "cifarlab.train.techniques",
+    "cifarlab.recipes",
+)
+_builtins = "no"  # "no", "loading", "yes"
+
+
+def _is_builtin(fn: Any) -> bool:
+    module = getattr(fn, "__module__", None) or ""
+    return module == "cifarlab" or module.startswith("cifarlab.")
+
+
+def load_builtins() -> None:
+    """Register every built-in model, augmentation, optimizer, schedule, callback and recipe (once). Plugins
+    load after this, so a plugin's `replace=True` wins over a built-in and a clash is reported at its line."""
+    global _builtins
+    if _builtins != "no":  # done, or under way further up this stack
+        return
+    _builtins = "loading"
+    try:
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+    except BaseException:
+        _builtins = "no"
+        raise
+    _builtins = "yes"
+
+
+def registered_description(key: str, value: Any) -> str | None:
+    """The registered description of a recipe value (`model: airnet` -> the airnet's line), for `cifarlab config`
+    and the report; a list value (`callbacks`) gives `name: description` for each. None where nothing is
+    registered under the value, or its description is only its name."""
+    reg = next((r for r in REGISTRIES if r.recipe_key == key), None)
+    if reg is None:
+        return None
+
+    def one(name: Any) -> str | None:
+        if not isinstance(name, str) or name not in reg:
+            return None
+        # One line, whatever the description held; without its full stop, as it is one note among others.
+        text = " ".join(reg.describe(name).split()).removesuffix(".")
+        return text if text and text != name else None
+
+    if isinstance(value, (list, tuple)):
+        parts = [f"{name}: {d}" for name in value if (d := one(name)) is not None]
+        return "; ".join(parts) or None
+    return one(value)

@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -163,8 +164,9 @@ def cli_logging() -> Iterator[None]:
 
 def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run a command's function: its return value is the exit status; a `UserError` prints one line and
-    exits 2, an `OSError` (full disk, read-only folder) one line and exits 1, Ctrl-C exits 130, a closed output
-    pipe (`| head`) exits 0. Other errors keep their traceback."""
+    exits 2, an `OSError` (full disk, read-only folder) one line and exits 1 (after its traceback when it came
+    from user code, a plugin's callback say), Ctrl-C exits 130, a closed output pipe (`| head`) exits 0. Other
+    errors keep their traceback."""
     from cifarlab.errors import RunError, UserError
 
     try:
@@ -184,5 +186,10 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
         print_error(exc)
         return 1
     except OSError as exc:  # a full disk, a read-only folder, a vanished file: one line, not a traceback
+        from cifarlab.plugins import raised_in_user_code
+
+        if raised_in_user_code(exc):
+            # User code (a plugin's callback) failed: its file and line are what the user needs to find the bug.
+            traceback.print_exception(exc, file=sys.stderr)
         print_error(os_error_message(exc))
         return 1

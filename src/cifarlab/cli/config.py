@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from cifarlab.cli.common import data_dir_arg, fmt
+from cifarlab.cli.common import data_dir_arg, fmt, printable
 
 # The one-line help `cifarlab --help` lists (read without building this command's parser).
 HELP = "print a resolved recipe (--recipe, --config, --set) without training"
@@ -20,7 +20,8 @@ def add_parser(sub: Any) -> None:
         help=HELP,
         **fmt(
             "Resolve and validate a recipe exactly as `cifarlab train` would (base recipe, then --config,\n"
-            "then each --set) and print it as YAML, marking the keys that differ from the base recipe.\n"
+            "then each --set) and print it as YAML, marking the keys that differ from the base recipe and\n"
+            "describing the registered model, optimizer, schedule, augmentation and callbacks it names.\n"
             "The output is itself a valid --config file. Nothing is loaded or trained.",
             "cifarlab config --recipe reference --set lr=2e-3 --set widths=32,64,64",
         ),
@@ -38,6 +39,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     from cifarlab import config
     from cifarlab.recipes import DEFAULT_RECIPE, Recipe, choices, get_recipe
+    from cifarlab.registry import registered_description
 
     recipe = config.recipe_from_args(args)
     d = recipe.to_dict()
@@ -63,6 +65,9 @@ def cmd_config(args: argparse.Namespace) -> int:
         line = yaml.safe_dump({key: value}, default_flow_style=True, width=10_000, sort_keys=False)
         line = line.strip()[1:-1]
         notes = []
+        described = registered_description(key, value)
+        if described is not None:  # what the registered name is (a plugin's model says what it builds)
+            notes.append(printable(described))
         if base.get(key) != value:
             notes.append(f"{base_name}: {json.dumps(base.get(key))}")
         allowed = choices(key)

@@ -29,4 +29,7 @@ __all__ = ["MODELS", "AirNet", "ReferenceCNN", "build_model", "count_parameters"
 
 def build_model(recipe: Any, num_classes: int = 10, input_shape: tuple[int, int, int] = (3, 32, 32)) -> nn.Module:
     """The registered model `recipe.model`, for `num_classes` classes and images of `input_shape` (C, H, W)."""
-    return MODELS.build(recipe.model, recipe, num_classes, tuple(input_shape))
+    net = MODELS.build(recipe.model, recipe, num_classes, tuple(input_shape))
+    if not isinstance(net, nn.Module):  # else a foreign AttributeError (`.to`, `.parameters`) later
+        raise MODELS.wrong_return(recipe.model, net, "an nn.Module (float images (N, C, H, W) -> logits)")
+    return net

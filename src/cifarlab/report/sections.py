@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cifarlab.evaluate import EvalResult, dataset_warning, top_confusion_counts
+from cifarlab.registry import registered_description
 from cifarlab.report.common import (
     History,
     Steps,
@@ -856,7 +857,8 @@ def data_section(run: Any, ev: EvalResult) -> Section:
 
 def _config_rows(recipe: Any, config: dict[str, Any] | None = None) -> list[list[str]]:
     """Every recipe field; values changed from the recipe it derives from (`base_recipe`: the registered one of
-    its name, or the one a tuned or renamed recipe was made from) are marked."""
+    its name, or the one a tuned or renamed recipe was made from) are marked, and the registered model,
+    optimizer, schedule, augmentation and callbacks carry their registered description."""
     base = base_recipe(recipe, config or {})
     base_d = base.to_dict() if base is not None else {}
     what = "recipe default" if base is None or base.name == recipe.name else f"{base.name}'s"
@@ -869,6 +871,9 @@ def _config_rows(recipe: Any, config: dict[str, Any] | None = None) -> list[list
         elif key == "description" and changed and base is not None and value == base.description:
             # the base's own words ("exactly as pinned") no longer describe this run
             note = f"{base.name}'s description; this run changed {plural(len(changed), 'setting')}"
+        described = registered_description(key, value)  # what the registered model, optimizer... is
+        if described is not None:
+            note = f"{note}; {described}" if note else described
         rows.append([key, value if isinstance(value, str) else json.dumps(value), note])
     return rows
 

@@ -349,6 +349,10 @@ def split_pretrained_groups(optimizer: torch.optim.Optimizer, model: nn.Module, 
 def build_optimizer(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
     """The recipe's optimizer; with `pretrained_lr_scale` != 1, loaded weights get their own param groups."""
     optimizer = OPTIMIZERS.build(recipe.optimizer, model, recipe)
+    if not isinstance(optimizer, torch.optim.Optimizer):  # the trainer steps it, checkpoints its state
+        raise OPTIMIZERS.wrong_return(
+            recipe.optimizer, optimizer, "a torch.optim.Optimizer over the model's parameters"
+        )
     split_pretrained_groups(optimizer, model, getattr(recipe, "pretrained_lr_scale", 1.0))
     return optimizer
 
@@ -405,4 +409,13 @@ def onecycle(recipe: Any, has_val: bool) -> list[Callback]:
 
 
 def schedule_callbacks(recipe: Any, has_val: bool) -> list[Callback]:
-    return SCHEDULES.build(recipe.schedule, recipe, has_val)
+    """The callbacks of the recipe's LR schedule (an entry of `cifarlab.registry.SCHEDULES`)."""
+    cbs = SCHEDULES.build(recipe.schedule, recipe, has_val)
+    if not isinstance(cbs, (list, tuple)) or not all(isinstance(cb, Callback) for cb in cbs):
+        one = isinstance(cbs, Callback)
+        raise SCHEDULES.wrong_return(
+            recipe.schedule,
+            cbs,
+            "a list of Callback instances" + (f" (one in a list: [{type(cbs).__name__}(...)])" if one else ""),
+        )
+    return list(cbs)

@@ -199,5 +199,9 @@ def recipe_callbacks(recipe: Any, has_val: bool) -> list[Callback]:
     names = getattr(recipe, "callbacks", ())
     if getattr(recipe, "dropblock_prob", 0) > 0 and recipe.dropblock_schedule > 0 and "dropblock_schedule" not in names:
         cbs.append(DropBlockSchedule(recipe.dropblock_schedule))
-    cbs += [CALLBACKS.build(name, recipe) for name in names]
+    for name in names:
+        cb = CALLBACKS.build(name, recipe)
+        if not isinstance(cb, Callback):  # a class, or None: else a TypeError from the trainer's set_trainer
+            raise CALLBACKS.wrong_return(name, cb, "a cifarlab.Callback instance")
+        cbs.append(cb)
     return cbs
