@@ -344,6 +344,12 @@ def test_corrupted_accuracies_match_a_direct_prediction_on_corrupted_images(trai
     assert r["mean_accuracy"] == pytest.approx(np.mean(accs)) and r["mean_accuracy"] < r["clean_accuracy"]
     assert r["relative_drop"] == pytest.approx(1 - np.mean(accs) / r["clean_accuracy"]) and r["relative_drop"] > 0
     assert r["per_corruption"]["contrast"] == pytest.approx(np.mean(list(r["results"]["contrast"].values())))
+    # severity 0 (the clean images) is shown beside the others but not averaged in as a corruption
+    with_clean = evaluate_corruptions(run_dir, dataset=ds, severities=(0, 1, 5), names=["contrast"], seed=3)
+    assert with_clean["results"]["contrast"][0] == r["clean_accuracy"]
+    assert with_clean["per_corruption"]["contrast"] == pytest.approx(r["per_corruption"]["contrast"])
+    with pytest.raises(UserError, match="corrupts nothing"):
+        evaluate_corruptions(run_dir, dataset=ds, severities=(0,))
 
 
 @pytest.mark.usefixtures("cpu_inference")

@@ -281,7 +281,7 @@ def evaluate_corruptions(
           "seed": 0,                              # the corruptions' seed
           "severities": [1, 2, 3, 4, 5],
           "results": {"gaussian_noise": {"1": 0.71, "2": 0.64, ...}, ...},   # JSON keys are strings
-          "mean_accuracy": 0.61,                  # over every corruption and severity
+          "mean_accuracy": 0.61,                  # over every corruption and severity (0, clean, left out)
           "relative_drop": 0.265,                 # 1 - mean_accuracy / clean_accuracy
           "per_corruption": {"gaussian_noise": 0.55, ...},  # each corruption's mean over the severities
           "corruptions": {"gaussian_noise": "additive Gaussian noise (std 0.04 .. 0.10)", ...},
@@ -300,6 +300,8 @@ def evaluate_corruptions(
     for name in names:
         CORRUPTIONS.get(name)  # an unknown name: one error listing the accepted ones
     sev = parse_severities(severities)
+    if not any(sev):
+        raise UserError("--severities 0 alone corrupts nothing (0 is the clean images); add severities 1..5")
     if limit is not None and limit < 1:
         raise UserError(f"--corruption-limit {limit}: must be >= 1")
     run = load_run(run_dir)
@@ -325,11 +327,13 @@ def evaluate_corruptions(
     clean = accuracy(x)
     results: dict[str, dict[int, float]] = {}
     for name in names:
-        results[name] = {s: accuracy(corrupt(x, name, s, seed)) for s in sev}
+        results[name] = {s: clean if s == 0 else accuracy(corrupt(x, name, s, seed)) for s in sev}
         if progress is not None:
             progress(f"{name}: " + "  ".join(f"{s}: {a:.2%}" for s, a in results[name].items()))
-    per_name = {name: float(np.mean(list(r.values()))) for name, r in results.items()}
-    overall = float(np.mean([a for r in results.values() for a in r.values()])) if results else clean
+    # Severity 0 (the clean images, shown beside the others for comparison) is not a corruption: the means and
+    # the drop are over severities 1..5 only.
+    per_name = {name: float(np.mean([a for s, a in r.items() if s > 0])) for name, r in results.items()}
+    overall = float(np.mean([a for r in results.values() for s, a in r.items() if s > 0])) if results else clean
     return {
         "clean_accuracy": clean,
         "n": int(len(y_np)),

@@ -28,9 +28,10 @@ def add_parser(sub: Any) -> None:
         help=HELP,
         **fmt(
             "List the run folders under --root, newest first: recipe, status (running, finished,\n"
-            "stopped, crashed), test accuracy, epochs and wall time. A run whose status says running but\n"
-            "whose process is gone shows as crashed; unreadable files show as damaged; other folders are\n"
-            "skipped.",
+            "stopped, crashed, damaged; pruned and complete for tune's trials), test accuracy, epochs and\n"
+            "wall time. A run whose status says running but whose process is gone shows as crashed; one\n"
+            "stopped or crashed before its first epoch ended is marked '(no epoch)': nothing to resume.\n"
+            "Unreadable files show as damaged; other folders are skipped.",
             "cifarlab runs --root runs",
         ),
     )
@@ -148,12 +149,15 @@ def run_info(path: Path) -> dict[str, Any] | None:
     wall: float | None = max(walls) if walls else None
     if wall is None and h:  # unfinished run: the epochs' own time is the best we know
         wall = sum(float(r["epoch_seconds"]) for r in h if isinstance(r, dict) and _number(r.get("epoch_seconds")))
+    state = _status(status, metrics)
     return {
         "name": path.name,
         "path": str(path),
         "recipe": recipe,
         "dataset": dataset,
-        "status": _status(status, metrics),
+        "status": state,
+        # `cifarlab train --resume` continues it: stopped or crashed after its first checkpoint (an epoch)
+        "resumable": state in ("stopped", "crashed") and (path / "checkpoint.pt").is_file(),
         "test_accuracy": accuracy,
         "epochs": epochs,
         "wall_seconds": wall,
@@ -190,6 +194,11 @@ def _fmt_seconds(s: Any) -> str:
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
 
 
+def _unresumable(r: dict[str, Any]) -> bool:
+    """Stopped or crashed before its first epoch ended: nothing to resume (--resume refuses it)."""
+    return r["status"] in ("stopped", "crashed") and not r.get("resumable", True)
+
+
 def format_runs(rows: list[dict[str, Any]]) -> str:
     """The `cifarlab runs` table; names are shown with control characters escaped."""
 
@@ -203,7 +212,7 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
                 printable(r["name"]),  # folder names and recipe names are data: no escape sequences
                 printable(r["recipe"] or "-"),
                 printable(r.get("dataset") or "-"),
-                printable(r["status"]),
+                printable(r["status"] + (" (no epoch)" if _unresumable(r) else "")),
                 acc(r["test_accuracy"]),
                 str(r["epochs"]) if r["epochs"] is not None else "-",
                 _fmt_seconds(r["wall_seconds"]),

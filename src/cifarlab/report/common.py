@@ -138,7 +138,9 @@ def read_corruptions(run_dir: Path) -> dict[str, Any] | None:
         }
         if not results:
             raise ValueError("no corruption results")
-        accs = [a for r in results.values() for a in r.values()]
+        accs = [a for r in results.values() for s, a in r.items() if s > 0] or [
+            a for r in results.values() for a in r.values()
+        ]
         clean = raw.get("clean_accuracy")
         mean = raw.get("mean_accuracy")
         mean = float(mean) if mean is not None else sum(accs) / len(accs)
