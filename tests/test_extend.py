@@ -241,6 +241,10 @@ def test_api_trains_on_64px_grayscale_images_without_resizing(tmp_path, undrawn_
     session = ort.InferenceSession(str(onnx_path))
     (onnx_probs,) = session.run(None, {"images": x_te})
     assert np.allclose(onnx_probs, run.predict(x_te).numpy(), atol=1e-4)
+    if run.recipe.tta != "none":  # the bare model on request: one view, other probabilities
+        bare = ort.InferenceSession(str(run.export("onnx", tmp_path / "bare.onnx", tta="none")))
+        (bare_probs,) = bare.run(None, {"images": x_te})
+        assert not np.allclose(bare_probs, onnx_probs, atol=1e-4)
 
 
 @pytest.mark.parametrize("store", ["default", "folder"])

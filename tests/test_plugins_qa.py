@@ -468,10 +468,6 @@ class _RefusedNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.mark.xfail(
-    reason="needs the change in cifarlab/api.py fit() (unregister the user.* entry it made when the call fails)",
-    strict=False,
-)
 def test_a_model_the_probe_refuses_is_not_left_registered(tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 255, (40, 3, 16, 16), dtype=np.uint8), np.arange(40) % 2

@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import platform
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from cifarlab.errors import UserError
 from cifarlab.files import atomic_write_bytes, read_json, require_regular_file, write_json
 from cifarlab.models import build_model
 from cifarlab.recipes import Recipe, unregistered
+from cifarlab.registry import MODELS
 from cifarlab.train.checkpoint import save_checkpoint, write_history
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "new_run_dir",
     "read_json",
     "resume_command",
+    "unregistered_model_message",
     "stale_result",
     "weights_sha256",
     "save_checkpoint",
@@ -457,10 +460,42 @@ def _check_config(path: Path, config: Any) -> None:
             raise UserError(f"{where}: normalization.{key} must be {what}; the file is damaged")
 
 
+def _user_class_name(model_name: str) -> str:
+    """`user.MyNet` / `user.MyNet.2` (another architecture of that class) -> `MyNet`, as Python code writes it."""
+    qualname = re.sub(r"\.\d+$", "", model_name.removeprefix("user."))
+    return qualname.rsplit(".", 1)[-1] if "<" in qualname else qualname  # f.<locals>.MyNet: its own name
+
+
+def unregistered_model_message(run_dir: Path, config: Any) -> str | None:
+    """The error for a run trained on your own nn.Module (`fit(model=MyNet())`, recorded as model `user.MyNet`)
+    loaded where nothing registers that name: both ways to load it. None for any other run."""
+    recipe = config.get("recipe") if isinstance(config, dict) else None
+    if not isinstance(recipe, dict):
+        return None
+    name = recipe.get("model")
+    if not isinstance(name, str) or not name.startswith("user.") or name in MODELS:
+        return None
+    short = _user_class_name(name)
+    cls = config.get("model_class") or short
+    others = [piece for piece in unregistered(recipe) if piece != f"model {name!r}"]
+    return (
+        f"{run_dir} was trained with your own nn.Module {cls}, recorded as model {name!r}, which nothing registers "
+        f"in this process. In Python, pass a {short} built as the trained one was (its weights are loaded from the "
+        f"run): cifarlab.load({str(run_dir)!r}, model={short}(...)). For the cifarlab command, register it under "
+        f"that name in a plugin file, `MODELS.register({name!r})(lambda recipe, num_classes, input_shape: "
+        f"{short}(...))` (from cifarlab.registry import MODELS), and load it: "
+        f"`cifarlab --plugin FILE predict {run_dir} IMAGE`"
+        + (f"; the run also needs {', '.join(others)}: load the plugin that registers them" if others else "")
+    )
+
+
 def recipe_from_config(run_dir: Path, config: dict[str, Any]) -> Recipe:
     """The run's recipe; pieces its recipe names that no plugin registered here are one clear error."""
     missing = unregistered(config["recipe"])
     if missing:
+        own = unregistered_model_message(run_dir, config)
+        if own is not None:
+            raise UserError(own)
         raise UserError(
             f"{run_dir} was trained with pieces not registered here ({', '.join(missing)}); load the plugin that "
             "registers them: cifarlab --plugin FILE_OR_MODULE COMMAND ..."
