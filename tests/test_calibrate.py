@@ -281,6 +281,14 @@ def test_cli_calibrate(tmp_path: Path, tiny_cifar10, capsys: pytest.CaptureFixtu
     t = load_run(run_dir).temperature
     assert t != 1.0 and f"softmax temperature {t:.4g}, fitted on 10 validation images" in out  # 20% of 50
     assert "cifarlab report" in out
+    # The same fit again: the same temperature, so the weights file (and what was computed from it) stays as is.
+    weights = (run_dir / "model.safetensors").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["calibrate", str(run_dir), "--data-dir", data]) == 0
+    out = capsys.readouterr().out
+    assert "the same as the run's, so nothing changes" in out and "keep the old probabilities" not in out
+    assert (run_dir / "model.safetensors").read_bytes() == weights
     assert cli.main(["calibrate", str(run_dir), "--off"]) == 0
     assert "temperature removed" in capsys.readouterr().out and load_run(run_dir).temperature == 1.0
     assert cli.main(["calibrate", str(run_dir), "--off"]) == 0

@@ -420,6 +420,7 @@ def test_evaluate_on_other_test_data_with_a_subset_of_classes(tmp_path: Path, ti
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     # only the resize of the folder's odd-sized images is announced: a subset of the classes is not a problem
     assert "accuracy" in out and [w for w in warnings if "resized to 32x32" not in w] == [], err
+    assert "UserWarning" not in err  # scikit-learn's note that predictions name classes the data lacks
     saved = json.loads((run_dir / "eval_data-tinyfolder.json").read_text())
     n = sum(tiny_imagefolder.counts["test"].values())
     assert saved["n"] == n and saved["classes"] == list(
@@ -441,5 +442,10 @@ def test_evaluate_on_test_data_with_unknown_classes_fails_clearly(tmp_path: Path
     assert cli.main(["evaluate", str(run_dir), "--test-data", str(folder.root)]) == 2
     err = capsys.readouterr().err
     assert "zebra" in err and "not classes of the run" in err and "Traceback" not in err
+    # no class in common: said as such, not as a subset "which is fine"
+    other = write_imagefolder(tmp_path / "other", {"zebra": (10, 10, 10), "lion": (200, 200, 10)})
+    assert cli.main(["evaluate", str(run_dir), "--test-data", str(other.root)]) == 2
+    err = capsys.readouterr().err
+    assert "none of its classes" in err and "which is fine" not in err
     assert cli.main(["evaluate", str(run_dir), "--test-data", str(folder.root), "--split", "val"]) == 2
     assert "no validation split" in capsys.readouterr().err

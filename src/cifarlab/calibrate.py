@@ -148,6 +148,12 @@ def calibrate_run(
                 run.inference_model(device), ds.x_train, ds.y_train, tr, va, run.recipe.seed,
                 mean=mean, std=std, device=device, options=recipe_options(run.recipe),
             )  # fmt: skip
+        before = _metrics_or_none(run)
+        recorded = not before or isinstance(before.get("calibration"), dict)  # metrics.json (if any) agrees
+        if result is not None and result["temperature"] == run.temperature and recorded:
+            # The same temperature again (the fit is deterministic): the weights file, the probabilities and every
+            # result computed from them stay as they are.
+            return {**result, "unchanged": True}
         write_temperature(run.path / WEIGHTS, None if result is None else result["temperature"])
         try:
             metrics = run.metrics
@@ -158,6 +164,13 @@ def calibrate_run(
         if metrics:
             write_json(run.path / METRICS, {**metrics, **_at_new_temperature(metrics, off), "calibration": result})
     return result
+
+
+def _metrics_or_none(run: Any) -> dict[str, Any] | None:
+    try:
+        return run.metrics
+    except UserError:
+        return None
 
 
 def _at_new_temperature(metrics: dict[str, Any], off: bool) -> dict[str, Any]:

@@ -39,6 +39,7 @@ __all__ = [
     "Distributed",
     "env_world",
     "install_agreed_stop",
+    "launcher_gone",
     "peer_lost",
     "peer_lost_reason",
     "setup",
@@ -90,6 +91,7 @@ def watch_launcher(
     request (stuck in a collective with a peer that died, say) ends itself; every file it writes is written
     atomically, so nothing is left half-written."""
     parent = os.getppid()
+    _PARENT[0] = parent
 
     def watch() -> None:
         while not _STOP.wait(check_s):
@@ -97,19 +99,8 @@ def watch_launcher(
                 break
         else:
             return  # a signal asked for the stop: the signal's path handles it
-        # Said before the flag is set: the stop that follows may end the process before this thread runs again.
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            import sys
-
-            try:  # (whoever read our output may have gone with the launcher)
-                print(
-                    f"error: the launcher of this training (process {parent}) ended without stopping its "
-                    "processes; they stop after the current step, as for Ctrl-C",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            except (OSError, ValueError):
-                pass
+        # No word here: another process may see it first and stop this one through the agreed flag before this
+        # thread wakes; the first process says why once the run is marked stopped (`launcher_gone`).
         _STOP.set()
         time.sleep(exit_after_s)
         os._exit(1)  # still here: the stop was never read
@@ -117,6 +108,16 @@ def watch_launcher(
     t = threading.Thread(target=watch, name="cifarlab-launcher-watch", daemon=True)
     t.start()
     return t
+
+
+_PARENT = [0]  # the parent `watch_launcher` watches (0: not watching)
+
+
+def launcher_gone() -> int | None:
+    """The pid of this process's launcher when it has died since `watch_launcher` started (the process is an
+    orphan now), else None."""
+    parent = _PARENT[0]
+    return parent if parent and os.getppid() != parent else None
 
 
 def stop_requested() -> float:

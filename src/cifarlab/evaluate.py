@@ -263,6 +263,18 @@ class TrainingState:
         return self.resume or f"cifarlab train --resume {self.run_dir}"
 
 
+def _balanced_accuracy(score: Any, y: np.ndarray, pred: np.ndarray) -> float | None:
+    """The mean recall over the classes present in `y` (None with one class): a test set holding a subset of the
+    classes is fine, so scikit-learn's warning that the predictions name others is not for the user."""
+    import warnings
+
+    if len(set(y.tolist())) <= 1:
+        return None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(score(y, pred))
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     a = np.array(a)
     a.setflags(write=False)
@@ -555,7 +567,7 @@ def evaluate_predictions(
         loss=cross_entropy(y, z),
         accuracy=accuracy,
         error_rate=float(1.0 - accuracy),
-        balanced_accuracy=float(balanced_accuracy_score(y, pred)) if len(set(y.tolist())) > 1 else None,
+        balanced_accuracy=_balanced_accuracy(balanced_accuracy_score, y, pred),
         top5=top5,
         top_k=top_k,
         confusion=cm.astype(np.int64),
@@ -668,6 +680,11 @@ def load_test_data(run: Any, path: Path | str) -> Any:
     ds = load_dataset(Path(path), image_size=h, test_only=True)
     classes = list(run.classes)
     extra = [name for name in ds.classes if name not in classes]
+    if extra and len(extra) == len(ds.classes):
+        raise UserError(
+            f"{path}: none of its classes {extra} is a class of the run ({classes}); a test set's class folders "
+            "must be named as the run's classes (a subset of them is fine)"
+        )
     if extra:
         missing = [name for name in classes if name not in ds.classes]
         raise UserError(

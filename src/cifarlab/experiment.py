@@ -803,7 +803,7 @@ def run_experiment(
         say(
             f"recipe {r.name}: {len(plan.train_idx):,} train / {len(plan.val_idx):,} val / "
             f"{len(plan.dataset.y_test):,} test images, {plural(r.epochs, 'epoch')} max, batch {r.batch_size}, "
-            f"device {plan.device}, {plan.threads} threads"
+            f"device {plan.device}, {plural(plan.threads, 'thread')}"
         )
         say(f"precision: {precision_reason(r.precision, plan.device)}")
         if dist is not None:

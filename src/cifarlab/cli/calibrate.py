@@ -45,6 +45,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     result = calibrate_run(args.run_dir, data_dir=args.data_dir, off=args.off, on_warning=warn)
     if result is None:
         print(f"{run}: temperature removed; predict, serve and export give the plain softmax")
+    elif result.get("unchanged"):
+        print(
+            f"{run}: softmax temperature {result['temperature']:.4g} again, fitted on {result['fitted_on']}: the "
+            "same as the run's, so nothing changes (report and exports stay valid)"
+        )
+        return 0
     else:
         print(
             f"{run}: softmax temperature {result['temperature']:.4g}, fitted on {result['fitted_on']} "

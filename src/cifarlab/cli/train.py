@@ -118,11 +118,17 @@ def launch(torchrun_args: list[str]) -> int:
     as this command's exit status instead of its traceback: every process stopped (Ctrl-C, SIGTERM: 130) or
     refused its input (2) gives that status, their own lines above saying why; other failures name each
     process's exit code."""
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     sys.stdout.flush()
+    # torchrun's agent logs each signal, shutdown and failure ("W1127 ... Received 2 death signal, shutting down
+    # workers"); the processes' own lines and the summary below say it for the user. This process only: the
+    # training processes keep their logging.
+    logging.disable(logging.ERROR)
     try:
         torchrun(torchrun_args)
     except ChildFailedError as e:
@@ -134,6 +140,8 @@ def launch(torchrun_args: list[str]) -> int:
         return 1
     except SignalException:  # Ctrl-C or SIGTERM to the launcher: it stopped the processes (they saved and marked)
         return 130
+    finally:
+        logging.disable(logging.NOTSET)
     return 0
 
 
@@ -232,8 +240,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         if dist is not None:
             dist.shutdown(wait=ended)
+    if dist is not None and result.status == "stopped" and dist.local_rank == 0:
+        from cifarlab.distributed import launcher_gone
+
+        gone = launcher_gone()
+        if gone is not None:  # said here, after the stop: the process that noticed first may be another one
+            print(
+                f"error: the launcher of this training (process {gone}) ended without stopping its processes; they "
+                "stopped after the same step, as for Ctrl-C",
+                file=sys.stderr,
+            )
     if args.quiet and result.status == "finished" and (dist is None or dist.is_main):
-        print(f"{result.run_dir}: test accuracy {result.metrics['test_accuracy']:.4f}")
+        print(f"{result.run_dir}: test accuracy {result.metrics['test_accuracy']:.2%}")
     return {"finished": 0, "stopped": 130}.get(result.status, 1)
 
 
