@@ -277,10 +277,12 @@ def test_cli_calibrate(tmp_path: Path, tiny_cifar10, capsys: pytest.CaptureFixtu
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tiny archive's MD5 is not the official one
         assert cli.main(["calibrate", str(run_dir), "--data-dir", data]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     t = load_run(run_dir).temperature
     assert t != 1.0 and f"softmax temperature {t:.4g}, fitted on 10 validation images" in out  # 20% of 50
     assert "cifarlab report" in out
+    if t > 49.9:  # this tiny run is mostly wrong on its 10 images: the fit flattens everything, and says so
+        assert "at the upper bound of the fit's range (0.02 to 50): a degenerate fit" in err
     # The same fit again: the same temperature, so the weights file (and what was computed from it) stays as is.
     weights = (run_dir / "model.safetensors").read_bytes()
     with warnings.catch_warnings():

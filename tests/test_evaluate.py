@@ -515,3 +515,35 @@ def test_evaluate_warns_first_when_the_data_is_not_the_runs(tmp_path: Path, monk
     assert "macro avg" in out
     saved = json.loads((run_dir / "eval_test.json").read_text())
     assert saved["dataset"]["checksum_matches_run"] is False
+
+
+def test_data_not_found_elsewhere_names_the_folder_the_run_trained_from(tmp_path, monkeypatch):
+    """$CIFARLAB_DATA (or --data-dir) pointing at another folder wins over the run's own, as documented; when the
+    data is not there, the error names the folder the run trained from (QA: it only tried to download)."""
+    from types import SimpleNamespace
+
+    import cifarlab.data
+    from cifarlab.errors import DataError
+    from cifarlab.evaluate import load_run_dataset
+
+    trained_from = tmp_path / "shared"
+    trained_from.mkdir()
+    run = SimpleNamespace(
+        recipe=SimpleNamespace(dataset="cifar10"),
+        config={"dataset": {"source": "cifar10"}, "data_dir": str(trained_from)},
+        path=tmp_path / "run",
+    )
+
+    def missing(name, data_dir=None):
+        raise DataError(f"no {name} in {data_dir}")
+
+    monkeypatch.setattr(cifarlab.data, "load_dataset", missing)
+    monkeypatch.setenv("CIFARLAB_DATA", str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=rf"the run trained from {trained_from}: .* or unset \$CIFARLAB_DATA"):
+        load_run_dataset(run, tmp_path / "empty")  # the CLI passes the variable's folder as data_dir
+    monkeypatch.delenv("CIFARLAB_DATA")
+    with pytest.raises(DataError, match=r"or leave out --data-dir"):
+        load_run_dataset(run, tmp_path / "other")
+    with pytest.raises(DataError) as e:  # its own folder: nothing to add
+        load_run_dataset(run, None)
+    assert "trained from" not in str(e.value)

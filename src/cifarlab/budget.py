@@ -404,6 +404,8 @@ def plan_budget(
         reason = f"the widest net that trains the recipe's {recipe.epochs} epochs in the time left"
         if o is options[0]:
             reason += f"; the time beyond that buys {o.epochs:.1f} epochs"
+            if math.ceil(o.epochs) > o.epochs:  # the header's "N epochs max": the last one ends at the deadline
+                reason += f" ({math.ceil(o.epochs)} epochs max, the last one cut at the deadline)"
     else:
         reason = f"even the narrowest net trains only {o.epochs:.2f} of the recipe's {recipe.epochs} epochs"
         if o.epochs * steps_per_epoch < 1:

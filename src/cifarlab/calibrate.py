@@ -27,6 +27,18 @@ CALIBRATION_IMAGES = 1000  # one scalar: 1,000 images pin `fast`'s T to +-0.01 (
 T_RANGE = (0.02, 50.0)
 
 
+def at_bound(temperature: float) -> str | None:
+    """'lower' or 'upper' when a fitted temperature sits at an end of T_RANGE: a degenerate fit (the images were
+    all right with full confidence, or the model was so often wrong that every probability was flattened)."""
+    if temperature <= 0 or temperature == 1.0:
+        return None
+    if abs(math.log(temperature / T_RANGE[0])) < 1e-3:
+        return "lower"
+    if abs(math.log(temperature / T_RANGE[1])) < 1e-3:
+        return "upper"
+    return None
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T > 0 that minimizes the mean cross-entropy of softmax(logits / T) against hard `labels`.
 

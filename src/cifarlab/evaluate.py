@@ -657,11 +657,20 @@ def load_run_dataset(run: Any, data_dir: Path | None = None) -> Any:
             f"{run.path.name} was trained on the image folder {name}, which is gone (moved or deleted): pass its "
             f"new location (the folder with train/ and test/ inside) with --data-dir{where}"
         )
-    if data_dir is None and not os.environ.get("CIFARLAB_DATA"):
-        recorded = run.config.get("data_dir")
-        if isinstance(recorded, str) and recorded and Path(recorded).is_dir():
-            data_dir = Path(recorded)
-    return load_dataset(run.recipe.dataset, data_dir)
+    recorded = run.config.get("data_dir")
+    recorded = recorded if isinstance(recorded, str) and recorded and Path(recorded).is_dir() else None
+    if data_dir is None and not os.environ.get("CIFARLAB_DATA") and recorded is not None:
+        data_dir = Path(recorded)
+    try:
+        return load_dataset(run.recipe.dataset, data_dir)
+    except UserError as e:
+        used = data_dir if data_dir is not None else os.environ.get("CIFARLAB_DATA")
+        if recorded is None or used is None or Path(used).expanduser().resolve() == Path(recorded).resolve():
+            raise
+        env = os.environ.get("CIFARLAB_DATA")
+        same = env and Path(env).expanduser().resolve() == Path(used).expanduser().resolve()
+        how = "unset $CIFARLAB_DATA" if same else "leave out --data-dir"
+        raise type(e)(f"{e} (the run trained from {recorded}: pass --data-dir {recorded}, or {how})") from None
 
 
 def load_test_data(run: Any, path: Path | str) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import platform
 import sys
@@ -32,7 +33,7 @@ from torch import nn
 from cifarlab import __version__
 from cifarlab.augment import make_augment
 from cifarlab.budget import PROCESS_START, BudgetPlan, Clock, TimeBudget, plan_budget, process_age, usable_seconds
-from cifarlab.calibrate import fit_on_split
+from cifarlab.calibrate import at_bound, fit_on_split
 from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, recipe_split
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads, without_cudnn_timing
 from cifarlab.distributed import Distributed, peer_lost, peer_lost_reason, threads_per_process
@@ -699,6 +700,14 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
             f"softmax temperature {calibration['temperature']:.3f}, fitted on {calibration['fitted_on']} "
             f"(test loss {test_loss:.4f} -> {calibration['test_loss']:.4f}; predict, serve and export apply it)"
         )
+        bound = at_bound(calibration["temperature"])
+        if bound is not None:
+            logging.getLogger(__name__).warning(
+                "the softmax temperature %.3g is at the %s bound of the fit's range: a degenerate fit, not to be "
+                "trusted (the report's reading says why and what to do)",
+                calibration["temperature"],
+                bound,
+            )
     return RunResult(run_dir, metrics, "finished", logits)
 
 

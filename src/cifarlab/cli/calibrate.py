@@ -50,6 +50,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{run}: softmax temperature {result['temperature']:.4g} again, fitted on {result['fitted_on']}: the "
             "same as the run's, so nothing changes (report and exports stay valid)"
         )
+        _warn_if_degenerate(result["temperature"])
         return 0
     else:
         print(
@@ -61,4 +62,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"report.html and files exported before keep the old probabilities: run `cifarlab report {run}` and "
         "export again"
     )
+    if result is not None:
+        _warn_if_degenerate(result["temperature"])
     return 0
+
+
+def _warn_if_degenerate(temperature: float) -> None:
+    from cifarlab.calibrate import T_RANGE, at_bound
+
+    bound = at_bound(temperature)
+    if bound is not None:
+        warn(
+            f"the temperature {temperature:.3g} is at the {bound} bound of the fit's range ({T_RANGE[0]:g} to "
+            f"{T_RANGE[1]:g}): a degenerate fit, not to be trusted ("
+            + (
+                "every calibration image was right with full confidence"
+                if bound == "lower"
+                else "the model is so often wrong on the calibration images that every probability was flattened"
+            )
+            + "); `--off` removes it"
+        )

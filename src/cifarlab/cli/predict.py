@@ -19,8 +19,8 @@ def add_parser(sub: Any) -> None:
         "predict",
         help=HELP,
         **fmt(
-            "Classify images (PNG, JPEG, WebP, BMP, GIF, TIFF; any size; grayscale, RGBA, paletted) and\n"
-            "folders of them (searched recursively) with a run's model, preprocessed exactly as its\n"
+            "Classify images (PNG, JPEG, WebP, BMP, GIF, TIFF, PPM/PGM; any size; grayscale, RGBA, paletted)\n"
+            "and folders of them (searched recursively) with a run's model, preprocessed exactly as its\n"
             "training data. Prints the top-k classes with probabilities; a file that cannot be read gets an\n"
             "error line and the others are still classified. Exit status 0 when at least one image was\n"
             "classified, else 1.",

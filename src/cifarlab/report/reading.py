@@ -7,6 +7,7 @@ import math
 from fractions import Fraction
 from typing import Any
 
+from cifarlab.calibrate import at_bound
 from cifarlab.evaluate import Calibration, EvalResult, TrainingState, top_confusion_counts
 from cifarlab.report.common import History, events, join_list, kept_epoch, most_damaging, pct, row
 from cifarlab.text import plural
@@ -152,19 +153,6 @@ def pair_sentences(ev: EvalResult) -> list[str]:
     return out
 
 
-def _at_bound(temperature: float) -> str | None:
-    """'lower' or 'upper' when the fitted temperature sits at an end of the fit's range (a degenerate fit)."""
-    from cifarlab.calibrate import T_RANGE
-
-    if temperature <= 0 or temperature == 1.0:
-        return None
-    if abs(math.log(temperature / T_RANGE[0])) < 1e-3:
-        return "lower"
-    if abs(math.log(temperature / T_RANGE[1])) < 1e-3:
-        return "upper"
-    return None
-
-
 def calibration_sentence(
     cal: Calibration,
     label_smoothing: float = 0.0,
@@ -189,7 +177,7 @@ def calibration_sentence(
     from cifarlab.calibrate import T_RANGE
 
     before = f"; {pct(uncalibrated_ece)} without it" if uncalibrated_ece is not None else ""
-    bound = _at_bound(temperature)
+    bound = at_bound(temperature)
     undo = f"cifarlab calibrate {run_dir} --off removes it"
     held_out = "retrain with --set val_fraction=0.02 so that it is fitted on held-out images"
     if bound:
