@@ -454,6 +454,7 @@ def test_a_callback_factory_returning_its_class_fails_train_in_one_line(tmp_path
     assert cli.main([*args, "--runs-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: callbacks='qa_retclass': the registered callback factory") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # checked before the folder
 
 
 # -- 6. a model fit()'s probe refuses is not left registered ---------------------------------------------------------

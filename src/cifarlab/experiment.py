@@ -75,7 +75,7 @@ from cifarlab.train import (
     format_history_table,
     recipe_callbacks,
 )
-from cifarlab.train.optim import mark_pretrained
+from cifarlab.train.optim import build_optimizer, mark_pretrained
 
 __all__ = ["Plan", "RunResult", "finish", "open_run", "prepare", "run_experiment", "train", "write_report"]
 
@@ -467,6 +467,15 @@ class SessionClock(Callback):
         self.earlier = [float(s) for s in state.get("sessions", [])]
 
 
+def check_pieces(plan: Plan) -> None:
+    """Build the recipe's augmentation, optimizer and callbacks once before the run folder exists: a registered
+    factory that returns the wrong thing (a plugin's) is then one error and no crashed folder. The loop builds its
+    own; these are dropped (building is cheap and has no effect on the model)."""
+    make_augment(plan.recipe)
+    build_optimizer(plan.model, plan.recipe)
+    recipe_callbacks(plan.recipe, plan.has_val)
+
+
 def loaders(plan: Plan) -> tuple[BatchLoader, BatchLoader | None]:
     r, ds = plan.recipe, plan.dataset
     common: dict[str, Any] = dict(mean=plan.mean, std=plan.std, channels_last=r.channels_last, device=plan.device)
@@ -803,6 +812,7 @@ def run_experiment(
     )
     if budget is not None:
         fit_budget(plan, budget, model_given=model is not None, clock=budget_clock)
+    check_pieces(plan)
     run_dir = open_run(plan, runs_root, command=command, model_given=model is not None)
     try:
         r = plan.recipe
