@@ -20,6 +20,7 @@ from cifarlab import cli
 from cifarlab.config import resolve_recipe
 from cifarlab.errors import ConfigError, UserError
 from cifarlab.recipes import get_recipe
+from cifarlab.train import Callback
 
 optuna = pytest.importorskip("optuna")
 
@@ -103,6 +104,10 @@ def test_every_builtin_recipe_ships_a_valid_default_space():
         ({"dropout.2": {"low": 0.1, "high": 0.5}}, ["params.dropout.2", "dropout.0 .. dropout.1"]),
         ({"lr.0": {"low": 0.1, "high": 0.5}}, ["params.lr.0", "lr is not a list"]),
         ({"seed": {"low": 0, "high": 9}}, ["params.seed", "cannot be tuned"]),
+        # Optuna shrank such a range with only a warning: to [1, 1] here, every trial at lr=1
+        ({"lr": {"low": 1, "high": 25, "step": 100}}, ["params.lr", "step=100 does not divide", "[1, 1]"]),
+        ({"batch_size": {"low": 16, "high": 64, "step": 20}}, ["params.batch_size", "or high=56"]),
+        ({"val_fraction": {"low": 0.1, "high": 0.3}}, ["params.val_fraction", "draws the validation split"]),
         ({"dropout": {"choices": [[0.1, 0.2]]}, "dropout.0": {"low": 0.1, "high": 0.2}}, ["dropout both"]),
     ],
 )
@@ -188,6 +193,8 @@ def test_tiny_study_writes_trials_report_and_a_best_config_that_trains(folder, t
         str(runs),
     ]
     assert cli.main(args) == 0
+    # TINY_ARGS' batch_size=16 is drawn from the space in every trial: said, not silently ignored
+    assert "warning: --set batch_size=16: 'batch_size' is drawn from the search space" in capsys.readouterr().err
     out = runs / "tune" / "reference"
     rows = _read_csv(out / "trials.csv")
     assert [r["number"] for r in rows] == ["0", "1", "2"]
@@ -266,6 +273,47 @@ def test_pruned_trials_stop_cleanly_and_only_the_best_full_run_sees_the_test_set
     metrics = json.loads((Path(final["run_dir"]) / "metrics.json").read_text())
     assert metrics["test_accuracy"] == final["test_accuracy"] and metrics["recipe"] == "reference-tuned"
     assert json.loads((out / "study.json").read_text())["final_mean_test_accuracy"] == final["test_accuracy"]
+
+
+class _CtrlCInFinalRun(Callback):
+    """Ctrl-C in epoch 2 of the study's final run (its recipe is named `<base>-tuned`), the first time only."""
+
+    fired = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1 and self.trainer.recipe.name.endswith("-tuned") and not _CtrlCInFinalRun.fired:
+            _CtrlCInFinalRun.fired = True
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_the_final_run_exits_130_and_the_same_command_resumes_it(folder, tmp_path, one_core):
+    """It exited 0 after the final run stopped, as if the study had finished, and a second run of the command
+    started the final run again beside the stopped one (QA)."""
+    from cifarlab.registry import CALLBACKS
+
+    CALLBACKS.register("qa_ctrl_c_final", replace=True)(lambda recipe: _CtrlCInFinalRun())
+    try:
+        recipe = TINY_RECIPE.replace(
+            dataset=str(folder), epochs=3, early_stopping_patience=0, callbacks=("qa_ctrl_c_final",)
+        )
+        space = space_from_dict({"params": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}}, recipe)
+        out = tmp_path / "study"
+        settings = TuneSettings(
+            recipe=recipe, space=space, study_name="final", out_dir=out, n_trials=1, final_seeds=1, report=False
+        )
+        said: list[str] = []
+        with pytest.raises(KeyboardInterrupt):  # the CLI's 130
+            tune(settings, say=said.append)
+        assert any("run the same command again to resume" in s for s in said)
+        (stopped,) = (out / "final").iterdir()
+        assert _status(stopped) == "stopped"
+        result = tune(settings, say=said.append)
+        (final,) = result.final_runs
+        assert final["status"] == "finished" and Path(final["run_dir"]) == stopped  # continued, not started anew
+        assert [p.name for p in (out / "final").iterdir()] == [stopped.name]
+        assert len(json.loads((stopped / "history.json").read_text())) == 3
+    finally:
+        CALLBACKS.unregister("qa_ctrl_c_final")
 
 
 # -- two workers, killed and resumed ---------------------------------------------------------------------------
@@ -415,6 +463,9 @@ def test_a_resumed_study_draws_new_points_not_the_seeds_first_ones(tmp_path):
         ({"workers": 10_000}, "--workers=10000 on a machine with"),
         ({"storage": "sqlite:///"}, "in-memory SQLite database cannot be shared"),
         ({"storage": "sqlite:///:memory:"}, "in-memory SQLite database cannot be shared"),
+        ({"timeout": 0.0}, "must be a number of seconds > 0"),
+        ({"timeout": float("nan")}, "must be a number of seconds > 0"),  # behaved as no timeout
+        ({"timeout": float("inf")}, "leave it out for none"),
     ],
 )
 def test_settings_that_cannot_work_are_refused(tmp_path, change, needle):

@@ -49,6 +49,7 @@ from cifarlab.config import _NoAliasLoader, accepted_keys, apply_overrides, pars
 from cifarlab.errors import ConfigError, UserError
 from cifarlab.files import read_json, require_regular_file, write_json
 from cifarlab.recipes import RECIPES, Recipe, _check_bounds, field_types, validate
+from cifarlab.text import plural
 from cifarlab.train.callbacks import Callback
 
 __all__ = [
@@ -73,6 +74,8 @@ OBJECTIVES: dict[str, str] = {"val_accuracy": "maximize", "val_loss": "minimize"
 PRUNERS = ("median", "hyperband", "none")
 # Keys a search space may not tune: they name or locate the run, or are noise (seed).
 NOT_TUNABLE = ("name", "description", "dataset", "seed")
+# Keys that draw the validation split: trials scored on different images cannot be compared (set them in `trial:`).
+SPLIT_KEYS = ("val_fraction", "stratified_split")
 MAX_SPACE_BYTES = 1 << 20
 MAX_RETRIES = 2  # a trial killed again and again (it may be what kills its worker) is re-queued at most this often
 MAX_CONSECUTIVE_FAILURES = 5  # a worker whose trials keep failing stops instead of looping
@@ -219,6 +222,11 @@ def _param(src: str, name: Any, spec: Any, recipe: Recipe) -> Param:
         raise _unknown(f"space {src}: params", name, accepted_keys())
     if key in NOT_TUNABLE:
         raise ConfigError(f"{where}: {key!r} cannot be tuned (it names or locates the run, or is noise)")
+    if key in SPLIT_KEYS:
+        raise ConfigError(
+            f"{where}: {key!r} cannot be tuned: it draws the validation split, so each trial would be scored on "
+            f"other images; set it for every trial under `trial:` (e.g. trial: {{{key}: ...}})"
+        )
     tp = types[key]
     index: int | None = None
     elem = tp
@@ -294,6 +302,15 @@ def _param(src: str, name: Any, spec: Any, recipe: Recipe) -> Param:
             raise ConfigError(f"{where}.step={step:g} must be > 0")
         if log:
             raise ConfigError(f"{where}: log and step cannot be combined (Optuna draws log-uniform values unstepped)")
+        # Optuna would shrink the range to the last step that fits (to [low, low] when step > high - low), with
+        # only a warning: a space that does not say what it tunes.
+        steps = (high - low) / step
+        if abs(steps - round(steps)) > 1e-9 * max(1.0, steps):
+            fit = low + math.floor(steps + 1e-9) * step
+            raise ConfigError(
+                f"{where}: step={step:g} does not divide high - low = {high - low:g} (Optuna would tune "
+                f"[{low:g}, {fit:g}]); choose a step that does, or high={fit:g}"
+            )
     if log and low <= 0:
         raise ConfigError(f"{where}: log: true needs low > 0 (got low={low:g})")
     check(low, f"low={low:g}")
@@ -441,8 +458,8 @@ class TuneSettings:
         ):
             if value < low:
                 raise ConfigError(f"{name}={value} must be >= {low}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError(f"--timeout={self.timeout} must be > 0 seconds")
+        if self.timeout is not None and not (0 < self.timeout < math.inf):  # (nan fails both comparisons)
+            raise ConfigError(f"--timeout={self.timeout} must be a number of seconds > 0 (leave it out for none)")
         most = max(4, 4 * (os.cpu_count() or 1))
         if self.workers > most:  # each worker is a process of its own that trains with its own threads
             raise ConfigError(
@@ -1193,13 +1210,19 @@ def tune(
     c = summary["counts"]
     left = settings.n_trials - c["complete"] - c["pruned"]
     if left > 0:
-        say(f"{left} trials of the budget are still to run (timeout, failures or other workers): run the command again")
+        say(
+            f"{plural(left, 'trial')} of the budget {'is' if left == 1 else 'are'} still to run (timeout, failures or "
+            "other workers): run the command again"
+        )
     best = summary.get("best")
     final: list[dict[str, Any]] = []
     if final_due:
         if best is not None:
             final = _final_runs(settings, best, dataset, say, command, previous)
         summary = tune_report.write_outputs(study, settings, invocation_seconds=study_seconds, final_runs=final)
+        if any(r.get("status") == "stopped" for r in final):  # Ctrl-C in a final run: as in a trial, exit 130
+            say(f"interrupted; run the same command again to resume study {settings.study_name!r} and its final run")
+            raise KeyboardInterrupt
     report = f"; report: {settings.out_dir / tune_report.REPORT_HTML}" if settings.report else ""
     say(f"trials: {settings.out_dir / tune_report.TRIALS_MD}{report}")
     if best is not None:
@@ -1244,10 +1267,15 @@ def _final_runs(
     best trial and seed that finished (the command run again on a finished study) are reused."""
     from cifarlab.experiment import run_experiment
 
-    earlier = {
-        r.get("seed"): dict(r)
+    def of_best(r: Mapping[str, Any], status: str) -> bool:
+        return r.get("trial") == best["number"] and r.get("status") == status and Path(str(r.get("run_dir"))).is_dir()
+
+    earlier = {r.get("seed"): dict(r) for r in previous if of_best(r, "finished")}
+    # A final run stopped by Ctrl-C (its checkpoint kept) is continued, not started again beside it.
+    stopped = {
+        r.get("seed"): Path(str(r["run_dir"]))
         for r in previous
-        if r.get("trial") == best["number"] and r.get("status") == "finished" and Path(str(r.get("run_dir"))).is_dir()
+        if of_best(r, "stopped") and (Path(str(r["run_dir"])) / "checkpoint.pt").is_file()
     }
     recipe = settings.final_recipe(best["params"])
     out = []
@@ -1257,18 +1285,30 @@ def _final_runs(
             say(f"final run, seed {seed}: already done: {earlier[seed]['run_dir']}")
             out.append(earlier[seed])
             continue
-        say(f"final run of trial {best['number']}, seed {seed}: the full recipe, evaluated on the test set")
-        result = run_experiment(
-            recipe.replace(seed=seed),
-            dataset=dataset,
-            data_dir=settings.data_dir,
-            runs_root=settings.out_dir / FINAL_DIR,
-            device=settings.device,
-            report=settings.report,
-            quiet=settings.quiet,
-            progress=False,
-            command=command,
-        )
+        if seed in stopped:
+            say(f"final run of trial {best['number']}, seed {seed}: resuming {stopped[seed]}")
+            result = run_experiment(
+                resume=stopped[seed],
+                dataset=dataset,
+                data_dir=settings.data_dir,
+                device=settings.device,
+                report=settings.report,
+                quiet=settings.quiet,
+                progress=False,
+            )
+        else:
+            say(f"final run of trial {best['number']}, seed {seed}: the full recipe, evaluated on the test set")
+            result = run_experiment(
+                recipe.replace(seed=seed),
+                dataset=dataset,
+                data_dir=settings.data_dir,
+                runs_root=settings.out_dir / FINAL_DIR,
+                device=settings.device,
+                report=settings.report,
+                quiet=settings.quiet,
+                progress=False,
+                command=command,
+            )
         out.append(
             {
                 "trial": best["number"],

@@ -195,8 +195,9 @@ def _fmt_seconds(s: Any) -> str:
 
 
 def _unresumable(r: dict[str, Any]) -> bool:
-    """Stopped or crashed before its first epoch ended: nothing to resume (--resume refuses it)."""
-    return r["status"] in ("stopped", "crashed") and not r.get("resumable", True)
+    """Stopped or crashed before its first epoch ended: nothing to resume (--resume refuses it). (A tune trial keeps
+    no checkpoint either, but its epochs say it ran: an interrupted trial is re-queued, not resumed.)"""
+    return r["status"] in ("stopped", "crashed") and not r.get("resumable", True) and not r.get("epochs")
 
 
 def format_runs(rows: list[dict[str, Any]]) -> str:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cifarlab.cli.common import data_dir_arg, fmt, folder_path, output_may_close
+from cifarlab.cli.common import data_dir_arg, fmt, folder_path, output_may_close, warn
 
 # The one-line help `cifarlab --help` lists (read without building this command's parser).
 HELP = "search a recipe's hyperparameters with Optuna (TPE, pruning, resumable, many workers)"
@@ -146,6 +146,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--space {args.space} is a space for recipe {space_recipe!r}, not {base_name!r}")
     recipe = config.resolve_recipe(base_name, args.config, args.set or (), data_dir=args.data_dir)
     space = load_space(args.space, recipe, base_name)
+    # A key the space draws is overwritten in every trial: a --set or --trial-set on it does nothing; said.
+    tuned = {p.field for p in space.params}
+    where = args.space or "the recipe's built-in space"
+    for flag, items in (("--set", args.set or ()), ("--trial-set", args.trial_set or ())):
+        for item in items:
+            key = config.parse_set(item)[0].partition(".")[0]
+            if key in tuned:
+                warn(
+                    f"{flag} {item}: {key!r} is drawn from the search space ({where}) in every trial and the final "
+                    f"run, so this value is not used; to fix {key}, tune with a space without it (--space FILE)"
+                )
     metric = args.metric or space.metric or (recipe.monitor if recipe.monitor in OBJECTIVES else "val_accuracy")
     study = args.study or base_name
     settings = TuneSettings(
