@@ -504,3 +504,30 @@ def recipe_split_train(recipe, y):
     from cifarlab.data import recipe_split
 
     return recipe_split(recipe, torch.as_tensor(y))[0].tolist()
+
+
+def test_an_empty_validation_split_and_a_storage_that_cannot_open_leave_no_study(tmp_path):
+    """val_fraction=0.01 of 6 images rounds to none: 5 trials failed alike before; a storage that cannot be opened
+    left an empty study folder (QA)."""
+    import numpy as np
+
+    from cifarlab.data import from_arrays
+
+    y = np.array([0, 1, 2] * 2)
+    x = np.zeros((len(y), 8, 8, 3), np.uint8) + (y * 80)[:, None, None, None].astype(np.uint8)
+    ds = from_arrays(x, y, x, y, classes=["red", "green", "blue"])
+    recipe = TINY_RECIPE.replace(epochs=1, val_fraction=0.01)
+    space = space_from_dict({"params": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}}}, recipe)
+    out = tmp_path / "runs" / "tune" / "s"
+    settings = TuneSettings(recipe=recipe, space=space, study_name="s", out_dir=out, n_trials=1)
+    with pytest.raises(ConfigError, match=r"val_fraction=0.01 of 6 training images is an empty validation split"):
+        tune(settings, dataset=ds, say=lambda s: None)
+    assert not out.exists()
+    bad = TuneSettings(
+        recipe=recipe.replace(val_fraction=0.5, stratified_split=True), space=space, study_name="s", out_dir=out,
+        n_trials=1,
+        storage="postgresql://u:pw@127.0.0.1:1/db",  # no driver here, or (with one) no server: refused either way
+    )  # fmt: skip
+    with pytest.raises(UserError, match="--storage"):
+        tune(bad, dataset=ds, say=lambda s: None)
+    assert not out.exists() and not out.parent.exists()

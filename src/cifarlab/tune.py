@@ -590,7 +590,12 @@ def open_storage(url: str) -> Any:
                 )
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
         except ImportError as e:
-            raise UserError(f"--storage {redact(url)}: the database driver is missing ({e}); install it here") from None
+            scheme = url.split(":", 1)[0].split("+")[0]
+            package = {"postgresql": "psycopg2-binary", "mysql": "PyMySQL", "mssql": "pyodbc"}.get(scheme)
+            how = f"pip install {package}" if package else "install the driver SQLAlchemy names for this URL"
+            raise UserError(
+                f"--storage {redact(url)}: the database driver is missing ({e}); {how} in this environment"
+            ) from None
         except Exception as e:  # sqlalchemy's errors: a bad URL, a server that refuses, a locked or damaged file
             raise UserError(
                 f"--storage {redact(url)}: cannot open the study storage ({type(e).__name__}: {e})"
@@ -1167,10 +1172,19 @@ def tune(
     # A split that holds out every image of a class fails every trial alike: refused once, before the study.
     from cifarlab.data import recipe_split
 
-    recipe_split(trial_recipe, dataset.y_train, dataset.classes, needs_validation=True)
+    _, val_idx = recipe_split(trial_recipe, dataset.y_train, dataset.classes, needs_validation=True)
+    if len(val_idx) == 0:  # val_fraction > 0 of a few images can round to none: every trial would fail alike
+        raise ConfigError(
+            f"the trials' val_fraction={trial_recipe.val_fraction:g} of {len(dataset.y_train)} training images is an "
+            "empty validation split; raise val_fraction (--trial-set val_fraction=..., or trial: in the space)"
+        )
     recipe_split(settings.recipe, dataset.y_train, dataset.classes)  # the final runs' own split
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(settings, 0, pruner=pruner, create=True)
+    try:
+        study = open_study(settings, 0, pruner=pruner, create=True)
+    except BaseException:
+        _remove_if_empty(settings.out_dir)  # a storage that cannot be opened leaves no empty study folder
+        raise
     say(f"study {settings.study_name!r}: {redact(settings.storage_url)}; folder {settings.out_dir}")
     recover_killed_trials(study, settings, say)
     c = counts(study)
@@ -1238,6 +1252,15 @@ def tune(
         final_runs=final,
         summary=summary,
     )
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """`folder` and the parents this study created for it (up to the runs folder), where nothing is in them."""
+    for p in (folder, folder.parent):
+        try:
+            p.rmdir()  # only an empty folder: anything inside stays
+        except OSError:
+            return
 
 
 def _earlier_final_runs(settings: TuneSettings) -> list[dict[str, Any]]:
