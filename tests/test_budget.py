@@ -262,3 +262,35 @@ def test_budget_refuses_resume_and_a_too_small_budget(tmp_path, monkeypatch, one
     with pytest.raises(ConfigError, match="no time to train.*give a larger budget="):
         cifarlab.fit("fast", make_dataset(48, 8), batch_size=32, runs_dir=tmp_path, budget=30.0, device="cpu")
     assert not any(tmp_path.iterdir())
+
+
+class _CtrlCAtEpoch2(Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.long
+def test_a_budget_run_stopped_and_resumed_keeps_its_plan_and_says_the_time_is_not_comparable(
+    tmp_path, monkeypatch, one_thread
+):
+    """The resumed run lost its budget record (metrics.json, the line, the report's rows) though the README says
+    a budget run stores it (QA)."""
+    monkeypatch.setattr("cifarlab.experiment.set_threads", lambda: 1)
+    recipe = get_recipe("fast").replace(batch_size=32)
+    stopped = run_experiment(
+        recipe, dataset=make_dataset(48, 8), runs_root=tmp_path, budget=6.0, callbacks=[_CtrlCAtEpoch2()],
+        budget_clock=Clock.from_now("the test"), report=False, device="cpu", quiet=True,
+    )  # fmt: skip
+    assert stopped.status == "stopped"
+    lines: list[str] = []
+    done = run_experiment(
+        resume=stopped.run_dir, dataset=make_dataset(48, 8), report=False, device="cpu", log=lines.append
+    )
+    b = done.metrics["budget"]
+    planned = json.loads((stopped.run_dir / "config.json").read_text())["budget"]
+    assert b["resumed"] is True and b["taken_seconds"] is None and b["widths"] == planned["widths"]
+    assert any("this run was resumed, so its time is not compared with the budget" in s for s in lines)
+    from cifarlab.report.sections import _budget_rows
+
+    assert "stopped and resumed" in _budget_rows(b)[0][1]

@@ -200,6 +200,10 @@ def test_a_budget_run_says_it_stopped_at_its_deadline():
     assert "13 epochs planned" in s
     whole = training_sentence(hist_rows([1.0] * 8, [None] * 8), {"budget": budget}, state(last_epoch_steps=7))
     assert "after 8 epochs" in whole and "partway" not in whole
+    # the plan's own figure when it has one, as the summary table shows it (epochs is its ceiling)
+    planned = {**budget, "predicted_epochs": 12.4}
+    s = training_sentence(hist_rows([1.0] * 8, [None] * 8), {"budget": planned}, state(last_epoch_steps=6))
+    assert "against ~12.4 epochs planned" in s and "13 epochs planned" not in s
 
 
 def test_a_resumed_run_and_singular_epoch():

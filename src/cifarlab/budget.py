@@ -403,7 +403,7 @@ def plan_budget(
     if o.epochs >= recipe.epochs:
         reason = f"the widest net that trains the recipe's {recipe.epochs} epochs in the time left"
         if o is options[0]:
-            reason += f"; the time beyond that buys {o.epochs:.1f} epochs"
+            reason += f"; the time left buys ~{o.epochs:.1f} epochs of it in all"
             if math.ceil(o.epochs) > o.epochs:  # the header's "N epochs max": the last one ends at the deadline
                 reason += f" ({math.ceil(o.epochs)} epochs max, the last one cut at the deadline)"
     else:

@@ -693,6 +693,10 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
     if plan.budget is not None:  # the budget against the time taken: clock origin to the test result
         plan.budget.taken_seconds = plan.budget.clock.elapsed()
         metrics["budget"] = plan.budget.to_dict()
+    elif isinstance((plan.config or {}).get("budget"), dict):
+        # A --budget run stopped and resumed: its plan stands (widths, epochs), but the time across sessions is
+        # not the budget's to compare (the first session's process planned it), so no time is recorded as taken.
+        metrics["budget"] = {**plan.config["budget"], "taken_seconds": None, "resumed": True}
     write_json(run_dir / METRICS, metrics)
     say("")
     say(format_history_table(fit.history, fit.train_seconds))
@@ -851,6 +855,9 @@ def run_experiment(
             if result.status != "finished" or not main:
                 return result
             b = plan.budget
+            if b is None and isinstance(result.metrics.get("budget"), dict):
+                total = result.metrics["budget"].get("budget_seconds")
+                say(f"budget {total:g} s: this run was resumed, so its time is not compared with the budget")
             if b is not None and (taken := b.taken_seconds) is not None:
                 over = taken / b.budget_seconds - 1
                 say(

@@ -357,7 +357,10 @@ def training_sentence(history: History, metrics: dict[str, Any], state: Training
         else:
             first += f" after {plural(n, 'epoch')}"
         planned_b = budget.get("epochs") or planned
-        if planned_b:
+        predicted = budget.get("predicted_epochs")
+        if _num(predicted):  # the plan's own figure, as the summary table gives it (epochs is its ceiling)
+            first += f", against ~{float(predicted):.1f} epochs planned"
+        elif planned_b:
             first += f", against {plural(int(planned_b), 'epoch')} planned"
     elif planned and n < planned and not stops:
         first = f"Training ran {n} of the {planned} planned epochs"

@@ -198,6 +198,8 @@ def _budget_rows(budget: Any, history: History | None = None, steps: Steps | Non
         off = taken / total - 1
         side = "over" if off > 0 else "under"
         took = f"; taken {taken:.1f} s: " + ("exactly the budget" if off == 0 else f"{abs(off):.1%} {side} the budget")
+    elif budget.get("resumed"):
+        took = "; the run was stopped and resumed, so its time is not compared with the budget"
     epochs = budget.get("predicted_epochs")  # absent in runs from before session 9
     planned = f"~{epochs:.1f} planned" if isinstance(epochs, (int, float)) and epochs > 0 else ""
     rows = [["time budget", f"{total:g} s from {budget.get('clock', 'process start')} to the test result{took}"]]
