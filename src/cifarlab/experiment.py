@@ -114,6 +114,10 @@ class Plan:
     t_start: float = field(default_factory=time.perf_counter)
     budget: BudgetPlan | None = None  # what --budget chose (widths, epochs, TTA) and its deadline
     dist: Distributed | None = None  # under torchrun with more than one process (`cifarlab.distributed`)
+    # The recipe's augmentation and callbacks, built once by `check_pieces` before the run folder exists (a
+    # registered factory is called once per run, as a user writing one expects); None: built where used.
+    augment: Any = None
+    recipe_callbacks: list[Callback] | None = None
 
     @property
     def has_val(self) -> bool:
@@ -468,12 +472,13 @@ class SessionClock(Callback):
 
 
 def check_pieces(plan: Plan) -> None:
-    """Build the recipe's augmentation, optimizer and callbacks once before the run folder exists: a registered
-    factory that returns the wrong thing (a plugin's) is then one error and no crashed folder. The loop builds its
-    own; these are dropped (building is cheap and has no effect on the model)."""
-    make_augment(plan.recipe)
-    build_optimizer(plan.model, plan.recipe)
-    recipe_callbacks(plan.recipe, plan.has_val)
+    """Build the recipe's augmentation, optimizer and callbacks before the run folder exists: a registered factory
+    that returns the wrong thing (a plugin's) is then one error and no crashed folder. The augmentation and the
+    callbacks are kept for the run; the trainer builds the optimizer it steps (building one has no effect on the
+    model)."""
+    plan.augment = make_augment(plan.recipe)
+    build_optimizer(plan.model, plan.recipe)  # (the trainer builds the one it steps)
+    plan.recipe_callbacks = recipe_callbacks(plan.recipe, plan.has_val)
 
 
 def loaders(plan: Plan) -> tuple[BatchLoader, BatchLoader | None]:
@@ -489,7 +494,7 @@ def loaders(plan: Plan) -> tuple[BatchLoader, BatchLoader | None]:
         shuffle=True,
         drop_last=r.drop_last,
         seed=r.seed,
-        transform=make_augment(r),
+        transform=plan.augment if plan.augment is not None else make_augment(r),
         rank=rank,
         world=world,
         scales=r.train_scales,
@@ -588,7 +593,8 @@ def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, Se
     """Run the loop with the recipe's callbacks, the given ones, and a session clock."""
     train_loader, val_loader = loaders(plan)
     clock = SessionClock()
-    cbs = [*recipe_callbacks(plan.recipe, val_loader is not None), *callbacks, clock]
+    own = plan.recipe_callbacks
+    cbs = [*(own if own is not None else recipe_callbacks(plan.recipe, val_loader is not None)), *callbacks, clock]
     if plan.budget is not None:  # training ends when the time left is what the test evaluation needs
         b = plan.budget
         deadline = usable_seconds(b.budget_seconds) - b.predicted_eval_seconds
