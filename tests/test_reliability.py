@@ -165,25 +165,35 @@ def test_divergence_from_a_huge_lr_stops_and_writes_no_model(tmp_path, folder, c
 
 
 class _PoisonAfter(Callback):
-    """Sets a weight to NaN at the end of epoch `epoch` (0-based), as an exploding update would."""
+    """Sets a weight (or a BatchNorm running variance) to NaN at the end of epoch `epoch` (0-based), as an
+    exploding update would."""
 
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
+    order = 70  # before the NaN guard's epoch-end check (80)
+
+    def __init__(self, epoch: int, buffer: bool = False) -> None:
+        self.epoch, self.buffer = epoch, buffer
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch == self.epoch:
+            model = self.trainer.model
             with torch.no_grad():
-                next(self.trainer.model.parameters()).fill_(float("nan"))
+                if self.buffer:
+                    next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(
+                        float("nan")
+                    )
+                else:
+                    next(model.parameters()).fill_(float("nan"))
 
 
-def test_nan_weights_after_good_epochs_are_never_saved(tmp_path):
+@pytest.mark.parametrize("buffer", [False, True], ids=["weight", "bn-running-var"])
+def test_nan_weights_after_good_epochs_are_never_saved(tmp_path, buffer):
     res = run_experiment(
         TINY_RECIPE.replace(epochs=4, batch_size=32),
         dataset=make_dataset(20, 5),
         runs_root=tmp_path,
         quiet=True,
         report=False,
-        callbacks=[_PoisonAfter(1)],
+        callbacks=[_PoisonAfter(1, buffer)],
     )
     assert res.status == "diverged" and "NaN" in res.metrics["message"]
     assert not (res.run_dir / "model.safetensors").exists()

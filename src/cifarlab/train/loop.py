@@ -73,8 +73,11 @@ class NaNGuard(Callback):
 
 
 def all_finite(model: nn.Module) -> bool:
+    """Whether the model's parameters and floating-point buffers are all finite: a BatchNorm's running variance
+    can turn NaN while every weight stays finite (then only saving the weights noticed)."""
     with torch.no_grad():
-        total = sum(p.detach().float().sum() for p in model.parameters())
+        tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+        total = sum(t.detach().float().sum() for t in tensors)
     return math.isfinite(float(total))
 
 
