@@ -136,6 +136,14 @@ def test_space_file_structure_errors(body, expected):
         space_from_dict(body, TINY_RECIPE, "s.yaml")
 
 
+def test_a_space_that_is_not_yaml_is_one_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("params:\n  lr: {low: 1, high: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_space(path, TINY_RECIPE)
+    assert "not valid YAML (line 3: expected ',' or '}'" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_space_values_apply_to_the_recipe():
     space = space_from_dict(
         {

@@ -229,6 +229,14 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def yaml_problem(e: Exception) -> str:
+    """A YAML error on one line: where and what (str(e) spans several lines, with a caret)."""
+
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+    return (f"line {mark.line + 1}: " if mark is not None else "") + str(what)
+
+
 class _DuplicateKey(Exception):
     pass
 
@@ -281,11 +289,8 @@ def load_config_file(path: Path | str) -> dict[str, Any]:
     else:
         try:
             data = yaml.load(text, Loader=_NoAliasLoader)  # plain data only: no tags, no aliases
-        except yaml.MarkedYAMLError as e:  # one line: where and what (str(e) spans several, with a caret)
-            where = f"line {e.problem_mark.line + 1}: " if e.problem_mark is not None else ""
-            raise ConfigError(f"--config {path}: not valid YAML ({where}{e.problem or e.context})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+            raise ConfigError(f"--config {path}: not valid YAML ({yaml_problem(e)})") from None
     if data is None:
         data = {}
     if not isinstance(data, Mapping):

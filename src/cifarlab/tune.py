@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from cifarlab.config import _NoAliasLoader, accepted_keys, apply_overrides, parse_value
+from cifarlab.config import _NoAliasLoader, accepted_keys, apply_overrides, parse_value, yaml_problem
 from cifarlab.errors import ConfigError, UserError
 from cifarlab.files import read_json, require_regular_file, write_json
 from cifarlab.recipes import RECIPES, Recipe, _check_bounds, field_types, validate
@@ -405,7 +405,7 @@ def load_space(path: Path | str | None, recipe: Recipe, base_name: str | None = 
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--space {path}: cannot read it ({e})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--space {path}: not valid YAML ({e})") from None
+        raise ConfigError(f"--space {path}: not valid YAML ({yaml_problem(e)})") from None
     return space_from_dict(data, recipe, str(path))
 
 
