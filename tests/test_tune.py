@@ -102,6 +102,7 @@ def test_every_builtin_recipe_ships_a_valid_default_space():
         ({"optimizer": {"choices": ["adam", "nadam"]}}, ["params.optimizer", "'nadam'"]),
         ({"batch_size": {"choices": [64, "big"]}}, ["params.batch_size", "choice 'big'"]),
         ({"dropout.2": {"low": 0.1, "high": 0.5}}, ["params.dropout.2", "dropout.0 .. dropout.1"]),
+        ({"widths.5": {"low": 8, "high": 16}}, ["params.widths.5", "widths.0 .. widths.2"]),
         ({"lr.0": {"low": 0.1, "high": 0.5}}, ["params.lr.0", "lr is not a list"]),
         ({"seed": {"low": 0, "high": 9}}, ["params.seed", "cannot be tuned"]),
         # Optuna shrank such a range with only a warning: to [1, 1] here, every trial at lr=1
@@ -134,6 +135,11 @@ def test_space_errors_name_the_key(tmp_path, params, expected):
 def test_space_file_structure_errors(body, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         space_from_dict(body, TINY_RECIPE, "s.yaml")
+
+
+def test_an_element_of_a_list_the_recipe_leaves_empty_is_named_as_such():
+    with pytest.raises(ConfigError, match=r"params.dropout.0: recipe 'fast' has no dropout \(an empty list\)"):
+        space_from_dict({"params": {"dropout.0": {"low": 0.1, "high": 0.5}}}, get_recipe("fast"), "s.yaml")
 
 
 def test_a_space_that_is_not_yaml_is_one_line(tmp_path):

@@ -234,6 +234,10 @@ def _param(src: str, name: Any, spec: Any, recipe: Recipe) -> Param:
         if idx:
             n = len(getattr(recipe, key))
             if not idx.isdigit() or int(idx) >= n:
+                if n == 0:  # (fast has no dropout at all: "dropout.0 .. dropout.-1" said nothing)
+                    raise ConfigError(
+                        f"{where}: recipe {recipe.name!r} has no {key} (an empty list), so there is no {name} to tune"
+                    )
                 raise ConfigError(
                     f"{where}: {key} holds {n} values in recipe {recipe.name!r}; tune one as {key}.0 .. {key}.{n - 1}"
                 )
@@ -1194,6 +1198,11 @@ def tune(
             f"resuming: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed, {c['running']} running "
             f"elsewhere, {c['waiting']} queued; {max(0, settings.n_trials - done)} of {settings.n_trials} to go"
         )
+        if done > settings.n_trials:
+            say(
+                f"the study already holds {done} complete or pruned trials, more than --n-trials {settings.n_trials}: "
+                "no trial runs; give a larger --n-trials to run more"
+            )
     say(
         f"optimizing {settings.metric} ({settings.direction}) over {len(settings.space.params)} parameters with TPE, "
         f"pruner {settings.pruner if pruner is None else type(pruner).__name__}, {settings.workers} worker(s), "
