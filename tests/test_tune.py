@@ -253,7 +253,8 @@ def test_tiny_study_writes_trials_report_and_a_best_config_that_trains(folder, t
     assert cli.main([*args, "--no-report"]) == 0
     assert len(_read_csv(out / "trials.csv")) == 3
     assert cli.main([*args, "--set", "dense_width=16"]) == 2
-    assert "was started with another recipe" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "was started with another recipe" in err and "dense_width: 32 -> 16" in err  # which setting, and how
 
 
 class PruneOddTrials(optuna.pruners.BasePruner):

@@ -711,10 +711,24 @@ def open_study(settings: TuneSettings, index: int = 0, pruner: Any = None, creat
         }
         raise ConfigError(
             f"study {settings.study_name!r} in {redact(settings.storage_url)} was started with another "
-            f"{' and '.join(detail.get(k, k) for k in diff)}; resume it with the same settings or pick a new "
-            "--study name"
+            f"{' and '.join(detail.get(k, k) for k in diff)} ({_differences(have, want, diff)}); resume it with "
+            "the same settings or pick a new --study name"
         )
     return study
+
+
+def _differences(have: Mapping[str, Any], want: Mapping[str, Any], keys: Sequence[str], most: int = 4) -> str:
+    """What changed between a study's identity and this command's, as `key: was -> now` (recipe keys one by
+    one), so the user knows which flag to put back."""
+    out: list[str] = []
+    for k in keys:
+        a, b = have.get(k), want.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += [f"{f}: {a.get(f)!r} -> {b.get(f)!r}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+        else:
+            out.append(f"{k}: {a!r} -> {b!r}")
+    shown = "; ".join(out[:most]) + (f"; and {len(out) - most} more" if len(out) > most else "")
+    return f"was -> now: {shown}"
 
 
 def _states() -> Any:
