@@ -506,3 +506,33 @@ def test_the_resume_command_keeps_the_process_count() -> None:
     multi = resume_command("runs/a", {"world_size": 8, "nodes": 2})
     assert multi.startswith("torchrun --nnodes 2 --nproc-per-node 4 ") and "train --resume runs/a" in multi
     assert resume_command("runs/a", {"world_size": "bad"}) == "cifarlab train --resume runs/a"  # a damaged config
+
+
+@needs_gloo
+@pytest.mark.long
+def test_a_data_error_under_nproc_is_said_by_process_0_and_exits_2(setup: dict, tmp_path: Path) -> None:
+    """Every process loaded (and would download) the data at once and printed the same error; now process 0 loads
+    it first, the others wait, and the job exits 2 (refused input) without a traceback (QA)."""
+    s = setup
+    broken = tmp_path / "flat"
+    (broken / "train").mkdir(parents=True)
+    (broken / "test").mkdir()
+    from PIL import Image
+
+    for split in ("train", "test"):
+        Image.new("RGB", (8, 8)).save(broken / split / "a.png")  # images without class folders
+    args = _train_args(s, tmp_path / "runs")
+    args[args.index(f"dataset={s['data']}")] = f"dataset={broken}"
+    args[args.index("train") + 1 : args.index("train") + 1] = ["--nproc", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "cifarlab.cli", *args],
+        env=s["env"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        preexec_fn=_all_cores,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "training processes failed" not in done.stderr, done.stderr
+    said = [line for line in done.stderr.splitlines() if line.startswith("error:") and "process 0" not in line]
+    assert len(said) == 1, done.stderr  # the data's error once, not once per process

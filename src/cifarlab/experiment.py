@@ -321,7 +321,23 @@ def prepare(
         # ~0.8 s per set of shapes on an H200 (RESULTS.md): `cudnn_benchmark=false` uses cuDNN's heuristics.
         torch.backends.cudnn.benchmark = recipe.cudnn_benchmark and not deterministic
 
-    ds = dataset if dataset is not None else load_dataset(recipe.dataset, data_dir)
+    if dataset is not None:
+        ds = dataset
+    elif dist is not None and not dist.is_main:
+        # Process 0 downloads, decodes and caches the data first; the others then read its cache. They no longer
+        # all download the archive into the same folder at once, and a data error is said once, by process 0
+        # (torchrun then stops the others, waiting here).
+        try:
+            dist.barrier()
+        except RuntimeError as e:
+            if not peer_lost(e):
+                raise
+            raise UserError("process 0 of this training ended while loading the data: its message says why") from None
+        ds = load_dataset(recipe.dataset, data_dir)
+    else:
+        ds = load_dataset(recipe.dataset, data_dir)
+        if dist is not None:
+            dist.barrier()
     tr_idx, va_idx = recipe_split(recipe, ds.y_train, ds.classes)  # a class left untrained is an error
     mean = std = None
     if recipe.scaling == "standardize":

@@ -135,6 +135,11 @@ def launch(torchrun_args: list[str]) -> int:
         codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
         if len(set(codes.values())) == 1 and next(iter(codes.values())) in (2, 130):
             return next(iter(codes.values()))
+        # Process 0 refused its input or was stopped, and torchrun ended the others (waiting for its data): its
+        # line above says why.
+        first = codes.get(0)
+        if first in (2, 130) and all(c in (first, -15) for r, c in codes.items() if r != 0):
+            return int(first)
         each = ", ".join(f"process {rank}: {_exit_text(code)}" for rank, code in codes.items())
         print(f"error: training processes failed ({each}); their messages are above", file=sys.stderr)
         return 1
