@@ -160,6 +160,18 @@ def _train_args(s: dict, runs: Path, *extra: str) -> list[str]:
     ]
 
 
+def _cifarlab(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """`python -m cifarlab.cli ARGS` in a fresh process on every core, its output captured (240 s at most)."""
+    return subprocess.run(
+        [sys.executable, "-m", "cifarlab.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        preexec_fn=_all_cores,
+    )
+
+
 def _only_run(runs: Path) -> Path:
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
     return run
@@ -258,14 +270,7 @@ def test_a_process_that_dies_is_reported_in_one_line_and_the_run_resumes(setup: 
     raw text (source path, "GLHF!") in status.json; now one line says another process ended and how to resume."""
     s = setup
     runs = s["base"] / "rank_died"
-    done = subprocess.run(
-        [sys.executable, "-m", "cifarlab.cli", *_train_args(s, runs, "--nproc", "2")],
-        env={**s["env"], "TEST_KILL_RANK1_AFTER_EPOCH": "2"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-        preexec_fn=_all_cores,
-    )
+    done = _cifarlab(*_train_args(s, runs, "--nproc", "2"), env={**s["env"], "TEST_KILL_RANK1_AFTER_EPOCH": "2"})
     run = _only_run(runs)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr and "killed by SIGKILL" in done.stderr, done.stderr
@@ -275,14 +280,7 @@ def test_a_process_that_dies_is_reported_in_one_line_and_the_run_resumes(setup: 
     ), status
     assert "pair.cc" not in status["message"] and "GLHF" not in status["message"]
     assert f"resume with: cifarlab train --nproc 2 --resume {run}" in done.stderr
-    resumed = subprocess.run(
-        [sys.executable, "-m", "cifarlab.cli", "--plugin", s["plugin"], "train", "--resume", str(run), "--no-report"],
-        env=s["env"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        preexec_fn=_all_cores,
-    )
+    resumed = _cifarlab("--plugin", s["plugin"], "train", "--resume", str(run), "--no-report", env=s["env"])
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
 
@@ -524,14 +522,7 @@ def test_a_data_error_under_nproc_is_said_by_process_0_and_exits_2(setup: dict, 
     args = _train_args(s, tmp_path / "runs")
     args[args.index(f"dataset={s['data']}")] = f"dataset={broken}"
     args[args.index("train") + 1 : args.index("train") + 1] = ["--nproc", "2"]
-    done = subprocess.run(
-        [sys.executable, "-m", "cifarlab.cli", *args],
-        env=s["env"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        preexec_fn=_all_cores,
-    )
+    done = _cifarlab(*args, env=s["env"])
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "training processes failed" not in done.stderr, done.stderr
     said = [line for line in done.stderr.splitlines() if line.startswith("error:") and "process 0" not in line]

@@ -22,10 +22,11 @@ What the rest of cifarlab does with a `Distributed` (see the README, "Many GPUs 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -56,12 +57,12 @@ _STOP = threading.Event()  # this process was asked to stop (SIGINT/SIGTERM); th
 STOP_CHECK_STEPS = 16  # on GPUs the flag is read every this many steps (a read is a host synchronisation)
 
 
-def install_agreed_stop(watch_parent: bool = True) -> None:
+def install_agreed_stop() -> None:
     """SIGINT and SIGTERM in a torchrun process: the first one sets a flag that every rank reads at the same
     step (summed with the step's numbers), so all of them stop there together and the run is marked stopped;
     raising at once in the signalled process alone left the others waiting in the next all-reduce for gloo's
-    30-minute timeout. A second signal stops this process at once. With `watch_parent`, the death of the
-    process that started this one sets the flag too (`watch_launcher`)."""
+    30-minute timeout. A second signal stops this process at once. The death of the process that started this
+    one sets the flag too (`watch_launcher`)."""
     import signal
 
     def stop(signum: int, frame: Any) -> None:
@@ -72,8 +73,7 @@ def install_agreed_stop(watch_parent: bool = True) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
-    if watch_parent:
-        watch_launcher()
+    watch_launcher()
 
 
 PARENT_CHECK_SECONDS = 1.0  # how often a rank looks for its launcher (one getppid() call)
@@ -217,6 +217,22 @@ class Distributed:
         }
 
     # -- collectives ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The block runs in process 0 first, then in the others together (a download or a cache that process 0
+        fills and the others then read). If process 0 fails in it, the others get a one-line UserError (torchrun
+        also stops them) instead of gloo's traceback."""
+        if not self.is_main:
+            try:
+                self.barrier()
+            except RuntimeError as e:
+                if not peer_lost(e):
+                    raise
+                raise UserError("process 0 of this training ended before this step: its message says why") from None
+        yield
+        if self.is_main:
+            self.barrier()
+
     def barrier(self) -> None:
         import torch.distributed as dist
 

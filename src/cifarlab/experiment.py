@@ -13,6 +13,7 @@ too large for memory is an error before any run folder exists.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -323,21 +324,11 @@ def prepare(
 
     if dataset is not None:
         ds = dataset
-    elif dist is not None and not dist.is_main:
-        # Process 0 downloads, decodes and caches the data first; the others then read its cache. They no longer
-        # all download the archive into the same folder at once, and a data error is said once, by process 0
-        # (torchrun then stops the others, waiting here).
-        try:
-            dist.barrier()
-        except RuntimeError as e:
-            if not peer_lost(e):
-                raise
-            raise UserError("process 0 of this training ended while loading the data: its message says why") from None
-        ds = load_dataset(recipe.dataset, data_dir)
     else:
-        ds = load_dataset(recipe.dataset, data_dir)
-        if dist is not None:
-            dist.barrier()
+        # Under torchrun process 0 downloads, decodes and caches the data first and the others then read its cache:
+        # not every process downloading into one folder at once, and a data error said once, by process 0.
+        with dist.main_first() if dist is not None else contextlib.nullcontext():
+            ds = load_dataset(recipe.dataset, data_dir)
     tr_idx, va_idx = recipe_split(recipe, ds.y_train, ds.classes)  # a class left untrained is an error
     mean = std = None
     if recipe.scaling == "standardize":

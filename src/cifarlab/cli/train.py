@@ -263,8 +263,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 LAUNCH_COMMAND_ENV = "CIFARLAB_LAUNCH_COMMAND"  # set by --nproc for the processes it starts
 
 
+def _quoted_args() -> str:
+    return " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def _typed_command() -> str:
-    return "cifarlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return f"cifarlab {_quoted_args()}"
 
 
 def _recorded_command(dist: Any) -> str:
@@ -275,8 +279,7 @@ def _recorded_command(dist: Any) -> str:
     launched = os.environ.get(LAUNCH_COMMAND_ENV)
     if launched:
         return launched
-    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
-    return f"torchrun --nnodes {dist.nodes} --nproc-per-node {dist.local_world} -m cifarlab.cli {args}"
+    return f"torchrun --nnodes {dist.nodes} --nproc-per-node {dist.local_world} -m cifarlab.cli {_quoted_args()}"
 
 
 def _run(args: argparse.Namespace, recipe: Any, budget: float | None, dist: Any, run_experiment: Any) -> Any:
