@@ -175,6 +175,25 @@ def test_user_errors_are_one_line_with_control_characters_escaped(capsys):
         run_command(bug, None)
 
 
+def test_ctrl_c_exits_130_with_one_line(capsys):
+    """A bare Ctrl-C gets the CLI's "interrupted"; one the command has explained (`Interrupted`) gets no second
+    line."""
+    from cifarlab.cli.common import run_command
+    from cifarlab.errors import Interrupted
+
+    def plain(args):
+        raise KeyboardInterrupt
+
+    def explained(args):
+        print("interrupted; run the same command again", file=sys.stderr)
+        raise Interrupted
+
+    assert run_command(plain, None) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert run_command(explained, None) == 130
+    assert capsys.readouterr().err == "interrupted; run the same command again\n"
+
+
 def test_train_refuses_before_any_work(tmp_path, capsys, monkeypatch):
     """Combinations that cannot work are refused on the command line: no data read (none exists here), no
     torchrun started, no folder written."""

@@ -305,6 +305,35 @@ def test_callbacks_registry_and_recipe_key():
         CALLBACKS.unregister("probe_cb")
 
 
+def test_an_overlay_entry_is_seen_by_its_own_thread_only():
+    """`Registry.overlay` (what `cifarlab.load(run, model=...)` uses): another thread sees the registry as it
+    was, even one running at the same time, and a shared entry of the same name is back afterwards."""
+    import threading
+
+    seen: dict[str, object] = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other_thread():
+        inside.wait(5)
+        seen["other"] = "user.Overlaid" in MODELS
+        done.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with MODELS.overlay("user.Overlaid", lambda recipe, n, shape: nn.Linear(1, 1), description="overlaid"):
+        assert "user.Overlaid" in MODELS and MODELS.describe("user.Overlaid") == "overlaid"
+        with MODELS.overlay("airnet", lambda recipe, n, shape: nn.Identity()):  # over a shared entry
+            assert isinstance(MODELS.build("airnet", None, 10, (3, 32, 32)), nn.Identity)
+        inside.set()
+        done.wait(5)
+    t.join()
+    assert seen == {"other": False}
+    assert "user.Overlaid" not in MODELS
+    assert MODELS.describe("airnet") != "airnet" and not isinstance(
+        MODELS.build("airnet", cifarlab.get_recipe("fast"), 10, (3, 32, 32)), nn.Identity
+    )
+
+
 class _Logits(nn.Module):
     def __init__(self, channels: int = 3, outputs: int = 2, wrap: bool = False):
         super().__init__()

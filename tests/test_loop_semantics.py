@@ -477,3 +477,32 @@ def test_stop_training_mid_epoch_ends_after_the_batch_and_marks_the_cut_epoch(tm
         none = run_experiment(recipe, dataset=ds, runs_root=tmp_path / "b", callbacks=[StopAt(0)], **RUN)
     assert none.metrics["epochs_run"] == 0
     assert "stop_training before the first epoch ended: the model was not trained" in caplog.text
+
+
+class InterruptAfterEpoch(Callback):
+    order = 101  # after the checkpoint of epoch 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("first_report", [False, True])
+def test_resume_keeps_the_runs_report_choice(tmp_path, ds, first_report):
+    """A run started with --no-report (report=False) and resumed without it still writes no report, and says how to
+    write one; a run started with a report gets one after its resume."""
+    recipe = get_recipe("reference").replace(**TINY, epochs=2)
+    run_opts = {**RUN, "report": first_report}
+    result = run_experiment(recipe, dataset=ds, runs_root=tmp_path, callbacks=[InterruptAfterEpoch()], **run_opts)
+    assert result.status == "stopped"
+    assert json.loads((result.run_dir / "config.json").read_text())["report"] is first_report
+    said: list[str] = []
+    resumed = run_experiment(
+        resume=result.run_dir, dataset=ds, **{**RUN, "report": True, "quiet": False, "log": said.append}
+    )
+    assert resumed.status == "finished"
+    assert (result.run_dir / "report.md").exists() is first_report
+    no_report_lines = [s for s in said if s.startswith("no report at the end")]
+    assert len(no_report_lines) == (0 if first_report else 1)
+    if not first_report:
+        assert f"cifarlab report {result.run_dir}" in no_report_lines[0]

@@ -39,11 +39,11 @@ MiB = 2**20
 # -- images --------------------------------------------------------------------------------------------------
 
 
-def png_bytes(size: tuple[int, int] = (48, 40), seed: int = 0, mode: str = "RGB") -> bytes:
+def png_bytes(size: tuple[int, int] = (48, 40), seed: int = 0, mode: str = "RGB", fmt: str = "PNG") -> bytes:
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(a).convert(mode).save(buf, "PNG")
+    Image.fromarray(a).convert(mode).save(buf, fmt)
     return buf.getvalue()
 
 
@@ -222,7 +222,7 @@ def test_report_missing_is_404(client: TestClient, run_dir: Path):
 # -- predictions ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["png", "jpeg", "cifar", "gray"])
+@pytest.mark.parametrize("kind", ["png", "jpeg", "cifar", "gray", "ppm", "pgm"])
 @pytest.mark.parametrize("which", ["reference", "airnet"])
 def test_predict_matches_cifarlab_predict(
     client: TestClient, run_dir: Path, air_run_dir: Path, tmp_path: Path, kind: str, which: str
@@ -233,6 +233,9 @@ def test_predict_matches_cifarlab_predict(
         "jpeg": jpeg_bytes,
         "cifar": cifar_image,
         "gray": lambda: png_bytes((20, 30), mode="L"),
+        # Netpbm, which `cifarlab predict` reads: the service refused it with 415 until session 16
+        "ppm": lambda: png_bytes((20, 30), fmt="PPM"),
+        "pgm": lambda: png_bytes((20, 30), mode="L", fmt="PPM"),
     }[kind]()
     run = run_dir if which == "reference" else air_run_dir
     f = tmp_path / "image.bin"  # the extension does not matter to either

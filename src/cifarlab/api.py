@@ -417,26 +417,17 @@ def _check_given_model(model: Any, path: Path, config: dict[str, Any]) -> None:
         )
 
 
-@contextlib.contextmanager
-def _model_registered(name: str, template: nn.Module) -> Iterator[None]:
-    """`name` builds copies of `template` while inside; the registry's entry for it (if any) is back afterwards.
+def _model_registered(name: str, template: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """`name` builds copies of `template` inside, for this thread only (`Registry.overlay`).
 
-    A run loaded with `load(run, model=...)` needs its model's name registered whenever cifarlab loads the run
+    A run loaded with `load(run, model=...)` needs its model's name to build whenever cifarlab loads the run
     folder again (evaluate, calibrate, report, export, explain); another run's model of the same recorded name
-    (another process's `user.MyNet` of other shapes) keeps its own entry."""
-    previous = MODELS.get(name) if name in MODELS else None
+    (another process's `user.MyNet` of other shapes), or another thread's, keeps its own."""
 
     def build(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
         return copy.deepcopy(template)
 
-    MODELS.register(name, description=f"user model {type(template).__qualname__}", replace=True)(build)
-    try:
-        yield
-    finally:
-        if previous is None:
-            MODELS.unregister(name)
-        else:
-            MODELS.register(name, description=previous.description, replace=True, check=previous.check)(previous.fn)
+    return MODELS.overlay(name, build, description=f"user model {type(template).__qualname__}")
 
 
 @_for_python

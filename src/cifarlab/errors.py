@@ -16,3 +16,8 @@ class ConfigError(UserError):
 class RunError(Exception):
     """A run failed for a reason the message explains (not the user's input): the CLI prints it without a
     traceback and exits 1."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after the command has said what it means and how to go on: the CLI exits 130 without adding its bare
+    "interrupted" line."""

@@ -119,10 +119,19 @@ class Plan:
     # registered factory is called once per run, as a user writing one expects); None: built where used.
     augment: Any = None
     recipe_callbacks: list[Callback] | None = None
+    # How to continue this run when it stops, if not `cifarlab train --resume` (a tune study's final run: the tune
+    # command, which resumes the study and the run)
+    resume_with: str | None = None
 
     @property
     def has_val(self) -> bool:
         return len(self.val_idx) > 0
+
+    def resume_line(self) -> str:
+        """ "resume with: ..." for a stopped run: the command that continues it."""
+        assert self.run_dir is not None
+        how = self.resume_with or resume_command(self.run_dir, (self.config or {}).get("distributed"))
+        return f"resume with: {how}"
 
 
 def versions() -> dict[str, str]:
@@ -436,7 +445,12 @@ def _config(plan: Plan, command: str | None, model_given: bool) -> dict[str, Any
 
 
 def open_run(
-    plan: Plan, runs_root: Path | str = "runs", *, command: str | None = None, model_given: bool = False
+    plan: Plan,
+    runs_root: Path | str = "runs",
+    *,
+    command: str | None = None,
+    model_given: bool = False,
+    report: bool = True,
 ) -> Path:
     """Create the run folder (or take the resumed one), lock it against a second trainer, write config.json.
 
@@ -447,7 +461,8 @@ def open_run(
     if plan.run_dir is None:
         plan.run_dir = new_run_dir(runs_root, plan.recipe.name)
         plan.lock = RunLock(plan.run_dir).acquire()
-        plan.config = _config(plan, command, model_given)
+        # `report`: whether the run ends with one (--no-report), kept so that --resume keeps the choice too
+        plan.config = {**_config(plan, command, model_given), "report": report}
         write_json(plan.run_dir / CONFIG, plan.config)
     else:
         plan.lock = RunLock(plan.run_dir).acquire()
@@ -647,7 +662,7 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         write_status(run_dir, status, message=fit.message)
         say(fit.message)
         if fit.status == "stopped" and (run_dir / CHECKPOINT).exists():
-            say(f"resume with: {resume_command(run_dir, plan.config.get('distributed'))}")
+            say(plan.resume_line())
             # A stopped run's weights are the last whole epoch's, as its checkpoint holds them (the model in memory
             # may be mid-epoch; finite: the NaN guard checks before every checkpoint).
             plan.model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT)["model"])
@@ -804,10 +819,12 @@ def run_experiment(
     budget: float | None = None,
     budget_clock: Clock = PROCESS_START,
     dist: Distributed | None = None,
+    resume_with: str | None = None,
 ) -> RunResult:
     """Train `recipe` (or resume the run in `resume`) and write everything into its run folder; `init` starts
     from a run folder's or a weights file's weights (`cifarlab.finetune`). `dist` (`cifarlab.distributed.setup`):
-    one of several processes under torchrun; rank 0 alone prints and writes."""
+    one of several processes under torchrun; rank 0 alone prints and writes. `resume_with`: the command a stopped
+    run names to continue it, when not `cifarlab train --resume RUN`."""
     main = dist is None or dist.is_main
     say: Log = (lambda s: None) if quiet or not main else (log or (lambda s: print(s, flush=True)))
     if resume is not None and (done := _finished_metrics(Path(resume))) is not None:
@@ -827,14 +844,21 @@ def run_experiment(
         init=init,
         dist=dist,
     )
+    plan.resume_with = resume_with
     if budget is not None:
         fit_budget(plan, budget, model_given=model is not None, clock=budget_clock)
     check_pieces(plan)
-    run_dir = open_run(plan, runs_root, command=command, model_given=model is not None)
+    run_dir = open_run(plan, runs_root, command=command, model_given=model is not None, report=report)
     try:
         r = plan.recipe
         if plan.resume_state is not None:
             say(f"resuming {run_dir} after epoch {plan.resume_state['epoch']}")
+            if report and plan.config.get("report") is False:
+                report = False
+                say(
+                    f"no report at the end: the run was started with --no-report (`cifarlab report {run_dir}` "
+                    "writes one)"
+                )
         say(f"run folder: {run_dir}")
         say(
             f"recipe {r.name}: {len(plan.train_idx):,} train / {len(plan.val_idx):,} val / "
@@ -886,8 +910,7 @@ def run_experiment(
             if main:
                 resumable = (run_dir / CHECKPOINT).exists()
                 _status_if_possible(run_dir, "stopped", message="interrupted outside the training epochs")
-                resume = resume_command(run_dir, (plan.config or {}).get("distributed"))
-                say(f"resume with: {resume}" if resumable else "nothing to resume yet")
+                say(plan.resume_line() if resumable else "nothing to resume yet")
             raise
         except BaseException as e:
             if plan.dist is not None and peer_lost(e):
@@ -896,8 +919,7 @@ def run_experiment(
                 if main:
                     _status_if_possible(run_dir, "crashed", message=why)
                 if (run_dir / CHECKPOINT).exists():
-                    resume = resume_command(run_dir, plan.config.get("distributed"))
-                    why += f"; the run's last checkpoint stands: resume with: {resume}"
+                    why += f"; the run's last checkpoint stands: {plan.resume_line()}"
                 raise RunError(why) from None
             if main:
                 _status_if_possible(run_dir, "crashed", message=f"{type(e).__name__}: {e}")

@@ -17,6 +17,8 @@ import order, and a name it reuses without `replace=True` is refused right there
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,6 +58,26 @@ class Registry(Generic[F]):
         self.recipe_key = recipe_key  # the Recipe field whose value names an entry
         self.var = var or f"{kind.upper()}S"  # the name users import it by, for messages
         self._entries: dict[str, Entry[F]] = {}
+        # Entries seen only by the code running inside `overlay` (this thread or task), over the shared ones
+        self._overlay: contextvars.ContextVar[dict[str, Entry[F]] | None] = contextvars.ContextVar(
+            f"cifarlab.registry.{kind}.overlay", default=None
+        )
+
+    def _visible(self) -> dict[str, Entry[F]]:
+        over = self._overlay.get()
+        return {**self._entries, **over} if over else self._entries
+
+    @contextlib.contextmanager
+    def overlay(self, name: str, fn: F, *, description: str = "") -> Iterator[None]:
+        """`name` builds with `fn` for the code inside this block only: this thread (or asyncio task) sees it over
+        any shared entry of that name; other threads, and this one afterwards, see the registry unchanged.
+        (`cifarlab.load(run, model=...)`: a run's model given as an instance, without a registration that two
+        threads loading two runs would overwrite.)"""
+        token = self._overlay.set({**(self._overlay.get() or {}), name: Entry(name, fn, description or name)})
+        try:
+            yield
+        finally:
+            self._overlay.reset(token)
 
     def register(
         self,
@@ -91,23 +113,24 @@ class Registry(Generic[F]):
         self._entries.pop(name, None)
 
     def names(self) -> tuple[str, ...]:
-        return tuple(self._entries)
+        return tuple(self._visible())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._visible()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        return iter(self._visible())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._visible())
 
     def get(self, name: str) -> Entry[F]:
+        entries = self._visible()
         try:
-            return self._entries[name]
+            return entries[name]
         except KeyError:
             raise ConfigError(
-                f"{self.recipe_key}={name!r} is not valid; accepted values: {', '.join(self._entries)}"
+                f"{self.recipe_key}={name!r} is not valid; accepted values: {', '.join(entries)}"
             ) from None
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:

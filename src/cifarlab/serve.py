@@ -70,7 +70,10 @@ __all__ = [
 BACKENDS = ("torch", "onnx")
 TOKEN_ENV = "CIFARLAB_SERVE_TOKEN"
 # Raster formats Pillow identifies that the service accepts (MPO: how Pillow names many phone JPEGs).
-ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF")
+ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+# What a person is told to send: the formats above (PPM is how Pillow names the whole Netpbm family), as
+# `cifarlab predict` reads them.
+FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF or PPM/PGM"
 PREVIEW_SIDE = 256  # the preview and the saliency overlay are upscaled (nearest) to about this many pixels
 REPORT_CSP = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'"
 PAGE_CSP = (
@@ -428,7 +431,7 @@ def sniff(data: bytes, name: str, max_pixels: int) -> str:
         raise ServeError(400, f"{name}: empty: no image bytes were sent")
     head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n")
     if head[:1] == b"<" or b"<svg" in data[:4096].lower():
-        raise ServeError(415, f"{name}: SVG/XML/HTML text, not a raster image (send PNG, JPEG, GIF, BMP, WebP, TIFF)")
+        raise ServeError(415, f"{name}: SVG/XML/HTML text, not a raster image (send {FORMAT_NAMES})")
     Image.init()  # registers every plugin (MPO among them) so `formats` can name them
     formats = [f for f in ACCEPTED_FORMATS if f in Image.OPEN]
     try:
@@ -442,9 +445,7 @@ def sniff(data: bytes, name: str, max_pixels: int) -> str:
             413, f"{name}: refused: {size}, over the {max_pixels:,}-pixel limit (possible decompression bomb)"
         ) from None
     except UnidentifiedImageError:  # no accepted format's signature: not an image (at least not one we read)
-        raise ServeError(
-            415, f"{name}: not an image this service reads (send PNG, JPEG, GIF, BMP, WebP or TIFF bytes)"
-        ) from None
+        raise ServeError(415, f"{name}: not an image this service reads (send {FORMAT_NAMES} bytes)") from None
     except (OSError, ValueError, SyntaxError) as e:
         # A format's signature matched, then its header could not be read: a damaged or truncated file, as
         # `cifarlab predict` says for the same bytes (its message, from the same exception).
@@ -752,7 +753,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse(index_page(), headers={"Content-Security-Policy": PAGE_CSP})
+        return HTMLResponse(index_page(FORMAT_NAMES), headers={"Content-Security-Policy": PAGE_CSP})
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     async def docs() -> HTMLResponse:

@@ -282,7 +282,7 @@ _INDEX = """<!doctype html>
   <div id="drop" role="button" tabindex="0" aria-describedby="drop-help"
        aria-label="Drop an image here, or press Enter to choose one">
     <strong>Drop an image here</strong>, click to choose one, or paste one (Ctrl+V).
-    <div id="drop-help" class="muted">PNG, JPEG, GIF, BMP, WebP or TIFF; any size: the server resizes it to the
+    <div id="drop-help" class="muted">__FORMATS__; any size: the server resizes it to the
       model's input size.</div>
   </div>
   <p id="status" role="status" aria-live="polite">Loading the models&hellip;</p>
@@ -390,9 +390,10 @@ fetch("/openapi.json").then((r) => r.json()).then((spec) => {
 """
 
 
-def index_page() -> str:
-    """The classifier page: drop / choose / paste an image, top-5 bars, saliency, model card."""
-    return _INDEX.replace("__STYLE__", _STYLE).replace("__SCRIPT__", _SCRIPT)
+def index_page(formats: str) -> str:
+    """The classifier page: drop / choose / paste an image, top-5 bars, saliency, model card. `formats`: the
+    image formats the service accepts, in words."""
+    return _INDEX.replace("__STYLE__", _STYLE).replace("__SCRIPT__", _SCRIPT).replace("__FORMATS__", formats)
 
 
 def docs_page() -> str:

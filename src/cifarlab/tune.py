@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from cifarlab.config import _NoAliasLoader, accepted_keys, apply_overrides, parse_value, yaml_problem
-from cifarlab.errors import ConfigError, UserError
+from cifarlab.errors import ConfigError, Interrupted, UserError
 from cifarlab.files import read_json, require_regular_file, write_json
 from cifarlab.recipes import RECIPES, Recipe, _check_bounds, field_types, validate
 from cifarlab.text import plural
@@ -956,7 +956,10 @@ class _Objective:
             raise self._fail(trial, f"invalid combination: {e}") from None
         t0 = time.perf_counter()
         run_dir = open_run(
-            plan, self.s.out_dir / TRIALS_DIR, command=f"cifarlab tune: study {self.s.study_name}, trial {trial.number}"
+            plan,
+            self.s.out_dir / TRIALS_DIR,
+            command=f"cifarlab tune: study {self.s.study_name}, trial {trial.number}",
+            report=False,  # a trial writes no report
         )
         try:
             trial.set_user_attr(
@@ -1237,7 +1240,7 @@ def tune(
     if interrupted:
         tune_report.write_outputs(study, settings, invocation_seconds=study_seconds, report=False)
         say(f"interrupted; run the same command again to resume study {settings.study_name!r}")
-        raise KeyboardInterrupt
+        raise Interrupted if not settings.quiet else KeyboardInterrupt
     final_due = settings.final_seeds > 0
     previous = _earlier_final_runs(settings)
     # Tables, best.yaml and study.json first (quick); the report once, after the final runs it shows.
@@ -1258,8 +1261,8 @@ def tune(
             final = _final_runs(settings, best, dataset, say, command, previous)
         summary = tune_report.write_outputs(study, settings, invocation_seconds=study_seconds, final_runs=final)
         if any(r.get("status") == "stopped" for r in final):  # Ctrl-C in a final run: as in a trial, exit 130
-            say(f"interrupted; run the same command again to resume study {settings.study_name!r} and its final run")
-            raise KeyboardInterrupt
+            # The final run has said how to go on (this command again, `resume_with`)
+            raise Interrupted if not settings.quiet else KeyboardInterrupt
     report = f"; report: {settings.out_dir / tune_report.REPORT_HTML}" if settings.report else ""
     say(f"trials: {settings.out_dir / tune_report.TRIALS_MD}{report}")
     if best is not None:
@@ -1324,6 +1327,8 @@ def _final_runs(
         if of_best(r, "stopped") and (Path(str(r["run_dir"])) / "checkpoint.pt").is_file()
     }
     recipe = settings.final_recipe(best["params"])
+    # A stopped final run is continued by the tune command itself (which may have more final runs to do)
+    again = f"the same `cifarlab tune` command (study {settings.study_name!r} goes on with its final run)"
     out = []
     for i in range(settings.final_seeds):
         seed = settings.recipe.seed + i
@@ -1341,6 +1346,8 @@ def _final_runs(
                 report=settings.report,
                 quiet=settings.quiet,
                 progress=False,
+                resume_with=again,
+                log=say,
             )
         else:
             say(f"final run of trial {best['number']}, seed {seed}: the full recipe, evaluated on the test set")
@@ -1354,6 +1361,8 @@ def _final_runs(
                 quiet=settings.quiet,
                 progress=False,
                 command=command,
+                resume_with=again,
+                log=say,
             )
         out.append(
             {

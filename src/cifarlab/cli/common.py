@@ -167,13 +167,14 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
     exits 2, an `OSError` (full disk, read-only folder) one line and exits 1 (after its traceback when it came
     from user code, a plugin's callback say), Ctrl-C exits 130, a closed output pipe (`| head`) exits 0. Other
     errors keep their traceback."""
-    from cifarlab.errors import RunError, UserError
+    from cifarlab.errors import Interrupted, RunError, UserError
 
     try:
         with cli_logging():
             return int(func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, Interrupted):  # the command has not said it already
+            print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # Output piped into `head` and closed early: not an error worth a traceback.
