@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 
@@ -32,6 +33,7 @@ from cifarlab.data import BatchLoader
 from cifarlab.errors import ConfigError
 from cifarlab.experiment import run_experiment
 from cifarlab.recipes import get_recipe
+from cifarlab.runs import load_checkpoint
 from cifarlab.train import Trainer, recipe_callbacks
 from cifarlab.train.callbacks import Callback
 
@@ -283,12 +285,24 @@ def test_a_budget_run_stopped_and_resumed_keeps_its_plan_and_says_the_time_is_no
         budget_clock=Clock.from_now("the test"), report=False, device="cpu", quiet=True,
     )  # fmt: skip
     assert stopped.status == "stopped"
+    ckpt = load_checkpoint(stopped.run_dir / "checkpoint.pt")
+    (saved,) = [e["state"] for e in ckpt["callbacks"]["callbacks"] if e["class"] == "TimeBudget"]
+    assert saved["seconds_left"] > 0 and saved["total_steps"] > ckpt["step"]
     lines: list[str] = []
     done = run_experiment(
         resume=stopped.run_dir, dataset=make_dataset(48, 8), report=False, device="cpu", log=lines.append
     )
     b = done.metrics["budget"]
     planned = json.loads((stopped.run_dir / "config.json").read_text())["budget"]
+    # The resumed session trains for the time the budget had left, on the same schedule: it trained the recipe's
+    # epoch count (hundreds, for a budget plan) with a jump in the LR at the resume (QA)
+    assert done.metrics["timings"]["session_seconds"][-1] < saved["seconds_left"] + 5
+    with open(stopped.run_dir / "steps.csv") as f:
+        rows = list(csv.DictReader(f))
+    before = [float(r["lr"]) for r in rows if int(r["step"]) <= ckpt["step"]]
+    after = [float(r["lr"]) for r in rows if int(r["step"]) > ckpt["step"]]
+    largest_step = max(abs(b - a) for a, b in zip(before, before[1:], strict=False))
+    assert after and abs(after[0] - before[-1]) <= 1.5 * largest_step  # the schedule goes on where it was
     assert b["resumed"] is True and b["taken_seconds"] is None and b["widths"] == planned["widths"]
     assert any("this run was resumed, so its time is not compared with the budget" in s for s in lines)
     from cifarlab.report.sections import _budget_rows

@@ -276,3 +276,34 @@ def test_a_hand_edited_recipe_value_of_the_wrong_type_names_the_key():
 def test_corruption_options_without_corruptions_are_refused(tmp_path, capsys):
     assert cli.main(["evaluate", str(tmp_path), "--severities", "1", "--corruption-limit", "10"]) == 2
     assert "--severities, --corruption-limit only apply with --corruptions" in capsys.readouterr().err
+
+
+def test_a_runs_dir_that_cannot_take_a_run_is_refused_before_any_data_is_loaded(tmp_path, capsys, monkeypatch):
+    """`train --runs-dir FILE` was refused only once the data was loaded and decoded (seconds), and an error
+    about the data hid it. Now it comes first, from the same check that creates the run folder; so in fit()."""
+    import numpy as np
+
+    import cifarlab
+    from cifarlab.runs import check_runs_root
+
+    a_file = tmp_path / "runs"
+    a_file.write_text("not a folder")
+    # No data exists at --data-dir: an error about it would come first if data were read before the check.
+    assert cli.main(["train", "--data-dir", str(tmp_path / "none"), "--runs-dir", str(a_file)]) == 2
+    assert capsys.readouterr().err == f"error: --runs-dir {a_file} is a file, not a folder\n"
+    monkeypatch.setattr("cifarlab.experiment.run_experiment", lambda *a, **k: pytest.fail("data was loaded"))
+    assert cli.main(["train", "--runs-dir", str(a_file / "below"), "--set", "epochs=1"]) == 2
+    assert "cannot create a run folder under" in capsys.readouterr().err
+    monkeypatch.setattr("cifarlab.api.as_dataset", lambda *a, **k: pytest.fail("data was loaded"))
+    data = (np.zeros((4, 3, 8, 8), np.uint8), np.arange(4) % 2, np.zeros((2, 3, 8, 8), np.uint8), np.arange(2) % 2)
+    with pytest.raises(UserError, match=r"^runs_dir='.*' is a file, not a folder$"):
+        cifarlab.fit("reference", data=data, runs_dir=a_file)
+    # A folder that exists, or that mkdir could create, passes; one without write access does not.
+    assert check_runs_root(tmp_path / "new" / "runs") == tmp_path / "new" / "runs"
+    assert not (tmp_path / "new").exists()  # the check creates nothing
+    monkeypatch.setattr("os.access", lambda *a, **k: False)
+    with pytest.raises(
+        UserError,
+        match=r"cannot create a run folder under .* \((Permission denied|Read-only file system)\); pick --runs-dir$",
+    ):
+        check_runs_root(tmp_path / "new" / "runs")

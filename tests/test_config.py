@@ -403,3 +403,51 @@ def test_a_json_config_with_a_key_twice_is_refused(tmp_path: Path) -> None:
         config.load_config_file(path)
     path.write_text('{"epochs": 1, "lr": 2}')
     assert config.load_config_file(path)["epochs"] == 1
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_config_output_read_back_is_byte_for_byte_the_same(recipe: str, tmp_path: Path, capsys):
+    """air94 set ema_start_epochs=3 (an int) on a float field: printed `3`, read back `3.0`. The Recipe stores the
+    float, so every built-in (and plugin) recipe round-trips exactly, as YAML and as JSON."""
+    from cifarlab import cli
+
+    for extra, name in (([], "a.yaml"), (["--json"], "a.json")):
+        assert cli.main(["config", "--recipe", recipe, *extra]) == 0
+        first = capsys.readouterr().out
+        (tmp_path / name).write_text(first)
+        assert cli.main(["config", "--config", str(tmp_path / name), *extra]) == 0
+        assert capsys.readouterr().out == first
+    r = Recipe(ema_start_epochs=3, dropout=(0, 1), lr=1)  # as a plugin's recipe may write them
+    assert (repr(r.ema_start_epochs), repr(r.dropout), repr(r.lr)) == ("3.0", "(0.0, 1.0)", "1.0")
+    assert r.epochs == 30 and isinstance(r.epochs, int)  # int fields stay ints
+
+
+def test_a_list_key_lists_the_names_it_takes_any_of(capsys):
+    from cifarlab import cli
+
+    assert cli.main(["config", "--recipe", "fast"]) == 0
+    out = capsys.readouterr().out
+    assert "callbacks: []  # any of dropblock_schedule (plugins may register more)" in out
+    assert "; one of airnet, " in out  # a single-valued key: one of them
+
+
+def test_a_runs_config_json_with_keys_outside_its_recipe_is_refused(tmp_path: Path):
+    """Given a run's config.json, every top-level key but the run's own sections was dropped without a word:
+    `lr` edited at top level trained with the recipe's lr."""
+    run = {"recipe": get_recipe("fast").to_dict(), "seed": 0, "command": "cifarlab train", "machine": {}, "report": 1}
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps(run))
+    assert config.resolve_recipe(None, f) == get_recipe("fast")  # the run's own sections are fine
+    cases = (
+        (
+            {"lr": 0.5},
+            r"'lr' is a recipe key at the top level of a run's config.json, where it would be ignored; "
+            r"put it under \"recipe\" or use --set lr=\.\.\.$",
+        ),
+        ({"comand": "x"}, r"unknown top-level key 'comand' in a run's config.json \(did you mean 'command'\?\); "),
+        ({"seed": 7}, r"the top-level seed \(7\) is the run's record of recipe.seed \(0\); change the seed under "),
+    )
+    for extra, needle in cases:
+        f.write_text(json.dumps({**run, **extra}))
+        with pytest.raises(ConfigError, match=needle):
+            config.resolve_recipe(None, f)

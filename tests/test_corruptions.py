@@ -421,7 +421,8 @@ def test_evaluate_on_other_test_data_with_a_subset_of_classes(tmp_path: Path, ti
     # only the resize of the folder's odd-sized images is announced: a subset of the classes is not a problem
     assert "accuracy" in out and [w for w in warnings if "resized to 32x32" not in w] == [], err
     assert "UserWarning" not in err  # scikit-learn's note that predictions name classes the data lacks
-    saved = json.loads((run_dir / "eval_data-tinyfolder.json").read_text())
+    [saved_file] = run_dir.glob("eval_data-tinyfolder-*.json")  # <name>-<hash of the source's path>
+    saved = json.loads(saved_file.read_text())
     n = sum(tiny_imagefolder.counts["test"].values())
     assert saved["n"] == n and saved["classes"] == list(
         json.loads((run_dir / "config.json").read_text())["dataset"]["classes"]

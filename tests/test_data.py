@@ -860,3 +860,57 @@ def _import_file(path: Path) -> types.ModuleType:
     module.__file__ = str(path)
     exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
     return module
+
+
+# -- data info / preview (QA session 16) ---------------------------------------------------------------------------
+
+
+def test_cli_preview_of_a_split_where_a_class_has_no_images(cli, tmp_path, capsys) -> None:
+    """A class may lack test images: its row stays blank and the line says which (it was 'per_class must be >= 1,
+    got 0', though --per-class was 2)."""
+    import shutil
+
+    from PIL import Image
+
+    folder = write_imagefolder(tmp_path / "nf")
+    shutil.rmtree(folder.root / "test" / "frog")
+    out = tmp_path / "nf.png"
+    argv = ["data", "preview", "--dataset", str(folder.root), "--split", "test", "--per-class", "2"]
+    assert cli([*argv, "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "3 classes x 2 images" in said and "no test images of frog" in said
+    with Image.open(out) as img:
+        assert img.format == "PNG"
+
+
+def test_cli_preview_replaces_only_its_own_kind_of_file(cli, tiny_imagefolder, tmp_path, capsys) -> None:
+    """--out may replace an image of the kind it writes (an earlier preview), never a text file that happens to be
+    named .png; and a folder marked read-only is not written into, even by root (the cache's `writable_dir`)."""
+    argv = ["data", "preview", "--dataset", str(tiny_imagefolder.root), "--per-class", "1", "--out"]
+    notes = tmp_path / "notes.png"
+    notes.write_text("my notes")
+    assert cli([*argv, str(notes)]) == 2
+    assert "is not a PNG image; it is left as it is" in capsys.readouterr().err
+    assert notes.read_text() == "my notes"
+    grid = tmp_path / "grid.png"
+    assert cli([*argv, str(grid)]) == 0 and cli([*argv, str(grid)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"replaced {grid}")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for out in (locked / "p.png", locked / "new" / "p.png"):
+            assert cli([*argv, str(out)]) == 2
+            assert f"{locked} is read-only" in capsys.readouterr().err
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_cli_info_escapes_class_names(cli, tmp_path, capsys) -> None:
+    """A class folder named with a terminal escape sequence is shown escaped, as predict and evaluate show it."""
+    name = "fr\x1b[31mog"
+    write_imagefolder(tmp_path / "uc", {"cat": (200, 30, 40), name: (90, 70, 220)})
+    assert cli(["data", "info", "--dataset", str(tmp_path / "uc")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "fr\\x1b[31mog" in out

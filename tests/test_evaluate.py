@@ -547,3 +547,101 @@ def test_data_not_found_elsewhere_names_the_folder_the_run_trained_from(tmp_path
     with pytest.raises(DataError) as e:  # its own folder: nothing to add
         load_run_dataset(run, None)
     assert "trained from" not in str(e.value)
+
+
+# -- --test-data: its own result files, paths looked up in --data-dir, a closed output pipe (QA session 16) -------
+
+
+def _tiny_run(tmp_path: Path) -> Path:
+    from _runfolder import make_run
+
+    return make_run(tmp_path / "20260101-120000-reference", tiny_recipe())
+
+
+CORRUPTION_ARGS = ["--corruptions", "--severities", "1", "--corruption-names", "contrast"]
+
+
+def test_test_data_corruptions_leave_the_runs_own_robustness_file_alone(tmp_path: Path, capsys):
+    """`--test-data X --corruptions` wrote the run's eval_corruptions.json, which the report shows as the run's
+    robustness: X's results go to a file of their own."""
+    from conftest import write_imagefolder
+
+    run_dir = _tiny_run(tmp_path)
+    own = run_dir / "eval_corruptions.json"
+    own.write_text('{"the run": "own"}')
+    folder = write_imagefolder(tmp_path / "sub")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["evaluate", str(run_dir), "--test-data", str(folder.root), *CORRUPTION_ARGS]) == 0
+    out = capsys.readouterr().out
+    assert own.read_text() == '{"the run": "own"}'
+    [saved] = run_dir.glob("eval_corruptions-data-sub-*.json")
+    assert f"written: {saved}" in out
+    assert json.loads(saved.read_text())["dataset"]["name"].endswith("(test data)")
+
+
+def test_test_data_results_are_one_file_per_source(tmp_path: Path, capsys):
+    """A folder and its tarball, or a/test and b/test, share a base name: each gets its own file, named after the
+    source's resolved path, rather than replacing the other's results."""
+    from conftest import tar_tree, write_imagefolder
+
+    run_dir = _tiny_run(tmp_path)
+    a = write_imagefolder(tmp_path / "a" / "test", {"cat": (200, 30, 40), "dog": (20, 180, 60)})
+    b = write_imagefolder(tmp_path / "b" / "test", {"cat": (200, 30, 40), "frog": (90, 70, 220)})
+    tarball = tar_tree(a.root, tmp_path / "test.tar.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for source in (a.root, b.root, tarball, a.root):  # a again: its own file, replaced
+            assert cli.main(["evaluate", str(run_dir), "--test-data", str(source), "--json"]) == 0
+    capsys.readouterr()
+    files = sorted(run_dir.glob("eval_data-test-*.json"))
+    assert len(files) == 3
+    assert len({json.loads(f.read_text())["dataset"]["source"] for f in files}) == 3
+
+
+def test_test_data_takes_paths_and_finds_relative_ones_in_the_data_dir(tmp_path: Path, monkeypatch, capsys):
+    from conftest import write_imagefolder
+
+    run_dir = _tiny_run(tmp_path)
+    assert cli.main(["evaluate", str(run_dir), "--test-data", "cifar10"]) == 2
+    err = capsys.readouterr().err
+    assert "--test-data takes a path" in err and "use cifar10" not in err and "leave --test-data out" in err
+    # a relative path not found here is looked for in --data-dir (it was only looked for in $CIFARLAB_DATA)
+    write_imagefolder(tmp_path / "datasets" / "sub")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    argv = ["evaluate", str(run_dir), "--test-data", "sub", "--json"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main([*argv, "--data-dir", str(tmp_path / "datasets")]) == 0
+    assert json.loads(capsys.readouterr().out)["dataset"]["source"] == str(tmp_path / "datasets" / "sub")
+    assert cli.main(argv) == 2  # not in $CIFARLAB_DATA either: the message says where it looked
+    err = capsys.readouterr().err
+    assert "no such file or folder" in err and os.environ["CIFARLAB_DATA"] in err
+
+
+@pytest.mark.parametrize("corruptions", [False, True])
+def test_evaluate_whose_output_pipe_closes_still_saves_its_results(tmp_path: Path, monkeypatch, corruptions):
+    """`cifarlab evaluate ... 2>&1 | head -1`: the reader goes away after one line; the evaluation still ends with
+    its file written (a write to the closed pipe ended the command, with exit status 0, before it saved)."""
+    import sys
+
+    from conftest import write_imagefolder
+
+    run_dir = _tiny_run(tmp_path)
+    folder = write_imagefolder(tmp_path / "sub")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone: every write raises BrokenPipeError
+    closed = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", closed)
+    monkeypatch.setattr(sys, "stderr", closed)  # 2>&1: the warnings and the corruption progress too
+    argv = ["evaluate", str(run_dir), "--test-data", str(folder.root), *(CORRUPTION_ARGS if corruptions else [])]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert cli.main(argv) == 0
+    finally:
+        monkeypatch.undo()
+        closed.close()
+    pattern = "eval_corruptions-data-sub-*.json" if corruptions else "eval_data-sub-*.json"
+    assert len(list(run_dir.glob(pattern))) == 1

@@ -168,7 +168,20 @@ def test_cli_never_writes_over_the_runs_own_files_or_a_device(tmp_path: Path, ca
         assert f"is not a cifarlab {other_fmt} export" in capsys.readouterr().err
     # The format is what --format says; a name that says otherwise gets a warning, not a silent surprise.
     assert cli.main(["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "ts.onnx")]) == 0
-    assert "holds a torchscript model, though its name ends in '.onnx'" in capsys.readouterr().err
+    assert "holds a TorchScript model, though its name ends in '.onnx', not .pt\n" in capsys.readouterr().err
+
+
+def test_cli_export_says_which_folders_it_created_and_words_the_suffix_warning(tmp_path: Path, capsys):
+    """`--out exports/newdir` (no suffix) said "though its name ends in 'no suffix'"; missing parent folders were
+    created without a word."""
+    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe())
+    out = tmp_path / "exports" / "new" / "model"
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"warning: {out} holds an ONNX model, though its name has no .onnx suffix\n"
+    assert captured.out.startswith(f"wrote {out} (created the folder {tmp_path / 'exports'}) (")
+    assert cli.main(["export", str(run_dir), "--out", str(tmp_path / "exports" / "again.onnx")]) == 0
+    assert "created the folder" not in capsys.readouterr().out  # it exists now
 
 
 def test_cli_tta_option_and_summary(tmp_path: Path, capsys):

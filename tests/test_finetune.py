@@ -345,3 +345,37 @@ def test_fit_init_from_python(tmp_path, ref_run, synth, one_thread):
     assert run.run.config["init"]["source"] == str(ref_run)
     assert np.isfinite(run.test_accuracy)
     assert pretrained_names(run.get_model()) == frozenset()  # a reloaded model carries no fine-tuning marks
+
+
+def test_the_init_lines_count_one_layer_and_several_in_good_english():
+    """`init: 1 layers loaded` and `head.2 keep their fresh init` read wrong; singular and plural now agree."""
+    from cifarlab.finetune import InitResult
+
+    one = InitResult(
+        source="w.safetensors",
+        kind="safetensors",
+        md5="",
+        loaded=["conv.weight", "conv.bias"],
+        adapted=["whiten.weight"],
+        reinitialized=["head.2.weight", "head.2.bias"],
+        channels=(3, 1),
+        source_input_shape=[3, 32, 32],
+    )
+    lines = one.lines()
+    assert lines[0] == "init: 2 layers loaded from w.safetensors"
+    assert lines[1] == "init: whiten adapted from 3 to 1 input channels by summing its kernels over the input channels"
+    assert lines[2] == "init: head.2 keeps its fresh init: its shape follows the input shape (3x32x32 in the source)"
+    two = InitResult(
+        source="w.safetensors",
+        kind="safetensors",
+        md5="",
+        loaded=["conv.weight"],
+        reinitialized=["head.2.weight", "head.5.weight"],
+        source_input_shape=[3, 32, 32],
+    )
+    assert two.lines()[0] == "init: 1 layer loaded from w.safetensors"
+    assert two.lines()[1].startswith("init: head.2, head.5 keep their fresh init: their shape follows")
+    assert (
+        two.summary() == "w.safetensors (safetensors): 1 layer loaded; head.2, head.5 re-initialized (shape "
+        "follows the input)"
+    )

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import struct
 from pathlib import Path
 
@@ -167,6 +168,49 @@ def test_mismatched_files_are_clear_errors(tmp_path, no_debian):
         load_dataset("fashion_mnist", tmp_path / "d")
     assert "declares 153 dimensions of uint8; this file should hold uint8 values in 3 dimensions" in str(info.value)
     assert len(str(info.value)) < 400
+
+
+def test_labels_with_a_gap_are_refused_before_caching(tmp_path, no_debian):
+    """One damaged label byte (42) would make 43 classes, 33 never seen in training: refused as for image folders,
+    with the Debian hint only for Fashion-MNIST, and nothing cached."""
+    arrays = fake_arrays()
+    arrays["train_labels"][0] = 42
+    folder = write_fashion(tmp_path / "i4", arrays, gz=False)
+    with pytest.raises(DataError) as info:
+        load_dataset(folder)
+    msg = str(info.value)
+    assert msg.startswith(f"{folder}: classes 10, 11, 12, 13, 14, 15, 16, 17, ... (32 in all) have no training images")
+    assert "train-labels-idx1-ubyte" in msg and "damaged byte" in msg and "Debian" not in msg and "\n" not in msg
+    assert not list(Path(os.environ["CIFARLAB_CACHE"]).glob("idx-*"))
+    arrays["train_labels"][0] = 0
+    arrays["train_labels"][arrays["train_labels"] == 9] = 8  # no 9 in training, but 9 in the test labels
+    write_fashion(tmp_path / "c", arrays)
+    with pytest.raises(DataError, match=r"class Ankle boot has no training images.* \(on Debian: apt-get install"):
+        load_dataset("fashion_mnist", tmp_path / "c")
+
+
+def test_a_partial_set_in_the_named_folder_is_named_not_replaced(tmp_path, monkeypatch):
+    write_fashion(tmp_path / "debian", fake_arrays())  # a whole copy where Debian puts it: must not be used
+    monkeypatch.setattr(idx, "FASHION_MNIST_DIRS", (tmp_path / "debian",))
+    partial = write_fashion(tmp_path / "i2", fake_arrays(), gz=False)
+    (partial / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(
+        DataError, match=r"i2 has 3 of the 4 Fashion-MNIST files \(missing t10k-labels-idx1-ubyte\[\.gz"
+    ):
+        load_dataset("fashion_mnist", partial)
+    with pytest.raises(DataError, match=r"i2 has 3 of the 4 MNIST-format IDX files \(missing t10k-labels-idx1-ubyte"):
+        load_dataset(partial)  # by path: not "no train/ or test/ folder"
+
+
+def test_errors_of_a_folder_loaded_by_path_do_not_point_at_debian(tmp_path, no_debian):
+    arrays = fake_arrays()
+    arrays["test_images"] = arrays["test_images"][:, :27, :27]  # MNIST-format, but not Fashion-MNIST's sizes
+    write_fashion(tmp_path / "i7", arrays)
+    with pytest.raises(DataError) as info:
+        load_dataset(tmp_path / "i7")
+    assert "train images are" in str(info.value) and "Debian" not in str(info.value)
+    with pytest.raises(DataError, match=r"on Debian: apt-get install --reinstall dataset-fashion-mnist"):
+        load_dataset("fashion_mnist", tmp_path / "i7")
 
 
 def test_checksums_accept_the_published_gz_and_raw_and_recompressed_copies(tmp_path, monkeypatch, no_debian, caplog):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from _synth import make_dataset
+from cifarlab.errors import UserError
 from cifarlab.experiment import run_experiment
 from cifarlab.models import build_model
 from cifarlab.recipes import get_recipe
@@ -506,3 +507,37 @@ def test_resume_keeps_the_runs_report_choice(tmp_path, ds, first_report):
     assert len(no_report_lines) == (0 if first_report else 1)
     if not first_report:
         assert f"cifarlab report {result.run_dir}" in no_report_lines[0]
+
+
+def test_a_resume_refuses_an_edited_recipe_and_clears_killed_writes(tmp_path, ds):
+    """config.json edited after a stop (early_stopping_patience 2 -> 0) was resumed without a word: the run went on
+    without early stopping, its saved state dropped (QA). A temp file of a checkpoint write cut by SIGKILL stayed in
+    the folder forever, a checkpoint's size each (QA)."""
+    recipe = get_recipe("reference").replace(**TINY, epochs=3, early_stopping_patience=2)
+    result = run_experiment(recipe, dataset=ds, runs_root=tmp_path, callbacks=[InterruptAfterEpoch()], **RUN)
+    run = result.run_dir
+    config_path = run / "config.json"
+    original = config_path.read_text()
+    edited = json.loads(original)
+    edited["recipe"]["early_stopping_patience"] = 0
+    config_path.write_text(json.dumps(edited))
+    status_before = (run / "status.json").read_text()
+    with pytest.raises(UserError, match=r"recipe is not the one its checkpoint trained with: early_stopping_patience"):
+        run_experiment(resume=run, dataset=ds, **RUN)
+    assert (run / "status.json").read_text() == status_before  # refused before anything was written
+
+    config_path.write_text(original)
+    killed = run / ".checkpoint.pt.k1ll3d.tmp"
+    killed.write_bytes(b"half a checkpoint")
+    other = run / ".report.html.x.tmp"  # not the training's: left alone
+    other.write_bytes(b"")
+    assert run_experiment(resume=run, dataset=ds, **RUN).status == "finished"
+    assert not killed.exists() and other.exists()
+
+
+def test_a_run_without_a_checkpoint_says_how_to_start_it_again(tmp_path, ds):
+    recipe = get_recipe("reference").replace(**TINY, epochs=2)
+    result = run_experiment(recipe, dataset=ds, runs_root=tmp_path, callbacks=[InterruptAfterEpoch()], **RUN)
+    (result.run_dir / "checkpoint.pt").unlink()
+    with pytest.raises(UserError, match="nothing to resume; start the run again"):
+        run_experiment(resume=result.run_dir, dataset=ds, **RUN)

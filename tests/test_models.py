@@ -124,3 +124,10 @@ def test_images_too_small_for_the_reference_cnn_are_a_config_error():
 
     with pytest.raises(ConfigError, match=r"3 pooling blocks need images of at least 8 px; got 4x4"):
         build_model(get_recipe("reference"), input_shape=(3, 4, 4))
+
+
+def test_summary_names_keep_acronyms_whole():
+    """The CamelCase -> snake_case step named SiLU layers `si_l_u`; acronyms now stay whole, as Keras names them."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.SiLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1))
+    names = [line.split()[0] for line in summary(model).splitlines() if "(" in line][1:]  # [0]: the header
+    assert names == ["conv2d", "silu", "silu_1", "max_pooling2d", "adaptive_avg_pool2d"]

@@ -497,7 +497,7 @@ def test_config_and_the_report_show_registered_descriptions(isolated, capsys):
     assert f"\naugment: flip_translate  # {AUGMENTS.describe('flip_translate').removesuffix('.')}; one of " in out
     assert f"\noptimizer: muon  # {OPTIMIZERS.describe('muon').removesuffix('.')}; one of " in out
     assert f"\nschedule: onecycle  # {SCHEDULES.describe('onecycle').removesuffix('.')}; one of " in out
-    assert "\ncallbacks: [qa_described]  # qa_described: does nothing; fast: []; one of " in out
+    assert "\ncallbacks: [qa_described]  # qa_described: does nothing; fast: []; any of " in out
     notes = {r[0]: r[2] for r in _config_rows(get_recipe("fast").replace(callbacks=("qa_described",)), {})}
     assert notes["model"] == airnet and notes["callbacks"] == "changed (recipe default []); qa_described: does nothing"
     assert notes["lr"] == ""

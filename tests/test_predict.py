@@ -294,6 +294,39 @@ def test_links_that_lead_nowhere_are_named_as_such(tmp_path: Path):
     ]
 
 
+def test_a_dangling_link_in_a_folder_is_named_as_such(tmp_path: Path):
+    good = _save(_noise((40, 40)), tmp_path / "imgs" / "a.png", "PNG")
+    (tmp_path / "imgs" / "b.png").symlink_to(tmp_path / "missing.png")
+    _, ok, errors = predict.load_images([tmp_path / "imgs"])
+    assert ok == [str(good)]
+    assert errors == [
+        (str(tmp_path / "imgs" / "b.png"), "skipped: a link that leads nowhere (its target is missing, or it loops)")
+    ]
+
+
+def test_an_unreadable_folder_is_an_error_entry_not_skipped(tmp_path: Path, monkeypatch):
+    import errno
+    import os
+
+    good = _save(_noise((40, 40)), tmp_path / "odd" / "a.png", "PNG")
+    _save(_noise((40, 40)), tmp_path / "odd" / "locked" / "b.png", "PNG")
+    _save(_noise((40, 40)), tmp_path / "alone" / "c.png", "PNG")
+    real_scandir = os.scandir
+    denied = {str(tmp_path / "odd" / "locked"), str(tmp_path / "alone")}
+
+    def scandir(path=".") -> object:  # a chmod 000 folder read by a user without CAP_DAC_OVERRIDE (root reads it)
+        if os.fspath(path) in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert predict.expand_paths([tmp_path / "odd", tmp_path / "alone"]) == [
+        (good, None),
+        (tmp_path / "odd" / "locked", "cannot read this folder: Permission denied"),
+        (tmp_path / "alone", "cannot read this folder: Permission denied"),  # not also "no image files"
+    ]
+
+
 def test_16bit_png_is_scaled_like_the_training_loader(tmp_path: Path):
     a = np.full((40, 40), 0x8000, dtype=np.uint16)
     path = tmp_path / "deep.png"
@@ -476,3 +509,73 @@ def test_a_model_predict_cannot_read_files_for_is_said_once_not_per_file(tmp_pat
             predict._load(entries, predict.MAX_IMAGE_PIXELS, shape)
     decoded, failed = predict._load(entries, predict.MAX_IMAGE_PIXELS, (3, 32, 32))
     assert len(decoded) == 3 and not failed
+
+
+# -- one list of image formats (QA session 16, finding 7) --------------------------------------------------
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+NOT_READ = "not an image cifarlab reads (send PNG, JPEG, GIF, BMP, WebP, TIFF or PPM/PGM)"
+
+
+def _other_formats(folder: Path) -> dict[str, Path]:
+    """Images Pillow decodes that cifarlab does not read (and serve answers 415), named .png as a user might."""
+    img = _noise((16, 16))
+    files = {fmt: _save(img, folder / f"{fmt.lower()}_as.png", fmt) for fmt in ("ICO", "TGA", "PCX", "SGI")}
+    (folder / "eps_as.png").write_bytes(EPS)
+    return {**files, "EPS": folder / "eps_as.png"}
+
+
+def test_only_the_accepted_formats_are_handed_to_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An EPS file went to Pillow's EPS plugin (Ghostscript, where installed) whatever its name; ICO, TGA, PCX, ...
+    were classified by `predict` and refused (415) by `serve`. Now every other format gets one clear error."""
+    Image.init()
+    opened: list[str] = []
+    for fmt in ("EPS", "ICO", "TGA", "PCX", "SGI"):
+        factory, accept = Image.OPEN[fmt]
+
+        def spy(*args, _fmt: str = fmt, _factory=factory, **kw):  # records that Pillow tried this decoder
+            opened.append(_fmt)
+            return _factory(*args, **kw)
+
+        monkeypatch.setitem(Image.OPEN, fmt, (spy, accept))
+    files = _other_formats(tmp_path / "odd")
+    good = _save(_noise((40, 40)), tmp_path / "odd" / "good.png", "PNG")
+    x, ok, errors = predict.load_images([tmp_path / "odd"])
+    assert ok == [str(good)] and len(x) == 1
+    assert dict(errors) == {str(p): NOT_READ for p in files.values()}
+    assert opened == []  # no other decoder was even tried
+
+
+def test_the_dataset_loader_reads_the_same_formats(tmp_path: Path):
+    from cifarlab.data import load_dataset
+    from cifarlab.errors import DataError
+    from conftest import write_imagefolder
+
+    t = write_imagefolder(tmp_path / "tree")
+    _save(_noise((32, 32)), t.root / "train" / "cat" / "zz_icon.png", "ICO")
+    with pytest.raises(DataError, match=r"cat/zz_icon\.png.*" + NOT_READ.replace("(", r"\(").replace(")", r"\)")):
+        load_dataset(t.root)
+
+
+def test_the_command_takes_a_precision(tmp_path: Path, capsys):
+    """`cifarlab predict` computed only in the run's precision (bf16 on a bf16 CPU), so it could not give the fp32
+    probabilities an export gives; --precision fp32|bf16|auto asks, the default stays the run's."""
+    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe().replace(precision="bf16"))
+    imgs = [_save(_noise((32, 32), seed), tmp_path / f"{seed}.png", "PNG") for seed in range(4)]
+    parser = build_parser(["predict"])
+
+    def cli_probs(*extra: str) -> list[float]:
+        args = parser.parse_args(["predict", str(run_dir), *map(str, imgs), "--json", "--device", "cpu", *extra])
+        assert run_command(args.func, args) == 0
+        return [r["top_k"][0]["probability"] for r in json.loads(capsys.readouterr().out)]
+
+    def api_probs(precision: str | None) -> list[float]:
+        results = predict.predict_paths(run_dir, imgs, device="cpu", precision=precision)
+        return [r["top_k"][0]["probability"] for r in results]
+
+    fp32, bf16 = cli_probs("--precision", "fp32"), cli_probs("--precision", "bf16")
+    assert fp32 == api_probs("fp32") and bf16 == api_probs("bf16") and fp32 != bf16
+    assert cli_probs() == bf16  # the run's own precision by default
+    assert cli_probs("--precision", "auto") == api_probs("auto")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["predict", str(run_dir), str(imgs[0]), "--precision", "fp16"])

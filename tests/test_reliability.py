@@ -727,6 +727,16 @@ def test_resuming_a_checkpoint_that_no_longer_fits_its_config_is_one_readable_li
     (run / "config.json").write_text(json.dumps(config))
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
     rc, _, err = _main(capsys, "train", "--resume", str(run))
+    assert rc == 2  # the checkpoint records its recipe: the edit is named
+    _one_error_line(err, "recipe is not the one its checkpoint trained with: widths ([8, 16, 16] -> [8, 16, 24])")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+    # A checkpoint of an older cifarlab records none: torch's mismatch report, in one line
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    del state["recipe"]
+    torch.save(state, run / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    rc, _, err = _main(capsys, "train", "--resume", str(run))
     assert rc == 2
     line = _one_error_line(err, "checkpoint.pt does not fit this run", "size mismatch", "was config.json edited?")
     assert "\\n" not in line and "\\t" not in line
@@ -823,10 +833,11 @@ def test_tampered_checkpoint_is_refused_by_resume(tmp_path, finished_run, capsys
     before = _snapshot(run)
     rc, out, err = _main(capsys, "train", "--resume", str(run))
     assert rc == 2
-    assert (
-        err == f"error: {run / 'checkpoint.pt'} is not a cifarlab checkpoint (damaged or tampered with); "
-        "it cannot be resumed\n"
+    assert err.startswith(
+        f"error: {run / 'checkpoint.pt'} is not a cifarlab checkpoint (damaged or tampered with); "
+        "it cannot be resumed; start the run again"
     )
+    assert err.count("\n") == 1
     assert "weights_only" not in out + err
     assert not marker.exists()
     assert _snapshot(run) == before

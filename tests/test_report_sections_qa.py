@@ -404,3 +404,28 @@ def test_one_confused_pair_and_one_image_read_in_the_singular():
         "the first stage frozen",
         "the first 3 stages frozen",
     ]
+
+
+def test_robustness_on_other_data_is_not_shown_as_the_runs(tmp_path: Path):
+    """QA session 16: `evaluate --test-data X --corruptions` wrote eval_corruptions.json, and the report showed X's
+    numbers as the run's robustness. A file computed on another test set, or on data whose checksum is not the
+    run's, is named as such instead; the run's own (or one recording no dataset, as older files) is shown."""
+    from cifarlab.report.common import read_corruptions
+    from cifarlab.report.sections import robustness_section
+    from test_report import CORRUPTIONS
+
+    run_dir, ds = make_report_run(tmp_path, classes=FOUR)
+    path = run_dir / "eval_corruptions.json"
+    own = {"name": "synthetic", "source": "synthetic", "checksum": ds.checksum}
+    for dataset in (None, own):
+        write_json(path, {**CORRUPTIONS, **({"dataset": dataset} if dataset else {})})
+        assert read_corruptions(run_dir)["results"]["fog"] == {1: 0.75, 2: 0.7, 3: 0.65}
+    for dataset, named in (
+        ({"name": "sub (test data)", "source": "/data/sub", "checksum": ""}, "sub (test data)"),
+        ({**own, "checksum": "0" * 32}, "0" * 32),
+    ):
+        write_json(path, {**CORRUPTIONS, "dataset": dataset})
+        rob = read_corruptions(run_dir)
+        assert "results" not in rob and named in rob["error"] and "not this run's test set" in rob["error"]
+        text = json.dumps(robustness_section(rob), default=lambda o: getattr(o, "__dict__", str(o)))
+        assert "is not shown" in text and "56.67%" not in text

@@ -130,8 +130,12 @@ def test_list_runs_statuses_newest_first(runs_root: Path):
     (runs_root / "20260102-100000-fast" / "checkpoint.pt").write_bytes(b"x")
     assert runs_cli.run_info(runs_root / "20260102-100000-fast")["resumable"] is True
     assert not rows["20260101-100000-reference"]["resumable"]  # finished: nothing to continue
-    assert rows["20260107-100000-air94"]["test_accuracy"] == "damaged"
-    assert rows["20260108-100000-fast"]["recipe"] == "damaged"
+    # --json keeps each field's type: null, and the damaged file named
+    assert rows["20260107-100000-air94"]["test_accuracy"] is None
+    assert rows["20260107-100000-air94"]["damaged"] == ["metrics.json"]
+    assert rows["20260108-100000-fast"]["recipe"] is None
+    assert rows["20260108-100000-fast"]["damaged"] == ["config.json", "status.json"]
+    assert rows["20260101-100000-reference"]["damaged"] == []
 
 
 def test_values_of_the_wrong_type_show_as_damaged_cells_not_a_crash(tmp_path: Path, capsys):
@@ -146,10 +150,17 @@ def test_values_of_the_wrong_type_show_as_damaged_cells_not_a_crash(tmp_path: Pa
     write_json(d / "config.json", {"recipe": {"name": ["not", "a", "name"]}})
     rows = {r["name"][:8]: r for r in runs_cli.list_runs(tmp_path)}
     assert rows["20260101"]["status"] == "crashed"  # that PID cannot be alive
-    assert (rows["20260102"]["test_accuracy"], rows["20260102"]["epochs"]) == ("damaged", "damaged")
-    assert (rows["20260103"]["test_accuracy"], rows["20260103"]["wall_seconds"]) == ("damaged", None)
+    assert (rows["20260102"]["test_accuracy"], rows["20260102"]["epochs"]) == (None, None)
+    assert (rows["20260103"]["test_accuracy"], rows["20260103"]["wall_seconds"]) == (None, None)
     assert rows["20260104"]["wall_seconds"] == 0 and rows["20260104"]["test_accuracy"] is None
-    assert rows["20260105"]["recipe"] == "damaged" and rows["20260105"]["test_accuracy"] == 0.8
+    assert rows["20260105"]["recipe"] is None and rows["20260105"]["test_accuracy"] == 0.8
+    assert [rows[k]["damaged"] for k in sorted(rows)] == [
+        [],
+        ["metrics.json"],
+        ["metrics.json"],
+        ["metrics.json"],
+        ["config.json"],
+    ]
     assert _main(["runs", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert len(out.splitlines()) == 2 + 5 and "damaged" in out
@@ -294,12 +305,12 @@ def test_cli_escapes_control_characters_in_run_names(tmp_path: Path, capsys):
     evil = root / "20260101-100000-\x1b]0;pwned\x07\x1b[31mred"
     evil.mkdir(parents=True)
     write_json(evil / "config.json", {"recipe": {"name": "ref\x1b[2Jerence"}})
-    write_json(evil / "status.json", {"status": "finished\x9b31m"})
+    write_json(evil / "status.json", {"status": "finished\x9b31m"})  # not a status: damaged, never printed
     assert _main(["runs", "--root", str(root)]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out
     assert "20260101-100000-\\x1b]0;pwned\\x07\\x1b[31mred" in out
-    assert "ref\\x1b[2Jerence" in out and "finished\\x9b31m" in out
+    assert "ref\\x1b[2Jerence" in out and " damaged " in out
     assert _main(["runs", "--root", str(root), "--json"]) == 0  # JSON escapes them itself
     assert json.loads(capsys.readouterr().out)[0]["name"] == evil.name
 
@@ -348,8 +359,103 @@ def test_the_data_column_tells_runs_of_different_datasets_apart(tmp_path: Path, 
     assert rows == {
         "20260101-100000-fast": "cifar10",
         "20260102-100000-fast": "flowers",
-        "20260103-100000-fast": "damaged",
+        "20260103-100000-fast": None,  # --json: null, with config.json under "damaged"
     }
     assert _main(["runs", "--root", str(tmp_path)]) == 0
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     assert [lines[n][2] for n in sorted(lines)] == ["cifar10", "flowers", "damaged"]
+
+
+def test_a_status_outside_the_documented_set_is_damaged(tmp_path: Path, capsys):
+    """A status.json's value is shown only when it is one `cifarlab runs` documents; tune's diverged and killed
+    trials are crashed runs; a folder with no status anywhere is damaged (not an undocumented `unknown`)."""
+    for i, status in enumerate(({"status": 5}, {"status": "weird"}, {"status": ["finished"]}, {"status": None})):
+        _run(tmp_path, f"2026010{i + 1}-100000-fast", "fast", {**status, "pid": 1, "time": _now()})
+    _run(tmp_path, "20260105-100000-fast", "fast", {"status": "diverged", "time": _now()})
+    _run(tmp_path, "20260106-100000-fast", "fast", {"status": "killed", "time": _now()})
+    _run(tmp_path, "20260107-100000-fast", "fast")  # config.json only
+    _run(tmp_path, "20260108-100000-fast", "fast", metrics={"status": "pruned"})  # no status.json: metrics' status
+    _run(tmp_path, "20260109-100000-fast", "fast", metrics={"status": "odd"})
+    rows = {r["name"][:8]: r for r in runs_cli.list_runs(tmp_path)}
+    got = {k: (r["status"], r["damaged"]) for k, r in rows.items()}
+    damaged = ("damaged", ["status.json"])
+    assert got == {
+        "20260101": damaged,
+        "20260102": damaged,
+        "20260103": damaged,
+        "20260104": damaged,
+        "20260105": ("crashed", []),
+        "20260106": ("crashed", []),
+        "20260107": damaged,
+        "20260108": ("pruned", []),
+        "20260109": damaged,
+    }
+    assert _main(["runs", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "weird" not in out and " 5 " not in out and "unknown" not in out
+
+
+def test_a_running_status_with_a_time_that_does_not_parse_is_damaged(tmp_path: Path):
+    """The time is what tells a live run from a recycled PID: without it, a live PID does not keep it running."""
+    _run(tmp_path, "20260101-100000-fast", "fast", {"status": "running", "pid": os.getpid(), "time": "yesterday"})
+    _run(tmp_path, "20260102-100000-fast", "fast", {"status": "running", "pid": os.getpid(), "time": 12})
+    assert [r["status"] for r in runs_cli.list_runs(tmp_path)] == ["damaged", "damaged"]
+    assert runs_cli.pid_alive(os.getpid(), "yesterday") is False
+    assert runs_cli.pid_alive(os.getpid(), _now()) is True
+
+
+def test_a_file_that_is_json_but_not_an_object_is_damaged_like_a_parse_failure(tmp_path: Path, capsys):
+    ok = {"status": "finished", "pid": 1, "time": _now()}
+    hist = [{"epoch": 1, "epoch_seconds": 0.1}]
+    a = _run(tmp_path, "20260101-100000-fast", "fast", ok, history=hist)
+    (a / "config.json").write_text('"str"')
+    (a / "metrics.json").write_text("[1, 2]")
+    b = _run(tmp_path, "20260102-100000-fast", "fast", ok, {"test_accuracy": 0.8})
+    (b / "config.json").write_text("{}")  # an object without a recipe
+    c = _run(tmp_path, "20260103-100000-fast", "fast", ok)
+    (c / "metrics.json").write_text("{broken")
+    d = _run(tmp_path, "20260104-100000-fast", "fast", {"status": "running", "pid": os.getpid(), "time": _now()})
+    (d / "history.json").write_text('{"epoch": 1}')
+    rows = {r["name"][:8]: r for r in runs_cli.list_runs(tmp_path)}
+    assert rows["20260101"]["damaged"] == ["config.json", "metrics.json"]
+    assert (rows["20260101"]["recipe"], rows["20260101"]["dataset"], rows["20260101"]["test_accuracy"]) == (None,) * 3
+    assert rows["20260102"]["damaged"] == ["config.json"] and rows["20260102"]["test_accuracy"] == 0.8
+    assert rows["20260103"]["damaged"] == ["metrics.json"]
+    assert rows["20260104"]["damaged"] == ["history.json"] and rows["20260104"]["status"] == "running"
+    assert _main(["runs", "--root", str(tmp_path)]) == 0
+    table = {line.split()[0][:8]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    # recipe, data, status, test acc: each cell from a damaged file says so, as for a parse failure
+    assert table["20260101"][1:5] == ["damaged", "damaged", "finished", "damaged"]
+    assert table["20260102"][1:5] == ["damaged", "damaged", "finished", "80.00%"]
+    assert table["20260103"][1:5] == ["fast", "-", "finished", "damaged"]
+    assert table["20260104"][4:] == ["-", "damaged", "damaged"]  # running: no metrics yet, its history damaged
+
+
+def test_json_keeps_each_fields_type_and_lists_damaged_files(runs_root: Path, capsys):
+    """A script may compute on test_accuracy, epochs, wall_seconds and sort on recipe without checking for a
+    string in their place."""
+    assert _main(["runs", "--root", str(runs_root), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for row in data:
+        assert row["test_accuracy"] is None or isinstance(row["test_accuracy"], float)
+        assert row["epochs"] is None or isinstance(row["epochs"], int)
+        assert row["wall_seconds"] is None or isinstance(row["wall_seconds"], float)
+        assert row["recipe"] is None or row["recipe"] in ("reference", "fast", "air94")
+        assert isinstance(row["damaged"], list) and "damaged" not in (row["recipe"], row["test_accuracy"])
+    assert sorted(r["test_accuracy"] or 0 for r in data)[-1] == 0.7991
+
+
+def test_the_default_root_missing_is_no_runs_yet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """A fresh checkout has no runs/ before its first training: that is an empty list, not an error. An explicit
+    --root that is missing or a file stays an error."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["runs"]) == 0
+    assert capsys.readouterr().out == "no runs yet (runs/ does not exist)\n"
+    assert cli.main(["runs", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert cli.main(["runs", "--root", "runs"]) == 2
+    assert "no such folder: runs" in capsys.readouterr().err
+    (tmp_path / "runs").write_text("x")
+    assert cli.main(["runs"]) == 2
+    assert "runs is not a folder" in capsys.readouterr().err
+    assert cli.main(["runs", "--root", "runs"]) == 2

@@ -370,6 +370,24 @@ def test_a_truncated_jpeg_gets_predicts_words(client: TestClient, run_dir: Path,
     assert_ok(client)
 
 
+@pytest.mark.parametrize("fmt", ["ICO", "TGA", "PCX", "SGI", "EPS"])
+def test_predict_and_serve_read_the_same_formats(client: TestClient, run_dir: Path, tmp_path: Path, fmt: str):
+    """Formats Pillow decodes but the service refused (415) were classified by `cifarlab predict`: both now read
+    the one list in cifarlab.data.images and name it in their error."""
+    from cifarlab.data.images import FORMAT_NAMES
+
+    if fmt == "EPS":  # never handed to Pillow's EPS plugin (Ghostscript): refused from its bytes
+        data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    else:
+        data = png_bytes((16, 16), fmt=fmt)
+    f = tmp_path / "image.png"
+    f.write_bytes(data)
+    [expected] = predict.predict_paths(run_dir, [f])
+    assert expected.get("error") == f"not an image cifarlab reads (send {FORMAT_NAMES})", expected
+    r = post_file(client, data, name="image.png")
+    assert r.status_code == 415 and FORMAT_NAMES in r.json()["error"], r.text
+
+
 def test_bomb_refused_before_decoding(client: TestClient):
     t = time.perf_counter()
     r = client.post("/v1/predict", content=bomb_png(), headers={"Content-Type": "image/png"})

@@ -40,7 +40,16 @@ from cifarlab.predict import predict_paths
 from cifarlab.recipes import Recipe, get_recipe, validate
 from cifarlab.registry import CALLBACKS, MODELS
 from cifarlab.report import build_report
-from cifarlab.runs import CONFIG, STATUS, WEIGHTS, Run, load_run, load_weights, unregistered_model_message
+from cifarlab.runs import (
+    CONFIG,
+    STATUS,
+    WEIGHTS,
+    Run,
+    check_runs_root,
+    load_run,
+    load_weights,
+    unregistered_model_message,
+)
 from cifarlab.train import Callback
 
 __all__ = ["TrainedRun", "as_dataset", "fit", "load"]
@@ -329,6 +338,7 @@ def fit(
         r = apply_overrides(get_recipe(variant), list(overrides.items()), source="fit()")
     if callback_names:  # by name, as `--set callbacks=...`: the run records them and builds them on --resume
         r = r.replace(callbacks=(*r.callbacks, *callback_names))
+    check_runs_root(runs_dir)  # a runs folder that cannot take the run fails now, not after loading data
     module, new_name = None, None
     before = _run_folders(runs_dir)
     if isinstance(model, nn.Module):

@@ -468,11 +468,32 @@ class TimeBudget(Callback):
         self.epoch_overhead = 0.0  # validation + epoch-end work, measured
         self._epoch_end_t: float | None = None
         self.stopped_at_step: int | None = None
+        self._resumed: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # At each checkpoint: what a resumed run needs to go on with the same plan (the LR schedule's length as
+        # last estimated, the training time the budget had left) rather than train every planned epoch.
+        return {
+            "total_steps": int(self.trainer.total_steps),
+            "seconds_left": self.deadline - self.clock.elapsed(),
+            "epoch_overhead": self.epoch_overhead,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resumed = dict(state)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.trainer.max_epochs = 10**9  # the deadline ends training, not the recipe's epoch count
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self._resumed is not None:
+            # A resumed session (its on_train_begin is not called): the schedule goes on from the step count it had,
+            # and training ends when the time the first session had left is spent (its start-up not counted).
+            state, self._resumed = self._resumed, None
+            self.trainer.max_epochs = 10**9
+            self.trainer.total_steps = int(state["total_steps"])
+            self.deadline = self.clock.elapsed() + float(state["seconds_left"])
+            self.epoch_overhead = float(state.get("epoch_overhead", 0.0))
         if self._epoch_end_t is not None:
             self.epoch_overhead = max(self.epoch_overhead, time.perf_counter() - self._epoch_end_t)
         self.epoch = epoch
@@ -483,7 +504,7 @@ class TimeBudget(Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         t = self.trainer
-        if t.step % self.check_every:
+        if t.step % self.check_every or math.isinf(self.deadline):  # inf: a resumed run without the budget's state
             return
         _sync(self.device)
         self.stamps.append((t.step, time.perf_counter()))

@@ -203,4 +203,14 @@ def _at_new_temperature(metrics: dict[str, Any], off: bool) -> dict[str, Any]:
             plain_ece = inference.get("uncalibrated_ece") if isinstance(inference, dict) else None
             plain_ece = plain_ece if had_temperature else metrics.get(f"{split}_ece")
             out[f"{split}_ece"] = plain_ece if off else None
+    ev = metrics.get("evaluation")
+    if isinstance(ev, dict):
+        # Its accuracy, per-class figures and confusions still hold; its loss, ECE and confidences are the old
+        # temperature's. Said in the block itself, for a script that reads it before `cifarlab report` runs again.
+        t = ev.get("inference", {}).get("temperature") if isinstance(ev.get("inference"), dict) else None
+        out["evaluation"] = {
+            **ev,
+            "stale": f"loss, calibration and confidences at the earlier temperature {t}; `cifarlab report` "
+            "evaluates again",
+        }
     return out

@@ -250,6 +250,52 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# The sections of a run's config.json besides "recipe" (`experiment._config`, plus `report`): what `--config
+# run/config.json` reads past. `seed`, `dataset` and `precision` share a recipe key's name but are the run's record.
+RUN_CONFIG_SECTIONS = (
+    "budget",
+    "command",
+    "data_dir",
+    "dataset",
+    "deterministic",
+    "distributed",
+    "init",
+    "machine",
+    "model_class",
+    "normalization",
+    "precision",
+    "report",
+    "seed",
+    "versions",
+)
+
+
+def _check_run_sections(path: Path, data: dict[str, Any], recipe: dict[str, Any]) -> None:
+    """A run's config.json as --config: a key edited or added at top level (where the recipe is not) is refused,
+    not dropped."""
+    for key in data:
+        if key == "recipe":
+            continue
+        if key == "seed" and "seed" in recipe and data["seed"] != recipe["seed"]:
+            raise ConfigError(
+                f"--config {path}: the top-level seed ({data['seed']!r}) is the run's record of recipe.seed "
+                f'({recipe["seed"]!r}); change the seed under "recipe" or use --set seed=...'
+            )
+        if key in RUN_CONFIG_SECTIONS:
+            continue
+        if key in field_types():
+            raise ConfigError(
+                f"--config {path}: {key!r} is a recipe key at the top level of a run's config.json, where it would "
+                f'be ignored; put it under "recipe" or use --set {key}=...'
+            )
+        close = difflib.get_close_matches(key, [*RUN_CONFIG_SECTIONS, *field_types()], n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f'--config {path}: unknown top-level key {key!r} in a run\'s config.json{hint}; it holds "recipe" '
+            f"and the run's sections: {', '.join(RUN_CONFIG_SECTIONS)}"
+        )
+
+
 def load_config_file(path: Path | str) -> dict[str, Any]:
     """A flat mapping of recipe keys (plus an optional `recipe: NAME`) from YAML (.yaml/.yml), TOML (.toml) or
     JSON (.json). A run's config.json (whose `recipe` is the full recipe mapping) is accepted too, so
@@ -298,9 +344,11 @@ def load_config_file(path: Path | str) -> dict[str, Any]:
             f"--config {path}: expected a mapping of recipe keys (e.g. `lr: 0.002`), got {type(data).__name__}"
         )
     data = dict(data)
-    # A run folder's config.json: take its full recipe mapping, ignore the rest (dataset info, machine, ...).
+    # A run folder's config.json: take its full recipe mapping; the run's other sections say what it was trained
+    # on and how, and are ignored. Anything else at top level would be ignored without a word: refused.
     if isinstance(data.get("recipe"), Mapping):
         full = dict(data["recipe"])
+        _check_run_sections(path, data, full)
         name = full.get("name")
         return {"recipe": name if name in RECIPES else None, **full}
     for key, value in data.items():

@@ -46,6 +46,7 @@ __all__ = [
     "format_summary",
     "load_run_dataset",
     "load_test_data",
+    "resolve_test_data",
     "softmax",
     "split_images",
     "top_confusion_counts",
@@ -673,11 +674,46 @@ def load_run_dataset(run: Any, data_dir: Path | None = None) -> Any:
         raise type(e)(f"{e} (the run trained from {recorded}: pass --data-dir {recorded}, or {how})") from None
 
 
-def load_test_data(run: Any, path: Path | str) -> Any:
+TEST_DATA_KINDS = (
+    "an image folder with test/<class>/ images (or its .tar.gz), the test folder itself, an official CIFAR "
+    "archive or batches folder, or an IDX folder"
+)
+
+
+def resolve_test_data(path: Path | str, data_dir: Path | str | None = None) -> Path:
+    """Where `evaluate --test-data PATH` reads from: PATH itself, else (a relative PATH) PATH inside `data_dir`
+    (default $CIFARLAB_DATA or ~/.cache/cifarlab), with or without a tarball suffix. Not found: one line naming
+    both places, and that --test-data takes a path (a dataset name such as cifar10 is not one)."""
+    from cifarlab.data.archives import TAR_SUFFIXES
+    from cifarlab.data.dataset import canonical_dataset_name, default_data_dir
+
+    given = Path(path).expanduser()
+    if given.exists() or given.is_symlink():
+        return given
+    where = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if not given.is_absolute():
+        for candidate in (where / given, *(where / f"{given}{s}" for s in TAR_SUFFIXES)):
+            if candidate.exists() or candidate.is_symlink():
+                return candidate
+    looked = "" if given.is_absolute() else f" (looked in the current folder and in {where})"
+    named = canonical_dataset_name(os.fspath(path))  # `--test-data cifar10`: a name, which is no path
+    hint = (
+        f" ({named} is a dataset name; for the run's own test set, leave --test-data out: --data-dir says where "
+        "its data is)"
+        if named is not None
+        else ""
+    )
+    raise UserError(
+        f"--test-data {path}: no such file or folder{looked}. --test-data takes a path: {TEST_DATA_KINDS}{hint}"
+    )
+
+
+def load_test_data(run: Any, path: Path | str, data_dir: Path | str | None = None) -> Any:
     """Another labelled test set for a run (`cifarlab evaluate --test-data`), as a `Dataset` in the run's terms.
 
     `path`: anything `load_dataset` reads (an ImageFolder tree or tarball, whose test/ split is used; an
-    official CIFAR archive or batches folder), decoded at the run's input size (one channel: the ITU-R 601
+    official CIFAR archive or batches folder), found as `resolve_test_data` says (a relative path also inside
+    `data_dir`), decoded at the run's input size (one channel: the ITU-R 601
     luma). Its classes are matched to the run's by name: a subset is fine (labels are mapped to the run's
     indices), a class the run does not know is an error naming it. The result has the run's classes, an empty
     train split and no checksum (so it is never mistaken for the run's own data)."""
@@ -686,7 +722,7 @@ def load_test_data(run: Any, path: Path | str) -> Any:
     c, h, w = run.input_shape
     if h != w:
         raise UserError(f"the run takes {c}x{h}x{w} images; --test-data is decoded to square images only")
-    ds = load_dataset(Path(path), image_size=h, test_only=True)
+    ds = load_dataset(resolve_test_data(path, data_dir), image_size=h, test_only=True)
     classes = list(run.classes)
     extra = [name for name in ds.classes if name not in classes]
     if extra and len(extra) == len(ds.classes):

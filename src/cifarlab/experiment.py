@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -46,6 +48,8 @@ from cifarlab.recipes import Recipe
 from cifarlab.runs import (
     CHECKPOINT,
     CONFIG,
+    HISTORY_CSV,
+    HISTORY_JSON,
     METRICS,
     STATUS,
     TEMPERATURE,
@@ -202,6 +206,25 @@ def _check_fits_data(recipe: Recipe, n_train: int, input_shape: tuple[int, int, 
         raise UserError(f"translate_pad={recipe.translate_pad} must be smaller than the {h}x{w} images")
 
 
+def _check_same_recipe(run_dir: Path, trained: Any, recipe: Recipe) -> None:
+    """Refuse to resume when config.json's recipe is not the one the checkpoint's epochs trained with (an edited
+    file): the run would go on under another schedule or callbacks, its saved state partly dropped, and no
+    longer be what config.json says. A checkpoint of an older cifarlab records no recipe: nothing to compare."""
+    if not isinstance(trained, dict):
+        return
+    now = json.loads(json.dumps(recipe.to_dict()))
+    was = json.loads(json.dumps(trained))
+    changed = [
+        f"{k} ({was.get(k)!r} -> {now.get(k)!r})" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)
+    ]
+    if changed:
+        raise UserError(
+            f"{run_dir}/{CONFIG}'s recipe is not the one its checkpoint trained with: {'; '.join(changed[:5])}"
+            f"{' ...' if len(changed) > 5 else ''}. Put config.json back to resume, or start a new run with the new "
+            "settings"
+        )
+
+
 def _unfit_checkpoint(run_dir: Path, e: Exception) -> UserError:
     # torch's message spans lines (one per mismatched tensor): joined, and cut, to stay one line
     why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
@@ -309,6 +332,7 @@ def prepare(
         run = load_run(resume)
         saved, recipe = run.config, run.recipe
         resume_state = load_checkpoint(Path(resume) / CHECKPOINT)
+        _check_same_recipe(Path(resume), resume_state.get("recipe"), recipe)
         if data_dir is None and saved.get("data_dir"):
             data_dir = saved["data_dir"]
         deterministic = deterministic or bool(saved.get("deterministic"))
@@ -349,7 +373,7 @@ def prepare(
         check_fits_memory(recipe, len(ds.classes), ds.input_shape, dev)
     data_seconds = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
+    t_start, t0 = t0, time.perf_counter()
     net = ready_model(recipe, ds, dev, model=model, data_init=(tr_idx, mean, std) if resume_state is None else None)
     # After the data-dependent init, so loaded layers (the airnet's whitening) keep their pretrained weights and
     # only the layers left fresh get the data's.
@@ -387,6 +411,7 @@ def prepare(
         run_dir=Path(resume) if resume is not None else None,
         timings={"data_seconds": data_seconds, "setup_seconds": time.perf_counter() - t0},
         dist=dist,
+        t_start=t_start,  # the command's total counts the data loading and setup above, as the report lists them
     )
 
 
@@ -467,10 +492,24 @@ def open_run(
     else:
         plan.lock = RunLock(plan.run_dir).acquire()
         plan.config = read_json(plan.run_dir / CONFIG)
+        _remove_killed_writes(plan.run_dir)
     write_status(plan.run_dir, "running")
     if plan.dist is not None:
         plan.dist.broadcast_object(str(plan.run_dir))
     return plan.run_dir
+
+
+# Files only the training process writes, each epoch: a temp file of one (`files.atomic_write`) left in the folder
+# is from a process killed mid-write, since the resuming process holds the run's lock.
+_TRAINING_FILES = (CHECKPOINT, HISTORY_JSON, HISTORY_CSV, "steps.csv")
+
+
+def _remove_killed_writes(run_dir: Path) -> None:
+    """Delete the temp files a SIGKILL during a checkpoint write left behind (one checkpoint's size each)."""
+    for name in _TRAINING_FILES:
+        for tmp in run_dir.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 class SessionClock(Callback):
@@ -621,6 +660,11 @@ def train(plan: Plan, callbacks: Sequence[Callback] = ()) -> tuple[FitResult, Se
         b = plan.budget
         deadline = usable_seconds(b.budget_seconds) - b.predicted_eval_seconds
         cbs.append(TimeBudget(deadline, plan.device, clock=b.clock, epoch_costs=b.epoch_costs))
+    elif plan.resume_state is not None and isinstance(saved_budget := (plan.config or {}).get("budget"), dict):
+        # A --budget run resumed: the deadline and the schedule's length come from its checkpoint (TimeBudget's
+        # state); without them (a checkpoint of an older cifarlab) the run trains the epochs it planned.
+        costs = [float(c) for c in saved_budget.get("epoch_costs") or []]
+        cbs.append(TimeBudget(math.inf, plan.device, epoch_costs=costs))
     trainer = Trainer(
         plan.model,
         plan.recipe,
@@ -677,7 +721,7 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
     logits = predict_logits(
         plan.model, ds.x_test, mean=plan.mean, std=plan.std, device=plan.device, **recipe_options(r)
     )
-    test_acc = (logits.argmax(1) == ds.y_test).float().mean().item()
+    test_acc = int((logits.argmax(1) == ds.y_test).sum()) / len(ds.y_test)  # exact, not a float32 mean
     test_loss = F.cross_entropy(logits, ds.y_test).item()
     eval_seconds = time.perf_counter() - t0
     process_seconds = process_age()  # from the process's start (interpreter, imports, CUDA included) to here
@@ -735,7 +779,9 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         say(f"best weights restored from epoch {fit.restored_epoch}")
     if plan.device.type == "cuda":
         say(f"training step: {fit.step_mode}")
-    say(f"test accuracy {test_acc:.2%}  (loss {test_loss:.4f}, TTA {r.tta}, evaluated in {eval_seconds:.1f} s)")
+    # The loss metrics.json, the report and evaluate give: at the softmax temperature when the run has one
+    loss = metrics["test_loss"]
+    say(f"test accuracy {test_acc:.2%}  (loss {loss:.4f}, TTA {r.tta}, evaluated in {eval_seconds:.1f} s)")
     if calibration is not None:
         say(
             f"softmax temperature {calibration['temperature']:.3f}, fitted on {calibration['fitted_on']} "

@@ -85,7 +85,7 @@ class InitResult:
     def summary(self) -> str:
         """One line for the report: where from and what was loaded."""
         layers = _layers(self.loaded + self.adapted)
-        parts = [f"{len(layers)} layers loaded"]
+        parts = [f"{_count(len(layers), 'layer')} loaded"]
         if self.new_head:
             parts.append(f"new head ({', '.join(_layers(self.new_head))})")
         if self.adapted:
@@ -103,7 +103,7 @@ class InitResult:
             if self.source_test_accuracy is not None:
                 src += f", test accuracy {self.source_test_accuracy:.2%}"
             src += ")"
-        out = [f"init: {len(_layers(self.loaded + self.adapted))} layers loaded from {src}"]
+        out = [f"init: {_count(len(_layers(self.loaded + self.adapted)), 'layer')} loaded from {src}"]
         if self.new_head:
             why = "the classes differ"
             if self.source_classes:
@@ -112,17 +112,23 @@ class InitResult:
             out.append(f"init: new head {', '.join(_layers(self.new_head))} ({why})")
         if self.adapted and self.channels:
             a, b = self.channels
-            how = "summing its kernels over the input channels" if b == 1 else f"repeating its kernels / {b}"
-            out.append(f"init: {', '.join(_layers(self.adapted))} adapted from {a} to {b} input channels by {how}")
+            adapted = _layers(self.adapted)
+            its = "its" if len(adapted) == 1 else "their"
+            how = f"summing {its} kernels over the input channels" if b == 1 else f"repeating {its} kernels / {b}"
+            out.append(f"init: {', '.join(adapted)} adapted from {a} to {b} input channels by {how}")
         if self.reinitialized:
             shape = "x".join(map(str, self.source_input_shape or ())) or "another shape"
-            out.append(
-                f"init: {', '.join(_layers(self.reinitialized))} keep their fresh init: their shape follows the "
-                f"input shape ({shape} in the source)"
-            )
+            fresh = _layers(self.reinitialized)
+            keep = "keeps its fresh init: its" if len(fresh) == 1 else "keep their fresh init: their"
+            out.append(f"init: {', '.join(fresh)} {keep} shape follows the input shape ({shape} in the source)")
         if self.unused:
             out.append(f"init: not used from the source: {', '.join(_layers(self.unused)[:8])}")
         return out
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 layer`, `13 layers`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _layers(names: Sequence[str]) -> list[str]:

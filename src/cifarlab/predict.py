@@ -37,36 +37,54 @@ __all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "expand_paths", "format_table
 # Folders are searched for these; a file named on the command line is tried whatever its extension.
 IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # the one list, shared with dataset loading
 NOT_REGULAR = "skipped: not a regular file"
+LEADS_NOWHERE = "a link that leads nowhere (its target is missing, or it loops)"
 
 
 def expand_paths(paths: Iterable[Path | str]) -> list[tuple[Path, str | None]]:
     """[(path, None)] for each file to decode and [(path, error)] for a missing path, a folder without
-    images or a non-regular file, in the order given; folders expand recursively (sorted, image extensions
-    only, hidden entries skipped, symlinked folders not followed). A FIFO, device or socket is never opened
-    (that can block forever): inside a folder it is listed as "skipped: not a regular file", named directly
-    it is an error."""
+    images, a folder that cannot be read or a non-regular file, in the order given; folders expand recursively
+    (sorted, image extensions only, hidden entries skipped, symlinked folders not followed). A FIFO, device or
+    socket is never opened (that can block forever): inside a folder it is listed as "skipped: not a regular
+    file" (a link that leads nowhere as "skipped: a link that leads nowhere"), named directly it is an error."""
     out: list[tuple[Path, str | None]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found: list[tuple[Path, str | None]] = []
-            for root, dirs, names in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not skip_name(d))
-                for n in sorted(names):
-                    if is_image_name(n):
-                        f = Path(root) / n
-                        found.append((f, None if is_regular_file(f) else NOT_REGULAR))
-            out += found
-            if not any(err is None for _, err in found):
-                out.append((p, f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"))
+            out += _expand_folder(p)
         elif is_regular_file(p):
             out.append((p, None))
         elif p.exists():
             out.append((p, "not a regular file or folder (a FIFO, device or socket): refused"))
         elif p.is_symlink():  # exists() follows links: a dangling or looping link lands here
-            out.append((p, "a link that leads nowhere (its target is missing, or it loops)"))
+            out.append((p, LEADS_NOWHERE))
         else:
             out.append((p, "no such file or folder"))
     return out
+
+
+def _expand_folder(folder: Path) -> list[tuple[Path, str | None]]:
+    found: list[tuple[Path, str | None]] = []
+    unreadable: list[Path] = []
+
+    def cannot_list(exc: OSError) -> None:
+        # os.walk would skip the folder silently: its images would be missing from the output.
+        where = Path(exc.filename) if exc.filename is not None else folder
+        unreadable.append(where)
+        found.append((where, f"cannot read this folder: {exc.strerror or exc}"))
+
+    for root, dirs, names in os.walk(folder, onerror=cannot_list):
+        dirs[:] = sorted(d for d in dirs if not skip_name(d))
+        for n in sorted(names):
+            if is_image_name(n):
+                f = Path(root) / n
+                found.append((f, None if is_regular_file(f) else _why_skipped(f)))
+    if folder not in unreadable and not any(err is None for _, err in found):
+        found.append((folder, f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"))
+    return found
+
+
+def _why_skipped(path: Path) -> str:
+    """Why an image-named entry of a folder is not read: a FIFO, device or socket, or a link to nothing."""
+    return f"skipped: {LEADS_NOWHERE}" if path.is_symlink() and not path.exists() else NOT_REGULAR
 
 
 def _check_reads_files_for(shape: tuple[int, int, int]) -> None:

@@ -157,7 +157,9 @@ class Recipe:
     plateau_min_delta: float = param(1e-4, "schedule", ge=0)
     plateau_cooldown: int = param(0, "schedule", ge=0)
     plateau_min_lr: float = param(0.0, "schedule", ge=0)
-    early_stopping_patience: int = param(3, "schedule", ge=0, help="0 disables early stopping")
+    early_stopping_patience: int = param(
+        3, "schedule", ge=0, help="0 disables early stopping (and restore_best_weights); Keras's patience=0 is 1 here"
+    )
     early_stopping_min_delta: float = param(0.0, "schedule", ge=0)
     restore_best_weights: bool = param(True, "schedule")
     monitor: Monitor = param("val_loss", "schedule")
@@ -194,6 +196,18 @@ class Recipe:
     )
     compile: bool = param(False, "performance", help="reserved: torch.compile does not pay back yet (refused)")
 
+    def __post_init__(self) -> None:
+        # An int where a float belongs (ema_start_epochs=3 in a recipe, a plugin's or a Python caller's) is the same
+        # value, but would print as 3 where a config file read back gives 3.0: `cifarlab config` output and a
+        # run's config.json would not round-trip byte for byte. Stored as the float.
+        for name, tuple_of in _float_fields():
+            v = getattr(self, name)
+            if tuple_of and isinstance(v, tuple):
+                if any(_is_int(x) for x in v):
+                    object.__setattr__(self, name, tuple(float(x) if _is_int(x) else x for x in v))
+            elif not tuple_of and _is_int(v):
+                object.__setattr__(self, name, float(v))
+
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
 
@@ -223,6 +237,21 @@ class Recipe:
         except TypeError as e:
             raise ConfigError(f"not a valid recipe ({e})") from None
         return validate(recipe, check_paths=False)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # (bool is an int; a bool stays for validate to refuse)
+
+
+@functools.cache
+def _float_fields() -> tuple[tuple[str, bool], ...]:
+    """(name, is a tuple) of the Recipe fields that hold floats: `float` and `tuple[float, ...]`."""
+    out = []
+    for name, tp in field_types().items():
+        args = typing.get_args(tp) if typing.get_origin(tp) is tuple else ()
+        if tp is float or (args and all(a in (float, Ellipsis) for a in args)):
+            out.append((name, bool(args)))
+    return tuple(out)
 
 
 @functools.cache

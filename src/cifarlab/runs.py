@@ -44,6 +44,7 @@ __all__ = [
     "Run",
     "RunLock",
     "atomic_write_bytes",
+    "check_runs_root",
     "load_checkpoint",
     "load_run",
     "load_weights",
@@ -72,10 +73,29 @@ STATUS = "status.json"
 LOCK = ".lock"
 
 
-def new_run_dir(root: Path | str, recipe_name: str) -> Path:
+def check_runs_root(root: Path | str) -> Path:
+    """Refuse a runs folder that cannot hold a new run folder (a file, below a file, read-only, on a read-only
+    filesystem) without creating anything: `train` and `fit` call it before any data is loaded, and
+    `new_run_dir` again when it creates the folder."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise UserError(f"--runs-dir {root} is a file, not a folder")
+    nearest = root.absolute()  # the folder mkdir(parents=True) would create the rest in
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    why = None
+    if not nearest.is_dir():
+        why = os.strerror(errno.ENOTDIR)
+    elif not os.access(nearest, os.W_OK | os.X_OK):  # False on a read-only mount, for root too
+        read_only = hasattr(os, "statvfs") and bool(os.statvfs(nearest).f_flag & os.ST_RDONLY)
+        why = os.strerror(errno.EROFS if read_only else errno.EACCES)
+    if why is not None:
+        raise UserError(f"cannot create a run folder under {root} ({why}); pick --runs-dir")
+    return root
+
+
+def new_run_dir(root: Path | str, recipe_name: str) -> Path:
+    root = check_runs_root(root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i in range(100):
         path = root / (f"{stamp}-{recipe_name}" + (f"-{i}" if i else ""))
@@ -350,16 +370,32 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except UserError:
-        raise UserError(f"{path} is missing: nothing to resume from") from None
+        raise UserError(
+            f"{path} is missing: no epoch of this run finished (or the file was removed), so there is nothing to "
+            f"resume; {_start_again(path.parent)}"
+        ) from None
     except Exception:
         # torch's own message suggests weights_only=False, which would run whatever the file holds: never say it.
         raise UserError(
-            f"{path} is not a cifarlab checkpoint (damaged or tampered with); it cannot be resumed"
+            f"{path} is not a cifarlab checkpoint (damaged or tampered with); it cannot be resumed; "
+            f"{_start_again(path.parent)}"
         ) from None
     needed = ("epoch", "step", "model", "optimizer", "callbacks", "history", "torch_rng")
     if not isinstance(state, dict) or any(k not in state for k in needed):
-        raise UserError(f"{path} is not a cifarlab checkpoint (fields are missing); it cannot be resumed")
+        raise UserError(
+            f"{path} is not a cifarlab checkpoint (fields are missing); it cannot be resumed; "
+            f"{_start_again(path.parent)}"
+        )
     return state
+
+
+def _start_again(run_dir: Path) -> str:
+    """What to do about a run that cannot be resumed: run the command that started it (config.json's) again."""
+    try:
+        command = read_json(run_dir / CONFIG).get("command")
+    except Exception:  # noqa: BLE001 - only advice: a damaged config.json has its own error elsewhere
+        command = None
+    return f"start the run again: {command}" if isinstance(command, str) and command else "start the run again"
 
 
 @dataclass

@@ -52,6 +52,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+# One list of formats for the service, `predict` and dataset loading.
+from cifarlab.data.images import FORMAT_NAMES, image_formats
 from cifarlab.errors import UserError
 from cifarlab.runs import stale_result
 
@@ -69,11 +71,6 @@ __all__ = [
 
 BACKENDS = ("torch", "onnx")
 TOKEN_ENV = "CIFARLAB_SERVE_TOKEN"
-# Raster formats Pillow identifies that the service accepts (MPO: how Pillow names many phone JPEGs).
-ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF", "PPM")
-# What a person is told to send: the formats above (PPM is how Pillow names the whole Netpbm family), as
-# `cifarlab predict` reads them.
-FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF or PPM/PGM"
 PREVIEW_SIDE = 256  # the preview and the saliency overlay are upscaled (nearest) to about this many pixels
 REPORT_CSP = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'"
 PAGE_CSP = (
@@ -432,10 +429,8 @@ def sniff(data: bytes, name: str, max_pixels: int) -> str:
     head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n")
     if head[:1] == b"<" or b"<svg" in data[:4096].lower():
         raise ServeError(415, f"{name}: SVG/XML/HTML text, not a raster image (send {FORMAT_NAMES})")
-    Image.init()  # registers every plugin (MPO among them) so `formats` can name them
-    formats = [f for f in ACCEPTED_FORMATS if f in Image.OPEN]
     try:
-        with Image.open(io.BytesIO(data), formats=formats) as im:
+        with Image.open(io.BytesIO(data), formats=image_formats()) as im:
             pixels = im.width * im.height
             fmt = str(im.format)
     except Image.DecompressionBombError as e:  # Pillow's own limit, checked from the header

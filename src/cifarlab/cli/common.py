@@ -52,8 +52,10 @@ def data_dir_arg(p: argparse.ArgumentParser) -> None:
         "--data-dir",
         type=folder_path,
         default=None,
-        help="dataset folder (archives, extracted batches or an ImageFolder tree); default $CIFARLAB_DATA "
-        "or ~/.cache/cifarlab",
+        help="folder where the named datasets are looked for (cifar10/cifar100: the official archive or its "
+        "extracted batches, downloaded there when missing; fashion_mnist: its four IDX files) and relative dataset "
+        "paths; default $CIFARLAB_DATA or ~/.cache/cifarlab. An image-folder tree or IDX folder is a dataset "
+        "itself: pass it as the dataset instead (train, tune: --set dataset=PATH; data: --dataset PATH)",
     )
 
 
@@ -122,18 +124,26 @@ class _DropWhenClosed:
 
 @contextlib.contextmanager
 def output_may_close() -> Iterator[None]:
-    """Inside the block, a closed stdout drops the output, not the command (see `_DropWhenClosed`)."""
-    was = sys.stdout
+    """Inside the block, a closed stdout or stderr drops the output, not the command (see `_DropWhenClosed`):
+    `cifarlab train 2>&1 | head` goes on when its progress or a warning meets a reader that has gone."""
+    saved = {}
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        try:
+            stream.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): nothing can close it
+            continue
+        saved[name] = stream
+        setattr(sys, name, _DropWhenClosed(stream))
     try:
-        sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): nothing can close it
-        yield
-        return
-    sys.stdout = _DropWhenClosed(was)
-    try:
-        yield
+        try:
+            yield
+        finally:  # what is still buffered reaches the reader or /dev/null here, not as an error at exit
+            for name in saved:
+                getattr(sys, name).flush()
     finally:
-        sys.stdout = was
+        for name, stream in saved.items():
+            setattr(sys, name, stream)
 
 
 class _CliFormatter(logging.Formatter):

@@ -72,6 +72,9 @@ def cmd_config(args: argparse.Namespace) -> int:
             notes.append(f"{base_name}: {json.dumps(base.get(key))}")
         allowed = choices(key)
         if allowed is not None:
-            notes.append("one of " + ", ".join(allowed) if allowed else "none registered")
+            # A list key (callbacks) takes several of them, and a plugin registers more.
+            many = isinstance(value, list)
+            listed = ", ".join(allowed) + (" (plugins may register more)" if many else "")
+            notes.append(("any of " if many else "one of ") + listed if allowed else "none registered")
         print(line + (f"  # {'; '.join(notes)}" if notes else ""))
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarlab.cli.common import data_dir_arg, fmt
+from cifarlab.text import terminal_safe
 
 DATASET_HELP = "cifar10 (default), cifar100, fashion_mnist, or the path of an ImageFolder tree (folder or .tar.gz)"
 
@@ -148,12 +149,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(facts, indent=2))
         return 0
-    width = max([len("class"), len("total"), *(len(c) for c in ds.classes)])
+    # Class names and paths come from the data (folder names): escaped, so a name cannot rewrite the terminal.
+    names = {c: terminal_safe(c) for c in ds.classes}
+    width = max([len("class"), len("total"), *(len(n) for n in names.values())])
     lines = [
-        f"dataset   {ds.name} ({len(ds.classes)} classes)",
-        f"source    {ds.source}",
+        f"dataset   {terminal_safe(ds.name)} ({len(ds.classes)} classes)",
+        f"source    {terminal_safe(ds.source)}",
         f"checksum  {_checksum_line(ds)}",
-        f"cache     {ds.cache_dir or 'none (not cached)'}",
+        f"cache     {terminal_safe(ds.cache_dir) if ds.cache_dir else 'none (not cached)'}",
         f"train     {len(ds.x_train):>6} images  uint8 {tuple(ds.x_train.shape)}",
         f"test      {len(ds.x_test):>6} images  uint8 {tuple(ds.x_test.shape)}",
         *_sizes_lines(ds),
@@ -162,7 +165,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"{'-' * width}  {'-' * 6}  {'-' * 6}",
     ]
     for c in ds.classes:
-        lines.append(f"{c:<{width}}  {facts['train_counts'][c]:>6}  {facts['test_counts'][c]:>6}")
+        lines.append(f"{names[c]:<{width}}  {facts['train_counts'][c]:>6}  {facts['test_counts'][c]:>6}")
     lines += [
         f"{'-' * width}  {'-' * 6}  {'-' * 6}",
         f"{'total':<{width}}  {len(ds.x_train):>6}  {len(ds.x_test):>6}",
@@ -188,6 +191,49 @@ def _sizes_lines(ds: Any) -> list[str]:
     return [f"files     {shown}" + ("" if same else f"; loaded as {w}x{h}")]
 
 
+# What a file already at --out must start with to be replaced: an image of the kind the suffix names (what an
+# earlier preview wrote), never a text file or anything else that happens to have that name.
+_SIGNATURES = {
+    "png": (b"\x89PNG\r\n\x1a\n",),
+    "jpg": (b"\xff\xd8\xff",),
+    "jpeg": (b"\xff\xd8\xff",),
+    "pdf": (b"%PDF-",),
+    "svg": (b"<?xml", b"<svg"),
+}
+
+
+def _is_image_of_kind(path: Path, kind: str) -> bool:
+    try:
+        with path.open("rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return False
+    if kind == "svg":  # matplotlib's SVG: an XML declaration, then the <svg> element
+        return head.lstrip().startswith(_SIGNATURES["svg"]) and b"<svg" in head
+    return head.startswith(_SIGNATURES[kind])
+
+
+def _check_out(out: Path, kind: str) -> None:
+    """Refuse, before the data is read, an --out that would replace something that is not an image of its kind
+    (see `_SIGNATURES`), or that lies in a folder marked read-only: `writable_dir`'s rule, which holds for root
+    too, as for the cache (a shared data folder is r-x, and root would otherwise write into it)."""
+    from cifarlab.data.cache import writable_dir
+    from cifarlab.errors import UserError
+
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {out} exists and is not a regular file; give a file path")
+    if out.is_file() and not _is_image_of_kind(out, kind):
+        raise UserError(
+            f"--out {out} exists and is not a {kind.upper()} image; it is left as it is. Give another path, or "
+            "delete that file first"
+        )
+    folder = out.absolute().parent
+    while not folder.exists() and folder != folder.parent:  # a missing folder is made in the nearest existing one
+        folder = folder.parent
+    if folder.is_dir() and not writable_dir(folder):  # an existing folder: checked, nothing made
+        raise UserError(f"cannot write {out}: {folder} is read-only (not writable). Choose another --out.")
+
+
 def cmd_preview(args: argparse.Namespace) -> int:
     import torch
 
@@ -199,14 +245,20 @@ def cmd_preview(args: argparse.Namespace) -> int:
     kind = out.suffix.lower().lstrip(".") or "png"
     if kind not in kinds:
         raise UserError(f"--out {out}: write a .png, .jpg, .pdf or .svg file (the suffix picks the format)")
-    if out.exists() and not out.is_file():
-        raise UserError(f"--out {out} exists and is not a regular file; give a file path")
+    _check_out(out, kind)
     with _cli_logging():
         ds = _load(args)
     x, y = (ds.x_train, ds.y_train) if args.split == "train" else (ds.x_test, ds.y_test)
-    smallest = int(torch.bincount(y, minlength=len(ds.classes)).min())
+    counts = torch.bincount(y, minlength=len(ds.classes)).tolist()
+    # A class may have no images in a split (an image folder's test/ need not hold every class): its row stays
+    # blank and says so, and the classes that have images set how many columns there are.
+    empty = [c for c, n in zip(ds.classes, counts, strict=True) if n == 0]
+    if len(empty) == len(ds.classes):
+        raise UserError(f"{ds.name} has no {args.split} images to preview; try the other --split")
+    smallest = min(n for n in counts if n > 0)
     per_class = min(args.per_class, smallest)  # a class with fewer images would leave blank cells
-    fig = sample_grid_figure(x, y, ds.classes, per_class=per_class, seed=args.seed)
+    labels = [f"{c} (no {args.split} images)" if n == 0 else c for c, n in zip(ds.classes, counts, strict=True)]
+    fig = sample_grid_figure(x, y, labels, per_class=per_class, seed=args.seed)
     fig.suptitle(f"{ds.name} ({args.split}): {per_class} random images per class (seed {args.seed})")
     existed = out.is_file()
     try:
@@ -215,9 +267,15 @@ def cmd_preview(args: argparse.Namespace) -> int:
         fig.savefig(out, format="jpg" if kind == "jpeg" else kind)
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}. Choose another --out.") from exc
-    note = f" (the smallest class has {smallest})" if per_class < args.per_class else ""
+    notes = [f"the smallest class has {smallest}"] if per_class < args.per_class else []
+    if empty:
+        shown = ", ".join(terminal_safe(c) for c in empty[:5]) + (
+            f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        )
+        notes.append(f"blank rows: no {args.split} images of {shown}")
+    note = f" ({'; '.join(notes)})" if notes else ""
     print(
-        f"{'replaced' if existed else 'wrote'} {out} ({len(ds.classes)} classes x {per_class} images{note}, "
-        f"{args.split} split)"
+        f"{'replaced' if existed else 'wrote'} {terminal_safe(out)} ({len(ds.classes)} classes x {per_class} images"
+        f"{note}, {args.split} split)"
     )
     return 0

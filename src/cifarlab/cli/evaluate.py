@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from cifarlab.cli.common import data_dir_arg, fmt, print_error, printable, warn
+from cifarlab.cli.common import data_dir_arg, fmt, output_may_close, print_error, printable, warn
 from cifarlab.errors import UserError
 
 # The one-line help `cifarlab --help` lists (read without building this command's parser).
@@ -45,9 +46,11 @@ def add_parser(sub: Any) -> None:
         type=Path,
         default=None,
         metavar="PATH",
-        help="evaluate on another labelled test set with (a subset of) the run's classes, matched by name: an "
-        "ImageFolder tree or .tar.gz (its test/ split) or a CIFAR archive/folder, decoded at the run's input "
-        "size; saved as RUN_DIR/eval_data-<name>.json",
+        help="evaluate on another labelled test set with (a subset of) the run's classes, matched by name: the "
+        "path of an ImageFolder tree or .tar.gz (its test/ split) or a CIFAR archive/folder (a relative path not "
+        "found here is looked for in --data-dir, default $CIFARLAB_DATA or ~/.cache/cifarlab), decoded at the "
+        "run's input size; saved as RUN_DIR/eval_data-<name>-<hash of its path>.json (with --corruptions: "
+        "eval_corruptions-data-<...>.json)",
     )
     g = p.add_argument_group("robustness (CIFAR-10-C style corruptions)")
     g.add_argument(
@@ -74,8 +77,9 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def _save(out: Path, data: Any, quiet: bool) -> int:
-    """Write `data` to `out`; a folder that cannot be written costs the file, not the numbers printed before."""
+def _write(out: Path, data: Any) -> str | None:
+    """Write `data` to `out`; None when written, else why not (a folder that cannot be written costs the file,
+    not the numbers, which are printed after it anyway)."""
     from cifarlab.files import write_json
     from cifarlab.runs import weights_sha256
 
@@ -84,22 +88,40 @@ def _save(out: Path, data: Any, quiet: bool) -> int:
     try:
         write_json(out, data)
     except OSError as exc:
-        print_error(f"results not saved: cannot write {out}: {exc.strerror or exc}")
+        return f"results not saved: cannot write {out}: {exc.strerror or exc}"
+    return None
+
+
+def _said_saved(out: Path, error: str | None, quiet: bool) -> int:
+    """The last line: where the results went, or why they were not saved (exit status 1)."""
+    if error is not None:
+        print_error(error)
         return 1
     if not quiet:
         print(f"\nwritten: {out}")
     return 0
 
 
+def _save(out: Path, data: Any, quiet: bool) -> int:
+    """Write `data` to `out` and say so (or why not): `_write`, then `_said_saved`."""
+    return _said_saved(out, _write(out, data), quiet)
+
+
 def _slug(path: Path) -> str:
+    """`<name>-<hash>` of a --test-data source: its base name, to read, and 8 hex digits of its resolved path, so
+    `folder` and `folder.tar.gz`, or `a/test` and `b/test`, never share (and overwrite) one results file."""
     name = path.name
     for suffix in (".tar.gz", ".tgz", ".tar"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "data"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "data"
+    digest = hashlib.sha256(str(path.expanduser().resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{name}-{digest}"
 
 
-def cmd_corruptions(args: argparse.Namespace, dataset: Any) -> int:
+def cmd_corruptions(args: argparse.Namespace, dataset: Any, test_data: Path | None) -> int:
+    """`test_data`: the --test-data source (resolved), whose results go to a file of their own: the report reads
+    eval_corruptions.json as the run's robustness, on its own test set."""
     from cifarlab.corruptions import evaluate_corruptions, format_corruptions, parse_severities
 
     names = [n.strip() for n in args.corruption_names.split(",") if n.strip()] if args.corruption_names else None
@@ -113,11 +135,14 @@ def cmd_corruptions(args: argparse.Namespace, dataset: Any) -> int:
         seed=args.corruption_seed,
         progress=None if args.json else lambda line: print(printable(line), file=sys.stderr, flush=True),
     )
+    name = "eval_corruptions.json" if test_data is None else f"eval_corruptions-data-{_slug(test_data)}.json"
+    out = Path(args.run_dir) / name
+    error = _write(out, result)  # before printing: output whose reader has gone must not cost the file
     if args.json:
         print(json.dumps(result, indent=2), flush=True)
     else:
         print(format_corruptions(result), flush=True)
-    return _save(Path(args.run_dir) / "eval_corruptions.json", result, args.json)
+    return _said_saved(out, error, args.json)
 
 
 def _warn_unfinished(run_dir: Path) -> None:
@@ -139,10 +164,16 @@ def _warn_unfinished(run_dir: Path) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate, warn first when the data is not the run's, print, then save eval_<split>.json.
+    """Evaluate, warn first when the data is not the run's, save eval_<split>.json, then print.
 
-    The results are printed before saving: a folder that cannot be written (read-only, full disk) costs the
-    file, not the numbers; the reason is then one line and the exit status 1."""
+    The file is written before anything is printed after the evaluation, and output whose reader has gone is
+    dropped: `| head` costs the output, not the file. A folder that cannot be written (read-only, full disk)
+    costs the file, not the numbers; the reason is then one line and the exit status 1."""
+    with output_may_close():  # `... 2>&1 | head`: a reader that goes away costs the output, not the results
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from cifarlab.evaluate import dataset_warning, evaluate_run, format_summary
     from cifarlab.inference import set_threads
 
@@ -161,23 +192,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     set_threads()
     _warn_unfinished(args.run_dir)
     dataset = None
+    test_data = None
     if args.test_data is not None:
-        from cifarlab.evaluate import load_test_data
+        from cifarlab.evaluate import load_test_data, resolve_test_data
         from cifarlab.runs import load_run
 
         if args.split != "test":
             raise UserError("--test-data is a test set: it has no validation split (drop --split val)")
-        dataset = load_test_data(load_run(args.run_dir), args.test_data)
+        test_data = resolve_test_data(args.test_data, args.data_dir)
+        dataset = load_test_data(load_run(args.run_dir), test_data)
     if args.corruptions:
-        return cmd_corruptions(args, dataset)
+        return cmd_corruptions(args, dataset, test_data)
     ev, _ = evaluate_run(args.run_dir, split=args.split, data_dir=args.data_dir, dataset=dataset)
+    data = ev.to_dict()
+    name = f"data-{_slug(test_data)}" if test_data is not None else args.split
+    out = Path(args.run_dir) / f"eval_{name}.json"
+    error = _write(out, data)  # before printing: output whose reader has gone must not cost the file
     warning = dataset_warning(ev)
     if warning:
         warn(warning)
-    data = ev.to_dict()
     if args.json:
         print(json.dumps(data, indent=2), flush=True)
     else:
         print(format_summary(ev), flush=True)
-    name = f"data-{_slug(args.test_data)}" if args.test_data is not None else args.split
-    return _save(Path(args.run_dir) / f"eval_{name}.json", data, args.json)
+    return _said_saved(out, error, args.json)

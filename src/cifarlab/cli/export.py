@@ -35,7 +35,7 @@ def add_parser(sub: Any) -> None:
         default=None,
         metavar="PATH",
         help="output file; a folder (existing, or written with a trailing /) gets model.onnx or "
-        "model.torchscript.pt inside",
+        "model.torchscript.pt inside; missing parent folders are created (the output says so)",
     )
     p.add_argument(
         "--tta",
@@ -60,6 +60,15 @@ def _tta_words(tta: str, recipe_tta: str) -> str:
     return f" of TTA {tta} ({views} forward passes, {as_run})"
 
 
+def _missing_folder(folder: Path) -> Path | None:
+    """The outermost folder of `folder` that does not exist yet (export creates it, and says so), else None."""
+    if folder.exists():
+        return None
+    while not folder.parent.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from cifarlab.export import export, output_path, read_export_metadata, resolve_tta
     from cifarlab.runs import load_run
@@ -68,17 +77,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     c, h, w = run.input_shape
     at = f" at the run's temperature {run.temperature:.3g}" if run.temperature != 1.0 else ""
     tta = resolve_tta(run, args.tta)
+    # Before output_path, which creates the folder --out names (a trailing /) or its parent.
+    made = _missing_folder(Path(args.out) if args.out.endswith("/") else Path(args.out).parent) if args.out else None
     target = output_path(args.run_dir, args.out, args.format)  # refuses a run's own files first
     replacing = target.is_file()
     owner = (read_export_metadata(target, args.format) or {}).get("run") if replacing else None
     out = export(args.run_dir, args.format, args.out, tta=tta)
     expected = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript")}[args.format]
     if out.suffix.lower() not in expected:  # written as asked; a tool that goes by the suffix would misread it
-        warn(f"{out} holds a {args.format} model, though its name ends in {out.suffix or 'no suffix'!r}")
+        kind = {"onnx": "an ONNX", "torchscript": "a TorchScript"}[args.format]
+        name = f"ends in {out.suffix!r}, not {expected[0]}" if out.suffix else f"has no {expected[0]} suffix"
+        warn(f"{out} holds {kind} model, though its name {name}")
     dtype = "uint8" if args.format == "onnx" else "uint8 or float"
     color = {1: "grayscale", 3: "RGB"}.get(c, f"{c}-channel")
     # Replacing another run's export outside its run folder is allowed (a deployment path updated), but said.
     was = f" (it held run {owner}'s export)" if owner and owner != run.path.resolve().name else ""
+    if made is not None:
+        was += f" (created the folder {made})"
     print(
         f"{'replaced' if replacing else 'wrote'} {out}{was} ({out.stat().st_size / 1e6:.2f} MB, {args.format}): "
         f"input {dtype} NCHW {h}x{w} {color} 0..255, dynamic batch; output softmax probabilities"

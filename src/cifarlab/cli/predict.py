@@ -32,13 +32,20 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=3, help="how many classes to show per image (default: 3)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=None,
+        help="what to compute in (default: the run's recipe's, as its test accuracy was measured; auto: bf16 where "
+        "the CPU/GPU has it); fp32 gives the probabilities an export gives, to float rounding",
+    )
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from cifarlab.predict import format_table, predict_paths
 
-    results = predict_paths(args.run_dir, args.paths, top_k=args.top_k, device=args.device)
+    results = predict_paths(args.run_dir, args.paths, top_k=args.top_k, device=args.device, precision=args.precision)
     n_ok = sum("top_k" in r for r in results)
     if args.json:
         print(json.dumps(results, indent=2))

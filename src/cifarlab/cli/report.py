@@ -46,7 +46,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if warning:
         warn(warning)
     write_report(ev, preds, evaluate_seconds=time.perf_counter() - t0)
-    print(f"{args.split} accuracy {ev.accuracy:.2%}, top-{ev.top_k} {ev.top5:.2%}, ECE {ev.calibration.ece:.2%}")
+    top_k = f", top-{ev.top_k} {ev.top5:.2%}" if ev.top_k_informative else ""  # not 100% by construction
+    print(f"{args.split} accuracy {ev.accuracy:.2%}{top_k}, ECE {ev.calibration.ece:.2%}")
     for path in report_paths(args.run_dir):
         print(printable(path))
     return 0

@@ -15,6 +15,7 @@ from cifarlab.cli.common import fmt, folder_path, printable
 from cifarlab.errors import UserError
 
 DAMAGED = "damaged"
+DEFAULT_ROOT = Path("runs")  # where `cifarlab train` puts run folders by default
 _STAMP = re.compile(r"^\d{8}-\d{6}")
 
 
@@ -31,7 +32,8 @@ def add_parser(sub: Any) -> None:
             "stopped, crashed, damaged; pruned and complete for tune's trials), test accuracy, epochs and\n"
             "wall time. A run whose status says running but whose process is gone shows as crashed; one\n"
             "stopped or crashed before its first epoch ended is marked '(no epoch)': nothing to resume.\n"
-            "Unreadable files show as damaged; other folders are skipped.",
+            'Unreadable files show as damaged (--json: null, the file listed under "damaged"); other\n'
+            "folders are skipped.",
             "cifarlab runs --root runs",
         ),
     )
@@ -40,7 +42,7 @@ def add_parser(sub: Any) -> None:
         "--runs-dir",  # the name `cifarlab train` gives the same folder
         dest="root",
         type=folder_path,
-        default=Path("runs"),
+        default=None,  # None: runs, which need not exist yet (no training so far)
         help="folder of run folders, as given to train --runs-dir (default: runs)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -70,9 +72,20 @@ def _proc_start_time(pid: int) -> float | None:
         return None
 
 
+def _status_time(since: Any) -> float | None:
+    """status.json's `time` (local, as `write_status` writes it) as a Unix time; None when it does not parse."""
+    if not isinstance(since, str):
+        return None
+    try:
+        return time.mktime(time.strptime(since, "%Y-%m-%dT%H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
+
+
 def pid_alive(pid: Any, since: str | None = None) -> bool:
     """Whether process `pid` exists and (where /proc tells) started before `since` (the status time): a
-    recycled PID that now belongs to another process does not keep a dead run 'running'."""
+    recycled PID that now belongs to another process does not keep a dead run 'running'. A `since` that does not
+    parse (a hand-edited file) cannot vouch for the process: not alive."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
@@ -83,73 +96,111 @@ def pid_alive(pid: Any, since: str | None = None) -> bool:
         pass  # exists, owned by someone else
     except (OSError, OverflowError):  # OverflowError: a pid beyond the C type (a hand-edited status.json)
         return False
-    if since:
-        try:
-            t = time.mktime(time.strptime(since, "%Y-%m-%dT%H:%M:%S"))
-        except (ValueError, OverflowError):
-            return True
+    if since is not None:
+        t = _status_time(since)
+        if t is None:
+            return False
         started = _proc_start_time(pid)
         if started is not None and started > t + 2:
             return False
     return True
 
 
+# The statuses `cifarlab runs` shows (its --help and the README list them); anything else a status file holds is
+# shown as damaged, not verbatim.
+STATUSES = ("running", "finished", "stopped", "crashed", DAMAGED, "pruned", "complete")
+# What `cifarlab tune` writes for a trial whose training diverged or whose worker died: crashed runs, by the
+# meaning `cifarlab train` gives the word (its own diverged runs are marked crashed).
+_CRASHED_ALIASES = ("diverged", "killed")
+
+
 def _status(status: Any, metrics: Any) -> str:
-    if status == DAMAGED or (status is not None and not isinstance(status, dict)):
-        return DAMAGED
+    """The row's status; DAMAGED for a status file that is unreadable, not an object, missing its status (and
+    metrics.json has none), or holding a value outside STATUSES."""
     if isinstance(status, dict):
         s = status.get("status")
-        if s == "running" and not pid_alive(status.get("pid"), status.get("time")):
-            return "crashed"
-        return str(s) if s else DAMAGED
-    if isinstance(metrics, dict) and metrics.get("status"):
-        return str(metrics["status"])
-    return "unknown"
+        if s == "running":
+            if _status_time(status.get("time")) is None:  # cannot tell a live run from a recycled PID
+                return DAMAGED
+            if not pid_alive(status.get("pid"), status.get("time")):
+                return "crashed"
+    elif status is None and isinstance(metrics, dict):
+        s = metrics.get("status")  # a folder without status.json (an earlier version's run)
+    else:
+        return DAMAGED
+    if s in _CRASHED_ALIASES:
+        return "crashed"
+    return s if isinstance(s, str) and s in STATUSES else DAMAGED
 
 
 def _number(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # (bool is an int)
 
 
+def _object(value: Any) -> dict[str, Any] | None:
+    """A JSON file's content when it is an object; None otherwise (missing, unparsable, or another type)."""
+    return value if isinstance(value, dict) else None
+
+
 def run_info(path: Path) -> dict[str, Any] | None:
-    """One row of `cifarlab runs`; None when `path` is not a run folder (no config.json nor status.json)."""
+    """One row of `cifarlab runs`; None when `path` is not a run folder (no config.json nor status.json).
+
+    Each field keeps its type (a string, a number or null); `damaged` lists the files that are present but
+    unreadable, not a JSON object, or hold a value of the wrong type, so a script can sort and compute on the rest.
+    """
     if not path.is_dir() or not ((path / "config.json").exists() or (path / "status.json").exists()):
         return None
-    config, status, metrics = (_read(path / n) for n in ("config.json", "status.json", "metrics.json"))
-    history = _read(path / "history.json")
-    recipe: Any = None
-    if config == DAMAGED:
-        recipe = DAMAGED
-    elif isinstance(config, dict):
+    raw = {n: _read(path / n) for n in ("config.json", "status.json", "metrics.json", "history.json")}
+    damaged: list[str] = [
+        # present but not what it should be: a parse failure, or JSON of another type
+        n
+        for n, v in raw.items()
+        if v is not None and not isinstance(v, list if n == "history.json" else dict)
+    ]
+
+    def mark(name: str) -> None:
+        if name not in damaged:
+            damaged.append(name)
+
+    config, metrics = _object(raw["config.json"]), _object(raw["metrics.json"])
+    h = raw["history.json"] if isinstance(raw["history.json"], list) else []
+    recipe: str | None = None
+    dataset: str | None = None  # the data it trained on: runs of several image folders are told apart by it
+    if config is not None:
         r = config.get("recipe")
-        recipe = r.get("name") if isinstance(r, dict) else DAMAGED
-    if recipe is not None and not isinstance(recipe, str):
-        recipe = DAMAGED
-    # The data it trained on: runs of several image folders (or datasets) are told apart by it.
-    dataset: Any = None
-    if config == DAMAGED:
-        dataset = DAMAGED
-    elif isinstance(config, dict) and "dataset" in config:
-        d = config["dataset"]
-        dataset = d.get("name") if isinstance(d, dict) else DAMAGED
-        if dataset is not None and not isinstance(dataset, str):
-            dataset = DAMAGED
-    m = metrics if isinstance(metrics, dict) else {}
-    h = history if isinstance(history, list) else []
-    # A value of the wrong type (a hand-edited or foreign file) shows as damaged in its own cell, not a crash.
-    accuracy: Any = m.get("test_accuracy")
-    if metrics == DAMAGED or (accuracy is not None and not _number(accuracy)):
-        accuracy = DAMAGED
-    epochs = m.get("epochs_run", len(h) if h else None)
+        recipe = r.get("name") if isinstance(r, dict) else None
+        if not isinstance(recipe, str):
+            recipe = None
+            mark("config.json")
+        if "dataset" in config:
+            d = config["dataset"]
+            name = d.get("name") if isinstance(d, dict) else None
+            if isinstance(name, str):
+                dataset = name
+            elif not (isinstance(d, dict) and name is None):  # a section without a name is an older run's
+                mark("config.json")
+    m = metrics or {}
+    # A value of the wrong type (a hand-edited or foreign file) is null and its file listed, not a crash.
+    accuracy: float | None = m.get("test_accuracy")
+    if accuracy is not None and not _number(accuracy):
+        accuracy = None
+        mark("metrics.json")
+    epochs: int | None = m.get("epochs_run", len(h) if h else None)
     if epochs is not None and not (isinstance(epochs, int) and not isinstance(epochs, bool)):
-        epochs = DAMAGED
+        epochs = None
+        mark("metrics.json")
     timings: dict[str, Any] = m["timings"] if isinstance(m.get("timings"), dict) else {}
     # A resumed run's total_seconds is its last process only; its sessions' sum covers every process.
-    walls = [float(t) for t in (timings.get("total_seconds"), timings.get("sessions_total_seconds")) if _number(t)]
+    given = [timings.get("total_seconds"), timings.get("sessions_total_seconds")]
+    if ("timings" in m and not isinstance(m["timings"], dict)) or any(t is not None and not _number(t) for t in given):
+        mark("metrics.json")
+    walls = [float(t) for t in given if _number(t)]
     wall: float | None = max(walls) if walls else None
     if wall is None and h:  # unfinished run: the epochs' own time is the best we know
         wall = sum(float(r["epoch_seconds"]) for r in h if isinstance(r, dict) and _number(r.get("epoch_seconds")))
-    state = _status(status, metrics)
+    state = _status(raw["status.json"], metrics)
+    if state == DAMAGED:
+        mark("status.json")
     return {
         "name": path.name,
         "path": str(path),
@@ -161,12 +212,15 @@ def run_info(path: Path) -> dict[str, Any] | None:
         "test_accuracy": accuracy,
         "epochs": epochs,
         "wall_seconds": wall,
+        "damaged": sorted(damaged),
     }
 
 
 def list_runs(root: Path | str) -> list[dict[str, Any]]:
     """Rows for every run folder directly under `root`, newest first."""
     root = Path(root)
+    if not root.exists():
+        raise UserError(f"no such folder: {root}; pass --root with the folder holding your runs")
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; pass --root with the folder holding your runs")
     rows = []
@@ -200,23 +254,37 @@ def _unresumable(r: dict[str, Any]) -> bool:
     return r["status"] in ("stopped", "crashed") and not r.get("resumable", True) and not r.get("epochs")
 
 
+# The files each column's value comes from: a missing value is shown as damaged when one of them is.
+_FILES_OF = {
+    "recipe": ("config.json",),
+    "dataset": ("config.json",),
+    "test_accuracy": ("metrics.json",),
+    "epochs": ("metrics.json", "history.json"),
+    "wall_seconds": ("metrics.json", "history.json"),
+}
+
+
 def format_runs(rows: list[dict[str, Any]]) -> str:
     """The `cifarlab runs` table; names are shown with control characters escaped."""
 
-    def acc(v: Any) -> str:
-        return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else (v or "-")
+    def cell(r: dict[str, Any], key: str, shown: str) -> str:
+        """`shown`; for a missing value, `damaged` where the file it comes from is damaged, else '-'."""
+        if r[key] is not None:
+            return shown
+        return DAMAGED if any(f in r.get("damaged", ()) for f in _FILES_OF[key]) else "-"
 
     table = [("run", "recipe", "data", "status", "test acc", "epochs", "wall time")]
     for r in rows:
+        acc = r["test_accuracy"]
         table.append(
             (
                 printable(r["name"]),  # folder names and recipe names are data: no escape sequences
-                printable(r["recipe"] or "-"),
-                printable(r.get("dataset") or "-"),
+                printable(cell(r, "recipe", str(r["recipe"]))),
+                printable(cell(r, "dataset", str(r.get("dataset")))),
                 printable(r["status"] + (" (no epoch)" if _unresumable(r) else "")),
-                acc(r["test_accuracy"]),
-                str(r["epochs"]) if r["epochs"] is not None else "-",
-                _fmt_seconds(r["wall_seconds"]),
+                cell(r, "test_accuracy", f"{100 * acc:.2f}%" if _number(acc) else "-"),
+                cell(r, "epochs", str(r["epochs"])),
+                cell(r, "wall_seconds", _fmt_seconds(r["wall_seconds"])),
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -231,6 +299,11 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    if args.root is None:
+        args.root = DEFAULT_ROOT
+        if not args.root.exists() and not args.root.is_symlink():  # a fresh checkout: nothing trained yet
+            print("[]" if args.json else f"no runs yet ({args.root}/ does not exist)")
+            return 0
     rows = list_runs(args.root)
     if args.json:
         print(json.dumps(rows, indent=2))

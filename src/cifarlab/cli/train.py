@@ -225,6 +225,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--resume continues a run with its saved config; --recipe/--set/--config cannot change it")
     if args.resume is not None and args.init is not None:
         raise UserError("--resume continues a run with the weights it had; --init cannot be combined with it")
+    if args.resume is None:
+        from cifarlab.runs import check_runs_root
+
+        check_runs_root(args.runs_dir)  # a runs folder that cannot take the run fails now, not after loading data
     # Optional trackers are checked before any work, so a missing extra never leaves an empty run folder.
     if args.tensorboard:
         require("tensorboard", "tensorboard", "--tensorboard")

@@ -4,7 +4,8 @@ official-archive, extracted-batches or ImageFolder loader.
 Where ``load_dataset("cifar10", data_dir)`` looks, in order: ``cifar-10-batches-py/`` (extracted official
 batches), ``cifar-10-python.tar.gz`` (official archive), ``cifar10-jpeg.tar.gz`` / ``cifar10-jpeg/`` (JPEG
 ImageFolder copy), else it downloads the official archive (when ``download=True``) into `data_dir`
-(default ``$CIFARLAB_DATA``, else ``~/.cache/cifarlab``). Only that default location is created when missing:
+(default ``$CIFARLAB_DATA``, else ``~/.cache/cifarlab``); a `data_dir` that is itself a dataset (an image-folder
+tree, IDX files) is refused instead, as the user meant to load that. Only that default location is created when missing:
 a data folder named by --data-dir or $CIFARLAB_DATA must exist, so a mistyped one is an error instead of a new
 folder that CIFAR-10 gets downloaded into.
 """
@@ -24,16 +25,20 @@ import torch
 from cifarlab.data.archives import TAR_SUFFIXES, require_regular
 from cifarlab.data.cache import cached, resolve_cache_dir, writable_dir
 from cifarlab.data.idx import (
+    FASHION_ADVICE,
     FASHION_MNIST,
     FASHION_MNIST_MD5,
+    IDX_ADVICE,
+    IDX_FILES,
     IdxFiles,
+    check_complete,
     find_idx_files,
     load_idx_arrays,
     locate_fashion_mnist,
     warn_unofficial,
 )
 from cifarlab.data.idx import fingerprint as idx_fingerprint
-from cifarlab.data.imagefolder import DEFAULT_IMAGE_SIZE, check_image_size, load_imagefolder
+from cifarlab.data.imagefolder import DEFAULT_IMAGE_SIZE, check_classes, check_image_size, load_imagefolder
 from cifarlab.data.official import (
     CIFAR10_CLASSES,
     CIFAR_IMAGE_SIZE,
@@ -197,9 +202,8 @@ def _load_official_folder(spec: OfficialArchive, folder: Path) -> Dataset:
     # No archive to take the MD5 of: hash what is trained and tested on, so a resumed run notices edited batches.
     checksum = arrays_md5(*(arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")))
     kind = "md5 of arrays"
-    return to_dataset(
-        arrays, name=spec.name, source=str(folder), checksum=checksum, checksum_kind=kind, cache_dir=str(folder)
-    )
+    # cache_dir "": nothing is cached (the source folder is not a cache, and caches are never beside the data).
+    return to_dataset(arrays, name=spec.name, source=str(folder), checksum=checksum, checksum_kind=kind, cache_dir="")
 
 
 def _load_imagefolder(
@@ -251,6 +255,7 @@ def _load_official(
                     "'cifar10'."
                 )
             return ds
+    _refuse_dataset_as_data_dir(spec, data_dir, named_by)
     where = f"put {spec.filename} ({spec.url}) or its extracted {spec.folder}/ folder"
     if spec.jpeg_names:
         where += f" or {spec.jpeg_names[0]}"
@@ -275,6 +280,27 @@ def _load_official(
     return _load_official_archive(spec, archive, cache_dir)
 
 
+def _refuse_dataset_as_data_dir(spec: OfficialArchive, data_dir: Path, named_by: str) -> None:
+    """An error when the data folder is itself a dataset (an image-folder tree, or IDX files) without `spec`'s
+    files: the user meant to train on it, and downloading CIFAR into it would train on something else."""
+    try:
+        if not data_dir.is_dir():
+            return
+        if find_idx_files(data_dir) is not None:
+            what, fashion = "MNIST-format IDX files", " (Fashion-MNIST's by its name: dataset=fashion_mnist)"
+        elif (data_dir / "train").is_dir() and any((data_dir / s).is_dir() for s in ("test", "val")):
+            what, fashion = "an image-folder tree (train/ and test/ class folders)", ""
+        else:
+            return
+    except OSError:
+        return  # an unreadable folder: the usual messages say what is wrong with it
+    raise DataError(
+        f"{data_dir} ({named_by}) holds {what}, not {spec.name}: the data folder is where named datasets are looked "
+        f"for. To load this folder, pass it as the dataset: --set dataset={data_dir} (train), --dataset {data_dir} "
+        f"(data commands){fashion}."
+    )
+
+
 def _canonical(name: str) -> str:
     return name.strip().lower().replace("-", "").replace("_", "")
 
@@ -288,13 +314,27 @@ def canonical_dataset_name(name: str) -> str | None:
 def _load_idx(files: IdxFiles, cache_dir: Path | str | None, image_size: int | None, fashion: bool) -> Dataset:
     """`fashion`: loaded by the name fashion_mnist (its class names, a warning when a file is not official); a
     folder given by path is Fashion-MNIST only when its files are the official ones."""
-    checksum, content, preread = idx_fingerprint(files)
+    checksum, content, preread = idx_fingerprint(files, FASHION_ADVICE if fashion else IDX_ADVICE)
     fashion = fashion or checksum == FASHION_MNIST_MD5
     if fashion:
         warn_unofficial(files, content)
     name = FASHION_MNIST if fashion else files.folder.name
     cache_file = resolve_cache_dir(cache_dir) / f"idx-{checksum}-{int(fashion)}-v{_IDX_CACHE_VERSION}.safetensors"
-    arrays, used_dir = cached(cache_file, lambda: load_idx_arrays(files, fashion, preread))
+    advice = FASHION_ADVICE if fashion else IDX_ADVICE
+    # A label the training set never shows (one changed byte) would add classes never learned: refuse it, as
+    # for image folders, before anything is cached.
+    fix = (
+        f"each label 0..K-1 must occur in {IDX_FILES['train_labels']}: a label no training image has is usually a "
+        f"damaged byte; {advice[0].lower()}{advice[1:].rstrip('.')}"
+    )
+
+    def build() -> dict[str, Any]:
+        arrays = load_idx_arrays(files, fashion, preread)
+        check_classes(arrays, str(files.folder), folder=False, fix=fix)
+        return arrays
+
+    arrays, used_dir = cached(cache_file, build)
+    check_classes(arrays, str(files.folder), folder=False, fix=fix)  # again: a cache written before this rule
     _, _, h, w = torch.as_tensor(arrays["x_train"]).shape
     if image_size not in (None, DEFAULT_IMAGE_SIZE) and (image_size != h or h != w):
         # IDX images keep their native size; the default image_size is ImageFolder's and does not apply here.
@@ -312,6 +352,7 @@ def _load_idx(files: IdxFiles, cache_dir: Path | str | None, image_size: int | N
 
 def _load_path(path: Path, cache_dir: Path | str | None, image_size: int | None, test_only: bool = False) -> Dataset:
     if path.is_dir():
+        check_complete(path)  # 1-3 of the four IDX files: name the missing ones, not the image-folder layout
         idx_files = find_idx_files(path)
         if idx_files is not None:  # an MNIST-format folder (Fashion-MNIST's four IDX files, say)
             return _load_idx(idx_files, cache_dir, image_size, fashion=False)

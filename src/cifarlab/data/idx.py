@@ -24,16 +24,19 @@ from typing import Any
 
 import numpy as np
 
-from cifarlab.data.archives import require_regular
+from cifarlab.data.archives import require_regular, unreadable_folder
 from cifarlab.data.official import file_md5
 from cifarlab.errors import DataError
 
 __all__ = [
+    "FASHION_ADVICE",
+    "IDX_ADVICE",
     "FASHION_MNIST",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIRS",
     "IDX_FILES",
     "IdxFiles",
+    "check_complete",
     "find_idx_files",
     "parse_idx",
     "read_idx",
@@ -102,33 +105,36 @@ FASHION_MNIST_MD5 = hashlib.md5("".join(_FASHION_MD5[r].raw for r in IDX_FILES).
 # type code -> (numpy dtype, big-endian), per the IDX format
 _IDX_TYPES: dict[int, str] = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _GZIP_MAGIC = b"\x1f\x8b"
-_ADVICE = "Put a good copy there (on Debian: apt-get install --reinstall dataset-fashion-mnist)."
+IDX_ADVICE = "Put a good copy there."
+# Only for Fashion-MNIST: Debian's package holds no other MNIST-format data.
+FASHION_ADVICE = "Put a good copy there (on Debian: apt-get install --reinstall dataset-fashion-mnist)."
 
 
-def parse_idx(raw: bytes, where: str, expect_ndim: int | None = None) -> np.ndarray:
+def parse_idx(raw: bytes, where: str, expect_ndim: int | None = None, advice: str = IDX_ADVICE) -> np.ndarray:
     """The array an IDX file's bytes hold; every way they can be wrong is a `DataError` naming `where`.
     `expect_ndim`: a uint8 file of that many dimensions is expected (MNIST's images 3, labels 1): a header that
-    says otherwise is named as such, before its dimensions are read as sizes."""
+    says otherwise is named as such, before its dimensions are read as sizes. `advice`: what to do, ending each
+    error."""
     if len(raw) < 4:
-        raise DataError(f"{where}: {len(raw)} bytes is too short for an IDX file (4-byte header). {_ADVICE}")
+        raise DataError(f"{where}: {len(raw)} bytes is too short for an IDX file (4-byte header). {advice}")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DataError(
             f"{where}: bad magic number 0x{raw[:4].hex()}: not an IDX file (expected 0x0000 then a type code "
-            f"{', '.join(f'0x{t:02x}' for t in _IDX_TYPES)} and the number of dimensions). {_ADVICE}"
+            f"{', '.join(f'0x{t:02x}' for t in _IDX_TYPES)} and the number of dimensions). {advice}"
         )
     ndim = raw[3]
     if ndim == 0:
-        raise DataError(f"{where}: the IDX header declares 0 dimensions. {_ADVICE}")
+        raise DataError(f"{where}: the IDX header declares 0 dimensions. {advice}")
     if expect_ndim is not None and (ndim != expect_ndim or raw[2] != 0x08):
         kind = np.dtype(_IDX_TYPES[raw[2]]).name
         raise DataError(
             f"{where}: the IDX header declares {ndim} dimension{'s' * (ndim != 1)} of {kind}; this file should "
             f"hold uint8 values in {expect_ndim} dimension{'s' * (expect_ndim != 1)} (idx{expect_ndim}-ubyte): it "
-            f"is damaged or another kind of IDX file. {_ADVICE}"
+            f"is damaged or another kind of IDX file. {advice}"
         )
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{where}: truncated in its header ({len(raw)} of {header} bytes). {_ADVICE}")
+        raise DataError(f"{where}: truncated in its header ({len(raw)} of {header} bytes). {advice}")
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     dtype = np.dtype(_IDX_TYPES[raw[2]])
     want = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
@@ -136,12 +142,12 @@ def parse_idx(raw: bytes, where: str, expect_ndim: int | None = None) -> np.ndar
         what = "truncated" if len(raw) < want else "longer than its header says"
         raise DataError(
             f"{where}: {what}: the header declares {' x '.join(map(str, dims))} values ({want:,} bytes with "
-            f"the header), the file holds {len(raw):,}. {_ADVICE}"
+            f"the header), the file holds {len(raw):,}. {advice}"
         )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, advice: str = IDX_ADVICE) -> bytes:
     """The file's content, gunzipped when it is gzip (by its magic bytes, whatever its name)."""
     try:
         require_regular(path, "IDX file")
@@ -153,13 +159,13 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return gzip.decompress(data)  # checks the gzip CRC and length: a damaged file raises here
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: damaged gzip file ({type(exc).__name__}: {exc}). {_ADVICE}") from exc
+        raise DataError(f"{path}: damaged gzip file ({type(exc).__name__}: {exc}). {advice}") from exc
 
 
-def read_idx(path: Path | str, expect_ndim: int | None = None) -> np.ndarray:
+def read_idx(path: Path | str, expect_ndim: int | None = None, advice: str = IDX_ADVICE) -> np.ndarray:
     """An IDX file (``.gz`` or not) as a numpy array, validated (magic number, dimensions, size)."""
     path = Path(path)
-    return parse_idx(_read_bytes(path), str(path), expect_ndim)
+    return parse_idx(_read_bytes(path, advice), str(path), expect_ndim, advice)
 
 
 @dataclass(frozen=True)
@@ -174,24 +180,45 @@ def _candidates(data_dir: Path, extra: Sequence[Path]) -> list[Path]:
     return [data_dir, *(data_dir / s for s in _SUBDIRS), *extra]
 
 
+def _present(folder: Path) -> dict[str, Path]:
+    """{role: path} of the IDX files in `folder` (each raw or ``.gz``; raw first, as it reads faster)."""
+    paths: dict[str, Path] = {}
+    try:
+        for role, stem in IDX_FILES.items():
+            for name in (stem, f"{stem}.gz"):
+                p = folder / name
+                if p.exists() or p.is_symlink():
+                    paths[role] = p
+                    break
+    except OSError as exc:  # EACCES on the folder: say so, not that one of its files is unreadable
+        raise unreadable_folder(folder, exc) from exc
+    return paths
+
+
 def find_idx_files(folder: Path) -> IdxFiles | None:
     """The four files in `folder` (each raw or ``.gz``; raw first, as it reads faster), or None if any is missing."""
-    paths: dict[str, Path] = {}
-    for role, stem in IDX_FILES.items():
-        for name in (stem, f"{stem}.gz"):
-            p = folder / name
-            if p.exists() or p.is_symlink():
-                paths[role] = p
-                break
-        else:
-            return None
-    return IdxFiles(folder, paths)
+    paths = _present(folder)
+    return IdxFiles(folder, paths) if len(paths) == len(IDX_FILES) else None
+
+
+def check_complete(folder: Path, what: str = "MNIST-format IDX") -> None:
+    """An error naming the missing files when `folder` holds some but not all four: a user who named a folder
+    meant that one, and silently loading another copy (or none) would hide that."""
+    paths = _present(folder)
+    if 0 < len(paths) < len(IDX_FILES):
+        missing = ", ".join(f"{stem}[.gz]" for role, stem in IDX_FILES.items() if role not in paths)
+        raise DataError(
+            f"{folder} has {len(paths)} of the 4 {what} files (missing {missing}): put the missing "
+            f"{'ones' if len(paths) < 3 else 'one'} there, or pass a folder that holds all four."
+        )
 
 
 def locate_fashion_mnist(data_dir: Path) -> IdxFiles:
     """The Fashion-MNIST files: in `data_dir` (or a fashion-mnist/ folder in it), else where Debian puts them."""
     looked = _candidates(data_dir, FASHION_MNIST_DIRS)
     for folder in looked:
+        if folder.is_dir():
+            check_complete(folder, "Fashion-MNIST")
         found = find_idx_files(folder) if folder.is_dir() else None
         if found is not None:
             return found
@@ -204,55 +231,57 @@ def locate_fashion_mnist(data_dir: Path) -> IdxFiles:
     )
 
 
-def _content_md5(role: str, path: Path) -> tuple[str, bytes | None]:
+def _content_md5(role: str, path: Path, advice: str = IDX_ADVICE) -> tuple[str, bytes | None]:
     """(MD5 of the uncompressed content, the content when it had to be read to know). Known official files are
     recognised by their file MD5 alone, so the usual load reads nothing twice."""
     md5 = file_md5(path)
     spec = _FASHION_MD5[role]
     if md5 in (spec.gz, spec.debian_gz, spec.raw):
         return spec.raw, None
-    raw = _read_bytes(path)
+    raw = _read_bytes(path, advice)
     return hashlib.md5(raw).hexdigest(), raw
 
 
-def fingerprint(files: IdxFiles) -> tuple[str, dict[str, str], dict[str, bytes]]:
+def fingerprint(files: IdxFiles, advice: str = IDX_ADVICE) -> tuple[str, dict[str, str], dict[str, bytes]]:
     """(the dataset checksum, {role: content MD5}, {role: content that had to be read to know it})."""
     content: dict[str, str] = {}
     read: dict[str, bytes] = {}
     for role, path in files.paths.items():
-        content[role], raw = _content_md5(role, path)
+        content[role], raw = _content_md5(role, path, advice)
         if raw is not None:
             read[role] = raw
     checksum = hashlib.md5("".join(content[r] for r in IDX_FILES).encode()).hexdigest()
     return checksum, content, read
 
 
-def read_idx_dataset(files: IdxFiles, preread: dict[str, bytes] | None = None) -> dict[str, Any]:
+def read_idx_dataset(
+    files: IdxFiles, preread: dict[str, bytes] | None = None, advice: str = IDX_ADVICE
+) -> dict[str, Any]:
     """The arrays of the four files: uint8 ``(N, 1, H, W)`` images, int64 labels, checked against each other."""
     preread = preread or {}
     arrays: dict[str, np.ndarray] = {}
     for role, path in files.paths.items():
         raw = preread.get(role)
         ndim = 3 if role.endswith("images") else 1
-        arrays[role] = parse_idx(raw, str(path), ndim) if raw is not None else read_idx(path, ndim)
+        arrays[role] = parse_idx(raw, str(path), ndim, advice) if raw is not None else read_idx(path, ndim, advice)
     out: dict[str, Any] = {}
     for split in ("train", "test"):
         x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         xp, yp = files.paths[f"{split}_images"], files.paths[f"{split}_labels"]
         if x.ndim != 3 or x.dtype != np.uint8:
-            raise DataError(f"{xp}: images must be uint8 N x H x W (idx3-ubyte), got {x.dtype} {x.shape}. {_ADVICE}")
+            raise DataError(f"{xp}: images must be uint8 N x H x W (idx3-ubyte), got {x.dtype} {x.shape}. {advice}")
         if y.ndim != 1 or y.dtype != np.uint8:
-            raise DataError(f"{yp}: labels must be uint8 N (idx1-ubyte), got {y.dtype} {y.shape}. {_ADVICE}")
+            raise DataError(f"{yp}: labels must be uint8 N (idx1-ubyte), got {y.dtype} {y.shape}. {advice}")
         if len(x) != len(y):
-            raise DataError(f"{xp} holds {len(x):,} images but {yp} holds {len(y):,} labels. {_ADVICE}")
+            raise DataError(f"{xp} holds {len(x):,} images but {yp} holds {len(y):,} labels. {advice}")
         if len(x) == 0:
-            raise DataError(f"{xp} holds no images. {_ADVICE}")
+            raise DataError(f"{xp} holds no images. {advice}")
         out[f"x_{split}"] = np.ascontiguousarray(x[:, None])  # one grey channel: (N, 1, H, W)
         out[f"y_{split}"] = y.astype(np.int64)
     if out["x_train"].shape[1:] != out["x_test"].shape[1:]:
         raise DataError(
             f"{files.folder}: train images are {out['x_train'].shape[2:]}, test images {out['x_test'].shape[2:]}. "
-            f"{_ADVICE}"
+            f"{advice}"
         )
     return out
 
@@ -275,11 +304,12 @@ def load_idx_arrays(files: IdxFiles, fashion: bool = True, preread: dict[str, by
     """The four files' arrays with class names: Fashion-MNIST's when `fashion`, else "0".."K-1".
 
     `preread`: contents already read by `fingerprint` (not read twice)."""
-    arrays = read_idx_dataset(files, preread)
+    advice = FASHION_ADVICE if fashion else IDX_ADVICE
+    arrays = read_idx_dataset(files, preread, advice)
     top = max(int(arrays["y_train"].max()), int(arrays["y_test"].max()))
     if fashion:
         if top >= len(FASHION_MNIST_CLASSES):
-            raise DataError(f"{files.folder}: label {top} is outside Fashion-MNIST's 0..9. {_ADVICE}")
+            raise DataError(f"{files.folder}: label {top} is outside Fashion-MNIST's 0..9. {advice}")
         arrays["classes"] = FASHION_MNIST_CLASSES
     else:
         arrays["classes"] = tuple(str(i) for i in range(top + 1))

@@ -2,7 +2,11 @@
 
 A class folder is read recursively, as torchvision's ImageFolder reads it (``train/cat/indoor/1.png`` is a cat),
 skipping hidden entries and ``__MACOSX``; the image suffixes are `images.IMAGE_SUFFIXES`, the list `cifarlab
-predict` searches folders for. Other files are skipped with one warning that counts them. Images are decoded
+predict` searches folders for. Other files, files beside the class folders and image names that are no regular
+file (a dangling link) are skipped with one warning that counts them; a folder that cannot be listed is an error
+(read as empty, its images would silently go); a linked folder that leads above its class folder or elsewhere
+into the tree is skipped with a warning (its images would get the wrong label). A tarball's hard and symbolic
+links are read as their target, as on disk. Images are decoded
 with `images.decode_image` (RGB, resized to ``image_size`` squares, or kept at their native size when
 ``image_size=None``), big ones in a small thread pool; when any image was resized, one warning says from which
 sizes (their count is stored with the cached arrays, so a cached load says it too). A tarball's checksum is its
@@ -23,16 +27,17 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cifarlab.data.archives import iter_tar, tar_stem
+from cifarlab.data.archives import iter_tar, tar_stem, unreadable_folder
 from cifarlab.data.cache import cached, resolve_cache_dir
 from cifarlab.data.images import IMAGE_SUFFIXES, decode_image, is_regular_file, skip_name
-from cifarlab.data.official import file_md5
+from cifarlab.data.official import OFFICIAL, file_md5
 from cifarlab.errors import ConfigError, DataError
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "load_imagefolder"]
@@ -47,6 +52,9 @@ DEFAULT_IMAGE_SIZE = 32
 _CACHE_VERSION = 4
 _SPLITS = ("train", "test", "val")
 TAR_ADVICE = "Delete it and re-create (or re-download) it, or put a good copy there."
+
+# top folder of an official "python version" archive -> its spec
+_OFFICIAL_FOLDERS = {spec.folder: spec for spec in OFFICIAL.values()}
 
 _Entry = tuple[str, str, str, "bytes | Path", str]  # split, class, key (sort/report name), source, where
 # split, class, key, (3, H, W) uint8, where, the file's own (width, height)
@@ -170,22 +178,25 @@ def _test_split(splits: set[str], where: str, test_only: bool) -> str:
     return test_split
 
 
-def check_classes(arrays: dict[str, Any], where: str, folder: bool = True) -> None:
+def check_classes(arrays: dict[str, Any], where: str, folder: bool = True, fix: str | None = None) -> None:
     """A dataset to train on needs at least two classes, each with training images: a class with none would never
     be learned and would silently cost test accuracy. `folder`: word the advice for an image folder, else for
-    arrays (labels 0..K-1)."""
+    arrays (labels 0..K-1); `fix` replaces that advice on untrained classes."""
     classes = list(arrays["classes"])
     counts = torch.bincount(torch.as_tensor(arrays["y_train"]), minlength=len(classes)).tolist()
     untrained = [c for c, n in zip(classes, counts) if n == 0]
     if untrained:
         many = len(untrained) > 1
-        fix = (
-            "add train/<class>/ images, or remove that class from the test split"
-            if folder
-            else "each label 0..K-1 must occur in the training labels (and `classes` name only those)"
-        )
+        if fix is None:
+            fix = (
+                "add train/<class>/ images, or remove that class from the test split"
+                if folder
+                else "each label 0..K-1 must occur in the training labels (and `classes` name only those)"
+            )
+        # A label byte gone wrong can leave dozens of classes empty: name a few, count the rest (one line).
+        shown = ", ".join(untrained[:8]) + (f", ... ({len(untrained)} in all)" if len(untrained) > 8 else "")
         raise DataError(
-            f"{where}: {'classes' if many else 'class'} {', '.join(untrained)} {'have' if many else 'has'} no "
+            f"{where}: {'classes' if many else 'class'} {shown} {'have' if many else 'has'} no "
             f"training images; every class needs some ({fix})."
         )
     if len(classes) < 2:
@@ -220,37 +231,88 @@ def _assemble(decoded: list[_Decoded], where: str, test_only: bool = False) -> d
     return out
 
 
-def _class_files(cls_dir: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
-    """([(name under `cls_dir`, image file)], [other files skipped]) of a class folder and every folder below it
+@dataclass
+class _Skipped:
+    """What a scan left out, for the one warning that counts it (`_warn_skipped`)."""
+
+    others: list[str] = field(default_factory=list)  # files in class folders that are not images
+    loose: list[str] = field(default_factory=list)  # files beside the class folders, so of no class
+    broken: list[str] = field(default_factory=list)  # image names that are no regular file (a dangling link, a FIFO)
+
+    def extend(self, other: _Skipped) -> None:
+        self.others += other.others
+        self.loose += other.loose
+        self.broken += other.broken
+
+
+def _listdir(folder: Path) -> list[Path]:
+    """`folder`'s entries, sorted; an unreadable folder is an error (read as empty, its images would silently
+    leave the data)."""
+    try:
+        return sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        raise unreadable_folder(folder, exc) from exc
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError as exc:  # EACCES: the folder holding it can be listed but not entered
+        raise unreadable_folder(path.parent, exc) from exc
+
+
+def _class_files(cls_dir: Path, tree: Path | None = None) -> tuple[list[tuple[str, Path]], _Skipped]:
+    """([(name under `cls_dir`, image file)], what was skipped) of a class folder and every folder below it
     (sorted; hidden entries and __MACOSX skipped; a linked folder is followed once, so a link loop ends). An
     image-named path that is not a regular file (a FIFO named x.png would block the decoder forever) is
-    skipped."""
+    skipped. A linked folder that leads above `cls_dir`, or elsewhere into the dataset `tree`, is skipped with a
+    warning: its images (other classes', or the test split's) would all get this class's label."""
     images: list[tuple[str, Path]] = []
-    others: list[Path] = []
+    skipped = _Skipped()
     seen: set[tuple[int, int]] = set()
+    cls_real = cls_dir.resolve()
+    tree_real = tree.resolve() if tree is not None else None
+
+    def leads_back(link: Path) -> str | None:
+        real = link.resolve()
+        if real != cls_real and cls_real.is_relative_to(real):
+            return f"{real}, a folder above its class folder"
+        if tree_real is not None and real.is_relative_to(tree_real) and not real.is_relative_to(cls_real):
+            return f"{real}, elsewhere in the dataset tree"
+        return None
 
     def walk(folder: Path, prefix: str) -> None:
         try:
             st = folder.stat()
-            entries = sorted(folder.iterdir(), key=lambda p: p.name)
-        except OSError:
-            return
+        except OSError as exc:
+            raise unreadable_folder(folder, exc) from exc
         if (st.st_dev, st.st_ino) in seen:
             return
         seen.add((st.st_dev, st.st_ino))
-        for entry in entries:
+        for entry in _listdir(folder):
             if skip_name(entry.name):
                 continue
-            if entry.is_dir():
+            if _is_dir(entry):
+                where = leads_back(entry) if entry.is_symlink() else None
+                if where is not None:
+                    log.warning(
+                        "%s: skipped a linked folder that leads to %s (its images would all be labelled %s)",
+                        entry,
+                        where,
+                        cls_dir.name,
+                    )
+                    continue
                 walk(entry, f"{prefix}{entry.name}/")
             elif entry.suffix.lower() in IMAGE_SUFFIXES:
                 if is_regular_file(entry):
                     images.append((prefix + entry.name, entry))
+                else:
+                    skipped.broken.append(str(entry))
             elif is_regular_file(entry):
-                others.append(entry)
+                skipped.others.append(str(entry))
 
     walk(cls_dir, "")
-    return images, others
+    return images, skipped
 
 
 def _holds_images(folder: Path) -> bool:
@@ -260,75 +322,115 @@ def _holds_images(folder: Path) -> bool:
 def _nothing_found(root: Path, test_only: bool) -> DataError:
     """The error for a tree where no image was found, saying what is wrong with its layout."""
     layout = _layout_help(str(root))
-    present = [s for s in _SPLITS if (root / s).is_dir()]
+    present = [s for s in _SPLITS if _is_dir(root / s)]
     if test_only and "train" in present and not any(s in present for s in _SPLITS[1:]):
         return DataError(
             f"{root} has train/ but no test/ (or val/) folder: a test set is read from {root}/test/<class>/... "
             "(or val/); pass a tree that has one."
         )
     if not present:
-        flat = [p.name for p in sorted(root.iterdir()) if p.is_dir() and not skip_name(p.name) and _holds_images(p)]
+        entries = [p for p in _listdir(root) if not skip_name(p.name)]
+        flat = [p.name for p in entries if _is_dir(p) and _holds_images(p)]
         if flat:
             shown = ", ".join(f"{n}/" for n in flat[:3]) + (", ..." if len(flat) > 3 else "")
             return DataError(
                 f"{root} has no train/ or test/ folder: its images seem to be directly in class folders ({shown}). "
                 f"Move them to {root}/train/<class>/ and hold some out in {root}/test/<class>/ ({layout})."
             )
+        loose = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and is_regular_file(p)]
+        if loose:
+            # Images with no class folder: the label would be unknown, so say where they must go.
+            n = f"{len(loose)} image{'s' * (len(loose) != 1)}"
+            if test_only:
+                return DataError(
+                    f"{root} holds {n} directly, not in class folders: a test set needs {root}/<class>/ folders "
+                    f"(or {root}/test/<class>/), one per class of the run."
+                )
+            return DataError(
+                f"{root} holds {n} directly, not in class folders: put them in {root}/train/<class>/ and "
+                f"{root}/test/<class>/ ({layout})."
+            )
         return DataError(f"{root} has no train/ or test/ folder and no images: {layout}.")
     return DataError(f"no images found in {', '.join(f'{root}/{s}/' for s in present)}: {layout}.")
+
+
+def _split_entries(split_dir: Path, tree: Path) -> tuple[list[tuple[str, str, Path]], _Skipped]:
+    """([(class, name under the class folder, file)], skipped) of one split folder (or a test set's own folder)."""
+    files: list[tuple[str, str, Path]] = []
+    skipped = _Skipped()
+    for entry in _listdir(split_dir):
+        if skip_name(entry.name):
+            continue
+        if not _is_dir(entry):
+            skipped.loose.append(str(entry))  # no class folder: no label
+            continue
+        images, also = _class_files(entry, tree)
+        files += [(entry.name, name, f) for name, f in images]
+        skipped.extend(also)
+    return files, skipped
 
 
 def _scan_folder(root: Path, test_only: bool = False) -> tuple[Path, list[_File]]:
     """(tree root, [(split, class, name under the class folder, file)]) for root/<split>/<class>/.../<image>, only
     of the splits used (train/, and test/ else val/; with `test_only` no train/); descends into a lone subfolder
-    that holds the splits (an extracted tarball's top folder). Files of other suffixes in the splits used are
-    counted in one warning."""
-    if not any((root / s).is_dir() for s in _SPLITS):
-        subdirs = [p for p in root.iterdir() if p.is_dir() and not skip_name(p.name)]
-        if len(subdirs) == 1 and any((subdirs[0] / s).is_dir() for s in _SPLITS):
+    that holds the splits (an extracted tarball's top folder). Files of other suffixes in the splits used, files
+    beside the class folders and image names that are no regular file are counted in one warning; a folder that
+    cannot be read is an error."""
+    if not any(_is_dir(root / s) for s in _SPLITS):
+        subdirs = [p for p in _listdir(root) if _is_dir(p) and not skip_name(p.name)]
+        if len(subdirs) == 1 and any(_is_dir(subdirs[0] / s) for s in _SPLITS):
             root = subdirs[0]
     files: list[_File] = []
-    skipped: dict[str, list[Path]] = {}
-    if test_only and not any((root / s).is_dir() for s in _SPLITS):
+    skipped: dict[str, _Skipped] = {}
+    if test_only and not any(_is_dir(root / s) for s in _SPLITS):
         # A test set may be named by its own folder (`evaluate --test-data photos/`): <class>/<image> is test/.
-        for cls_dir in sorted(root.iterdir()):
-            if cls_dir.is_dir() and not skip_name(cls_dir.name):
-                images, others = _class_files(cls_dir)
-                files += [("test", cls_dir.name, name, f) for name, f in images]
-                skipped.setdefault("test", []).extend(others)
+        found, skipped["test"] = _split_entries(root, root)
+        files += [("test", c, name, f) for c, name, f in found]
     for split in _SPLITS[1:] if test_only else _SPLITS:
         split_dir = root / split
-        if not split_dir.is_dir():
+        if not _is_dir(split_dir):
             continue
-        for cls_dir in sorted(split_dir.iterdir()):
-            if not cls_dir.is_dir() or skip_name(cls_dir.name):
-                continue
-            images, others = _class_files(cls_dir)
-            files += [(split, cls_dir.name, name, f) for name, f in images]
-            skipped.setdefault(split, []).extend(others)
+        found, skipped[split] = _split_entries(split_dir, root)
+        files += [(split, c, name, f) for c, name, f in found]
     if not files:
         raise _nothing_found(root, test_only)
     # Only the splits used are decoded and fingerprinted: an ignored val/ changing does not change the data.
     wanted = ("train", _test_split({s for s, *_ in files}, str(root), test_only))
-    _warn_skipped(str(root), [str(f) for split in wanted for f in skipped.get(split, [])])
+    used = _Skipped()
+    for split in wanted:
+        used.extend(skipped.get(split, _Skipped()))
+    _warn_skipped(str(root), used)
     return root, [entry for entry in files if entry[0] in wanted]
 
 
-def _warn_skipped(root: str, others: list[str]) -> None:
-    """One warning for the files in the splits used that are not images of a known suffix (folder or tarball)."""
-    if not others:
-        return
-    kinds = Counter(os.path.splitext(f)[1].lower() or "(no suffix)" for f in others)
-    one = len(others) == 1
-    log.warning(
-        "%s: skipped %s not %s of a known type (%s; e.g. %s); images are %s",
-        root,
-        "1 file that is" if one else f"{len(others)} files that are",
-        "an image" if one else "images",
-        ", ".join(f"{k} {n}" for k, n in kinds.most_common()),
-        others[0],
-        " ".join(sorted(IMAGE_SUFFIXES)),
-    )
+def _files_that(n: int) -> str:
+    return "1 file that is" if n == 1 else f"{n} files that are"
+
+
+def _warn_skipped(root: str, skipped: _Skipped) -> None:
+    """One warning for what the splits used hold besides images in class folders (folder or tarball)."""
+    parts: list[str] = []
+    if skipped.others:
+        others = skipped.others
+        kinds = Counter(os.path.splitext(f)[1].lower() or "(no suffix)" for f in others)
+        parts.append(
+            f"{_files_that(len(others))} not {'an image' if len(others) == 1 else 'images'} of a known type "
+            f"({', '.join(f'{k} {n}' for k, n in kinds.most_common())}; e.g. {others[0]}); images are "
+            f"{' '.join(sorted(IMAGE_SUFFIXES))}"
+        )
+    if skipped.loose:
+        parts.append(
+            f"{_files_that(len(skipped.loose))} outside the class folders, so of no class (e.g. "
+            f"{skipped.loose[0]}); images go in <split>/<class>/"
+        )
+    if skipped.broken:
+        n = len(skipped.broken)
+        parts.append(
+            f"{n} image name{'s' * (n != 1)} that {'is' if n == 1 else 'are'} not a regular file (a link that leads "
+            f"nowhere, a FIFO or a device; e.g. {skipped.broken[0]})"
+        )
+    if parts:
+        log.warning("%s: skipped %s", root, "; and ".join(parts))
 
 
 def _file_digest(path: Path) -> tuple[int, bytes]:
@@ -378,17 +480,26 @@ def _split_at(parts: list[str], splits: tuple[str, ...], prefix: list[str] | Non
 
 def _tar_entries(archive: Path, test_only: bool = False) -> Iterator[_Entry]:
     """Image members laid out as [<top>/]<split>/<class>/.../<image> (class folders read recursively, as on
-    disk), streamed from a tarball (whose compressed stream is then checked to its end by `iter_tar`)."""
+    disk; hard and symbolic links read as their target, as on disk), streamed from a tarball (whose compressed
+    stream is then checked to its end by `iter_tar`)."""
     splits = _SPLITS[1:] if test_only else _SPLITS  # test_only: train members are read past, not decoded
     member_of = f"{archive} (member "  # formatted once: 60,000 members made this loop's cost visible
     top: list[list[str]] = []  # the tree's top folder's parts, once the first image member set it
     others: list[tuple[str, str]] = []  # (split, name) of files in class folders that are not images
+    beside: list[tuple[list[str], str]] = []  # (parts, name) of files that may sit in a split folder, not a class's
+    official: list[str] = []  # official CIFAR folders seen (a renamed official archive holds no image tree)
     seen: set[str] = set()  # the splits images came from
 
     def image_parts(m: Any) -> tuple[list[str], int, str] | None:
         """(the name's parts, where its split is, the name) of an image member, else None."""
         parts = [p for p in m.name.split("/") if p not in ("", ".")]
-        if len(parts) < 3 or any(skip_name(p) for p in parts):
+        if any(skip_name(p) for p in parts):
+            return None
+        if len(parts) >= 2 and parts[-2] in _SPLITS:
+            beside.append((parts, m.name))  # decided at the end, once the tree's top is known
+        if not official and parts[0] in _OFFICIAL_FOLDERS:
+            official.append(parts[0])
+        if len(parts) < 3:
             return None
         if os.path.splitext(parts[-1])[1].lower() not in IMAGE_SUFFIXES:
             at = _split_at(parts, _SPLITS, top[0] if top else None)
@@ -413,8 +524,16 @@ def _tar_entries(archive: Path, test_only: bool = False) -> Iterator[_Entry]:
     for (parts, at, name), raw in iter_tar(archive, TAR_ADVICE, image_parts):
         seen.add(parts[at])
         yield parts[at], parts[at + 1], "/".join(parts[at:]), raw, member_of + name + ")"
+    if not seen and not top and official:
+        spec = _OFFICIAL_FOLDERS[official[0]]
+        raise DataError(
+            f"{archive} looks like the official {spec.name} archive ({spec.folder}/ inside) under another name: "
+            f"rename it {spec.filename} and load it again (by path, or as {spec.name} from its folder with --data-dir)."
+        )
     ignored = "val" if "test" in seen else ""  # val/ is not read when test/ is there (`_test_split`)
-    _warn_skipped(str(archive), [name for split, name in others if split != ignored])
+    used = [s for s in splits if s != ignored]
+    loose = [name for parts, name in beside if top and parts[:-2] == top[0] and parts[-2] in used]
+    _warn_skipped(str(archive), _Skipped(others=[name for split, name in others if split != ignored], loose=loose))
 
 
 def load_imagefolder(

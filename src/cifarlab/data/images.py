@@ -7,6 +7,8 @@ CIFAR-10 JPEGs in 1.4 s instead of 11 s), with the same pixels; everything else 
 
 The rules `decode_image` applies to every file:
 
+- Formats: only `ACCEPTED_FORMATS` (PNG, JPEG, GIF, BMP, WebP, TIFF, PPM/PGM), judged from the bytes, not the
+  name; anything else is an `UnsupportedImageError` naming them. `cifarlab serve` accepts the same list.
 - EXIF orientation (as phones and cameras write it) is applied, so the image is upright as browsers and
   photo viewers show it.
 - Pixel limit (decompression bombs): at most `max_pixels` (default 40 MP) pixels are decoded, checked from the
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 __all__ = [
+    "ACCEPTED_FORMATS",
+    "FORMAT_NAMES",
     "IMAGE_SUFFIXES",
     "JPEG_HEADER_FACTOR",
     "MAX_IMAGE_PIXELS",
@@ -52,12 +56,20 @@ __all__ = [
     "bomb_numbers",
     "decode_image",
     "header_pixel_limit",
+    "image_formats",
     "is_image_name",
     "is_regular_file",
     "pil_to_array",
     "skip_name",
 ]
 
+# The image formats cifarlab decodes (Pillow's names), for dataset loading, `predict` and `serve` alike. Pillow
+# is never asked to try its other decoders: it picks one from the bytes, whatever the name says, and some run
+# external programs (EPS: Ghostscript) or are rarely exercised parsers (ICO, TGA, PCX, ...) -- no place for
+# untrusted files. MPO: how Pillow names many phone JPEGs; PPM: the whole Netpbm family (PBM, PGM, PPM).
+ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+# What a person is told to use: the formats above, as people name them.
+FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF or PPM/PGM"
 # Folders are searched for these (case-insensitive), by dataset loading and `cifarlab predict` alike; a file
 # named explicitly is tried whatever its suffix. All are formats Pillow decodes: JPEG's other suffixes (.jfif,
 # .jpe) and the Netpbm family (.ppm, .pgm, .pbm, .pnm) included.
@@ -78,7 +90,34 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
 class UnsupportedImageError(ValueError):
-    """Pixel values with no agreed 8-bit meaning (floating point, 32-bit integer): the message says what to do."""
+    """An image cifarlab does not read: a format outside `ACCEPTED_FORMATS`, or pixel values with no agreed
+    8-bit meaning (floating point, 32-bit integer). The message says what to do."""
+
+
+def image_formats() -> list[str]:
+    """`ACCEPTED_FORMATS` that this Pillow build has (for ``Image.open(..., formats=)``)."""
+    from PIL import Image
+
+    Image.init()  # registers every plugin (MPO among them), so OPEN lists all this build can open
+    return [f for f in ACCEPTED_FORMATS if f in Image.OPEN]
+
+
+def _claimed(src: bytes | Path | str, formats: list[str]) -> bool:
+    """True when one of `formats` recognises the file's first bytes (a damaged file of that format), False for
+    a file of another format or none. Uses only the plugins' signature checks, never another decoder."""
+    from PIL import Image
+
+    if isinstance(src, bytes):
+        prefix = src[:16]  # what Image.open hands the plugins' checks
+    else:
+        with open(src, "rb") as f:
+            prefix = f.read(16)
+    for fmt in formats:
+        accept = Image.OPEN[fmt][1]
+        result = accept(prefix) if accept is not None else True
+        if result and not isinstance(result, str):  # a str is Pillow's "not this format, because ..."
+            return True
+    return False
 
 
 def header_pixel_limit(fmt: str | None, max_pixels: int = MAX_IMAGE_PIXELS) -> int:
@@ -156,12 +195,18 @@ def _check_pixels(im: PILImage.Image, max_pixels: int, jpeg: bool = False) -> No
 
 
 def _open(src: bytes | Path | str, max_pixels: int) -> PILImage.Image:
-    """Image.open, with Pillow's own bomb refusal (under `bomb_guard` its limit is the JPEG one) reworded to
-    name the limit that applies to this file's format."""
-    from PIL import Image
+    """Image.open limited to `ACCEPTED_FORMATS` (another format is an UnsupportedImageError naming them), with
+    Pillow's own bomb refusal (under `bomb_guard` its limit is the JPEG one) reworded to name the limit that
+    applies to this file's format."""
+    from PIL import Image, UnidentifiedImageError
 
+    formats = image_formats()
     try:
-        return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+        return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src, formats=formats)
+    except UnidentifiedImageError:
+        if _claimed(src, formats):
+            raise  # an accepted format's signature, then a header that does not parse: a damaged file
+        raise UnsupportedImageError(f"not an image cifarlab reads (send {FORMAT_NAMES})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         pixels = bomb_numbers(exc)[0]
         if pixels is None:

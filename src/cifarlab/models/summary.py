@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -27,6 +29,12 @@ _KERAS_NAMES = {
 }
 
 
+def _snake(kind: str) -> str:
+    """CamelCase -> snake_case as Keras names layers, an underscore only before a capitalized word, so acronyms
+    stay whole: Conv2D -> conv2d, MaxPooling2D -> max_pooling2d, SiLU -> silu, GELU -> gelu."""
+    return re.sub(r"(?<=[A-Za-z0-9])(?=[A-Z][a-z])", "_", kind).lower()
+
+
 def summary(model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32)) -> str:
     """A Keras-style table: layer (type), output shape (NHWC, as Keras prints it), parameter count.
 
@@ -38,8 +46,7 @@ def summary(model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32)) -
 
     def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
         kind = next((v for k, v in _KERAS_NAMES.items() if isinstance(mod, k)), type(mod).__name__)
-        base = "".join("_" + ch.lower() if ch.isupper() else ch for ch in kind).lstrip("_")
-        base = base.replace("conv2_d", "conv2d").replace("max_pooling2_d", "max_pooling2d")
+        base = _snake(kind)
         i = seen.get(base, 0)
         seen[base] = i + 1
         name = base if i == 0 else f"{base}_{i}"

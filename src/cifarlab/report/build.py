@@ -68,6 +68,8 @@ def write_report(ev: EvalResult, preds: Predictions, evaluate_seconds: float = 0
     t2 = time.perf_counter()
     reading = plain_reading(ev, run.history, run.metrics, robustness, run.recipe.label_smoothing)
     timings = dict(run.metrics.get("timings") or {})
+    # The time of the report training wrote (metrics.json) is not this report's, which cannot time itself
+    timings.pop("report_seconds", None)
     timings["report_evaluate_seconds"] = evaluate_seconds
     timings["report_saliency_seconds"] = insights.seconds.get("saliency_seconds", 0.0)
     timings["report_model_seconds"] = insights.seconds.get("model_seconds", 0.0)

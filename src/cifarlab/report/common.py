@@ -117,7 +117,9 @@ def read_corruptions(run_dir: Path) -> dict[str, Any] | None:
     """`<run>/eval_corruptions.json` with int severities, or None when the file is absent.
 
     Returns {"clean_accuracy", "n", "seed", "results": {name: {severity: accuracy}}, "mean_accuracy",
-    "relative_drop"}; a damaged file gives {"error": message}, so the report says so instead of failing."""
+    "relative_drop"}; a damaged file gives {"error": message}, so the report says so instead of failing, and a file
+    computed on other data than the run's test set {"error": message, "other_data": its name}: not the run's
+    robustness, so not shown as it."""
     from cifarlab.errors import UserError
     from cifarlab.files import read_json
     from cifarlab.runs import stale_result
@@ -127,6 +129,13 @@ def read_corruptions(run_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         raw = read_json(path)
+        other = _other_data(run_dir, raw)
+        if other is not None:  # e.g. written by `--test-data X --corruptions` before that had a file of its own
+            return {
+                "error": f"{CORRUPTIONS_JSON} holds results on other data ({other}), not this run's test set; run "
+                f"cifarlab evaluate {run_dir} --corruptions for the run's own",
+                "other_data": other,
+            }
         if stale_result(run_dir, raw, path):
             return {
                 "error": f"{CORRUPTIONS_JSON} was computed from earlier weights of this run (before it was resumed "
@@ -161,10 +170,41 @@ def read_corruptions(run_dir: Path) -> dict[str, Any] | None:
         return {"error": f"{path} is not a corruption evaluation ({type(e).__name__}: {e}); the file is damaged"}
 
 
+def corruption_mean(by_severity: dict[int, float]) -> float:
+    """A corruption's mean accuracy over its severities 1..5, as eval_corruptions.json's `per_corruption`:
+    severity 0 (the clean images, when asked for) is not a corruption."""
+    corrupted = [a for s, a in by_severity.items() if s > 0] or list(by_severity.values())
+    return sum(corrupted) / len(corrupted)
+
+
+def _other_data(run_dir: Path, raw: Any) -> str | None:
+    """The name of the data a corruption evaluation was computed on when that is not the run's own test set, else
+    None: another test set (`evaluate --test-data`: its name ends "(test data)", it has no checksum), or data
+    whose checksum differs from the one the run recorded. A file that records no dataset is taken as the run's."""
+    from cifarlab.errors import UserError
+    from cifarlab.files import read_json
+    from cifarlab.runs import CONFIG
+
+    data = raw.get("dataset") if isinstance(raw, dict) else None
+    if not isinstance(data, dict):
+        return None
+    name = str(data.get("name") or "?")
+    if name.endswith("(test data)"):
+        return name
+    try:
+        recorded = (read_json(Path(run_dir) / CONFIG).get("dataset") or {}).get("checksum")
+    except (UserError, OSError, AttributeError):  # no readable config: nothing to compare with
+        return None
+    given = data.get("checksum")
+    if recorded and given and given != recorded:
+        return f"{name}, checksum {given} where the run's is {recorded}"
+    return None
+
+
 def most_damaging(robustness: dict[str, Any]) -> tuple[str, float] | None:
     """The corruption with the lowest mean accuracy over its severities, and that mean."""
     results = robustness.get("results") or {}
-    means = {name: sum(r.values()) / len(r) for name, r in results.items() if r}
+    means = {name: corruption_mean(r) for name, r in results.items() if r}
     if not means:
         return None
     name = min(means, key=lambda n: (means[n], n))

@@ -4,10 +4,11 @@ advance, so the text follows the data (renaming the classes renames the reading)
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 from typing import Any
 
-from cifarlab.calibrate import at_bound
+from cifarlab.calibrate import CALIBRATION_IMAGES, at_bound
 from cifarlab.evaluate import Calibration, EvalResult, TrainingState, top_confusion_counts
 from cifarlab.report.common import History, events, join_list, kept_epoch, most_damaging, pct, row
 from cifarlab.text import plural
@@ -80,11 +81,17 @@ def class_sentences(ev: EvalResult) -> list[str]:
         return out
     macro = ev.macro_avg.f1
     n_show = max(1, min(3, len(present) // 4))
+    # Ties broken by class order both ways; the classes tied with the last one shown are named too
     by_f1 = sorted(present, key=lambda c: (-f1[c], classes.index(c)))
+    by_low = sorted(present, key=lambda c: (f1[c], classes.index(c)))
     strong = [c for c in by_f1[:n_show] if f1[c] >= macro + WEAK_MARGIN]
-    weak = [c for c in by_f1[::-1][:n_show] if f1[c] <= macro - WEAK_MARGIN]
+    weak = [c for c in by_low[:n_show] if f1[c] <= macro - WEAK_MARGIN]
+    strong_tied = [c for c in by_f1[n_show:] if strong and f1[c] == f1[strong[-1]]]
+    weak_tied = [c for c in by_low[n_show:] if weak and f1[c] == f1[weak[-1]]]
     if strong:
         strong_txt = join_list([f"{c} (F1 {f1[c]:.2f})" for c in strong])
+        if strong_tied:
+            strong_txt += f", and {join_list(strong_tied)} at the same F1"
         out.append(f"Strongest {'class' if len(strong) == 1 else 'classes'}: {strong_txt}.")
         for c in strong:
             confs = confusions[c]
@@ -124,6 +131,11 @@ def class_sentences(ev: EvalResult) -> list[str]:
         elif m.precision < m.recall - 0.05:
             s += " Low precision more than low recall: the model over-predicts this class."
         out.append(s)
+    if weak_tied:
+        out.append(
+            f"As weak, at the same F1 ({f1[weak[-1]]:.2f}): {join_list(weak_tied)} (Table 2 has their precision and "
+            "recall)."
+        )
     if not weak:
         out.append(
             f"No class is far below the others: the F1 of every class is within {WEAK_MARGIN:.2f} of the macro F1 "
@@ -153,6 +165,18 @@ def pair_sentences(ev: EvalResult) -> list[str]:
     return out
 
 
+def _refit_advice(fitted_on: str | None) -> str:
+    """How to get a temperature worth trusting, given what it was fitted on ("1000 training images", "80 validation
+    images"): held-out images for a fit on training images; more of them for a small validation split; nothing to
+    add ("") when it already had a thousand held-out images."""
+    if fitted_on is None or "training" in fitted_on:
+        return "retrain with --set val_fraction=0.02 so that it is fitted on held-out images"
+    count = re.match(r"\s*(\d+)", fitted_on)
+    if count is not None and int(count.group(1)) < CALIBRATION_IMAGES:
+        return f"it was fitted on only {fitted_on}: a larger validation split (--set val_fraction) gives a steadier fit"
+    return ""
+
+
 def calibration_sentence(
     cal: Calibration,
     label_smoothing: float = 0.0,
@@ -179,7 +203,7 @@ def calibration_sentence(
     before = f"; {pct(uncalibrated_ece)} without it" if uncalibrated_ece is not None else ""
     bound = at_bound(temperature)
     undo = f"cifarlab calibrate {run_dir} --off removes it"
-    held_out = "retrain with --set val_fraction=0.02 so that it is fitted on held-out images"
+    held_out = _refit_advice(fitted_on)
     if bound:
         why = (
             f"the {fitted_on or 'images it was fitted on'} are all right with full confidence"
@@ -192,7 +216,7 @@ def calibration_sentence(
         return (
             f"Calibration: the run's softmax temperature {temperature:.3g} is at the {bound} bound of its fit range "
             f"({T_RANGE[0]:g} to {T_RANGE[1]:g}): the fit is degenerate ({why}), and the temperature should not be "
-            f"trusted, whatever its ECE here ({pct(cal.ece)}{before}); {held_out}, or {undo}."
+            f"trusted, whatever its ECE here ({pct(cal.ece)}{before}); {held_out + ', or ' if held_out else ''}{undo}."
         )
     if cal.ece < 0.02:
         cal_txt = "well calibrated"
@@ -224,7 +248,7 @@ def calibration_sentence(
         s += f" The fitted temperature made the probabilities worse, not better ({'; '.join(measures)})."
         if "training" in (fitted_on or ""):
             s += f" It was fitted on {fitted_on}, which the model knows better than new ones."
-        s += f" Do not rely on it: {held_out}, or {undo}."
+        s += f" Do not rely on it: {held_out + ', or ' if held_out else ''}{undo}."
     elif temperature != 1.0 and uncalibrated_ece is not None and uncalibrated_ece > cal.ece:
         s += (
             " The temperature was fitted after training (cifarlab.calibrate); predict, serve and export apply it, "
@@ -234,7 +258,7 @@ def calibration_sentence(
             s += (
                 f" It was fitted on {fitted_on}, which the model knows better than new ones (the run has no "
                 "validation split), so it came out too low and the probabilities are a little too sure; for an "
-                "unbiased fit hold out images with --set val_fraction=0.02 (1,000 of CIFAR-10's)."
+                "unbiased fit hold out images with --set val_fraction=0.02 (2% of the training images)."
             )
     elif state == "off" and temperature == 1.0:
         s += (

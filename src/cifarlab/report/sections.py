@@ -14,6 +14,7 @@ from cifarlab.registry import registered_description
 from cifarlab.report.common import (
     History,
     Steps,
+    corruption_mean,
     has_val,
     kept_epoch,
     last_epoch_steps,
@@ -409,6 +410,26 @@ def lr_meaning(recipe: Any) -> str:
     return "the mean over the epoch's steps of " + what
 
 
+def _val_meaning(recipe: Any) -> str:
+    """How Table 1's validation columns are measured, where that differs from the test figures (so a val_loss of
+    0.88 beside a test loss of 0.36 does not read as a fault)."""
+    if recipe is None:
+        return ""
+    terms = []
+    if recipe.label_smoothing:
+        terms.append(f"label smoothing {recipe.label_smoothing:g}")
+    if recipe.l2:
+        terms.append(f"the L2 term ({recipe.l2:g} x the squared kernel weights)")
+    loss = f"the training loss ({' and '.join(terms)})" if terms else "plain cross-entropy"
+    test_views = f"TTA ({recipe.tta})" if recipe.tta != "none" else "one view"
+    return (
+        f" The val_ columns are measured as training measures them (as in Keras): one view of each image, {loss}, "
+        f"no softmax temperature. The test figures use {test_views} and plain cross-entropy at the run's softmax "
+        "temperature (where it has one), so the two are not directly comparable; `cifarlab evaluate RUN --split "
+        "val` measures the validation split as the test is measured."
+    )
+
+
 def training_section(
     history: History,
     steps: Steps | None = None,
@@ -441,7 +462,7 @@ def training_section(
         classes.append(_epoch_row_class(r, stopped_here))
     intro = Paragraph(
         "Table 1: one row per epoch; rows where the LR was reduced, where training stopped and "
-        f"the best epochs are marked. Learning rate: {lr_meaning(recipe)}."
+        f"the best epochs are marked. Learning rate: {lr_meaning(recipe)}." + (_val_meaning(recipe) if val else "")
     )
     t1 = table(header, rows, classes)
     epoch_blocks: tuple[Block, ...] = (
@@ -602,6 +623,15 @@ def _temperature_rows(ev: EvalResult) -> list[list[str]]:
     return rows
 
 
+def _mce_text(cal: Any) -> str:
+    """The MCE with the bin that sets it: one bin of a few images can set it far above the ECE, and a reader should
+    see how much that number rests on."""
+    worst = max((b for b in cal.bins if b.gap is not None), key=lambda b: abs(b.gap), default=None)
+    if worst is None:
+        return pct(cal.mce, 2)
+    return f"{pct(cal.mce, 2)} (confidence {worst.lower:.2f}–{worst.upper:.2f}, {plural(worst.count, 'image')})"
+
+
 def calibration_section(ev: EvalResult) -> Section:
     cal = ev.calibration
     pc = ev.probability_check
@@ -631,7 +661,7 @@ def calibration_section(ev: EvalResult) -> Section:
             ["", "value"],
             [
                 ["expected calibration error (ECE)", pct(cal.ece, 2)],
-                ["maximum calibration error (MCE)", pct(cal.mce, 2)],
+                ["maximum calibration error (MCE)", _mce_text(cal)],
                 ["mean confidence", pct(cal.mean_confidence, 2)],
                 ["accuracy", pct(cal.accuracy, 2)],
                 ["bins", str(cal.n_bins)],
@@ -777,15 +807,14 @@ def model_section(ins: Insights) -> Section:
 
 def robustness_section(rob: dict[str, Any]) -> Section:
     if "error" in rob:
-        return section(
-            "robustness", "Robustness", Paragraph(f"The corruption evaluation cannot be read: {rob['error']}")
-        )
+        how = "is not shown" if "other_data" in rob else "cannot be read"
+        return section("robustness", "Robustness", Paragraph(f"The corruption evaluation {how}: {rob['error']}"))
     results: dict[str, dict[int, float]] = rob["results"]
     sevs = sorted({s for r in results.values() for s in r})
     rows = []
-    for name in sorted(results, key=lambda n: sum(results[n].values()) / len(results[n])):
+    for name in sorted(results, key=lambda n: corruption_mean(results[n])):
         r = results[name]
-        rows.append([name, *[pct(r.get(s), 1) if s in r else "–" for s in sevs], pct(sum(r.values()) / len(r), 1)])
+        rows.append([name, *[pct(r.get(s), 1) if s in r else "–" for s in sevs], pct(corruption_mean(r), 1)])
     clean = rob.get("clean_accuracy")
     drop = rob.get("relative_drop")
     summary = [

@@ -189,6 +189,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "stop_training": self.stop_training,
+            # what the epochs so far trained with: a resume refuses a config.json edited since (experiment.prepare)
+            "recipe": self.recipe.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
