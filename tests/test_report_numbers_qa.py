@@ -18,6 +18,7 @@ from cifarlab.recipes import get_recipe
 from cifarlab.report.common import corruption_mean, most_damaging
 from cifarlab.report.reading import calibration_sentence, class_sentences
 from cifarlab.report.sections import _mce_text, robustness_section
+from test_reading_qa import _cal
 
 
 def _robustness() -> dict:
@@ -33,14 +34,6 @@ def test_a_corruptions_mean_leaves_the_clean_severity_out():
     assert most_damaging(rob) == ("contrast", (0.72 + 0.37) / 2)
     section = json.dumps(robustness_section(rob), default=lambda o: getattr(o, "__dict__", str(o)))
     assert "54.5%" in section and "60.3%" not in section
-
-
-def _cal(scale: float, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 4, 400)
-    z = rng.normal(0, 1, (400, 4))
-    z[np.arange(400), y] += 1.0
-    return evaluate_predictions(y, z * scale, ["a", "b", "c", "d"])
 
 
 def test_the_advice_for_a_worse_temperature_follows_what_it_was_fitted_on():
