@@ -645,3 +645,22 @@ def test_evaluate_whose_output_pipe_closes_still_saves_its_results(tmp_path: Pat
         closed.close()
     pattern = "eval_corruptions-data-sub-*.json" if corruptions else "eval_data-sub-*.json"
     assert len(list(run_dir.glob(pattern))) == 1
+
+
+def test_a_class_with_a_slash_in_its_name_is_found_in_a_folder_with_an_underscore(tmp_path: Path, capsys):
+    """A Fashion-MNIST run could not be evaluated on an image folder holding class 0: no folder can be named
+    "T-shirt/top" (QA). "_" stands in for "/"."""
+    from _runfolder import make_run
+    from cifarlab.evaluate import load_test_data
+    from cifarlab.runs import load_run
+    from conftest import write_imagefolder
+
+    classes = ("T-shirt/top", "Trouser", "Pullover")
+    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe(), classes=classes)
+    folder = write_imagefolder(tmp_path / "fm", {"T-shirt_top": (200, 30, 40), "Pullover": (20, 180, 60)})
+    ds = load_test_data(load_run(run_dir), folder.root)
+    assert ds.classes == classes
+    assert set(ds.y_test.tolist()) == {0, 2}  # T-shirt_top -> T-shirt/top (0), Pullover -> 2
+    wrong = write_imagefolder(tmp_path / "wrong", {"T-shirt-top": (200, 30, 40)})
+    with pytest.raises(UserError, match="a folder for 'T-shirt/top' is named 'T-shirt_top'"):
+        load_test_data(load_run(run_dir), wrong.root)

@@ -304,6 +304,40 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, folder, capsys):
     assert f"resume with: cifarlab train --resume {run}" in out
 
 
+def test_a_second_ctrl_c_while_the_stopped_run_is_written_only_says_so(tmp_path, folder, capsys, monkeypatch):
+    """Two quick Ctrl-Cs: the second landed while the stopped run's files were written, which then recorded it as
+    "interrupted outside the training epochs" with no weights file (QA). Now the second only says the run is
+    stopping; the handlers are Python's own again afterwards."""
+    import cifarlab.experiment as experiment
+
+    class CtrlCAtEpoch2(Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    real = experiment.write_history
+
+    def impatient(*args, **kwargs):  # the second press, as finish() writes the stopped run's files
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    CALLBACKS.register("ctrl_c_at_epoch_2")(lambda recipe: CtrlCAtEpoch2())
+    monkeypatch.setattr(experiment, "write_history", impatient)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        argv = [*TINY, "--set", "epochs=3", "--set", f"dataset={folder}", "--set", "callbacks=ctrl_c_at_epoch_2"]
+        rc, out, err = _main(capsys, "train", *argv, "--runs-dir", str(tmp_path), "--no-report")
+    finally:
+        CALLBACKS.unregister("ctrl_c_at_epoch_2")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    (run,) = tmp_path.iterdir()
+    assert rc == 130
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "stopped" and status["message"].startswith("interrupted during epoch 2")
+    assert (run / "model.safetensors").exists()
+    assert "already stopping" in err
+
+
 def test_stopped_run_says_how_to_resume_and_stores_what_that_needs(stopped_run, data_a):
     run = stopped_run.run
     # The printed command is all a resume needs: config.json holds the data folder and --deterministic.

@@ -114,3 +114,23 @@ def test_a_runs_console_metrics_and_report_agree(tmp_path, capsys, monkeypatch):
     assert cli.main(["calibrate", str(run), "--off"]) == 0
     ev = json.loads((run / "metrics.json").read_text())["evaluation"]
     assert "stale" in ev and "cifarlab report" in ev["stale"]
+
+
+def test_the_reliability_diagram_draws_bins_of_few_images_faint():
+    """One bin of 2 images, with an 81-point gap, was the tallest bar of a figure whose ECE was 2% (QA)."""
+    import matplotlib.pyplot as plt
+
+    from cifarlab.report.figures import FEW_IN_BIN, plot_reliability
+
+    ev = _cal(3.0)
+    fig = plot_reliability(ev)
+    try:
+        top = fig.axes[0]
+        faint = {round(p.get_x() + p.get_width() / 2, 6) for p in top.patches if p.get_alpha() == 0.3}
+        few = {
+            round((b.lower + b.upper) / 2, 6) for b in ev.calibration.bins if 0 < b.count < FEW_IN_BIN
+        }  # 400 images: 0.5% is 2, so the fixed floor decides
+        assert faint == few and few
+        assert any("fewer than 20 images" in t.get_text() for t in top.get_legend().get_texts())
+    finally:
+        plt.close(fig)

@@ -724,17 +724,21 @@ def load_test_data(run: Any, path: Path | str, data_dir: Path | str | None = Non
         raise UserError(f"the run takes {c}x{h}x{w} images; --test-data is decoded to square images only")
     ds = load_dataset(resolve_test_data(path, data_dir), image_size=h, test_only=True)
     classes = list(run.classes)
-    extra = [name for name in ds.classes if name not in classes]
+    # A class whose name holds "/" (Fashion-MNIST's "T-shirt/top") cannot name a folder: "_" stands in for it
+    by_folder = {c.replace("/", "_"): c for c in classes if "/" in c}
+    named = [name if name in classes else by_folder.get(name, name) for name in ds.classes]
+    extra = [name for name, run_name in zip(ds.classes, named, strict=True) if run_name not in classes]
+    slash = "".join(f"; a folder for {c!r} is named {f!r}" for f, c in list(by_folder.items())[:1])
     if extra and len(extra) == len(ds.classes):
         raise UserError(
             f"{path}: none of its classes {extra} is a class of the run ({classes}); a test set's class folders "
-            "must be named as the run's classes (a subset of them is fine)"
+            f"must be named as the run's classes (a subset of them is fine){slash}"
         )
     if extra:
-        missing = [name for name in classes if name not in ds.classes]
+        missing = [name for name in classes if name not in named]
         raise UserError(
             f"{path}: classes {extra} are not classes of the run (its classes: {classes}); "
-            f"a test set may hold a subset of the run's classes, named alike"
+            f"a test set may hold a subset of the run's classes, named alike{slash}"
             + (f" (the data lacks {missing}, which is fine)" if missing else "")
         )
     x = ds.x_test
@@ -746,7 +750,7 @@ def load_test_data(run: Any, path: Path | str, data_dir: Path | str | None = Non
             raise UserError(f"{path}: images have {x.shape[1]} channels; the run takes {c}")
     if tuple(x.shape[2:]) != (h, w):
         raise UserError(f"{path}: images are {x.shape[3]}x{x.shape[2]}; the run takes {w}x{h}")
-    remap = torch.tensor([classes.index(name) for name in ds.classes], dtype=torch.int64)
+    remap = torch.tensor([classes.index(name) for name in named], dtype=torch.int64)
     return Dataset(
         name=f"{ds.name} (test data)",
         classes=tuple(classes),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,9 +152,12 @@ def launch(torchrun_args: list[str]) -> int:
     return 0
 
 
-def _stop_on_sigterm() -> None:
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
     """SIGTERM (`timeout`, `docker stop`, Slurm's time limit, `kill`) stops a run as Ctrl-C does: the last
-    checkpoint kept, the run marked stopped, the resume command printed (instead of dying mid-write)."""
+    checkpoint kept, the run marked stopped, the resume command printed (instead of dying mid-write). After the
+    first, further Ctrl-Cs and SIGTERMs only say that the run is stopping. The handlers are put back afterwards
+    (`cli.main` from Python or a test leaves its process as it was)."""
     import signal
     import threading
 
@@ -161,13 +166,35 @@ def _stop_on_sigterm() -> None:
     world = env_world()
     if world is not None and world[1] > 1:  # under torchrun: the ranks agree on the step to stop at
         install_agreed_stop()
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
 
+    def stopping(signum: int, frame: Any) -> None:
+        print("already stopping: the run's files are being written", file=sys.stderr, flush=True)
+
     def stop(signum: int, frame: Any) -> None:
+        # A second Ctrl-C (an impatient press, or SIGTERM after it) would cut the stopped run's own record short:
+        # its status written as if outside the epochs, no weights file. From the first on, only say so.
+        for s in watched:
+            signal.signal(s, stopping)
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
+    # SIGINT only where Python's own Ctrl-C handler is in place: a process started with it ignored (`nohup`, a
+    # shell's background job) keeps ignoring it.
+    watched = [signal.SIGTERM] + (
+        [signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else []
+    )
+    saved = {s: signal.getsignal(s) for s in watched}
+    for s in watched:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -239,16 +266,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         mlflow_uri(args.mlflow if isinstance(args.mlflow, str) else None, args.runs_dir)  # a bad URI fails here
     from cifarlab.distributed import setup
 
-    _stop_on_sigterm()
-    dist = setup(args.device, sync_bn=args.sync_bn)  # None without torchrun (or with one process)
-    ended = False
-    try:
-        with output_may_close():  # `cifarlab train | head`: the run goes on, its output is dropped
-            result = _run(args, recipe, budget, dist, run_experiment)
-        ended = True
-    finally:
-        if dist is not None:
-            dist.shutdown(wait=ended)
+    with _stop_signals():
+        dist = setup(args.device, sync_bn=args.sync_bn)  # None without torchrun (or with one process)
+        ended = False
+        try:
+            with output_may_close():  # `cifarlab train | head`: the run goes on, its output is dropped
+                result = _run(args, recipe, budget, dist, run_experiment)
+            ended = True
+        finally:
+            if dist is not None:
+                dist.shutdown(wait=ended)
     if dist is not None and result.status == "stopped" and dist.local_rank == 0:
         from cifarlab.distributed import launcher_gone
 

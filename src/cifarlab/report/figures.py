@@ -302,6 +302,9 @@ def plot_per_class(ev: EvalResult) -> Any:
     return fig
 
 
+FEW_IN_BIN = 20  # the reliability diagram draws a bin with fewer images (or under 0.5% of them) faint
+
+
 def plot_reliability(ev: EvalResult) -> Any:
     """Reliability diagram: accuracy per confidence bin against the diagonal, and how many images fall in
     each bin. A bar below the diagonal means the model is over-confident there."""
@@ -313,29 +316,41 @@ def plot_reliability(ev: EvalResult) -> Any:
     acc = np.array([b.accuracy if b.accuracy is not None else 0.0 for b in bins])
     conf = np.array([b.confidence if b.confidence is not None else 0.0 for b in bins])
     counts = np.array([b.count for b in bins], dtype=float)
-    has = counts > 0
+    # A bin of a handful of images says little (2 images can make an 81-point gap): drawn faint, so the eye goes to
+    # the bins that hold the images
+    few = counts < max(FEW_IN_BIN, 0.005 * counts.sum())
     fig = _figure(6.0, 6.4)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
-    top.bar(centers[has], acc[has], width, color=TRAIN, edgecolor="white", label="accuracy in bin")
-    top.bar(
-        centers[has],
-        (conf - acc)[has],
-        width,
-        bottom=acc[has],
-        color=STOP,
-        alpha=0.25,
-        edgecolor=STOP,
-        hatch="//",
-        lw=0.5,
-        label="gap to mean confidence",
-    )
+    for sel, alpha, label in ((counts > 0) & ~few, 1.0, "accuracy in bin"), ((counts > 0) & few, 0.3, None):
+        if not sel.any():
+            continue
+        top.bar(centers[sel], acc[sel], width, color=TRAIN, edgecolor="white", alpha=alpha, label=label)
+        top.bar(
+            centers[sel],
+            (conf - acc)[sel],
+            width,
+            bottom=acc[sel],
+            color=STOP,
+            alpha=0.25 * alpha,
+            edgecolor=STOP,
+            hatch="//",
+            lw=0.5,
+            label="gap to mean confidence" if label else None,
+        )
     top.plot([0, 1], [0, 1], "--", color="#555555", lw=1, label="perfect calibration")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
     _percent_axis(top)
     top.set_title(f"Reliability diagram (ECE {cal.ece:.2%})")
-    top.legend(loc="upper left")
+    handles, labels = top.get_legend_handles_labels()
+    if ((counts > 0) & few).any():
+        from matplotlib.patches import Patch
+
+        limit = max(FEW_IN_BIN, int(0.005 * counts.sum()))
+        handles.append(Patch(facecolor=TRAIN, alpha=0.3))
+        labels.append(f"faint: a bin of fewer than {limit} images")
+    top.legend(handles, labels, loc="upper left")
     bottom.bar(centers, counts / max(1, counts.sum()), width, color="#8c8c8c", edgecolor="white")
     bottom.axvline(cal.accuracy, color=TEST, lw=1.5, label=f"accuracy {cal.accuracy:.1%}")
     bottom.axvline(cal.mean_confidence, color=STOP, lw=1.5, ls="--", label=f"mean confidence {cal.mean_confidence:.1%}")
