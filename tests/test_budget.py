@@ -305,6 +305,7 @@ def test_a_budget_run_stopped_and_resumed_keeps_its_plan_and_says_the_time_is_no
     assert after and abs(after[0] - before[-1]) <= 1.5 * largest_step  # the schedule goes on where it was
     assert b["resumed"] is True and b["taken_seconds"] is None and b["widths"] == planned["widths"]
     assert any("this run was resumed, so its time is not compared with the budget" in s for s in lines)
+    assert any("epochs until the budget's deadline" in s for s in lines)  # not "N epochs max": not a cap (QA)
     from cifarlab.report.sections import _budget_rows
 
     assert "stopped and resumed" in _budget_rows(b)[0][1]

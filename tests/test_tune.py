@@ -334,6 +334,40 @@ def test_ctrl_c_in_the_final_run_exits_130_and_the_same_command_resumes_it(folde
         CALLBACKS.unregister("qa_ctrl_c_final")
 
 
+def test_a_final_run_whose_process_was_killed_is_resumed_not_started_again(folder, tmp_path, one_core):
+    """SIGKILL (or an OOM kill) in a final run: study.json never recorded it, and the same command started a second
+    final run from epoch 1 beside it (QA). The folder itself tells: the final recipe, a checkpoint, a dead process."""
+    from cifarlab.registry import CALLBACKS
+
+    _CtrlCInFinalRun.fired = False
+    CALLBACKS.register("qa_ctrl_c_final", replace=True)(lambda recipe: _CtrlCInFinalRun())
+    try:
+        recipe = TINY_RECIPE.replace(
+            dataset=str(folder), epochs=3, early_stopping_patience=0, callbacks=("qa_ctrl_c_final",)
+        )
+        space = space_from_dict({"params": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}}, recipe)
+        out = tmp_path / "study"
+        settings = TuneSettings(
+            recipe=recipe, space=space, study_name="killed", out_dir=out, n_trials=1, final_seeds=1, report=False
+        )
+        with pytest.raises(KeyboardInterrupt):
+            tune(settings, say=lambda s: None)
+        (final,) = (out / "final").iterdir()
+        # As a SIGKILL leaves it: status "running" of a process that is gone, and no record in study.json
+        (final / "status.json").write_text(json.dumps({"status": "running", "pid": 2**22 + 12345, "time": 0}))
+        study = json.loads((out / "study.json").read_text())
+        study["final_runs"] = []
+        (out / "study.json").write_text(json.dumps(study))
+        said: list[str] = []
+        result = tune(settings, say=said.append)
+        (done,) = result.final_runs
+        assert done["status"] == "finished" and Path(done["run_dir"]) == final  # continued, not started anew
+        assert [p.name for p in (out / "final").iterdir()] == [final.name]
+        assert any(f"resuming {final}" in s for s in said)
+    finally:
+        CALLBACKS.unregister("qa_ctrl_c_final")
+
+
 # -- two workers, killed and resumed ---------------------------------------------------------------------------
 
 

@@ -906,9 +906,12 @@ def run_experiment(
                     "writes one)"
                 )
         say(f"run folder: {run_dir}")
+        budgeted = plan.budget is not None or isinstance((plan.config or {}).get("budget"), dict)
+        # Under a budget the deadline ends training: the recipe's epoch count is the plan's guess, not a cap
+        epochs = "epochs until the budget's deadline" if budgeted else f"{plural(r.epochs, 'epoch')} max"
         say(
             f"recipe {r.name}: {len(plan.train_idx):,} train / {len(plan.val_idx):,} val / "
-            f"{len(plan.dataset.y_test):,} test images, {plural(r.epochs, 'epoch')} max, batch {r.batch_size}, "
+            f"{len(plan.dataset.y_test):,} test images, {epochs}, batch {r.batch_size}, "
             f"device {plan.device}, {plural(plan.threads, 'thread')}"
         )
         say(f"precision: {precision_reason(r.precision, plan.device)}")

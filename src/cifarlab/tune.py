@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import typing
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -1304,6 +1305,29 @@ def _earlier_final_runs(settings: TuneSettings) -> list[dict[str, Any]]:
     return [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
 
 
+def _unfinished_final_run(final_dir: Path, recipe: Any) -> Path | None:
+    """A final run of exactly `recipe` (trial and seed) in `final_dir` that has a checkpoint and did not finish: the
+    process that trained it was killed before the study recorded it, so only the folder tells."""
+    from cifarlab.runs import CHECKPOINT, CONFIG, run_status
+
+    if not final_dir.is_dir():
+        return None
+    want = json.loads(json.dumps(recipe.to_dict()))
+    for folder in sorted(final_dir.iterdir(), reverse=True):  # the newest first
+        if not (folder / CHECKPOINT).is_file():
+            continue
+        try:
+            config = read_json(folder / CONFIG)
+        except UserError:
+            continue
+        if not isinstance(config, dict) or json.loads(json.dumps(config.get("recipe"))) != want:
+            continue
+        status, _ = run_status(types.SimpleNamespace(path=folder))  # status.json (and its process) decide
+        if status in ("stopped", "crashed"):  # "crashed": a status of "running" whose process is gone
+            return folder
+    return None
+
+
 def _final_runs(
     settings: TuneSettings,
     best: Mapping[str, Any],
@@ -1327,6 +1351,12 @@ def _final_runs(
         if of_best(r, "stopped") and (Path(str(r["run_dir"])) / "checkpoint.pt").is_file()
     }
     recipe = settings.final_recipe(best["params"])
+    for i in range(settings.final_seeds):  # one killed (SIGKILL, OOM) before study.json recorded it: found by recipe
+        seed = settings.recipe.seed + i
+        if seed not in earlier and seed not in stopped:
+            found = _unfinished_final_run(settings.out_dir / FINAL_DIR, recipe.replace(seed=seed))
+            if found is not None:
+                stopped[seed] = found
     # A stopped final run is continued by the tune command itself (which may have more final runs to do)
     again = f"the same `cifarlab tune` command (study {settings.study_name!r} goes on with its final run)"
     out = []

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cifarlab.cli.common import data_dir_arg, fmt, folder_path, output_may_close
+from cifarlab.cli.common import data_dir_arg, fmt, folder_path, output_may_close, stop_signals
 from cifarlab.errors import UserError
 
 # The one-line help `cifarlab --help` lists (read without building this command's parser).
@@ -152,51 +150,6 @@ def launch(torchrun_args: list[str]) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _stop_signals() -> Iterator[None]:
-    """SIGTERM (`timeout`, `docker stop`, Slurm's time limit, `kill`) stops a run as Ctrl-C does: the last
-    checkpoint kept, the run marked stopped, the resume command printed (instead of dying mid-write). After the
-    first, further Ctrl-Cs and SIGTERMs only say that the run is stopping. The handlers are put back afterwards
-    (`cli.main` from Python or a test leaves its process as it was)."""
-    import signal
-    import threading
-
-    from cifarlab.distributed import env_world, install_agreed_stop
-
-    world = env_world()
-    if world is not None and world[1] > 1:  # under torchrun: the ranks agree on the step to stop at
-        install_agreed_stop()
-        yield
-        return
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stopping(signum: int, frame: Any) -> None:
-        print("already stopping: the run's files are being written", file=sys.stderr, flush=True)
-
-    def stop(signum: int, frame: Any) -> None:
-        # A second Ctrl-C (an impatient press, or SIGTERM after it) would cut the stopped run's own record short:
-        # its status written as if outside the epochs, no weights file. From the first on, only say so.
-        for s in watched:
-            signal.signal(s, stopping)
-        raise KeyboardInterrupt
-
-    # SIGINT only where Python's own Ctrl-C handler is in place: a process started with it ignored (`nohup`, a
-    # shell's background job) keeps ignoring it.
-    watched = [signal.SIGTERM] + (
-        [signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else []
-    )
-    saved = {s: signal.getsignal(s) for s in watched}
-    for s in watched:
-        signal.signal(s, stop)
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab import config
     from cifarlab.distributed import env_world
@@ -266,7 +219,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         mlflow_uri(args.mlflow if isinstance(args.mlflow, str) else None, args.runs_dir)  # a bad URI fails here
     from cifarlab.distributed import setup
 
-    with _stop_signals():
+    with stop_signals():
         dist = setup(args.device, sync_bn=args.sync_bn)  # None without torchrun (or with one process)
         ended = False
         try:

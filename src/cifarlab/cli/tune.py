@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cifarlab.cli.common import data_dir_arg, fmt, folder_path, output_may_close, warn
+from cifarlab.cli.common import data_dir_arg, fmt, folder_path, output_may_close, stop_signals, warn
 
 # The one-line help `cifarlab --help` lists (read without building this command's parser).
 HELP = "search a recipe's hyperparameters with Optuna (TPE, pruning, resumable, many workers)"
@@ -184,7 +184,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         plugins=tuple(getattr(args, "plugin", None) or ()),
     )
     settings.trial_recipe()  # --trial-set values checked before any work
-    with output_may_close():  # `cifarlab tune | head`: the study goes on, its output is dropped
+    # `cifarlab tune | head`: the study goes on, its output is dropped; SIGTERM stops it as Ctrl-C does
+    with stop_signals(), output_may_close():
         result = tune(settings, command="cifarlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     if args.quiet:
         best = (
