@@ -366,3 +366,24 @@ def test_stop_training_stops_after_the_batch_and_records_the_partial_epoch(tmp_p
     stop = _StopAt("on_train_begin")
     run = cifarlab.fit("reference", data=data, callbacks=[stop], runs_dir=tmp_path, **{**REF, "epochs": 2})
     assert stop.calls == ["train_begin", "train_end"] and run.history == []
+
+
+def test_threads_sharing_a_loaded_run_explain_and_export_one_at_a_time(user_run, tmp_path):
+    """Threads calling explain on one run loaded with `load(run, model=...)` shared its model instance: one
+    thread's Grad-CAM hooks caught another's activations ("appears to not have been used in the graph"); threads
+    exporting at once broke torch.onnx's process-wide state (QA round 3)."""
+    pytest.importorskip("captum")
+    from concurrent.futures import ThreadPoolExecutor
+
+    run, data, _ = user_run
+    loaded = cifarlab.load(run.path, model=_QANet())
+    xt = data[2][:2]
+    expected = loaded.explain(xt)
+    with ThreadPoolExecutor(4) as pool:
+        maps = list(pool.map(lambda _: loaded.explain(xt), range(8)))
+    for m in maps:
+        assert torch.allclose(m, expected)
+    pytest.importorskip("onnx")
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda i: loaded.export("onnx", out=tmp_path / f"m{i}.onnx"), range(3)))
+    assert all(p.is_file() and p.stat().st_size > 0 for p in outs)

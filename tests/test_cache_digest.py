@@ -139,3 +139,23 @@ def test_a_fresh_file_renamed_over_a_damaged_one_is_not_deleted(tmp_path) -> Non
     again = read_cache(path)  # B's file is still there and whole
     assert again is not None
     np.testing.assert_array_equal(again["y_train"].numpy(), t.y_train)
+
+
+def test_a_cache_file_renamed_over_another_sources_is_noticed(tmp_path, caplog) -> None:
+    """Two sources' cache files swapped (or one copied over the other's name): each held intact arrays with a right
+    digest, and each source loaded the other's images without a word (QA round 3). The file records its name."""
+    a = write_cifar_archive(tmp_path / "a", n_per_batch=12, seed=1)
+    b = write_cifar_archive(tmp_path / "b", n_per_batch=12, seed=2)
+    load_dataset("cifar10", a.data_dir)
+    before = set(Path(os.environ["CIFARLAB_CACHE"]).glob("*.safetensors"))
+    load_dataset("cifar10", b.data_dir)
+    (file_a,) = before
+    (file_b,) = set(Path(os.environ["CIFARLAB_CACHE"]).glob("*.safetensors")) - before
+    swap = file_a.with_suffix(".swap")
+    file_a.rename(swap)
+    file_b.rename(file_a)
+    swap.rename(file_b)
+    with caplog.at_level(logging.WARNING, logger="cifarlab"):
+        _assert_true_data(load_dataset("cifar10", a.data_dir), a)
+    notes = _cache_notes(caplog)
+    assert len(notes) == 1 and "another source's cache" in notes[0]

@@ -246,6 +246,16 @@ def test_stray_files_and_dangling_links_are_counted(tmp_path: Path, caplog) -> N
     assert "tree.tar.gz: skipped 1 file that is outside the class folders" in caplog.text
 
 
+def test_a_file_name_with_a_newline_keeps_the_warning_on_one_line(tmp_path: Path, caplog) -> None:
+    """A name holding a newline (or an escape sequence) split the one-line warning over several (QA round 3)."""
+    t = write_imagefolder(tmp_path / "nl")
+    (t.root / "train" / "cat" / "x\ny.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="cifarlab"):
+        load_dataset(t.root)
+    (line,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "\n" not in line and "x\\ny.txt" in line
+
+
 # -- 18. linked folders that would mislabel images ------------------------------------------------------------------
 
 

@@ -514,7 +514,7 @@ def test_a_model_predict_cannot_read_files_for_is_said_once_not_per_file(tmp_pat
 # -- one list of image formats (QA session 16, finding 7) --------------------------------------------------
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
-NOT_READ = "not an image cifarlab reads (send PNG, JPEG, GIF, BMP, WebP, TIFF or PPM/PGM)"
+NOT_READ = "not an image cifarlab reads (send PNG, JPEG, GIF, BMP, WebP, TIFF or PPM/PGM/PBM)"
 
 
 def _other_formats(folder: Path) -> dict[str, Path]:
@@ -579,3 +579,28 @@ def test_the_command_takes_a_precision(tmp_path: Path, capsys):
     assert cli_probs("--precision", "auto") == api_probs("auto")
     with pytest.raises(SystemExit):
         parser.parse_args(["predict", str(run_dir), str(imgs[0]), "--precision", "fp16"])
+
+
+def test_a_folder_that_can_be_listed_but_not_entered_is_a_row_per_file(tmp_path: Path, monkeypatch):
+    """A folder of mode r-- (listable, not enterable): the lstat of its entries raised PermissionError, and the
+    whole command stopped with advice about writing (QA round 3). Now a row for each, the rest classified."""
+    import errno
+    import os
+
+    good = _save(_noise((40, 40)), tmp_path / "up" / "a" / "a.png", "PNG")
+    locked = _save(_noise((40, 40)), tmp_path / "up" / "noexec" / "b.png", "PNG")
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def denied(real):
+        def stat(path, *args, **kwargs):  # what a user without root's override meets in a chmod 444 folder
+            if os.fspath(path).startswith(str(tmp_path / "up" / "noexec") + os.sep):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return stat
+
+    monkeypatch.setattr(os, "stat", denied(real_stat))
+    monkeypatch.setattr(os, "lstat", denied(real_lstat))
+    rows = predict.expand_paths([tmp_path / "up"])
+    assert rows[0] == (good, None)
+    assert rows[1][0] == locked and rows[1][1].startswith("cannot read: Permission denied (make its folder readable")

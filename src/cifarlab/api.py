@@ -14,6 +14,7 @@ import copy
 import functools
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -501,7 +502,9 @@ def _method(*, data_arg: bool = False) -> Callable[[_F], _F]:
     def deco(fn: _F) -> _F:
         @functools.wraps(fn)
         def wrapper(self: TrainedRun, *args: Any, **kwargs: Any) -> Any:
-            with self._own_model(), _python_errors(data_arg=data_arg, method=fn.__name__):
+            # One method at a time per run: they share one model instance, which get_model reloads and explain
+            # hooks (two threads' Grad-CAM hooks caught each other's activations)
+            with self._lock, self._own_model(), _python_errors(data_arg=data_arg, method=fn.__name__):
                 return fn(self, *args, **kwargs)
 
         return cast(_F, wrapper)
@@ -520,6 +523,7 @@ class TrainedRun:
     dataset: Dataset | None = None
     model: nn.Module | None = None
     template: nn.Module | None = field(default=None, repr=False, compare=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False, init=False)
 
     def _own_model(self) -> contextlib.AbstractContextManager[None]:
         if self.template is None:

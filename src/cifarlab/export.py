@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -93,6 +94,9 @@ class Preprocessed(nn.Module):
                 acc = acc + self.model(view) * 0.125
                 acc = acc + self.model(view.flip(-1)) * 0.125
         return acc
+
+
+_ONNX_EXPORT = threading.Lock()  # see export_onnx
 
 
 def resolve_tta(run: Any, tta: str | None) -> str:
@@ -248,7 +252,8 @@ def export_onnx(
     out = output_path(run_dir, out_path, "onnx")
     buf = io.BytesIO()
     dummy = torch.zeros(2, *run.input_shape, dtype=torch.uint8)
-    with warnings.catch_warnings(), torch.no_grad():
+    # torch.onnx.export keeps process-wide state (and warnings filters are process-wide too): one export at a time
+    with _ONNX_EXPORT, warnings.catch_warnings(), torch.no_grad():
         # The TorchScript-based exporter is deprecated but needs no extra package (the dynamo exporter needs
         # onnxscript) and handles these small conv nets exactly.
         warnings.simplefilter("ignore", DeprecationWarning)

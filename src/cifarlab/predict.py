@@ -83,8 +83,13 @@ def _expand_folder(folder: Path) -> list[tuple[Path, str | None]]:
 
 
 def _why_skipped(path: Path) -> str:
-    """Why an image-named entry of a folder is not read: a FIFO, device or socket, or a link to nothing."""
-    return f"skipped: {LEADS_NOWHERE}" if path.is_symlink() and not path.exists() else NOT_REGULAR
+    """Why an image-named entry of a folder is not read: a FIFO, device or socket, a link to nothing, or a folder
+    that can be listed but not entered (mode r--), whose entries cannot even be looked at."""
+    try:
+        dangling = path.is_symlink() and not path.exists()
+    except OSError as exc:  # pathlib swallows only "no such file": EACCES comes through
+        return f"cannot read: {exc.strerror or exc} (make its folder readable: chmod u+rx {path.parent})"
+    return f"skipped: {LEADS_NOWHERE}" if dangling else NOT_REGULAR
 
 
 def _check_reads_files_for(shape: tuple[int, int, int]) -> None:

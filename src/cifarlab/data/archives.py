@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from cifarlab.errors import DataError
 from cifarlab.files import require_regular_file
+from cifarlab.text import terminal_safe
 
 __all__ = ["TAR_SUFFIXES", "ArchiveDamaged", "damaged", "iter_tar", "require_regular", "tar_stem", "unreadable_folder"]
 
@@ -187,7 +188,7 @@ def iter_tar(path: Path, advice: str, select: Callable[[tarfile.TarInfo], T | No
             path,
             "1 link member" if len(lost) == 1 else f"{len(lost)} link members",
             "leads" if len(lost) == 1 else "lead",
-            lost[0],
+            terminal_safe(lost[0]),  # one line, whatever the member's name holds
         )
 
 

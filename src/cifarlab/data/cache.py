@@ -41,6 +41,9 @@ META_KEYS = ("native_sizes",)
 # CIFAR-10's 180 MB in ~25 ms (blake2b: ~125 ms, sha256: ~85 ms) and catches any burst of up to 32 flipped
 # bits: the cache guards against accidents, not attackers, who could rewrite the digest as well.
 DIGEST_KEY = "crc32"
+# Metadata key of the file's own name, which says what it was decoded from (source checksum, size, version): a file
+# renamed or copied over another's name holds intact arrays of another source, which no digest of them notices.
+NAME_KEY = "cache_name"
 _WARNED_UNWRITABLE: set[str] = set()
 
 
@@ -81,7 +84,7 @@ def _one_line(exc: BaseException) -> str:
 def _digests(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, int]:
     """CRC32 of each array's bytes and of the metadata (`DIGEST_KEY`)."""
     out = {k: zlib.crc32(tensors[k].contiguous().numpy().reshape(-1).view(np.uint8).data) for k in ARRAY_KEYS}
-    described = {k: meta[k] for k in ("classes", *META_KEYS) if k in meta}
+    described = {k: meta[k] for k in ("classes", NAME_KEY, *META_KEYS) if k in meta}
     out["metadata"] = zlib.crc32(json.dumps(described, sort_keys=True).encode())
     return out
 
@@ -134,11 +137,13 @@ def read_cache(path: Path) -> dict[str, Any] | None:
                 raise ValueError(f"{split} labels outside 0..{len(classes) - 1}")
         if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
             raise ValueError("train and test images differ in shape")
-        if DIGEST_KEY not in meta:  # written by a cifarlab without digests: not damaged, just unverifiable
+        if DIGEST_KEY not in meta or NAME_KEY not in meta:  # an older cifarlab wrote it: unverifiable, not damaged
             log.info("cache file %s has no content digest (an older cifarlab wrote it); decoding again", path)
             return None
         if json.loads(meta[DIGEST_KEY]) != _digests(arrays, meta):
             raise ValueError("its pixels, labels or class names do not match the CRC32s stored with them")
+        if meta[NAME_KEY] != path.name:
+            raise ValueError(f"it was written as {meta[NAME_KEY]}, another source's cache (renamed or copied)")
     except Exception as exc:  # noqa: BLE001 (any unusable cache is rebuilt from the source)
         log.warning("ignoring damaged cache file %s (%s); decoding the source again", path, _one_line(exc))
         _discard(path, judged)
@@ -164,7 +169,7 @@ def write_cache(path: Path, arrays: dict[str, Any]) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
         tensors = {k: torch.as_tensor(arrays[k]).contiguous() for k in ARRAY_KEYS}
-        meta = {"classes": json.dumps(list(arrays["classes"]))}
+        meta = {"classes": json.dumps(list(arrays["classes"])), NAME_KEY: path.name}
         meta.update({k: json.dumps(arrays[k]) for k in META_KEYS if arrays.get(k) is not None})
         meta[DIGEST_KEY] = json.dumps(_digests(tensors, meta))
         atomic_write_bytes(path, save(tensors, metadata=meta))

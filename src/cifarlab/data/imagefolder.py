@@ -39,6 +39,7 @@ from cifarlab.data.cache import cached, resolve_cache_dir
 from cifarlab.data.images import IMAGE_SUFFIXES, decode_image, is_regular_file, skip_name
 from cifarlab.data.official import OFFICIAL, file_md5
 from cifarlab.errors import ConfigError, DataError
+from cifarlab.text import terminal_safe
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "load_imagefolder"]
 
@@ -429,8 +430,8 @@ def _warn_skipped(root: str, skipped: _Skipped) -> None:
             f"{n} image name{'s' * (n != 1)} that {'is' if n == 1 else 'are'} not a regular file (a link that leads "
             f"nowhere, a FIFO or a device; e.g. {skipped.broken[0]})"
         )
-    if parts:
-        log.warning("%s: skipped %s", root, "; and ".join(parts))
+    if parts:  # file names escaped: a newline or an escape sequence in one must not break the one-line warning
+        log.warning("%s: skipped %s", terminal_safe(root), terminal_safe("; and ".join(parts)))
 
 
 def _file_digest(path: Path) -> tuple[int, bytes]:

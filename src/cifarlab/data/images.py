@@ -69,7 +69,7 @@ __all__ = [
 # untrusted files. MPO: how Pillow names many phone JPEGs; PPM: the whole Netpbm family (PBM, PGM, PPM).
 ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 # What a person is told to use: the formats above, as people name them.
-FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF or PPM/PGM"
+FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF or PPM/PGM/PBM"
 # Folders are searched for these (case-insensitive), by dataset loading and `cifarlab predict` alike; a file
 # named explicitly is tried whatever its suffix. All are formats Pillow decodes: JPEG's other suffixes (.jfif,
 # .jpe) and the Netpbm family (.ppm, .pgm, .pbm, .pnm) included.

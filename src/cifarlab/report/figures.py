@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -318,7 +319,8 @@ def plot_reliability(ev: EvalResult) -> Any:
     counts = np.array([b.count for b in bins], dtype=float)
     # A bin of a handful of images says little (2 images can make an 81-point gap): drawn faint, so the eye goes to
     # the bins that hold the images
-    few = counts < max(FEW_IN_BIN, 0.005 * counts.sum())
+    limit = max(FEW_IN_BIN, math.ceil(0.005 * counts.sum()))
+    few = counts < limit
     fig = _figure(6.0, 6.4)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
     for sel, alpha, label in ((counts > 0) & ~few, 1.0, "accuracy in bin"), ((counts > 0) & few, 0.3, None):
@@ -347,7 +349,6 @@ def plot_reliability(ev: EvalResult) -> Any:
     if ((counts > 0) & few).any():
         from matplotlib.patches import Patch
 
-        limit = max(FEW_IN_BIN, int(0.005 * counts.sum()))
         handles.append(Patch(facecolor=TRAIN, alpha=0.3))
         labels.append(f"faint: a bin of fewer than {limit} images")
     top.legend(handles, labels, loc="upper left")

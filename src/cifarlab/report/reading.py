@@ -240,12 +240,15 @@ def calibration_sentence(
         temperature != 1.0 and loss is not None and uncalibrated_loss is not None and loss > uncalibrated_loss + 0.005
     )
     if worse_ece or worse_loss:
-        measures = []
+        # Each measure where it belongs: a loss that fell is not evidence of "worse" (QA)
+        worse: list[str] = []
+        better: list[str] = []
         if uncalibrated_ece is not None:
-            measures.append(f"ECE {pct(uncalibrated_ece)} without it, {pct(cal.ece)} with it")
+            (worse if worse_ece else better).append(f"ECE {pct(uncalibrated_ece)} without it, {pct(cal.ece)} with it")
         if loss is not None and uncalibrated_loss is not None:
-            measures.append(f"loss {uncalibrated_loss:.3f} without it, {loss:.3f} with it")
-        s += f" The fitted temperature made the probabilities worse, not better ({'; '.join(measures)})."
+            (worse if worse_loss else better).append(f"loss {uncalibrated_loss:.3f} without it, {loss:.3f} with it")
+        s += f" The fitted temperature made the probabilities worse, not better ({'; '.join(worse)})"
+        s += f", though not by every measure ({'; '.join(better)})." if better else "."
         if "training" in (fitted_on or ""):
             s += f" It was fitted on {fitted_on}, which the model knows better than new ones."
         s += f" Do not rely on it: {held_out + ', or ' if held_out else ''}{undo}."

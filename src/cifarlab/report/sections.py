@@ -415,18 +415,15 @@ def _val_meaning(recipe: Any) -> str:
     0.88 beside a test loss of 0.36 does not read as a fault)."""
     if recipe is None:
         return ""
-    terms = []
-    if recipe.label_smoothing:
-        terms.append(f"label smoothing {recipe.label_smoothing:g}")
+    loss = "cross-entropy" + (f" with label smoothing {recipe.label_smoothing:g}" if recipe.label_smoothing else "")
     if recipe.l2:
-        terms.append(f"the L2 term ({recipe.l2:g} x the squared kernel weights)")
-    loss = f"the training loss ({' and '.join(terms)})" if terms else "plain cross-entropy"
+        loss += f" plus the L2 term ({recipe.l2:g} x the squared kernel weights)"
     test_views = f"TTA ({recipe.tta})" if recipe.tta != "none" else "one view"
     return (
-        f" The val_ columns are measured as training measures them (as in Keras): one view of each image, {loss}, "
-        f"no softmax temperature. The test figures use {test_views} and plain cross-entropy at the run's softmax "
-        "temperature (where it has one), so the two are not directly comparable; `cifarlab evaluate RUN --split "
-        "val` measures the validation split as the test is measured."
+        f" The val_ columns are measured as training measures them (as in Keras): one view of each image, the "
+        f"training loss ({loss}), no softmax temperature. The test figures use {test_views} and plain "
+        "cross-entropy at the run's softmax temperature (where it has one), so the two are not directly "
+        "comparable; cifarlab evaluate RUN --split val measures the validation split as the test is measured."
     )
 
 
@@ -668,7 +665,11 @@ def calibration_section(ev: EvalResult) -> Section:
                 *_temperature_rows(ev),
             ],
         ),
-        Figure("reliability", "Reliability diagram: bars below the diagonal are over-confident bins."),
+        Figure(
+            "reliability",
+            "Reliability diagram: bars below the diagonal are over-confident bins; faint bars are bins of too few "
+            "images to say much (the table below has each bin's count).",
+        ),
         table(["confidence bin", "images", "accuracy", "mean confidence", "confidence − accuracy (points)"], bin_rows),
     )
 
