@@ -290,3 +290,16 @@ def test_a_link_within_its_own_class_folder_is_still_followed(tmp_path: Path, ca
     with caplog.at_level(logging.WARNING, logger="cifarlab"):
         ds = load_dataset(t.root)
     assert _counts(ds)["cat"] == 4 and "linked folder" not in caplog.text  # sub/ read once, not skipped
+
+
+@pytest.mark.parametrize("writable", [True, False])
+def test_first_time_only_is_said_only_where_the_decode_is_cached(tmp_path: Path, caplog, monkeypatch, writable) -> None:
+    """A read-only cache folder decodes on every load, and each load said "(first time only)" (QA round 3)."""
+    import cifarlab.data.imagefolder as imagefolder
+
+    t = write_imagefolder(tmp_path / "ro")
+    monkeypatch.setattr(imagefolder, "writable_dir", lambda folder: writable)
+    with caplog.at_level(logging.INFO, logger="cifarlab"):
+        load_dataset(t.root)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decoding images in")]
+    assert ("(first time only)" in line) is writable

@@ -368,6 +368,38 @@ def test_a_final_run_whose_process_was_killed_is_resumed_not_started_again(folde
         CALLBACKS.unregister("qa_ctrl_c_final")
 
 
+class _CtrlCInFirstTrial(Callback):
+    fired = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1 and "-trial" in self.trainer.recipe.name and not _CtrlCInFirstTrial.fired:
+            _CtrlCInFirstTrial.fired = True
+            raise KeyboardInterrupt
+
+
+def test_a_trial_cut_short_by_ctrl_c_is_not_called_failed_on_resume(folder, tmp_path, one_core):
+    """The resumed study said "1 failed" for the trial a Ctrl-C or SIGTERM interrupted, which is queued again
+    (QA round 3)."""
+    from cifarlab.registry import CALLBACKS
+
+    CALLBACKS.register("qa_ctrl_c_trial", replace=True)(lambda recipe: _CtrlCInFirstTrial())
+    try:
+        recipe = TINY_RECIPE.replace(dataset=str(folder), epochs=2, callbacks=("qa_ctrl_c_trial",))
+        space = space_from_dict({"params": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}}, recipe)
+        settings = TuneSettings(
+            recipe=recipe, space=space, study_name="cut", out_dir=tmp_path / "study", n_trials=1, final_seeds=0,
+            report=False,
+        )  # fmt: skip
+        with pytest.raises(KeyboardInterrupt):
+            tune(settings, say=lambda s: None)
+        said: list[str] = []
+        tune(settings, say=said.append)
+        (line,) = [s for s in said if s.startswith("resuming:")]
+        assert "0 failed, 1 interrupted (queued again)" in line
+    finally:
+        CALLBACKS.unregister("qa_ctrl_c_trial")
+
+
 # -- two workers, killed and resumed ---------------------------------------------------------------------------
 
 

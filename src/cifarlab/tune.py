@@ -1212,8 +1212,15 @@ def tune(
     c = counts(study)
     done = c["complete"] + c["pruned"]
     if sum(c.values()):
+        # A trial Ctrl-C or SIGTERM cut short is marked failed for Optuna and queued again: not a failure to alarm
+        cut = sum(
+            1
+            for t in study.get_trials(deepcopy=False)
+            if t.state.name == "FAIL" and str(t.user_attrs.get("fail_reason", "")).startswith("interrupted")
+        )
+        failed = f"{c['failed'] - cut} failed" + (f", {cut} interrupted (queued again)" if cut else "")
         say(
-            f"resuming: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed, {c['running']} running "
+            f"resuming: {c['complete']} complete, {c['pruned']} pruned, {failed}, {c['running']} running "
             f"elsewhere, {c['waiting']} queued; {max(0, settings.n_trials - done)} of {settings.n_trials} to go"
         )
         if done > settings.n_trials:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from cifarlab.data.archives import iter_tar, tar_stem, unreadable_folder
-from cifarlab.data.cache import cached, resolve_cache_dir
+from cifarlab.data.cache import cached, resolve_cache_dir, writable_dir
 from cifarlab.data.images import IMAGE_SUFFIXES, decode_image, is_regular_file, skip_name
 from cifarlab.data.official import OFFICIAL, file_md5
 from cifarlab.errors import ConfigError, DataError
@@ -567,7 +567,9 @@ def load_imagefolder(
     cache_file = cdir / f"imagefolder-{checksum}-{size_tag}-v{_CACHE_VERSION}.safetensors"
 
     def build() -> dict[str, Any]:
-        log.info("decoding images in %s (first time only)", path)
+        # "first time only" holds where the result can be cached (an unwritable cache folder decodes every time)
+        once = " (first time only)" if writable_dir(cdir) else ""
+        log.info("decoding images in %s%s", path, once)
         decoded = _decode_entries(entries, total, f"decoding {path.name}", size)
         if not decoded:
             what = "test/ (or val/) images" if test_only else "images"
