@@ -301,6 +301,17 @@ class _CtrlCInFinalRun(Callback):
             raise KeyboardInterrupt
 
 
+def _final_run_study(folder, out: Path, name: str) -> TuneSettings:
+    """One trial and one final run, of 3 epochs, with the Ctrl-C callback registered as qa_ctrl_c_final."""
+    recipe = TINY_RECIPE.replace(
+        dataset=str(folder), epochs=3, early_stopping_patience=0, callbacks=("qa_ctrl_c_final",)
+    )
+    space = space_from_dict({"params": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}}, recipe)
+    return TuneSettings(
+        recipe=recipe, space=space, study_name=name, out_dir=out, n_trials=1, final_seeds=1, report=False
+    )
+
+
 def test_ctrl_c_in_the_final_run_exits_130_and_the_same_command_resumes_it(folder, tmp_path, one_core):
     """It exited 0 after the final run stopped, as if the study had finished, and a second run of the command
     started the final run again beside the stopped one (QA)."""
@@ -308,14 +319,8 @@ def test_ctrl_c_in_the_final_run_exits_130_and_the_same_command_resumes_it(folde
 
     CALLBACKS.register("qa_ctrl_c_final", replace=True)(lambda recipe: _CtrlCInFinalRun())
     try:
-        recipe = TINY_RECIPE.replace(
-            dataset=str(folder), epochs=3, early_stopping_patience=0, callbacks=("qa_ctrl_c_final",)
-        )
-        space = space_from_dict({"params": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}}, recipe)
         out = tmp_path / "study"
-        settings = TuneSettings(
-            recipe=recipe, space=space, study_name="final", out_dir=out, n_trials=1, final_seeds=1, report=False
-        )
+        settings = _final_run_study(folder, out, "final")
         said: list[str] = []
         with pytest.raises(Interrupted):  # the CLI's 130, without its bare "interrupted" line
             tune(settings, say=said.append)
@@ -342,14 +347,8 @@ def test_a_final_run_whose_process_was_killed_is_resumed_not_started_again(folde
     _CtrlCInFinalRun.fired = False
     CALLBACKS.register("qa_ctrl_c_final", replace=True)(lambda recipe: _CtrlCInFinalRun())
     try:
-        recipe = TINY_RECIPE.replace(
-            dataset=str(folder), epochs=3, early_stopping_patience=0, callbacks=("qa_ctrl_c_final",)
-        )
-        space = space_from_dict({"params": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}}, recipe)
         out = tmp_path / "study"
-        settings = TuneSettings(
-            recipe=recipe, space=space, study_name="killed", out_dir=out, n_trials=1, final_seeds=1, report=False
-        )
+        settings = _final_run_study(folder, out, "killed")
         with pytest.raises(KeyboardInterrupt):
             tune(settings, say=lambda s: None)
         (final,) = (out / "final").iterdir()

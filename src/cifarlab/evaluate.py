@@ -684,15 +684,14 @@ def resolve_test_data(path: Path | str, data_dir: Path | str | None = None) -> P
     """Where `evaluate --test-data PATH` reads from: PATH itself, else (a relative PATH) PATH inside `data_dir`
     (default $CIFARLAB_DATA or ~/.cache/cifarlab), with or without a tarball suffix. Not found: one line naming
     both places, and that --test-data takes a path (a dataset name such as cifar10 is not one)."""
-    from cifarlab.data.archives import TAR_SUFFIXES
-    from cifarlab.data.dataset import canonical_dataset_name, default_data_dir
+    from cifarlab.data.dataset import canonical_dataset_name, data_dir_candidates, default_data_dir
 
     given = Path(path).expanduser()
     if given.exists() or given.is_symlink():
         return given
     where = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     if not given.is_absolute():
-        for candidate in (where / given, *(where / f"{given}{s}" for s in TAR_SUFFIXES)):
+        for candidate in data_dir_candidates(given, where):
             if candidate.exists() or candidate.is_symlink():
                 return candidate
     looked = "" if given.is_absolute() else f" (looked in the current folder and in {where})"

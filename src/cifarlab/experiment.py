@@ -41,6 +41,7 @@ from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir,
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads, without_cudnn_timing
 from cifarlab.distributed import Distributed, peer_lost, peer_lost_reason, threads_per_process
 from cifarlab.errors import RunError, UserError
+from cifarlab.files import remove_leftover_temps
 from cifarlab.finetune import InitResult, apply_freeze, apply_init, check_init_args, read_init_source
 from cifarlab.inference import predict_logits, recipe_options, to_float
 from cifarlab.models import build_model
@@ -507,9 +508,7 @@ _TRAINING_FILES = (CHECKPOINT, HISTORY_JSON, HISTORY_CSV, "steps.csv")
 def _remove_killed_writes(run_dir: Path) -> None:
     """Delete the temp files a SIGKILL during a checkpoint write left behind (one checkpoint's size each)."""
     for name in _TRAINING_FILES:
-        for tmp in run_dir.glob(f".{name}.*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        remove_leftover_temps(run_dir / name)
 
 
 class SessionClock(Callback):

@@ -6,10 +6,12 @@ run writes (config, history, metrics, weights, checkpoint, report, figures, expo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -38,6 +40,19 @@ def new_file_mode(path: Path | str) -> int:
         return 0o666 & ~umask
 
 
+_TEMP_SUFFIX = ".tmp"
+
+
+def remove_leftover_temps(path: Path, older_than_s: float = 0.0) -> None:
+    """Delete the temp files `atomic_write` left beside `path` when its process was killed mid-write (no exception
+    ran to clean up), those not written to for `older_than_s` seconds: 0 where no other process can be writing."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.*{_TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime >= older_than_s:
+                tmp.unlink()
+
+
 def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> None:
     """Call `write(f)` on a temp file beside `path`, fsync it, then rename it over `path`.
 
@@ -47,7 +62,7 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = new_file_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:

@@ -1373,33 +1373,17 @@ def _final_runs(
             say(f"final run, seed {seed}: already done: {earlier[seed]['run_dir']}")
             out.append(earlier[seed])
             continue
+        shared: dict[str, Any] = dict(
+            dataset=dataset, data_dir=settings.data_dir, device=settings.device, report=settings.report,
+            quiet=settings.quiet, progress=False, resume_with=again, log=say,
+        )  # fmt: skip
         if seed in stopped:
             say(f"final run of trial {best['number']}, seed {seed}: resuming {stopped[seed]}")
-            result = run_experiment(
-                resume=stopped[seed],
-                dataset=dataset,
-                data_dir=settings.data_dir,
-                device=settings.device,
-                report=settings.report,
-                quiet=settings.quiet,
-                progress=False,
-                resume_with=again,
-                log=say,
-            )
+            result = run_experiment(resume=stopped[seed], **shared)
         else:
             say(f"final run of trial {best['number']}, seed {seed}: the full recipe, evaluated on the test set")
             result = run_experiment(
-                recipe.replace(seed=seed),
-                dataset=dataset,
-                data_dir=settings.data_dir,
-                runs_root=settings.out_dir / FINAL_DIR,
-                device=settings.device,
-                report=settings.report,
-                quiet=settings.quiet,
-                progress=False,
-                command=command,
-                resume_with=again,
-                log=say,
+                recipe.replace(seed=seed), runs_root=settings.out_dir / FINAL_DIR, command=command, **shared
             )
         out.append(
             {

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import stat
-import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifarlab.files import atomic_write_bytes
+from cifarlab.files import atomic_write_bytes, remove_leftover_temps
 
 __all__ = ["ARRAY_KEYS", "cached", "read_cache", "resolve_cache_dir", "writable_dir", "write_cache"]
 
@@ -152,22 +151,13 @@ def read_cache(path: Path) -> dict[str, Any] | None:
     return arrays
 
 
-def _remove_stale_temps(path: Path, older_than_s: float = 600.0) -> None:
-    # A killed process cannot clean up its temp file; one not written to for 10 minutes is garbage.
-    now = time.time()
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            if now - tmp.stat().st_mtime > older_than_s:
-                tmp.unlink()
-
-
 def write_cache(path: Path, arrays: dict[str, Any]) -> bool:
     """Write atomically (`cifarlab.files`): a reader never sees half a cache file. False on failure."""
     from safetensors.torch import save
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(path)
+        remove_leftover_temps(path, older_than_s=600.0)  # another process may be writing a newer one
         tensors = {k: torch.as_tensor(arrays[k]).contiguous() for k in ARRAY_KEYS}
         meta = {"classes": json.dumps(list(arrays["classes"])), NAME_KEY: path.name}
         meta.update({k: json.dumps(arrays[k]) for k in META_KEYS if arrays.get(k) is not None})

@@ -377,6 +377,11 @@ def _load_path(path: Path, cache_dir: Path | str | None, image_size: int | None,
     return _load_imagefolder(path, cache_dir, image_size=image_size, test_only=test_only)
 
 
+def data_dir_candidates(path: Path, data_dir: Path) -> list[Path]:
+    """Where a relative dataset path is looked for in the data folder: as given, or with a tarball suffix."""
+    return [data_dir / path, *(data_dir / f"{path}{s}" for s in TAR_SUFFIXES)]
+
+
 def load_dataset(
     name: str | os.PathLike[str] = "cifar10",
     data_dir: Path | str | None = None,
@@ -416,10 +421,7 @@ def load_dataset(
         return _load_idx(locate_fashion_mnist(data_path), cache_dir, image_size, fashion=True)
     path = Path(name).expanduser()
     if not path.exists() and not path.is_absolute():
-        for candidate in (data_path / path, *(data_path / f"{path}{s}" for s in TAR_SUFFIXES)):
-            if candidate.exists():
-                path = candidate
-                break
+        path = next((c for c in data_dir_candidates(path, data_path) if c.exists()), path)
     if path.exists() or path.is_symlink():
         return _load_path(path, cache_dir, image_size, test_only)
     missing = "" if data_path.is_dir() else " (which is not a folder)"
