@@ -265,7 +265,7 @@ def test_imagefolder_native_size_kept(tmp_path) -> None:
     assert ds.x_train[0, :, 20, 20].tolist() == [200, 10, 10]
     assert load_dataset(root).input_shape == (3, 32, 32)  # the default stays 32
     assert load_dataset(root, image_size=64).input_shape == (3, 64, 64)
-    names = sorted(p.name for p in Path(os.environ["CIFARLAB_CACHE"]).iterdir())
+    names = sorted(p.name for p in Path(os.environ["CIFARLAB_CACHE"]).glob("*.safetensors"))
     assert len(names) == 3 and any("-native-" in n for n in names) and any("-64px-" in n for n in names)
     assert load_dataset(root, image_size=None).input_shape == (3, 48, 48)  # from its own cache file
 

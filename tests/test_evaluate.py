@@ -599,6 +599,47 @@ def test_test_data_results_are_one_file_per_source(tmp_path: Path, capsys):
     assert len({json.loads(f.read_text())["dataset"]["source"] for f in files}) == 3
 
 
+def test_test_data_results_file_keeps_a_non_ascii_name(tmp_path: Path, capsys):
+    """A folder named `données` or `猫` lost its letters in the results file's name (ASCII-only filter): eval_data-
+    donn_es-..., eval_data-data-... Letters of any script are kept; what is written is what a glob finds."""
+    from conftest import write_imagefolder
+
+    run_dir = _tiny_run(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("données", "猫"):
+            folder = write_imagefolder(tmp_path / name, {"cat": (200, 30, 40), "dog": (20, 180, 60)})
+            assert cli.main(["evaluate", str(run_dir), "--test-data", str(folder.root), "--json"]) == 0
+            [saved] = run_dir.glob(f"eval_data-{name}-*.json")
+            assert json.loads(saved.read_text())["dataset"]["source"] == str(folder.root)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("données", "données"),
+        ("e\u0301te\u0301", "été"),  # decomposed accents (macOS) composed, not dropped
+        ("猫 photos", "猫_photos"),
+        ("a/b\\c d\te\x1b[0m", "a_b_c_d_e_0m"),  # separators, spaces and control characters: one "_" a run
+        ("\u202eevil\udcff", "evil"),  # a bidi override and an undecodable byte (surrogate escape)
+        ("...", "data"),
+    ],
+)
+def test_results_file_name_part_keeps_letters_of_any_script(name: str, expected: str) -> None:
+    from cifarlab.cli.evaluate import _safe_name
+
+    assert _safe_name(name) == expected
+
+
+def test_results_file_name_part_is_bounded_in_bytes() -> None:
+    from cifarlab.cli.evaluate import _NAME_BYTES, _safe_name
+
+    for long in ("猫" * 200, "a" * 300, "é" * 200):
+        part = _safe_name(long)
+        assert 0 < len(part.encode("utf-8")) <= _NAME_BYTES and long.startswith(part)
+
+
 def test_test_data_takes_paths_and_finds_relative_ones_in_the_data_dir(tmp_path: Path, monkeypatch, capsys):
     from conftest import write_imagefolder
 

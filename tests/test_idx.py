@@ -202,6 +202,53 @@ def test_a_partial_set_in_the_named_folder_is_named_not_replaced(tmp_path, monke
         load_dataset(partial)  # by path: not "no train/ or test/ folder"
 
 
+# -- the same file both raw and .gz ---------------------------------------------------------------------------------
+
+
+def _both_copies(folder: Path, arrays: dict[str, np.ndarray], raw_images: bytes) -> Path:
+    """Every file .gz, plus a raw train-images-idx3-ubyte beside its .gz holding `raw_images`."""
+    write_fashion(folder, arrays)
+    (folder / IDX_FILES["train_images"]).write_bytes(raw_images)
+    return folder
+
+
+@pytest.mark.parametrize("change", ["pixel", "shorter", "longer"])
+def test_raw_and_gz_copies_that_differ_are_refused_naming_both(tmp_path, no_debian, change):
+    """train-images-idx3-ubyte beside train-images-idx3-ubyte.gz: the raw one was read silently, whichever the
+    user meant. Different contents are an error naming both files; no cache file is written."""
+    arrays = fake_arrays()
+    raw = idx_bytes(arrays["train_images"])
+    other = {"pixel": raw[:100] + bytes([raw[100] ^ 1]) + raw[101:], "shorter": raw[:-7], "longer": raw + b"\0"}
+    folder = _both_copies(tmp_path / "both", arrays, other[change])
+    for load in (lambda: load_dataset(folder), lambda: load_dataset("fashion_mnist", folder)):
+        with pytest.raises(DataError) as info:
+            load()
+        msg = str(info.value)
+        assert "holds both train-images-idx3-ubyte and train-images-idx3-ubyte.gz, and their contents differ" in msg
+        assert str(folder / "train-images-idx3-ubyte") in msg and str(folder / "train-images-idx3-ubyte.gz") in msg
+        assert "remove the one that is not the copy you mean to use" in msg and "\n" not in msg
+        assert ("from byte 100" in msg) == (change == "pixel")
+    assert not list(Path(os.environ["CIFARLAB_CACHE"]).glob("idx-*.safetensors"))
+
+
+def test_a_damaged_gz_beside_its_raw_copy_is_named(tmp_path, no_debian):
+    arrays = fake_arrays()
+    folder = _both_copies(tmp_path / "dmg", arrays, idx_bytes(arrays["train_images"]))
+    gz = folder / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:-9])  # truncated: its CRC and length are gone
+    with pytest.raises(DataError, match=r"their contents differ \(train-images-idx3-ubyte\.gz is a damaged gzip file"):
+        load_dataset(folder)
+
+
+def test_raw_and_gz_copies_with_the_same_content_load_silently(tmp_path, no_debian, caplog):
+    arrays = fake_arrays()
+    folder = _both_copies(tmp_path / "same", arrays, idx_bytes(arrays["train_images"]))
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset(folder)
+    assert torch.equal(ds.x_train[:, 0], torch.from_numpy(arrays["train_images"])) and not caplog.records
+    assert load_dataset("fashion_mnist", folder).checksum == ds.checksum
+
+
 def test_errors_of_a_folder_loaded_by_path_do_not_point_at_debian(tmp_path, no_debian):
     arrays = fake_arrays()
     arrays["test_images"] = arrays["test_images"][:, :27, :27]  # MNIST-format, but not Fashion-MNIST's sizes

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,30 @@ def _save(out: Path, data: Any, quiet: bool) -> int:
     return _said_saved(out, _write(out, data), quiet)
 
 
+_NAME_BYTES = 64  # the base name's part of a results file name: well under the 255 bytes a file name may take
+
+
+def _safe_name(name: str) -> str:
+    """`name` as a file-name part: letters and digits of any script kept (a folder named `données` or `猫` must
+    not come out empty), runs of anything else (separators, spaces, control characters) one "_", at most
+    `_NAME_BYTES` bytes of UTF-8."""
+    # NFC: macOS stores "é" as "e" plus a combining accent, which is no letter of its own
+    name = unicodedata.normalize("NFC", name)
+    out: list[str] = []
+    replaced = False  # the last character was replaced: a run of them becomes one "_"
+    for ch in name:
+        if ch.isalnum() or ch in "._-":
+            out.append(ch)
+            replaced = False
+        elif not replaced:
+            out.append("_")
+            replaced = True
+    name = "".join(out).strip("._")
+    while len(name.encode("utf-8")) > _NAME_BYTES:  # by bytes: a CJK character takes 3
+        name = name[:-1]
+    return name.rstrip("._") or "data"
+
+
 def _slug(path: Path) -> str:
     """`<name>-<hash>` of a --test-data source: its base name, to read, and 8 hex digits of its resolved path, so
     `folder` and `folder.tar.gz`, or `a/test` and `b/test`, never share (and overwrite) one results file."""
@@ -114,7 +138,7 @@ def _slug(path: Path) -> str:
     for suffix in (".tar.gz", ".tgz", ".tar"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "data"
+    name = _safe_name(name)
     digest = hashlib.sha256(str(path.expanduser().resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return f"{name}-{digest}"
 

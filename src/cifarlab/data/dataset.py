@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from cifarlab.data.archives import TAR_SUFFIXES, require_regular
-from cifarlab.data.cache import cached, resolve_cache_dir, writable_dir
+from cifarlab.data.cache import cache_source, cached, resolve_cache_dir, writable_dir
 from cifarlab.data.idx import (
     FASHION_ADVICE,
     FASHION_MNIST,
@@ -174,9 +175,10 @@ def to_dataset(arrays: dict[str, Any], **fields: Any) -> Dataset:
 
 
 def _load_official_archive(spec: OfficialArchive, archive: Path, cache_dir: Path | str | None) -> Dataset:
+    source = cache_source(spec.name, archive, f"v{_OFFICIAL_CACHE_VERSION}")  # before the archive is read
     md5 = check_md5(spec, archive)
     cache_file = resolve_cache_dir(cache_dir) / f"{spec.name}-{md5}-v{_OFFICIAL_CACHE_VERSION}.safetensors"
-    arrays, used_dir = cached(cache_file, lambda: decode_official_tar(spec, archive))
+    arrays, used_dir = cached(cache_file, lambda: decode_official_tar(spec, archive), source)
     return to_dataset(
         arrays,
         name=spec.name,
@@ -314,6 +316,7 @@ def canonical_dataset_name(name: str) -> str | None:
 def _load_idx(files: IdxFiles, cache_dir: Path | str | None, image_size: int | None, fashion: bool) -> Dataset:
     """`fashion`: loaded by the name fashion_mnist (its class names, a warning when a file is not official); a
     folder given by path is Fashion-MNIST only when its files are the official ones."""
+    read_at = time.time()  # before the files are read (see `CacheSource`)
     checksum, content, preread = idx_fingerprint(files, FASHION_ADVICE if fashion else IDX_ADVICE)
     fashion = fashion or checksum == FASHION_MNIST_MD5
     if fashion:
@@ -333,7 +336,8 @@ def _load_idx(files: IdxFiles, cache_dir: Path | str | None, image_size: int | N
         check_classes(arrays, str(files.folder), folder=False, fix=fix)
         return arrays
 
-    arrays, used_dir = cached(cache_file, build)
+    source = cache_source("idx", files.folder, f"{int(fashion)}-v{_IDX_CACHE_VERSION}", read_at)
+    arrays, used_dir = cached(cache_file, build, source)
     check_classes(arrays, str(files.folder), folder=False, fix=fix)  # again: a cache written before this rule
     _, _, h, w = torch.as_tensor(arrays["x_train"]).shape
     if image_size not in (None, DEFAULT_IMAGE_SIZE) and (image_size != h or h != w):

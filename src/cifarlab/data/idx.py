@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -196,9 +196,70 @@ def _present(folder: Path) -> dict[str, Path]:
 
 
 def find_idx_files(folder: Path) -> IdxFiles | None:
-    """The four files in `folder` (each raw or ``.gz``; raw first, as it reads faster), or None if any is missing."""
+    """The four files in `folder` (each raw or ``.gz``; raw first, as it reads faster), or None if any is missing.
+    A file present both raw and as ``.gz`` must hold the same content in both (`_check_one_content`)."""
     paths = _present(folder)
-    return IdxFiles(folder, paths) if len(paths) == len(IDX_FILES) else None
+    if len(paths) != len(IDX_FILES):
+        return None
+    for path in paths.values():
+        twin = path.with_name(f"{path.name}.gz")
+        if path.suffix != ".gz" and (twin.exists() or twin.is_symlink()):
+            _check_one_content(path, twin)
+    return IdxFiles(folder, paths)
+
+
+_CHUNK = 1 << 20
+
+
+def _open_content(path: Path) -> BinaryIO:
+    """The file's content as a stream: gunzipped when it is gzip (by its magic bytes, as `_read_bytes` reads it)."""
+    require_regular(path, "IDX file")
+    with open(path, "rb") as f:
+        zipped = f.read(2) == _GZIP_MAGIC
+    return gzip.open(path, "rb") if zipped else open(path, "rb")  # type: ignore[return-value]
+
+
+def _first_difference(raw: Path, gz: Path) -> str | None:
+    """Why the two files' contents differ, or None when they are the same. Streams both (one decompression, 1 MiB
+    at a time, stopping at the first difference), so nothing is held whole."""
+    with _open_content(raw) as a, _open_content(gz) as b:
+        at = 0
+        while True:
+            # Buffered reads return whole chunks until the end: equal contents give equal chunks.
+            x, y = _chunk(a, raw), _chunk(b, gz)
+            if isinstance(x, str) or isinstance(y, str):
+                return x if isinstance(x, str) else str(y)
+            if x != y:
+                if x.startswith(y) or y.startswith(x):
+                    return f"{raw.name if len(x) > len(y) else gz.name} holds more bytes than the other"
+                i = next(i for i, (u, v) in enumerate(zip(x, y, strict=False)) if u != v)
+                return f"they differ from byte {at + i:,} on"
+            if not x:
+                return None
+            at += len(x)
+
+
+def _chunk(stream: BinaryIO, path: Path) -> bytes | str:
+    """The next chunk of `stream`, or why it cannot be read (a damaged gzip file)."""
+    try:
+        return stream.read(_CHUNK)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # its CRC and length are checked at its end
+        return f"{path.name} is a damaged gzip file ({type(exc).__name__}: {exc})"
+
+
+def _check_one_content(raw: Path, gz: Path) -> None:
+    """A `DataError` naming both files when `raw` and `gz` (the same IDX file, raw and gzipped) hold different
+    contents: which one is meant cannot be guessed, and silently reading the raw one would train on what the user
+    may have replaced. The same content is fine (either is read)."""
+    try:
+        why = _first_difference(raw, gz)
+    except OSError as exc:
+        raise DataError(f"cannot read {exc.filename or raw}: {exc.strerror or exc}") from exc
+    if why is not None:
+        raise DataError(
+            f"{raw.parent} holds both {raw.name} and {gz.name}, and their contents differ ({why}): remove the one "
+            f"that is not the copy you mean to use ({raw} or {gz}), then load again."
+        )
 
 
 def check_complete(folder: Path, what: str = "MNIST-format IDX") -> None:

@@ -5,8 +5,9 @@ skipping hidden entries and ``__MACOSX``; the image suffixes are `images.IMAGE_S
 predict` searches folders for. Other files, files beside the class folders and image names that are no regular
 file (a dangling link) are skipped with one warning that counts them; a folder that cannot be listed is an error
 (read as empty, its images would silently go); a linked folder that leads above its class folder or elsewhere
-into the tree is skipped with a warning (its images would get the wrong label). A tarball's hard and symbolic
-links are read as their target, as on disk. Images are decoded
+into the tree is skipped with a warning (its images would get the wrong label). A tarball reads like the folder
+extracting it leaves: a name stored twice is its last copy, and hard and symbolic links (to files or folders)
+are followed as on disk, by the same rules, but only inside the archive. Images are decoded
 with `images.decode_image` (RGB, resized to ``image_size`` squares, or kept at their native size when
 ``image_size=None``), big ones in a small thread pool; when any image was resized, one warning says from which
 sizes (their count is stored with the cached arrays, so a cached load says it too). A tarball's checksum is its
@@ -34,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifarlab.data.archives import iter_tar, tar_stem, unreadable_folder
-from cifarlab.data.cache import cached, resolve_cache_dir, writable_dir
+from cifarlab.data.archives import TarTree, iter_tar, tar_stem, unreadable_folder
+from cifarlab.data.cache import cache_source, cached, resolve_cache_dir, writable_dir
 from cifarlab.data.images import IMAGE_SUFFIXES, decode_image, is_regular_file, skip_name
 from cifarlab.data.official import OFFICIAL, file_md5
 from cifarlab.errors import ConfigError, DataError
@@ -479,25 +480,30 @@ def _split_at(parts: list[str], splits: tuple[str, ...], prefix: list[str] | Non
     return next((i for i in found if parts[i + 1] not in _SPLITS), found[0])
 
 
-def _tar_entries(archive: Path, test_only: bool = False) -> Iterator[_Entry]:
+def _tar_entries(archive: Path, test_only: bool = False, withdrawn: dict[str, int] | None = None) -> Iterator[_Entry]:
     """Image members laid out as [<top>/]<split>/<class>/.../<image> (class folders read recursively, as on
-    disk; hard and symbolic links read as their target, as on disk), streamed from a tarball (whose compressed
-    stream is then checked to its end by `iter_tar`)."""
+    disk; links to files and folders read as on disk, see `_tar_walk`), streamed from a tarball (whose compressed
+    stream is then checked to its end by `iter_tar`).
+
+    An entry may come again (a name stored twice: the later one is the one extraction keeps) or be withdrawn (a
+    path the extracted folder does not hold as first read): `withdrawn` gets {key: how many entries came before
+    its withdrawal}, and `_latest` keeps what the folder holds."""
     splits = _SPLITS[1:] if test_only else _SPLITS  # test_only: train members are read past, not decoded
     member_of = f"{archive} (member "  # formatted once: 60,000 members made this loop's cost visible
     top: list[list[str]] = []  # the tree's top folder's parts, once the first image member set it
-    others: list[tuple[str, str]] = []  # (split, name) of files in class folders that are not images
-    beside: list[tuple[list[str], str]] = []  # (parts, name) of files that may sit in a split folder, not a class's
+    others: dict[str, tuple[str, str]] = {}  # path -> (split, name) of files in class folders that are not images
+    beside: dict[str, tuple[list[str], str]] = {}  # path -> (parts, name) of files in a split folder, not a class's
     official: list[str] = []  # official CIFAR folders seen (a renamed official archive holds no image tree)
     seen: set[str] = set()  # the splits images came from
+    withdrawn = {} if withdrawn is None else withdrawn
 
-    def image_parts(m: Any) -> tuple[list[str], int, str] | None:
+    def image_parts(m: Any) -> tuple[tuple[str, ...], int, str] | None:
         """(the name's parts, where its split is, the name) of an image member, else None."""
         parts = [p for p in m.name.split("/") if p not in ("", ".")]
         if any(skip_name(p) for p in parts):
             return None
         if len(parts) >= 2 and parts[-2] in _SPLITS:
-            beside.append((parts, m.name))  # decided at the end, once the tree's top is known
+            beside["/".join(parts)] = (parts, m.name)  # decided at the end, once the tree's top is known
         if not official and parts[0] in _OFFICIAL_FOLDERS:
             official.append(parts[0])
         if len(parts) < 3:
@@ -505,7 +511,7 @@ def _tar_entries(archive: Path, test_only: bool = False) -> Iterator[_Entry]:
         if os.path.splitext(parts[-1])[1].lower() not in IMAGE_SUFFIXES:
             at = _split_at(parts, _SPLITS, top[0] if top else None)
             if at is not None and parts[at] in splits and len(parts) > at + 2:
-                others.append((parts[at], m.name))
+                others["/".join(parts)] = (parts[at], m.name)
             return None
         at = _split_at(parts, _SPLITS, top[0] if top else None)
         if at is None and top:
@@ -520,11 +526,20 @@ def _tar_entries(archive: Path, test_only: bool = False) -> Iterator[_Entry]:
             return None
         if not top:
             top.append(parts[:at])
-        return (parts, at, m.name) if parts[at] in splits else None
+        return (tuple(parts), at, m.name) if parts[at] in splits else None
 
-    for (parts, at, name), raw in iter_tar(archive, TAR_ADVICE, image_parts):
+    def walk(tree: TarTree) -> list[str]:
+        return _tar_walk(tree, "/".join(top[0]) if top else None, archive)
+
+    n = 0
+    for (parts, at, name), raw in iter_tar(archive, TAR_ADVICE, image_parts, walk):
+        key = "/".join(parts[at:])
+        if raw is None:
+            withdrawn[key] = n
+            continue
         seen.add(parts[at])
-        yield parts[at], parts[at + 1], "/".join(parts[at:]), raw, member_of + name + ")"
+        n += 1
+        yield parts[at], parts[at + 1], key, raw, member_of + name + ")"
     if not seen and not top and official:
         spec = _OFFICIAL_FOLDERS[official[0]]
         raise DataError(
@@ -533,8 +548,113 @@ def _tar_entries(archive: Path, test_only: bool = False) -> Iterator[_Entry]:
         )
     ignored = "val" if "test" in seen else ""  # val/ is not read when test/ is there (`_test_split`)
     used = [s for s in splits if s != ignored]
-    loose = [name for parts, name in beside if top and parts[:-2] == top[0] and parts[-2] in used]
-    _warn_skipped(str(archive), _Skipped(others=[name for split, name in others if split != ignored], loose=loose))
+    loose = [name for parts, name in beside.values() if top and parts[:-2] == top[0] and parts[-2] in used]
+    skipped = _Skipped(others=[name for split, name in others.values() if split != ignored], loose=loose)
+    _warn_skipped(str(archive), skipped)
+
+
+def _latest(decoded: list[_Decoded], withdrawn: dict[str, int]) -> list[_Decoded]:
+    """Each image path once, as the extracted folder holds it: the last copy read, unless withdrawn after it (see
+    `_tar_entries`; `decoded` is in the order the entries came)."""
+    out: dict[str, _Decoded] = {}
+    for i, d in enumerate(decoded):
+        if i >= withdrawn.get(d[2], 0):
+            out[d[2]] = d
+    return list(out.values())
+
+
+def _under(path: str, folder: str) -> bool:
+    """`path` is `folder` or inside it (paths in an archive, "" its top)."""
+    return not folder or path == folder or path.startswith(folder + "/")
+
+
+def _tar_top(tree: TarTree) -> str | None:
+    """The tree's top in an archive with no image member at a split/class path (every class folder a link), found
+    as `_scan_folder` finds it: the archive's top, or its one folder, when it holds a split folder."""
+
+    def has_splits(folder: str) -> bool:
+        return any(tree.is_dir(tree.resolve(f"{folder}/{s}" if folder else s)) for s in _SPLITS)
+
+    if has_splits(""):
+        return ""
+    folders = [n for n in tree.listdir("") if not skip_name(n) and tree.is_dir(tree.resolve(n))]
+    return folders[0] if len(folders) == 1 and has_splits(folders[0]) else None
+
+
+def _tar_walk(tree: TarTree, top: str | None, archive: Path) -> list[str]:
+    """Every file path (as read, through linked folders) of the archive's image tree, as `_scan_folder` reads the
+    extracted folder: each split folder's class folders (linked ones followed) and everything below them, where
+    `_class_files`'s rules hold: a folder is read once per class folder (a link loop ends), and a linked folder
+    that leads above its class folder or elsewhere into the tree is skipped with a warning."""
+    top = _tar_top(tree) if top is None else top
+    tree_real = tree.resolve(top) if top is not None else None
+    if top is None or tree_real is None:
+        return []
+    files: list[str] = []
+    for split in _SPLITS:
+        split_path = f"{top}/{split}" if top else split
+        split_real = tree.resolve(split_path)
+        if split_real is None or not tree.is_dir(split_real):
+            continue
+        for entry in tree.listdir(split_real):
+            if skip_name(entry):
+                continue
+            cls_path = f"{split_path}/{entry}"
+            cls_real = tree.resolve(cls_path)
+            if cls_real is not None and tree.is_dir(cls_real):
+                files += _tar_class_files(tree, cls_path, cls_real, tree_real, archive)
+            else:
+                files.append(cls_path)  # beside the class folders: `image_parts` counts it
+    return files
+
+
+def _tar_class_files(tree: TarTree, cls_path: str, cls_real: str, tree_real: str, archive: Path) -> list[str]:
+    """The file paths below one class folder of an archive, in `_class_files`'s order and by its rules."""
+
+    def leads_back(real: str) -> str | None:
+        if real != cls_real and _under(cls_real, real):
+            return f"{real or '.'}/ in the archive, a folder above its class folder"
+        if _under(real, tree_real) and not _under(real, cls_real):
+            return f"{real}/ in the archive, elsewhere in the dataset tree"
+        return None
+
+    def listing(path: str, real: str) -> Iterator[tuple[str, str]]:
+        return ((f"{path}/{n}", f"{real}/{n}") for n in tree.listdir(real) if not skip_name(n))
+
+    files: list[str] = []
+    seen = {cls_real}  # folders read (by their path with no link in it): each once
+    stack = [listing(cls_path, cls_real)]  # depth first, in name order, as `_class_files` recurses
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        path, real = item
+        kind = tree.kind(real)
+        if kind in ("s", "h"):
+            target = tree.resolve(real)
+            if target is None or not tree.is_dir(target):
+                files.append(path)  # a link to a file, or to nothing (`iter_tar` counts those)
+                continue
+            where = leads_back(target)
+            if where is not None:
+                log.warning(
+                    "%s: skipped a linked folder that leads to %s (its images would all be labelled %s)",
+                    terminal_safe(f"{archive} (member {path})"),
+                    terminal_safe(where),
+                    terminal_safe(cls_path.rpartition("/")[2]),
+                )
+                continue
+            real = target
+        elif kind == "f":
+            files.append(path)
+            continue
+        elif kind != "d":
+            continue  # a FIFO or device member: never read
+        if real not in seen:
+            seen.add(real)
+            stack.append(listing(path, real))
+    return files
 
 
 def load_imagefolder(
@@ -550,8 +670,10 @@ def load_imagefolder(
     arrays are then empty, train/ may be missing, and the class rules of `check_classes` do not apply."""
     size = check_image_size(image_size)
     size_tag = f"{size}px" if size is not None else "native"
+    withdrawn: dict[str, int] = {}  # a tarball's entries withdrawn (see `_tar_entries`)
     if test_only:
         size_tag += "-testonly"  # a tarball's key is the whole archive's: keep its test-only arrays apart
+    source = cache_source("imagefolder", path, f"{size_tag}-v{_CACHE_VERSION}")  # before the source is read
     if path.is_dir():
         root, files = _scan_folder(path, test_only)
         ds_name = name or root.name
@@ -561,7 +683,7 @@ def load_imagefolder(
     else:
         ds_name = name or tar_stem(path)
         checksum, kind = file_md5(path), "md5 of archive"
-        entries, total = _tar_entries(path, test_only), None
+        entries, total = _tar_entries(path, test_only, withdrawn), None
     cdir = resolve_cache_dir(cache_dir)
     # Keyed by content only, so the same tree or tarball loaded by another name or path shares one cache file.
     cache_file = cdir / f"imagefolder-{checksum}-{size_tag}-v{_CACHE_VERSION}.safetensors"
@@ -570,7 +692,7 @@ def load_imagefolder(
         # "first time only" holds where the result can be cached (an unwritable cache folder decodes every time)
         once = " (first time only)" if writable_dir(cdir) else ""
         log.info("decoding images in %s%s", path, once)
-        decoded = _decode_entries(entries, total, f"decoding {path.name}", size)
+        decoded = _latest(_decode_entries(entries, total, f"decoding {path.name}", size), withdrawn)
         if not decoded:
             what = "test/ (or val/) images" if test_only else "images"
             raise DataError(f"no {what} found in {path}: {_layout_help('<top>')}.")
@@ -579,7 +701,7 @@ def load_imagefolder(
             check_classes(arrays, str(path))  # before caching: nothing is left behind
         return arrays
 
-    arrays, used_dir = cached(cache_file, build)
+    arrays, used_dir = cached(cache_file, build, source)
     if not test_only:
         check_classes(arrays, str(path))  # again: a cache file written before this rule existed
     native_sizes = dict(arrays.pop("native_sizes", None) or {})

@@ -356,7 +356,10 @@ def decode_official_tar(spec: OfficialArchive, archive: Path) -> dict[str, Any]:
     wanted = {f"{spec.folder}/{n}": n for n in (*spec.train_files, *spec.test_files, spec.meta_file)}
     blobs: dict[str, bytes] = {}
     for name, raw in iter_tar(archive, ARCHIVE_ADVICE, lambda m: wanted.get(m.name.removeprefix("./"))):
-        blobs[name] = raw
+        if raw is None:  # withdrawn: that name was stored again as something else (see `iter_tar`)
+            blobs.pop(name, None)
+        else:
+            blobs[name] = raw  # a name stored twice comes twice: the last is the one extraction keeps
     missing = [n for n in wanted.values() if n not in blobs]
     if missing:
         raise DataError(
