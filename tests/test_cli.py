@@ -100,6 +100,67 @@ def test_help_and_runs_build_only_what_they_need(tmp_path):
     assert proc.stdout.strip() == "False"
 
 
+_HEAVY = ("torch", "numpy", "sklearn", "matplotlib", "scipy", "PIL", "optuna")
+
+
+def test_every_help_and_usage_error_imports_no_torch():
+    """`cifarlab train --help` (and tune's, config's, a mistyped option) listed the recipes by importing
+    cifarlab.recipes, hence torch: ~1-3 s before a help text or usage error on a 2-core CPU. Every command's
+    parser now builds without torch, numpy or the evaluation libraries."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from cifarlab import cli\n"
+        "heavy = sys.argv[1].split(',')\n"
+        "for argv in [[c, '--help'] for c in cli.COMMANDS] + [['model', 'summary', '--help'], ['train', '--bgt'],"
+        " ['tune', '--recipe'], ['config', '--set']]:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        with contextlib.suppress(SystemExit):\n"
+        "            cli.main(argv)\n"
+        "    assert not [m for m in heavy if m in sys.modules], (argv, [m for m in heavy if m in sys.modules])\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, ",".join(_HEAVY)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+    # The whole command as typed, entry point included: no torch module is imported at all.
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "cifarlab.cli", "train", "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "--recipe NAME" in proc.stdout
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert imported and not {m.split(".")[0] for m in imported} & set(_HEAVY)
+
+
+def test_recipe_help_lists_the_registered_recipes_plugins_included(tmp_path):
+    """The help lists the built-in recipes from `registry.BUILTIN_RECIPES` (no torch): they must be RECIPES' own
+    names and default; a plugin's recipe (it loads cifarlab.recipes first) shows up too."""
+    code = (
+        "from cifarlab import recipes, registry\n"
+        "assert tuple(recipes.RECIPES) == registry.BUILTIN_RECIPES, recipes.RECIPES\n"
+        "assert recipes.DEFAULT_RECIPE in registry.BUILTIN_RECIPES\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CIFARLAB_PLUGINS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+    plugin = tmp_path / "plug.py"
+    plugin.write_text(
+        "import dataclasses\n"
+        "from cifarlab.recipes import FAST, register_recipe\n"
+        "register_recipe(dataclasses.replace(FAST, name='plugged_recipe'))\n"
+    )
+    for extra_env, argv in [({"CIFARLAB_PLUGINS": str(plugin)}, []), ({}, ["--plugin", str(plugin)])]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cifarlab.cli", *argv, "train", "--help"],
+            capture_output=True,
+            text=True,
+            env={**env, **extra_env, "COLUMNS": "200"},
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "base recipe: reference, fast, air94, resnet18, wrn16_8, effnet_b0, plugged_recipe (default:" in (
+            proc.stdout
+        )
+
+
 def test_training_imports_no_evaluation_or_report_library():
     """scikit-learn (~0.8 s), matplotlib and captum are for evaluation and reports: the train command and
     `cifarlab.fit` import them only once a run is evaluated, not before their first training step."""

@@ -408,7 +408,8 @@ def test_nproc_runs_the_same_command_under_torchrun(monkeypatch: pytest.MonkeyPa
         return run
 
     # every process stopped (Ctrl-C) or refused its input: that status, no torchrun traceback
-    for codes, status in (((130, 130), 130), ((2, 2), 2), ((1, -9), 1)):
+    # one process refused its input and torchrun ended the other (SIGTERM) while it waited: that status too
+    for codes, status in (((130, 130), 130), ((2, 2), 2), ((1, -9), 1), ((-15, 2), 2), ((2, -15), 2), ((1, 2), 1)):
         monkeypatch.setattr(torchrun, "main", failing(*codes))
         assert cli.main(sys.argv[1:]) == status
     # A bad value fails here, once, not in N processes; nothing is started.
@@ -527,3 +528,213 @@ def test_a_data_error_under_nproc_is_said_by_process_0_and_exits_2(setup: dict, 
     assert "Traceback" not in done.stderr and "training processes failed" not in done.stderr, done.stderr
     said = [line for line in done.stderr.splitlines() if line.startswith("error:") and "process 0" not in line]
     assert len(said) == 1, done.stderr  # the data's error once, not once per process
+
+
+@needs_gloo
+@pytest.mark.long
+def test_an_error_every_process_meets_after_the_data_is_said_once(setup: dict, tmp_path: Path) -> None:
+    """A recipe value only the data can refuse (a batch larger than the training set with drop_last) fails in
+    every process after it has loaded the data: each printed the line, the user read it twice. Now the first
+    process to meet it says it (`distributed.first_to_say`), the others stay silent, and the job exits 2."""
+    s = setup
+    args = _train_args(s, tmp_path / "runs", "--set", "batch_size=128", "--set", "drop_last=true")
+    args[args.index("train") + 1 : args.index("train") + 1] = ["--nproc", "2"]  # 128 splits: the launcher passes it
+    done = _cifarlab(*args, env=s["env"])
+    assert done.returncode == 2, done.stderr
+    said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert said == [
+        "error: batch_size=128 is larger than the 96 training images and drop_last is on: not one "
+        "training step would run; lower batch_size"
+    ], done.stderr
+
+
+RANK1_PLUGIN = """
+import os
+from torch import nn
+from cifarlab.registry import MODELS
+
+@MODELS.register("wrong_on_rank1")
+def wrong_on_rank1(recipe, num_classes, input_shape):
+    # Rank 1 alone builds a model with one logit too many: its check fails, rank 0's passes.
+    extra = 1 if os.environ.get("RANK") == "1" else 0
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], num_classes + extra))
+"""
+
+
+@needs_gloo
+@pytest.mark.long
+def test_an_error_only_another_process_meets_is_still_said_under_a_bare_torchrun(setup: dict, tmp_path: Path) -> None:
+    """The errors said once must not lose one that only a process other than 0 meets: under a bare `torchrun`
+    (no `--nproc` launcher of ours) rank 1's own error is printed, once."""
+    s = setup
+    plugin = tmp_path / "rank1_plugin.py"
+    plugin.write_text(RANK1_PLUGIN)
+    args = _train_args(s, tmp_path / "runs", "--set", "model=wrong_on_rank1", "--set", "callbacks=")
+    done = subprocess.run(
+        _torchrun("--plugin", str(plugin), *args),
+        env=s["env"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        preexec_fn=_all_cores,
+    )
+    assert done.returncode != 0, done.stderr
+    wrong = "error: model 'wrong_on_rank1' returns shape (2, 5) for 2 images; it must return float logits"
+    assert sum(line.startswith(wrong) for line in done.stderr.splitlines()) == 1, done.stderr
+    assert "[rank0]:" not in done.stderr, done.stderr  # rank 0 waited for rank 1: one line, not gloo's traceback
+
+
+def test_first_to_say_claims_each_text_once_in_torchruns_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim itself, against a store like torchrun's agent store: the first claim of a text wins, a repeat
+    loses, another text or another restart of the job wins again; without an agent store everyone says it."""
+    from datetime import timedelta
+
+    from cifarlab import distributed
+    from cifarlab.distributed import first_to_say
+
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert first_to_say("error: x\n") and first_to_say("error: x\n")  # no store: as before, every process says it
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert first_to_say("error: x\n") and not first_to_say("error: x\n") and not first_to_say("error: x\n")
+    assert first_to_say("error: y\n")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert first_to_say("error: x\n")
+    monkeypatch.setattr(distributed, "SAY_STORE_TIMEOUT_S", 0.2)
+    monkeypatch.setenv("MASTER_PORT", "1")  # nothing listens there: say it rather than lose it
+    assert first_to_say("error: x\n")
+
+
+@needs_gloo
+@pytest.mark.long
+def test_an_error_only_process_1_meets_before_the_run_is_one_line_from_process_0(setup: dict, tmp_path: Path) -> None:
+    """Rank 1 alone refuses its model (a plugin's, built differently there) while rank 0 passed: rank 0 used to
+    print gloo's `[rank0]: Traceback ...` from the run folder's broadcast, and leave a folder marked running. Now
+    every rank agrees that all have prepared before rank 0 writes anything: rank 0 says in one line that another
+    process ended, rank 1's error is printed once, no run folder is made, and `--nproc` exits 2 (refused input)."""
+    s = setup
+    plugin = tmp_path / "rank1_plugin.py"
+    plugin.write_text(RANK1_PLUGIN)
+    runs = tmp_path / "runs"
+    args = _train_args(s, runs, "--set", "model=wrong_on_rank1", "--set", "callbacks=")
+    args[args.index("train") + 1 : args.index("train") + 1] = ["--nproc", "2"]
+    done = _cifarlab("--plugin", str(plugin), *args, env=s["env"])
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "[rank0]:" not in done.stderr, done.stderr
+    assert "training processes failed" not in done.stderr, done.stderr
+    lines = done.stderr.splitlines()
+    wrong = "error: model 'wrong_on_rank1' returns shape (2, 5) for 2 images; it must return float logits"
+    assert sum(line.startswith(wrong) for line in lines) == 1, done.stderr
+    ended = "error: another process of this training ended before the run started (gloo: "
+    assert sum(line.startswith(ended) for line in lines) == 1, done.stderr
+    assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()], list(runs.iterdir())
+
+
+GLOO_LOST = (
+    "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:63670. This "
+    "is typically caused by a remote worker crashing. Check the logs of the remote worker before reporting an error."
+)
+
+
+def _lost(*args: object, **kwargs: object) -> None:
+    raise RuntimeError(GLOO_LOST)
+
+
+def _rank0_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lost: str):
+    """A plan prepared in this process as rank 0 of two, whose collective `lost` fails as gloo's does when the
+    other process is gone."""
+    from _runfolder import tiny_recipe
+    from _synth import make_dataset
+    from cifarlab.distributed import Distributed
+    from cifarlab.experiment import prepare
+
+    recipe = tiny_recipe("reference_cnn").replace(precision="fp32", batch_size=16, epochs=1)
+    plan = prepare(recipe, dataset=make_dataset(8, 4), device="cpu")
+    plan.dist = Distributed(0, 2, 0, 2, torch.device("cpu"), "gloo")
+    monkeypatch.setattr(plan.dist, "barrier", lambda: None)
+    monkeypatch.setattr(plan.dist, "broadcast_object", lambda obj, src=0: obj)
+    monkeypatch.setattr(plan.dist, lost, _lost)
+    return plan
+
+
+def test_a_process_lost_before_the_run_leaves_no_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifarlab.errors import UserError
+    from cifarlab.experiment import open_run
+
+    plan = _rank0_plan(tmp_path, monkeypatch, "barrier")
+    with pytest.raises(UserError) as e:
+        open_run(plan, tmp_path / "runs")
+    assert str(e.value).startswith(
+        "another process of this training ended before the run started (gloo: Connection closed by peer "
+    ), e.value
+    assert "pair.cc" not in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_a_process_lost_as_the_run_starts_marks_its_folder_crashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Process 0 made the folder, then the other process was gone (killed): the folder is marked crashed, not left
+    running, and its lock let go (`cifarlab runs` lists it crashed, with nothing to resume)."""
+    from cifarlab.errors import RunError
+    from cifarlab.experiment import open_run
+    from cifarlab.runs import RunLock
+
+    plan = _rank0_plan(tmp_path, monkeypatch, "broadcast_object")
+    with pytest.raises(RunError, match=r"^another process of this training ended as the run started \(gloo: "):
+        open_run(plan, tmp_path / "runs")
+    run = _only_run(tmp_path / "runs")
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "crashed", status
+    assert status["message"].startswith("another process of this training ended as the run started (gloo: ")
+    assert "pair.cc" not in status["message"]
+    RunLock(run).acquire().release()  # the lock was let go
+    capsys.readouterr()
+    assert cli.main(["runs", "--root", str(tmp_path / "runs"), "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["status"] == "crashed" and not listed["resumable"], listed
+
+
+def test_process_0_waiting_after_the_data_says_in_one_line_that_another_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifarlab.distributed import Distributed
+    from cifarlab.errors import UserError
+
+    d = Distributed(0, 2, 0, 2, torch.device("cpu"), "gloo")
+    monkeypatch.setattr(d, "barrier", _lost)
+    with pytest.raises(UserError, match=r"^another process of this training ended while process 0 loaded the data"):
+        with d.main_first():
+            pass
+    other = Distributed(1, 2, 1, 2, torch.device("cpu"), "gloo")
+    monkeypatch.setattr(other, "barrier", _lost)
+    with pytest.raises(UserError, match="^process 0 of this training ended before this step"):
+        with other.main_first():
+            pass
+
+
+def test_sigterm_ends_a_process_still_joining_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that failed before joining (a plugin that fails to load on rank 1 only) leaves the others waiting
+    in `init_process_group`, in C++, where the agreed stop's SIGTERM handler cannot run: torchrun's SIGTERM did
+    nothing and it killed them 30 s later. While joining, SIGTERM ends the process; the handler is put back."""
+    import signal
+
+    from cifarlab import distributed
+
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: seen.append(signal.getsignal(signal.SIGTERM)))
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+
+    def handler(signum: int, frame: object) -> None:
+        pass
+
+    saved = signal.signal(signal.SIGTERM, handler)
+    try:
+        ctx = distributed.setup("cpu")
+        assert ctx is not None and ctx.backend == "gloo" and ctx.rank == 0
+        assert seen == [signal.SIG_DFL] and signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, saved)

@@ -447,29 +447,11 @@ def machine_variant(recipe: Recipe, device: str) -> str | None:
 
 
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    """--recipe NAME, --config FILE, --set KEY=VALUE (repeatable) on a subcommand's parser."""
-    parser.add_argument(
-        "--recipe",
-        default=None,
-        metavar="NAME",
-        help=f"base recipe: {', '.join(RECIPES)} (default: the config file's `recipe:`, else {DEFAULT_RECIPE})",
-    )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="YAML (.yaml/.yml), TOML (.toml) or JSON file of recipe keys, e.g. `lr: 0.002`; may name "
-        "`recipe:`; a run's config.json re-creates that run's recipe",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one recipe key, applied after --config in the order given; repeatable "
-        "(e.g. --set lr=2e-3 --set widths=32,64,64)",
-    )
+    """--recipe NAME, --config FILE, --set KEY=VALUE (repeatable) on a subcommand's parser (see
+    `cifarlab.cli.common.add_recipe_args`, which the commands' parsers call without importing this module)."""
+    from cifarlab.cli.common import add_recipe_args as add
+
+    add(parser)
 
 
 def recipe_from_args(args: argparse.Namespace, device: str | None = None) -> Recipe:

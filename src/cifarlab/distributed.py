@@ -39,10 +39,13 @@ from cifarlab.errors import ConfigError, UserError
 __all__ = [
     "Distributed",
     "env_world",
+    "first_to_say",
     "install_agreed_stop",
     "launcher_gone",
+    "peer_ended",
     "peer_lost",
     "peer_lost_reason",
+    "said_in_one_line",
     "setup",
     "stop_requested",
     "threads_per_process",
@@ -146,6 +149,26 @@ def peer_lost_reason(e: BaseException) -> str:
     return f"{'nccl' if 'NCCL' in str(e) else 'gloo'}: {text[:200]}"
 
 
+def peer_ended(e: BaseException, when: str) -> str:
+    """The one line for a collective `e` that failed because another process is gone: "another process of this
+    training ended {when} (gloo: Connection closed by peer [addr])"."""
+    return f"another process of this training ended {when} ({peer_lost_reason(e)})"
+
+
+@contextlib.contextmanager
+def said_in_one_line(when: str, error: type[Exception] = UserError) -> Iterator[None]:
+    """A collective in the block that fails because another process of the group is gone raises `error` with one
+    line (`peer_ended`; the process that ended says why itself, torchrun names it) instead of gloo's traceback.
+    For the collectives outside the training loop, where a process waits for the others (the data, the run
+    folder): one process failing alone there left the others printing gloo's `[rank0]: Traceback ...`."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo's errors and DistNetworkError are RuntimeErrors
+        if not peer_lost(e):
+            raise
+        raise error(f"{peer_ended(e, when)}; its own message says why") from None
+
+
 def env_world() -> tuple[int, int, int, int] | None:
     """(rank, world_size, local_rank, local_world_size) from torchrun's environment; None when `WORLD_SIZE` is
     unset or 1 (a single process: nothing distributed happens)."""
@@ -158,6 +181,39 @@ def env_world() -> tuple[int, int, int, int] | None:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return rank, int(world), local_rank, local_world
+
+
+SAY_STORE_TIMEOUT_S = 5.0  # connecting to torchrun's store (local or the first node's; it is up while the job is)
+
+
+def first_to_say(text: str) -> bool:
+    """Whether this process is the one to print `text`, a user-facing error (one line, or a plugin's traceback and
+    its line). Under torchrun every process usually meets the same error after the data is loaded (a recipe
+    value only the data can check, a model that does not fit, out of memory) and each printed it: the user read
+    it once per process. Each process claims its text with an atomic add in torchrun's own key-value store (the
+    agent's, which outlives every worker and is there under `--nproc` and a bare `torchrun` alike, on one machine
+    or many): the first to claim a text prints it, the others stay silent, and a text only one process meets
+    (another rank's own error) is still printed, at once, with no waiting for the others. Where that store cannot
+    be used (another launcher, a torchrun without an agent store), every process prints, as before: duplicated
+    rather than lost."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true" or "MASTER_ADDR" not in os.environ:
+        return True
+    import hashlib
+
+    import torch.distributed as dist
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restarted job says its errors again
+    key = f"cifarlab/said/{attempt}/{hashlib.sha256(text.encode()).hexdigest()}"
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=SAY_STORE_TIMEOUT_S),
+        )
+        return int(store.add(key, 1)) == 1
+    except (RuntimeError, ValueError, KeyError, OSError):  # no store to ask (DistError is a RuntimeError): say it
+        return True
 
 
 def threads_per_process(local_world: int) -> int:
@@ -221,7 +277,7 @@ class Distributed:
     def main_first(self) -> Iterator[None]:
         """The block runs in process 0 first, then in the others together (a download or a cache that process 0
         fills and the others then read). If process 0 fails in it, the others get a one-line UserError (torchrun
-        also stops them) instead of gloo's traceback."""
+        also stops them) instead of gloo's traceback; if another process ends meanwhile, process 0 gets one."""
         if not self.is_main:
             try:
                 self.barrier()
@@ -231,7 +287,8 @@ class Distributed:
                 raise UserError("process 0 of this training ended before this step: its message says why") from None
         yield
         if self.is_main:
-            self.barrier()
+            with said_in_one_line("while process 0 loaded the data"):
+                self.barrier()
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -314,6 +371,25 @@ class Distributed:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _sigterm_ends_the_join() -> Iterator[None]:
+    """SIGTERM ends this process at once while it joins the group. torchrun sends it when another process failed
+    before joining (a plugin that fails to load on one rank only), and the agreed stop's handler, which only sets
+    a flag, cannot run while the join waits in C++ for the missing process: torchrun waited 30 s, then killed it
+    (SIGKILL). Nothing is written before the group is joined, so there is nothing to save."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, saved if saved is not None else signal.SIG_DFL)
+
+
 def setup(device: str | None = None, *, sync_bn: bool = False, timeout_s: float = 1800.0) -> Distributed | None:
     """Join torchrun's process group (None without torchrun or with one process): NCCL on CUDA, gloo on CPUs."""
     found = env_world()
@@ -334,7 +410,8 @@ def setup(device: str | None = None, *, sync_bn: bool = False, timeout_s: float 
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        with _sigterm_ends_the_join():
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     ctx = Distributed(rank, world, local_rank, local_world, dev, backend, sync_bn=sync_bn)
     if sync_bn:
         ctx.convert_sync_bn(nn.Identity())  # fails before any work on CPUs

@@ -39,7 +39,7 @@ from cifarlab.budget import PROCESS_START, BudgetPlan, Clock, TimeBudget, plan_b
 from cifarlab.calibrate import at_bound, fit_on_split
 from cifarlab.data import BatchLoader, Dataset, channel_stats, default_data_dir, load_dataset, recipe_split
 from cifarlab.device import check_precision, precision_reason, resolve_device, set_threads, without_cudnn_timing
-from cifarlab.distributed import Distributed, peer_lost, peer_lost_reason, threads_per_process
+from cifarlab.distributed import Distributed, peer_ended, peer_lost, said_in_one_line, threads_per_process
 from cifarlab.errors import RunError, UserError
 from cifarlab.files import remove_leftover_temps
 from cifarlab.finetune import InitResult, apply_freeze, apply_init, check_init_args, read_init_source
@@ -480,10 +480,17 @@ def open_run(
 ) -> Path:
     """Create the run folder (or take the resumed one), lock it against a second trainer, write config.json.
 
-    Under torchrun rank 0 alone does this and sends the folder's path to the other ranks, which write nothing."""
-    if plan.dist is not None and not plan.dist.is_main:
-        plan.run_dir = Path(plan.dist.broadcast_object(None))
-        return plan.run_dir
+    Under torchrun rank 0 alone does this and sends the folder's path to the other ranks, which write nothing.
+    First every rank waits until all have prepared: a rank that failed alone in `prepare` (its data, a plugin's
+    model) leaves no run folder (a resumed one keeps its status), and the others end with one line saying that
+    another process ended, not gloo's traceback."""
+    if plan.dist is not None:
+        with said_in_one_line("before the run started"):
+            plan.dist.barrier()
+        if not plan.dist.is_main:
+            with said_in_one_line("before the run started"):
+                plan.run_dir = Path(plan.dist.broadcast_object(None))
+            return plan.run_dir
     if plan.run_dir is None:
         plan.run_dir = new_run_dir(runs_root, plan.recipe.name)
         plan.lock = RunLock(plan.run_dir).acquire()
@@ -496,7 +503,20 @@ def open_run(
         _remove_killed_writes(plan.run_dir)
     write_status(plan.run_dir, "running")
     if plan.dist is not None:
-        plan.dist.broadcast_object(str(plan.run_dir))
+        try:
+            plan.dist.broadcast_object(str(plan.run_dir))
+        except Exception as e:
+            # Another process ended between the agreement above and here (killed): the folder is marked crashed,
+            # as a run that failed later is, and its lock let go; `cifarlab runs` lists it so.
+            lost = peer_lost(e)
+            why = peer_ended(e, "as the run started") if lost else f"{type(e).__name__}: {e}"
+            _status_if_possible(plan.run_dir, "crashed", message=why)
+            plan.lock.release()
+            if not lost:
+                raise
+            if (plan.run_dir / CHECKPOINT).exists():
+                why += f"; the run's last checkpoint stands: {plan.resume_line()}"
+            raise RunError(why) from None
     return plan.run_dir
 
 
@@ -963,7 +983,7 @@ def run_experiment(
         except BaseException as e:
             if plan.dist is not None and peer_lost(e):
                 # One line, not gloo's traceback: the process that died has its own messages, torchrun names it.
-                why = f"another process of this training ended during the run ({peer_lost_reason(e)})"
+                why = peer_ended(e, "during the run")
                 if main:
                     _status_if_possible(run_dir, "crashed", message=why)
                 if (run_dir / CHECKPOINT).exists():

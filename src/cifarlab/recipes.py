@@ -23,7 +23,7 @@ import cifarlab.models  # noqa: F401  (registers the built-in models)
 import cifarlab.train.optim  # noqa: F401  (registers the built-in optimizers and schedules)
 from cifarlab.data.dataset import NAMED_DATASETS, canonical_dataset_name
 from cifarlab.errors import ConfigError
-from cifarlab.registry import AUGMENTS, CALLBACKS, MODELS, OPTIMIZERS, SCHEDULES, Registry
+from cifarlab.registry import AUGMENTS, CALLBACKS, DEFAULT_RECIPE, MODELS, OPTIMIZERS, SCHEDULES, Registry
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -523,8 +523,8 @@ EFFNET_B0 = _DEEP.replace(
     stochastic_depth=0.1,  # half the paper's 0.2: 18 epochs need less regularization than 350
 )
 
+# Their names and DEFAULT_RECIPE are also in cifarlab.registry (BUILTIN_RECIPES), for help that does not import torch.
 RECIPES: dict[str, Recipe] = {r.name: r for r in (REFERENCE, FAST, AIR94, RESNET18, WRN16_8, EFFNET_B0)}
-DEFAULT_RECIPE = "fast"
 
 
 def register_recipe(recipe: Recipe, *, replace: bool = False) -> Recipe:

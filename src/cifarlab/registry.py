@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -28,7 +29,9 @@ from cifarlab.errors import ConfigError
 
 __all__ = [
     "AUGMENTS",
+    "BUILTIN_RECIPES",
     "CALLBACKS",
+    "DEFAULT_RECIPE",
     "MODELS",
     "OPTIMIZERS",
     "REGISTRIES",
@@ -36,6 +39,7 @@ __all__ = [
     "Entry",
     "Registry",
     "load_builtins",
+    "recipe_names",
     "registered_description",
 ]
 
@@ -173,6 +177,21 @@ SCHEDULES: Registry[Callable[..., Any]] = Registry("LR schedule", "schedule", "S
 # Callbacks a recipe switches on by name (`--set callbacks=name1,name2`): a factory `(recipe) -> Callback`.
 CALLBACKS: Registry[Callable[..., Any]] = Registry("callback", "callbacks", "CALLBACKS")
 REGISTRIES: tuple[Registry[Callable[..., Any]], ...] = (MODELS, AUGMENTS, OPTIMIZERS, SCHEDULES, CALLBACKS)
+
+# The built-in recipes' names, in the order of `cifarlab.recipes.RECIPES`, and the default recipe: here, so that
+# `--recipe`'s help lists them without importing cifarlab.recipes, which imports torch (~1-3 s of every
+# `cifarlab train --help` or mistyped option). tests/test_cli.py checks that they match RECIPES.
+BUILTIN_RECIPES: tuple[str, ...] = ("reference", "fast", "air94", "resnet18", "wrn16_8", "effnet_b0")
+DEFAULT_RECIPE = "fast"
+
+
+def recipe_names() -> tuple[str, ...]:
+    """The names `--recipe` accepts, plugins' recipes included, without importing torch where none can have been
+    added: a recipe is registered through cifarlab.recipes (and a plugin loads the built-ins, that module among
+    them, before it runs), so while that module is not imported the built-in names are the whole list."""
+    recipes = sys.modules.get("cifarlab.recipes")
+    return tuple(recipes.RECIPES) if recipes is not None else BUILTIN_RECIPES
+
 
 # The modules whose import registers the built-in entries (recipes.py: the built-in recipes, and it imports
 # the others too).

@@ -16,7 +16,7 @@ from typing import Any
 
 from cifarlab.text import terminal_safe
 
-__all__ = ["EPILOG_DATA", "data_dir_arg", "fmt", "print_error", "printable", "run_command", "warn"]
+__all__ = ["EPILOG_DATA", "add_recipe_args", "data_dir_arg", "fmt", "print_error", "printable", "run_command", "warn"]
 
 EPILOG_DATA = (
     "Data lookup: --data-dir, else $CIFARLAB_DATA, else (for a command on a finished run) the folder the run\n"
@@ -56,6 +56,36 @@ def data_dir_arg(p: argparse.ArgumentParser) -> None:
         "extracted batches, downloaded there when missing; fashion_mnist: its four IDX files) and relative dataset "
         "paths; default $CIFARLAB_DATA or ~/.cache/cifarlab. An image-folder tree or IDX folder is a dataset "
         "itself: pass it as the dataset instead (train, tune: --set dataset=PATH; data: --dataset PATH)",
+    )
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """--recipe NAME, --config FILE, --set KEY=VALUE (repeatable) on a subcommand's parser. The registered recipes
+    are listed without importing torch (see `recipe_names`): `cifarlab train --help` or a mistyped option answers
+    at once; the values are checked by `cifarlab.config.recipe_from_args` when the command runs."""
+    from cifarlab.registry import DEFAULT_RECIPE, recipe_names
+
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        metavar="NAME",
+        help=f"base recipe: {', '.join(recipe_names())} (default: the config file's `recipe:`, else {DEFAULT_RECIPE})",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="YAML (.yaml/.yml), TOML (.toml) or JSON file of recipe keys, e.g. `lr: 0.002`; may name "
+        "`recipe:`; a run's config.json re-creates that run's recipe",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one recipe key, applied after --config in the order given; repeatable "
+        "(e.g. --set lr=2e-3 --set widths=32,64,64)",
     )
 
 
@@ -217,11 +247,31 @@ def cli_logging() -> Iterator[None]:
         logger.propagate = old_propagate
 
 
+def _under_torchrun() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1) > 1
+    except ValueError:
+        return False
+
+
+def _say_error(message: Any, before: str = "") -> None:
+    """`error: message` (after `before`, a traceback) on stderr; under torchrun once for the whole job, not once
+    per process (`cifarlab.distributed.first_to_say`: the first process to meet this text prints it)."""
+    text = f"{before}error: {printable(message)}\n"
+    if _under_torchrun():
+        from cifarlab.distributed import first_to_say
+
+        if not first_to_say(text):
+            return
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
 def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Run a command's function: its return value is the exit status; a `UserError` prints one line and
     exits 2, an `OSError` (full disk, read-only folder) one line and exits 1 (after its traceback when it came
     from user code, a plugin's callback say), Ctrl-C exits 130, a closed output pipe (`| head`) exits 0. Other
-    errors keep their traceback."""
+    errors keep their traceback. Under torchrun, an error that several processes meet is printed once."""
     from cifarlab.errors import Interrupted, RunError, UserError
 
     try:
@@ -236,16 +286,15 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
         to_devnull(sys.stdout.fileno())
         return 0
     except UserError as exc:  # user-facing errors carry their own advice
-        print_error(exc)
+        _say_error(exc)
         return 2
     except RunError as exc:  # a run that failed, its message saying why and what now
-        print_error(exc)
+        _say_error(exc)
         return 1
     except OSError as exc:  # a full disk, a read-only folder, a vanished file: one line, not a traceback
         from cifarlab.plugins import raised_in_user_code
 
-        if raised_in_user_code(exc):
-            # User code (a plugin's callback) failed: its file and line are what the user needs to find the bug.
-            traceback.print_exception(exc, file=sys.stderr)
-        print_error(os_error_message(exc))
+        # User code (a plugin's callback) failed: its file and line are what the user needs to find the bug.
+        shown = "".join(traceback.format_exception(exc)) if raised_in_user_code(exc) else ""
+        _say_error(os_error_message(exc), before=shown)
         return 1

@@ -6,15 +6,13 @@ import argparse
 import json
 from typing import Any
 
-from cifarlab.cli.common import data_dir_arg, fmt, printable
+from cifarlab.cli.common import add_recipe_args, data_dir_arg, fmt, printable
 
 # The one-line help `cifarlab --help` lists (read without building this command's parser).
 HELP = "print a resolved recipe (--recipe, --config, --set) without training"
 
 
 def add_parser(sub: Any) -> None:
-    from cifarlab import config
-
     p = sub.add_parser(
         "config",
         help=HELP,
@@ -26,7 +24,7 @@ def add_parser(sub: Any) -> None:
             "cifarlab config --recipe reference --set lr=2e-3 --set widths=32,64,64",
         ),
     )
-    config.add_recipe_args(p)
+    add_recipe_args(p)
     data_dir_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     p.set_defaults(func=cmd_config)

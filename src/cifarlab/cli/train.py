@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cifarlab.cli.common import data_dir_arg, fmt, folder_path, output_may_close, stop_signals
+from cifarlab.cli.common import add_recipe_args, data_dir_arg, fmt, folder_path, output_may_close, stop_signals
 from cifarlab.errors import UserError
 
 # The one-line help `cifarlab --help` lists (read without building this command's parser).
@@ -17,8 +17,6 @@ HELP = "train a recipe and write a run folder with history, weights and a report
 
 
 def add_parser(sub: Any) -> None:
-    from cifarlab import config
-
     p = sub.add_parser(
         "train",
         help=HELP,
@@ -31,7 +29,7 @@ def add_parser(sub: Any) -> None:
             "--set pretrained_lr_scale=0.3",
         ),
     )
-    config.add_recipe_args(p)
+    add_recipe_args(p)
     data_dir_arg(p)
     p.add_argument("--runs-dir", type=folder_path, default=Path("runs"), help="where run folders go (default: runs)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
@@ -133,13 +131,12 @@ def launch(torchrun_args: list[str]) -> int:
         torchrun(torchrun_args)
     except ChildFailedError as e:
         codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
-        if len(set(codes.values())) == 1 and next(iter(codes.values())) in (2, 130):
-            return next(iter(codes.values()))
-        # Process 0 refused its input or was stopped, and torchrun ended the others (waiting for its data): its
-        # line above says why.
-        first = codes.get(0)
-        if first in (2, 130) and all(c in (first, -15) for r, c in codes.items() if r != 0):
-            return int(first)
+        # Every process refused its input or was stopped; or one did (process 0 on the data, another on its own
+        # model) and the others either said in one line that it ended or were ended by torchrun (SIGTERM) while
+        # waiting for it: the lines above say why.
+        said = {c for c in codes.values() if c != -15}
+        if len(said) == 1 and (only := next(iter(said))) in (2, 130):
+            return int(only)
         each = ", ".join(f"process {rank}: {_exit_text(code)}" for rank, code in codes.items())
         print(f"error: training processes failed ({each}); their messages are above", file=sys.stderr)
         return 1

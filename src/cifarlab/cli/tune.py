@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cifarlab.cli.common import data_dir_arg, fmt, folder_path, output_may_close, stop_signals, warn
+from cifarlab.cli.common import add_recipe_args, data_dir_arg, fmt, folder_path, output_may_close, stop_signals, warn
 
 # The one-line help `cifarlab --help` lists (read without building this command's parser).
 HELP = "search a recipe's hyperparameters with Optuna (TPE, pruning, resumable, many workers)"
@@ -23,8 +23,6 @@ def _seed(text: str) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from cifarlab import config
-
     p = sub.add_parser(
         "tune",
         help=HELP,
@@ -40,7 +38,7 @@ def add_parser(sub: Any) -> None:
             "cifarlab tune --recipe reference --n-trials 24 --workers 4 --data-dir ../shared/data",
         ),
     )
-    config.add_recipe_args(p)
+    add_recipe_args(p)
     data_dir_arg(p)
     p.add_argument(
         "--space",
