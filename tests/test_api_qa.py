@@ -387,3 +387,13 @@ def test_threads_sharing_a_loaded_run_explain_and_export_one_at_a_time(user_run,
     with ThreadPoolExecutor(3) as pool:
         outs = list(pool.map(lambda i: loaded.export("onnx", out=tmp_path / f"m{i}.onnx"), range(3)))
     assert all(p.is_file() and p.stat().st_size > 0 for p in outs)
+
+
+def test_every_registry_is_exported_at_the_top_level():
+    # ARCHITECTURE: `cifarlab` exports "the registries"; each by the name its messages use (`MODELS`, `CALLBACKS`)
+    from cifarlab.registry import REGISTRIES
+
+    for reg in REGISTRIES:
+        assert getattr(cifarlab, reg.var) is reg
+        assert reg.var in cifarlab.__all__
+    assert cifarlab.CALLBACKS is CALLBACKS

@@ -243,3 +243,15 @@ def test_flip_translate_without_flip():
     ft = FlipTranslate(pad=0, flip=False)
     x = asym_image(8)
     assert torch.equal(ft(x, generator=torch.Generator()), x)
+
+
+def test_describe_says_off_when_flips_are_off_even_with_alternate_flip():
+    # `--set horizontal_flip=false` on `fast` (alternate_flip=true): no image is flipped, and the report says so
+    from cifarlab.augment import make_augment
+    from cifarlab.recipes import get_recipe
+
+    aug = make_augment(get_recipe("fast").replace(horizontal_flip=False))
+    assert not aug.flip_mask(8, torch.Generator(), indices=torch.arange(8)).any()
+    assert aug.describe().endswith("horizontal flip off")
+    assert make_augment(get_recipe("fast")).describe().endswith("horizontal flip alternating per epoch")
+    assert FlipTranslate(flip=True).describe().endswith("horizontal flip random")

@@ -24,7 +24,7 @@ from cifarlab.experiment import run_experiment
 from cifarlab.inference import predict_logits, recipe_options
 from cifarlab.predict import predict_paths
 from cifarlab.recipes import get_recipe
-from cifarlab.runs import TEMPERATURE, WEIGHTS, RunLock, load_run, read_json, save_weights, write_status
+from cifarlab.runs import TEMPERATURE, WEIGHTS, RunLock, load_run, read_json, save_weights, write_json, write_status
 
 
 def _sampled(t_true: float, n: int = 20000, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,3 +318,75 @@ def test_a_new_temperature_makes_an_earlier_onnx_export_stale_for_serve(tmp_path
     x, _ = make_images(2, n_classes=4, seed=7)
     served = _onnx_forward(load_run(run_dir), torch.device("cpu"))(x)
     torch.testing.assert_close(served, run_probs_fp32(run_dir, x), atol=1e-4, rtol=0)
+
+
+def test_resume_writing_a_lost_weights_file_again_keeps_the_runs_temperature(tmp_path: Path, caplog) -> None:
+    """QA round 17, L5: `--resume` wrote a lost model.safetensors without the temperature `cifarlab calibrate`
+    had fitted (and refitted the recipe's own after `calibrate --off`). metrics.json's "calibration" block keeps
+    it; where metrics.json cannot say, a warning names the command that fits it again."""
+    import logging
+
+    from safetensors import safe_open
+
+    def metadata(run_dir: Path) -> dict[str, str]:
+        with safe_open(str(run_dir / WEIGHTS), framework="pt") as f:
+            return dict(f.metadata() or {})
+
+    ds = make_dataset(30, 10)
+    base = tiny_recipe("reference_cnn").replace(epochs=1, batch_size=16, precision="fp32", val_fraction=0.25)
+    # calibrate=false, then `cifarlab calibrate`
+    run_dir = run_experiment(base, dataset=ds, runs_root=tmp_path / "a", quiet=True, report=False).run_dir
+    fitted = calibrate_run(run_dir, dataset=ds)
+    assert fitted is not None and fitted["temperature"] != 1.0
+    before = metadata(run_dir)
+    (run_dir / WEIGHTS).unlink()
+    res = run_experiment(resume=run_dir, dataset=ds, quiet=True, report=False)
+    assert res.status == "finished" and metadata(run_dir) == before
+    assert load_run(run_dir).temperature == fitted["temperature"]
+    m = read_json(run_dir / "metrics.json")
+    assert (
+        m["calibration"]["temperature"] == fitted["temperature"]
+        and m["calibration"]["fitted_on"] == "30 validation images"
+    )
+    assert m["test_loss"] is not None and m["test_loss_uncalibrated"] is not None  # both known again
+    assert m["test_loss"] == pytest.approx(m["calibration"]["test_loss"])
+    # calibrate=true, then `cifarlab calibrate --off`: the plain softmax stays
+    run_dir = run_experiment(
+        base.replace(calibrate=True), dataset=ds, runs_root=tmp_path / "b", quiet=True, report=False
+    ).run_dir
+    assert load_run(run_dir).temperature != 1.0
+    calibrate_run(run_dir, off=True)
+    (run_dir / WEIGHTS).unlink()
+    run_experiment(resume=run_dir, dataset=ds, quiet=True, report=False)
+    assert load_run(run_dir).temperature == 1.0 and read_json(run_dir / "metrics.json")["calibration"] is None
+    # metrics.json damaged too: nothing says which temperature the run had, so a warning says what to do
+    (run_dir / WEIGHTS).unlink()
+    (run_dir / "metrics.json").write_text("{damaged")
+    with caplog.at_level(logging.WARNING, logger="cifarlab"):
+        run_experiment(resume=run_dir, dataset=ds, quiet=True, report=False)
+    (line,) = [r.getMessage() for r in caplog.records if "cannot be recovered" in r.getMessage()]
+    assert f"fit it again: cifarlab calibrate {run_dir}" in line and "the temperature fitted now" in line
+
+
+def test_calibrate_and_evaluate_on_a_run_stopped_before_its_first_epoch_say_start_it_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """QA round 17, L4: they suggested `cifarlab train --resume`, which refuses such a run (no checkpoint)."""
+    run_dir = make_run(tmp_path / "20260101-120000-reference", tiny_recipe())
+    config = read_json(run_dir / "config.json")
+    start = "cifarlab train --recipe reference --set seed=3"
+    write_json(run_dir / "config.json", {**config, "command": start})
+    write_status(run_dir, "stopped")
+    with pytest.raises(UserError) as e:
+        calibrate_run(run_dir)
+    assert str(e.value).endswith(f"it has nothing to resume; start the run again: {start}")
+    assert "--resume" not in str(e.value)
+    cli.main(["evaluate", str(run_dir)])  # the data is not there: the warning comes first
+    err = capsys.readouterr().err
+    assert f"it has nothing to resume: start the run again: {start}" in err and "--resume" not in err
+    # With a checkpoint (an epoch finished), resuming is the way, as before.
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=f"resume it first: cifarlab train --resume {run_dir}$"):
+        calibrate_run(run_dir)
+    cli.main(["evaluate", str(run_dir)])
+    assert f"cifarlab train --resume {run_dir} continues it" in capsys.readouterr().err

@@ -303,3 +303,25 @@ def test_first_time_only_is_said_only_where_the_decode_is_cached(tmp_path: Path,
         load_dataset(t.root)
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decoding images in")]
     assert ("(first time only)" in line) is writable
+
+
+def test_a_folder_decoded_again_after_an_edit_does_not_say_first_time_only(tmp_path: Path, caplog) -> None:
+    """An edited image folder is decoded again: the line said "(first time only)" again (QA round 17, L11)."""
+    from PIL import Image
+
+    t = write_imagefolder(tmp_path / "tinyc")
+
+    def decode_lines() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="cifarlab"):
+            load_dataset(t.root)
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("decoding images in")]
+
+    assert decode_lines() == [f"decoding images in {t.root} (first time only)"]
+    assert decode_lines() == []  # cached
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(t.root / "train" / t.classes[0] / "z_new.png")
+    assert decode_lines() == [f"decoding images in {t.root} (again: it changed since it was cached)"]
+    # Its cache file removed by hand: decoded again, said without either note.
+    for f in Path(os.environ["CIFARLAB_CACHE"]).glob("*.safetensors"):
+        f.unlink()
+    assert decode_lines() == [f"decoding images in {t.root}"]

@@ -279,10 +279,18 @@ def test_a_process_that_dies_is_reported_in_one_line_and_the_run_resumes(setup: 
         "another process of this training ended during the run (gloo: "
     ), status
     assert "pair.cc" not in status["message"] and "GLHF" not in status["message"]
-    assert f"resume with: cifarlab train --nproc 2 --resume {run}" in done.stderr
+    # the run's plugin too, which --resume does not load by itself (QA round 17, M2)
+    assert f"resume with: cifarlab --plugin {_recorded(s['plugin'])} train --nproc 2 --resume {run}" in done.stderr
     resumed = _cifarlab("--plugin", s["plugin"], "train", "--resume", str(run), "--no-report", env=s["env"])
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
+
+
+def _recorded(plugin: str) -> str:
+    """A plugin file as config.json records it and the resume line names it: absolute, quoted for a shell."""
+    import shlex
+
+    return shlex.quote(str(Path(plugin).resolve()))
 
 
 def _processes_naming(text: str) -> list[int]:
@@ -344,7 +352,8 @@ def test_ranks_stop_when_their_launcher_is_killed(setup: dict) -> None:
     assert err.count("the launcher of this training") == 1, err  # said once (by local rank 0), not per rank
     base_out.close()
     # as many processes again (the processes' own command has no --nproc; the launcher passed it on)
-    assert f"resume with: cifarlab train --nproc 2 --resume {run}" in (s["base"] / "orphaned.out").read_text()
+    resume = f"resume with: cifarlab --plugin {_recorded(s['plugin'])} train --nproc 2 --resume {run}"
+    assert resume in (s["base"] / "orphaned.out").read_text()
     command = json.loads((run / "config.json").read_text())["command"]
     assert command.startswith("cifarlab --plugin") and " train --nproc 2 --recipe reference " in command
 
@@ -505,6 +514,14 @@ def test_the_resume_command_keeps_the_process_count() -> None:
     multi = resume_command("runs/a", {"world_size": 8, "nodes": 2})
     assert multi.startswith("torchrun --nnodes 2 --nproc-per-node 4 ") and "train --resume runs/a" in multi
     assert resume_command("runs/a", {"world_size": "bad"}) == "cifarlab train --resume runs/a"  # a damaged config
+    # and the run's plugins (config.json's, or given), which --resume does not load by itself
+    plugins = ["/p/my plugin.py", "mypkg.extras"]
+    assert (
+        resume_command("runs/a", {"world_size": 4, "nodes": 1}, plugins)
+        == "cifarlab --plugin '/p/my plugin.py' --plugin mypkg.extras train --nproc 4 --resume runs/a"
+    )
+    multi = resume_command("runs/a", {"world_size": 8, "nodes": 2}, plugins[1:])
+    assert "-m cifarlab.cli --plugin mypkg.extras train --resume runs/a (on each node)" in multi
 
 
 @needs_gloo

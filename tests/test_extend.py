@@ -4,6 +4,7 @@ the CLI (`--plugin` + `--set`) and through the Python API; user data of another 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch import nn
 
 import cifarlab
 from cifarlab.errors import UserError
-from cifarlab.registry import AUGMENTS, CALLBACKS, MODELS
+from cifarlab.registry import AUGMENTS, CALLBACKS, MODELS, OPTIMIZERS, SCHEDULES
 from cifarlab.train import Callback
 
 
@@ -493,3 +494,182 @@ def test_evaluating_a_run_of_in_memory_data_asks_for_the_data_and_checks_its_sha
     with pytest.raises(UserError, match=r"images are 1x16x16 .*the run takes 3x16x16"):
         loaded.evaluate(data=grey)
     assert loaded.evaluate(data=data).n == len(data[3])  # the same data: its test images
+
+
+class _StopAtEpoch(Callback):
+    """Ctrl-C as the given epoch begins (0-based): the run stops, resumable from its last checkpoint."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _unload_readme_plugin() -> None:
+    """What the README's plugin registered is gone, as in a new process (which has loaded no plugin)."""
+    import cifarlab.plugins
+
+    for registry, name in ((MODELS, "tinynet"), (AUGMENTS, "invert"), (CALLBACKS, "count_steps")):
+        if name in registry:
+            registry.unregister(name)
+    sys.modules.pop("cifarlab_plugin_myplugin", None)
+    cifarlab.plugins._loaded.clear()
+
+
+def test_a_plugin_runs_resume_line_names_its_plugin_and_resume_without_it_says_exactly_what_to_add(
+    tmp_path, capsys, monkeypatch
+):
+    """QA round 17, M2: the "resume with:" line of a run trained with plugin pieces failed as printed (the
+    plugin was not named). config.json records the plugin (absolute), the line and `resume_command` name it
+    (quoted), and `--resume` without it is refused, naming the command; it is never loaded from the run folder."""
+    import shlex
+
+    import cifarlab.experiment as experiment
+    import cifarlab.plugins
+    from cifarlab import cli
+    from cifarlab.runs import resume_command
+
+    folder = tmp_path / "my plugins"  # a space: the printed command must quote it
+    folder.mkdir()
+    (folder / "myplugin.py").write_text(PLUGIN)
+    plugin = str((folder / "myplugin.py").resolve())
+    data = _image_folder(tmp_path / "data")
+    monkeypatch.setattr(cifarlab.plugins, "_loaded", {})
+    monkeypatch.delenv(cifarlab.plugins.ENV, raising=False)
+    monkeypatch.chdir(folder)  # named relatively, recorded absolutely
+    sets = ["--set", "model=tinynet", "--set", "augment=invert", "--set", "callbacks=count_steps"]
+    argv = ["--plugin", "myplugin.py", "train", *TINY, *sets, "--set", f"dataset={data}", "--no-report"]
+    made = experiment.run_callbacks
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(experiment, "run_callbacks", lambda *a, **k: [*made(*a, **k), _StopAtEpoch(1)])
+            rc = cli.main([*argv, "--runs-dir", str(tmp_path / "runs")])
+        out, err = capsys.readouterr()
+        assert rc == 130, err + out
+        (run,) = (tmp_path / "runs").iterdir()
+        expected = f"cifarlab --plugin {shlex.quote(plugin)} train --resume {run}"
+        assert f"resume with: {expected}\n" in out
+        assert json.loads((run / "config.json").read_text())["plugins"] == [plugin]
+        assert resume_command(run) == expected  # what the report and `evaluate` print
+        assert cli.main(["--plugin", plugin, "evaluate", str(run)]) in (0, 1)
+        assert f"{expected} continues it" in capsys.readouterr().err
+    finally:
+        _unload_readme_plugin()
+    # Without the plugin (a new process, elsewhere): refused before anything is loaded or written, with the command.
+    monkeypatch.chdir(tmp_path)
+    status = (run / "status.json").read_text()
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"trained with plugin code this command did not load ({plugin})" in err
+    assert f"add its --plugin argument: {expected}" in err and "Traceback" not in err
+    assert (run / "status.json").read_text() == status and "cifarlab_plugin_myplugin" not in sys.modules
+    # Other commands name the recorded plugin too.
+    assert cli.main(["evaluate", str(run)]) == 2
+    assert f"load the plugins it was trained with: cifarlab --plugin {shlex.quote(plugin)} COMMAND" in (
+        capsys.readouterr().err
+    )
+    # The printed command, as printed, finishes the run; the plugin's callback went on counting.
+    try:
+        rc = cli.main(shlex.split(expected)[1:])
+        out, err = capsys.readouterr()
+        assert rc == 0, err + out
+        assert json.loads((run / "status.json").read_text())["status"] == "finished"
+        assert (run / "steps.txt").read_text() == "4"  # 2 steps an epoch, 2 epochs
+    finally:
+        _unload_readme_plugin()
+
+
+def test_command_plugins_records_the_environments_and_the_commands_plugins_once(tmp_path, monkeypatch):
+    import cifarlab.plugins as plugins
+
+    (tmp_path / "a.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(plugins.ENV, f"a.py{os.pathsep}some.module")
+    assert plugins.command_plugins(["./a.py", str(tmp_path / "a.py"), "other.mod"]) == [
+        str((tmp_path / "a.py").resolve()),
+        "some.module",
+        "other.mod",
+    ]
+
+
+def _api_extend_example() -> str:
+    """The code of docs/API.md's "Extend" section, as shown."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "API.md").read_text()
+    section = text[text.index("## Extend: one registered piece each") :]
+    return section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")] + "\n"
+
+
+def test_the_api_docs_extend_example_trains_with_its_registrations(tmp_path, monkeypatch):
+    """docs/API.md says its "Extend" example is tested here: its registrations run as shown, and its fit() runs
+    with tiny data (QA round 17, L11: no test used its `adamw` and `cosine`)."""
+    code = _api_extend_example()
+    call = 'run = cifarlab.fit("reference", '
+    assert code.count(call) == 1
+    x_tr, y_tr, x_te, y_te = _arrays(40, 10, (3, 32, 32))
+    # Its fit() as shown, plus tiny data and a short run: 30 epochs of CIFAR-10 are not for a test.
+    tiny = (
+        "data=(x_tr, y_tr, x_te, y_te), runs_dir=RUNS, report=False, epochs=2, batch_size=16, precision='fp32', "
+        "early_stopping_patience=0, "
+    )
+    namespace = {"x_tr": x_tr, "y_tr": y_tr, "x_te": x_te, "y_te": y_te, "RUNS": tmp_path / "runs"}
+    try:
+        exec(compile(code.replace(call, call + tiny), "API.md", "exec"), namespace)  # noqa: S102
+        run = namespace["run"]
+        config = json.loads((run.path / "config.json").read_text())["recipe"]
+        picked = {k: config[k] for k in ("model", "augment", "optimizer", "schedule", "callbacks")}
+        assert picked == {
+            "model": "tinynet",
+            "augment": "invert",
+            "optimizer": "adamw",
+            "schedule": "cosine",
+            "callbacks": ["count_steps"],
+        }
+        assert json.loads((run.path / "status.json").read_text())["status"] == "finished"
+        lrs = [row["lr"] for row in run.history]
+        assert lrs[-1] < lrs[0]  # the cosine schedule moved the LR
+        assert run.predict(x_te).shape == (10, 2)
+    finally:
+        for registry, name in (
+            (MODELS, "tinynet"),
+            (AUGMENTS, "invert"),
+            (OPTIMIZERS, "adamw"),
+            (SCHEDULES, "cosine"),
+            (CALLBACKS, "count_steps"),
+        ):
+            if name in registry:
+                registry.unregister(name)
+
+
+def test_quiet_hides_mlflows_info_lines_and_keeps_its_warnings(tmp_path):
+    """QA round 17, L7: `train --quiet --mlflow sqlite:///NEW.db` printed MLflow's "Creating initial MLflow database
+    tables..." lines. Recorded by a handler on the "mlflow" logger (MLflow's own handler writes to the stderr of
+    whenever it was imported)."""
+    import logging
+    from types import SimpleNamespace
+
+    pytest.importorskip("sqlalchemy")
+    pytest.importorskip("mlflow")
+    from cifarlab.train.loggers import MLflowLogger
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.addHandler(handler)
+    try:
+        for quiet, name in ((True, "quiet"), (False, "loud")):
+            records.clear()
+            cb = MLflowLogger(tmp_path / "runs" / name, tracking_uri=f"sqlite:///{tmp_path / name}.db", quiet=quiet)
+            cb.trainer = SimpleNamespace(recipe=cifarlab.get_recipe("reference"))  # type: ignore[assignment]
+            cb.on_train_begin()
+            cb.on_train_end()
+            said = [r.getMessage() for r in records if r.levelno < logging.WARNING]
+            if quiet:
+                assert said == [] and logger.level == level  # and the level is put back
+            else:  # what --quiet hides: a new store's tables
+                assert any("Creating initial MLflow database tables" in s for s in said), said
+    finally:
+        logger.removeHandler(handler)

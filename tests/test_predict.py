@@ -604,3 +604,13 @@ def test_a_folder_that_can_be_listed_but_not_entered_is_a_row_per_file(tmp_path:
     rows = predict.expand_paths([tmp_path / "up"])
     assert rows[0] == (good, None)
     assert rows[1][0] == locked and rows[1][1].startswith("cannot read: Permission denied (make its folder readable")
+
+
+def test_predict_help_names_every_exit_status(capsys) -> None:
+    """TOOLS.md documents exit status 2 for a bad run folder; `predict --help` named only 0 and 1 (QA round 17)."""
+    from cifarlab import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "classified, else 1; 2 when RUN_DIR is not a usable run folder" in text

@@ -20,6 +20,7 @@ from cifarlab import cli
 from cifarlab.config import resolve_recipe
 from cifarlab.errors import ConfigError, Interrupted, UserError
 from cifarlab.recipes import get_recipe
+from cifarlab.registry import BUILTIN_RECIPES
 from cifarlab.train import Callback
 
 optuna = pytest.importorskip("optuna")
@@ -614,3 +615,61 @@ def test_an_empty_validation_split_and_a_storage_that_cannot_open_leave_no_study
     with pytest.raises(UserError, match="--storage"):
         tune(bad, dataset=ds, say=lambda s: None)
     assert not out.exists() and not out.parent.exists()
+
+
+@pytest.mark.parametrize("name", BUILTIN_RECIPES)
+def test_every_registered_builtin_recipe_has_a_default_space_its_trials_can_train(name, tmp_path):
+    # `cifarlab tune --recipe NAME` with no --space: the shipped space loads against the recipe, its trials hold out
+    # a validation split, and every corner of the space is a valid recipe (nothing trains here).
+    recipe = get_recipe(name)
+    space = load_space(None, recipe)
+    assert space.recipe == name and space.metric == "val_accuracy"
+    settings = TuneSettings(recipe=recipe, space=space, study_name=name, out_dir=tmp_path)
+    trial = settings.trial_recipe()
+    assert trial.val_fraction > 0
+    for end in (0, -1):
+        values = {}
+        for p in space.params:
+            if p.kind == "categorical":
+                values[p.name] = p.choices[end]
+            else:
+                v = p.low if end == 0 else p.high
+                values[p.name] = int(v) if p.kind == "int" else v
+        tuned = space.apply(trial, values)
+        assert tuned.model == recipe.model
+        assert settings.final_recipe(values).val_fraction == recipe.val_fraction
+
+
+def test_a_space_tuning_a_size_key_the_model_ignores_is_refused():
+    with pytest.raises(ConfigError, match=r"params\.widths\.0: model preact_resnet18 does not use widths"):
+        space_from_dict({"params": {"widths.0": {"low": 32, "high": 128}}}, get_recipe("resnet18"))
+    with pytest.raises(ConfigError, match=r"params\.depth: model airnet does not use depth"):
+        space_from_dict({"params": {"depth": {"choices": [16, 22]}}}, get_recipe("fast"))
+    space_from_dict({"params": {"width_factor": {"low": 0.5, "high": 2.0}}}, get_recipe("resnet18"))
+
+
+def test_local_workers_read_their_spec_file_and_it_is_gone_when_they_are(tmp_path, monkeypatch):
+    from cifarlab import tune as tune_module
+
+    started = []
+
+    class FakeWorker:  # a worker process that read its spec and ended at once
+        def __init__(self, argv):
+            self.pid = 4000 + len(started)
+            self.read = json.loads(Path(argv[3]).read_text())
+            started.append(self)
+
+        def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(tune_module.subprocess, "Popen", FakeWorker)
+    space = space_from_dict({"params": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}}, TINY_RECIPE)
+    settings = TuneSettings(recipe=TINY_RECIPE, space=space, study_name="w", out_dir=tmp_path, workers=2)
+    log: list[str] = []
+    assert tune_module.run_workers(settings, log.append) == 0
+    assert len(started) == 2 and all(w.read["study_name"] == "w" for w in started)
+    assert log == ["started 2 worker processes: 4000, 4001"]
+    assert not (tmp_path / "tune-worker.json").exists()  # transient: not left in the study's folder

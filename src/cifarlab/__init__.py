@@ -21,6 +21,7 @@ _LAZY = {
     "AUGMENTS": "cifarlab.registry",
     "OPTIMIZERS": "cifarlab.registry",
     "SCHEDULES": "cifarlab.registry",
+    "CALLBACKS": "cifarlab.registry",
     "Callback": "cifarlab.train.callbacks",
     "from_arrays": "cifarlab.data",
     "from_torch_dataset": "cifarlab.data",

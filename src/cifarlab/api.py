@@ -38,7 +38,7 @@ from cifarlab.export import export as export_run
 from cifarlab.files import read_json
 from cifarlab.inference import predict_proba, recipe_options
 from cifarlab.predict import predict_paths
-from cifarlab.recipes import Recipe, get_recipe, validate
+from cifarlab.recipes import RECIPES, Recipe, get_recipe, validate
 from cifarlab.registry import CALLBACKS, MODELS
 from cifarlab.report import build_report
 from cifarlab.runs import (
@@ -328,6 +328,9 @@ def fit(
     instances, callback_names = _check_callbacks(callbacks)
     seconds = parse_duration(budget, "budget=") if budget is not None else None
     base = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    # What the size keys a model ignores must keep (`validate`): the named recipe's values, or those of the
+    # registered recipe a Recipe object was derived from (same name), else the defaults.
+    origin = base if isinstance(recipe, str) else RECIPES.get(recipe.name)
     if isinstance(data, (str, Path)):
         overrides = {"dataset": str(data), **overrides}
     if isinstance(model, str):
@@ -336,7 +339,8 @@ def fit(
     own_model = isinstance(model, nn.Module)
     variant = machine_variant(r, device) if isinstance(recipe, str) and seconds is None and not own_model else None
     if variant is not None:  # as `cifarlab train`: fast on a CPU without bf16 trains its fp32 variant
-        r = apply_overrides(get_recipe(variant), list(overrides.items()), source="fit()")
+        origin = get_recipe(variant)
+        r = apply_overrides(origin, list(overrides.items()), source="fit()")
     if callback_names:  # by name, as `--set callbacks=...`: the run records them and builds them on --resume
         r = r.replace(callbacks=(*r.callbacks, *callback_names))
     check_runs_root(runs_dir)  # a runs folder that cannot take the run fails now, not after loading data
@@ -355,7 +359,7 @@ def fit(
         ds = as_dataset(data, classes)
         if ds is not None and r.dataset in NAMED_DATASETS:
             r = r.replace(dataset=ds.name if ds.name not in NAMED_DATASETS else r.dataset)
-        r = validate(r, check_paths=ds is None)
+        r = validate(r, check_paths=ds is None, base=origin)
         # `deterministic=True` switches torch's deterministic algorithms on for the run, and the run seeds torch's
         # random generators with the recipe's seed; the caller's session gets its own settings and random state back
         # afterwards (the CLI's process simply ends).

@@ -213,7 +213,8 @@ class FlipTranslate:
             raise ValueError(f"padding_mode must be 'reflect' or 'zeros', got {self.padding_mode!r}")
 
     def describe(self) -> str:
-        flip = "alternating per epoch" if self.alternate_flip else "random" if self.flip else "off"
+        # `flip` first: with it off no image is flipped, whatever alternate_flip says (flip_mask)
+        flip = "off" if not self.flip else "alternating per epoch" if self.alternate_flip else "random"
         return (
             f"flip + translate: random shift up to {self.pad} px ({self.padding_mode} padding), horizontal flip {flip}"
         )

@@ -7,7 +7,10 @@ written afterwards, is timed separately (`report_seconds` in metrics.json).
 1. **Probe.** A few real training steps (the recipe's loop, loader and augmentation) and one inference batch
    are timed at the recipe's width and at one other width, on this machine, now. Step time is modelled as
    `a + b * scale**2` through those two points (a conv's work grows with the product of its in and out
-   channels; `a` is the per-step overhead that does not), which predicts every other width.
+   channels; `a` is the per-step overhead that does not), which predicts every other width. The width is the
+   key the model declares (`MODELS.register(..., uses=...)`): `widths` (airnet, reference_cnn), else
+   `width_factor` (preact_resnet18, wrn, efficientnet_b0; up to its bound, 16). A model with neither (timm, a
+   plugin's model that declares no `uses=`) keeps its size: one probe, and the plan chooses epochs and TTA only.
 2. **Plan.** Of the widths `WIDTH_SCALES` times the recipe's, the widest one that trains the recipe's epochs
    in the time left after the predicted evaluation is chosen (a larger budget then buys more epochs at the
    widest width). Test-time augmentation is reduced (flip_translate -> flip -> none) while evaluation would
@@ -24,6 +27,7 @@ written afterwards, is timed separately (`report_seconds` in metrics.json).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -143,13 +147,63 @@ def scaled_widths(widths: tuple[int, ...], scale: float) -> tuple[int, ...]:
     return tuple(max(8, int(round(w * scale / 8)) * 8) for w in widths)
 
 
+def width_key(recipe: Any) -> str | None:
+    """The recipe key `--budget` scales for the recipe's model: `widths` where the model declares it, else
+    `width_factor`, else None (the model declares neither, or nothing: its size stays, only epochs are planned)."""
+    from cifarlab.registry import MODELS
+
+    uses = MODELS.get(recipe.model).uses if recipe.model in MODELS else None
+    return next((k for k in ("widths", "width_factor") if uses and k in uses), None)
+
+
+def width_scales(recipe: Any) -> tuple[float, ...]:
+    """The scales the budget may choose among, widest first: `WIDTH_SCALES`; those within width_factor's bound
+    for a model scaled by it; only 1 for a model without a width key."""
+    key = width_key(recipe)
+    if key is None:
+        return (1.0,)
+    if key == "width_factor":
+        top = next(f.metadata.get("le") for f in dataclasses.fields(recipe) if f.name == "width_factor")
+        return tuple(s for s in WIDTH_SCALES if top is None or recipe.width_factor * s <= top)
+    return WIDTH_SCALES
+
+
+def scaled_recipe(recipe: Any, scale: float) -> Any:
+    """`recipe` with its model's width (`width_key`) times `scale`; unchanged for a model without one."""
+    key = width_key(recipe)
+    if key == "widths":
+        return recipe.replace(widths=scaled_widths(recipe.widths, scale))
+    if key == "width_factor":
+        return recipe.replace(width_factor=recipe.width_factor * scale)
+    return recipe
+
+
 @dataclass
 class Probe:
     scale: float
-    widths: tuple[int, ...]
+    widths: tuple[int, ...]  # the net's widths; () where its width is `width_factor`, or it has none
     cost: float  # scale**2: a conv net's work per image relative to the recipe's width
     step_seconds: float | None = None  # measured; None where predicted from the two probes
     eval_seconds_per_image: float | None = None  # one inference view, measured on one batch
+    width_factor: float | None = None  # the net's width_factor, for a model scaled by it
+
+
+def _probe_at(recipe: Any, scale: float) -> Probe:
+    """A probe (not yet measured) of `recipe` at `scale` x its model's width."""
+    r, key = scaled_recipe(recipe, scale), width_key(recipe)
+    widths = tuple(r.widths) if key == "widths" else ()
+    return Probe(scale, widths, scale**2, width_factor=r.width_factor if key == "width_factor" else None)
+
+
+def describe_width(plan: Any) -> str:
+    """What the budget chose for the net's width, from a `BudgetPlan` or its stored dict (older runs: widths)."""
+    d = plan if isinstance(plan, dict) else vars(plan)
+    scale, factor, widths = d.get("scale", 1), d.get("width_factor"), d.get("widths")
+    if factor is not None:
+        return f"width_factor {factor:g} ({scale:g}x the recipe's)"
+    if widths:
+        return f"widths {list(widths)} ({scale:g}x the recipe's)"
+    return "the recipe's net as it is (its model has no width setting to scale: epochs only)"
 
 
 @dataclass
@@ -169,6 +223,7 @@ class BudgetPlan:
     steps_per_epoch: int
     probes: list[Probe] = field(default_factory=list)
     reason: str = ""
+    width_factor: float | None = None  # the chosen width_factor, for a model scaled by it (then widths is ())
     # Each epoch's step time relative to a full-size step (`train_scales`; the last holds); empty: all 1.
     epoch_costs: list[float] = field(default_factory=list)
     predicted_epochs: float = 0.0
@@ -183,7 +238,7 @@ class BudgetPlan:
 
     def describe(self) -> str:
         return (
-            f"budget {self.budget_seconds:g} s: widths {list(self.widths)} ({self.scale:g}x the recipe's), "
+            f"budget {self.budget_seconds:g} s: {describe_width(self)}, "
             f"~{self.predicted_epochs:.1f} epochs ({self.predicted_step_seconds * 1000:.0f} ms/step at full size), "
             f"TTA {self.tta}; "
             f"{self.planned_at:.1f} s used before training (start-up, data, {self.probe_seconds:.1f} s probe), "
@@ -214,11 +269,11 @@ def _probe(
     device: torch.device,
     steps: int,
 ) -> Probe:
-    """Time `steps` training steps of epoch 1 (at its image size) at `scale` x the recipe's widths, and one
+    """Time `steps` training steps of epoch 1 (at its image size) at `scale` x the recipe's width, and one
     inference batch `x_eval` (None: not timed)."""
     from cifarlab.train.loop import Trainer
 
-    r = recipe.replace(widths=scaled_widths(recipe.widths, scale))
+    r = scaled_recipe(recipe, scale)
     model = build(r)
     timer = _StepTimes(0, device)
     trainer = Trainer(model, r, loader(r), None, callbacks=[timer], device=device)
@@ -228,7 +283,9 @@ def _probe(
     trainer.train_epoch(0)
     step = (timer.times[-1] - timer.times[skip]) / max(1, len(timer.times) - 1 - skip)
     per_img = _eval_seconds_per_image(model, r, x_eval, device) if x_eval is not None else None
-    return Probe(scale, r.widths, scale**2, step, per_img)
+    p = _probe_at(recipe, scale)
+    p.step_seconds, p.eval_seconds_per_image = step, per_img
+    return p
 
 
 def image_scale_costs(scales: tuple[float, ...], smallest_ratio: float) -> list[float]:
@@ -358,15 +415,14 @@ def plan_budget(
     t0 = time.perf_counter()
     scales = tuple(recipe.train_scales)
     full = recipe.replace(train_scales=()) if scales else recipe  # the width probes time full-size steps
-    probes = []
-    for scale in WIDTH_SCALES:
-        probes.append(Probe(scale, scaled_widths(recipe.widths, scale), scale**2))
+    scales_w = width_scales(recipe)
+    probes = [_probe_at(recipe, scale) for scale in scales_w]
     # The temperature fit (`cifarlab.calibrate`) runs inference on up to 1,000 more images before the test.
     n_cal = min(CALIBRATION_IMAGES, n_val or CALIBRATION_IMAGES) if recipe.calibrate else 0
     n = {"test": n_test + n_cal, "val": n_val, "steps": steps_per_epoch}
 
     def measure(scale: float) -> Probe:
-        i = WIDTH_SCALES.index(scale)
+        i = scales_w.index(scale)
         measured = _probe(full, scale, build, loader, x_eval, device, probe_steps)
         probes[i] = measured
         return measured
@@ -379,11 +435,15 @@ def plan_budget(
         assert small.step_seconds is not None
         costs = image_scale_costs(scales, small.step_seconds / base.step_seconds)
     eval_1x = base.eval_seconds_per_image
-    # Second probe: the width a compute-bound guess would choose (or half width), to fit `a + b * cost`.
-    guess = _choose(_options(probes, 0.0, base.step_seconds, eval_1x, recipe, budget_seconds, clock.elapsed(), n), 1)
-    second = measure(guess.probe.scale if guess.probe.scale != 1.0 else 0.5)
-    a, b = _line(base, second)
-    eval_line = _line(base, second, "eval_seconds_per_image")
+    if len(probes) > 1:
+        # Second probe: the width a compute-bound guess would choose (or half width), to fit `a + b * cost`.
+        now = clock.elapsed()
+        guess = _choose(_options(probes, 0.0, base.step_seconds, eval_1x, recipe, budget_seconds, now, n), 1)
+        second = measure(guess.probe.scale if guess.probe.scale != 1.0 else 0.5)
+        a, b = _line(base, second)
+        eval_line: tuple[float, float] | None = _line(base, second, "eval_seconds_per_image")
+    else:  # no width to choose: the one measured net is the plan's
+        a, b, eval_line = 0.0, base.step_seconds, None
     now = clock.elapsed()
     options = _options(probes, a, b, eval_1x, recipe, budget_seconds, now, n, eval_line, costs)
     o = _choose(options, recipe.epochs)
@@ -400,7 +460,11 @@ def plan_budget(
     elif costs:
         shown = ", ".join(f"{c:.2f}" for c in costs)
         note = f"; train_scales={list(scales)} kept (step cost per epoch vs full size: {shown})"
-    if o.epochs >= recipe.epochs:
+    if len(probes) == 1:
+        reason = f"model {recipe.model} has no width setting to scale, so only epochs and TTA were planned"
+        if o.epochs * steps_per_epoch >= 1:
+            reason += f": ~{o.epochs:.1f} of the recipe's {recipe.epochs} epochs fit in the time left"
+    elif o.epochs >= recipe.epochs:
         reason = f"the widest net that trains the recipe's {recipe.epochs} epochs in the time left"
         if o is options[0]:
             reason += f"; the time left buys ~{o.epochs:.1f} epochs of it in all"
@@ -408,13 +472,13 @@ def plan_budget(
                 reason += f" ({math.ceil(o.epochs)} epochs max, the last one cut at the deadline)"
     else:
         reason = f"even the narrowest net trains only {o.epochs:.2f} of the recipe's {recipe.epochs} epochs"
-        if o.epochs * steps_per_epoch < 1:
-            raise ConfigError(
-                f"a budget of {budget_seconds:g} s leaves no time to train on this machine: {now:.1f} s went to "
-                f"start-up, data loading and the probe, and evaluating takes ~{o.eval_seconds:.1f} s; give a "
-                f"larger {'--budget' if clock.started is None else 'budget='}"  # the CLI's clock, or fit()'s
-            )
-    chosen = recipe.replace(widths=o.probe.widths, epochs=max(1, math.ceil(o.epochs)), tta=o.tta)
+    if o.epochs < recipe.epochs and o.epochs * steps_per_epoch < 1:
+        raise ConfigError(
+            f"a budget of {budget_seconds:g} s leaves no time to train on this machine: {now:.1f} s went to "
+            f"start-up, data loading and the probe, and evaluating takes ~{o.eval_seconds:.1f} s; give a "
+            f"larger {'--budget' if clock.started is None else 'budget='}"  # the CLI's clock, or fit()'s
+        )
+    chosen = scaled_recipe(recipe, o.probe.scale).replace(epochs=max(1, math.ceil(o.epochs)), tta=o.tta)
     if o.probe.eval_seconds_per_image is None:
         # The chosen width was not probed, so its evaluation time is an extrapolation, and the deadline hangs on
         # it (60 s budgets ended 5% early or 17% late on it): time one inference batch of that net now.
@@ -427,6 +491,7 @@ def plan_budget(
         planned_at=now,
         probe_seconds=time.perf_counter() - t0,
         widths=o.probe.widths,
+        width_factor=o.probe.width_factor,
         scale=o.probe.scale,
         epochs=chosen.epochs,
         tta=o.tta,

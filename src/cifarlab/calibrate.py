@@ -132,14 +132,28 @@ def calibrate_run(
     from cifarlab.data import recipe_split
     from cifarlab.evaluate import check_dataset, load_run_dataset
     from cifarlab.inference import recipe_options, resolve_device
-    from cifarlab.runs import METRICS, STATUS, WEIGHTS, RunLock, load_run, read_json, write_json, write_temperature
+    from cifarlab.runs import (
+        CHECKPOINT,
+        METRICS,
+        STATUS,
+        WEIGHTS,
+        RunLock,
+        load_run,
+        read_json,
+        resume_command,
+        start_again,
+        write_json,
+        write_temperature,
+    )
 
     run = load_run(run_dir)
     status = read_json(run.path / STATUS).get("status") if (run.path / STATUS).exists() else None
     if status != "finished":
-        raise UserError(
-            f"{run.path} has not finished (status {status!r}): train or resume it first (cifarlab train --resume)"
-        )
+        if (run.path / CHECKPOINT).is_file():
+            how = f"train or resume it first: {resume_command(run.path, run.config.get('distributed'))}"
+        else:  # no epoch of it finished: --resume refuses it
+            how = f"it has nothing to resume; {start_again(run.path)}"
+        raise UserError(f"{run.path} has not finished (status {status!r}): {how}")
     with RunLock(run.path):
         result = None
         if off and run.temperature == 1.0:

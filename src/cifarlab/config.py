@@ -421,11 +421,13 @@ def resolve_recipe(
         recipe = apply_overrides(recipe, [parse_set(s) for s in sets], source="--set")
         return recipe.replace(dataset=_canonical_dataset(recipe.dataset, Path(data_dir) if data_dir else None))
 
-    recipe = build(get_recipe(name or file_recipe or DEFAULT_RECIPE))
+    base = get_recipe(name or file_recipe or DEFAULT_RECIPE)
+    recipe = build(base)
     variant = machine_variant(recipe, device) if device is not None else None
     if variant is not None:
-        recipe = build(get_recipe(variant))
-    return validate(recipe)
+        base = get_recipe(variant)
+        recipe = build(base)
+    return validate(recipe, base=base)  # (a size key the model ignores must keep the base's value)
 
 
 def machine_variant(recipe: Recipe, device: str) -> str | None:

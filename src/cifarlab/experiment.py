@@ -56,13 +56,16 @@ from cifarlab.runs import (
     TEMPERATURE,
     WEIGHTS,
     RunLock,
+    check_plugins_loaded,
     load_checkpoint,
     load_run,
     machine_info,
     new_run_dir,
     read_json,
+    recorded_plugins,
     resume_command,
     save_weights,
+    start_again,
     write_history,
     write_json,
     write_status,
@@ -127,6 +130,14 @@ class Plan:
     # How to continue this run when it stops, if not `cifarlab train --resume` (a tune study's final run: the tune
     # command, which resumes the study and the run)
     resume_with: str | None = None
+    # The plugins the command loaded (`plugins.command_plugins`), recorded in config.json for the resume command
+    plugins: list[str] = field(default_factory=list)
+    # A finished run resumed to write its lost or damaged model.safetensors again: the softmax temperature block
+    # its metrics.json recorded (None: the plain softmax, kept), when `keep_calibration`; when the earlier one
+    # cannot be read, `calibration_lost` (the recipe's own choice applies, and a warning says so).
+    keep_calibration: bool = False
+    kept_calibration: dict[str, Any] | None = None
+    calibration_lost: bool = False
 
     @property
     def has_val(self) -> bool:
@@ -135,7 +146,8 @@ class Plan:
     def resume_line(self) -> str:
         """ "resume with: ..." for a stopped run: the command that continues it."""
         assert self.run_dir is not None
-        how = self.resume_with or resume_command(self.run_dir, (self.config or {}).get("distributed"))
+        config = self.config or {}
+        how = self.resume_with or resume_command(self.run_dir, config.get("distributed"), recorded_plugins(config))
         return f"resume with: {how}"
 
 
@@ -330,6 +342,7 @@ def prepare(
     resume_state = None
     saved: dict[str, Any] = {}
     if resume is not None:
+        check_plugins_loaded(resume)  # before load_run, whose error for unregistered pieces names no command
         run = load_run(resume)
         saved, recipe = run.config, run.recipe
         resume_state = load_checkpoint(Path(resume) / CHECKPOINT)
@@ -462,6 +475,7 @@ def _config(plan: Plan, command: str | None, model_given: bool) -> dict[str, Any
         "precision": precision_reason(r.precision, plan.device),
         "versions": versions(),
         "command": command or " ".join(sys.argv),
+        "plugins": list(plan.plugins),
         "data_dir": str((plan.data_dir or default_data_dir()).resolve()),
         "deterministic": plan.deterministic,
         "budget": plan.budget.to_dict() if plan.budget is not None else None,
@@ -653,9 +667,16 @@ def fit_budget(plan: Plan, seconds: float, model_given: bool = False, clock: Clo
 
 
 def run_callbacks(
-    plan: Plan, *, log: Log | None, progress: bool, tensorboard: bool = False, mlflow: bool | str = False
+    plan: Plan,
+    *,
+    log: Log | None,
+    progress: bool,
+    tensorboard: bool = False,
+    mlflow: bool | str = False,
+    quiet: bool = False,
 ) -> list[Callback]:
-    """The run's own machinery as callbacks: checkpoint + history files, progress, trackers."""
+    """The run's own machinery as callbacks: checkpoint + history files, progress, trackers (`quiet`: their own
+    informational lines too are not shown)."""
     assert plan.run_dir is not None
     cbs: list[Callback] = [Checkpoint(plan.run_dir), StepLog(plan.run_dir)]
     if log is not None:
@@ -665,7 +686,7 @@ def run_callbacks(
     if tensorboard:
         cbs.append(TensorBoardLogger(plan.run_dir / "tensorboard"))
     if mlflow:
-        cbs.append(MLflowLogger(plan.run_dir, tracking_uri=mlflow if isinstance(mlflow, str) else None))
+        cbs.append(MLflowLogger(plan.run_dir, tracking_uri=mlflow if isinstance(mlflow, str) else None, quiet=quiet))
     return cbs
 
 
@@ -731,11 +752,14 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
             plan.model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT)["model"])
             save_weights(plan.model, run_dir / WEIGHTS)
         elif fit.status == "stopped":
-            say("no epoch had finished, so there is nothing to resume: start the run again")
+            say(f"no epoch had finished, so there is nothing to resume: {start_again(run_dir)}")
         # A diverged run keeps whatever model file it had.
         return RunResult(run_dir, {"status": fit.status, "message": fit.message}, fit.status)
 
-    calibration = calibrate(plan) if r.calibrate else None  # before the test: a --budget counts it
+    if plan.keep_calibration:  # the temperature the run had (`cifarlab calibrate`'s, or none after --off)
+        calibration = dict(plan.kept_calibration) if plan.kept_calibration is not None else None
+    else:
+        calibration = calibrate(plan) if r.calibrate else None  # before the test: a --budget counts it
     t0 = time.perf_counter()
     logits = predict_logits(
         plan.model, ds.x_test, mean=plan.mean, std=plan.std, device=plan.device, **recipe_options(r)
@@ -749,6 +773,8 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         meta[TEMPERATURE] = repr(calibration["temperature"])
         calibration["test_loss"] = F.cross_entropy(logits / calibration["temperature"], ds.y_test).item()
     save_weights(plan.model, run_dir / WEIGHTS, metadata=meta)
+    # a kept temperature was fitted by an earlier process: none of this one's time
+    fit_seconds = calibration.get("seconds", 0.0) if calibration is not None and not plan.keep_calibration else 0.0
     last = fit.history[-1] if fit.history else {}
     best_row = fit.history[fit.best_epoch - 1] if fit.best_epoch else last
     metrics = {
@@ -773,7 +799,7 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
             **plan.timings,
             "train_seconds": fit.train_seconds,
             "eval_seconds": eval_seconds,
-            "calibration_seconds": calibration["seconds"] if calibration else 0.0,
+            "calibration_seconds": fit_seconds,
             "total_seconds": time.perf_counter() - plan.t_start,
             "process_seconds": process_seconds,
             "seconds_per_epoch": fit.train_seconds / max(1, len(fit.history)),
@@ -802,8 +828,9 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
     loss = metrics["test_loss"]
     say(f"test accuracy {test_acc:.2%}  (loss {loss:.4f}, TTA {r.tta}, evaluated in {eval_seconds:.1f} s)")
     if calibration is not None:
+        kept = " kept from metrics.json," if plan.keep_calibration else ","
         say(
-            f"softmax temperature {calibration['temperature']:.3f}, fitted on {calibration['fitted_on']} "
+            f"softmax temperature {calibration['temperature']:.3f}{kept} fitted on {calibration.get('fitted_on', '?')} "
             f"(test loss {test_loss:.4f} -> {calibration['test_loss']:.4f}; predict, serve and export apply it)"
         )
         bound = at_bound(calibration["temperature"])
@@ -814,6 +841,16 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
                 calibration["temperature"],
                 bound,
             )
+    if plan.calibration_lost:
+        now = "the temperature fitted now" if calibration is not None else "no temperature (the plain softmax)"
+        logging.getLogger(__name__).warning(
+            "%s was written again with %s: the softmax temperature the run had cannot be recovered (%s is missing "
+            "or damaged); if `cifarlab calibrate` had fitted it, fit it again: cifarlab calibrate %s",
+            run_dir / WEIGHTS,
+            now,
+            run_dir / METRICS,
+            run_dir,
+        )
     return RunResult(run_dir, metrics, "finished", logits)
 
 
@@ -862,6 +899,33 @@ def _finished_metrics(run_dir: Path) -> dict[str, Any] | None:
     return metrics if isinstance(metrics, dict) else None
 
 
+def _earlier_calibration(run_dir: Path) -> tuple[bool, dict[str, Any] | None, bool]:
+    """(keep, calibration, lost) for a resumed run: a finished run comes here only to write its lost or damaged
+    model.safetensors again, and the temperature that file held (the training's, or `cifarlab calibrate`'s since)
+    is in metrics.json's "calibration" block too, so it is kept. `lost`: a finished run whose metrics.json cannot
+    say. A run that has not finished has no temperature yet: (False, None, False)."""
+    try:
+        finished = read_json(run_dir / STATUS).get("status") == "finished"
+    except Exception:  # noqa: BLE001 - a damaged status file: metrics.json below may still say
+        finished = False
+    try:
+        metrics = read_json(run_dir / METRICS)
+    except Exception:  # noqa: BLE001
+        metrics = None
+    metrics = metrics if isinstance(metrics, dict) else None
+    finished = finished or (metrics is not None and metrics.get("status") == "finished")
+    if not finished:
+        return False, None, False
+    block = metrics.get("calibration", ...) if metrics is not None else ...
+    if block is None:
+        return True, None, False
+    if isinstance(block, dict):
+        t = block.get("temperature")
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0:
+            return True, {**block, "temperature": float(t)}, False
+    return False, None, True
+
+
 def run_experiment(
     recipe: Recipe | None = None,
     *,
@@ -885,11 +949,13 @@ def run_experiment(
     budget_clock: Clock = PROCESS_START,
     dist: Distributed | None = None,
     resume_with: str | None = None,
+    plugins: Sequence[str] = (),
 ) -> RunResult:
     """Train `recipe` (or resume the run in `resume`) and write everything into its run folder; `init` starts
     from a run folder's or a weights file's weights (`cifarlab.finetune`). `dist` (`cifarlab.distributed.setup`):
     one of several processes under torchrun; rank 0 alone prints and writes. `resume_with`: the command a stopped
-    run names to continue it, when not `cifarlab train --resume RUN`."""
+    run names to continue it, when not `cifarlab train --resume RUN`. `plugins`: the plugins the command loaded
+    (`plugins.command_plugins`), recorded in config.json so that the resume command names them."""
     main = dist is None or dist.is_main
     say: Log = (lambda s: None) if quiet or not main else (log or (lambda s: print(s, flush=True)))
     if resume is not None and (done := _finished_metrics(Path(resume))) is not None:
@@ -910,6 +976,9 @@ def run_experiment(
         dist=dist,
     )
     plan.resume_with = resume_with
+    plan.plugins = list(plugins)
+    if resume is not None:
+        plan.keep_calibration, plan.kept_calibration, plan.calibration_lost = _earlier_calibration(Path(resume))
     if budget is not None:
         fit_budget(plan, budget, model_given=model is not None, clock=budget_clock)
     check_pieces(plan)
@@ -949,7 +1018,12 @@ def run_experiment(
         show_progress = (sys.stderr.isatty() and not quiet) if progress is None else progress
         machinery = (
             run_callbacks(
-                plan, log=None if quiet else say, progress=show_progress, tensorboard=tensorboard, mlflow=mlflow
+                plan,
+                log=None if quiet else say,
+                progress=show_progress,
+                tensorboard=tensorboard,
+                mlflow=mlflow,
+                quiet=quiet,
             )
             if main
             else []  # the other ranks write nothing

@@ -33,7 +33,17 @@ from types import ModuleType
 from cifarlab.errors import UserError
 from cifarlab.registry import load_builtins
 
-__all__ = ["ENV", "GROUP", "is_user_file", "load_plugin", "load_plugins", "raised_in_user_code"]
+__all__ = [
+    "ENV",
+    "GROUP",
+    "command_plugins",
+    "is_loaded",
+    "is_user_file",
+    "load_plugin",
+    "load_plugins",
+    "plugin_key",
+    "raised_in_user_code",
+]
 
 ENV = "CIFARLAB_PLUGINS"
 GROUP = "cifarlab.plugins"
@@ -136,12 +146,37 @@ def _load_file(spec: str, path: Path) -> ModuleType:
     return module
 
 
+def plugin_key(spec: str) -> str:
+    """How a plugin is known once loaded, and recorded in a run's config.json: a .py file's absolute resolved path
+    (the same file under any spelling), else the module name."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if _is_file_spec(spec, path) and path.is_file() else spec
+
+
+def is_loaded(recorded: str) -> bool:
+    """Whether the plugin a run recorded (`plugin_key`) is loaded in this process: that file or module, or for a
+    file that was moved, a loaded .py plugin of the same file name."""
+    if plugin_key(recorded) in _loaded or recorded in _loaded:
+        return True
+    if not recorded.endswith(".py"):
+        return False
+    name = Path(recorded).name
+    return any(key.endswith(".py") and Path(key).name == name for key in _loaded)
+
+
+def command_plugins(specs: Iterable[str] = ()) -> list[str]:
+    """The plugins a command named, as a run records them (`plugin_key`, each once): `$CIFARLAB_PLUGINS`'s, then
+    `specs` (its --plugin arguments). Not the entry-point plugins: an installed package loads them every time."""
+    names = [s for s in os.environ.get(ENV, "").split(os.pathsep) if s.strip()] + list(specs)
+    return list(dict.fromkeys(plugin_key(s) for s in names))
+
+
 def load_plugin(spec: str) -> ModuleType:
     """Import one plugin: a path to a .py file, or a module name. Loading the same one twice (under any spelling
     of its path) is a no-op. The built-in registry entries are registered first, so a plugin can override them."""
     path = Path(spec).expanduser()
     is_file = _is_file_spec(spec, path)
-    key = str(path.resolve()) if is_file and path.is_file() else spec
+    key = plugin_key(spec)
     if key in _loaded:
         return _loaded[key]
     load_builtins()

@@ -35,6 +35,7 @@ __all__ = [
     "get_recipe",
     "param",
     "register_recipe",
+    "unused_size_keys",
     "validate",
 ]
 
@@ -65,11 +66,14 @@ def param(
     lt: float | None = None,
     choices: Registry | None = None,
     each: tuple[float, float] | None = None,
+    size: bool = False,
     help: str = "",
 ) -> Any:
     """A recipe field with its group, bounds (`gt`/`ge`/`le`/`lt`; for tuples `each` = [low, high)) and, for a
-    registry-backed string, the registry its value must name."""
+    registry-backed string, the registry its value must name. `size=True`: a model-size key, read only by the
+    models that declare it (`MODELS.register(..., uses=...)`); `validate` refuses it changed for another model."""
     meta = {"group": group, "gt": gt, "ge": ge, "le": le, "lt": lt, "choices": choices, "each": each, "help": help}
+    meta["size"] = size
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -95,20 +99,30 @@ class Recipe:
     scaling: Scaling = param("unit", "data", help="unit: pixels/255 (the reference); standardize: then mean/std")
     # -- model --------------------------------------------------------------------------------------------
     model: str = param("reference_cnn", "model", choices=MODELS)
-    widths: tuple[int, ...] = param((64, 128, 128), "model", help="channels of the three conv stages")
-    dense_width: int = param(256, "model", gt=0)
+    # The model-size keys (`size=True`): each model declares the ones it reads (its `uses=`); the others keep the
+    # recipe's value (or the default) for it, as `validate` checks.
+    widths: tuple[int, ...] = param(
+        (64, 128, 128), "model", size=True, help="airnet, reference_cnn: channels of the three conv stages"
+    )
+    dense_width: int = param(256, "model", gt=0, size=True, help="reference_cnn: units of the dense layer")
     dropout: tuple[float, ...] = param((0.4, 0.3), "model", each=(0.0, 1.0))
     bn_momentum: float = param(0.01, "model", ge=0.0, le=1.0, help="PyTorch convention: Keras 0.99 == 0.01")
     bn_eps: float = param(1e-3, "model", gt=0)
     whiten_init: bool = param(False, "model", help="first conv set by patch whitening of the training images")
-    whiten_kernel: int = param(2, "model", ge=1, le=5)
+    whiten_kernel: int = param(2, "model", ge=1, le=5, size=True, help="airnet: the whitening conv's kernel size")
     whiten_width: int = param(
-        0, "model", ge=0, help="airnet: whitening filters; 0: 2*C*k*k; a source's width to fine-tune across channels"
+        0,
+        "model",
+        ge=0,
+        size=True,
+        help="airnet: whitening filters; 0: 2*C*k*k; a source's width to fine-tune across channels",
     )
     whiten_bias_epochs: float = param(
         0.0, "model", ge=0, help="train the whitening bias this many epochs (a fraction counts in steps)"
     )
-    head_scale: float = param(1.0, "model", gt=0, help="logits multiplier (airbench nets scale their head down)")
+    head_scale: float = param(
+        1.0, "model", gt=0, size=True, help="airnet: logits multiplier (airbench nets scale their head down)"
+    )
     # DropBlock (Ghiasi et al. 2018): reference_cnn, preact_resnet18, wrn, efficientnet_b0, in their last two stages.
     dropblock_prob: float = param(0.0, "model", ge=0.0, lt=1.0, help="DropBlock's drop probability; 0: off")
     dropblock_size: int = param(3, "model", ge=1, le=15, help="side of DropBlock's squares, in feature-map pixels")
@@ -116,9 +130,9 @@ class Recipe:
         1.0, "model", ge=0.0, le=1.0, help="share of training over which the DropBlock rate rises from 0; 0: constant"
     )
     # The deeper networks (preact_resnet18, wrn, efficientnet_b0).
-    depth: int = param(16, "model", ge=10, le=202, help="wrn: layers, 6n+4 (16: WRN-16-k)")
+    depth: int = param(16, "model", ge=10, le=202, size=True, help="wrn: layers, 6n+4 (16: WRN-16-k)")
     width_factor: float = param(
-        1.0, "model", gt=0, le=16, help="channel multiplier of preact_resnet18, efficientnet_b0; wrn: its k"
+        1.0, "model", gt=0, le=16, size=True, help="channel multiplier of preact_resnet18, efficientnet_b0; wrn: its k"
     )
     stochastic_depth: float = param(0.0, "model", ge=0.0, lt=1.0, help="drop rate of the last residual block")
     timm_name: str = param("", "model", help="model=timm: the timm model to build (needs the timm package)")
@@ -236,7 +250,8 @@ class Recipe:
             recipe = cls(**kw)  # values checked above, rules just below
         except TypeError as e:
             raise ConfigError(f"not a valid recipe ({e})") from None
-        return validate(recipe, check_paths=False)
+        # base=recipe: a stored run's recipe loads as it trained, whatever it holds for keys its model ignores
+        return validate(recipe, check_paths=False, base=recipe)
 
 
 def _is_int(v: Any) -> bool:
@@ -343,8 +358,44 @@ def _check_type(key: str, v: Any, tp: Any) -> None:
     raise ConfigError(f"{key}={v!r} must be {want}, not {type(v).__name__}")
 
 
-def validate(r: Recipe, check_paths: bool = True) -> Recipe:
-    """Reject values that would fail late or silently train something else."""
+def unused_size_keys(r: Recipe) -> tuple[str, ...]:
+    """The model-size keys (`param(size=True)`) that `r.model` does not read; () for a model that declares none
+    (`MODELS.register(..., uses=...)` left out, or not registered here)."""
+    entry = MODELS.get(r.model) if r.model in MODELS else None
+    if entry is None or entry.uses is None:
+        return ()
+    return tuple(f.name for f in fields(Recipe) if f.metadata.get("size") and f.name not in entry.uses)
+
+
+def _as_set_value(v: Any) -> str:
+    """A value as `--set` writes it: 64,128,128 for a tuple."""
+    return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, tuple) else f"{v:g}"
+
+
+def _check_unused_size_keys(r: Recipe, base: Recipe | None) -> None:
+    """A model-size key the model does not read must keep `base`'s value (what the recipe the user started from
+    holds: `fast`'s widths when its model is switched) or the key's default; any other value would be ignored."""
+    defaults = {f.name: f.default for f in fields(Recipe)}
+    for key in unused_size_keys(r):
+        value = getattr(r, key)
+        keep = getattr(base, key) if base is not None else defaults[key]
+        if value in (keep, defaults[key]):
+            continue
+        users = [n for n in MODELS.names() if (u := MODELS.get(n).uses) is not None and key in u]
+        uses = MODELS.get(r.model).uses or frozenset()
+        reads = f"of the model-size keys it reads {', '.join(sorted(uses))}" if uses else "it reads no model-size key"
+        raise ConfigError(
+            f"{key}={value!r}: model {r.model} does not use {key} ({reads}), so the value would be ignored; "
+            f"leave {key} at {_as_set_value(keep)}, or pick a model that uses it ({', '.join(users) or 'none'})"
+        )
+
+
+def validate(r: Recipe, check_paths: bool = True, *, base: Recipe | None = None) -> Recipe:
+    """Reject values that would fail late or silently train something else.
+
+    `base`: the recipe `r` was derived from (`--recipe`'s, `fit()`'s). A model-size key the model does not read
+    (`unused_size_keys`) must keep base's value or the key's default; None: the default only. `base=r` leaves
+    those keys alone (a stored run's recipe: what it trained with)."""
     types = field_types()
     for f in fields(r):
         v = getattr(r, f.name)
@@ -391,6 +442,7 @@ def validate(r: Recipe, check_paths: bool = True) -> Recipe:
             entry = reg.get(item) if reg is not None else None
             if entry is not None and entry.check is not None:
                 entry.check(r)
+    _check_unused_size_keys(r, base)
     if r.val_fraction == 0 and r.monitor.startswith("val_") and r.early_stopping_patience > 0:
         raise ConfigError(
             f"val_fraction=0 leaves no validation set, but early stopping monitors {r.monitor!r}; "

@@ -21,7 +21,7 @@ import contextlib
 import contextvars
 import importlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -52,6 +52,9 @@ class Entry(Generic[F]):
     fn: F
     description: str
     check: Callable[[Any], None] | None = None  # recipe rules of this entry (raise ConfigError), run by validate
+    # A model's: the model-size recipe keys it reads (`Recipe` fields marked `size=True`: widths, depth, ...);
+    # validate refuses a changed value of the others. None: not declared (not checked).
+    uses: frozenset[str] | None = None
 
 
 class Registry(Generic[F]):
@@ -90,11 +93,17 @@ class Registry(Generic[F]):
         description: str = "",
         replace: bool = False,
         check: Callable[[Any], None] | None = None,
+        uses: Iterable[str] | None = None,
     ) -> Callable[[F], F]:
         """Decorator: register `fn` under `name` (default: its __name__). The description (default: the first
         line of its docstring) is what the report and `cifarlab config` show. `check(recipe)`, if given, raises
         a ConfigError for recipe values this entry cannot take; `recipes.validate` runs it whenever the recipe
-        names this entry, so the rules of a model live in the model's file."""
+        names this entry, so the rules of a model live in the model's file. `uses` (models): the model-size keys
+        the factory reads, e.g. `uses=("widths",)`; `recipes.validate` then refuses a value of another size key
+        (widths, depth, width_factor, dense_width, whiten_kernel, whiten_width, head_scale) changed from the
+        recipe's, which the model would ignore, and `--budget` scales `widths` or `width_factor` if it is among
+        them. Left out, nothing is checked and `--budget` plans epochs only."""
+        used = None if uses is None else frozenset((uses,) if isinstance(uses, str) else uses)
 
         def deco(fn: F) -> F:
             key = name or fn.__name__
@@ -108,7 +117,7 @@ class Registry(Generic[F]):
                     f"@{self.var}.register({key!r}, replace=True))"
                 )
             doc = (fn.__doc__ or "").strip().splitlines()
-            self._entries[key] = Entry(key, fn, description or (doc[0] if doc else key), check)
+            self._entries[key] = Entry(key, fn, description or (doc[0] if doc else key), check, used)
             return fn
 
         return deco

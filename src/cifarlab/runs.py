@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ __all__ = [
     "Run",
     "RunLock",
     "atomic_write_bytes",
+    "check_plugins_loaded",
     "check_runs_root",
     "load_checkpoint",
     "load_run",
@@ -51,12 +53,14 @@ __all__ = [
     "machine_info",
     "new_run_dir",
     "read_json",
+    "recorded_plugins",
     "resume_command",
     "unregistered_model_message",
     "stale_result",
     "weights_sha256",
     "save_checkpoint",
     "save_weights",
+    "start_again",
     "write_history",
     "write_json",
     "write_status",
@@ -195,21 +199,65 @@ def stale_result(run_dir: Path | str, data: Any, path: Path | str) -> bool:
         return False
 
 
-def resume_command(run_dir: Path | str, distributed: Any = None) -> str:
+def recorded_plugins(config: Any) -> list[str]:
+    """The plugins a run's command loaded (config.json's `plugins`: absolute .py paths or module names); [] for a
+    run that named none, or that predates the record."""
+    plugins = config.get("plugins") if isinstance(config, dict) else None
+    return [p for p in plugins if isinstance(p, str) and p] if isinstance(plugins, list) else []
+
+
+def _config_or_none(run_dir: Path | str) -> Any:
+    try:
+        return read_json(Path(run_dir) / CONFIG)
+    except Exception:  # noqa: BLE001 - only advice: a damaged config.json has its own error elsewhere
+        return None
+
+
+def resume_command(run_dir: Path | str, distributed: Any = None, plugins: list[str] | None = None) -> str:
     """The command that continues a stopped run: with as many processes as it trained with (config.json's
-    `distributed`), since one process would resume it too, but slower and without saying so."""
+    `distributed`), since one process would resume it too, but slower and without saying so; and with the
+    `--plugin` arguments of the plugins it trained with (`plugins`; None: config.json's), which `--resume` does
+    not load itself (a run folder from elsewhere must not run code the user did not name)."""
     d = distributed if isinstance(distributed, dict) else {}
     try:
         world, nodes = int(d.get("world_size") or 1), int(d.get("nodes") or 1)
     except (TypeError, ValueError):
         world, nodes = 1, 1
+    if plugins is None:
+        plugins = recorded_plugins(_config_or_none(run_dir))
+    loads = "".join(f"--plugin {shlex.quote(p)} " for p in plugins)
     if world > 1 and nodes > 1:
         per_node = world // nodes
         return (
             f"torchrun --nnodes {nodes} --nproc-per-node {per_node} <the first run's rendezvous options> "
-            f"-m cifarlab.cli train --resume {run_dir} (on each node)"
+            f"-m cifarlab.cli {loads}train --resume {run_dir} (on each node)"
         )
-    return f"cifarlab train --nproc {world} --resume {run_dir}" if world > 1 else f"cifarlab train --resume {run_dir}"
+    nproc = f"--nproc {world} " if world > 1 else ""
+    return f"cifarlab {loads}train {nproc}--resume {run_dir}"
+
+
+def check_plugins_loaded(run_dir: Path | str) -> None:
+    """Refuse to resume a run whose plugins (config.json's `plugins`) this command did not load: naming them is
+    the user's choice, since a plugin is code. The error gives the exact command, `--plugin` arguments included."""
+    config = _config_or_none(run_dir)
+    from cifarlab.plugins import is_loaded
+
+    recorded = recorded_plugins(config)
+    missing = [p for p in recorded if not is_loaded(p)]
+    if not missing:
+        return
+    gone = [p for p in missing if p.endswith(".py") and not Path(p).is_file()]
+    names = ", ".join(missing)
+    raise UserError(
+        f"{run_dir} was trained with plugin code this command did not load ({names}). --resume does not run code "
+        "named in a run folder by itself: check the plugin, then add its --plugin argument: "
+        f"{resume_command(run_dir, config.get('distributed'), recorded)}"
+        + (
+            f" ({', '.join(gone)} no longer exists: pass the plugin from where it is now, under the same file name)"
+            if gone
+            else ""
+        )
+    )
 
 
 def run_status(run: Any) -> tuple[str, str]:
@@ -372,29 +420,27 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except UserError:
         raise UserError(
             f"{path} is missing: no epoch of this run finished (or the file was removed), so there is nothing to "
-            f"resume; {_start_again(path.parent)}"
+            f"resume; {start_again(path.parent)}"
         ) from None
     except Exception:
         # torch's own message suggests weights_only=False, which would run whatever the file holds: never say it.
         raise UserError(
             f"{path} is not a cifarlab checkpoint (damaged or tampered with); it cannot be resumed; "
-            f"{_start_again(path.parent)}"
+            f"{start_again(path.parent)}"
         ) from None
     needed = ("epoch", "step", "model", "optimizer", "callbacks", "history", "torch_rng")
     if not isinstance(state, dict) or any(k not in state for k in needed):
         raise UserError(
             f"{path} is not a cifarlab checkpoint (fields are missing); it cannot be resumed; "
-            f"{_start_again(path.parent)}"
+            f"{start_again(path.parent)}"
         )
     return state
 
 
-def _start_again(run_dir: Path) -> str:
+def start_again(run_dir: Path | str) -> str:
     """What to do about a run that cannot be resumed: run the command that started it (config.json's) again."""
-    try:
-        command = read_json(run_dir / CONFIG).get("command")
-    except Exception:  # noqa: BLE001 - only advice: a damaged config.json has its own error elsewhere
-        command = None
+    config = _config_or_none(run_dir)
+    command = config.get("command") if isinstance(config, dict) else None
     return f"start the run again: {command}" if isinstance(command, str) and command else "start the run again"
 
 
@@ -532,9 +578,14 @@ def recipe_from_config(run_dir: Path, config: dict[str, Any]) -> Recipe:
         own = unregistered_model_message(run_dir, config)
         if own is not None:
             raise UserError(own)
+        plugins = recorded_plugins(config)
+        how = (
+            "load the plugins it was trained with: cifarlab " + " ".join(f"--plugin {shlex.quote(p)}" for p in plugins)
+            if plugins
+            else "load the plugin that registers them: cifarlab --plugin FILE_OR_MODULE"
+        )
         raise UserError(
-            f"{run_dir} was trained with pieces not registered here ({', '.join(missing)}); load the plugin that "
-            "registers them: cifarlab --plugin FILE_OR_MODULE COMMAND ..."
+            f"{run_dir} was trained with pieces not registered here ({', '.join(missing)}); {how} COMMAND ..."
         )
     try:
         return Recipe.from_dict(config["recipe"])

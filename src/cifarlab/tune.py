@@ -49,7 +49,7 @@ import yaml
 from cifarlab.config import _NoAliasLoader, accepted_keys, apply_overrides, parse_value, yaml_problem
 from cifarlab.errors import ConfigError, Interrupted, UserError
 from cifarlab.files import read_json, require_regular_file, write_json
-from cifarlab.recipes import RECIPES, Recipe, _check_bounds, field_types, validate
+from cifarlab.recipes import RECIPES, Recipe, _check_bounds, field_types, unused_size_keys, validate
 from cifarlab.text import plural
 from cifarlab.train.callbacks import Callback
 
@@ -173,7 +173,7 @@ class Space:
 
     def apply(self, recipe: Recipe, values: Mapping[str, Any]) -> Recipe:
         """`recipe` with the drawn values set (tuple elements by index), validated."""
-        return validate(_apply(recipe, self.params, values), check_paths=False)
+        return validate(_apply(recipe, self.params, values), check_paths=False, base=recipe)
 
 
 def _apply(recipe: Recipe, params: Sequence[Param], values: Mapping[str, Any]) -> Recipe:
@@ -362,7 +362,7 @@ def space_from_dict(data: Any, recipe: Recipe, source: str = "<space>") -> Space
     for k, _ in trial_items:
         if k in NOT_TUNABLE and k != "seed":
             raise ConfigError(f"space {src}: trial.{k}: {k!r} cannot change between trials and the final run")
-    apply_overrides(recipe, list(trial_items), source=f"space {src}: trial")  # checks keys and values
+    trial_base = apply_overrides(recipe, list(trial_items), source=f"space {src}: trial")  # checks keys and values
     params = data.get("params")
     if not isinstance(params, Mapping) or not params:
         raise ConfigError(
@@ -370,6 +370,13 @@ def space_from_dict(data: Any, recipe: Recipe, source: str = "<space>") -> Space
             "(e.g. lr: {low: 1e-4, high: 1e-2, log: true})"
         )
     out = tuple(_param(src, name, spec, recipe) for name, spec in params.items())
+    unused = unused_size_keys(trial_base) if all(p.field != "model" for p in out) else ()
+    for p in out:
+        if p.field in unused:  # every trial would train the same model: refused now, not at the first trial
+            raise ConfigError(
+                f"space {src}: params.{p.name}: model {trial_base.model} does not use {p.field}, so the value would "
+                "be ignored; tune a key the model uses"
+            )
     fields_tuned: dict[str, list[Param]] = {}
     for p in out:
         fields_tuned.setdefault(p.field, []).append(p)
@@ -489,7 +496,7 @@ class TuneSettings:
         """The recipe every trial starts from: the final recipe plus the trial-only overrides."""
         r = apply_overrides(self.recipe, list(self.space.trial), source=f"space {self.space.source}: trial")
         r = apply_overrides(r, list(self.trial_overrides), source="--trial-set")
-        return validate(r, check_paths=False)
+        return validate(r, check_paths=False, base=self.recipe)
 
     def final_recipe(self, params: Mapping[str, Any]) -> Recipe:
         """The best trial's full run: the final recipe with the trial's parameters (no trial-only overrides)."""
@@ -1138,6 +1145,20 @@ def start_workers(settings: TuneSettings) -> list[subprocess.Popen[bytes]]:
     ]
 
 
+def run_workers(settings: TuneSettings, say: Log) -> int:
+    """Start the local workers, wait for them (`wait_workers`), then delete tune-worker.json: each worker reads it
+    once, as it starts, and nothing else does (study.json records the study). Returns how many ended with an
+    error."""
+    procs = start_workers(settings)
+    try:
+        say(f"started {len(procs)} worker processes: {', '.join(str(p.pid) for p in procs)}")
+        return wait_workers(procs, say)
+    finally:
+        # Only once every worker is gone (a Ctrl-C waits for them too): none still has to read it.
+        if all(p.poll() is not None for p in procs):
+            (settings.out_dir / WORKER_SPEC).unlink(missing_ok=True)
+
+
 def wait_workers(procs: Sequence[subprocess.Popen[bytes]], say: Log) -> int:
     """Wait for the worker processes; returns how many ended with an error. On Ctrl-C (which they got too) they
     get 30 s to mark their trials before they are killed."""
@@ -1238,9 +1259,7 @@ def tune(
         if settings.workers == 1:
             run_worker(settings, 0, dataset=dataset, pruner=pruner, say=say)
         else:
-            procs = start_workers(settings)
-            say(f"started {len(procs)} worker processes: {', '.join(str(p.pid) for p in procs)}")
-            wait_workers(procs, say)
+            run_workers(settings, say)
     except KeyboardInterrupt:
         interrupted = True
     recover_killed_trials(study, settings, say)

@@ -36,7 +36,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
     from cifarlab import config
-    from cifarlab.recipes import DEFAULT_RECIPE, Recipe, choices, get_recipe
+    from cifarlab.recipes import DEFAULT_RECIPE, Recipe, choices, get_recipe, unused_size_keys
     from cifarlab.registry import registered_description
 
     recipe = config.recipe_from_args(args)
@@ -53,6 +53,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(f"# on this machine `cifarlab train` trains {variant} instead (fp32 on a CPU); see --recipe {variant}")
     group = None
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    unused = unused_size_keys(recipe)
     for key, value in d.items():
         if key == "name" and value == base_name:
             continue
@@ -68,6 +69,8 @@ def cmd_config(args: argparse.Namespace) -> int:
             notes.append(printable(described))
         if base.get(key) != value:
             notes.append(f"{base_name}: {json.dumps(base.get(key))}")
+        if key in unused:  # a size key this model does not read (validate refuses changing it)
+            notes.append(f"not used by {recipe.model}")
         allowed = choices(key)
         if allowed is not None:
             # A list key (callbacks) takes several of them, and a plugin registers more.

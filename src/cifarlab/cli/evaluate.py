@@ -171,7 +171,7 @@ def cmd_corruptions(args: argparse.Namespace, dataset: Any, test_data: Path | No
 
 def _warn_unfinished(run_dir: Path) -> None:
     """A stopped or crashed run evaluates its last saved weights: said, so its numbers are not read as final."""
-    from cifarlab.runs import load_run, resume_command, run_status
+    from cifarlab.runs import CHECKPOINT, load_run, resume_command, run_status, start_again
     from cifarlab.text import plural
 
     try:
@@ -183,7 +183,12 @@ def _warn_unfinished(run_dir: Path) -> None:
         return
     done = len(run.history)
     how = "is still training" if status == "running" else f"has not finished ({status} after {plural(done, 'epoch')})"
-    hint = "" if status == "running" else f"; {resume_command(run.path, run.config.get('distributed'))} continues it"
+    if status == "running":
+        hint = ""
+    elif (run.path / CHECKPOINT).is_file():
+        hint = f"; {resume_command(run.path, run.config.get('distributed'))} continues it"
+    else:  # stopped before its first epoch ended: --resume refuses it
+        hint = f"; it has nothing to resume: {start_again(run.path)}"
     warn(f"{run.path.name} {how}: these are the numbers of its last saved weights{hint}")
 
 

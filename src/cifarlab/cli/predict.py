@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> None:
             "and folders of them (searched recursively) with a run's model, preprocessed exactly as its\n"
             "training data. Prints the top-k classes with probabilities; a file that cannot be read gets an\n"
             "error line and the others are still classified. Exit status 0 when at least one image was\n"
-            "classified, else 1.",
+            "classified, else 1; 2 when RUN_DIR is not a usable run folder.",
             "cifarlab predict runs/20260101-120000-fast photos/cat.jpg photos/more/ --top-k 3",
         ),
     )

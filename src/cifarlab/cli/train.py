@@ -264,6 +264,8 @@ def _recorded_command(dist: Any) -> str:
 
 
 def _run(args: argparse.Namespace, recipe: Any, budget: float | None, dist: Any, run_experiment: Any) -> Any:
+    from cifarlab.plugins import command_plugins
+
     return run_experiment(
         recipe,
         data_dir=args.data_dir,
@@ -279,4 +281,6 @@ def _run(args: argparse.Namespace, recipe: Any, budget: float | None, dist: Any,
         init=args.init,
         budget=budget,
         dist=dist,
+        # recorded in config.json: the resume command names them (--resume does not load them itself)
+        plugins=command_plugins(getattr(args, "plugin", None) or []),
     )

@@ -271,6 +271,16 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     return record if ok else None
 
 
+def cached_before(folder: Path, source: CacheSource) -> str | None:
+    """The cache file `source` was last decoded into in the cache folder `folder` (its record in ``.sources/``),
+    None when it never was: a decode now is then not its first one (the source changed, or that file is gone)."""
+    try:
+        record = _read_record(_record_path(folder, source))
+    except Exception:  # noqa: BLE001 (only wording depends on it)
+        return None
+    return str(record["file"]) if record is not None and record["source"] == source.identity else None
+
+
 def _track(cache_file: Path, source: CacheSource) -> None:
     """Record that `source` reads `cache_file` now; remove the file it read before when superseded (`_prune`).
     Never fails the load: a cache that cannot be tidied only costs disk space."""

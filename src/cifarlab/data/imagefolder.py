@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from cifarlab.data.archives import TarTree, iter_tar, tar_stem, unreadable_folder
-from cifarlab.data.cache import cache_source, cached, resolve_cache_dir, writable_dir
+from cifarlab.data.cache import cache_source, cached, cached_before, resolve_cache_dir, writable_dir
 from cifarlab.data.images import IMAGE_SUFFIXES, decode_image, is_regular_file, skip_name
 from cifarlab.data.official import OFFICIAL, file_md5
 from cifarlab.errors import ConfigError, DataError
@@ -689,8 +689,13 @@ def load_imagefolder(
     cache_file = cdir / f"imagefolder-{checksum}-{size_tag}-v{_CACHE_VERSION}.safetensors"
 
     def build() -> dict[str, Any]:
-        # "first time only" holds where the result can be cached (an unwritable cache folder decodes every time)
-        once = " (first time only)" if writable_dir(cdir) else ""
+        # "first time only" holds where the result can be cached (an unwritable cache folder decodes every time),
+        # and only the first time: a source cached before has changed since (or its cache file is gone)
+        once, before = "", cached_before(cdir, source)
+        if writable_dir(cdir) and before is None:
+            once = " (first time only)"
+        elif writable_dir(cdir) and before != cache_file.name:
+            once = " (again: it changed since it was cached)"
         log.info("decoding images in %s%s", path, once)
         decoded = _latest(_decode_entries(entries, total, f"decoding {path.name}", size), withdrawn)
         if not decoded:

@@ -140,7 +140,7 @@ def _check(r: Any) -> None:
     refuse_unused(r, "airnet", ("dropout", "dropblock_prob", "stochastic_depth"))
 
 
-@MODELS.register("airnet", check=_check)
+@MODELS.register("airnet", check=_check, uses=("widths", "whiten_kernel", "whiten_width", "head_scale"))
 def airnet(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> AirNet:
     """airbench-style net: frozen patch-whitening conv, conv-pool-BN-GELU groups, global max pool, scaled head."""
     return AirNet(

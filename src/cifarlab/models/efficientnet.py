@@ -207,7 +207,7 @@ def _check(r: Any) -> None:
         )
 
 
-@MODELS.register("efficientnet_b0", check=_check)
+@MODELS.register("efficientnet_b0", check=_check, uses=("width_factor",))
 def efficientnet_b0(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> EfficientNet:
     """EfficientNet-B0 for 32x32: MBConv + squeeze-excitation + SiLU, stride-1 stem and second stage (8x overall)."""
     return EfficientNet(

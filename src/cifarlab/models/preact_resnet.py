@@ -187,7 +187,7 @@ def _check(r: Any) -> None:
         )
 
 
-@MODELS.register("preact_resnet18", check=_check)
+@MODELS.register("preact_resnet18", check=_check, uses=("width_factor",))
 def preact_resnet18(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> PreActResNet:
     """Pre-activation ResNet-18 for 32x32: 3x3 stem, no max pool, 4 stages x 2 basic blocks (64-512 x width_factor)."""
     widths = tuple(scaled(w, recipe.width_factor) for w in (64, 128, 256, 512))

@@ -103,7 +103,7 @@ def _check(r: Any) -> None:
     refuse_unused(r, "reference_cnn", ("stochastic_depth",))
 
 
-@MODELS.register("reference_cnn", check=_check)
+@MODELS.register("reference_cnn", check=_check, uses=("widths", "dense_width"))
 def reference_cnn(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> ReferenceCNN:
     """The talk's Keras CNN: three conv-ReLU-BN-pool blocks, dropout, Dense 256-BN, dropout, Dense."""
     return ReferenceCNN(

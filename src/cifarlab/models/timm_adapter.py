@@ -57,7 +57,7 @@ def _check(r: Any) -> None:
     refuse_unused(r, "timm", ("dropout", "dropblock_prob", "stochastic_depth"))
 
 
-@MODELS.register("timm", check=_check)
+@MODELS.register("timm", check=_check, uses=())  # timm_name sizes it
 def timm_model(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> TimmModel:
     """A timm model named by timm_name (needs the optional timm package; random init)."""
     if not recipe.timm_name:

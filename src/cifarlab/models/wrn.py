@@ -50,7 +50,7 @@ def _check(r: Any) -> None:
         raise ConfigError(f"depth={r.depth}: a Wide-ResNet has 6n + 4 layers (10, 16, 22, 28, 40, ...)")
 
 
-@MODELS.register("wrn", check=_check)
+@MODELS.register("wrn", check=_check, uses=("depth", "width_factor"))
 def wrn(recipe: Any, num_classes: int, input_shape: tuple[int, int, int]) -> WideResNet:
     """Wide-ResNet WRN-depth-width_factor (e.g. 16-8): 3 groups of pre-activation blocks, dropout between convs."""
     return WideResNet(

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from cifarlab.budget import describe_width
 from cifarlab.evaluate import EvalResult, dataset_warning, top_confusion_counts
 from cifarlab.registry import registered_description
 from cifarlab.report.common import (
@@ -216,10 +217,7 @@ def _budget_rows(budget: Any, history: History | None = None, steps: Steps | Non
                 else ""
             )
         rows.append(["budget epochs", ", ".join(x for x in (planned, ran) if x)])
-    chose = (
-        f"widths {budget.get('widths')} ({budget.get('scale', 1):g}x the recipe's), TTA {budget.get('tta')}: "
-        f"{budget.get('reason', '')}"
-    )
+    chose = f"{describe_width(budget)}, TTA {budget.get('tta')}: {budget.get('reason', '')}"
     rows.append(["budget chose", chose])
     return rows
 

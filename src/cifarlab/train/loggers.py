@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +90,10 @@ class MLflowLogger(Callback):
         run_dir: Path | str,
         tracking_uri: str | None = None,
         experiment: str = "cifarlab",
+        quiet: bool = False,
     ) -> None:
         self.mlflow = require("mlflow", "mlflow", "the MLflow logger (--mlflow)")
+        self.quiet = quiet
         self.run_dir = Path(run_dir)
         self.tracking_uri = mlflow_uri(tracking_uri, self.run_dir.resolve().parent)
         if self.tracking_uri.startswith("file:"):
@@ -100,7 +105,26 @@ class MLflowLogger(Callback):
     def _client(self) -> Any:
         return self.mlflow.tracking.MlflowClient(tracking_uri=self.tracking_uri)
 
+    @contextlib.contextmanager
+    def _said(self) -> Iterator[None]:
+        """MLflow's own INFO lines (a new SQL store: "Creating initial MLflow database tables...") are not shown
+        under --quiet; its warnings and errors still are. The level is put back afterwards."""
+        if not self.quiet:
+            yield
+            return
+        logger = logging.getLogger("mlflow")
+        level = logger.level
+        logger.setLevel(max(level, logging.WARNING))
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
     def _ensure_run(self) -> str:
+        with self._said():
+            return self._start_run()
+
+    def _start_run(self) -> str:
         if self.run_id is None:
             client = self._client()
             exp = client.get_experiment_by_name(self.experiment)
@@ -117,14 +141,16 @@ class MLflowLogger(Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         run_id = self._ensure_run()
         row = self.trainer.history[-1]
-        client = self._client()
-        for key in _SCALARS:
-            if row.get(key) is not None:
-                client.log_metric(run_id, key, float(row[key]), step=row["epoch"])
+        with self._said():
+            client = self._client()
+            for key in _SCALARS:
+                if row.get(key) is not None:
+                    client.log_metric(run_id, key, float(row[key]), step=row["epoch"])
 
     def on_train_end(self, logs: dict | None = None) -> None:
         if self.run_id is not None:
-            self._client().set_terminated(self.run_id)
+            with self._said():
+                self._client().set_terminated(self.run_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id}
