@@ -291,7 +291,7 @@ def test_data_preview_output_checks(tmp_path, capsys):
 
 def test_out_of_range_options_are_usage_errors_not_tracebacks(tmp_path, capsys):
     for argv, needle in (
-        (["explain", str(tmp_path), "x.png", "--steps", "0"], "--steps: must be from 1 to 1024"),
+        (["explain", str(tmp_path), "x.png", "--steps", "0"], "--steps: expected an integer from 1 to 1024"),
         (["tune", "--seed", "-1"], "--seed: must be from 0 to"),
     ):
         with pytest.raises(SystemExit) as e:

@@ -144,16 +144,19 @@ def test_explain_command(tmp_path: Path, capsys):
     assert cli.main([*argv, "--method", "both", "--steps", "4"]) == 0
     out, err = capsys.readouterr()
     written = sorted(p.name for p in (run_dir / "explain").iterdir())
-    assert written == [
-        "cat-2.gradcam.png",
-        "cat-2.integrated_gradients.png",
-        "cat.gradcam.png",
-        "cat.integrated_gradients.png",
-    ]
-    assert "broken.png" in out and "error: not an image" in out and "4 written, 1 failed" in err
+    top = tmp_path.name  # images from two folders: each name carries its folder's
+    assert written == sorted(
+        [
+            "more-cat.gradcam.png",
+            "more-cat.integrated_gradients.png",
+            f"{top}-cat.gradcam.png",
+            f"{top}-cat.integrated_gradients.png",
+        ]
+    )
+    assert "broken.png" in out and "error: not an image" in out and "2 images explained (4 PNGs), 1 failed" in err
     run = load_run(run_dir)
     assert any(c in out for c in run.classes) and "%" in out
-    with Image.open(run_dir / "explain" / "cat.gradcam.png") as im:
+    with Image.open(run_dir / "explain" / f"{top}-cat.gradcam.png") as im:
         assert im.format == "PNG" and im.size[0] > im.size[1]  # side by side
 
     out_dir = tmp_path / "maps"

@@ -5,6 +5,7 @@ stages; LR param groups for pretrained weights; resume; the CLI and the report."
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -205,9 +206,21 @@ def test_mismatch_errors_name_the_layers(tmp_path, synth):
         prepare(REF, dataset=synth, init=wide, device="cpu")
     msg = str(e.value)
     assert "features.0.weight is (16, 3, 3, 3), expected (8, 3, 3, 3)" in msg and "widths" in msg
+    # What differs, by the source run's recorded recipe, and the --set that matches it (QA17 M3); no advice to
+    # compare with `cifarlab model summary`, which cannot show a run or --set widths.
+    assert "the source's reference_cnn has widths=16,16,16, this recipe's has widths=8,16,16" in msg
+    assert "Add --set widths=16,16,16 to match the source" in msg and "model summary" not in msg
+    # A bare weights file (no recipe recorded): the first differing layers, no model summary either.
+    save_file(_weights(wide), tmp_path / "wide.safetensors")
+    with pytest.raises(UserError, match=r"features.0.weight is \(16, 3, 3, 3\)") as e:
+        prepare(REF, dataset=synth, init=tmp_path / "wide.safetensors", device="cpu")
+    assert "model summary" not in str(e.value) and "model/widths" in str(e.value)
     # Another architecture altogether.
     air = make_run(tmp_path / "air", AIR, classes=synth.classes)
-    with pytest.raises(UserError, match="the source trained model 'airnet'.*features.0.weight is missing"):
+    with pytest.raises(
+        UserError,
+        match="the source trained model 'airnet', this recipe builds 'reference_cnn'.*features.0.weight is missing",
+    ):
         prepare(REF, dataset=synth, init=air, device="cpu")
     # A user's own module: only the head and the first conv's channels may differ.
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -254,13 +267,13 @@ def test_freeze_stages_needs_a_model_with_stages(tmp_path, synth):
         cifarlab.fit(REF, synth, model=net, freeze_stages=1, runs_dir=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match="has 3 stages"):
-        prepare(REF.replace(freeze_stages=4), dataset=synth, device="cpu")
+        cifarlab.fit(REF, synth, init=make_run(tmp_path / "src", REF, classes=synth.classes), freeze_stages=4)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_pretrained_lr_scale_builds_param_groups(synth, optimizer):
     recipe = (AIR if optimizer == "sgd" else REF).replace(pretrained_lr_scale=0.1)
-    model = prepare(recipe, dataset=synth, device="cpu").model
+    model = prepare(recipe.replace(pretrained_lr_scale=1.0), dataset=synth, device="cpu").model  # nothing loaded
     plain = build_optimizer(model, recipe)  # nothing marked: the optimizer of today, whatever the scale
     head = {n for n, _ in model.named_parameters() if n.startswith(("head.6.", "fc."))}
     mark_pretrained(model, [n for n, _ in model.named_parameters() if n not in head])
@@ -379,3 +392,74 @@ def test_the_init_lines_count_one_layer_and_several_in_good_english():
         two.summary() == "w.safetensors (safetensors): 1 layer loaded; head.2, head.5 re-initialized (shape "
         "follows the input)"
     )
+
+
+# -- fine-tuning keys need pretrained weights (QA17 H1, M5, L6), exports are not sources (L12) --------------------
+
+
+@pytest.mark.parametrize("key", [{"freeze_stages": 1}, {"pretrained_lr_scale": 0.3}], ids=["freeze", "lr_scale"])
+def test_finetune_keys_without_init_are_refused_before_any_data(tmp_path, synth, key):
+    """Without --init, freeze_stages froze random weights and pretrained_lr_scale applied to nothing, silently."""
+    with pytest.raises(ConfigError, match=r"no pretrained weights \(no --init\)"):
+        prepare(REF.replace(**key), dataset=synth, device="cpu")
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        cifarlab.fit(REF, synth, runs_dir=tmp_path / "runs", **key)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_model_of_ones_own_may_be_frozen_without_init(synth):
+    """A module passed in may hold pretrained weights: freeze_stages is not refused for it."""
+    net = build_model(REF, num_classes=len(synth.classes))
+    plan = prepare(REF.replace(freeze_stages=1), dataset=synth, model=net, device="cpu")
+    assert not plan.model.features[0].weight.requires_grad
+
+
+def test_cli_refuses_freeze_stages_without_init(tmp_path, capsys):
+    argv = ["train", "--recipe", "reference", "--set", "freeze_stages=1", "--data-dir", str(tmp_path / "nodata")]
+    assert cli.main([*argv, "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "freeze_stages=1: fine-tuning settings, but there are no pretrained weights" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_fine_tuned_runs_config_json_names_its_init_source(tmp_path, capsys):
+    """`--config RUN/config.json` re-created the recipe but not its --init source: it trained from scratch with a
+    random first stage frozen. Now the error names the source to pass."""
+    run = make_run(tmp_path / "ft", REF.replace(freeze_stages=1, pretrained_lr_scale=0.3))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["init"] = {"source": str(tmp_path / "source run"), "kind": "run folder"}
+    (run / "config.json").write_text(json.dumps(cfg))
+    argv = ["train", "--config", str(run / "config.json"), "--runs-dir", str(tmp_path / "runs")]
+    assert cli.main([*argv, "--data-dir", str(tmp_path / "nodata")]) == 2
+    err = capsys.readouterr().err
+    assert f"fine-tuned from {tmp_path / 'source run'}" in err
+    assert f"Add --init '{tmp_path / 'source run'}'" in err and "freeze_stages=1 and pretrained_lr_scale=0.3" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_freeze_stages_beyond_the_models_stages_fails_with_the_recipe_checks(capsys):
+    from cifarlab.config import resolve_recipe
+
+    with pytest.raises(ConfigError, match="freeze_stages=9: the model airnet has 3 stages"):
+        resolve_recipe("fast", None, ["freeze_stages=9"])
+    assert resolve_recipe("fast", None, ["freeze_stages=3"]).freeze_stages == 3
+    assert cli.main(["config", "--set", "freeze_stages=9"]) == 2
+    assert "has 3 stages" in capsys.readouterr().err
+
+
+def test_init_from_an_export_says_exports_cannot_be_fine_tuned_from(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated for torch.export
+        net = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3)))
+        torch.jit.save(net, str(tmp_path / "model.torchscript.pt"))
+    with pytest.raises(UserError, match="is a TorchScript export.*cannot be fine-tuned from.*run folder") as e:
+        read_init_source(tmp_path / "model.torchscript.pt")
+    assert "refusing" not in str(e.value)
+    onnx_head = b"\x08\x08\x12\x07pytorch\x1a\x052.0.0"  # an ONNX ModelProto's start: ir_version, producer
+    (tmp_path / "m.onnx").write_bytes(onnx_head)
+    (tmp_path / "m.bin").write_bytes(onnx_head)
+    for name in ("m.onnx", "m.bin"):
+        with pytest.raises(UserError, match="is an ONNX export.*model.safetensors"):
+            read_init_source(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="is not a PyTorch weights file"):
+        read_init_source(tmp_path / "notes.txt")

@@ -42,7 +42,14 @@ from cifarlab.device import check_precision, precision_reason, resolve_device, s
 from cifarlab.distributed import Distributed, peer_ended, peer_lost, said_in_one_line, threads_per_process
 from cifarlab.errors import RunError, UserError
 from cifarlab.files import remove_leftover_temps
-from cifarlab.finetune import InitResult, apply_freeze, apply_init, check_init_args, read_init_source
+from cifarlab.finetune import (
+    InitResult,
+    apply_freeze,
+    apply_init,
+    check_init_args,
+    check_needs_init,
+    read_init_source,
+)
 from cifarlab.inference import predict_logits, recipe_options, to_float
 from cifarlab.models import build_model
 from cifarlab.recipes import Recipe
@@ -138,6 +145,9 @@ class Plan:
     keep_calibration: bool = False
     kept_calibration: dict[str, Any] | None = None
     calibration_lost: bool = False
+    # Set by `finish` once metrics.json says "finished": training, calibration and the test are done, so a Ctrl-C
+    # from then on (in the report, say) leaves the run finished, not stopped.
+    trained: bool = False
 
     @property
     def has_val(self) -> bool:
@@ -338,6 +348,8 @@ def prepare(
     is its `cuda:LOCAL_RANK` or the CPU)."""
     t0 = time.perf_counter()
     check_init_args(init, resume)
+    if init is None and resume is None and model is None and recipe is not None:
+        check_needs_init(recipe)  # nothing pretrained to freeze or scale (a model of your own may be)
     init_source = read_init_source(init) if init is not None else None
     resume_state = None
     saved: dict[str, Any] = {}
@@ -815,12 +827,15 @@ def finish(plan: Plan, fit: FitResult, clock: SessionClock, say: Log) -> RunResu
         # not the budget's to compare (the first session's process planned it), so no time is recorded as taken.
         metrics["budget"] = {**plan.config["budget"], "taken_seconds": None, "resumed": True}
     write_json(run_dir / METRICS, metrics)
+    plan.trained = True
     say("")
     say(format_history_table(fit.history, fit.train_seconds))
     if len(sessions) > 1:
         parts = " + ".join(f"{s:.1f}" for s in sessions)
         say(f"wall time over {len(sessions)} sessions (resumed): {parts} = {sum(sessions):.1f} s")
-    if fit.restored_epoch:
+    if fit.restored_epoch and fit.history and fit.restored_epoch == fit.history[-1].get("epoch"):
+        say(f"the last epoch ({fit.restored_epoch}) was also the best: its weights are kept, nothing to restore")
+    elif fit.restored_epoch:
         say(f"best weights restored from epoch {fit.restored_epoch}")
     if plan.device.type == "cuda":
         say(f"training step: {fit.step_mode}")
@@ -1049,7 +1064,15 @@ def run_experiment(
         except KeyboardInterrupt:
             # Ctrl-C outside the epochs (which the trainer turns into a stopped run): before the loop, in its
             # end-of-training callbacks, the test evaluation or the report. The last checkpoint stands.
-            if main:
+            if main and plan.trained:
+                # Training, calibration and the test had finished (metrics.json says so): the report is an extra,
+                # so the run stays finished; an interrupted report is missing (or the previous one stands).
+                _status_if_possible(run_dir, "finished", report_error="interrupted")
+                say(
+                    "interrupted after training finished: the run is finished and its model saved"
+                    + (f"; the report was not written: `cifarlab report {run_dir}` writes it" if report else "")
+                )
+            elif main:
                 resumable = (run_dir / CHECKPOINT).exists()
                 _status_if_possible(run_dir, "stopped", message="interrupted outside the training epochs")
                 say(plan.resume_line() if resumable else "nothing to resume yet")

@@ -32,7 +32,9 @@ from cifarlab.errors import UserError
 
 __all__ = [
     "METHODS",
+    "check_out_dir",
     "explain_paths",
+    "explain_summary",
     "format_explain_table",
     "overlay",
     "overlay_png",
@@ -44,6 +46,10 @@ __all__ = [
 
 METHODS = ("gradcam", "integrated_gradients")
 COLORMAP = "jet"
+# Images per forward/backward pass (`saliency`, `explain_paths`): memory stays flat whatever the number of images.
+BATCH_SIZE = 64
+# Integrated gradients: (image, step) pairs per pass; Captum splits the steps to fit it.
+IG_INTERNAL = 256
 
 
 def _captum_attr() -> Any:
@@ -91,14 +97,17 @@ def saliency(
     std: Sequence[float] | None = None,
     device: torch.device | str | None = None,
     steps: int = 32,
+    batch_size: int = BATCH_SIZE,
 ) -> torch.Tensor:
     """Saliency maps (N, H, W), float32 in [0, 1] on the CPU, for uint8 images (N, C, H, W).
 
     `target`: the class explained: one int for every image, one per image, or None for each image's predicted
     class. `mean`/`std`: the run's normalization (`Run.normalization`). `device`: where to compute (the model
     is moved there); default the device of the model's parameters. `steps`: integrated-gradients steps.
+    `batch_size`: images per forward/backward pass, so memory stays bounded whatever N is (each map depends on
+    its own image only, so the maps do not depend on it).
     """
-    from cifarlab.inference import model_device, resolve_device, to_float
+    from cifarlab.inference import model_device, resolve_device
 
     if method not in METHODS:
         raise UserError(f"unknown saliency method {method!r}; use {' or '.join(METHODS)}")
@@ -106,6 +115,8 @@ def saliency(
         raise ValueError("saliency takes uint8 images (N, C, H, W)")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     attr = _captum_attr()
     n, _, h, w = images.shape
     if n == 0:
@@ -116,29 +127,73 @@ def saliency(
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad(), torch.autocast(dev.type, enabled=False):
-            x = to_float(images, mean, std, dev).contiguous()
-            if target is None:
-                with torch.no_grad():
-                    tgt = model(x).float().argmax(dim=1)
-            else:
-                tgt = torch.as_tensor(target, dtype=torch.long, device=dev).reshape(-1)
-                if len(tgt) == 1:
-                    tgt = tgt.expand(n)
-                if len(tgt) != n:
-                    raise UserError(f"target: one class or one per image ({n}), got {len(tgt)}")
-            if method == "gradcam":
-                cam = attr.LayerGradCam(model, saliency_layer(model))
-                a = cam.attribute(x, target=tgt, relu_attributions=True)
-                a = attr.LayerAttribution.interpolate(a, (h, w), interpolate_mode="bilinear")
-                maps = a.detach().float().sum(dim=1)
-            else:
-                ig = attr.IntegratedGradients(model)
-                baseline = to_float(torch.zeros_like(images[:1]), mean, std, dev).expand_as(x)
-                a = ig.attribute(x, baselines=baseline, target=tgt, n_steps=steps, internal_batch_size=256)
-                maps = a.detach().float().abs().sum(dim=1)
+        tgt: torch.Tensor | None = None
+        if target is not None:
+            tgt = torch.as_tensor(target, dtype=torch.long).reshape(-1)
+            if len(tgt) == 1:
+                tgt = tgt.expand(n)
+            if len(tgt) != n:
+                raise UserError(f"target: one class or one per image ({n}), got {len(tgt)}")
+        maps = torch.cat(
+            [
+                _saliency_batch(
+                    attr,
+                    model,
+                    images[i : i + batch_size],
+                    None if tgt is None else tgt[i : i + batch_size],
+                    method=method,
+                    mean=mean,
+                    std=std,
+                    dev=dev,
+                    steps=steps,
+                )
+                for i in range(0, n, batch_size)
+            ]
+        )
     finally:
         model.train(was_training)
+    return _normalise(maps)
+
+
+def _saliency_batch(
+    attr: Any,
+    model: nn.Module,
+    images: torch.Tensor,
+    target: torch.Tensor | None,
+    *,
+    method: str,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    dev: torch.device,
+    steps: int,
+) -> torch.Tensor:
+    """`saliency` for one batch: raw (unnormalised) maps (n, H, W), float32 on the CPU."""
+    from cifarlab.inference import to_float
+
+    h, w = images.shape[2:]
+    with torch.enable_grad(), torch.autocast(dev.type, enabled=False):
+        x = to_float(images, mean, std, dev).contiguous()
+        if target is None:
+            with torch.no_grad():
+                tgt = model(x).float().argmax(dim=1)
+        else:
+            tgt = target.to(dev)
+        if method == "gradcam":
+            cam = attr.LayerGradCam(model, saliency_layer(model))
+            a = cam.attribute(x, target=tgt, relu_attributions=True)
+            a = attr.LayerAttribution.interpolate(a, (h, w), interpolate_mode="bilinear")
+            maps = a.detach().float().sum(dim=1)
+        else:
+            ig = attr.IntegratedGradients(model)
+            baseline = to_float(torch.zeros_like(images[:1]), mean, std, dev).expand_as(x)
+            # Captum raises internal_batch_size to the number of images (with a UserWarning) when it is smaller:
+            # a batch is at most `batch_size` images, so this bound holds and nothing is printed.
+            a = ig.attribute(
+                x, baselines=baseline, target=tgt, n_steps=steps, internal_batch_size=max(IG_INTERNAL, len(x))
+            )
+            maps = a.detach().float().abs().sum(dim=1)
+    return maps.cpu()
+
     return _normalise(maps.cpu())
 
 
@@ -233,6 +288,42 @@ def _target_index(target: int | str | None, classes: Sequence[str]) -> int | Non
     return i
 
 
+def _png_stems(paths: Sequence[Any]) -> list[str]:
+    """A unique, informative file stem per image: its own stem, prefixed with its folder's name when the images
+    come from more than one folder (a class-folder tree keeps its classes: `cat-0000`, `dog-0000`); a stem that
+    is still taken gets `-2`, `-3`, ..."""
+    from pathlib import Path
+
+    paths = [Path(p) for p in paths]
+    folders = {p.parent.absolute() for p in paths}
+    used: set[str] = set()
+    stems = []
+    for p in paths:
+        base = p.stem or "image"
+        if len(folders) > 1 and p.parent.absolute().name:
+            base = f"{p.parent.absolute().name}-{base}"
+        stem, k = base, 2
+        while stem in used:
+            stem, k = f"{base}-{k}", k + 1
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def check_out_dir(out: Any) -> None:
+    """Refuse, before any model work, an output folder that is a file (or lies under a file)."""
+    from pathlib import Path
+
+    p = Path(out)
+    for q in (p, *p.parents):
+        if q.exists() or q.is_symlink():
+            if not q.is_dir():
+                if q == p:
+                    raise UserError(f"--out {p} is a file, not a folder; give a folder for the PNGs")
+                raise UserError(f"--out {p} cannot be a folder: {q} is a file; give a folder for the PNGs")
+            return
+
+
 def explain_paths(
     run_dir: Any,
     paths: Sequence[Any],
@@ -243,13 +334,19 @@ def explain_paths(
     steps: int = 32,
     device: str | None = None,
     max_pixels: int | None = None,
+    batch_size: int = BATCH_SIZE,
 ) -> list[dict[str, Any]]:
-    """Explain image files and folders with a saved run; write `<stem>.<method>.png` per image and method.
+    """Explain image files and folders with a saved run; write `<name>.<method>.png` per image and method.
 
-    Images are decoded like `cifarlab predict` at the run's input shape. Returns rows in input order:
-    {"path", "method", "class", "probability", "written"} per image and method, {"path", "error"} for a file
-    that could not be read, and {"path", "method", "class", "probability", "error"} when a PNG could not be
-    written. `target`: a class name or index to explain instead of the predicted class."""
+    `<name>` is the image's stem, prefixed with its folder's name when the images come from several folders
+    (`cat-0000`), made unique with `-2`, `-3`, ... Images are decoded like `cifarlab predict` at the run's input
+    shape and explained `batch_size` at a time (decode, classify, maps, PNGs, then the next batch), so memory
+    does not grow with the number of images. Returns rows in input order: {"path", "method", "class",
+    "probability", "written"} per image and method ("replaced": True when that PNG already existed and was
+    overwritten), {"path", "error"} for a file that could not be read, and {"path", "method", "class",
+    "probability", "error"} when a PNG could not be written; each row also has "image", the index of its
+    input file (after folders are expanded). `target`: a class name or index to explain instead
+    of the predicted class."""
     from pathlib import Path
 
     from cifarlab.files import atomic_write_bytes
@@ -260,49 +357,85 @@ def explain_paths(
     for m in methods:
         if m not in METHODS:
             raise UserError(f"unknown saliency method {m!r}; use {' or '.join(METHODS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _captum_attr()  # fail before any work when the extra is missing
     run = load_run(run_dir)
     classes = run.classes
     tgt = _target_index(target, classes)
     out = Path(out_dir) if out_dir is not None else Path(run.path) / "explain"
+    check_out_dir(out)
     dev = resolve_device(device)
     model = run.build_model().to(dev)
     mean, std = run.normalization
 
     entries = expand_paths(paths)
-    decoded, failed = _load(entries, max_pixels or MAX_IMAGE_PIXELS, run.input_shape)
+    todo = [i for i, (_, err) in enumerate(entries) if err is None]
+    stems = dict(zip(todo, _png_stems([entries[i][0] for i in todo]), strict=True))
     rows: dict[int, list[dict[str, Any]]] = {
-        i: [{"path": str(entries[i][0]), "error": msg}] for i, msg in failed.items()
+        i: [{"path": str(p), "error": err, "image": i}] for i, (p, err) in enumerate(entries) if err is not None
     }
-    if decoded:
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        decoded, failed = _load([entries[i] for i in chunk], max_pixels or MAX_IMAGE_PIXELS, run.input_shape)
+        for j, msg in failed.items():
+            rows[chunk[j]] = [{"path": str(entries[chunk[j]][0]), "error": msg, "image": chunk[j]}]
+        if not decoded:
+            continue
         x = _stack([a for _, a in decoded])
         with torch.no_grad():
             probs = torch.softmax(model(to_float(x, mean, std, dev)).float() / run.temperature, dim=1).cpu()
         cls = torch.full((len(x),), tgt) if tgt is not None else probs.argmax(dim=1)
         maps = {
-            m: saliency(model, x, method=m, target=cls, mean=mean, std=std, device=dev, steps=steps) for m in methods
+            m: saliency(
+                model, x, method=m, target=cls, mean=mean, std=std, device=dev, steps=steps, batch_size=batch_size
+            )
+            for m in methods
         }
-        used: set[str] = set()
-        for row, (i, _) in enumerate(decoded):
+        for row, (j, _) in enumerate(decoded):
+            i = chunk[j]
             path = entries[i][0]
-            stem, k = path.stem or "image", 2
-            while stem in used:
-                stem, k = f"{path.stem}-{k}", k + 1
-            used.add(stem)
             c = int(cls[row])
             p = float(probs[row, c])
             rows[i] = []
             for m in methods:
-                r: dict[str, Any] = {"path": str(path), "method": m, "class": classes[c], "probability": p}
-                dest = out / f"{stem}.{m}.png"
+                r: dict[str, Any] = {"path": str(path), "method": m, "class": classes[c], "probability": p, "image": i}
+                dest = out / f"{stems[i]}.{m}.png"
                 title = f"{classes[c]} {p:.1%}  ({m.replace('_', ' ')})"
+                existed = dest.is_file()
                 try:
                     atomic_write_bytes(dest, side_by_side_png(x[row], maps[m][row], title))
                     r["written"] = str(dest)
+                    if existed:
+                        r["replaced"] = True
                 except OSError as exc:
                     r["error"] = f"cannot write {dest}: {exc.strerror or exc}"
                 rows[i].append(r)
+        del x, probs, maps
     return [r for i in sorted(rows) for r in rows[i]]
+
+
+def explain_summary(rows: Sequence[dict[str, Any]]) -> str:
+    """One line for the end of `cifarlab explain`: images explained (PNGs written), images failed, PNGs that
+    replaced earlier ones. An image counts as failed when it could not be read or any of its PNGs failed."""
+    by_image: dict[Any, list[dict[str, Any]]] = {}
+    for k, r in enumerate(rows):
+        by_image.setdefault(r.get("image", ("row", k)), []).append(r)
+    images = list(by_image.values())
+    ok = sum(all("written" in r for r in g) for g in images)
+    bad = len(images) - ok
+    pngs = sum("written" in r for r in rows)
+    replaced = sum(bool(r.get("replaced")) for r in rows)
+
+    def n(count: int, word: str) -> str:
+        return f"{count} {word}{'' if count == 1 else 's'}"
+
+    text = f"{n(ok, 'image')} explained ({n(pngs, 'PNG')})"
+    if bad:
+        text += f", {bad} failed"
+    if replaced:
+        text += f"; {replaced} of the PNGs replaced one of the same name"
+    return text
 
 
 def format_explain_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -322,6 +455,8 @@ def format_explain_table(rows: Sequence[dict[str, Any]]) -> str:
             lines.append(f"{path:<{width}}  {msg if msg.startswith('skipped:') else 'error: ' + msg}")
             continue
         done = terminal_safe(r["written"]) if "written" in r else "error: " + terminal_safe(r["error"])
+        if r.get("replaced"):
+            done += "  (replaced an earlier PNG)"
         lines.append(
             f"{path:<{width}}  {r['method']:<20}  {terminal_safe(r['class']):<{cls_w}}  "
             f"{100 * r['probability']:>5.1f}%  {done}"

@@ -38,7 +38,7 @@ from cifarlab.models import build_model
 from cifarlab.train.optim import mark_pretrained
 from cifarlab.train.techniques import frozen_stage_modules
 
-__all__ = ["InitResult", "InitSource", "apply_freeze", "apply_init", "read_init_source"]
+__all__ = ["InitResult", "InitSource", "apply_freeze", "apply_init", "check_needs_init", "read_init_source"]
 
 Shape = tuple[int, ...]
 _STATE_KEYS = ("model", "state_dict", "model_state_dict")  # where checkpoints of common trainers keep the weights
@@ -57,6 +57,7 @@ class InitSource:
     model: str | None = None  # the registered model the run trained (run folders only)
     recipe: str | None = None
     test_accuracy: float | None = None
+    trained: Any = None  # the source run's Recipe (run folders only): what its widths etc. were
 
 
 @dataclass
@@ -169,8 +170,43 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} is not a valid safetensors file ({e})") from None
 
 
+def _export_kind(path: Path) -> str | None:
+    """ "ONNX" or "TorchScript" when `path` is a model export (`cifarlab export` writes both), else None."""
+    import zipfile
+
+    with path.open("rb") as f:
+        head = f.read(256)
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"pytorch" in head[:64]):  # ModelProto: ir_version
+        return "ONNX"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "TorchScript"
+    return None
+
+
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     require_regular_file(path, "weights file")
+    export = _export_kind(path)
+    if export is not None:
+        an = "an" if export == "ONNX" else "a"
+        raise UserError(
+            f"--init {path} is {an} {export} export: it holds a model for inference, not training weights, so it "
+            "cannot be fine-tuned from. Pass the run folder it was exported from (or that run's model.safetensors)"
+        )
+    with path.open("rb") as f:
+        magic = f.read(2)
+    import zipfile
+
+    if magic[:1] != b"\x80" and not zipfile.is_zipfile(path):  # torch.save writes a zip, or (legacy) a pickle
+        raise UserError(
+            f"--init {path} is not a PyTorch weights file (torch.save writes a zip archive); pass a run folder, a "
+            ".safetensors file or a file written by torch.save(model.state_dict(), PATH)"
+        )
     try:
         # weights_only: tensors and plain containers only, so a tampered file cannot run code. Its warnings would
         # only add torch internals to the one-line refusal.
@@ -213,6 +249,7 @@ def read_init_source(source: Path | str) -> InitSource:
             model=run.recipe.model,
             recipe=run.recipe.name,
             test_accuracy=float(acc) if isinstance(acc, (int, float)) else None,
+            trained=run.recipe,
         )
     elif path.name.endswith(".safetensors"):
         src = InitSource(path=path, kind="safetensors", state=_read_safetensors(path), md5=file_md5(path))
@@ -269,6 +306,59 @@ def _mismatch_error(source: InitSource, what: str, problems: list[str], hint: st
     return UserError(f"--init {source.path}: {what}: {shown}. {hint}")
 
 
+def _set_value(v: Any) -> str:
+    """A recipe value as `--set` takes it: 16,32,64 for widths."""
+    return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, tuple) else f"{v:g}"
+
+
+def _differing_keys(recipe: Any, trained: Any, num_classes: int, input_shape: tuple[int, int, int]) -> list[str]:
+    """The model-size keys whose source value changes the layers' shapes of `recipe`'s model ([] when none does)."""
+    from dataclasses import fields
+
+    base = _built_shapes(recipe, num_classes, input_shape)
+    out = []
+    for f in fields(recipe):
+        if not f.metadata.get("size") or getattr(recipe, f.name) == getattr(trained, f.name, None):
+            continue
+        try:
+            other = _built_shapes(recipe.replace(**{f.name: getattr(trained, f.name)}), num_classes, input_shape)
+        except Exception:
+            continue
+        if other is not None and other != base:
+            out.append(f.name)
+    return out
+
+
+def _architecture_error(
+    source: InitSource, recipe: Any, problems: list[str], num_classes: int, input_shape: tuple[int, int, int]
+) -> UserError:
+    """The source does not hold the model this recipe builds: say what differs (the model, or the model-size keys
+    its run recorded) and the --set that matches it, then the layers."""
+    model = getattr(recipe, "model", "?")
+    trained = source.trained
+    if source.model is not None and source.model != model:
+        what = f"the source trained model {source.model!r}, this recipe builds {model!r}"
+        hint = f"Add --set model={source.model}"
+        if source.recipe:
+            hint = f"Use --recipe {source.recipe} (the source's recipe), or add --set model={source.model}"
+        hint += " with the source's sizes, or start from a source trained with this model."
+        return _mismatch_error(source, what, problems, hint)
+    keys = _differing_keys(recipe, trained, num_classes, input_shape) if trained is not None else []
+    if keys:
+        src_vals = ", ".join(f"{k}={_set_value(getattr(trained, k))}" for k in keys)
+        own_vals = ", ".join(f"{k}={_set_value(getattr(recipe, k))}" for k in keys)
+        what = f"the source's {model} has {src_vals}, this recipe's has {own_vals}, so its layers do not fit"
+        sets = " ".join(f"--set {k}={_set_value(getattr(trained, k))}" for k in keys)
+        return _mismatch_error(source, what, problems, f"Add {sets} to match the source.")
+    return _mismatch_error(
+        source,
+        f"it does not hold the model this recipe builds ({model!r}); the first layers that differ",
+        problems,
+        "Use weights of the same model and sizes (widths and the other model-size keys), or change --set "
+        "model/widths to match them.",
+    )
+
+
 def apply_init(
     model: nn.Module,
     source: InitSource,
@@ -323,14 +413,7 @@ def apply_init(
         if missing or unexpected or wrong:
             problems = [*wrong, *(f"{k} is missing" for k in missing)]
             problems += [f"{k} is not in the model" for k in unexpected]
-            trained = f" (the source trained model {source.model!r})" if source.model else ""
-            raise _mismatch_error(
-                source,
-                f"it does not hold the model this recipe builds ({getattr(recipe, 'model', '?')!r}){trained}",
-                problems,
-                "Use a source trained with the same model and widths (compare `cifarlab model summary`), or "
-                "change --set model/widths to match it.",
-            )
+            raise _architecture_error(source, recipe, problems, len(classes), src_in)
     else:
         result.unused = [k for k in src if k not in tgt]
 
@@ -390,6 +473,56 @@ def apply_freeze(model: nn.Module, n: int, model_name: str = "") -> list[str]:
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+def finetune_only_keys(recipe: Any) -> list[str]:
+    """The recipe's fine-tuning keys set to something that needs pretrained weights: `freeze_stages=1`, ..."""
+    keys = []
+    if getattr(recipe, "freeze_stages", 0) > 0:
+        keys.append(f"freeze_stages={recipe.freeze_stages}")
+    if getattr(recipe, "pretrained_lr_scale", 1.0) != 1.0:
+        keys.append(f"pretrained_lr_scale={recipe.pretrained_lr_scale:g}")
+    return keys
+
+
+def recorded_init_source(config_file: Path | str | None) -> str | None:
+    """The --init source a run's config.json recorded (its "init" block), or None (not a run's config, no init)."""
+    if config_file is None or Path(config_file).suffix.lower() != ".json":
+        return None
+    import json
+
+    try:
+        data = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    init = data.get("init") if isinstance(data, dict) else None
+    source = init.get("source") if isinstance(init, dict) else None
+    return source if isinstance(source, str) and source else None
+
+
+def check_needs_init(recipe: Any, config_file: Path | str | None = None) -> None:
+    """Refuse fine-tuning-only keys (`freeze_stages` > 0, `pretrained_lr_scale` != 1) when there are no pretrained
+    weights (no --init): the frozen stages would stay at their random init, the scale would apply to nothing.
+    `config_file`: the --config file, a fine-tuned run's config.json naming the source it started from."""
+    keys = finetune_only_keys(recipe)
+    if not keys:
+        return
+    shown = " and ".join(keys)
+    reset = "--set freeze_stages=0 --set pretrained_lr_scale=1"
+    recorded = recorded_init_source(config_file)
+    if recorded is not None:
+        import shlex
+
+        raise ConfigError(
+            f'--config {config_file} is the config of a run fine-tuned from {recorded} (its "init" block), and '
+            f"{shown} only apply to such pretrained weights; config.json does not load them by itself. Add --init "
+            f"{shlex.quote(recorded)} to fine-tune the same way, or {reset} to train from scratch"
+        )
+    raise ConfigError(
+        f"{shown}: fine-tuning settings, but there are no pretrained weights (no --init), so the frozen stages "
+        "would keep their random init and the LR scale would apply to nothing. Pass --init RUN_DIR (or a weights "
+        f"file; init= in Python), or leave them at their defaults ({reset})"
+    )
 
 
 def check_init_args(init: Any, resume: Any) -> None:

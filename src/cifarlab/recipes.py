@@ -390,6 +390,22 @@ def _check_unused_size_keys(r: Recipe, base: Recipe | None) -> None:
         )
 
 
+def _check_freeze_stages(r: Recipe) -> None:
+    """`freeze_stages` within the model's stage count, checked before any data is read: the model is built for
+    CIFAR's shape on the meta device (no memory; the number of stages does not follow the data)."""
+    import torch
+
+    from cifarlab.models import build_model
+    from cifarlab.train.techniques import frozen_stage_modules
+
+    try:
+        with torch.device("meta"):
+            net = build_model(r, 10, (3, 32, 32))
+    except Exception:  # a model that cannot be built this way (a plugin's, another shape): checked when built
+        return
+    frozen_stage_modules(net, r.freeze_stages, r.model)  # ConfigError: no stages(), or too few
+
+
 def validate(r: Recipe, check_paths: bool = True, *, base: Recipe | None = None) -> Recipe:
     """Reject values that would fail late or silently train something else.
 
@@ -443,6 +459,8 @@ def validate(r: Recipe, check_paths: bool = True, *, base: Recipe | None = None)
             if entry is not None and entry.check is not None:
                 entry.check(r)
     _check_unused_size_keys(r, base)
+    if r.freeze_stages > 0:
+        _check_freeze_stages(r)
     if r.val_fraction == 0 and r.monitor.startswith("val_") and r.early_stopping_patience > 0:
         raise ConfigError(
             f"val_fraction=0 leaves no validation set, but early stopping monitors {r.monitor!r}; "

@@ -360,7 +360,7 @@ def write_temperature(path: Path, temperature: float | None) -> None:
             meta = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     except UserError:
-        raise UserError(f"{path} is missing: the run has no saved weights (did training finish?)") from None
+        raise _no_weights(path) from None
     except Exception as e:  # noqa: BLE001 (safetensors has its own error types)
         raise UserError(f"{path} is not a valid safetensors file ({e}); the run folder is damaged") from None
     meta.pop(TEMPERATURE, None)
@@ -369,13 +369,32 @@ def write_temperature(path: Path, temperature: float | None) -> None:
     atomic_write_bytes(path, save(state, metadata=meta or None))
 
 
+def _no_weights(path: Path) -> UserError:
+    """The error for a missing weights file: a run that is still training (status.json "running" with its
+    process alive, as `cifarlab runs` decides) says so and what to do; anything else says the file is missing."""
+    run_dir = Path(path).parent
+    try:
+        st = read_json(run_dir / STATUS) if (run_dir / STATUS).is_file() else {}
+    except Exception:  # noqa: BLE001 - a damaged status file: the plain message
+        st = {}
+    if isinstance(st, dict) and st.get("status") == "running" and st.get("pid") != os.getpid():
+        from cifarlab.cli.runs import pid_alive
+
+        if pid_alive(st.get("pid"), st.get("time")):
+            return UserError(
+                f"{run_dir} is still training (process {st.get('pid')}): it has no saved weights yet. Run this "
+                "again when training ends (`cifarlab runs` shows its status)."
+            )
+    return UserError(f"{path} is missing: the run has no saved weights (did training finish?)")
+
+
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load `path` into `model`; every way it can be wrong is a one-line error naming the file."""
     try:
         require_regular_file(path, "weights file")
         state = load(Path(path).read_bytes())
     except UserError:
-        raise UserError(f"{path} is missing: the run has no saved weights (did training finish?)") from None
+        raise _no_weights(path) from None
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{path} is not a valid safetensors file ({e}); the run folder is damaged") from None
     expected = model.state_dict()

@@ -59,7 +59,7 @@ def add_parser(sub: Any) -> None:
         "--out",
         type=Path,
         default=Path("preview.png"),
-        help="image to write: .png, .jpg, .pdf or .svg (default preview.png)",
+        help="image to write: .png, .jpg, .pdf or .svg; the suffix picks the format (default preview.png)",
     )
     p.add_argument("--per-class", type=_per_class, default=8, help="images per class, 1 to 64 (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing the images (default 0)")
@@ -68,7 +68,10 @@ def add_parser(sub: Any) -> None:
 
 
 def _per_class(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # argparse would say "invalid _per_class value"
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to 64, got {text!r}") from None
     if not 1 <= value <= 64:  # a wider grid is unreadable, and its figure grows without bound
         raise argparse.ArgumentTypeError(f"must be from 1 to 64, got {value}")
     return value
@@ -242,9 +245,10 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     kinds = {"png", "jpg", "jpeg", "pdf", "svg"}
-    kind = out.suffix.lower().lstrip(".") or "png"
+    kind = out.suffix.lower().lstrip(".")
     if kind not in kinds:
-        raise UserError(f"--out {out}: write a .png, .jpg, .pdf or .svg file (the suffix picks the format)")
+        what = "has no suffix" if not kind else f"has the suffix {out.suffix}"
+        raise UserError(f"--out {out} {what}: write a .png, .jpg, .pdf or .svg file (the suffix picks the format)")
     _check_out(out, kind)
     with _cli_logging():
         ds = _load(args)
@@ -267,7 +271,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
         fig.savefig(out, format="jpg" if kind == "jpeg" else kind)
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}. Choose another --out.") from exc
-    notes = [f"the smallest class has {smallest}"] if per_class < args.per_class else []
+    smallest_text = f"the smallest class has {smallest} {args.split} image{'' if smallest == 1 else 's'}"
+    notes = [smallest_text] if per_class < args.per_class else []
     if empty:
         shown = ", ".join(terminal_safe(c) for c in empty[:5]) + (
             f" and {len(empty) - 5} more" if len(empty) > 5 else ""
@@ -275,7 +280,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
         notes.append(f"blank rows: no {args.split} images of {shown}")
     note = f" ({'; '.join(notes)})" if notes else ""
     print(
-        f"{'replaced' if existed else 'wrote'} {terminal_safe(out)} ({len(ds.classes)} classes x {per_class} images"
+        f"{'replaced' if existed else 'wrote'} {terminal_safe(out)} ({len(ds.classes)} classes x {per_class} "
+        f"image{'' if per_class == 1 else 's'}"
         f"{note}, {args.split} split)"
     )
     return 0

@@ -151,6 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab import config
     from cifarlab.distributed import env_world
     from cifarlab.experiment import run_experiment
+    from cifarlab.finetune import check_needs_init
     from cifarlab.train.loggers import require
 
     budget = None
@@ -177,6 +178,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.nproc > 1:
             if args.resume is None:
                 r = config.recipe_from_args(args)  # a bad value fails here, not in N processes
+                if args.init is None:
+                    check_needs_init(r, getattr(args, "config", None))
                 if r.batch_size % args.nproc:
                     raise UserError(
                         f"batch_size={r.batch_size} is not a multiple of --nproc {args.nproc}: each process takes an "
@@ -189,6 +192,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = None
     if args.resume is None:
         recipe = config.recipe_from_args(args)  # validates everything before any data is touched
+        if args.init is None:  # freeze_stages & co. need pretrained weights; a run's config.json names its source
+            check_needs_init(recipe, getattr(args, "config", None))
         # fast on a CPU without bf16 hands over to its fp32 variant; a budget plans from the named recipe itself.
         variant = config.machine_variant(recipe, args.device) if args.budget is None else None
         if variant is not None:

@@ -25,6 +25,16 @@ NEAR_PERFECT_F1 = 0.95
 VAL_RISE = 1.05
 LOSS_RATIO = 1.2
 MIN_EPOCHS = 3
+# A collapsed (or diverged) model: one class takes at least ONE_CLASS_SHARE of the predictions with an accuracy
+# within NEAR_CHANCE of what always guessing the commonest class gets; or a loss that is not finite, or above
+# LOSS_BLOWUP times the chance loss ln(k) (training loss: TRAIN_LOSS_BLOWUP times).
+ONE_CLASS_SHARE = 0.9
+NEAR_CHANCE = 0.05
+LOSS_BLOWUP = 10.0
+TRAIN_LOSS_BLOWUP = 3.0
+# How the calibration reading words the size of the ECE: under the first bound "slightly", under the second
+# plainly, above it "badly" (the ECE is the mean gap between confidence and accuracy).
+ECE_SLIGHT, ECE_CLEAR = 0.05, 0.15
 
 
 def share(count: int, total: int) -> str:
@@ -37,6 +47,55 @@ def share(count: int, total: int) -> str:
         tenths = math.floor(v * 10 + Fraction(1, 2))
         return f"{tenths // 10}.{tenths % 10}%"
     return f"{math.floor(v + Fraction(1, 2))}%"
+
+
+def _loss_text(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.3g}"
+
+
+def collapse_sentence(ev: EvalResult, history: History) -> str | None:
+    """Whether the model is degenerate (training diverged, or it collapsed onto one class), said plainly; None
+    for a working model. The thresholds: ONE_CLASS_SHARE, NEAR_CHANCE, LOSS_BLOWUP, TRAIN_LOSS_BLOWUP."""
+    k, n = len(ev.classes), int(ev.confusion.sum())
+    if k < 2 or n <= 0:
+        return None
+    chance_loss = math.log(k)
+    predicted = ev.confusion.sum(axis=0)
+    top = int(predicted.argmax())
+    top_share = float(predicted[top]) / n
+    chance = max(1 / k, float(ev.confusion.sum(axis=1).max()) / n)  # or always guessing the commonest class
+    near_chance = ev.accuracy <= chance + NEAR_CHANCE
+    one_class = top_share >= ONE_CLASS_SHARE and near_chance
+    signs: list[str] = []
+    if one_class:
+        who = "all" if int(predicted[top]) == n else f"{share(int(predicted[top]), n)} of the"
+        signs.append(
+            f"it predicts {ev.classes[top]} for {who} {plural(n, f'{ev.split_name} image')}, so its accuracy "
+            f"({pct(ev.accuracy)}) is that of guessing (chance: {pct(chance)})"
+        )
+    test_loss = float(ev.loss)
+    if not math.isfinite(test_loss) or test_loss > LOSS_BLOWUP * chance_loss:
+        signs.append(
+            f"its {ev.split_name} loss is {_loss_text(test_loss)}, against {chance_loss:.2f} (ln {k}) for a model "
+            "that guesses evenly"
+        )
+    last = history[-1] if history else {}
+    train_loss = last.get("loss")
+    if isinstance(train_loss, (int, float)) and not isinstance(train_loss, bool):
+        if not math.isfinite(train_loss) or train_loss > TRAIN_LOSS_BLOWUP * chance_loss:
+            signs.append(
+                f"its training loss at the last epoch, {_loss_text(float(train_loss))}, is far above chance "
+                f"({chance_loss:.2f})"
+            )
+    if not signs:
+        return None
+    diverged = len(signs) > 1 or not one_class
+    what = "training diverged" if diverged else "the model collapsed onto one class"
+    return (
+        f"This model does not work: {'; '.join(signs)}. In short, {what}: lower the learning rate (--set lr=...) "
+        "or shorten its warm-up, and check the data and labels. The calibration and overfitting readings do not "
+        "apply to such a model and are left out."
+    )
 
 
 def headline(ev: EvalResult) -> str:
@@ -177,6 +236,25 @@ def _refit_advice(fitted_on: str | None) -> str:
     return ""
 
 
+def _degree(ece: float) -> str:
+    """The size of a miscalibration, as a prefix: "slightly ", "" or "badly " (ECE_SLIGHT, ECE_CLEAR)."""
+    return "slightly " if ece < ECE_SLIGHT else "" if ece < ECE_CLEAR else "badly "
+
+
+def _too_sure(ece: float) -> str:
+    return "a little too sure" if ece < ECE_SLIGHT else "too sure" if ece < ECE_CLEAR else "far too sure"
+
+
+def _share_text(v: float) -> str:
+    """A share as a whole percentage, except where that would misstate it: a non-empty share under 1% reads
+    "0.4%" (or "<0.1%"), a share short of all of them never reads "100%"."""
+    if 0 < v < 0.01:
+        return f"{v:.1%}" if v >= 0.001 else "<0.1%"
+    if 0.99 < v < 1:
+        return f"{v:.1%}" if v <= 0.999 else ">99.9%"
+    return f"{v:.0%}"
+
+
 def calibration_sentence(
     cal: Calibration,
     label_smoothing: float = 0.0,
@@ -218,12 +296,13 @@ def calibration_sentence(
             f"({T_RANGE[0]:g} to {T_RANGE[1]:g}): the fit is degenerate ({why}), and the temperature should not be "
             f"trusted, whatever its ECE here ({pct(cal.ece)}{before}); {held_out + ', or ' if held_out else ''}{undo}."
         )
+    degree = _degree(cal.ece)
     if cal.ece < 0.02:
         cal_txt = "well calibrated"
     elif cal.overconfidence > 0:
-        cal_txt = "over-confident"
+        cal_txt = f"{degree}over-confident"
     else:
-        cal_txt = "under-confident"
+        cal_txt = f"{degree}under-confident"
     what = "the softmax output" if temperature == 1.0 else f"the softmax at the run's temperature {temperature:.3g}"
     s = (
         f"Calibration: {what} read as a probability is {cal_txt} (ECE {pct(cal.ece)}{before}; mean "
@@ -232,7 +311,7 @@ def calibration_sentence(
     hc = cal.high_confidence
     if hc.accuracy is not None:
         s += (
-            f" Predictions made with at least {hc.threshold:.0%} confidence ({hc.share:.0%} of images) are "
+            f" Predictions made with at least {hc.threshold:.0%} confidence ({_share_text(hc.share)} of images) are "
             f"right {pct(hc.accuracy)} of the time."
         )
     worse_ece = temperature != 1.0 and uncalibrated_ece is not None and cal.ece > uncalibrated_ece + 0.005
@@ -258,10 +337,17 @@ def calibration_sentence(
             "and it changes no prediction, only how sure each one claims to be."
         )
         if "training" in (fitted_on or "") and cal.overconfidence > 0.02:
+            # "too low" only where the fit sharpened the probabilities (T < 1); a softening one was too weak
+            sure = _too_sure(cal.ece)
+            how = (
+                f"so it came out too low (a temperature under 1 sharpens the probabilities), and they are {sure}"
+                if temperature < 1.0
+                else f"so it softened the probabilities less than new images need, and they are still {sure}"
+            )
             s += (
                 f" It was fitted on {fitted_on}, which the model knows better than new ones (the run has no "
-                "validation split), so it came out too low and the probabilities are a little too sure; for an "
-                "unbiased fit hold out images with --set val_fraction=0.02 (2% of the training images)."
+                f"validation split), {how}; for an unbiased fit hold out images with --set val_fraction=0.02 (2% of "
+                "the training images)."
             )
     elif state == "off" and temperature == 1.0:
         s += (
@@ -478,12 +564,17 @@ def plain_reading(
         run_dir=ev.training.run_dir if ev.training else "RUN_DIR",
         resume=ev.training.resume_command if ev.training else "",
     )
-    out = [headline(ev), *class_sentences(ev), *pair_sentences(ev), cal]
+    # A degenerate model is said first, and the calibration and overfitting advice, which assume a working one,
+    # is left out (QA: temperature advice and "no sign of overfitting" for a model with a test loss of 1e16).
+    collapsed = collapse_sentence(ev, history)
+    out = [*([collapsed] if collapsed else []), headline(ev), *class_sentences(ev), *pair_sentences(ev)]
+    if not collapsed:
+        out.append(cal)
     rob = robustness_sentence(robustness)
     if rob:
         out.append(rob)
     if history:
-        gen = generalisation_sentence(ev, history, metrics)
+        gen = generalisation_sentence(ev, history, metrics) if not collapsed else None
         if gen:
             out.append(gen)
         out.append(training_sentence(history, metrics, ev.training))

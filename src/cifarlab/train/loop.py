@@ -390,7 +390,9 @@ class Trainer:
                     result.stopped_epoch = int(cb.stopped_epoch) + 1  # type: ignore[attr-defined]
                 if getattr(cb, "restored_epoch", None) is not None:
                     result.restored_epoch = int(cb.restored_epoch) + 1  # type: ignore[attr-defined]
-                    self.history[-1]["events"].append("restored_best")
+                    # Marked only where it changed the weights: restoring the last epoch's own is a no-op (QA)
+                    if result.restored_epoch != self.history[-1].get("epoch"):
+                        self.history[-1]["events"].append("restored_best")
         return result
 
 
