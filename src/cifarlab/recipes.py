@@ -383,10 +383,10 @@ def _check_unused_size_keys(r: Recipe, base: Recipe | None) -> None:
             continue
         users = [n for n in MODELS.names() if (u := MODELS.get(n).uses) is not None and key in u]
         uses = MODELS.get(r.model).uses or frozenset()
-        reads = f"of the model-size keys it reads {', '.join(sorted(uses))}" if uses else "it reads no model-size key"
+        reads = f"the model-size keys it reads: {', '.join(sorted(uses))}" if uses else "it reads no model-size key"
         raise ConfigError(
-            f"{key}={value!r}: model {r.model} does not use {key} ({reads}), so the value would be ignored; "
-            f"leave {key} at {_as_set_value(keep)}, or pick a model that uses it ({', '.join(users) or 'none'})"
+            f"{key}={_as_set_value(value)}: model {r.model} does not use {key} ({reads}), so the value would be "
+            f"ignored; leave {key} at {_as_set_value(keep)}, or pick a model that uses it ({', '.join(users) or 'none'})"
         )
 
 
