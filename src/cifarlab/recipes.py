@@ -386,7 +386,8 @@ def _check_unused_size_keys(r: Recipe, base: Recipe | None) -> None:
         reads = f"the model-size keys it reads: {', '.join(sorted(uses))}" if uses else "it reads no model-size key"
         raise ConfigError(
             f"{key}={_as_set_value(value)}: model {r.model} does not use {key} ({reads}), so the value would be "
-            f"ignored; leave {key} at {_as_set_value(keep)}, or pick a model that uses it ({', '.join(users) or 'none'})"
+            f"ignored; leave {key} at {_as_set_value(keep)}, or pick a model that uses it "
+            f"({', '.join(users) or 'none'})"
         )
 
 
