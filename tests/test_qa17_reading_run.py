@@ -128,3 +128,13 @@ def test_restoring_the_last_epochs_own_weights_is_not_called_a_restore(tmp_path)
     assert "nothing to restore" in text
     with open(res.run_dir / "history.csv", newline="") as f:
         assert "restored_best" not in f.read()
+
+
+@pytest.mark.parametrize(
+    "loss, text", [(0.55137, "0.5514"), (9999.5, "9999.5000"), (6.67e15, "6.67e+15"), (float("inf"), "inf")]
+)
+def test_the_report_writes_a_diverged_runs_loss_readably(loss, text):
+    """The Summary and Results tables printed a diverged run's test loss as 6670000000000000.0000."""
+    from cifarlab.report.common import loss_text
+
+    assert loss_text(loss) == text

@@ -55,6 +55,11 @@ def join_list(items: Sequence[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def loss_text(v: float) -> str:
+    """A loss for the report: four decimals, or three significant digits for a diverged run's 7.5e+15 (or inf)."""
+    return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.3g}"
+
+
 def num(v: Any, key: str = "") -> str:
     """A value as the report's tables show it; `key` picks the format (accuracies as percentages, ...)."""
     if v is None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from cifarlab.calibrate import CALIBRATION_IMAGES, at_bound
 from cifarlab.evaluate import Calibration, EvalResult, TrainingState, top_confusion_counts
-from cifarlab.report.common import History, events, join_list, kept_epoch, most_damaging, pct, row
+from cifarlab.report.common import History, events, join_list, kept_epoch, loss_text, most_damaging, pct, row
 from cifarlab.text import plural
 
 # A class is called weak when its F1 is at least WEAK_MARGIN below the macro F1 over the classes present
@@ -49,10 +49,6 @@ def share(count: int, total: int) -> str:
     return f"{math.floor(v + Fraction(1, 2))}%"
 
 
-def _loss_text(v: float) -> str:
-    return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.3g}"
-
-
 def collapse_sentence(ev: EvalResult, history: History) -> str | None:
     """Whether the model is degenerate (training diverged, or it collapsed onto one class), said plainly; None
     for a working model. The thresholds: ONE_CLASS_SHARE, NEAR_CHANCE, LOSS_BLOWUP, TRAIN_LOSS_BLOWUP."""
@@ -76,7 +72,7 @@ def collapse_sentence(ev: EvalResult, history: History) -> str | None:
     test_loss = float(ev.loss)
     if not math.isfinite(test_loss) or test_loss > LOSS_BLOWUP * chance_loss:
         signs.append(
-            f"its {ev.split_name} loss is {_loss_text(test_loss)}, against {chance_loss:.2f} (ln {k}) for a model "
+            f"its {ev.split_name} loss is {loss_text(test_loss)}, against {chance_loss:.2f} (ln {k}) for a model "
             "that guesses evenly"
         )
     last = history[-1] if history else {}
@@ -84,7 +80,7 @@ def collapse_sentence(ev: EvalResult, history: History) -> str | None:
     if isinstance(train_loss, (int, float)) and not isinstance(train_loss, bool):
         if not math.isfinite(train_loss) or train_loss > TRAIN_LOSS_BLOWUP * chance_loss:
             signs.append(
-                f"its training loss at the last epoch, {_loss_text(float(train_loss))}, is far above chance "
+                f"its training loss at the last epoch, {loss_text(float(train_loss))}, is far above chance "
                 f"({chance_loss:.2f})"
             )
     if not signs:
