@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from cifarlab.budget import Clock
 from cifarlab.data import Dataset
 
 
@@ -114,3 +117,24 @@ def determinism_restored() -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic)
         if cublas is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+class FixedClock(Clock):
+    """A clock that says no time has passed: the plan's arithmetic does not depend on how long the probe took."""
+
+    def elapsed(self) -> float:
+        return 0.0
+
+
+class SizedSlow(nn.Module):
+    """A training step takes `seconds` x (image side / 32)**2: a known cost per image size."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            time.sleep(self.seconds * (x.shape[-1] / 32) ** 2)
+        return self.fc(x.float().mean((2, 3)))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import cifarlab
-from _synth import make_dataset
+from _synth import FixedClock, SizedSlow, make_dataset
 from cifarlab import cli
 from cifarlab.budget import (
     EXIT_SECONDS,
@@ -125,27 +125,6 @@ def test_epochs_and_steps_that_fit_count_each_epoch_at_its_own_cost():
     assert steps_that_fit(2.4, 0.1, 0, 1, 10, 0.5, [0.5, 1.0]) == 9 + 5  # the boundary costs 0.5 s
     assert steps_that_fit(1.0, 0.2, 1, 15, 10, 0.0, [0.5, 1.0]) == 5  # mid-epoch 1: 5 steps left in it
     assert steps_that_fit(1.0, 0.2, 0, 10, 10, 0.0, [0.5, 1.0]) == 2  # epoch 0 just ended: the next, 0.4 s a step
-
-
-class FixedClock(Clock):
-    """A clock that says no time has passed: the plan's arithmetic does not depend on how long the probe took."""
-
-    def elapsed(self) -> float:
-        return 0.0
-
-
-class SizedSlow(nn.Module):
-    """A training step takes `seconds` x (image side / 32)**2: a known cost per image size."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__()
-        self.seconds = seconds
-        self.fc = nn.Linear(3, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            time.sleep(self.seconds * (x.shape[-1] / 32) ** 2)
-        return self.fc(x.float().mean((2, 3)))
 
 
 # The budgets that leave 3.9 s and 0.4 s to train, whatever the margin and the exit's reserve

@@ -6,15 +6,14 @@ or plans epochs only."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
 from torch import nn
 
 import cifarlab
-from _synth import make_dataset
-from cifarlab.budget import Clock, describe_width, plan_budget, scaled_recipe, width_key, width_scales
+from _synth import FixedClock, SizedSlow, make_dataset
+from cifarlab.budget import describe_width, plan_budget, scaled_recipe, width_key, width_scales
 from cifarlab.cli import main as cli_main
 from cifarlab.config import resolve_recipe
 from cifarlab.data import BatchLoader
@@ -171,31 +170,12 @@ def test_the_budget_scales_the_width_key_the_model_has():
     assert width_key(timm) is None and width_scales(timm) == (1.0,) and scaled_recipe(timm, 2.0) == timm
 
 
-class _FixedClock(Clock):
-    def elapsed(self) -> float:
-        return 0.0
-
-
-class _Sized(nn.Module):
-    """A training step takes `seconds`; the model records nothing else."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__()
-        self.seconds = seconds
-        self.fc = nn.Linear(3, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            time.sleep(self.seconds)
-        return self.fc(x.float().mean((2, 3)))
-
-
 def _plan(recipe: Recipe, built: list[Recipe]):
     ds = make_dataset(16, 4)  # 64 images, batch 8: 8 steps per epoch
 
     def build(r: Recipe) -> nn.Module:
         built.append(r)
-        return _Sized(0.002 * r.width_factor**2)
+        return SizedSlow(0.002 * r.width_factor**2)
 
     return plan_budget(
         recipe,
@@ -207,7 +187,7 @@ def _plan(recipe: Recipe, built: list[Recipe]):
         n_val=0,
         steps_per_epoch=8,
         device=torch.device("cpu"),
-        clock=_FixedClock("the test"),
+        clock=FixedClock("the test"),
     )
 
 
